@@ -1,0 +1,159 @@
+"""Ingest raw files into the registry and datastore.
+
+Each file is read completely (so a truncated or inconsistent file is caught before anything is
+recorded), checksummed, transferred into the datastore and registered in ONE transaction with all of
+its detectors. A file either ends up fully registered or not at all, and the reason is reported.
+
+Idempotent: the same file (same checksum) twice is a no-op; a different file claiming an exposure id
+that is already registered is an error naming both files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from astropy.io import fits
+from sqlalchemy.exc import IntegrityError
+
+from .camera import Camera
+from .datastore import Datastore, sha256_file
+from .rawio import RawReadError, read_raw
+from .registry import ExposureRow, RawRow, Registry, DetectorRow
+from sqlalchemy import select
+
+__all__ = ["IngestReport", "ingest_files", "find_raw_files", "RAW_SUFFIXES"]
+
+RAW_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz", ".fz")
+
+
+@dataclass
+class IngestReport:
+    ingested: list[str] = field(default_factory=list)      # exposure ids
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, why)
+    failed: list[tuple[str, str]] = field(default_factory=list)    # (path, why)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def find_raw_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand folders (recursively) into raw FITS files; files are kept as given."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(RAW_SUFFIXES)))
+        else:
+            out.append(p)
+    return out
+
+
+def _expected_hdus(camera: Camera) -> set:
+    if camera.layout == "hdu_per_amplifier":
+        return {a.hdu for d in camera.detectors for a in d.amplifiers}
+    return {d.hdu for d in camera.detectors}
+
+
+def _check_hdu_count(path: str, camera: Camera) -> None:
+    """A file with more image HDUs than the camera reads is a wrong-camera or damaged file."""
+    with fits.open(path, memmap=False) as hdul:
+        n_images = sum(1 for h in hdul if h.header.get("NAXIS", 0) == 2)
+    expected = len(_expected_hdus(camera))
+    if n_images != expected:
+        raise RawReadError(path, f"has {n_images} image HDUs but camera {camera.name} expects {expected}")
+
+
+def ingest_files(paths: Iterable[str | Path], camera: Camera, registry: Registry, datastore: Datastore,
+                 transfer: str = "copy", progress: Callable[[str, str], None] | None = None) -> IngestReport:
+    """Ingest raw files of one camera.
+
+    Parameters
+    ----------
+    paths
+        Files or folders (searched recursively for FITS files).
+    camera
+        The camera the files come from.
+    transfer
+        ``copy`` (default), ``symlink``, ``hardlink``, ``move`` or ``direct`` (leave in place).
+    progress
+        Called as ``progress(path, outcome)`` after each file.
+    """
+    report = IngestReport()
+    datastore.ensure()
+    for path in find_raw_files(paths):
+        outcome = _ingest_one(Path(path), camera, registry, datastore, transfer, report)
+        if progress:
+            progress(str(path), outcome)
+    return report
+
+
+def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datastore, transfer: str,
+                report: IngestReport) -> str:
+    try:
+        if not path.exists():
+            raise RawReadError(path, "file not found")
+        checksum = sha256_file(path)
+        raw = read_raw(path, camera)
+        _check_hdu_count(str(path), camera)
+    except RawReadError as exc:
+        report.failed.append((str(path), exc.problem))
+        return "failed"
+    except OSError as exc:
+        report.failed.append((str(path), f"cannot read: {exc}"))
+        return "failed"
+
+    meta = raw.metadata
+    target = None
+    try:
+        with registry.session() as s:
+            cam = registry.ensure_camera(s, camera)
+            existing = registry.find_exposure(s, cam.id, meta.exposure_id)
+            if existing is not None:
+                if existing.checksum == checksum:
+                    report.skipped.append((str(path), f"exposure {meta.exposure_id} already ingested"))
+                    return "skipped"
+                raise _Conflict(f"exposure {meta.exposure_id} of camera {camera.name} is already registered "
+                                f"from {existing.original_path} with different contents (sha256 "
+                                f"{existing.checksum[:12]} vs {checksum[:12]})")
+            target = datastore.raw_target(camera.name, meta.night.isoformat(), path)
+            placed = datastore.transfer(path, target, transfer)
+            det_rows = {d.number: d for d in s.scalars(select(DetectorRow).where(DetectorRow.camera_id == cam.id))}
+            row = ExposureRow(camera_id=cam.id, exposure_id=meta.exposure_id, obs_type=meta.obs_type,
+                              filter=meta.filter, exptime=meta.exptime, darktime=meta.darktime,
+                              date_obs=meta.date_obs, night=meta.night, object=meta.object[:256],
+                              path=str(placed), original_path=str(path.absolute()), transfer=transfer,
+                              checksum=checksum, size_bytes=path.stat().st_size if transfer != "move"
+                              else Path(placed).stat().st_size,
+                              n_detectors=len(raw.detectors), extra=meta.extra,
+                              ingested_at=dt.datetime.now(dt.timezone.utc))
+            s.add(row)
+            s.flush()
+            for det_id, rd in raw.detectors.items():
+                hdu = rd.detector.hdu if rd.detector.hdu is not None else rd.amps[0].amp.hdu
+                s.add(RawRow(exposure_pk=row.id, detector_id=det_rows[det_id].id, hdu=str(hdu)))
+            s.flush()
+    except _Conflict as exc:
+        report.failed.append((str(path), str(exc)))
+        return "failed"
+    except (IntegrityError, FileExistsError, OSError) as exc:
+        if target is not None:
+            datastore.undo_transfer(path, target, transfer)
+        msg = str(exc).splitlines()[0]
+        if isinstance(exc, IntegrityError):
+            msg = f"registry refused the record (concurrent ingest or duplicate): {msg}"
+        report.failed.append((str(path), msg))
+        return "failed"
+    except BaseException:
+        if target is not None:
+            datastore.undo_transfer(path, target, transfer)
+        raise
+    report.ingested.append(meta.exposure_id)
+    return "ingested"
+
+
+class _Conflict(Exception):
+    pass

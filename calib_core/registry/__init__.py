@@ -1,0 +1,199 @@
+"""The SQL registry: every raw input and every product, on SQLite (default) or PostgreSQL.
+
+>>> reg = Registry.open("sqlite:///calibrepo/registry.sqlite3")   # doctest: +SKIP
+>>> reg.upgrade()          # create or migrate the schema (Alembic)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import create_engine, event, func, inspect, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..camera import Camera
+from .models import (Base, BuildRunRow, CalibInputRow, CalibRow, CameraRow, DetectorRow, ExposureRow,
+                     RawRow)
+
+__all__ = ["Registry", "RegistryError", "Base", "CameraRow", "DetectorRow", "ExposureRow", "RawRow",
+           "CalibRow", "CalibInputRow", "BuildRunRow", "HEAD_REVISION"]
+
+HEAD_REVISION = "0001"
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot be opened, is not initialised, or a record conflicts."""
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class Registry:
+    """A handle on one registry database."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str) -> "Registry":
+        """Connect to a SQLAlchemy URL (``sqlite:///path`` or ``postgresql+psycopg://...``)."""
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        kwargs = {"future": True}
+        if url.startswith("sqlite"):
+            path = url.split("sqlite:///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        try:
+            engine = create_engine(url, **kwargs)
+        except Exception as exc:
+            raise RegistryError(f"cannot use registry URL {url!r}: {exc}") from None
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        return cls(engine)
+
+    @property
+    def url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    # -- schema ------------------------------------------------------------------------------------
+
+    def _alembic_config(self, connection):
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Create or migrate the schema to ``revision`` through Alembic."""
+        from alembic import command
+
+        with self.engine.begin() as conn:
+            command.upgrade(self._alembic_config(conn), revision)
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def check_ready(self) -> None:
+        try:
+            rev = self.current_revision()
+        except Exception as exc:
+            raise RegistryError(f"cannot connect to registry {self.url}: {exc}") from None
+        if rev is None:
+            raise RegistryError(f"registry {self.url} is not initialised: run `calibflow init`")
+        if rev != HEAD_REVISION:
+            raise RegistryError(f"registry {self.url} is at schema {rev}, this calibflow needs "
+                                f"{HEAD_REVISION}: run `calibflow init` to migrate")
+
+    def table_names(self) -> list[str]:
+        return sorted(inspect(self.engine).get_table_names())
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any error."""
+        with self._sessions() as s:
+            with s.begin():
+                yield s
+
+    # -- cameras -------------------------------------------------------------------------------------
+
+    def ensure_camera(self, s: Session, camera: Camera) -> CameraRow:
+        """Register a camera and its detectors (idempotent; a changed definition is updated)."""
+        text = camera.to_yaml()
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        row = s.scalar(select(CameraRow).where(CameraRow.name == camera.name))
+        if row is None:
+            row = CameraRow(name=camera.name, definition=text, checksum=digest)
+            s.add(row)
+            s.flush()
+        elif row.checksum != digest:
+            row.definition, row.checksum = text, digest
+        have = {d.number: d for d in s.scalars(select(DetectorRow).where(DetectorRow.camera_id == row.id))}
+        for det in camera.detectors:
+            if det.id not in have:
+                s.add(DetectorRow(camera_id=row.id, number=det.id, name=det.name))
+            elif have[det.id].name != det.name:
+                have[det.id].name = det.name
+        s.flush()
+        return row
+
+    def camera_row(self, s: Session, name: str) -> CameraRow | None:
+        return s.scalar(select(CameraRow).where(CameraRow.name == name))
+
+    # -- exposures -----------------------------------------------------------------------------------
+
+    def find_exposure(self, s: Session, camera_id: int, exposure_id: str) -> ExposureRow | None:
+        return s.scalar(select(ExposureRow).where(ExposureRow.camera_id == camera_id,
+                                                  ExposureRow.exposure_id == exposure_id))
+
+    def query_exposures(self, *, camera: str | None = None, obs_type: str | None = None,
+                        filter: str | None = None, night: dt.date | str | None = None,
+                        exposure_ids: list[str] | None = None) -> list[dict]:
+        """Exposures as plain dicts, ordered by date."""
+        with self.session() as s:
+            q = select(ExposureRow, CameraRow.name).join(CameraRow, ExposureRow.camera_id == CameraRow.id)
+            if camera:
+                q = q.where(CameraRow.name == camera)
+            if obs_type:
+                q = q.where(ExposureRow.obs_type == obs_type)
+            if filter:
+                q = q.where(ExposureRow.filter == filter)
+            if night:
+                if isinstance(night, str):
+                    night = dt.date.fromisoformat(night)
+                q = q.where(ExposureRow.night == night)
+            if exposure_ids:
+                q = q.where(ExposureRow.exposure_id.in_(list(exposure_ids)))
+            q = q.order_by(ExposureRow.date_obs, ExposureRow.exposure_id)
+            return [_exposure_dict(row, cam) for row, cam in s.execute(q)]
+
+    def count(self, model) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(model))
+
+    def snapshot(self) -> dict[str, int]:
+        """Row counts of every table (used by tests to prove nothing changed)."""
+        return {m.__tablename__: self.count(m) for m in (CameraRow, DetectorRow, ExposureRow, RawRow,
+                                                          CalibRow, CalibInputRow, BuildRunRow)}
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    # SQLite drops the time zone; every time in the registry is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _exposure_dict(row: ExposureRow, camera: str) -> dict:
+    return {
+        "exposure_id": row.exposure_id,
+        "camera": camera,
+        "obs_type": row.obs_type,
+        "filter": row.filter,
+        "exptime": row.exptime,
+        "darktime": row.darktime,
+        "date_obs": _utc(row.date_obs).isoformat(),
+        "night": row.night.isoformat(),
+        "object": row.object,
+        "n_detectors": row.n_detectors,
+        "path": row.path,
+        "checksum": row.checksum,
+    }

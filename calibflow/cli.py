@@ -1,0 +1,260 @@
+"""The ``calibflow`` command line: the outermost layer (ARCHITECTURE.md).
+
+The repository folder comes from ``--repo`` or ``CALIBFLOW_REPO`` (default ``./calibrepo``); the
+registry is a SQLite file inside it unless ``--registry-url`` / ``CALIBFLOW_REGISTRY_URL`` names
+another SQLAlchemy URL (``postgresql://user@host/db``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(help="Calibration frames (bias, dark, flat, fringe, sky) for mosaic CCD cameras.",
+                  no_args_is_help=True, add_completion=False)
+cameras_app = typer.Typer(help="List the cameras calibflow knows, or show one.", invoke_without_command=True)
+app.add_typer(cameras_app, name="cameras")
+
+# Pipes and CI logs get wide tables instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+RepoOpt = typer.Option(None, "--repo", envvar="CALIBFLOW_REPO",
+                       help="repository folder [default: ./calibrepo]")
+UrlOpt = typer.Option(None, "--registry-url", envvar="CALIBFLOW_REGISTRY_URL",
+                      help="SQLAlchemy URL of the registry [default: SQLite inside the repository]")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _open_repo(repo: Optional[Path], url: Optional[str], *, create: bool = False):
+    from calib_core.datastore import DEFAULT_REPO, Datastore
+    from calib_core.registry import Registry, RegistryError
+
+    store = Datastore(repo or DEFAULT_REPO)
+    if not create and not store.root.exists() and not url:
+        _fail(f"no repository at {store.root}: run `calibflow init` (or pass --repo)")
+    registry = Registry.open(url or store.default_registry_url)
+    if not create:
+        try:
+            registry.check_ready()
+        except RegistryError as exc:
+            _fail(str(exc))
+    return store, registry
+
+
+def _load_camera(name: str):
+    from calib_core.camera import CameraError, load_camera
+
+    try:
+        return load_camera(name)
+    except CameraError as exc:
+        _fail(str(exc))
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", help="print the version and exit")):
+    if version:
+        console.print(f"calibflow {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def init(repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """Create the repository folder and create or migrate the registry schema."""
+    store, registry = _open_repo(repo, registry_url, create=True)
+    store.ensure()
+    try:
+        registry.upgrade()
+    except Exception as exc:  # connection refused, permissions, ...
+        _fail(f"cannot initialise registry {registry.url}: {exc}")
+    console.print(f"repository [bold]{store.root}[/] ready; registry {registry.url} at schema "
+                  f"{registry.current_revision()}")
+
+
+@app.command()
+def ingest(paths: list[Path] = typer.Argument(..., help="raw files or folders (searched recursively)"),
+           camera: str = typer.Option(..., "--camera", help="camera name or YAML file"),
+           transfer: str = typer.Option("copy", "--transfer", help="copy | symlink | hardlink | move | direct"),
+           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """Register raw files (checksummed, never modified; the same file twice is a no-op)."""
+    from calib_core.datastore import TRANSFER_MODES
+    from calib_core.ingest import find_raw_files, ingest_files
+
+    if transfer not in TRANSFER_MODES:
+        _fail(f"--transfer must be one of {', '.join(TRANSFER_MODES)}, not {transfer!r}")
+    cam = _load_camera(camera)
+    store, registry = _open_repo(repo, registry_url)
+    files = find_raw_files(paths)
+    if not files:
+        _fail(f"no FITS files found in {', '.join(map(str, paths))}")
+    with _progress() as progress:
+        task = progress.add_task("ingest", total=len(files))
+        report = ingest_files(files, cam, registry, store, transfer=transfer,
+                              progress=lambda p, outcome: progress.advance(task))
+    console.print(f"ingested {len(report.ingested)}, already present {len(report.skipped)}, "
+                  f"failed {len(report.failed)}")
+    for path, why in report.failed:
+        err.print(f"[red]failed[/] {path}: {why}", highlight=False)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON"),
+              obs_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, science, ..."),
+              filter: Optional[str] = typer.Option(None, "--filter"),
+              night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD"),
+              camera: Optional[str] = typer.Option(None, "--camera"),
+              repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """List registered exposures."""
+    import datetime as dt
+
+    if night:
+        try:
+            dt.date.fromisoformat(night)
+        except ValueError:
+            _fail(f"--night must be YYYY-MM-DD, not {night!r}")
+    _, registry = _open_repo(repo, registry_url)
+    rows = registry.query_exposures(camera=camera, obs_type=obs_type, filter=filter, night=night)
+    if as_json:
+        for r in rows:
+            r.pop("path", None)
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return
+    table = Table(title=f"{len(rows)} exposures")
+    for col in ("exposure_id", "camera", "obs_type", "filter", "exptime", "date_obs", "night", "n_det", "object"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["exposure_id"], r["camera"], r["obs_type"], r["filter"], f"{r['exptime']:g}",
+                      r["date_obs"][:19], r["night"], str(r["n_detectors"]), r["object"])
+    console.print(table)
+
+
+@cameras_app.callback()
+def cameras_list(ctx: typer.Context):
+    """List the built-in cameras."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from calib_core.camera import list_cameras, load_camera
+
+    table = Table(title="cameras")
+    for col in ("name", "detectors", "amplifiers", "layout", "description"):
+        table.add_column(col)
+    for name in list_cameras():
+        cam = load_camera(name)
+        table.add_row(name, str(len(cam.detectors)), str(sum(len(d.amplifiers) for d in cam.detectors)),
+                      cam.layout, cam.description)
+    console.print(table)
+
+
+@cameras_app.command("show")
+def cameras_show(name: str = typer.Argument(..., help="camera name or YAML file")):
+    """Print one camera definition (validated) as YAML."""
+    cam = _load_camera(name)
+    sys.stdout.write(cam.to_yaml())
+
+
+@app.command()
+def simulate(camera: str = typer.Option("democam", "--camera"),
+             out: Path = typer.Option(..., "--out", help="output folder"),
+             seed: int = typer.Option(0, "--seed"),
+             night: str = typer.Option("2026-11-20", "--night", help="YYYY-MM-DD"),
+             n_bias: int = typer.Option(5, "--n-bias"), n_dark: int = typer.Option(5, "--n-dark"),
+             n_flat: int = typer.Option(5, "--n-flat", help="per filter"),
+             n_science: int = typer.Option(12, "--n-science", help="per filter"),
+             filters: str = typer.Option("r,z", "--filters", help="comma-separated"),
+             compress: Optional[str] = typer.Option(None, "--compress", help="gzip | rice")):
+    """Simulate a night of raw exposures with known truth (raw/ and truth/ under --out)."""
+    from calib_core.simulate import simulate_night
+
+    cam = _load_camera(camera)
+    with _progress() as progress:
+        task = progress.add_task("simulate", total=None)
+
+        def tick(done, total):
+            progress.update(task, completed=done, total=total)
+
+        result = simulate_night(cam, out, seed=seed, night=night, n_bias=n_bias, n_dark=n_dark,
+                                n_flat=n_flat, n_science=n_science,
+                                filters=tuple(f for f in filters.split(",") if f),
+                                compress=compress, progress=tick)
+    console.print(f"wrote {len(result.raw_paths)} raw files to {Path(out) / 'raw'} and truth to "
+                  f"{Path(out) / 'truth'}")
+
+
+@app.command()
+def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repository to create"),
+         camera: str = typer.Option("democam", "--camera"), seed: int = typer.Option(1, "--seed"),
+         night: str = typer.Option("2026-11-20", "--night"),
+         fresh: bool = typer.Option(True, "--fresh/--keep", help="start from an empty repository")):
+    """The main job: simulate a night of the demo camera, ingest it, and summarise the registry."""
+    import shutil
+
+    from calib_core.datastore import Datastore
+    from calib_core.ingest import ingest_files
+    from calib_core.registry import Registry
+    from calib_core.simulate import simulate_night
+
+    t0 = time.perf_counter()
+    cam = _load_camera(camera)
+    store = Datastore(repo)
+    sim_dir = store.root.parent / f"sim-{camera}-{night}-seed{seed}"
+    if fresh:
+        shutil.rmtree(store.root, ignore_errors=True)
+    if not sim_dir.exists():
+        with _progress() as progress:
+            task = progress.add_task(f"simulate {camera} night {night}", total=None)
+            simulate_night(cam, sim_dir, seed=seed, night=night,
+                           progress=lambda d, t: progress.update(task, completed=d, total=t))
+    store.ensure()
+    registry = Registry.open(store.default_registry_url)
+    registry.upgrade()
+    files = sorted((sim_dir / "raw").glob("*.fits*"))
+    with _progress() as progress:
+        task = progress.add_task("ingest", total=len(files))
+        report = ingest_files(files, cam, registry, store, transfer="symlink",
+                              progress=lambda p, o: progress.advance(task))
+    if report.failed:
+        for path, why in report.failed:
+            err.print(f"[red]failed[/] {path}: {why}", highlight=False)
+        raise typer.Exit(1)
+    rows = registry.query_exposures(camera=cam.name, night=night)
+    table = Table(title=f"{cam.name}: night {night} in {store.root}")
+    for col in ("type", "filter", "exposures", "exptime (s)", "detectors"):
+        table.add_column(col)
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["obs_type"], r["filter"]), []).append(r)
+    for (t, f), rs in sorted(groups.items()):
+        table.add_row(t, f, str(len(rs)), ",".join(sorted({f"{r['exptime']:g}" for r in rs})),
+                      str(rs[0]["n_detectors"]))
+    console.print(table)
+    console.print(f"ingested {len(report.ingested)} exposures ({len(report.skipped)} already present) "
+                  f"in {time.perf_counter() - t0:.1f} s; registry {registry.url}")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, transient=False)
+
+
+def main():  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
