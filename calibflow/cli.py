@@ -144,6 +144,91 @@ def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON"),
     console.print(table)
 
 
+def _parse_when(text: str, what: str):
+    import datetime as dt
+
+    try:
+        value = dt.datetime.fromisoformat(text) if "T" in text or " " in text else \
+            dt.datetime.combine(dt.date.fromisoformat(text), dt.time(0))
+    except ValueError:
+        _fail(f"{what} must be YYYY-MM-DD or an ISO date-time, not {text!r}")
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+@app.command()
+def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON"),
+           calib_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, fringe, sky"),
+           camera: Optional[str] = typer.Option(None, "--camera"),
+           detector: Optional[int] = typer.Option(None, "--detector"),
+           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """List products (calibs) in the registry."""
+    from calib_core.registry.calibs import list_calibs
+
+    _, registry = _open_repo(repo, registry_url)
+    rows = list_calibs(registry, calib_type=calib_type, camera=camera, detector=detector)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return
+    table = Table(title=f"{len(rows)} calibs")
+    for col in ("calib_id", "type", "filter", "det", "calib_date", "valid_begin", "valid_end", "n_inputs"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["calib_id"], r["type"], r["filter"], str(r["detector"]), r["calib_date"],
+                      (r["valid_begin"] or "")[:16], (r["valid_end"] or "open")[:16], str(r["n_inputs"]))
+    console.print(table)
+
+
+@app.command()
+def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow calibs`"),
+            begin: str = typer.Option(..., "--begin", help="YYYY-MM-DD[THH:MM:SS], UTC"),
+            end: Optional[str] = typer.Option(None, "--end", help="exclusive; omit for open-ended"),
+            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """Set the validity range of a product."""
+    from calib_core.registry import RegistryError
+    from calib_core.registry.calibs import certify as do_certify
+
+    _, registry = _open_repo(repo, registry_url)
+    try:
+        row = do_certify(registry, calib_id, _parse_when(begin, "--begin"),
+                         _parse_when(end, "--end") if end else None)
+    except RegistryError as exc:
+        _fail(str(exc))
+    console.print(f"{row['calib_id']} valid {row['valid_begin']} .. {row['valid_end'] or 'open'}")
+
+
+@app.command()
+def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
+           calib_type: str = typer.Option(..., "--type", help="bias, dark, flat, fringe, sky"),
+           detector: Optional[int] = typer.Option(None, "--detector"),
+           camera: Optional[str] = typer.Option(None, "--camera", help="needed only if several cameras"),
+           as_json: bool = typer.Option(False, "--json"),
+           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """Which certified calib applies to an exposure (per detector)."""
+    from calib_core.registry import RegistryError
+    from calib_core.registry.calibs import lookup as do_lookup
+
+    _, registry = _open_repo(repo, registry_url)
+    cams = sorted({r["camera"] for r in registry.query_exposures(exposure_ids=[exposure])})
+    if camera is None:
+        if not cams:
+            _fail(f"no exposure {exposure!r} in the registry")
+        if len(cams) > 1:
+            _fail(f"exposure {exposure!r} exists for cameras {', '.join(cams)}: pass --camera")
+        camera = cams[0]
+    try:
+        rows = do_lookup(registry, camera=camera, exposure_id=exposure, calib_type=calib_type, detector=detector)
+    except RegistryError as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    else:
+        for r in rows:
+            console.print(f"detector {r['detector']}: {r['calib_id']}  {r['path']}")
+    if not rows:
+        err.print(f"no certified {calib_type} applies to exposure {exposure}")
+        raise typer.Exit(1)
+
+
 @cameras_app.callback()
 def cameras_list(ctx: typer.Context):
     """List the built-in cameras."""
