@@ -1,0 +1,312 @@
+"""Product and intermediate FITS files: IMAGE, MASK and VARIANCE extensions.
+
+Layout: an empty primary HDU holding the header cards (provenance, dates, mask-plane cards), then
+``IMAGE`` (float32), ``MASK`` (int32) and ``VARIANCE`` (float32) image extensions of the same shape.
+Files are written to a temporary name in the destination folder and renamed into place
+(``os.replace``), so a reader never sees a half-written product.
+
+:class:`RowReader` opens a product once and reads row bands of its planes with ``os.pread`` into
+caller-sized buffers. This is what the stacking engine uses: each input is opened once, nothing is
+memory-mapped (mapped pages count against the resident set), and the bytes read per band are exactly
+the rows asked for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+from astropy.io import fits
+
+from .maskedimage import MASK_PLANES, MaskedImage
+
+__all__ = ["ProductError", "write_product", "read_product", "read_rows", "RowReader",
+           "provenance_cards", "PLANES"]
+
+PLANES = ("IMAGE", "MASK", "VARIANCE")
+
+
+class ProductError(ValueError):
+    """A product/intermediate file is missing, unreadable or malformed; the message names the file."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {problem}")
+
+
+def _fits_date(value: dt.datetime) -> str:
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value.isoformat(timespec="milliseconds")
+
+
+def provenance_cards(obstype: str, calib_id: Mapping[str, object] | str, inputs: Iterable[object],
+                     dates: Iterable[dt.datetime] = (), exptimes: Iterable[float] | None = None,
+                     exptime: float = 1.0, darktime: float | None = None,
+                     now: dt.datetime | None = None) -> dict[str, object]:
+    """Header cards recording how a calib was made (ALGORITHMS.md 2.6 steps 4-6, 2.7).
+
+    Parameters
+    ----------
+    obstype : str
+        ``"bias"``, ``"dark"``, ``"flat"``, ...
+    calib_id : mapping or str
+        The output id; a mapping becomes space-separated ``key=value`` (dict order).
+    inputs : iterable
+        Input exposure ids; ``CALIB_INPUT_<i>`` is written for each unique id, sorted as strings.
+    dates : iterable of datetime
+        Start times (UTC) of the inputs.
+    exptimes : iterable of float, optional
+        Exposure times of the inputs (s), same order as ``dates``; DATE-END uses the latest
+        start + its exposure time (0 when not given).
+    exptime : float, default 1.0
+        EXPTIME of the product (0.0 for a bias, 1.0 for a dark, as the reference).
+    darktime : float, optional
+        DARKTIME of the product (defaults to ``exptime``).
+    now : datetime, optional
+        Creation time (default: now, local time as the reference).
+
+    Returns
+    -------
+    dict
+        Card name -> value, in write order.
+    """
+    cards: dict[str, object] = {"OBSTYPE": obstype}
+    if isinstance(calib_id, Mapping):
+        calib_id = " ".join(f"{k}={v}" for k, v in calib_id.items())
+    cards["CALIB_ID"] = str(calib_id)
+    inputs = list(inputs)
+    for i, key in enumerate(sorted({str(x) for x in inputs})):
+        cards[f"CALIB_INPUT_{i}"] = key
+    local = (now or dt.datetime.now()).astimezone()
+    cards["CALIB_CREATION_DATE"] = local.strftime("%Y-%m-%d")
+    cards["CALIB_CREATION_TIME"] = local.strftime("%X %Z")
+    dates = list(dates)
+    if dates:
+        exps = list(exptimes) if exptimes is not None else [0.0] * len(dates)
+        if len(exps) != len(dates):
+            raise ValueError(f"{len(exps)} exposure times for {len(dates)} dates")
+        begin = min(dates)
+        end = max(d + dt.timedelta(seconds=float(e)) for d, e in zip(dates, exps))
+        cards["TIMESYS"] = "UTC"
+        cards["DATE-OBS"] = _fits_date(begin)
+        cards["DATE-AVG"] = _fits_date(begin + (end - begin) / 2)
+        cards["DATE-END"] = _fits_date(end)
+    cards["NCOMBINE"] = len(inputs)
+    cards["EXPTIME"] = float(exptime)
+    cards["DARKTIME"] = float(exptime if darktime is None else darktime)
+    return cards
+
+
+def _header_with(cards: Mapping[str, object] | fits.Header | None) -> fits.Header:
+    header = fits.Header()
+    for key, value in (cards or {}).items():
+        if isinstance(value, tuple):
+            value, comment = value
+        else:
+            comment = None
+        if len(key) > 8 and not key.startswith("HIERARCH "):
+            key = "HIERARCH " + key
+        header.set(key, value, comment)
+    return header
+
+
+def write_product(path, masked_image: MaskedImage, header_cards=None) -> Path:
+    """Write a masked image as an IMAGE/MASK/VARIANCE FITS file, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination; its folder must exist.
+    masked_image : MaskedImage
+        Planes of shape (ny, nx); written as float32/int32/float32.
+    header_cards : mapping, optional
+        Cards for the primary header (``value`` or ``(value, comment)``); long names become
+        HIERARCH cards. The mask-plane cards (``MP_*``) are added to the primary and MASK headers.
+
+    Returns
+    -------
+    Path
+        The destination path.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ProductError(path, "destination folder does not exist")
+    primary = fits.PrimaryHDU(header=_header_with(header_cards))
+    plane_cards = _header_with(MASK_PLANES.to_header())
+    primary.header.extend(plane_cards, update=True)
+    hdus = [primary,
+            fits.ImageHDU(np.ascontiguousarray(masked_image.image, dtype=np.float32), name="IMAGE"),
+            fits.ImageHDU(np.ascontiguousarray(masked_image.mask, dtype=np.int32), name="MASK"),
+            fits.ImageHDU(np.ascontiguousarray(masked_image.variance, dtype=np.float32), name="VARIANCE")]
+    hdus[2].header.extend(plane_cards, update=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_product(path) -> tuple[MaskedImage, fits.Header]:
+    """Read a product written by :func:`write_product`.
+
+    Returns
+    -------
+    (MaskedImage, astropy.io.fits.Header)
+        The planes (native byte order) and the primary header. A file with only an image (primary
+        or IMAGE HDU) is accepted: its mask is 0 and its variance 0.
+    """
+    with RowReader(path) as reader:
+        image, mask, variance = reader.rows(0, reader.shape[0])
+        header = reader.header
+    if mask is None:
+        mask = np.zeros(image.shape, np.int32)
+    if variance is None:
+        variance = np.zeros(image.shape, np.float32)
+    return MaskedImage(image, mask, variance), header
+
+
+def read_rows(path, y0: int, y1: int):
+    """Rows ``y0:y1`` of the IMAGE, MASK and VARIANCE planes of a product (None for absent planes).
+
+    Opens and closes the file; to read many bands, keep a :class:`RowReader` open instead.
+    """
+    with RowReader(path) as reader:
+        return reader.rows(y0, y1)
+
+
+class RowReader:
+    """Read row bands of a product's planes without re-reading the file.
+
+    Parameters
+    ----------
+    path : str or Path
+        An uncompressed FITS file with an ``IMAGE`` extension (or image data in the primary HDU),
+        and optionally ``MASK`` (int32) and ``VARIANCE`` (float32) extensions of the same shape.
+
+    Attributes
+    ----------
+    shape : (ny, nx)
+    header : astropy.io.fits.Header
+        The primary header.
+    has_mask, has_variance : bool
+    """
+
+    _DTYPES = {"IMAGE": (-32,), "MASK": (32,), "VARIANCE": (-32,)}
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._fd = None
+        self._loc: dict[str, int] = {}
+        try:
+            with fits.open(self.path, memmap=False, lazy_load_hdus=True) as hdul:
+                self.header = hdul[0].header.copy()
+                names = {}
+                for i, hdu in enumerate(hdul):
+                    name = str(hdu.header.get("EXTNAME", "PRIMARY" if i == 0 else "")).upper()
+                    names[name] = i
+                if "IMAGE" not in names and hdul[0].header.get("NAXIS", 0) == 2:
+                    names["IMAGE"] = 0
+                if "IMAGE" not in names:
+                    raise ProductError(self.path, "no IMAGE extension and no 2-D primary image")
+                shape = None
+                for plane in PLANES:
+                    if plane not in names:
+                        continue
+                    idx = names[plane]
+                    hdr = hdul[idx].header
+                    if hdr.get("ZIMAGE") or isinstance(hdul[idx], fits.CompImageHDU):
+                        raise ProductError(self.path, f"{plane} is tile-compressed; products must be plain")
+                    if hdr.get("NAXIS") != 2:
+                        raise ProductError(self.path, f"{plane} is not a 2-D image (NAXIS={hdr.get('NAXIS')})")
+                    if hdr.get("BITPIX") not in self._DTYPES[plane]:
+                        raise ProductError(self.path, f"{plane} has BITPIX={hdr.get('BITPIX')}, "
+                                                      f"expected {self._DTYPES[plane][0]}")
+                    if hdr.get("BZERO", 0) != 0 or hdr.get("BSCALE", 1) != 1:
+                        raise ProductError(self.path, f"{plane} is scaled (BZERO/BSCALE); not supported")
+                    this = (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))
+                    if shape is not None and this != shape:
+                        raise ProductError(self.path, f"{plane} shape {this} differs from IMAGE {shape}")
+                    shape = this
+                    self._loc[plane] = int(hdul.fileinfo(idx)["datLoc"])
+            self.shape = shape
+        except ProductError:
+            raise
+        except FileNotFoundError:
+            raise ProductError(self.path, "file not found") from None
+        except Exception as exc:  # astropy raises many types for corrupt files
+            raise ProductError(self.path, f"cannot read FITS structure ({type(exc).__name__}: {exc})") from None
+        if self.path.endswith((".gz", ".fz", ".bz2")):
+            raise ProductError(self.path, "compressed files cannot be read by row band")
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._size = os.fstat(self._fd).st_size
+        ny, nx = self.shape
+        for plane, loc in self._loc.items():
+            if loc + ny * nx * 4 > self._size:
+                raise ProductError(self.path, f"{plane} data truncated (file is {self._size} bytes)")
+
+    @property
+    def has_mask(self) -> bool:
+        return "MASK" in self._loc
+
+    @property
+    def has_variance(self) -> bool:
+        return "VARIANCE" in self._loc
+
+    def read_into(self, plane: str, y0: int, y1: int, out: np.ndarray) -> np.ndarray:
+        """Read rows ``y0:y1`` of ``plane`` into ``out`` (4-byte dtype, C-contiguous, (y1-y0)*nx
+        elements), converting from big-endian in place. Returns ``out``."""
+        ny, nx = self.shape
+        if not (0 <= y0 <= y1 <= ny):
+            raise ProductError(self.path, f"row band {y0}:{y1} outside 0:{ny}")
+        nbytes = (y1 - y0) * nx * 4
+        view = memoryview(out.reshape(-1).view(np.uint8))[:nbytes]
+        got = os.preadv(self._fd, [view], self._loc[plane] + y0 * nx * 4)
+        if got != nbytes:
+            raise ProductError(self.path, f"short read of {plane} rows {y0}:{y1} ({got} of {nbytes} bytes)")
+        _to_native(out.reshape(-1)[: (y1 - y0) * nx])
+        return out
+
+    def rows(self, y0: int, y1: int):
+        """(image, mask or None, variance or None) for rows ``y0:y1``, native byte order."""
+        nx = self.shape[1]
+        image = self.read_into("IMAGE", y0, y1, np.empty((y1 - y0, nx), np.float32))
+        mask = (self.read_into("MASK", y0, y1, np.empty((y1 - y0, nx), np.int32))
+                if self.has_mask else None)
+        variance = (self.read_into("VARIANCE", y0, y1, np.empty((y1 - y0, nx), np.float32))
+                    if self.has_variance else None)
+        return image, mask, variance
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _to_native(flat: np.ndarray) -> None:
+    """Byte-swap big-endian 4-byte words in place (FITS is big-endian)."""
+    if np.little_endian:
+        from ._kernels import bswap32_inplace
+
+        bswap32_inplace(flat.view(np.uint32))

@@ -1,0 +1,293 @@
+"""The stacking engine: combine N inputs of one detector per pixel, within a memory budget.
+
+Inputs are intermediate products (IMAGE/MASK/VARIANCE FITS, :mod:`calib_core.products`) or
+in-memory masked images. Files are opened once each; the engine reads bands of rows of every input
+(``os.preadv`` into reused buffers), so the working memory is set by ``CombineConfig.memory_budget``
+whatever N is, and each byte of each file is read exactly once (ccdproc re-reads whole files per
+tile, so its cost grows as N**2, PEERS.md 2 item 7).
+
+Statistics follow :mod:`calib_core.stats` (the NumPy reference); MEAN, MEANCLIP, MEDIAN and MINMAX
+run in the numba kernel of :mod:`calib_core._kernels`, SIGMACLIP uses the astropy-backed reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .maskedimage import MASK_PLANES, MaskedImage
+from .products import ProductError, RowReader
+from .stats import STATISTICS, stack_statistic
+
+__all__ = ["CombineConfig", "stack_arrays", "stack_files", "fill_nans", "rows_per_block"]
+
+
+class CombineConfig(BaseModel):
+    """How to combine a stack (pipe_drivers ``CalibCombineConfig`` / cp_pipe ``CalibCombineConfig``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    statistic: Literal["MEANCLIP", "MEAN", "MEDIAN", "SIGMACLIP", "MINMAX"] = Field(
+        "MEANCLIP", description="per-pixel statistic")
+    nsigma: float = Field(3.0, gt=0, description="clip half-width (sigma) for MEANCLIP and SIGMACLIP")
+    niter: int = Field(3, ge=0, description="clip passes (MEANCLIP) / max iterations (SIGMACLIP)")
+    nlow: int = Field(1, ge=0, description="MINMAX: lowest values rejected per pixel")
+    nhigh: int = Field(1, ge=0, description="MINMAX: highest values rejected per pixel")
+    mask: list[str] = Field(["SAT", "DETECTED", "INTRP"],
+                            description="mask planes whose pixels are not admitted to the stack")
+    max_visits_to_calc_error_from_input_variance: int = Field(
+        5, ge=0, description="with fewer inputs than this, the output variance comes from the inputs' "
+                             "variance planes (cp_pipe default 5) instead of the clipped spread")
+    no_good_pixels_mask: str = Field("NO_DATA", description="plane set where no input was admitted")
+    memory_budget: int = Field(1 << 30, gt=0, description="bytes of working buffers for the combine")
+    fill_nans: bool = Field(True, description="replace remaining NaNs by the plane median and flag BAD")
+
+    @field_validator("mask")
+    @classmethod
+    def _known_planes(cls, v):
+        for name in v:
+            MASK_PLANES.bit(name)
+        return [n.upper() for n in v]
+
+    @property
+    def ignore_bits(self) -> int:
+        return MASK_PLANES.bits(self.mask)
+
+
+def rows_per_block(n_inputs: int, nx: int, bytes_per_pixel: int, budget: int) -> int:
+    """Rows per band so that ``n_inputs * rows * nx * bytes_per_pixel <= budget`` (at least 1)."""
+    return max(1, int(budget // max(1, n_inputs * nx * bytes_per_pixel)))
+
+
+def _kernel_stat(config: CombineConfig):
+    from ._kernels import STAT_CODES
+
+    return STAT_CODES.get(config.statistic)
+
+
+_POOL = None
+
+
+def _pool():
+    """A small thread pool for the MEANCLIP hot path (numba kernels and numpy sort release the GIL)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import numba
+
+        _POOL = ThreadPoolExecutor(max_workers=max(1, int(numba.config.NUMBA_NUM_THREADS)),
+                                   thread_name_prefix="calibflow-stack")
+    return _POOL
+
+
+#: pixels per work piece of the MEANCLIP hot path: N * 32768 * 4 bytes (5 MB at N=40) stays in
+#: the last-level cache between the gather, the sort and the clip.
+PIECE_PIXELS = 32768
+
+
+def _meanclip_hot(data, masks, ignore_bits, nsigma, niter, no_data, outs):
+    from ._kernels import gather_admitted, meanclip_sorted
+
+    n, rows, nx = data.shape
+    piece_rows = max(1, PIECE_PIXELS // nx)
+    has_mask = masks is not None
+    m = masks if has_mask else np.zeros((1, 1, 1), np.int32)
+
+    def work(r0):
+        r1 = min(rows, r0 + piece_rows)
+        npx = (r1 - r0) * nx
+        buf = np.empty((npx, n), np.float32)
+        om = np.empty(npx, np.int32)
+        cnt = np.empty(npx, np.int64)
+        gather_admitted(data, m, has_mask, np.int32(ignore_bits), r0, r1, buf, om, cnt)
+        buf.sort(axis=1)
+        meanclip_sorted(buf, cnt, om, nsigma, niter, np.int32(no_data), r0, nx, *outs)
+
+    for f in [_pool().submit(work, r0) for r0 in range(0, rows, piece_rows)]:
+        f.result()
+
+
+def _apply_scales(data, variances, scales):
+    """Divide input i by scales[i] in float32, as afw ``MaskedImage /= s`` (image/s, variance/s**2)."""
+    if scales is None:
+        return
+    for i, sc in enumerate(scales):
+        if sc != 1.0:
+            data[i] /= np.float32(sc)
+            if variances is not None:
+                variances[i] /= np.float32(sc * sc)
+
+
+def _combine_block(config, data, masks, variances, scales, use_var, out: MaskedImage, n_out, y0, y1):
+    """Combine one band: data (N, h, nx) -> rows y0:y1 of ``out``. ``data``/``variances`` are
+    scaled in place."""
+    code = _kernel_stat(config)
+    nb = data.shape[0]
+    has_var = bool(use_var and variances is not None)
+    _apply_scales(data, variances if has_var else None, scales)
+    no_data = MASK_PLANES.bit(config.no_good_pixels_mask)
+    outs = (out.image[y0:y1], out.variance[y0:y1], out.mask[y0:y1], n_out[y0:y1])
+    if code is not None:
+        from ._kernels import STAT_CODES, stack_kernel
+
+        if code == STAT_CODES["MEANCLIP"] and not has_var:
+            _meanclip_hot(data, masks, config.ignore_bits, float(config.nsigma), int(config.niter),
+                          no_data, outs)
+            return
+        dummy_m = masks if masks is not None else np.zeros((1, 1, 1), np.int32)
+        dummy_v = variances if has_var else np.zeros((1, 1, 1), np.float32)
+        stack_kernel(data, dummy_m, masks is not None, dummy_v, has_var, np.ones(nb),
+                     np.int32(config.ignore_bits), code, float(config.nsigma), int(config.niter),
+                     int(config.nlow), int(config.nhigh), np.int32(no_data), *outs)
+        return
+    res = stack_statistic(config.statistic, data, masks, config.ignore_bits,
+                          variances if has_var else None,
+                          sigma=config.nsigma, maxiters=config.niter, no_data_bit=no_data)
+    outs[0][...] = res.value
+    outs[1][...] = res.variance
+    outs[2][...] = res.mask
+    outs[3][...] = res.n_used
+
+
+def _check_scales(scales, n):
+    if scales is None:
+        return None
+    scales = [float(s) for s in scales]
+    if len(scales) != n:
+        raise ValueError(f"{len(scales)} scales for {n} inputs")
+    for i, s in enumerate(scales):
+        if not math.isfinite(s) or s == 0:
+            raise ValueError(f"scale of input {i} is {s}; scales must be finite and non-zero")
+    return scales
+
+
+def stack_arrays(images: Sequence[MaskedImage], config: CombineConfig | None = None,
+                 scales: Sequence[float] | None = None) -> tuple[MaskedImage, np.ndarray]:
+    """Combine in-memory masked images per pixel.
+
+    Parameters
+    ----------
+    images : sequence of MaskedImage
+        N inputs of identical shape (ny, nx).
+    config : CombineConfig, optional
+        Defaults: MEANCLIP 3 sigma, 3 passes, ignore SAT/DETECTED/INTRP.
+    scales : sequence of float, optional
+        Input i is divided by ``scales[i]`` (image / s, variance / s**2).
+
+    Returns
+    -------
+    (MaskedImage, n_used)
+        The combined image (float32 planes) and the int16 count of inputs used per pixel.
+    """
+    config = config or CombineConfig()
+    if len(images) == 0:
+        raise ValueError("no inputs to combine")
+    shape = images[0].shape
+    for i, im in enumerate(images):
+        if im.shape != shape:
+            raise ValueError(f"input {i} has shape {im.shape}, input 0 has {shape}")
+    scales = _check_scales(scales, len(images))
+    data = np.stack([im.image for im in images]).astype(np.float32)  # a copy: scaled in place
+    masks = np.stack([im.mask for im in images]).astype(np.int32, copy=False)
+    use_var = len(images) < config.max_visits_to_calc_error_from_input_variance
+    variances = np.stack([im.variance for im in images]).astype(np.float32, copy=False) if use_var else None
+    out = MaskedImage.empty(shape)
+    n_out = np.zeros(shape, np.int16)
+    _combine_block(config, data, masks, variances, scales, use_var, out, n_out, 0, shape[0])
+    if config.fill_nans:
+        fill_nans(out)
+    return out, n_out
+
+
+def stack_files(paths: Sequence, config: CombineConfig | None = None,
+                scales: Sequence[float] | None = None) -> tuple[MaskedImage, np.ndarray]:
+    """Combine intermediate FITS files per pixel, reading row bands within the memory budget.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        N files with an IMAGE plane (and optionally MASK and VARIANCE), all of the same shape.
+        A file without MASK is treated as unmasked; without VARIANCE, the output variance comes from
+        the spread of the inputs.
+    config : CombineConfig, optional
+        ``memory_budget`` bounds the input band buffers: N * rows * nx * (4 image + 4 mask + 4
+        variance when used) bytes.
+    scales : sequence of float, optional
+        Input i is divided by ``scales[i]``.
+
+    Returns
+    -------
+    (MaskedImage, n_used)
+    """
+    config = config or CombineConfig()
+    if len(paths) == 0:
+        raise ValueError("no inputs to combine")
+    scales = _check_scales(scales, len(paths))
+    readers: list[RowReader] = []
+    try:
+        for p in paths:
+            readers.append(RowReader(p))
+        shape = readers[0].shape
+        for r in readers[1:]:
+            if r.shape != shape:
+                raise ProductError(r.path, f"shape {r.shape} differs from {readers[0].path} {shape}")
+        n = len(readers)
+        ny, nx = shape
+        has_mask = all(r.has_mask for r in readers)
+        use_var = (n < config.max_visits_to_calc_error_from_input_variance
+                   and all(r.has_variance for r in readers))
+        bpp = 4 + (4 if has_mask else 0) + (4 if use_var else 0)
+        rows = min(ny, rows_per_block(n, nx, bpp, config.memory_budget))
+        data = np.empty((n, rows, nx), np.float32)
+        masks = np.empty((n, rows, nx), np.int32) if has_mask else None
+        variances = np.empty((n, rows, nx), np.float32) if use_var else None
+        out = MaskedImage.empty(shape)
+        n_out = np.zeros(shape, np.int16)
+        for y0 in range(0, ny, rows):
+            y1 = min(ny, y0 + rows)
+            h = y1 - y0
+            for i, r in enumerate(readers):
+                r.read_into("IMAGE", y0, y1, data[i, :h])
+                if has_mask:
+                    r.read_into("MASK", y0, y1, masks[i, :h])
+                if use_var:
+                    r.read_into("VARIANCE", y0, y1, variances[i, :h])
+            _combine_block(config, data[:, :h], None if masks is None else masks[:, :h],
+                           None if variances is None else variances[:, :h], scales, use_var,
+                           out, n_out, y0, y1)
+    finally:
+        for r in readers:
+            r.close()
+    if config.fill_nans:
+        fill_nans(out)
+    return out, n_out
+
+
+def fill_nans(mi: MaskedImage, flag: str = "BAD") -> int:
+    """Replace NaNs left in a combined image, cp_pipe style (ALGORITHMS.md 8, ``interpolateNans``).
+
+    A pixel whose image *or* variance is NaN gets the median of the finite image pixels and the
+    median of the finite variance pixels, and the ``flag`` plane is set on it.
+
+    This fixes the Gen2 (pipe_drivers) behaviour (ALGORITHMS.md 2.6 step 7 and 9), which filled
+    the image and variance NaNs independently and set no mask bit, so filled pixels looked like
+    valid data downstream and a NaN variance under a finite image was left in place.
+
+    Returns
+    -------
+    int
+        The number of pixels filled.
+    """
+    bad = ~np.isfinite(mi.image) | ~np.isfinite(mi.variance)
+    count = int(bad.sum())
+    if count:
+        good_img = mi.image[np.isfinite(mi.image)]
+        good_var = mi.variance[np.isfinite(mi.variance)]
+        mi.image[bad] = np.median(good_img) if good_img.size else np.nan
+        mi.variance[bad] = np.median(good_var) if good_var.size else np.nan
+        mi.mask[bad] |= np.int32(MASK_PLANES.bit(flag))
+    return count
