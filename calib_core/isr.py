@@ -1,0 +1,277 @@
+"""Instrument signature removal (ISR) of one raw detector (ALGORITHMS.md 6).
+
+Order, per detector: saturation masking on the raw ADU -> overscan correction per amplifier ->
+trim and assemble the amplifiers -> defects (BAD) -> bias subtraction -> variance -> dark
+subtraction (scaled by dark time) -> fringe subtraction -> flat division.
+
+Every step is switched by :class:`IsrConfig` (field names follow ip_isr's ``IsrConfig``).
+Units: the output image is in ADU (gains are only used for the variance).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .maskedimage import MASK_PLANES, MaskedImage
+from .rawio import RawAmp, RawDetector
+from .stats import clipped_mean
+
+__all__ = ["IsrConfig", "IsrError", "run_isr", "overscan_correction", "fit_fringe_scale"]
+
+
+class IsrError(ValueError):
+    """ISR cannot run: a missing calibration, a shape mismatch, a bad overscan."""
+
+
+class IsrConfig(BaseModel):
+    """Switches and parameters of :func:`run_isr` (ip_isr ``IsrTask`` defaults where they exist)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    doOverscan: bool = Field(True, description="subtract the overscan level per amplifier")
+    doAssemble: bool = Field(True, description="trim and assemble the amplifiers into the detector; "
+                             "if False the output keeps the raw HDU geometry (one HDU per detector only)")
+    doSaturation: bool = Field(True, description="flag SAT where the raw ADU >= the amp's saturation")
+    doDefect: bool = Field(True, description="flag BAD where the defect mask (if given) is set")
+    doBias: bool = Field(True, description="subtract the master bias (MaskedImage subtraction)")
+    doVariance: bool = Field(True, description="variance = max(image,0)/gain + (read_noise/gain)**2, ADU**2")
+    doDark: bool = Field(True, description="subtract the dark scaled by darktime / dark's darktime")
+    doFlat: bool = Field(True, description="divide by the flat")
+    doFringe: bool = Field(False, description="subtract a scaled fringe frame")
+    overscanFitType: Literal["MEDIAN", "MEAN", "MEANCLIP", "MEDIAN_PER_ROW", "MEAN_PER_ROW", "POLY"] = Field(
+        "MEDIAN", description="overscan statistic: one level per amp, one per row (column for "
+                              "parallel overscans), or a polynomial along the readout")
+    overscanOrder: int = Field(1, ge=0, le=10, description="POLY order")
+    overscanNumSigmaClip: float = Field(3.0, gt=0, description="MEANCLIP clip (sigma)")
+    overscanNumIter: int = Field(3, ge=1, description="MEANCLIP passes")
+    fringeMask: list[str] = Field(["BAD", "SAT", "DETECTED", "NO_DATA", "CR"],
+                                  description="planes excluded from the fringe scale fit")
+
+
+def _overscan_profile(amp: RawAmp, config: IsrConfig, path: str) -> np.ndarray:
+    """The overscan level to subtract from ``amp.data``: a scalar array or a 1-D per-row/column
+    profile broadcastable against ``amp.data``."""
+    over = amp.overscan
+    if over is None or over.size == 0:
+        raise IsrError(f"{path}: amplifier {amp.name} has no overscan region but doOverscan is set")
+    over = np.asarray(over, dtype=np.float64)
+    # saturated overscan pixels (bleed trails) are not part of the level
+    over = np.where(over >= amp.saturation, np.nan, over)
+    fit = config.overscanFitType
+    if fit in ("MEDIAN", "MEAN", "MEANCLIP"):
+        good = over[np.isfinite(over)]
+        if good.size == 0:
+            raise IsrError(f"{path}: amplifier {amp.name}: no unsaturated overscan pixels")
+        if fit == "MEDIAN":
+            return np.array(np.median(good))
+        if fit == "MEAN":
+            return np.array(good.mean())
+        return np.array(clipped_mean(good, nsigma=config.overscanNumSigmaClip,
+                                     niter=config.overscanNumIter).mean)
+
+    axis = amp.overscan_axis          # 1: overscan columns -> one value per row
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        collapse = np.nanmean if fit == "MEAN_PER_ROW" else np.nanmedian
+        values = collapse(over, axis=axis)
+    # coordinates of the profile and of the data along the readout, in raw pixels
+    os_sl = amp.overscan_slices[0 if axis == 1 else 1]
+    d_sl = amp.data_slices[0 if axis == 1 else 1]
+    n_raw = amp.raw.shape[0 if axis == 1 else 1]
+    ocoord = np.arange(n_raw)[os_sl]
+    dcoord = np.arange(n_raw)[d_sl]
+    good = np.isfinite(values)
+    if fit == "POLY":
+        if good.sum() <= config.overscanOrder:
+            raise IsrError(f"{path}: amplifier {amp.name}: too few overscan rows for a POLY "
+                           f"of order {config.overscanOrder}")
+        # fit in a centred, scaled coordinate for conditioning
+        c0, cs = ocoord.mean(), max(1.0, (ocoord.max() - ocoord.min()) / 2)
+        coef = np.polynomial.polynomial.polyfit((ocoord[good] - c0) / cs, values[good], config.overscanOrder)
+        prof = np.polynomial.polynomial.polyval((dcoord - c0) / cs, coef)
+    else:
+        lookup = dict(zip(ocoord.tolist(), values.tolist()))
+        missing = [c for c in dcoord.tolist() if c not in lookup]
+        if missing:
+            raise IsrError(f"{path}: amplifier {amp.name}: the overscan does not cover data "
+                           f"{'rows' if axis == 1 else 'columns'} {missing[0]}..{missing[-1]}; "
+                           f"use a scalar or POLY overscan fit")
+        prof = np.array([lookup[c] for c in dcoord.tolist()])
+        if not np.all(np.isfinite(prof)):
+            # a fully saturated overscan row: use the median of the others
+            prof = np.where(np.isfinite(prof), prof, np.nanmedian(prof))
+    return prof[:, None] if axis == 1 else prof[None, :]
+
+
+def overscan_correction(amp: RawAmp, config: IsrConfig | None = None, path: str = "") -> np.ndarray:
+    """Overscan-subtracted data of one amplifier (float32, the shape of ``amp.data``).
+
+    Parameters
+    ----------
+    amp : RawAmp
+        ``overscan_axis`` 1 means overscan columns (a level per row), 0 overscan rows (per column).
+    config : IsrConfig, optional
+        ``overscanFitType``: MEDIAN (default), MEAN, MEANCLIP (a single level); MEDIAN_PER_ROW,
+        MEAN_PER_ROW (one level per row/column); POLY (polynomial of ``overscanOrder`` fitted to the
+        per-row medians along the readout).
+    path : str
+        For error messages.
+    """
+    config = config or IsrConfig()
+    level = _overscan_profile(amp, config, path)
+    return (np.asarray(amp.data, np.float64) - level).astype(np.float32)
+
+
+def fit_fringe_scale(image: MaskedImage, fringe, ignore_bits: int) -> float:
+    """Least-squares amplitude of a fringe pattern in an image.
+
+    Fits ``image = a + s * fringe`` (an intercept absorbs the sky level, which a fringe frame of
+    non-zero mean would otherwise soak up) on finite pixels whose mask has none of ``ignore_bits``.
+
+    Returns
+    -------
+    float
+        ``s``.
+    """
+    f = fringe.image if isinstance(fringe, MaskedImage) else np.asarray(fringe, np.float32)
+    fmask = fringe.mask if isinstance(fringe, MaskedImage) else 0
+    good = np.isfinite(image.image) & np.isfinite(f) & (((image.mask | fmask) & ignore_bits) == 0)
+    if good.sum() < 3:
+        raise IsrError("too few good pixels to fit the fringe scale")
+    x = f[good].astype(np.float64)
+    y = image.image[good].astype(np.float64)
+    xm, ym = x.mean(), y.mean()
+    sxx = np.dot(x - xm, x - xm)
+    if sxx == 0:
+        raise IsrError("fringe frame is constant over the good pixels; cannot fit its scale")
+    return float(np.dot(x - xm, y - ym) / sxx)
+
+
+def _calib_image(calib, shape, what, path):
+    if not isinstance(calib, MaskedImage):
+        calib = MaskedImage.from_image(np.asarray(calib, np.float32))
+    if calib.shape != tuple(shape):
+        raise IsrError(f"{path}: {what} has shape {calib.shape} but the detector is {tuple(shape)}")
+    return calib
+
+
+def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=None, dark=None,
+            flat=None, fringe=None, darktime: float | None = None, defects=None, *,
+            dark_darktime: float = 1.0, fringe_scale: float | None = None,
+            path: str = "") -> MaskedImage:
+    """Run ISR on one raw detector.
+
+    Parameters
+    ----------
+    raw_detector : RawDetector
+        From :func:`calib_core.rawio.read_raw`.
+    config : IsrConfig, optional
+        Step switches (defaults: overscan MEDIAN, assemble, saturation, defects, bias, variance,
+        dark, flat on; fringe off).
+    bias, dark, flat, fringe : MaskedImage or array (ny, nx), optional
+        Calibrations in assembled detector geometry. Required when their step is on.
+    darktime : float, optional
+        Dark time of this exposure (s); required for ``doDark``.
+    defects : array (ny, nx), optional
+        Nonzero where a pixel is defective; flagged BAD.
+    dark_darktime : float, default 1.0
+        Dark time the dark frame is normalised to (products of this package: 1.0).
+    fringe_scale : float, optional
+        Amplitude of the fringe frame; fitted by least squares when None (:func:`fit_fringe_scale`).
+    path : str
+        Raw file name for error messages.
+
+    Returns
+    -------
+    MaskedImage
+        float32 image (ADU), int32 mask (SAT, BAD, and the calibrations' masks ORed in), float32
+        variance (ADU**2, zero when ``doVariance`` is off).
+    """
+    config = config or IsrConfig()
+    path = path or str(raw_detector.header.get("FILENAME", raw_detector.detector.name))
+    amps = raw_detector.amps
+    if config.doAssemble:
+        shape = tuple(raw_detector.shape)
+    else:
+        if any(a.raw is not amps[0].raw for a in amps):
+            raise IsrError(f"{path}: doAssemble=False needs all amplifiers in one HDU")
+        shape = amps[0].raw.shape
+    image = np.zeros(shape, np.float32)
+    mask = np.zeros(shape, np.int32)
+    gain = np.ones(shape, np.float32)
+    rn = np.zeros(shape, np.float32)
+    sat_bit = MASK_PLANES.bit("SAT")
+    placed = np.zeros(shape, bool)
+    for amp in amps:
+        data = overscan_correction(amp, config, path) if config.doOverscan else np.asarray(amp.data, np.float32)
+        sat = np.asarray(amp.data) >= amp.saturation if config.doSaturation else None
+        if config.doAssemble:
+            dest = amp.det_slices
+            if amp.flip_x:
+                data = data[:, ::-1]
+                sat = None if sat is None else sat[:, ::-1]
+            if amp.flip_y:
+                data = data[::-1, :]
+                sat = None if sat is None else sat[::-1, :]
+        else:
+            dest = amp.data_slices
+            if not config.doOverscan:
+                image[:] = amps[0].raw  # keep overscan pixels visible in the raw geometry
+        if image[dest].shape != data.shape:
+            raise IsrError(f"{path}: amplifier {amp.name} data {data.shape} does not fit its place "
+                           f"{image[dest].shape} in the detector")
+        image[dest] = data
+        placed[dest] = True
+        if sat is not None:
+            mask[dest] |= np.where(sat, np.int32(sat_bit), np.int32(0))
+        gain[dest] = amp.gain
+        rn[dest] = amp.read_noise
+    if config.doAssemble and not placed.all():
+        mask[~placed] |= np.int32(MASK_PLANES.bit("NO_DATA"))
+    mi = MaskedImage(image, mask, np.zeros(shape, np.float32))
+
+    if config.doDefect and defects is not None:
+        defects = np.asarray(defects)
+        if defects.shape != shape:
+            raise IsrError(f"{path}: defect mask has shape {defects.shape}, detector is {shape}")
+        mi.mask[defects != 0] |= np.int32(MASK_PLANES.bit("BAD"))
+
+    if config.doBias:
+        if bias is None:
+            raise IsrError(f"{path}: doBias is set but no bias was given")
+        mi -= _calib_image(bias, shape, "bias", path)
+
+    if config.doVariance:
+        # ip_isr updateVariance: image/gain + (rn/gain)**2 in ADU**2, per amp. The Poisson term
+        # uses the bias-subtracted signal (clipped at 0); the master bias's variance, added by the
+        # subtraction above, is kept (ip_isr overwrites it).
+        mi.variance += np.maximum(mi.image, 0) / gain + (rn / gain) ** 2
+
+    if config.doDark:
+        if dark is None:
+            raise IsrError(f"{path}: doDark is set but no dark was given")
+        if darktime is None or not math.isfinite(darktime):
+            raise IsrError(f"{path}: doDark needs the exposure's dark time, got {darktime!r}")
+        if not (math.isfinite(dark_darktime) and dark_darktime > 0):
+            raise IsrError(f"{path}: the dark's dark time must be > 0, got {dark_darktime!r}")
+        mi.scaled_minus(darktime / dark_darktime, _calib_image(dark, shape, "dark", path))
+
+    if config.doFringe:
+        if fringe is None:
+            raise IsrError(f"{path}: doFringe is set but no fringe frame was given")
+        fr = _calib_image(fringe, shape, "fringe", path)
+        scale = fringe_scale if fringe_scale is not None else fit_fringe_scale(
+            mi, fr, MASK_PLANES.bits(config.fringeMask))
+        mi.scaled_minus(scale, fr)
+
+    if config.doFlat:
+        if flat is None:
+            raise IsrError(f"{path}: doFlat is set but no flat was given")
+        mi.divide_by(_calib_image(flat, shape, "flat", path))
+    return mi
