@@ -1,0 +1,207 @@
+"""ISR on hand-built raw detectors whose truth is known exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from calib_core.camera import Amplifier, Detector
+from calib_core.isr import IsrConfig, IsrError, fit_fringe_scale, overscan_correction, run_isr
+from calib_core.maskedimage import MaskedImage, mask_bits
+from calib_core.rawio import RawAmp, RawDetector
+
+SAT, BAD, NO_DATA = mask_bits(["SAT"]), mask_bits(["BAD"]), mask_bits(["NO_DATA"])
+NY, NXA, NOS = 20, 10, 6
+GAINS, RNS, LEVELS = (1.5, 2.0), (4.0, 6.0), (1000.0, 1200.0)
+
+
+def make_raw(truth, drift=None, overscan_rows=False, noise_rng=None):
+    """Two amplifiers side by side; amp B is read out from the right (stored mirrored).
+
+    truth: (NY, 2*NXA) signal in ADU. drift: per-row (or per-column, for overscan rows) offset
+    common to data and overscan of each amplifier."""
+    det = Detector(id=0, name="ccd", nx=2 * NXA, ny=NY, amplifiers=[
+        Amplifier(name="A", gain=GAINS[0], read_noise=RNS[0], saturation=60000),
+        Amplifier(name="B", gain=GAINS[1], read_noise=RNS[1], saturation=60000)])
+    if not overscan_rows:
+        raw = np.zeros((NY, 2 * (NXA + NOS)), np.float32)
+        d = np.zeros(NY) if drift is None else np.asarray(drift)
+        # A: data 0:10, overscan 10:16 ; B: overscan 16:22, data 22:32 (mirrored)
+        raw[:, 0:NXA] = truth[:, :NXA] + LEVELS[0] + d[:, None]
+        raw[:, NXA:NXA + NOS] = LEVELS[0] + d[:, None]
+        raw[:, NXA + NOS:NXA + 2 * NOS] = LEVELS[1] + d[:, None]
+        raw[:, NXA + 2 * NOS:] = truth[:, NXA:][:, ::-1] + LEVELS[1] + d[:, None]
+        amps = [
+            RawAmp(det.amplifiers[0], raw, (slice(0, NY), slice(0, NXA)), (slice(0, NY), slice(NXA, NXA + NOS)), 1,
+                   (slice(0, NY), slice(0, NXA)), False, False, GAINS[0], RNS[0], 60000.0),
+            RawAmp(det.amplifiers[1], raw, (slice(0, NY), slice(NXA + 2 * NOS, 2 * NXA + 2 * NOS)),
+                   (slice(0, NY), slice(NXA + NOS, NXA + 2 * NOS)), 1,
+                   (slice(0, NY), slice(NXA, 2 * NXA)), True, False, GAINS[1], RNS[1], 60000.0),
+        ]
+    else:
+        # overscan rows below the data of each amplifier: one level per column
+        raw = np.zeros((NY + NOS, 2 * NXA), np.float32)
+        d = np.zeros(2 * NXA) if drift is None else np.asarray(drift)
+        raw[:NY, :NXA] = truth[:, :NXA] + LEVELS[0] + d[None, :NXA]
+        raw[NY:, :NXA] = LEVELS[0] + d[None, :NXA]
+        raw[:NY, NXA:] = truth[:, NXA:] + LEVELS[1] + d[None, NXA:]
+        raw[NY:, NXA:] = LEVELS[1] + d[None, NXA:]
+        amps = [
+            RawAmp(det.amplifiers[0], raw, (slice(0, NY), slice(0, NXA)), (slice(NY, NY + NOS), slice(0, NXA)), 0,
+                   (slice(0, NY), slice(0, NXA)), False, False, GAINS[0], RNS[0], 60000.0),
+            RawAmp(det.amplifiers[1], raw, (slice(0, NY), slice(NXA, 2 * NXA)), (slice(NY, NY + NOS), slice(NXA, 2 * NXA)), 0,
+                   (slice(0, NY), slice(NXA, 2 * NXA)), False, False, GAINS[1], RNS[1], 60000.0),
+        ]
+    if noise_rng is not None:
+        raw += noise_rng.normal(0, 3, raw.shape).astype(np.float32)
+    return RawDetector(detector=det, amps=amps, shape=(NY, 2 * NXA), header=fits.Header())
+
+
+def truth_image(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 500, (NY, 2 * NXA)).astype(np.float32)
+
+
+ONLY_OVERSCAN = dict(doBias=False, doDark=False, doFlat=False, doVariance=False)
+
+
+@pytest.mark.parametrize("fit", ["MEDIAN", "MEAN", "MEANCLIP"])
+def test_scalar_overscan_and_assembly_with_flip(fit):
+    truth = truth_image()
+    mi = run_isr(make_raw(truth), IsrConfig(overscanFitType=fit, **ONLY_OVERSCAN))
+    np.testing.assert_allclose(mi.image, truth, atol=1e-3)
+    assert mi.image.dtype == np.float32 and mi.mask.dtype == np.int32 and not mi.mask.any()
+
+
+@pytest.mark.parametrize("fit", ["MEDIAN_PER_ROW", "MEAN_PER_ROW"])
+def test_per_row_overscan_removes_row_drift(fit):
+    truth = truth_image(1)
+    drift = 5 * np.sin(np.arange(NY) / 3.0)
+    mi = run_isr(make_raw(truth, drift), IsrConfig(overscanFitType=fit, **ONLY_OVERSCAN))
+    np.testing.assert_allclose(mi.image, truth, atol=1e-3)
+    # a scalar fit leaves the drift in
+    flat = run_isr(make_raw(truth, drift), IsrConfig(overscanFitType="MEDIAN", **ONLY_OVERSCAN))
+    assert np.abs(flat.image - truth).max() > 1.0
+
+
+def test_poly_overscan_follows_a_linear_drift():
+    truth = truth_image(2)
+    drift = 0.7 * np.arange(NY) - 3.0
+    mi = run_isr(make_raw(truth, drift), IsrConfig(overscanFitType="POLY", overscanOrder=1, **ONLY_OVERSCAN))
+    np.testing.assert_allclose(mi.image, truth, atol=1e-3)
+
+
+def test_overscan_rows_give_per_column_levels():
+    truth = truth_image(3)
+    drift = np.linspace(-4, 4, 2 * NXA)
+    mi = run_isr(make_raw(truth, drift, overscan_rows=True),
+                 IsrConfig(overscanFitType="MEDIAN_PER_ROW", **ONLY_OVERSCAN))
+    np.testing.assert_allclose(mi.image, truth, atol=1e-3)
+
+
+def test_meanclip_overscan_ignores_a_hot_column():
+    truth = truth_image(4)
+    raw = make_raw(truth, noise_rng=np.random.default_rng(0))
+    raw.amps[0].raw[:, NXA] += 500.0   # a bad overscan column of amp A
+    med = overscan_correction(raw.amps[0], IsrConfig(overscanFitType="MEANCLIP"))
+    mean = overscan_correction(raw.amps[0], IsrConfig(overscanFitType="MEAN"))
+    assert abs(float(np.mean(med - truth[:, :NXA]))) < 1.5
+    assert float(np.mean(mean - truth[:, :NXA])) < -50
+
+
+def test_saturation_is_flagged_from_raw_adu():
+    truth = truth_image(5)
+    raw = make_raw(truth)
+    raw.amps[1].raw[3, NXA + 2 * NOS + 0] = 60000.0   # first stored column of B = last detector column
+    mi = run_isr(raw, IsrConfig(**ONLY_OVERSCAN))
+    assert mi.mask[3, 2 * NXA - 1] == SAT
+    assert (mi.mask != 0).sum() == 1
+
+
+def test_variance_per_amplifier():
+    truth = truth_image(6)
+    truth[0, 0] = -20.0   # negative signal: Poisson term clipped at 0
+    mi = run_isr(make_raw(truth), IsrConfig(doBias=False, doDark=False, doFlat=False))
+    g = np.where(np.arange(2 * NXA) < NXA, GAINS[0], GAINS[1])[None, :]
+    rn = np.where(np.arange(2 * NXA) < NXA, RNS[0], RNS[1])[None, :]
+    expected = np.maximum(truth, 0) / g + (rn / g) ** 2
+    np.testing.assert_allclose(mi.variance, expected, rtol=1e-4)
+
+
+def test_bias_dark_flat_fringe_chain_and_propagation():
+    rng = np.random.default_rng(7)
+    truth = truth_image(7) + 1000
+    shape = truth.shape
+    bias = MaskedImage(rng.normal(0, 2, shape), np.zeros(shape, np.int32), np.full(shape, 0.5))
+    bias.mask[1, 1] = BAD
+    dark = MaskedImage(rng.uniform(0, 0.1, shape), np.zeros(shape, np.int32), np.full(shape, 1e-4))
+    flat = MaskedImage(rng.uniform(0.8, 1.2, shape), np.zeros(shape, np.int32), np.full(shape, 1e-6))
+    fringe = MaskedImage(rng.normal(0, 1, shape), np.zeros(shape, np.int32), np.zeros(shape))
+    darktime, fscale = 30.0, 4.0
+    raw_signal = truth + bias.image + darktime * dark.image + fscale * fringe.image
+    config = IsrConfig(doFringe=True)
+    mi = run_isr(make_raw(raw_signal.astype(np.float32)), config, bias=bias, dark=dark, flat=flat,
+                 fringe=fringe, darktime=darktime, fringe_scale=fscale)
+    np.testing.assert_allclose(mi.image, truth / flat.image, rtol=1e-5)
+    assert mi.mask[1, 1] == BAD
+    # variance: poisson+read on the bias-subtracted signal, + bias, + darktime^2 dark var, then / flat^2
+    g = np.where(np.arange(2 * NXA) < NXA, GAINS[0], GAINS[1])[None, :]
+    rn = np.where(np.arange(2 * NXA) < NXA, RNS[0], RNS[1])[None, :]
+    after_bias = raw_signal - bias.image
+    v = np.maximum(after_bias, 0) / g + (rn / g) ** 2 + 0.5 + darktime ** 2 * 1e-4
+    a = truth
+    expected = (v + a ** 2 * 1e-6 / flat.image ** 2) / flat.image ** 2
+    np.testing.assert_allclose(mi.variance, expected, rtol=1e-4)
+    # the fringe scale is fitted when not given (on a flat sky, so nothing else correlates with it)
+    sky = np.full(shape, 1500.0)
+    raw_sky = sky + bias.image + darktime * dark.image + fscale * fringe.image
+    mi2 = run_isr(make_raw(raw_sky.astype(np.float32)), config, bias=bias, dark=dark, flat=flat,
+                  fringe=fringe, darktime=darktime)
+    np.testing.assert_allclose(mi2.image, sky / flat.image, rtol=1e-4)
+
+
+def test_fit_fringe_scale_with_sky_offset_and_masks():
+    rng = np.random.default_rng(8)
+    f = rng.normal(0, 1, (50, 50)).astype(np.float32) + 0.3
+    img = MaskedImage.from_image(500 + 2.5 * f + rng.normal(0, 0.01, f.shape))
+    img.image[0, :] = 1e6
+    img.mask[0, :] = BAD
+    assert fit_fringe_scale(img, f, BAD) == pytest.approx(2.5, abs=1e-3)
+
+
+def test_dark_scaling_uses_dark_darktime():
+    truth = truth_image(9)
+    dark = MaskedImage.from_image(np.ones(truth.shape, np.float32))
+    raw = make_raw(truth + 60.0)
+    mi = run_isr(raw, IsrConfig(doBias=False, doFlat=False, doVariance=False), dark=dark, darktime=120.0,
+                 dark_darktime=2.0)
+    np.testing.assert_allclose(mi.image, truth, atol=1e-3)
+
+
+def test_missing_calibrations_and_bad_shapes_are_clear_errors():
+    raw = make_raw(truth_image())
+    with pytest.raises(IsrError, match="doBias is set but no bias"):
+        run_isr(raw, IsrConfig(doDark=False, doFlat=False))
+    with pytest.raises(IsrError, match="bias has shape"):
+        run_isr(raw, IsrConfig(doDark=False, doFlat=False), bias=np.zeros((3, 3)), path="raw1.fits")
+    with pytest.raises(IsrError, match="dark time"):
+        run_isr(raw, IsrConfig(doBias=False, doFlat=False), dark=np.zeros(raw.shape))
+    with pytest.raises(IsrError, match="no flat"):
+        run_isr(raw, IsrConfig(doBias=False, doDark=False))
+    with pytest.raises(IsrError, match="defect mask"):
+        run_isr(raw, IsrConfig(**ONLY_OVERSCAN), defects=np.zeros((2, 2)))
+    with pytest.raises(ValueError):
+        IsrConfig(overscanFitType="SPLINE")
+
+
+def test_defects_and_unassembled_output():
+    truth = truth_image(10)
+    defects = np.zeros(truth.shape, bool)
+    defects[4, 5] = True
+    mi = run_isr(make_raw(truth), IsrConfig(**ONLY_OVERSCAN), defects=defects)
+    assert mi.mask[4, 5] == BAD
+    raw = make_raw(truth)
+    un = run_isr(raw, IsrConfig(doAssemble=False, **ONLY_OVERSCAN))
+    assert un.shape == raw.amps[0].raw.shape
+    np.testing.assert_allclose(un.image[:, :NXA], truth[:, :NXA], atol=1e-3)
