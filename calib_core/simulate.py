@@ -18,7 +18,8 @@ Files
     :data:`FRINGE_FILTERS`): float32 images of the assembled, trimmed detector (shape ``(ny, nx)``,
     pixel (x, y) = column x, row y, 0-based, the geometry :mod:`calib_core.rawio` assembles to);
     ``<det>`` is the detector name (``ccd00``). ``static.json`` (instrument parameters),
-    ``exposures.json`` (per-exposure truth) and ``night.json`` (what :meth:`SimulatedNight.load` reads).
+    ``exposures.json`` (per-exposure truth), ``night.json`` (what :meth:`SimulatedNight.load` reads) and
+    ``camera.yaml`` (the camera simulated).
 
 The model, exactly
 ------------------
@@ -45,8 +46,9 @@ Expected detected electrons in the data section, per exposure type::
   column factor (0.2..0.4, or 0 for a dead column, from a start row to the top of the detector; 1
   elsewhere). Bad columns are the same in every filter.
 * ``L_j`` dome lamp level [incident e-] = ``FLAT_LEVEL * flat_exptime / 5 * (1 + U(-0.03, 0.03))``.
-* ``S_j`` sky level [incident e- per pixel per exposure], drawn per exposure from
-  :data:`SKY_LEVELS` for the filter and scaled by ``science_exptime / 120``.
+* ``S_j`` sky level [incident e- per pixel per exposure], drawn per exposure uniformly in the
+  range :data:`SKY_LEVELS` gives for the filter (800..3000 in r, 1500..5000 in z), times
+  ``science_exptime / 120``.
 * ``G_j`` the large-scale (moonlight) gradient, ``G_j = 1 + c1_j * w + c2_j * w**2`` with
   ``w = (u * cos(theta_j) + v * sin(theta_j)) / R_fp``; ``theta_j`` uniform in 0..2 pi, ``c1_j`` in
   0..0.08 and ``c2_j`` in -0.03..0.03.
@@ -349,7 +351,8 @@ class InstrumentTruth:
         gx, gy = s["bias_gradient"]
         x = np.arange(det.nx) / max(det.nx - 1, 1) - 0.5
         y = np.arange(det.ny) / max(det.ny - 1, 1) - 0.5
-        return (gx * x[None, :] + gy * y[:, None] + s["bias_columns"][None, :]).astype(np.float32)
+        row = (gx * x + s["bias_columns"]).astype(np.float32)
+        return (gy * y).astype(np.float32)[:, None] + row[None, :]
 
     def dark_electrons(self, det: Detector) -> np.ndarray:
         """D(x, y) [e-/s]."""
@@ -633,6 +636,25 @@ class SimulatedNight:
                 self._exposure_truth = {e["exposure_id"]: e for e in json.load(fh)}
         return self._exposure_truth[exposure_id]
 
+    def gradient(self, exposure_id: str, detector) -> np.ndarray:
+        """G_j(u, v) of a science exposure on one detector (dimensionless, float32)."""
+        g = self.exposure_truth(exposure_id)["gradient"]
+        det = self.camera.detector(self._det_name(detector))
+        u, v = _fp_grid(self.camera, det)
+        w = (u * math.cos(g["theta"]) + v * math.sin(g["theta"])) / g["r_fp_mm"]
+        return (1.0 + g["c1"] * w + g["c2"] * w * w).astype(np.float32)
+
+    def sky_model(self, exposure_id: str, detector, fringe: bool = True) -> np.ndarray:
+        """Incident sky of a science exposure [e- per pixel]: S_j (G_j P_f + phi_j F_f).
+
+        Multiply by ``flat_reference(filter) * truth_flat(filter, det)`` for ADU in the raw data.
+        """
+        t = self.exposure_truth(exposure_id)
+        sky = self.gradient(exposure_id, detector) * self.truth_sky(t["filter"], detector)
+        if fringe and t.get("fringe_scale"):
+            sky += t["fringe_scale"] * self.truth_fringe(t["filter"], detector)
+        return (t["sky_level"] * sky).astype(np.float32)
+
     def bias_level(self, detector, amp: str) -> float:
         """b_a [ADU] of an amplifier."""
         return float(self.static_truth["detectors"][self._det_name(detector)]["bias_levels_adu"][amp])
@@ -643,7 +665,8 @@ class SimulatedNight:
         out_dir = Path(out_dir)
         with open(out_dir / "truth" / "night.json") as fh:
             d = json.load(fh)
-        camera = load_camera(d["camera"])
+        copy = out_dir / "truth" / "camera.yaml"
+        camera = load_camera(copy) if copy.exists() else load_camera(d["camera"])
         exps = [SimulatedExposure(exposure_id=e["exposure_id"], obs_type=e["obs_type"], filter=e["filter"],
                                   exptime=e["exptime"], darktime=e["darktime"], date_obs=e["date_obs"],
                                   path=out_dir / e["path"]) for e in d["exposures"]]
@@ -828,19 +851,21 @@ def _cosmic_rays(rng: np.random.Generator, det: Detector, darktime: float, elect
 
 
 def _noisy_electrons(rng: np.random.Generator, lam: np.ndarray, gauss_above: float | None) -> np.ndarray:
+    """Poisson draws of expected counts ``lam`` (a rounded Gaussian where ``lam >= gauss_above``)."""
     lam = np.maximum(lam, 0, dtype=np.float32)
     if gauss_above is None:
         return rng.poisson(lam).astype(np.float32)
-    hi = lam >= gauss_above
-    n_hi = int(np.count_nonzero(hi))
-    if n_hi == lam.size:
-        return np.rint(lam + np.sqrt(lam) * rng.standard_normal(lam.shape, dtype=np.float32))
-    out = np.empty_like(lam)
-    if n_hi:
-        lh = lam[hi]
-        out[hi] = np.rint(lh + np.sqrt(lh) * rng.standard_normal(n_hi, dtype=np.float32))
-    lo = ~hi
-    out[lo] = rng.poisson(lam[lo])
+    low = np.flatnonzero(lam < gauss_above)
+    if low.size > lam.size // 2:
+        out = rng.poisson(lam).astype(np.float32)
+        high = np.flatnonzero(lam >= gauss_above)
+        out.flat[high] = np.rint(lam.flat[high] + np.sqrt(lam.flat[high]) * rng.standard_normal(high.size, dtype=np.float32))
+        return out
+    out = rng.standard_normal(lam.shape, dtype=np.float32)
+    out *= np.sqrt(lam)
+    out += lam
+    np.rint(out, out=out)
+    out.flat[low] = rng.poisson(lam.flat[low])
     return out
 
 
@@ -852,12 +877,18 @@ def _row_drift(rng: np.random.Generator, ny_raw: int) -> np.ndarray:
     return (rng.normal(0.0, DRIFT_OFFSET_RMS) + walk + sine).astype(np.float32)
 
 
+def _uncovered(layouts: list[_AmpLayout]) -> bool:
+    """Whether some raw pixels belong to no amplifier section (they are written as 0)."""
+    ny, nx = _raw_shape(layouts)
+    area = sum(sec.nx * sec.ny for lay in layouts for sec in (lay.data, lay.overscan, lay.prescan) if sec is not None)
+    return area != nx * ny
+
+
 def _simulate_detector(inst: InstrumentTruth, det: Detector, p: _Planned, draws: dict[str, Any], seed: int,
                        gauss_above: float | None) -> tuple[np.ndarray, dict[str, Any]]:
     """Raw uint16 pixels of one detector of one exposure, and its truth record."""
     camera = inst.camera
     rng = _rng(seed, _PIX_KEY, p.seq, det.id)
-    shape = (det.ny, det.nx)
     rec: dict[str, Any] = {}
     listing: list[dict] = []
     if p.obs_type == "bias":
@@ -885,24 +916,32 @@ def _simulate_detector(inst: InstrumentTruth, det: Detector, p: _Planned, draws:
 
     layouts = inst.layouts[det.id]
     ny_raw, nx_raw = _raw_shape(layouts)
-    raw = np.zeros((ny_raw, nx_raw), dtype=np.float32)
-    noise = rng.standard_normal((ny_raw, nx_raw), dtype=np.float32)
+    # raw starts as unit read noise and is scaled and offset region by region, in place
+    raw = rng.standard_normal((ny_raw, nx_raw), dtype=np.float32)
+    covered = np.zeros((ny_raw, nx_raw), dtype=bool) if _uncovered(layouts) else None
     bias2d = inst.bias(det)
     offsets = {}
     for lay in layouts:
-        level = inst.bias_level(det, lay.amp.name)
+        level = np.float32(inst.bias_level(det, lay.amp.name))
         drift = _row_drift(rng, ny_raw)
         offsets[lay.amp.name] = round(float(drift[lay.data.y0:lay.data.y1].mean()), 4)
-        for sec in (lay.prescan, lay.overscan):
+        for sec in (lay.prescan, lay.overscan, lay.data):
             if sec is not None:
                 ys, xs = sec.slices
-                raw[ys, xs] = level + drift[ys, None] + lay.rn_adu * noise[ys, xs]
+                block = raw[ys, xs]
+                block *= np.float32(lay.rn_adu)
+                block += (drift[ys] + level)[:, None]
+                if covered is not None:
+                    covered[ys, xs] = True
         ys, xs = lay.data.slices
-        sub = bias2d[lay.det.slices]
+        block = raw[ys, xs]
+        block += lay.to_raw(bias2d[lay.det.slices])
         if electrons is not None:
-            sub = sub + electrons[lay.det.slices] / np.float32(lay.gain)
-        data = lay.to_raw(sub) + level + drift[ys, None] + lay.rn_adu * noise[ys, xs]
-        raw[ys, xs] = np.minimum(np.rint(data), np.float32(lay.amp.saturation))
+            block += lay.to_raw(electrons[lay.det.slices]) * np.float32(1.0 / lay.gain)
+        np.rint(block, out=block)
+        np.minimum(block, np.float32(lay.amp.saturation), out=block)
+    if covered is not None:
+        raw[~covered] = 0.0
     rec["bias_offset"] = offsets
     if listing:
         for obj in listing:
@@ -1001,10 +1040,28 @@ def _write_truth(inst: InstrumentTruth, dets: list[Detector], filters: Sequence[
     return static
 
 
-def _json_dump(obj: Any, path: Path) -> None:
+def _remove_previous(out_dir: Path) -> None:
+    """Delete the raw files of a night simulated earlier into ``out_dir`` (listed in its night.json),
+    so that ``raw/`` never mixes two simulations."""
+    listing = out_dir / "truth" / "night.json"
+    if not listing.exists():
+        return
+    try:
+        with open(listing) as fh:
+            old = json.load(fh)
+        paths = [out_dir / e["path"] for e in old.get("exposures", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for path in paths:
+        if path.parent == out_dir / "raw" and path.exists():
+            path.unlink()
+    listing.unlink()
+
+
+def _json_dump(obj: Any, path: Path, indent: int | None = 1) -> None:
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
+        json.dump(obj, fh, indent=indent)
     os.replace(tmp, path)
 
 
@@ -1081,8 +1138,10 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     raw_dir.mkdir(parents=True, exist_ok=True)
     suffix = {None: ".fits", "gzip": ".fits.gz", "rice": ".fits.fz"}[compress]
 
+    _remove_previous(out_dir)
     inst = InstrumentTruth(camera, seed)
     static = _write_truth(inst, dets, filters, truth_dir)
+    (truth_dir / "camera.yaml").write_text(camera.to_yaml())
     plan = _plan(night, camera.utc_offset_hours, n_bias, n_dark, n_flat, n_science, filters, dark_exptime,
                  flat_exptime, science_exptime)
     moon = float(_rng(seed, 5).uniform(0.0, 1.0))
@@ -1116,7 +1175,7 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
         if progress is not None:
             progress(i + 1, len(plan))
     _json_dump(static, truth_dir / "static.json")
-    _json_dump(records, truth_dir / "exposures.json")
+    _json_dump(records, truth_dir / "exposures.json", indent=None)
     _json_dump({"camera": camera.name, "seed": seed, "night": night.isoformat(), "filters": filters,
                 "detectors": [d.name for d in dets], "compress": compress,
                 "exposures": [{k: r[k] for k in ("exposure_id", "obs_type", "filter", "exptime", "darktime",
@@ -1124,3 +1183,35 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
                truth_dir / "night.json")
     return SimulatedNight(out_dir=out_dir, camera=camera, seed=seed, night=night, exposures=exposures,
                           detectors=[d.name for d in dets], filters=filters)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    """``python -m calib_core.simulate CAMERA OUT_DIR [--seed N] ...``: simulate and print the summary."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(prog="python -m calib_core.simulate", description=simulate_night.__doc__.split("\n")[0])
+    ap.add_argument("camera")
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--night", default="2026-11-20")
+    for name, default in (("n-bias", 5), ("n-dark", 5), ("n-flat", 5), ("n-science", 12)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--filters", default="r,z", help="comma-separated")
+    ap.add_argument("--detectors", default=None, help="comma-separated ids or names (default: all)")
+    ap.add_argument("--compress", choices=("gzip", "rice"), default=None)
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total} exposures", end="", flush=True)
+
+    night = simulate_night(a.camera, a.out_dir, a.seed, night=a.night, n_bias=a.n_bias, n_dark=a.n_dark,
+                           n_flat=a.n_flat, n_science=a.n_science, filters=[f for f in a.filters.split(",") if f],
+                           detectors=a.detectors.split(",") if a.detectors else None, compress=a.compress,
+                           progress=progress)
+    print(f"\n{night} in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    _main()

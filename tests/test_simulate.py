@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 
 import numpy as np
 import pytest
@@ -108,6 +107,17 @@ def test_reload_gives_the_same_night(night):
     again = SimulatedNight.load(night.out_dir)
     assert again.exposures == night.exposures
     assert again.summary == night.summary and again.filters == ["r", "z"]
+    assert again.camera == night.camera
+
+
+def test_rerun_into_the_same_folder_replaces_the_raw_files(tmp_path):
+    first = simulate_night(CAMERA, tmp_path, seed=1, n_bias=3, n_dark=0, n_flat=0, n_science=0, filters=(),
+                           detectors=[0])
+    assert len(list((tmp_path / "raw").iterdir())) == 3
+    second = simulate_night(CAMERA, tmp_path, seed=1, n_bias=1, n_dark=1, n_flat=0, n_science=0, filters=(),
+                            detectors=[0], compress="gzip")
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(p.name for p in second.paths())
+    assert first.paths()[0].name != second.paths()[0].name
 
 
 def test_bad_arguments_are_refused(tmp_path):
@@ -359,6 +369,7 @@ def test_science_sky_level_matches_truth(night):
             w = (u * np.cos(g["theta"]) + v * np.sin(g["theta"])) / g["r_fp_mm"]
             model = rbar * night.truth_flat(e.filter, det.id) * night.truth_sky(e.filter, det.id) * \
                 (1 + g["c1"] * w + g["c2"] * w * w)
+            assert np.allclose(night.gradient(e.exposure_id, det.id), 1 + g["c1"] * w + g["c2"] * w * w, atol=1e-6)
             good = night.truth_flat(e.filter, det.id) > 0.5
             level = np.median(img[good] / model[good])
             assert level == pytest.approx(tr["sky_level"], rel=0.01), (e.exposure_id, det.name)
@@ -371,6 +382,8 @@ def test_science_sky_level_matches_truth(night):
                 resid = ff - tr["sky_level"] * (model / (rbar * flat)
                                                  + tr.get("fringe_scale", 0.0) * night.truth_fringe(e.filter, det.id))
             resid[~good] = np.nan
+            # the accessor gives the same model
+            assert np.allclose(ff[good] - night.sky_model(e.exposure_id, det.id)[good], resid[good], atol=0.05)
             blocks = np.nanmedian(resid.reshape(det.ny // 8, 8, det.nx // 8, 8), axis=(1, 3)) / tr["sky_level"]
             noise = 1.2533 / np.sqrt(64 * tr["sky_level"] * rbar * 1.6)
             spread = 1.4826 * np.nanmedian(np.abs(blocks - np.nanmedian(blocks)))   # robust: stars are outliers
