@@ -456,16 +456,17 @@ class InstrumentTruth:
         return out.astype(np.float32)
 
     def sky_norm(self, filt: str) -> float:
-        return self._focal_plane_mean("sky", filt, lambda d: self._cached(("skyraw", d.id), lambda: self._sky_raw(d, filt), filt))
+        """N_P: the focal-plane mean of the unnormalised sky pattern."""
+        return self._focal_plane_mean("sky", filt, lambda d: self._sky_raw(d, filt))
 
     def sky(self, det: Detector, filt: str) -> np.ndarray:
         """P_f(x, y): the small-scale sky pattern (mean 1 over the focal plane)."""
         def make():
-            raw = self._cached(("skyraw", det.id), lambda: self._sky_raw(det, filt), filt)
-            return (raw / np.float32(self.sky_norm(filt))).astype(np.float32)
-        out = self._cached(("sky", det.id), make, filt)
-        self._cache.pop(("skyraw", det.id), None)
-        return out
+            norm = np.float32(self.sky_norm(filt))
+            raw = self._sky_raw(det, filt)
+            raw /= norm
+            return raw
+        return self._cached(("sky", det.id), make, filt)
 
     def fringe(self, det: Detector, filt: str) -> np.ndarray:
         """F_f(x, y): the fringe pattern per unit sky level (zeros for non-fringing filters)."""
