@@ -54,7 +54,7 @@ Expected detected electrons in the data section, per exposure type::
   0..0.08 and ``c2_j`` in -0.03..0.03.
 * ``P_f`` the small-scale sky pattern (what a sky frame recovers, dimensionless):
   ``P_f = (1 + sum_k a_k cos(2 pi (k_uk u + k_vk v) + psi_k) + A_g exp(-(|(u,v) - c_g| - r_g)**2
-  / (2 w_g**2))) / N_P``: 12 plane waves of wavelength 100..600 px (structure on 50..300 px) and rms
+  / (2 w_g**2))) / N_P``: 40 plane waves of wavelength 100..600 px (structure on 50..300 px) and rms
   ~1.5 %, a ghost ring of amplitude ``A_g`` = 0.03, radius 150..250 px and width 25 px; all in
   focal-plane coordinates, so continuous across chip gaps, and the same for every exposure of a
   filter. ``N_P`` makes the mean over every pixel of the focal plane exactly 1. File ``sky_<f>_<det>``.
@@ -163,7 +163,7 @@ SKY_LEVELS = {"u": (200.0, 800.0), "g": (400.0, 1500.0), "r": (800.0, 3000.0), "
 DEFAULT_SKY_LEVEL = (800.0, 3000.0)
 GRADIENT_C1 = (0.0, 0.08)
 GRADIENT_C2 = (-0.03, 0.03)
-SKY_PATTERN_MODES = 12
+SKY_PATTERN_MODES = 40
 SKY_PATTERN_RMS = 0.015
 SKY_PATTERN_WAVELENGTH_PX = (100.0, 600.0)
 GHOST_AMPLITUDE = 0.03
