@@ -229,6 +229,107 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
         raise typer.Exit(1)
 
 
+def _prefect_env() -> None:
+    """Telemetry off and quiet logs unless the user chose otherwise (PREFECT_NOTES.md)."""
+    import os
+
+    for key, value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+                       "PREFECT_TASKS_DEFAULT_NO_CACHE": "true", "DASK_LOGGING__DISTRIBUTED": "warning"}.items():
+        os.environ.setdefault(key, value)
+
+
+def _apply_sets(config: dict, sets: list[str]) -> dict:
+    import yaml
+
+    for item in sets or []:
+        if "=" not in item:
+            _fail(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = config
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return config
+
+
+def _task_runner(runner: str, dask_address: Optional[str]):
+    import os
+
+    if runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2)
+    if runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=os.cpu_count() or 2)
+    if runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": os.cpu_count() or 2, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    _fail(f"--runner must be threads, processes or dask, not {runner!r}")
+
+
+@app.command()
+def build(calib_type: str = typer.Argument(..., help="bias, dark or flat"),
+          camera: str = typer.Option("democam", "--camera"),
+          night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD"),
+          exposure: Optional[list[str]] = typer.Option(None, "--exposure", help="explicit exposure ids (repeat)"),
+          filter: Optional[str] = typer.Option(None, "--filter"),
+          detector: Optional[list[int]] = typer.Option(None, "--detector", help="detectors (repeat); default all"),
+          config_file: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON config of the calib type"),
+          sets: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value, dotted keys"),
+          drop_incomplete: bool = typer.Option(False, "--drop-incomplete",
+                                               help="drop exposures that lack detectors (recorded)"),
+          calib_date: Optional[str] = typer.Option(None, "--calib-date", help="override the output date"),
+          runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
+          dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786"),
+          repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """Build a calib through the Prefect flow (an embedded Prefect API unless PREFECT_API_URL is set)."""
+    import yaml
+    from pydantic import ValidationError
+
+    _prefect_env()
+    store, registry = _open_repo(repo, registry_url)
+    config = {}
+    if config_file:
+        try:
+            config = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            _fail(f"{config_file}: {exc}")
+    config = _apply_sets(config, sets or [])
+    from flows.build import build_calib
+    from tasks.calib_tasks import CONFIG_MODELS
+
+    if calib_type not in CONFIG_MODELS:
+        _fail(f"calib type {calib_type!r} is not available yet; choose one of {', '.join(CONFIG_MODELS)}")
+    try:
+        CONFIG_MODELS[calib_type].model_validate(config)
+    except ValidationError as exc:
+        _fail(f"invalid {calib_type} config:\n{exc}")
+    flow = build_calib.with_options(task_runner=_task_runner(runner, dask_address))
+    try:
+        result = flow(calib_type, camera=camera, night=night, exposures=exposure or None, filter=filter,
+                      detectors=detector or None, repo=str(store.root), registry_url=registry_url,
+                      config=config, drop_incomplete=drop_incomplete, calib_date=calib_date)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"{calib_type} {result['filter']} {result['calib_date']}: "
+                        f"{result['created']} new, {len(result['products']) - result['created']} already built")
+    for col in ("detector", "calib_id", "level", "noise", "inputs"):
+        table.add_column(col)
+    for p in result["products"]:
+        table.add_row(str(p["detector"]), p["calib_id"], f"{p['stats'].get('level', float('nan')):.4g}",
+                      f"{p['stats'].get('noise', float('nan')):.3g}", str(p["n_inputs"]))
+    console.print(table)
+    console.print(f"mosaic: {result['mosaic_png']}")
+
+
 @cameras_app.callback()
 def cameras_list(ctx: typer.Context):
     """List the built-in cameras."""
@@ -277,7 +378,7 @@ def simulate(camera: str = typer.Option("democam", "--camera"),
                                 n_flat=n_flat, n_science=n_science,
                                 filters=tuple(f for f in filters.split(",") if f),
                                 compress=compress, progress=tick)
-    console.print(f"wrote {len(result.raw_paths)} raw files to {Path(out) / 'raw'} and truth to "
+    console.print(f"wrote {len(result.exposures)} raw files to {Path(out) / 'raw'} and truth to "
                   f"{Path(out) / 'truth'}")
 
 

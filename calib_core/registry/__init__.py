@@ -167,6 +167,19 @@ class Registry:
             q = q.order_by(ExposureRow.date_obs, ExposureRow.exposure_id)
             return [_exposure_dict(row, cam) for row, cam in s.execute(q)]
 
+    def exposure_detectors(self, camera: str, exposure_ids: list[str]) -> dict[str, set[int]]:
+        """Detector numbers registered for each exposure (for consistency checks)."""
+        with self.session() as s:
+            q = (select(ExposureRow.exposure_id, DetectorRow.number)
+                 .join(RawRow, RawRow.exposure_pk == ExposureRow.id)
+                 .join(DetectorRow, RawRow.detector_id == DetectorRow.id)
+                 .join(CameraRow, ExposureRow.camera_id == CameraRow.id)
+                 .where(CameraRow.name == camera, ExposureRow.exposure_id.in_(list(exposure_ids))))
+            out: dict[str, set[int]] = {e: set() for e in exposure_ids}
+            for exp, det in s.execute(q):
+                out[exp].add(det)
+            return out
+
     def count(self, model) -> int:
         with self.session() as s:
             return s.scalar(select(func.count()).select_from(model))

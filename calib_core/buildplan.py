@@ -1,0 +1,119 @@
+"""Planning a calib build (no Prefect): inputs, consistency, output id, resume keys.
+
+This is the ``CalibTask`` bookkeeping of the reference (ALGORITHMS.md 2.2-2.4) as plain functions, so
+flows stay a table of contents and the logic is testable on its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from .registry import Registry
+
+__all__ = ["CALIB_TYPES", "INPUT_TYPE", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash",
+           "intermediate_key"]
+
+CALIB_TYPES = ("bias", "dark", "flat", "fringe", "sky")
+# the raw observation type each calib is built from
+INPUT_TYPE = {"bias": "bias", "dark": "dark", "flat": "flat", "fringe": "science", "sky": "science"}
+# the calibs ISR applies when building each type (ALGORITHMS.md 4.1-4.5)
+ISR_CALIBS = {"bias": (), "dark": ("bias",), "flat": ("bias", "dark"), "fringe": ("bias", "dark", "flat"),
+              "sky": ("bias", "dark", "flat", "fringe")}
+
+
+class InconsistentInputs(ValueError):
+    """Exposures of a build do not all have the same detectors (``checkCcdIdLists``)."""
+
+
+def config_hash(config: BaseModel | dict) -> str:
+    """sha256 of a config's canonical JSON (stored with every product)."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def intermediate_key(raw_checksum: str, cfg_hash: str, calib_ids: list[str]) -> str:
+    """Key of a per-(exposure, detector) intermediate: a rerun with the same raw, config and ISR calibs
+    finds it and skips the work (resume)."""
+    payload = json.dumps([raw_checksum, cfg_hash, sorted(calib_ids)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+@dataclass
+class BuildPlan:
+    calib_type: str
+    camera: str
+    exposures: list[dict]                      # registry rows (dicts), date order
+    detectors: list[int]
+    filter: str
+    calib_date: dt.date
+    dropped: dict[str, str] = field(default_factory=dict)   # exposure id -> why
+
+    @property
+    def exposure_ids(self) -> list[str]:
+        return [e["exposure_id"] for e in self.exposures]
+
+
+def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str | None = None,
+               date_range: tuple[str, str] | None = None, exposure_ids: list[str] | None = None,
+               filter: str | None = None, detectors: list[int] | None = None,
+               drop_incomplete: bool = False, calib_date: str | None = None) -> BuildPlan:
+    """Select the inputs of a build and check them.
+
+    Raises
+    ------
+    ValueError
+        No inputs, mixed filters, or an unknown calib type.
+    InconsistentInputs
+        Some exposures lack detectors others have; the message lists which exposure lacks which
+        detector. With ``drop_incomplete`` those exposures are dropped instead and the reason recorded.
+    """
+    if calib_type not in CALIB_TYPES:
+        raise ValueError(f"unknown calib type {calib_type!r}; choose one of {', '.join(CALIB_TYPES)}")
+    rows = registry.query_exposures(camera=camera, obs_type=INPUT_TYPE[calib_type], filter=filter, night=night,
+                                    exposure_ids=exposure_ids)
+    if date_range:
+        lo, hi = (dt.date.fromisoformat(d) for d in date_range)
+        rows = [r for r in rows if lo <= dt.date.fromisoformat(r["night"]) <= hi]
+    if exposure_ids:
+        missing = sorted(set(exposure_ids) - {r["exposure_id"] for r in rows})
+        if missing:
+            raise ValueError(f"{calib_type} build: exposures not found as {INPUT_TYPE[calib_type]} frames of "
+                             f"camera {camera}: {', '.join(missing)}")
+    if not rows:
+        where = ", ".join(f"{k}={v}" for k, v in (("night", night), ("filter", filter), ("range", date_range)) if v)
+        raise ValueError(f"{calib_type} build: no {INPUT_TYPE[calib_type]} exposures of camera {camera}"
+                         + (f" for {where}" if where else ""))
+    filters = sorted({r["filter"] for r in rows})
+    if calib_type in ("bias", "dark"):
+        out_filter = "NONE"
+    elif len(filters) > 1:
+        raise ValueError(f"{calib_type} build: inputs mix filters {filters}; select one with --filter")
+    else:
+        out_filter = filters[0]
+
+    have = registry.exposure_detectors(camera, [r["exposure_id"] for r in rows])
+    wanted = set(detectors) if detectors else set().union(*have.values())
+    lacking = {e: sorted(wanted - dets) for e, dets in have.items() if wanted - dets}
+    dropped = {}
+    if lacking:
+        detail = "; ".join(f"exposure {e} lacks detector(s) {', '.join(map(str, d))}" for e, d in sorted(lacking.items()))
+        if not drop_incomplete:
+            raise InconsistentInputs(f"{calib_type} build: inconsistent inputs: {detail} "
+                                     "(select detectors, or allow dropping incomplete exposures)")
+        dropped = {e: f"incomplete: lacks detector(s) {', '.join(map(str, d))}" for e, d in lacking.items()}
+        rows = [r for r in rows if r["exposure_id"] not in dropped]
+        if not rows:
+            raise InconsistentInputs(f"{calib_type} build: every exposure is incomplete: {detail}")
+
+    if calib_date:
+        date = dt.date.fromisoformat(calib_date)
+    else:  # mean input date (ALGORITHMS.md 2.4)
+        stamps = [dt.datetime.fromisoformat(r["date_obs"]).timestamp() for r in rows]
+        date = dt.datetime.fromtimestamp(sum(stamps) / len(stamps), dt.timezone.utc).date()
+    return BuildPlan(calib_type=calib_type, camera=camera, exposures=rows, detectors=sorted(wanted),
+                     filter=out_filter, calib_date=date, dropped=dropped)

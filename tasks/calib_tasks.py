@@ -1,0 +1,207 @@
+"""Prefect tasks of a calib build: thin adapters over calib_core.
+
+Each task receives ids and paths (never pixels), loads what it needs, calls calib_core, writes its
+output through the datastore, records it in the registry and returns a small dict. Transient failures
+(I/O errors) are retried with backoff; deterministic bad data (unreadable raw, inconsistent calib)
+fails at once with the file named.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from calib_core.buildplan import ISR_CALIBS, intermediate_key
+from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, combine_bias, combine_dark, combine_flat,
+                               process_bias, process_dark, process_flat, background_level)
+from calib_core.camera import load_camera
+from calib_core.datastore import Datastore, sha256_file
+from calib_core.maskedimage import MASK_PLANES
+from calib_core.persistent import clear_persistent_cr
+from calib_core.products import provenance_cards, read_product, write_product
+from calib_core.rawio import read_raw
+from calib_core.registry import BuildRunRow, Registry
+from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, find_calib, lookup,
+                                        make_calib_id, record_calib)
+
+__all__ = ["BuildContext", "CONFIG_MODELS", "process_exposure_detector", "combine_detector",
+           "start_build_run", "finish_build_run"]
+
+CONFIG_MODELS = {"bias": BiasConfig, "dark": DarkConfig, "flat": FlatConfig}
+PRODUCT_EXPTIME = {"bias": 0.0, "dark": 1.0, "flat": 1.0}
+
+
+class BuildContext(BaseModel):
+    """What every task of one build needs, small enough to ship to any worker."""
+
+    repo: str
+    registry_url: str
+    camera: str
+    calib_type: str
+    config: dict
+    config_hash: str
+    calib_date: str
+    filter: str
+    software_version: str
+    validity: ValidityRule = ValidityRule()
+    build_run_id: int | None = None
+
+    def cfg(self):
+        return CONFIG_MODELS[self.calib_type].model_validate(self.config)
+
+
+@lru_cache(maxsize=8)
+def _registry(url: str) -> Registry:
+    return Registry.open(url)
+
+
+def _transient_only(task, task_run, state) -> bool:
+    """Retry I/O errors (a flaky disk or network file system), never bad data."""
+    try:
+        state.result()
+    except (ValueError, RuntimeError, KeyError, TypeError):
+        return False           # RawReadError, IsrError, ProductError, ... are ValueErrors: deterministic
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _isr_calibs(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict[str, dict]:
+    isr = ctx.cfg().isr
+    needed = {"bias": isr.doBias, "dark": isr.doDark, "flat": isr.doFlat, "fringe": isr.doFringe}
+    found = {}
+    for calib_type in ISR_CALIBS[ctx.calib_type]:
+        if not needed.get(calib_type):
+            continue
+        hit = lookup(registry, camera=ctx.camera, exposure_id=exposure_id, calib_type=calib_type, detector=detector)
+        if not hit:
+            raise ValueError(f"{ctx.calib_type} build: no certified {calib_type} applies to exposure {exposure_id} "
+                             f"detector {detector}; build and certify one first (calibflow build {calib_type})")
+        found[calib_type] = hit[0]
+    return found
+
+
+@task(name="process", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
+      cache_policy=NO_CACHE, task_run_name="process-{exposure[exposure_id]}-det{detector}")
+def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) -> dict:
+    """ISR and the type's preparation of one (exposure, detector); the intermediate goes to the datastore.
+
+    Resume: the intermediate is keyed on the raw checksum, the config hash and the ISR calibs used; an
+    existing one is reused and the work skipped.
+    """
+    registry = _registry(ctx.registry_url)
+    store = Datastore(ctx.repo)
+    calibs = _isr_calibs(ctx, registry, exposure["exposure_id"], detector)
+    key = intermediate_key(exposure["checksum"], ctx.config_hash, [c["calib_id"] for c in calibs.values()])
+    out = store.root / "work" / ctx.camera / ctx.calib_type / f"{exposure['exposure_id']}-det{detector:03d}-{key}.fits"
+    meta = out.with_suffix(".json")
+    if out.exists() and meta.exists():
+        return {**json.loads(meta.read_text()), "reused": True}
+
+    camera = load_camera(ctx.camera)
+    raw = read_raw(exposure["path"], camera, [detector]).detectors[detector]
+    cfg = ctx.cfg()
+    bias = read_product(calibs["bias"]["path"])[0] if "bias" in calibs else None
+    dark = read_product(calibs["dark"]["path"])[0] if "dark" in calibs else None
+    result = {"exposure_id": exposure["exposure_id"], "detector": detector, "path": str(out)}
+    if ctx.calib_type == "bias":
+        mi = process_bias(raw, cfg)
+    elif ctx.calib_type == "dark":
+        mi = process_dark(raw, bias, exposure["darktime"], cfg)
+    elif ctx.calib_type == "flat":
+        mi, level = process_flat(raw, bias, dark, exposure["darktime"], cfg)
+        result.update(level=level.mean, npoint=level.npoint)
+    else:
+        raise ValueError(f"calib type {ctx.calib_type!r} has no process step here yet")
+    result["isr_calibs"] = {t: c["calib_id"] for t, c in calibs.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_product(out, mi, {"EXPID": exposure["exposure_id"], "DETECTOR": detector, "OBSTYPE": "postisr"})
+    store.atomic_write_bytes(meta, json.dumps(result).encode())
+    return {**result, "reused": False}
+
+
+@task(name="combine", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
+      cache_policy=NO_CACHE, task_run_name="combine-det{detector}")
+def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposures: list[dict],
+                     exp_scales: list[float] | None = None, ccd_scale: float | None = None,
+                     dropped: dict[str, str] | None = None) -> dict:
+    """Combine one detector's intermediates, write the product atomically and register it with every input."""
+    registry = _registry(ctx.registry_url)
+    store = Datastore(ctx.repo)
+    by_id = {e["exposure_id"]: e for e in exposures}
+    digest = calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash)
+    calib_date = dt.date.fromisoformat(ctx.calib_date)
+    existing = find_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter,
+                          detector=detector, calib_date=calib_date, digest=digest)
+    if existing:
+        return {**existing, "created": False}
+
+    cfg = ctx.cfg()
+    paths = [i["path"] for i in items]
+    if ctx.calib_type == "bias":
+        mi = combine_bias(paths, cfg)
+    elif ctx.calib_type == "dark":
+        clear_persistent_cr(paths)      # hot pixels repeat, cosmic rays do not
+        mi = combine_dark(paths, cfg)
+    else:
+        mi = combine_flat(paths, exp_scales, ccd_scale, cfg)
+    calib_id = make_calib_id(ctx.calib_type, ctx.camera, ctx.filter, calib_date, detector, digest)
+    ids = [i["exposure_id"] for i in items]
+    dates = [dt.datetime.fromisoformat(by_id[e]["date_obs"]) for e in ids]
+    cards = provenance_cards(ctx.calib_type, {"calib_id": calib_id, "detector": detector, "filter": ctx.filter,
+                                              "calibDate": ctx.calib_date}, ids, dates,
+                             [by_id[e]["exptime"] for e in ids], exptime=PRODUCT_EXPTIME[ctx.calib_type])
+    cards.update({"CAMERA": ctx.camera, "DETECTOR": detector, "FILTER": ctx.filter,
+                  "CFG_HASH": ctx.config_hash, "CF_VERS": ctx.software_version})
+    if exp_scales is not None:
+        for i, (e, s) in enumerate(zip(ids, exp_scales)):
+            cards[f"CALIB_INPUT_SCALE_{i}"] = (float(s), f"exposure scale of {e}")
+        cards["CCDSCALE"] = float(ccd_scale)
+    path = store.root / "calib" / ctx.camera / ctx.calib_type / f"{calib_id}.fits"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_product(path, mi, cards)
+
+    level = background_level(mi)
+    flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
+    stats = {"level": float(level.mean), "noise": float(np.sqrt(max(level.variance, 0.0))),
+             "clipped_fraction": float(1.0 - level.n_used / max(level.npoint, 1)),
+             "bad_fraction": float(flagged.mean()), "n_used": len(items),
+             "n_rejected": len(dropped or {})}
+    inputs = [CalibInput(e, scale=None if exp_scales is None else float(exp_scales[i]))
+              for i, e in enumerate(ids)]
+    inputs += [CalibInput(e, used=False, reason=why) for e, why in (dropped or {}).items()]
+    row, created = record_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter,
+                                detector=detector, calib_date=calib_date, path=str(path),
+                                checksum=sha256_file(path), config_hash=ctx.config_hash, digest=digest,
+                                software_version=ctx.software_version, inputs=inputs, validity=ctx.validity,
+                                build_run_id=ctx.build_run_id, stats=stats)
+    if not created:           # a concurrent identical build won the race: keep its file, drop ours
+        if row["path"] != str(path):
+            path.unlink(missing_ok=True)
+    return {**row, "created": created}
+
+
+def start_build_run(registry: Registry, flow_run_id: str | None, calib_type: str, parameters: dict) -> int:
+    with registry.session() as s:
+        row = BuildRunRow(flow_run_id=flow_run_id, calib_type=calib_type, parameters=parameters,
+                          status="running", message="", started_at=dt.datetime.now(dt.timezone.utc))
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def finish_build_run(registry: Registry, run_id: int, status: str, message: str = "") -> None:
+    with registry.session() as s:
+        row = s.get(BuildRunRow, run_id)
+        row.status, row.message = status, message[:4000]
+        row.finished_at = dt.datetime.now(dt.timezone.utc)
