@@ -18,8 +18,8 @@ Files
     :data:`FRINGE_FILTERS`): float32 images of the assembled, trimmed detector (shape ``(ny, nx)``,
     pixel (x, y) = column x, row y, 0-based, the geometry :mod:`calib_core.rawio` assembles to);
     ``<det>`` is the detector name (``ccd00``). ``static.json`` (instrument parameters),
-    ``exposures.json`` (per-exposure truth), ``night.json`` (what :meth:`SimulatedNight.load` reads) and
-    ``camera.yaml`` (the camera simulated).
+    ``exposures.json`` (per-exposure truth), ``night.json`` (what :meth:`SimulatedNight.load` reads),
+    ``camera.yaml`` (the camera simulated) and ``README.txt`` (this text).
 
 The model, exactly
 ------------------
@@ -1143,6 +1143,7 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     inst = InstrumentTruth(camera, seed)
     static = _write_truth(inst, dets, filters, truth_dir)
     (truth_dir / "camera.yaml").write_text(camera.to_yaml())
+    (truth_dir / "README.txt").write_text(__doc__ or "")
     plan = _plan(night, camera.utc_offset_hours, n_bias, n_dark, n_flat, n_science, filters, dark_exptime,
                  flat_exptime, science_exptime)
     moon = float(_rng(seed, 5).uniform(0.0, 1.0))

@@ -158,7 +158,10 @@ def test_same_seed_same_pixels_and_subsets_agree(tmp_path):
 
 def test_compressed_files_read_back_identical(tmp_path):
     kw = dict(n_bias=1, n_dark=1, n_flat=0, n_science=1, filters=("z",), detectors=[1, 7])
-    plain = simulate_night(CAMERA, tmp_path / "plain", seed=5, **kw)
+    calls = []
+    plain = simulate_night(CAMERA, tmp_path / "plain", seed=5, progress=lambda d, t: calls.append((d, t)), **kw)
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert "S_j" in (tmp_path / "plain" / "truth" / "README.txt").read_text()
     for compress, suffix in (("gzip", ".fits.gz"), ("rice", ".fits.fz")):
         other = simulate_night(CAMERA, tmp_path / compress, seed=5, compress=compress, **kw)
         for ep, eo in zip(plain.exposures, other.exposures):
