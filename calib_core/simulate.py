@@ -100,7 +100,9 @@ Hence a bias-, dark- and flat-corrected (divided by ``R_f``) science exposure re
 path, sky_level (S_j, e-), gradient {theta, c1, c2, r_fp_mm}, fringe_scale (phi_j),
 fringe_amplitude (S_j phi_j, e-), lamp_level (L_j, e-), fwhm_px, objects [{kind, fx_mm, fy_mm,
 detector, x, y, flux (incident e-), saturated}], cosmic_rays {detector: count} and bias_offset
-{detector: {amp: mean of r_j,a over rows, ADU}}.
+{detector: {amp: mean of r_j,a over rows, ADU}}. Object ``x, y`` are assembled-detector pixel
+coordinates (0 = centre of the first pixel), listed for objects centred on a detector that was
+written; ``saturated`` is true when the expected (noise-free) peak, E / g_a + b_a, reaches sat_a.
 
 Random numbers
 --------------
