@@ -23,19 +23,17 @@ STAT_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
 IQR_TO_SIGMA = 0.741301109252802
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def bswap32_inplace(a):
-    """Swap the bytes of every element of a 1-D uint32 array, in place."""
-    n = a.size
-    nchunk = 64
-    step = (n + nchunk - 1) // nchunk
-    for c in prange(nchunk):
-        lo = c * step
-        hi = min(n, lo + step)
-        for i in range(lo, hi):
-            v = a[i]
-            a[i] = (((v & np.uint32(0x000000FF)) << np.uint32(24)) | ((v & np.uint32(0x0000FF00)) << np.uint32(8))
-                    | ((v & np.uint32(0x00FF0000)) >> np.uint32(8)) | ((v >> np.uint32(24)) & np.uint32(0xFF)))
+    """Swap the bytes of every element of a 1-D uint32 array, in place.
+
+    Serial on purpose: it runs on a band just read (hot in cache), where a parallel launch per
+    band costs more than the swap, badly so when the cores are shared.
+    """
+    for i in range(a.size):
+        v = a[i]
+        a[i] = (((v & np.uint32(0x000000FF)) << np.uint32(24)) | ((v & np.uint32(0x0000FF00)) << np.uint32(8))
+                | ((v & np.uint32(0x00FF0000)) >> np.uint32(8)) | ((v >> np.uint32(24)) & np.uint32(0xFF)))
 
 
 @njit(cache=True, nogil=True, inline="always")
