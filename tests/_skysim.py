@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from calib_core.camera import load_camera
-from calib_core.maskedimage import MaskedImage, mask_bits
+from calib_core.maskedimage import MaskedImage, mask_bits  # noqa: F401  (used by the tests)
 
 READ_NOISE = 4.5
 SATURATION = 60000.0
