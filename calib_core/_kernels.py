@@ -393,96 +393,98 @@ def meanclip_sorted(srt, cnt, om, nsigma, niter, no_data_bit, r0, nx,
     adjust those sums by the few values that enter or leave the range.
     """
     P, N = srt.shape
-    for p in range(P):
-        r = r0 + p // nx
-        x = p % nx
-        n = cnt[p]
-        if n == 0:
-            out_value[r, x] = np.nan
-            out_var[r, x] = np.nan
-            out_mask[r, x] = no_data_bit
-            out_n[r, x] = 0
-            continue
-        out_mask[r, x] = om[p]
-        row = srt[p]
-        pm = 0.5 * (n - 1)
-        k = int(math.floor(pm))
-        t = pm - k
-        med = _lerp(float(row[k]), float(row[k + 1]), t) if t > 0 else float(row[k])
-        pq = 0.25 * (n - 1)
-        k = int(math.floor(pq))
-        t = pq - k
-        q1 = _lerp(float(row[k]), float(row[k + 1]), t) if t > 0 else float(row[k])
-        pq = 0.75 * (n - 1)
-        k = int(math.floor(pq))
-        t = pq - k
-        q3 = _lerp(float(row[k]), float(row[k + 1]), t) if t > 0 else float(row[k])
-        iqrw = nsigma * IQR_TO_SIGMA * (q3 - q1)
-        centre = med
-        width = iqrw
-        mean = np.nan
-        var = np.nan
-        nu = 0
-        if niter < 1:
-            sd0, sdd0 = _range_sums(row, 0, n, med)
-            nu = n
-            mean = med + sd0 / n
-            var = (sdd0 - sd0 * sd0 / n) / (n - 1) if n > 1 else np.nan
-        plo = 0
-        phi = 0
-        sd0 = 0.0
-        sdd0 = 0.0
-        for it in range(niter):
-            if it > 0:
-                centre = mean
-                width = nsigma * math.sqrt(var if var > 0 else 0.0) if nu > 1 else iqrw
-            if not (math.isfinite(centre) and math.isfinite(width)):
-                mean = np.nan
-                var = np.nan
-                nu = 0
-                break
-            lo = 0
-            while lo < n and not (abs(float(row[lo]) - centre) <= width) and float(row[lo]) < centre:
-                lo += 1
-            hi = n
-            while hi > lo and not (abs(float(row[hi - 1]) - centre) <= width):
-                hi -= 1
-            kk = hi - lo
-            nu = kk
-            if kk == 0:
-                mean = np.nan
-                var = np.nan
-                plo = 0
-                phi = 0
-                sd0 = 0.0
-                sdd0 = 0.0
+    nrows = P // nx
+    for rr in range(nrows):
+        r = r0 + rr
+        for x in range(nx):
+            p = rr * nx + x
+            n = cnt[p]
+            if n == 0:
+                out_value[r, x] = np.nan
+                out_var[r, x] = np.nan
+                out_mask[r, x] = no_data_bit
+                out_n[r, x] = 0
                 continue
-            if phi <= plo or hi <= plo or lo >= phi:
-                sd0, sdd0 = _range_sums(row, lo, hi, med)
-            else:
-                if lo > plo:
-                    a, b = _range_sums(row, plo, lo, med)
-                    sd0 -= a
-                    sdd0 -= b
-                elif lo < plo:
-                    a, b = _range_sums(row, lo, plo, med)
-                    sd0 += a
-                    sdd0 += b
-                if hi < phi:
-                    a, b = _range_sums(row, hi, phi, med)
-                    sd0 -= a
-                    sdd0 -= b
-                elif hi > phi:
-                    a, b = _range_sums(row, phi, hi, med)
-                    sd0 += a
-                    sdd0 += b
-            plo = lo
-            phi = hi
-            delta = centre - med
-            sd = sd0 - kk * delta
-            sdd = sdd0 - 2.0 * delta * sd0 + kk * delta * delta
-            mean = centre + sd / kk
-            var = (sdd - sd * sd / kk) / (kk - 1) if kk > 1 else np.nan
-        out_value[r, x] = mean
-        out_n[r, x] = nu
-        out_var[r, x] = var / nu if nu > 0 else np.nan
+            out_mask[r, x] = om[p]
+            row = srt[p]
+            pm = 0.5 * (n - 1)
+            k = int(pm)
+            t = pm - k
+            med = _lerp(float(row[k]), float(row[k + 1]), t) if t > 0 else float(row[k])
+            pq = 0.25 * (n - 1)
+            k = int(pq)
+            t = pq - k
+            q1 = _lerp(float(row[k]), float(row[k + 1]), t) if t > 0 else float(row[k])
+            pq = 0.75 * (n - 1)
+            k = int(pq)
+            t = pq - k
+            q3 = _lerp(float(row[k]), float(row[k + 1]), t) if t > 0 else float(row[k])
+            iqrw = nsigma * IQR_TO_SIGMA * (q3 - q1)
+            centre = med
+            width = iqrw
+            mean = np.nan
+            var = np.nan
+            nu = 0
+            if niter < 1:
+                sd0, sdd0 = _range_sums(row, 0, n, med)
+                nu = n
+                mean = med + sd0 / n
+                var = (sdd0 - sd0 * sd0 / n) / (n - 1) if n > 1 else np.nan
+            plo = 0
+            phi = 0
+            sd0 = 0.0
+            sdd0 = 0.0
+            for it in range(niter):
+                if it > 0:
+                    centre = mean
+                    width = nsigma * math.sqrt(var if var > 0 else 0.0) if nu > 1 else iqrw
+                if not (math.isfinite(centre) and math.isfinite(width)):
+                    mean = np.nan
+                    var = np.nan
+                    nu = 0
+                    break
+                lo = 0
+                while lo < n and not (abs(float(row[lo]) - centre) <= width) and float(row[lo]) < centre:
+                    lo += 1
+                hi = n
+                while hi > lo and not (abs(float(row[hi - 1]) - centre) <= width):
+                    hi -= 1
+                kk = hi - lo
+                nu = kk
+                if kk == 0:
+                    mean = np.nan
+                    var = np.nan
+                    plo = 0
+                    phi = 0
+                    sd0 = 0.0
+                    sdd0 = 0.0
+                    continue
+                if phi <= plo or hi <= plo or lo >= phi:
+                    sd0, sdd0 = _range_sums(row, lo, hi, med)
+                else:
+                    if lo > plo:
+                        a, b = _range_sums(row, plo, lo, med)
+                        sd0 -= a
+                        sdd0 -= b
+                    elif lo < plo:
+                        a, b = _range_sums(row, lo, plo, med)
+                        sd0 += a
+                        sdd0 += b
+                    if hi < phi:
+                        a, b = _range_sums(row, hi, phi, med)
+                        sd0 -= a
+                        sdd0 -= b
+                    elif hi > phi:
+                        a, b = _range_sums(row, phi, hi, med)
+                        sd0 += a
+                        sdd0 += b
+                plo = lo
+                phi = hi
+                delta = centre - med
+                sd = sd0 - kk * delta
+                sdd = sdd0 - 2.0 * delta * sd0 + kk * delta * delta
+                mean = centre + sd / kk
+                var = (sdd - sd * sd / kk) / (kk - 1) if kk > 1 else np.nan
+            out_value[r, x] = mean
+            out_n[r, x] = nu
+            out_var[r, x] = var / nu if nu > 0 else np.nan

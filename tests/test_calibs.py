@@ -10,7 +10,7 @@ import pytest
 
 from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias,
                                combine_dark, combine_flat, process_bias, process_dark, process_flat,
-                               solve_flat_scales)
+                               product_cards, solve_flat_scales)
 from calib_core.camera import load_camera
 from calib_core.cosmicrays import find_cosmic_rays, persistent_pixels
 from calib_core.isr import IsrConfig, run_isr
@@ -321,13 +321,17 @@ def test_product_headers_for_a_dark(night, tmp_path, master_biases):
     darks = night.select("dark")
     import datetime as dt
 
-    cards = provenance_cards("dark", {"detector": 0, "calibDate": "2026-11-20"},
-                             [e.exposure_id for e in darks],
-                             dates=[dt.datetime.fromisoformat(e.date_obs.replace("Z", "+00:00")) for e in darks],
-                             exptimes=[e.exptime for e in darks], exptime=1.0)
+    cards = product_cards("dark", {"detector": 0, "calibDate": "2026-11-20"},
+                          [e.exposure_id for e in darks],
+                          dates=[dt.datetime.fromisoformat(e.date_obs.replace("Z", "+00:00")) for e in darks],
+                          exptimes=[e.exptime for e in darks], FILTER="NONE")
     path = write_product(tmp_path / "dark.fits", master_biases[0], cards)
     _, header = read_product(path)
     assert header["OBSTYPE"] == "dark" and header["EXPTIME"] == 1.0 and header["DARKTIME"] == 1.0
     assert header["NCOMBINE"] == len(darks)
     assert header["CALIB_INPUT_0"] == sorted(e.exposure_id for e in darks)[0]
     assert header["DATE-OBS"] < header["DATE-AVG"] < header["DATE-END"]
+    assert header["FILTER"] == "NONE"
+    assert product_cards("bias", "x", ["a"])["EXPTIME"] == 0.0
+    with pytest.raises(ValueError, match="unknown calib type"):
+        product_cards("arc", "x", [])
