@@ -175,21 +175,26 @@ def _quartiles_hist(x, n, tmp):
 
 @numba.njit(cache=True)
 def _mean_var_within(x, n, centre, width):
-    s = 0.0
+    """Mean, ddof=1 variance and count of the x[:n] with |x - centre| <= width, in one pass:
+    sums of d = x - c about a shift c (the centre when finite, else the first value), which
+    keeps the variance well conditioned (afw's 'crude mean' trick)."""
+    c = centre if (math.isfinite(centre) and math.isfinite(width)) else x[0]
+    s1 = 0.0
+    s2 = 0.0
     m = 0
     for i in range(n):
-        if abs(x[i] - centre) <= width:
-            s += x[i]
+        v = x[i]
+        if abs(v - centre) <= width:
+            d = v - c
+            s1 += d
+            s2 += d * d
             m += 1
     if m == 0:
         return math.nan, math.nan, 0
-    mean = s / m
-    ss = 0.0
-    for i in range(n):
-        if abs(x[i] - centre) <= width:
-            d = x[i] - mean
-            ss += d * d
-    var = ss / (m - 1) if m > 1 else math.nan
+    mean = c + s1 / m
+    var = (s2 - s1 * s1 / m) / (m - 1) if m > 1 else math.nan
+    if m > 1 and var < 0.0:
+        var = 0.0
     return mean, var, m
 
 
