@@ -351,8 +351,8 @@ def gather_admitted(data, masks, has_mask, ignore_bits, r0, r1, out, om, cnt):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _range_sums(row, lo, hi, ref):
-    """Sums of d and d*d, d = row[j] - ref over j in [lo, hi), four accumulators per sum."""
+def _range_sums(srt, p, lo, hi, ref):
+    """Sums of d and d*d, d = srt[p, j] - ref over j in [lo, hi), four accumulators per sum."""
     a0 = 0.0
     a1 = 0.0
     a2 = 0.0
@@ -363,10 +363,10 @@ def _range_sums(row, lo, hi, ref):
     b3 = 0.0
     j = lo
     while j + 4 <= hi:
-        d0 = float(row[j]) - ref
-        d1 = float(row[j + 1]) - ref
-        d2 = float(row[j + 2]) - ref
-        d3 = float(row[j + 3]) - ref
+        d0 = float(srt[p, j]) - ref
+        d1 = float(srt[p, j + 1]) - ref
+        d2 = float(srt[p, j + 2]) - ref
+        d3 = float(srt[p, j + 3]) - ref
         a0 += d0
         a1 += d1
         a2 += d2
@@ -377,7 +377,7 @@ def _range_sums(row, lo, hi, ref):
         b3 += d3 * d3
         j += 4
     while j < hi:
-        d0 = float(row[j]) - ref
+        d0 = float(srt[p, j]) - ref
         a0 += d0
         b0 += d0 * d0
         j += 1
@@ -406,19 +406,18 @@ def meanclip_sorted(srt, cnt, om, nsigma, niter, no_data_bit, r0, nx,
                 out_n[r, x] = 0
                 continue
             out_mask[r, x] = om[p]
-            row = srt[p]
             pm = 0.5 * (n - 1)
             k = int(pm)
             t = pm - k
-            med = _lerp(float(row[k]), float(row[k + 1]), t) if t > 0 else float(row[k])
+            med = _lerp(float(srt[p, k]), float(srt[p, k + 1]), t) if t > 0 else float(srt[p, k])
             pq = 0.25 * (n - 1)
             k = int(pq)
             t = pq - k
-            q1 = _lerp(float(row[k]), float(row[k + 1]), t) if t > 0 else float(row[k])
+            q1 = _lerp(float(srt[p, k]), float(srt[p, k + 1]), t) if t > 0 else float(srt[p, k])
             pq = 0.75 * (n - 1)
             k = int(pq)
             t = pq - k
-            q3 = _lerp(float(row[k]), float(row[k + 1]), t) if t > 0 else float(row[k])
+            q3 = _lerp(float(srt[p, k]), float(srt[p, k + 1]), t) if t > 0 else float(srt[p, k])
             iqrw = nsigma * IQR_TO_SIGMA * (q3 - q1)
             centre = med
             width = iqrw
@@ -426,7 +425,7 @@ def meanclip_sorted(srt, cnt, om, nsigma, niter, no_data_bit, r0, nx,
             var = np.nan
             nu = 0
             if niter < 1:
-                sd0, sdd0 = _range_sums(row, 0, n, med)
+                sd0, sdd0 = _range_sums(srt, p, 0, n, med)
                 nu = n
                 mean = med + sd0 / n
                 var = (sdd0 - sd0 * sd0 / n) / (n - 1) if n > 1 else np.nan
@@ -444,10 +443,10 @@ def meanclip_sorted(srt, cnt, om, nsigma, niter, no_data_bit, r0, nx,
                     nu = 0
                     break
                 lo = 0
-                while lo < n and not (abs(float(row[lo]) - centre) <= width) and float(row[lo]) < centre:
+                while lo < n and not (abs(float(srt[p, lo]) - centre) <= width) and float(srt[p, lo]) < centre:
                     lo += 1
                 hi = n
-                while hi > lo and not (abs(float(row[hi - 1]) - centre) <= width):
+                while hi > lo and not (abs(float(srt[p, hi - 1]) - centre) <= width):
                     hi -= 1
                 kk = hi - lo
                 nu = kk
@@ -460,22 +459,22 @@ def meanclip_sorted(srt, cnt, om, nsigma, niter, no_data_bit, r0, nx,
                     sdd0 = 0.0
                     continue
                 if phi <= plo or hi <= plo or lo >= phi:
-                    sd0, sdd0 = _range_sums(row, lo, hi, med)
+                    sd0, sdd0 = _range_sums(srt, p, lo, hi, med)
                 else:
                     if lo > plo:
-                        a, b = _range_sums(row, plo, lo, med)
+                        a, b = _range_sums(srt, p, plo, lo, med)
                         sd0 -= a
                         sdd0 -= b
                     elif lo < plo:
-                        a, b = _range_sums(row, lo, plo, med)
+                        a, b = _range_sums(srt, p, lo, plo, med)
                         sd0 += a
                         sdd0 += b
                     if hi < phi:
-                        a, b = _range_sums(row, hi, phi, med)
+                        a, b = _range_sums(srt, p, hi, phi, med)
                         sd0 -= a
                         sdd0 -= b
                     elif hi > phi:
-                        a, b = _range_sums(row, phi, hi, med)
+                        a, b = _range_sums(srt, p, phi, hi, med)
                         sd0 += a
                         sdd0 += b
                 plo = lo

@@ -72,6 +72,19 @@ def _kernel_stat(config: CombineConfig):
 _POOL = None
 
 
+_DRIVER = None
+
+
+def _driver():
+    """One thread that runs the combine of a band while the caller reads the next band."""
+    global _DRIVER
+    if _DRIVER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _DRIVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibflow-combine")
+    return _DRIVER
+
+
 def _pool():
     """A small thread pool for the MEANCLIP hot path (numba kernels and numpy sort release the GIL)."""
     global _POOL
@@ -229,8 +242,9 @@ def stack_files(paths: Sequence, config: CombineConfig | None = None,
         A file without MASK is treated as unmasked; without VARIANCE, the output variance comes from
         the spread of the inputs.
     config : CombineConfig, optional
-        ``memory_budget`` bounds the input band buffers: N * rows * nx * (4 image + 4 mask + 4
-        variance when used) bytes.
+        ``memory_budget`` bounds the two input band buffers (one being combined, one being read):
+        2 * N * rows * nx * (4 image + 4 mask + 4 variance when used) bytes <= budget; they are
+        also capped at 2 * ``BAND_TARGET_BYTES`` whatever the budget.
     scales : sequence of float, optional
         Input i is divided by ``scales[i]``.
 
@@ -256,24 +270,41 @@ def stack_files(paths: Sequence, config: CombineConfig | None = None,
         use_var = (n < config.max_visits_to_calc_error_from_input_variance
                    and all(r.has_variance for r in readers))
         bpp = 4 + (4 if has_mask else 0) + (4 if use_var else 0)
-        rows = min(ny, rows_per_block(n, nx, bpp, min(config.memory_budget, BAND_TARGET_BYTES)))
-        data = np.empty((n, rows, nx), np.float32)
-        masks = np.empty((n, rows, nx), np.int32) if has_mask else None
-        variances = np.empty((n, rows, nx), np.float32) if use_var else None
+        # two band buffers: the next band is read while the current one is combined
+        rows = min(ny, rows_per_block(n, nx, bpp, min(config.memory_budget // 2, BAND_TARGET_BYTES)))
+        buffers = [(np.empty((n, rows, nx), np.float32),
+                    np.empty((n, rows, nx), np.int32) if has_mask else None,
+                    np.empty((n, rows, nx), np.float32) if use_var else None) for _ in range(2)]
         out = MaskedImage.empty(shape)
         n_out = np.zeros(shape, np.int16)
-        for y0 in range(0, ny, rows):
-            y1 = min(ny, y0 + rows)
-            h = y1 - y0
+
+        def read_band(k):
+            y0, y1 = k * rows, min(ny, (k + 1) * rows)
+            data, masks, variances = buffers[k % 2]
             for i, r in enumerate(readers):
-                r.read_into("IMAGE", y0, y1, data[i, :h])
+                r.read_into("IMAGE", y0, y1, data[i, : y1 - y0])
                 if has_mask:
-                    r.read_into("MASK", y0, y1, masks[i, :h])
+                    r.read_into("MASK", y0, y1, masks[i, : y1 - y0])
                 if use_var:
-                    r.read_into("VARIANCE", y0, y1, variances[i, :h])
+                    r.read_into("VARIANCE", y0, y1, variances[i, : y1 - y0])
+
+        def combine_band(k):
+            y0, y1 = k * rows, min(ny, (k + 1) * rows)
+            h = y1 - y0
+            data, masks, variances = buffers[k % 2]
             _combine_block(config, data[:, :h], None if masks is None else masks[:, :h],
                            None if variances is None else variances[:, :h], scales, use_var,
                            out, n_out, y0, y1)
+
+        nbands = (ny + rows - 1) // rows
+        read_band(0)
+        for k in range(nbands):
+            pending = _driver().submit(combine_band, k)
+            try:
+                if k + 1 < nbands:
+                    read_band(k + 1)       # file reads release the GIL: overlapped with the combine
+            finally:
+                pending.result()
     finally:
         for r in readers:
             r.close()

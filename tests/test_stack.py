@@ -154,9 +154,9 @@ def test_stack_files_equals_in_memory_and_reads_each_byte_once(tmp_path, monkeyp
     images = make_inputs(rng, 7)
     paths = write_inputs(tmp_path, images)
     ny, nx = images[0].shape
-    # a budget of 3 rows: 7 inputs * 3 rows * 37 px * 8 B (image + mask; 7 >= 5 so no variance)
-    config = CombineConfig(statistic=statistic, memory_budget=7 * 3 * nx * 8)
-    assert rows_per_block(7, nx, 8, config.memory_budget) == 3
+    # two bands of 3 rows: 7 inputs * 3 rows * 37 px * 8 B (image + mask; 7 >= 5 so no variance)
+    config = CombineConfig(statistic=statistic, memory_budget=2 * 7 * 3 * nx * 8)
+    assert rows_per_block(7, nx, 8, config.memory_budget // 2) == 3
     opened, reads = [], []
     orig_init, orig_read = RowReader.__init__, RowReader.read_into
 
