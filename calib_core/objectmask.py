@@ -206,8 +206,9 @@ def remove_objects(masked_image: MaskedImage, config: MaskObjectsConfig | None =
         if bad.any():
             rows = np.flatnonzero(bad.any(axis=1))
             full = model.evaluate(y=rows.astype(np.float64))
-            sub = bad[rows]
-            masked_image.image[rows[:, None].repeat(sub.shape[1], 1)[sub], np.nonzero(sub)[1]] = full[sub]
+            block = masked_image.image[rows]
+            np.copyto(block, full, where=bad[rows])
+            masked_image.image[rows] = block
         masked_image.mask &= ~np.int32(mask_bits(["DETECTED"]))
     else:
         good = ~bad & np.isfinite(masked_image.image)
