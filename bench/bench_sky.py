@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     diff = (og[:ny, :nx] - pg[:ny, :nx])  # bins differ by < 0.2 px in y: compared one to one
     noise_per_bin = float(np.sqrt(SKY + 20.0) / 32.0)
     rms_diff = float(np.sqrt(np.nanmean((diff - np.nanmean(diff)) ** 2)))
-    from calib_core.background import bin_centres, bin_edges, BackgroundModel
+    from calib_core.background import bin_edges
 
     # each grid against the noiseless sky averaged over its bins
     def truth_grid(shape, xe, ye):

@@ -299,7 +299,7 @@ def box_statistics(image: np.ndarray, mask: np.ndarray | None, ignore_bits: int,
     if image.dtype not in (np.float32, np.float64):
         image = image.astype(np.float64)
     if mask is None:
-        mask = np.zeros((1, 1), np.int32) if False else np.zeros(image.shape, np.int32)
+        mask = np.zeros(image.shape, np.int32)
         ignore_bits = 0
     boxes = np.ascontiguousarray(boxes, dtype=np.int64).reshape(-1, 4)
     return _box_stats_kernel(image, np.asarray(mask, np.int32), np.int32(ignore_bits), boxes,

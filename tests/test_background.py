@@ -8,7 +8,7 @@ from calib_core.background import (BackgroundConfig, BackgroundModel, bin_centre
                                    interpolate_1d, lookup_max_interp_style, measure_background, n_bins)
 from calib_core.binstats import box_statistics, grid_statistics
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.stats import compute_statistic
+from calib_core.stats import clipped_mean, compute_statistic
 
 RNG = np.random.default_rng(42)
 
@@ -61,6 +61,21 @@ def test_box_statistics_match_reference(stat):
         if np.isfinite(ref.error):
             assert row[1] == pytest.approx(ref.error, rel=1e-9)
         assert row[3] == ref.n_used
+
+
+def test_grid_statistics_agree_with_clipped_mean_per_bin():
+    img = RNG.normal(500, 20, (203, 171)).astype(np.float32)
+    img[RNG.random(img.shape) < 0.03] *= 5
+    mask = np.where(RNG.random(img.shape) < 0.05, mask_bits(["SAT"]), 0).astype(np.int32)
+    xe, ye = bin_edges(171, 5), bin_edges(203, 6)
+    val, err, npt, nused = grid_statistics(img, mask, mask_bits(["SAT"]), xe, ye)
+    for j in range(6):
+        for i in range(5):
+            sub = (slice(ye[j], ye[j + 1]), slice(xe[i], xe[i + 1]))
+            ref = clipped_mean(img[sub], mask[sub], mask_bits(["SAT"]))
+            assert val[j, i] == pytest.approx(ref.mean, rel=1e-12)
+            assert err[j, i] == pytest.approx(ref.error, rel=1e-9)
+            assert (npt[j, i], nused[j, i]) == (ref.npoint, ref.n_used)
 
 
 def test_histogram_quantiles_exact_on_heavy_tails():

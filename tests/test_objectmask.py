@@ -2,7 +2,6 @@
 against the full-resolution reference, and the replacement of masked pixels."""
 
 import numpy as np
-import pytest
 
 from calib_core.maskedimage import MaskedImage, mask_bits
 from calib_core.objectmask import (DetectionConfig, MaskObjectsConfig, auto_binning, detect_sources,
