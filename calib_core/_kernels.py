@@ -394,6 +394,12 @@ def meanclip_sorted(srt, cnt, om, nsigma, niter, no_data_bit, r0, nx,
     """
     P, N = srt.shape
     nrows = P // nx
+    # reciprocals instead of per-pixel divisions (divisions dominate the per-pixel cost)
+    inv = np.empty(N + 1, np.float64)
+    invm1 = np.empty(N + 1, np.float64)
+    for k in range(N + 1):
+        inv[k] = 1.0 / k if k > 0 else np.nan
+        invm1[k] = 1.0 / (k - 1) if k > 1 else np.nan
     for rr in range(nrows):
         r = r0 + rr
         for x in range(nx):
@@ -427,8 +433,8 @@ def meanclip_sorted(srt, cnt, om, nsigma, niter, no_data_bit, r0, nx,
             if niter < 1:
                 sd0, sdd0 = _range_sums(srt, p, 0, n, med)
                 nu = n
-                mean = med + sd0 / n
-                var = (sdd0 - sd0 * sd0 / n) / (n - 1) if n > 1 else np.nan
+                mean = med + sd0 * inv[n]
+                var = (sdd0 - sd0 * sd0 * inv[n]) * invm1[n]
             plo = 0
             phi = 0
             sd0 = 0.0
@@ -482,8 +488,8 @@ def meanclip_sorted(srt, cnt, om, nsigma, niter, no_data_bit, r0, nx,
                 delta = centre - med
                 sd = sd0 - kk * delta
                 sdd = sdd0 - 2.0 * delta * sd0 + kk * delta * delta
-                mean = centre + sd / kk
-                var = (sdd - sd * sd / kk) / (kk - 1) if kk > 1 else np.nan
+                mean = centre + sd * inv[kk]
+                var = (sdd - sd * sd * inv[kk]) * invm1[kk]
             out_value[r, x] = mean
             out_n[r, x] = nu
-            out_var[r, x] = var / nu if nu > 0 else np.nan
+            out_var[r, x] = var * inv[nu] if nu > 0 else np.nan
