@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .maskedimage import MASK_PLANES, MaskedImage
 from .products import ProductError, RowReader
-from .stats import STATISTICS, stack_statistic
+from .stats import stack_statistic
 
 __all__ = ["CombineConfig", "stack_arrays", "stack_files", "fill_nans", "rows_per_block"]
 

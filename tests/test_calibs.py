@@ -16,7 +16,7 @@ from calib_core.cosmicrays import find_cosmic_rays, persistent_pixels
 from calib_core.isr import IsrConfig, run_isr
 from calib_core.maskedimage import MaskedImage, mask_bits
 from calib_core.mosaic import bin_image, camera_mosaic, mosaic_geometry, write_mosaic
-from calib_core.products import provenance_cards, read_product, write_product
+from calib_core.products import read_product, write_product
 from calib_core.rawio import read_raw
 
 CR, NO_DATA = mask_bits(["CR"]), mask_bits(["NO_DATA"])

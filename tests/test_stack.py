@@ -4,13 +4,11 @@ budget, variance policy, NO_DATA and NaN filling, product files."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
-from calib_core import products
 from calib_core.maskedimage import MaskedImage, mask_bits
 from calib_core.products import (ProductError, RowReader, provenance_cards, read_product, read_rows,
                                  write_product)
