@@ -285,3 +285,20 @@ def test_bswap_kernel():
     be = a.astype(">f4").view(np.uint32).copy()
     bswap32_inplace(be)
     np.testing.assert_array_equal(be.view(np.float32), a)
+
+
+@pytest.mark.parametrize("niter,nsigma", [(0, 3.0), (1, 2.0), (5, 2.5)])
+@pytest.mark.parametrize("n", [3, 12])
+def test_meanclip_iterations_and_clip_widths_agree_with_reference(niter, nsigma, n):
+    rng = np.random.default_rng(100 + n + niter)
+    images = make_inputs(rng, n)
+    config = CombineConfig(niter=niter, nsigma=nsigma, fill_nans=False)
+    out, n_used = stack_arrays(images, config)
+    data = np.stack([im.image for im in images])
+    use_var = n < config.max_visits_to_calc_error_from_input_variance
+    ref = stack_statistic("MEANCLIP", data, np.stack([im.mask for im in images]), config.ignore_bits,
+                          np.stack([im.variance for im in images]) if use_var else None,
+                          nsigma=nsigma, niter=niter)
+    np.testing.assert_array_equal(n_used, ref.n_used)
+    np.testing.assert_allclose(out.image, ref.value, rtol=2e-6, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(out.variance, ref.variance, rtol=1e-5, equal_nan=True)
