@@ -15,55 +15,14 @@ import math
 import numba
 import numpy as np
 
+# one quickselect for the whole core: the stack kernels' (same contract: in place, hi exclusive)
+from ._kernels import _min_range, _select
+
 __all__ = ["STAT_CODES", "box_statistics", "grid_statistics"]
 
 #: statistic name -> kernel code
 STAT_CODES = {"MEANCLIP": 0, "MEAN": 1, "MEDIAN": 2}
 _IQR_TO_SIGMA = 0.741301109252802
-
-
-@numba.njit(cache=True)
-def _select(x, lo, hi, k):
-    """Rearrange x[lo:hi] in place so that x[k] is its rank-k value (Hoare quickselect,
-    median-of-three pivot); everything left of k is <= x[k], everything right is >= x[k]."""
-    hi -= 1
-    while hi > lo:
-        mid = (lo + hi) >> 1
-        a, b, c = x[lo], x[mid], x[hi]
-        if a > b:
-            a, b = b, a
-        if b > c:
-            b = c
-            if a > b:
-                b = a
-        pivot = b
-        i, j = lo, hi
-        while i <= j:
-            while x[i] < pivot:
-                i += 1
-            while x[j] > pivot:
-                j -= 1
-            if i <= j:
-                t = x[i]
-                x[i] = x[j]
-                x[j] = t
-                i += 1
-                j -= 1
-        if k <= j:
-            hi = j
-        elif k >= i:
-            lo = i
-        else:
-            return
-
-
-@numba.njit(cache=True)
-def _min_range(x, lo, hi):
-    m = x[lo]
-    for i in range(lo + 1, hi):
-        if x[i] < m:
-            m = x[i]
-    return m
 
 
 @numba.njit(cache=True)
