@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from astropy.io import fits
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from .camera import Camera
 from .datastore import Datastore, sha256_file
 from .rawio import RawReadError, read_raw
-from .registry import ExposureRow, RawRow, Registry, DetectorRow
-from sqlalchemy import select
+from .registry import DetectorRow, ExposureRow, RawRow, Registry
 
 __all__ = ["IngestReport", "ingest_files", "find_raw_files", "RAW_SUFFIXES"]
 
@@ -50,21 +49,6 @@ def find_raw_files(paths: Iterable[str | Path]) -> list[Path]:
         else:
             out.append(p)
     return out
-
-
-def _expected_hdus(camera: Camera) -> set:
-    if camera.layout == "hdu_per_amplifier":
-        return {a.hdu for d in camera.detectors for a in d.amplifiers}
-    return {d.hdu for d in camera.detectors}
-
-
-def _check_hdu_count(path: str, camera: Camera) -> None:
-    """A file with more image HDUs than the camera reads is a wrong-camera or damaged file."""
-    with fits.open(path, memmap=False) as hdul:
-        n_images = sum(1 for h in hdul if h.header.get("NAXIS", 0) == 2)
-    expected = len(_expected_hdus(camera))
-    if n_images != expected:
-        raise RawReadError(path, f"has {n_images} image HDUs but camera {camera.name} expects {expected}")
 
 
 def ingest_files(paths: Iterable[str | Path], camera: Camera, registry: Registry, datastore: Datastore,
@@ -96,9 +80,8 @@ def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datas
     try:
         if not path.exists():
             raise RawReadError(path, "file not found")
-        checksum = sha256_file(path)
-        raw = read_raw(path, camera)
-        _check_hdu_count(str(path), camera)
+        checksum, size = sha256_file(path), path.stat().st_size
+        raw = read_raw(path, camera)      # reads every pixel: truncated or inconsistent files fail here
     except RawReadError as exc:
         report.failed.append((str(path), exc.problem))
         return "failed"
@@ -126,8 +109,7 @@ def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datas
                               filter=meta.filter, exptime=meta.exptime, darktime=meta.darktime,
                               date_obs=meta.date_obs, night=meta.night, object=meta.object[:256],
                               path=str(placed), original_path=str(path.absolute()), transfer=transfer,
-                              checksum=checksum, size_bytes=path.stat().st_size if transfer != "move"
-                              else Path(placed).stat().st_size,
+                              checksum=checksum, size_bytes=size,
                               n_detectors=len(raw.detectors), extra=meta.extra,
                               ingested_at=dt.datetime.now(dt.timezone.utc))
             s.add(row)

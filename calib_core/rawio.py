@@ -422,6 +422,17 @@ def _read_detector(path: str, hdul: fits.HDUList, camera: Camera, det: Detector)
     return RawDetector(detector=det, amps=amps, shape=(ny_det, nx_det), header=merged)
 
 
+def _check_image_hdu_count(path: str, hdul: fits.HDUList, camera: Camera) -> None:
+    """A file with more or fewer image HDUs than the camera reads is a wrong-camera or damaged file."""
+    if camera.layout == "hdu_per_amplifier":
+        expected = len({a.hdu for d in camera.detectors for a in d.amplifiers})
+    else:
+        expected = len({d.hdu for d in camera.detectors})
+    n_images = sum(1 for h in hdul if h.header.get("NAXIS", 0) == 2)
+    if n_images != expected:
+        raise RawReadError(path, f"has {n_images} image HDUs but camera {camera.name} expects {expected}")
+
+
 def read_metadata(path: str | Path, camera: Camera) -> ExposureMetadata:
     """Read only the typed metadata of a raw file (headers; pixels are not decoded)."""
     path = str(path)
@@ -456,6 +467,8 @@ def read_raw(path: str | Path, camera: Camera, detectors: list[int] | None = Non
         meta = _metadata(path, hdul, camera)
         wanted = camera.detectors if detectors is None else [camera.detector(d) for d in detectors]
         dets = {d.id: _read_detector(path, hdul, camera, d) for d in wanted}
+        if detectors is None:     # after the pixels, so truncation is reported as such
+            _check_image_hdu_count(path, hdul, camera)
         return RawExposure(path=path, camera=camera, metadata=meta, detectors=dets,
                            primary_header=hdul[0].header.copy())
     finally:
