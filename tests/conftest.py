@@ -155,3 +155,18 @@ def realdata() -> Path:
 def msfc_data() -> Path:
     msfc_ccd = pytest.importorskip("msfc_ccd", reason="the msfc-ccd package (test extra) is not installed")
     return Path(msfc_ccd.__file__).parent / "_data"
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect API for the whole session (PREFECT_NOTES.md: a harness per test is slow), with
+    heartbeats off. Yields the API URL, for subprocesses that must report to the same server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+            with get_client(sync_client=True) as client:
+                url = str(client.api_url).rstrip("/")
+            yield url
