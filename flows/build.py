@@ -55,11 +55,11 @@ def _current_api_url() -> str | None:
         return None
 
 
-def make_task_runner(runner: str = "threads", dask_address: str | None = None):
+def make_task_runner(runner: str = "threads", dask_address: str | None = None, dask_workers: int | None = None):
     """The task runner of a build: threads sized to the cores (default), processes, or Dask.
 
     ``dask`` connects to an existing ``dask.distributed`` scheduler at ``dask_address``, or starts a
-    local cluster of one single-threaded worker process per core. Local workers are pointed at this
+    local cluster of ``dask_workers`` single-threaded worker processes (default: one per core). Local workers are pointed at this
     process's Prefect API so their task runs are recorded with the flow's; workers of an existing
     cluster must have calibflow installed, the datastore mounted at the same path and
     ``PREFECT_API_URL`` set (see the README, "Scaling out").
@@ -81,7 +81,7 @@ def make_task_runner(runner: str = "threads", dask_address: str | None = None):
         url = _current_api_url()
         if url and not os.environ.get("PREFECT_API_URL"):
             os.environ["PREFECT_API_URL"] = url      # inherited by the local worker processes
-        return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
+        return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers or n, "threads_per_worker": 1, "processes": True,
                                               "dashboard_address": None})
     raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {runner!r}")
 
@@ -104,7 +104,7 @@ def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], ca
                 validity_days_before: float = 15.0, validity_days_after: float = 15.0,
                 on_bad_input: Literal["fail", "exclude"] = "fail",
                 runner: Literal["threads", "processes", "dask"] = "threads",
-                dask_address: str | None = None) -> dict:
+                dask_address: str | None = None, dask_workers: int | None = None) -> dict:
     """Build one calib type for every selected detector and register the products.
 
     Inputs: the ingested exposures of the type's raw kind (bias, dark, flat; science for fringe and
@@ -137,15 +137,16 @@ def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], ca
         log.info("%s build: every product already exists (identical inputs and config); nothing to do", calib_type)
         products = [{**done[d], "created": False} for d in plan.detectors]
         return {"calib_type": calib_type, "products": products, "created": 0, "calib_date": ctx.calib_date,
-                "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": _mosaic_path(ctx, store)}
+                "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(_mosaic_path(ctx, store)),
+                "processed": []}
 
     run_id = start_build_run(registry, str(flow_run.get_id() or ""), calib_type,
                              {"night": night, "exposures": exposures, "filter": filter, "detectors": detectors,
                               "config": cfg.model_dump(mode="json"), "runner": runner})
     ctx = ctx.model_copy(update={"build_run_id": run_id})
     try:
-        with make_task_runner(runner, dask_address) as tr:
-            products, dropped = _run_stages(ctx, plan, cfg, tr, log)
+        with make_task_runner(runner, dask_address, dask_workers) as tr:
+            products, dropped, processed = _run_stages(ctx, plan, cfg, tr, log)
     except BaseException as exc:
         finish_build_run(registry, run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
@@ -153,11 +154,13 @@ def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], ca
     summary = _report(ctx, plan, products, store)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
-            "filter": plan.filter, "dropped": dropped, "mosaic_png": summary}
+            "filter": plan.filter, "dropped": dropped, "mosaic_png": summary,
+            "processed": [{k: p.get(k) for k in ("exposure_id", "detector", "reused", "pid")} for p in processed]}
 
 
-def _run_stages(ctx: BuildContext, plan, cfg, tr, log) -> tuple[list[dict], dict[str, str]]:
-    """process -> scale -> combine; returns the products and every exposure left out, with why."""
+def _run_stages(ctx: BuildContext, plan, cfg, tr, log) -> tuple[list[dict], dict[str, str], list[dict]]:
+    """process -> scale -> combine; returns the products, every exposure left out (with why) and
+    the per-(exposure, detector) results."""
     calib_type = ctx.calib_type
     # process: one mapped task per (exposure, detector)
     futures = [tr.submit(process_exposure_detector, {"ctx": ctx, "exposure": e, "detector": d})
@@ -196,7 +199,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log) -> tuple[list[dict], dict
                                            "exp_scales": exp_scales, "ccd_scale": ccd_scales.get(d),
                                            "dropped": dropped})
               for d in plan.detectors]
-    return _gather(combos, f"{calib_type} combine", log), dropped
+    return _gather(combos, f"{calib_type} combine", log), dropped, processed
 
 
 def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import pickle
 from functools import lru_cache
 
@@ -121,7 +122,7 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
         raise
     cfg = ctx.cfg()
     result = {"exposure_id": exposure["exposure_id"], "detector": detector, "path": str(out),
-              "isr_calibs": {t: c["calib_id"] for t, c in calibs.items()}}
+              "isr_calibs": {t: c["calib_id"] for t, c in calibs.items()}, "pid": os.getpid()}
     if ctx.calib_type == "bias":
         mi = process_bias(raw, cfg)
     elif ctx.calib_type == "dark":

@@ -1,0 +1,131 @@
+"""Builds under failure and on other runners: a corrupt raw (fail fast naming it, or excluded and
+recorded), a build killed mid-way and rerun, and the same build on a Dask LocalCluster of 2 worker
+processes giving products identical to the thread runner's."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from calib_core.camera import load_camera
+from calib_core.datastore import Datastore
+from calib_core.ingest import ingest_files
+from calib_core.products import read_product
+from calib_core.registry import BuildRunRow, Registry
+from calib_core.registry.calibs import calib_inputs, list_calibs
+from calib_core.simulate import simulate_night
+
+NIGHT = "2026-11-23"
+CAMERA = "democam_mini"
+
+
+@pytest.fixture(scope="module")
+def raws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust")
+    simulate_night(load_camera(CAMERA), root / "sim", seed=21, night=NIGHT, n_bias=6, n_dark=0, n_flat=0,
+                   n_science=0, filters=("r",))
+    return sorted((root / "sim" / "raw").glob("*.fits"))
+
+
+def _repo(path, raws):
+    store = Datastore(path)
+    reg = Registry.open(store.default_registry_url)
+    reg.upgrade()
+    rep = ingest_files(raws, load_camera(CAMERA), reg, store, transfer="copy")
+    assert rep.ok, rep.failed
+    return store, reg
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, raws, prefect_api):
+    """An uninterrupted thread-runner build: what every other run must reproduce."""
+    from flows.build import build_calib
+
+    store, reg = _repo(tmp_path_factory.mktemp("reference") / "repo", raws)
+    result = build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root))
+    assert result["created"] == 9
+    return {p["calib_id"]: read_product(p["path"])[0] for p in result["products"]}
+
+
+def _same_products(reg, reference):
+    got = list_calibs(reg, calib_type="bias")
+    assert sorted(p["calib_id"] for p in got) == sorted(reference)
+    for p in got:
+        mi = read_product(p["path"])[0]
+        ref = reference[p["calib_id"]]
+        np.testing.assert_array_equal(mi.image, ref.image)
+        np.testing.assert_array_equal(mi.mask, ref.mask)
+        np.testing.assert_array_equal(mi.variance, ref.variance)
+
+
+def test_corrupt_raw_fails_naming_it_and_registers_nothing(tmp_path, raws, prefect_api):
+    from flows.build import build_calib
+
+    store, reg = _repo(tmp_path / "repo", raws)
+    bad = sorted(store.root.glob("raw/**/*.fits"))[2]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])         # truncated on disk after ingest
+    with pytest.raises(ValueError, match=bad.name):
+        build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root))
+    assert list_calibs(reg) == []
+    assert not list(store.root.glob("calib/**/*.fits"))
+    with reg.session() as s:
+        runs = s.query(BuildRunRow).all()
+        assert [r.status for r in runs] == ["failed"] and bad.name in runs[0].message
+
+    # per policy, the unreadable exposure is left out and the reason recorded with every product
+    result = build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root), on_bad_input="exclude")
+    assert result["created"] == 9
+    (bad_id,) = result["dropped"]
+    assert "unreadable raw" in result["dropped"][bad_id] and bad.name in result["dropped"][bad_id]
+    for product in list_calibs(reg):
+        assert product["n_inputs"] == 5
+        rows = {i["exposure_id"]: i for i in calib_inputs(reg, product["calib_id"])}
+        assert not rows[bad_id]["used"] and bad.name in rows[bad_id]["reason"]
+
+
+def test_killed_build_reruns_to_the_same_result(tmp_path, raws, prefect_api, reference):
+    from flows.build import build_calib
+
+    store, reg = _repo(tmp_path / "repo", raws)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "CALIBFLOW_REPO": str(store.root),
+           "CALIBFLOW_REGISTRY_URL": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "calibflow", "build", "bias", "--camera", CAMERA, "--night",
+                             NIGHT], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    work = store.root / "work" / CAMERA / "bias"
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(work.glob("*.json"))) < 12 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the build finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = {p: p.stat().st_mtime_ns for p in work.glob("*.fits") if p.with_suffix(".json").exists()}
+    assert 12 <= len(done_before) < 54
+    assert list_calibs(reg) == []                    # nothing half-registered
+
+    result = build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root))
+    assert result["created"] == 9
+    _same_products(reg, reference)
+    # the finished intermediates were reused, not redone
+    assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())
+    assert not list(store.root.glob("**/*.tmp"))
+
+
+def test_dask_local_cluster_gives_identical_products(tmp_path, raws, prefect_api, reference):
+    from flows.build import build_calib
+
+    store, reg = _repo(tmp_path / "repo", raws)
+    result = build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root), runner="dask", dask_workers=2)
+    assert result["created"] == 9
+    pids = {p["pid"] for p in result["processed"]}
+    assert len(pids) == 2 and os.getpid() not in pids      # the work ran in the 2 worker processes
+    _same_products(reg, reference)
