@@ -12,6 +12,7 @@ Pixels never travel through Prefect: tasks exchange paths in the datastore and s
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from typing import Literal
 
@@ -34,7 +35,7 @@ from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, combine_detector, ex
                                finish_build_run, merge_exposure_background, process_exposure_detector,
                                sky_residual, start_build_run)
 
-__all__ = ["build_calib", "make_task_runner", "RUNNERS"]
+__all__ = ["build_calib", "run_build", "make_task_runner", "RUNNERS"]
 
 RUNNERS = ("threads", "processes", "dask")
 
@@ -90,7 +91,11 @@ def _gather(futures, what: str, log) -> list:
     """Results in submission order, logging progress as tasks finish."""
     total = len(futures)
     step = max(1, total // 10)
-    for done, _ in enumerate(as_completed(futures), 1):
+    if futures and isinstance(futures[0], concurrent.futures.Future):
+        finished = concurrent.futures.as_completed(futures)
+    else:
+        finished = as_completed(futures)
+    for done, _ in enumerate(finished, 1):
         if done % step == 0 or done == total:
             log.info("%s: %d/%d done", what, done, total)
     return [f.result() for f in futures]
@@ -112,7 +117,20 @@ def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], ca
     exposure whose raw cannot be read and records why; the default fails the build naming the file.
     An identical earlier build (same inputs and config) is found and nothing is redone.
     """
-    log = get_run_logger()
+    return run_build(calib_type, camera=camera, night=night, exposures=exposures, filter=filter, detectors=detectors,
+                     repo=repo, registry_url=registry_url, config=config, drop_incomplete=drop_incomplete,
+                     calib_date=calib_date, validity_days_before=validity_days_before,
+                     validity_days_after=validity_days_after, on_bad_input=on_bad_input,
+                     task_runner=make_task_runner(runner, dask_address, dask_workers), log=get_run_logger(),
+                     flow_run_id=str(flow_run.get_id() or ""), runner_name=runner)
+
+
+def run_build(calib_type: str, *, camera: str, night, exposures, filter, detectors, repo: str, registry_url,
+              config, drop_incomplete: bool, calib_date, validity_days_before: float, validity_days_after: float,
+              on_bad_input: str, task_runner, log, flow_run_id: str = "", runner_name: str = "",
+              artifacts: bool = True) -> dict:
+    """The body of :func:`build_calib` for any task runner with Prefect's ``submit(task, parameters)``
+    interface (the overhead benchmark runs it with a plain thread pool, outside Prefect)."""
     if calib_type not in CONFIG_MODELS:
         raise ValueError(f"unknown calib type {calib_type!r}; choose one of {', '.join(CONFIG_MODELS)}")
     if on_bad_input not in ("fail", "exclude"):
@@ -140,18 +158,18 @@ def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], ca
                 "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(_mosaic_path(ctx, store)),
                 "processed": []}
 
-    run_id = start_build_run(registry, str(flow_run.get_id() or ""), calib_type,
+    run_id = start_build_run(registry, flow_run_id, calib_type,
                              {"night": night, "exposures": exposures, "filter": filter, "detectors": detectors,
-                              "config": cfg.model_dump(mode="json"), "runner": runner})
+                              "config": cfg.model_dump(mode="json"), "runner": runner_name})
     ctx = ctx.model_copy(update={"build_run_id": run_id})
     try:
-        with make_task_runner(runner, dask_address, dask_workers) as tr:
+        with task_runner as tr:
             products, dropped, processed = _run_stages(ctx, plan, cfg, tr, log)
     except BaseException as exc:
         finish_build_run(registry, run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
     created = sum(p["created"] for p in products)
-    summary = _report(ctx, plan, products, store)
+    summary = _report(ctx, plan, products, store, log, artifacts)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
             "filter": plan.filter, "dropped": dropped, "mosaic_png": summary,
@@ -238,7 +256,7 @@ def _fmt(value, digits: int):
     return None if value is None else round(float(value), digits)
 
 
-def _report(ctx: BuildContext, plan, products: list[dict], store: Datastore) -> str:
+def _report(ctx: BuildContext, plan, products: list[dict], store: Datastore, log, artifacts: bool = True) -> str:
     """Camera mosaic (FITS + PNG) and Prefect artifacts: a table per detector and the picture."""
     camera = load_camera(ctx.camera)
     images = {p["detector"]: _product_image(p["path"], ctx.calib_type) for p in products}
@@ -252,11 +270,13 @@ def _report(ctx: BuildContext, plan, products: list[dict], store: Datastore) -> 
              "rejected": p["stats"].get("n_rejected"), "level": _fmt(p["stats"].get("level"), 5),
              "noise": _fmt(p["stats"].get("noise"), 5),
              "clipped fraction": _fmt(p["stats"].get("clipped_fraction"), 4)} for p in products]
+    if not artifacts:
+        return str(png)
     key = f"{ctx.calib_type}-{ctx.camera}-{ctx.calib_date}".lower().replace("_", "-").replace("/", "-")
     try:
         create_table_artifact(rows, key=key[:100], description=f"{ctx.calib_type} build {ctx.calib_date}")
         create_markdown_artifact(f"## {ctx.calib_type} {ctx.filter} {ctx.calib_date}\n\n![mosaic]({png.as_uri()})\n\n"
                                  f"Mosaic FITS and PNG: `{png.parent}`", key=f"{key}-mosaic"[:100])
     except Exception as exc:  # artifacts are a convenience; never fail a build on them
-        get_run_logger().warning("could not create artifacts: %s", exc)
+        log.warning("could not create artifacts: %s", exc)
     return str(png)
