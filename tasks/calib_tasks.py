@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -168,8 +167,12 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
         for i, (e, s) in enumerate(zip(ids, exp_scales)):
             cards[f"CALIB_INPUT_SCALE_{i}"] = (float(s), f"exposure scale of {e}")
         cards["CCDSCALE"] = float(ccd_scale)
-    path = store.root / "calib" / ctx.camera / ctx.calib_type / f"{calib_id}.fits"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    final = store.root / "calib" / ctx.camera / ctx.calib_type / f"{calib_id}.fits"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Our copy is written under a private name (path); record_calib renames it into place only if this
+    # run registers the product. A concurrent identical build may register first: its file stays.
+    path = final.with_name(f".{final.name}.{os.urandom(8).hex()}.pending")
+    write_product(path, mi, cards)
 
     level = background_level(mi)
     flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
@@ -180,19 +183,15 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     inputs = [CalibInput(e, scale=None if exp_scales is None else float(exp_scales[i]))
               for i, e in enumerate(ids)]
     inputs += [CalibInput(e, used=False, reason=why) for e, why in (dropped or {}).items()]
-    # Our copy goes to a private name; record_calib renames it into place only if this run registers
-    # the product. A concurrent identical build may register first: its file stays, ours is dropped.
-    pending = path.with_name(f".{path.name}.{uuid.uuid4().hex}.pending")
     try:
-        write_product(pending, mi, cards)
         row, created = record_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter,
-                                    detector=detector, calib_date=calib_date, path=str(path),
-                                    checksum=sha256_file(pending), config_hash=ctx.config_hash, digest=digest,
+                                    detector=detector, calib_date=calib_date, path=str(final),
+                                    checksum=sha256_file(path), config_hash=ctx.config_hash, digest=digest,
                                     software_version=ctx.software_version, inputs=inputs, validity=ctx.validity,
                                     build_run_id=ctx.build_run_id, stats=stats,
-                                    publish=lambda: os.replace(pending, path))
+                                    publish=lambda: os.replace(path, final))
     finally:
-        pending.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)      # left when a concurrent identical build registered first (or on error)
     if not created:
         get_run_logger().warning("detector %d: an identical %s was registered by a concurrent build while this "
                                  "one was combining; keeping %s, discarding this copy", detector, ctx.calib_type,
