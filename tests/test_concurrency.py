@@ -168,8 +168,8 @@ def _check_round(reg: Registry, store: Datastore, runs, calib_date: str, n_det: 
         ids = set(s.execute(select(CalibRow.id).where(CalibRow.calib_date == dt.date.fromisoformat(calib_date)))
                   .scalars())
     assert {k: v for k, v in per_calib.items() if k in ids} == {k: N_BIAS for k in ids}
-    # the calib folder holds the registered products, the mosaics and nothing else (no loser's copy,
-    # no temporary file); the work folder holds intermediates only
+    # the calib folder holds the registered products, the mosaics and nothing else (no loser's copy),
+    # and no temporary or pending file is left anywhere in the repository
     folder = store.root / "calib" / "democam_mini" / "bias"
     registered = {Path(c["path"]).name for c in list_calibs(reg, calib_type="bias")}
     stray = [p.name for p in folder.iterdir()
