@@ -10,6 +10,9 @@ Missing detectors stay NaN.
 from __future__ import annotations
 
 import math
+import os
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -102,6 +105,19 @@ def camera_mosaic(camera: Camera, images: Mapping[int, object], binning: int = 6
     return out
 
 
+@contextmanager
+def _replace_atomically(path, suffix: str):
+    """A private temporary name beside ``path``, renamed onto it when the block succeeds (removed if not):
+    concurrent writers of the same mosaic never share or clobber a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_mosaic(mosaic: np.ndarray, camera: Camera, binning: int, fits_path=None, png_path=None,
                  title: str = "", header_cards: Mapping[str, object] | None = None) -> None:
     """Write a mosaic as FITS (float32, with the grid origin and cell size in the header) and/or a
@@ -117,9 +133,8 @@ def write_mosaic(mosaic: np.ndarray, camera: Camera, binning: int, fits_path=Non
         hdr["CELL_MM"] = geom.cell_mm
         hdr["X0_MM"] = geom.x0_mm
         hdr["Y0_MM"] = geom.y0_mm
-        tmp = Path(str(fits_path) + ".tmp")
-        fits.PrimaryHDU(np.asarray(mosaic, np.float32), header=hdr).writeto(tmp, overwrite=True)
-        tmp.replace(fits_path)
+        with _replace_atomically(fits_path, ".fits") as tmp:
+            fits.PrimaryHDU(np.asarray(mosaic, np.float32), header=hdr).writeto(tmp, overwrite=True)
     if png_path is not None:
         import matplotlib
 
@@ -142,7 +157,8 @@ def write_mosaic(mosaic: np.ndarray, camera: Camera, binning: int, fits_path=Non
         ax.set_xlabel("focal plane x (mm)")
         ax.set_ylabel("focal plane y (mm)")
         ax.set_title(title or f"{camera.name} (binned {binning})")
-        tmp = Path(str(png_path) + ".tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(png_path)
+        try:
+            with _replace_atomically(png_path, ".png") as tmp:
+                fig.savefig(tmp, dpi=100)
+        finally:
+            plt.close(fig)

@@ -157,6 +157,7 @@ def write_hdulist(path, hdulist: fits.HDUList, header_cards=None) -> Path:
         hdulist[0].header.extend(_header_with(header_cards), update=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)          # mkstemp makes 0600; products are for everyone at the site to read
     try:
         hdulist.writeto(tmp, overwrite=True)
         os.replace(tmp, path)

@@ -16,7 +16,7 @@ import pickle
 from functools import lru_cache
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
@@ -83,6 +83,16 @@ def _transient_only(task, task_run, state) -> bool:
     except Exception:
         return False
     return False
+
+
+def _logger():
+    """The task's Prefect logger, or a plain one when the task function runs outside Prefect."""
+    try:
+        return get_run_logger()
+    except Exception:
+        import logging
+
+        return logging.getLogger("calibflow.tasks")
 
 
 def _isr_calibs(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict[str, dict]:
@@ -237,8 +247,11 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
             cards[f"CALIB_INPUT_SCALE_{i}"] = (float(s), f"exposure scale of {e}")
     if ccd_scale is not None:
         cards["CCDSCALE"] = float(ccd_scale)
-    path = store.root / "calib" / ctx.camera / ctx.calib_type / f"{calib_id}.fits"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    final = store.root / "calib" / ctx.camera / ctx.calib_type / f"{calib_id}.fits"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Our copy is written under a private name (path); record_calib renames it into place only if this
+    # run registers the product. A concurrent identical build may register first: its file stays.
+    path = final.with_name(f".{final.name}.{os.urandom(8).hex()}.pending")
 
     if ctx.calib_type == "sky":
         frame = average_backgrounds([BackgroundModel.from_fits(i["residual"]) for i in items])
@@ -267,14 +280,19 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     inputs = [CalibInput(e, scale=None if exp_scales is None else float(exp_scales[i]))
               for i, e in enumerate(ids)]
     inputs += [CalibInput(e, used=False, reason=why) for e, why in (dropped or {}).items()]
-    row, created = record_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter,
-                                detector=detector, calib_date=calib_date, path=str(path),
-                                checksum=sha256_file(path), config_hash=ctx.config_hash, digest=digest,
-                                software_version=ctx.software_version, inputs=inputs, validity=ctx.validity,
-                                build_run_id=ctx.build_run_id, stats=stats)
-    if not created:           # a concurrent identical build won the race: keep its file, drop ours
-        if row["path"] != str(path):
-            path.unlink(missing_ok=True)
+    try:
+        row, created = record_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter,
+                                    detector=detector, calib_date=calib_date, path=str(final),
+                                    checksum=sha256_file(path), config_hash=ctx.config_hash, digest=digest,
+                                    software_version=ctx.software_version, inputs=inputs, validity=ctx.validity,
+                                    build_run_id=ctx.build_run_id, stats=stats,
+                                    publish=lambda: os.replace(path, final))
+    finally:
+        path.unlink(missing_ok=True)      # left when a concurrent identical build registered first (or on error)
+    if not created:
+        _logger().warning("detector %d: an identical %s was registered by a concurrent build while this "
+                                 "one was combining; keeping %s, discarding this copy", detector, ctx.calib_type,
+                                 row["calib_id"])
     return {**row, "created": created}
 
 

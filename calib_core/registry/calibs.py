@@ -4,6 +4,14 @@ A calib is identified by (camera, type, filter, detector, calib date, digest), w
 sha256 of its inputs (exposure ids and checksums) and its config hash: rebuilding with identical inputs
 and config finds the existing record instead of creating a duplicate.
 
+Concurrency: two identical builds may finish at the same moment. The identity's unique constraint is
+the arbiter: ``record_calib`` inserts the row, then (still inside the transaction, holding the claim)
+calls ``publish`` to put the product file in place, then commits. A concurrent identical insert waits
+for that commit (PostgreSQL: the unique index; SQLite: the write lock, within the busy timeout) and
+then fails on the constraint; ``record_calib`` turns that into ``created=False`` with the winner's
+record, without calling its ``publish``. So exactly one file is published per product, and a committed
+row always has its file in place.
+
 Validity: each product gets ``[valid_begin, valid_end)`` from a :class:`ValidityRule` (calib date
 minus N days to plus M days by default); ``certify`` edits it. ``lookup`` answers which certified calib
 applies to an exposure: the one whose range contains the exposure's date, nearest in calib date, newest
@@ -16,9 +24,11 @@ import datetime as dt
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from . import CalibInputRow, CalibRow, CameraRow, ExposureRow, Registry, RegistryError, _utc
 
@@ -84,40 +94,57 @@ def find_calib(registry: Registry, *, camera: str, calib_type: str, filter: str,
 def record_calib(registry: Registry, *, camera: str, calib_type: str, filter: str, detector: int,
                  calib_date: dt.date, path: str, checksum: str, config_hash: str, digest: str,
                  software_version: str, inputs: list[CalibInput], validity: ValidityRule | None = None,
-                 build_run_id: int | None = None, stats: dict | None = None) -> tuple[dict, bool]:
+                 build_run_id: int | None = None, stats: dict | None = None,
+                 publish: Callable[[], None] | None = None) -> tuple[dict, bool]:
     """Register a product and every input (used or rejected, with scale and reason) in one transaction.
 
-    Returns ``(record, created)``; an identical product (same identity and digest) already registered
-    is returned with ``created=False`` and nothing is written.
+    Returns ``(record, created)``; an identical product (same identity and digest) already registered,
+    or registered by a concurrent call while this one was running, is returned with ``created=False``
+    and nothing is written.
+
+    ``publish``, when given, puts the product file in place (typically ``os.replace(tmp, path)``). It is
+    called only by the call that creates the record, after the row is inserted and before the commit;
+    if it raises, nothing is recorded and the error propagates. See the module notes on concurrency.
     """
-    existing = find_calib(registry, camera=camera, calib_type=calib_type, filter=filter, detector=detector,
-                          calib_date=calib_date, digest=digest)
+    identity = dict(camera=camera, calib_type=calib_type, filter=filter, detector=detector,
+                    calib_date=calib_date, digest=digest)
+    existing = find_calib(registry, **identity)
     if existing:
         return existing, False
     begin, end = (validity or ValidityRule()).range_for(calib_date)
     calib_id = make_calib_id(calib_type, camera, filter, calib_date, detector, digest)
-    with registry.session() as s:
-        cam = s.scalar(select(CameraRow).where(CameraRow.name == camera))
-        if cam is None:
-            raise RegistryError(f"camera {camera!r} is not in the registry")
-        exps = {e.exposure_id: e for e in s.scalars(select(ExposureRow).where(
-            ExposureRow.camera_id == cam.id, ExposureRow.exposure_id.in_([i.exposure_id for i in inputs])))}
-        missing = sorted({i.exposure_id for i in inputs} - set(exps))
-        if missing:
-            raise RegistryError(f"inputs not in the registry: {', '.join(missing)}")
-        row = CalibRow(calib_id=calib_id, camera_id=cam.id, calib_type=calib_type, filter=filter,
-                       detector_number=detector, calib_date=calib_date, valid_begin=begin, valid_end=end,
-                       path=str(path), checksum=checksum, config_hash=config_hash, digest=digest,
-                       software_version=software_version, build_run_id=build_run_id, status="certified",
-                       n_inputs=sum(1 for i in inputs if i.used), stats=stats or {},
-                       created_at=dt.datetime.now(dt.timezone.utc))
-        s.add(row)
-        s.flush()
-        for inp in inputs:
-            s.add(CalibInputRow(calib_pk=row.id, exposure_pk=exps[inp.exposure_id].id, scale=inp.scale,
-                                used=inp.used, reason=inp.reason))
-        s.flush()
-        return _calib_dict(row, camera), True
+    try:
+        with registry.session() as s:
+            cam = s.scalar(select(CameraRow).where(CameraRow.name == camera))
+            if cam is None:
+                raise RegistryError(f"camera {camera!r} is not in the registry")
+            exps = {e.exposure_id: e for e in s.scalars(select(ExposureRow).where(
+                ExposureRow.camera_id == cam.id, ExposureRow.exposure_id.in_([i.exposure_id for i in inputs])))}
+            missing = sorted({i.exposure_id for i in inputs} - set(exps))
+            if missing:
+                raise RegistryError(f"inputs not in the registry: {', '.join(missing)}")
+            row = CalibRow(calib_id=calib_id, camera_id=cam.id, calib_type=calib_type, filter=filter,
+                           detector_number=detector, calib_date=calib_date, valid_begin=begin, valid_end=end,
+                           path=str(path), checksum=checksum, config_hash=config_hash, digest=digest,
+                           software_version=software_version, build_run_id=build_run_id, status="certified",
+                           n_inputs=sum(1 for i in inputs if i.used), stats=stats or {},
+                           created_at=dt.datetime.now(dt.timezone.utc))
+            s.add(row)
+            s.flush()           # claims the identity: a concurrent identical insert now waits for us
+            for inp in inputs:
+                s.add(CalibInputRow(calib_pk=row.id, exposure_pk=exps[inp.exposure_id].id, scale=inp.scale,
+                                    used=inp.used, reason=inp.reason))
+            s.flush()
+            if publish is not None:
+                publish()
+            record = _calib_dict(row, camera)
+    except IntegrityError as exc:
+        # a concurrent identical registration committed first (the transaction is rolled back)
+        existing = find_calib(registry, **identity)
+        if existing:
+            return existing, False
+        raise RegistryError(f"cannot register {calib_id}: {exc.orig}") from None
+    return record, True
 
 
 def list_calibs(registry: Registry, *, calib_type: str | None = None, camera: str | None = None,
