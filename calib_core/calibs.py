@@ -79,6 +79,9 @@ class FlatConfig(BaseModel):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     iterations: int = Field(10, ge=1, description="scale-solve iterations (no convergence test)")
     weighted: bool = Field(False, description="weight the scale solve by pixel counts (cp_pipe style)")
+    min_response: float = Field(0.05, ge=0, description="flag BAD (dead) where the flat is below this fraction of "
+                                "its level or not finite, so ISR never divides by ~0 unflagged (not in the "
+                                "reference, which relies on a separate defect list); 0 disables")
 
 
 def product_cards(obstype: str, calib_id, inputs, dates=(), exptimes=None, **extra) -> dict:
@@ -300,4 +303,7 @@ def combine_flat(inputs: Sequence, exp_scales: Sequence[float], ccd_scale: float
     if not (math.isfinite(level) and level != 0):
         raise RuntimeError(f"flat combine: background level of the stack is {level}")
     combined *= float(ccd_scale) / level
+    if config.min_response > 0:
+        dead = ~np.isfinite(combined.image) | (combined.image < config.min_response * float(ccd_scale))
+        combined.mask[dead] |= np.int32(MASK_PLANES.bit("BAD"))
     return combined

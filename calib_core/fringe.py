@@ -9,10 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .background import BackgroundConfig, measure_background
 from .binstats import box_statistics
+from .isr import IsrConfig
 from .maskedimage import MaskedImage, mask_bits
 from .objectmask import DetectionConfig, detect_sources
+from .stack import CombineConfig
 
-__all__ = ["FringeConfig", "prepare_fringe"]
+__all__ = ["FringeConfig", "FringeBuildConfig", "prepare_fringe"]
 
 
 class FringeConfig(BaseModel):
@@ -68,3 +70,14 @@ def prepare_fringe(masked_image: MaskedImage, config: FringeConfig | None = None
     det = detect_sources(mi.image, mi.mask, cfg.detection)
     mi.mask[det] |= np.int32(mask_bits(["DETECTED"]))
     return mi, level
+
+
+class FringeBuildConfig(BaseModel):
+    """Fringe build (ALGORITHMS.md 4.4): ISR with bias, dark and flat (doFringe off), the
+    preparation above per input, a plain MEANCLIP stack without scaling that rejects DETECTED."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doFringe=False))
+    fringe: FringeConfig = Field(default_factory=FringeConfig)
+    combine: CombineConfig = Field(default_factory=CombineConfig)

@@ -42,6 +42,8 @@ class IsrConfig(BaseModel):
     doDark: bool = Field(True, description="subtract the dark scaled by darktime / dark's darktime")
     doFlat: bool = Field(True, description="divide by the flat")
     doFringe: bool = Field(False, description="subtract a scaled fringe frame")
+    fringeAfterFlat: bool = Field(True, description="subtract the fringe after flat-fielding (ip_isr default "
+                                  "True: fringe frames are built from flat-fielded images)")
     overscanFitType: Literal["MEDIAN", "MEAN", "MEANCLIP", "MEDIAN_PER_ROW", "MEAN_PER_ROW", "POLY"] = Field(
         "MEDIAN", description="overscan statistic: one level per amp, one per row (column for "
                               "parallel overscans), or a polynomial along the readout")
@@ -262,7 +264,7 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
             raise IsrError(f"{path}: the dark's dark time must be > 0, got {dark_darktime!r}")
         mi.scaled_minus(darktime / dark_darktime, _calib_image(dark, shape, "dark", path))
 
-    if config.doFringe:
+    def defringe():
         if fringe is None:
             raise IsrError(f"{path}: doFringe is set but no fringe frame was given")
         fr = _calib_image(fringe, shape, "fringe", path)
@@ -270,8 +272,12 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
             mi, fr, MASK_PLANES.bits(config.fringeMask))
         mi.scaled_minus(scale, fr)
 
+    if config.doFringe and not config.fringeAfterFlat:
+        defringe()
     if config.doFlat:
         if flat is None:
             raise IsrError(f"{path}: doFlat is set but no flat was given")
         mi.divide_by(_calib_image(flat, shape, "flat", path))
+    if config.doFringe and config.fringeAfterFlat:
+        defringe()
     return mi

@@ -24,7 +24,7 @@ from astropy.io import fits
 
 from .maskedimage import MASK_PLANES, MaskedImage
 
-__all__ = ["ProductError", "write_product", "read_product", "read_rows", "RowReader",
+__all__ = ["ProductError", "write_product", "write_hdulist", "read_product", "read_rows", "RowReader",
            "provenance_cards", "PLANES"]
 
 PLANES = ("IMAGE", "MASK", "VARIANCE")
@@ -144,10 +144,21 @@ def write_product(path, masked_image: MaskedImage, header_cards=None) -> Path:
             fits.ImageHDU(np.ascontiguousarray(masked_image.mask, dtype=np.int32), name="MASK"),
             fits.ImageHDU(np.ascontiguousarray(masked_image.variance, dtype=np.float32), name="VARIANCE")]
     hdus[2].header.extend(plane_cards, update=True)
+    return write_hdulist(path, fits.HDUList(hdus))
+
+
+def write_hdulist(path, hdulist: fits.HDUList, header_cards=None) -> Path:
+    """Write any FITS HDU list atomically (temporary name in the same folder, then rename), with
+    optional extra cards in the primary header (as :func:`write_product`)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ProductError(path, "destination folder does not exist")
+    if header_cards:
+        hdulist[0].header.extend(_header_with(header_cards), update=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+        hdulist.writeto(tmp, overwrite=True)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -32,13 +32,14 @@ from .background import BackgroundConfig, BackgroundModel, measure_background
 from .binstats import box_statistics
 from .camera import Camera, Detector
 from .focalplane import FocalPlaneBackground, FocalPlaneBackgroundConfig
+from .isr import IsrConfig
 from .maskedimage import MaskedImage, mask_bits
 from .objectmask import MaskObjectsConfig, mask_objects
 from .stats import stack_statistic
 
 __all__ = [
     "SkyStatsConfig", "SkyMeasurementConfig", "ExposureRejectionConfig", "SkyConfig",
-    "ScaleSolution", "SkyBuildResult", "mask_detector", "measure_sky_background", "exposure_background",
+    "SkyBuildConfig", "ScaleSolution", "SkyBuildResult", "mask_detector", "measure_sky_background", "exposure_background",
     "residual_background", "average_backgrounds", "find_outlier_exposures", "build_sky_frames",
     "measure_scale", "solve_scales", "subtract_sky_frame", "fit_and_subtract_sky",
 ]
@@ -114,6 +115,33 @@ class SkyConfig(BaseModel):
                              "on each image minus its scaled first-pass sky frame, so sky-frame "
                              "structure itself is not flagged as objects (which biases the frame "
                              "low at its peaks through the iterative background of the detection)")
+
+
+class SkyBuildConfig(BaseModel):
+    """A sky-frame build from raw science exposures (the flows' config): the full ISR (bias, dark,
+    flat, and the fringe frame where one is certified for the filter), then :class:`SkyConfig`'s
+    steps. ``large_scale`` may be left out: the focal-plane cells are then squares as large as the
+    camera's largest detector side (as HSC's 8192-px cells are coarser than its 2048x4176 CCDs), so
+    detector-scale structure is left for the sky frame."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doFringe=True))
+    large_scale: FocalPlaneBackgroundConfig | None = Field(
+        None, description="focal-plane cells; None = squares of the camera's largest detector side")
+    sky: SkyMeasurementConfig = Field(default_factory=SkyMeasurementConfig)
+    mask: MaskObjectsConfig = Field(default_factory=MaskObjectsConfig)
+    do_mask_objects: bool = Field(True, description="run object masking; True")
+    keep_detected: bool = Field(True, description="see SkyConfig.keep_detected")
+    rejection: ExposureRejectionConfig = Field(default_factory=ExposureRejectionConfig)
+
+    def sky_config(self, camera: Camera) -> SkyConfig:
+        large = self.large_scale
+        if large is None:
+            side = max(max(d.nx, d.ny) * camera.pixel_size(d) for d in camera.detectors)
+            large = FocalPlaneBackgroundConfig(x_size=side, y_size=side)
+        return SkyConfig(large_scale=large, sky=self.sky, mask=self.mask, do_mask_objects=self.do_mask_objects,
+                         keep_detected=self.keep_detected, rejection=self.rejection)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -254,29 +254,8 @@ def _apply_sets(config: dict, sets: list[str]) -> dict:
     return config
 
 
-def _task_runner(runner: str, dask_address: Optional[str]):
-    import os
-
-    if runner == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2)
-    if runner == "processes":
-        from prefect.task_runners import ProcessPoolTaskRunner
-
-        return ProcessPoolTaskRunner(max_workers=os.cpu_count() or 2)
-    if runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        if dask_address:
-            return DaskTaskRunner(address=dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": os.cpu_count() or 2, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
-    _fail(f"--runner must be threads, processes or dask, not {runner!r}")
-
-
 @app.command()
-def build(calib_type: str = typer.Argument(..., help="bias, dark or flat"),
+def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe or sky"),
           camera: str = typer.Option("democam", "--camera"),
           night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD"),
           exposure: Optional[list[str]] = typer.Option(None, "--exposure", help="explicit exposure ids (repeat)"),
@@ -286,16 +265,40 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark or flat"),
           sets: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value, dotted keys"),
           drop_incomplete: bool = typer.Option(False, "--drop-incomplete",
                                                help="drop exposures that lack detectors (recorded)"),
+          on_bad_input: str = typer.Option("fail", "--on-bad-input",
+                                           help="fail | exclude: what an unreadable raw does to the build"),
           calib_date: Optional[str] = typer.Option(None, "--calib-date", help="override the output date"),
           runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
           dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786"),
           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Build a calib through the Prefect flow (an embedded Prefect API unless PREFECT_API_URL is set)."""
+    _prefect_env()
+    store, registry = _open_repo(repo, registry_url)
+    config = _load_config(calib_type, config_file, sets)
+    if runner not in ("threads", "processes", "dask"):
+        _fail(f"--runner must be threads, processes or dask, not {runner!r}")
+    if on_bad_input not in ("fail", "exclude"):
+        _fail(f"--on-bad-input must be fail or exclude, not {on_bad_input!r}")
+    from flows.build import build_calib
+
+    try:
+        result = build_calib(calib_type, camera=camera, night=night, exposures=exposure or None, filter=filter,
+                             detectors=detector or None, repo=str(store.root), registry_url=registry_url,
+                             config=config, drop_incomplete=drop_incomplete, calib_date=calib_date,
+                             on_bad_input=on_bad_input, runner=runner, dask_address=dask_address)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    _print_build(result)
+
+
+def _load_config(calib_type: str, config_file: Optional[Path], sets: Optional[list[str]]) -> dict:
     import yaml
     from pydantic import ValidationError
 
-    _prefect_env()
-    store, registry = _open_repo(repo, registry_url)
+    from tasks.calib_tasks import CONFIG_MODELS
+
+    if calib_type not in CONFIG_MODELS:
+        _fail(f"unknown calib type {calib_type!r}; choose one of {', '.join(CONFIG_MODELS)}")
     config = {}
     if config_file:
         try:
@@ -303,31 +306,114 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark or flat"),
         except (OSError, yaml.YAMLError) as exc:
             _fail(f"{config_file}: {exc}")
     config = _apply_sets(config, sets or [])
-    from flows.build import build_calib
-    from tasks.calib_tasks import CONFIG_MODELS
-
-    if calib_type not in CONFIG_MODELS:
-        _fail(f"calib type {calib_type!r} is not available yet; choose one of {', '.join(CONFIG_MODELS)}")
     try:
         CONFIG_MODELS[calib_type].model_validate(config)
     except ValidationError as exc:
         _fail(f"invalid {calib_type} config:\n{exc}")
-    flow = build_calib.with_options(task_runner=_task_runner(runner, dask_address))
-    try:
-        result = flow(calib_type, camera=camera, night=night, exposures=exposure or None, filter=filter,
-                      detectors=detector or None, repo=str(store.root), registry_url=registry_url,
-                      config=config, drop_incomplete=drop_incomplete, calib_date=calib_date)
-    except (ValueError, RuntimeError) as exc:
-        _fail(str(exc))
-    table = Table(title=f"{calib_type} {result['filter']} {result['calib_date']}: "
+    return config
+
+
+def _print_build(result: dict) -> None:
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    table = Table(title=f"{result['calib_type']} {result['filter']} {result['calib_date']}: "
                         f"{result['created']} new, {len(result['products']) - result['created']} already built")
     for col in ("detector", "calib_id", "level", "noise", "inputs"):
         table.add_column(col)
     for p in result["products"]:
-        table.add_row(str(p["detector"]), p["calib_id"], f"{p['stats'].get('level', float('nan')):.4g}",
-                      f"{p['stats'].get('noise', float('nan')):.3g}", str(p["n_inputs"]))
+        table.add_row(str(p["detector"]), p["calib_id"], num(p["stats"].get("level"), ".4g"),
+                      num(p["stats"].get("noise"), ".3g"), str(p["n_inputs"]))
     console.print(table)
+    if result.get("dropped"):
+        for e, why in result["dropped"].items():
+            console.print(f"excluded {e}: {why}", highlight=False)
     console.print(f"mosaic: {result['mosaic_png']}")
+
+
+@app.command()
+def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD [default: last night at the site]"),
+            camera: str = typer.Option("democam", "--camera"),
+            types: Optional[str] = typer.Option(None, "--types", help="comma-separated subset of "
+                                                "bias,dark,flat,fringe,sky"),
+            runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
+            dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786"),
+            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """Build, in dependency order, every calib a night's ingested exposures allow, and report it."""
+    from pydantic import ValidationError
+
+    _prefect_env()
+    store, registry = _open_repo(repo, registry_url)
+    from flows.nightly import NightlyPolicy
+    from flows.nightly import nightly as nightly_flow
+
+    try:
+        policy = NightlyPolicy(**({"types": [t.strip() for t in types.split(",") if t.strip()]} if types else {}))
+    except ValidationError as exc:
+        _fail(f"invalid --types: {exc}")
+    if runner not in ("threads", "processes", "dask"):
+        _fail(f"--runner must be threads, processes or dask, not {runner!r}")
+    try:
+        summary = nightly_flow(night=night, camera=camera, repo=str(store.root), registry_url=registry_url,
+                               policy=policy, runner=runner, dask_address=dask_address)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    _print_night(summary)
+
+
+def _print_night(summary: dict) -> None:
+    table = Table(title=f"night {summary['night']} of {summary['camera']}: {summary['created']} new products")
+    for col in ("type", "filter", "inputs", "action", "new", "note"):
+        table.add_column(col)
+    for st in summary["steps"]:
+        note = st.get("reason") or (f"valid {st['valid'][0][:10]} .. {(st['valid'][1] or 'open')[:10]}"
+                                    if st.get("valid") else "")
+        if st.get("dropped"):
+            note += f"; excluded {len(st['dropped'])}: " + ", ".join(st["dropped"])
+        table.add_row(st["type"], st["filter"] or "-", str(st["n_inputs"]), st["action"],
+                      str(st.get("created", 0)), note)
+    console.print(table)
+
+
+@app.command("apply-sky")
+def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (see `calibflow exposures`)"),
+              out: Optional[Path] = typer.Option(None, "--out", help="folder for the corrected images "
+                                                 "[default: <repo>/skysub/<exposure>]"),
+              config_file: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON sky config"),
+              sets: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value, dotted keys"),
+              as_json: bool = typer.Option(False, "--json", help="print JSON"),
+              repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """Fit and subtract the certified sky frame from one exposure (after ISR with the certified calibs
+    and the focal-plane background); writes the corrected images and reports the fitted scale."""
+    from calib_core.registry import RegistryError
+    from calib_core.science import apply_sky as run_apply_sky
+    from calib_core.sky import SkyBuildConfig
+
+    store, registry = _open_repo(repo, registry_url)
+    config = SkyBuildConfig.model_validate(_load_config("sky", config_file, sets))
+    rows = registry.query_exposures(exposure_ids=[exposure])
+    if not rows:
+        _fail(f"no exposure {exposure!r} in the registry (see `calibflow exposures`)")
+    row = rows[0]
+    if row["obs_type"] != "science":
+        _fail(f"exposure {exposure} is a {row['obs_type']} frame, not a science exposure")
+    camera = _load_camera(row["camera"])
+    target = out or store.root / "skysub" / exposure
+    t0 = time.perf_counter()
+    try:
+        res = run_apply_sky(registry, camera, row, target, config)
+    except (ValueError, RegistryError) as exc:
+        _fail(str(exc))
+    payload = {"exposure_id": res.exposure_id, "sky_level": res.sky_level, "scale": res.scale, "error": res.error,
+               "n_used": res.n_used, "n_total": res.n_total, "sky_calibs": res.sky_calibs,
+               "outputs": {d: str(p) for d, p in res.outputs.items()}}
+    if as_json:
+        sys.stdout.write(json.dumps(payload, indent=1) + "\n")
+        return
+    console.print(f"{exposure}: sky-frame scale {res.scale:.5g} +- {res.error:.2g} "
+                  f"({res.n_used}/{res.n_total} samples; focal-plane sky level {res.sky_level:.5g}, "
+                  f"ratio {res.scale / res.sky_level:.4f}) in {time.perf_counter() - t0:.1f} s")
+    console.print(f"wrote {len(res.outputs)} sky-subtracted detector images to {target}")
 
 
 @cameras_app.callback()
@@ -386,8 +472,11 @@ def simulate(camera: str = typer.Option("democam", "--camera"),
 def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repository to create"),
          camera: str = typer.Option("democam", "--camera"), seed: int = typer.Option(1, "--seed"),
          night: str = typer.Option("2026-11-20", "--night"),
-         fresh: bool = typer.Option(True, "--fresh/--keep", help="start from an empty repository")):
-    """The main job: simulate a night of the demo camera, ingest it, and summarise the registry."""
+         fresh: bool = typer.Option(True, "--fresh/--keep", help="start from an empty repository"),
+         build: bool = typer.Option(True, "--build/--no-build", help="run the nightly flow after ingest"),
+         n_science: int = typer.Option(8, "--n-science", help="science exposures per filter (r, z)")):
+    """The main job: simulate a night of the demo camera, ingest it, run the nightly flow (bias, dark,
+    flats, fringe, sky frames) and print what it built."""
     import shutil
 
     from calib_core.datastore import Datastore
@@ -398,13 +487,13 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     t0 = time.perf_counter()
     cam = _load_camera(camera)
     store = Datastore(repo)
-    sim_dir = store.root.parent / f"sim-{camera}-{night}-seed{seed}"
+    sim_dir = store.root.parent / f"sim-{camera}-{night}-seed{seed}-n{n_science}"
     if fresh:
         shutil.rmtree(store.root, ignore_errors=True)
     if not sim_dir.exists():
         with _progress() as progress:
             task = progress.add_task(f"simulate {camera} night {night}", total=None)
-            simulate_night(cam, sim_dir, seed=seed, night=night,
+            simulate_night(cam, sim_dir, seed=seed, night=night, n_science=n_science,
                            progress=lambda d, t: progress.update(task, completed=d, total=t))
     store.ensure()
     registry = Registry.open(store.default_registry_url)
@@ -431,6 +520,20 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     console.print(table)
     console.print(f"ingested {len(report.ingested)} exposures ({len(report.skipped)} already present) "
                   f"in {time.perf_counter() - t0:.1f} s; registry {registry.url}")
+    if not build:
+        return
+    # the nightly flow on the embedded Prefect API: bias -> dark -> flat -> fringe -> sky
+    _prefect_env()
+    from flows.nightly import nightly as nightly_flow
+
+    t1 = time.perf_counter()
+    try:
+        summary = nightly_flow(night=night, camera=cam.name, repo=str(store.root))
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    _print_night(summary)
+    console.print(f"nightly flow: {summary['created']} products in {time.perf_counter() - t1:.0f} s; "
+                  f"list them with `calibflow calibs --repo {store.root}`; mosaics (PNG) in {store.root / 'calib'}")
 
 
 def _progress() -> Progress:

@@ -1,15 +1,26 @@
 """The calib build flow: select -> process (per exposure x detector) -> scale -> combine (per detector)
--> write, as the reference's ``CalibTask`` (ALGORITHMS.md 2, 11). Bias, dark and flat so far."""
+-> write, with the reference's per-type hooks and barriers (``CalibTask``, ALGORITHMS.md 2, 11):
+
+* bias, dark, fringe: process -> combine;
+* flat: process (ISR + background level) -> **scale solve over the CCD x exposure matrix** -> combine;
+* sky: process (ISR + object masking + partial focal-plane background) -> **per exposure: merge and
+  scale** -> second pass per (exposure, detector): subtract, divide, 32-px binned residual ->
+  **across the focal plane: outlier exposures rejected** -> per detector: average.
+
+Pixels never travel through Prefect: tasks exchange paths in the datastore and small dicts.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
+from calib_core.background import BackgroundModel
 from calib_core.buildplan import config_hash, plan_build
 from calib_core.calibs import solve_flat_scales
 from calib_core.camera import load_camera
@@ -18,10 +29,14 @@ from calib_core.mosaic import camera_mosaic, write_mosaic
 from calib_core.products import read_product
 from calib_core.registry import Registry
 from calib_core.registry.calibs import ValidityRule
-from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, combine_detector, finish_build_run,
-                               process_exposure_detector, start_build_run)
+from calib_core.sky import find_outlier_exposures
+from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, combine_detector, existing_products,
+                               finish_build_run, merge_exposure_background, process_exposure_detector,
+                               sky_residual, start_build_run)
 
-__all__ = ["build_calib"]
+__all__ = ["build_calib", "make_task_runner", "RUNNERS"]
+
+RUNNERS = ("threads", "processes", "dask")
 
 
 def _version() -> str:
@@ -30,17 +45,78 @@ def _version() -> str:
     return __version__
 
 
+def _current_api_url() -> str | None:
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return str(client.api_url).rstrip("/")
+    except Exception:
+        return None
+
+
+def make_task_runner(runner: str = "threads", dask_address: str | None = None):
+    """The task runner of a build: threads sized to the cores (default), processes, or Dask.
+
+    ``dask`` connects to an existing ``dask.distributed`` scheduler at ``dask_address``, or starts a
+    local cluster of one single-threaded worker process per core. Local workers are pointed at this
+    process's Prefect API so their task runs are recorded with the flow's; workers of an existing
+    cluster must have calibflow installed, the datastore mounted at the same path and
+    ``PREFECT_API_URL`` set (see the README, "Scaling out").
+    """
+    n = os.cpu_count() or 2
+    if runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=n)
+    if runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=n)
+    if runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        url = _current_api_url()
+        if url and not os.environ.get("PREFECT_API_URL"):
+            os.environ["PREFECT_API_URL"] = url      # inherited by the local worker processes
+        return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {runner!r}")
+
+
+def _gather(futures, what: str, log) -> list:
+    """Results in submission order, logging progress as tasks finish."""
+    total = len(futures)
+    step = max(1, total // 10)
+    for done, _ in enumerate(as_completed(futures), 1):
+        if done % step == 0 or done == total:
+            log.info("%s: %d/%d done", what, done, total)
+    return [f.result() for f in futures]
+
+
 @flow(name="build-calib", log_prints=True)
-def build_calib(calib_type: str, camera: str = "democam", night: str | None = None,
-                exposures: list[str] | None = None, filter: str | None = None,
+def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], camera: str = "democam",
+                night: str | None = None, exposures: list[str] | None = None, filter: str | None = None,
                 detectors: list[int] | None = None, repo: str = "calibrepo", registry_url: str | None = None,
                 config: dict | None = None, drop_incomplete: bool = False, calib_date: str | None = None,
-                validity_days_before: float = 15.0, validity_days_after: float = 15.0) -> dict:
-    """Build one calib type (bias, dark, flat) for every selected detector and register the products."""
+                validity_days_before: float = 15.0, validity_days_after: float = 15.0,
+                on_bad_input: Literal["fail", "exclude"] = "fail",
+                runner: Literal["threads", "processes", "dask"] = "threads",
+                dask_address: str | None = None) -> dict:
+    """Build one calib type for every selected detector and register the products.
+
+    Inputs: the ingested exposures of the type's raw kind (bias, dark, flat; science for fringe and
+    sky) selected by night, explicit ids, filter and detectors. ``on_bad_input="exclude"`` drops an
+    exposure whose raw cannot be read and records why; the default fails the build naming the file.
+    An identical earlier build (same inputs and config) is found and nothing is redone.
+    """
     log = get_run_logger()
     if calib_type not in CONFIG_MODELS:
-        raise ValueError(f"calib type {calib_type!r} is not built by this flow yet; available: "
-                         f"{', '.join(CONFIG_MODELS)}")
+        raise ValueError(f"unknown calib type {calib_type!r}; choose one of {', '.join(CONFIG_MODELS)}")
+    if on_bad_input not in ("fail", "exclude"):
+        raise ValueError(f"on_bad_input must be 'fail' or 'exclude', not {on_bad_input!r}")
     store = Datastore(repo)
     url = registry_url or store.default_registry_url
     registry = Registry.open(url)
@@ -51,42 +127,25 @@ def build_calib(calib_type: str, camera: str = "democam", night: str | None = No
     log.info("%s build: %d exposures x %d detectors, filter %s, calib date %s%s", calib_type,
              len(plan.exposures), len(plan.detectors), plan.filter, plan.calib_date,
              f", dropped {plan.dropped}" if plan.dropped else "")
-    run_id = start_build_run(registry, str(flow_run.get_id() or ""), calib_type,
-                             {"night": night, "exposures": exposures, "filter": filter, "detectors": detectors,
-                              "config": cfg.model_dump(mode="json")})
     ctx = BuildContext(repo=str(store.root), registry_url=url, camera=camera, calib_type=calib_type,
                        config=cfg.model_dump(mode="json"), config_hash=config_hash(cfg),
                        calib_date=plan.calib_date.isoformat(), filter=plan.filter, software_version=_version(),
                        validity=ValidityRule(days_before=validity_days_before, days_after=validity_days_after),
-                       build_run_id=run_id)
+                       on_bad_input=on_bad_input)
+    done = existing_products(registry, ctx, plan.exposures, plan.detectors)
+    if len(done) == len(plan.detectors):
+        log.info("%s build: every product already exists (identical inputs and config); nothing to do", calib_type)
+        products = [{**done[d], "created": False} for d in plan.detectors]
+        return {"calib_type": calib_type, "products": products, "created": 0, "calib_date": ctx.calib_date,
+                "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": _mosaic_path(ctx, store)}
+
+    run_id = start_build_run(registry, str(flow_run.get_id() or ""), calib_type,
+                             {"night": night, "exposures": exposures, "filter": filter, "detectors": detectors,
+                              "config": cfg.model_dump(mode="json"), "runner": runner})
+    ctx = ctx.model_copy(update={"build_run_id": run_id})
     try:
-        # process: one mapped task per (exposure, detector)
-        pairs = [(e, d) for e in plan.exposures for d in plan.detectors]
-        futures = [process_exposure_detector.submit(ctx, e, d) for e, d in pairs]
-        processed = [f.result() for f in futures]
-        reused = sum(p["reused"] for p in processed)
-        log.info("processed %d (exposure, detector) pairs, %d reused from an earlier run", len(processed), reused)
-        per_det = {d: [p for p in processed if p["detector"] == d] for d in plan.detectors}
-
-        # scale: the barrier (flat: CCD x exposure scale solve over the whole matrix)
-        exp_scales = ccd_scales = None
-        if calib_type == "flat":
-            import numpy as np
-
-            levels = np.array([[next(p["level"] for p in per_det[d] if p["exposure_id"] == e)
-                                for e in plan.exposure_ids] for d in plan.detectors], dtype=float)
-            weights = (np.array([[next(p["npoint"] for p in per_det[d] if p["exposure_id"] == e)
-                                  for e in plan.exposure_ids] for d in plan.detectors], dtype=float)
-                       if cfg.weighted else None)
-            scales = solve_flat_scales(levels, iterations=cfg.iterations, weights=weights)
-            exp_scales = [float(s) for s in scales.exp_scales]
-            ccd_scales = {d: float(c) for d, c in zip(plan.detectors, scales.ccd_scales)}
-
-        # combine + write, one task per detector
-        combos = [combine_detector.submit(ctx, d, sorted(per_det[d], key=lambda p: plan.exposure_ids.index(p["exposure_id"])),
-                                          plan.exposures, exp_scales, None if ccd_scales is None else ccd_scales[d],
-                                          plan.dropped) for d in plan.detectors]
-        products = [c.result() for c in combos]
+        with make_task_runner(runner, dask_address) as tr:
+            products, dropped = _run_stages(ctx, plan, cfg, tr, log)
     except BaseException as exc:
         finish_build_run(registry, run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
@@ -94,25 +153,102 @@ def build_calib(calib_type: str, camera: str = "democam", night: str | None = No
     summary = _report(ctx, plan, products, store)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
-            "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": summary}
+            "filter": plan.filter, "dropped": dropped, "mosaic_png": summary}
+
+
+def _run_stages(ctx: BuildContext, plan, cfg, tr, log) -> tuple[list[dict], dict[str, str]]:
+    """process -> scale -> combine; returns the products and every exposure left out, with why."""
+    calib_type = ctx.calib_type
+    # process: one mapped task per (exposure, detector)
+    futures = [tr.submit(process_exposure_detector, {"ctx": ctx, "exposure": e, "detector": d})
+               for e in plan.exposures for d in plan.detectors]
+    processed = _gather(futures, f"{calib_type} process", log)
+    log.info("processed %d (exposure, detector) pairs, %d reused from an earlier run", len(processed),
+             sum(p["reused"] for p in processed))
+    dropped = dict(plan.dropped)
+    for p in processed:
+        if "error" in p:
+            dropped.setdefault(p["exposure_id"], f"unreadable raw: {p['error']}")
+    if len(dropped) > len(plan.dropped):
+        log.warning("excluded exposures: %s", {e: r for e, r in dropped.items() if e not in plan.dropped})
+    order = [e for e in plan.exposure_ids if e not in dropped]
+    if not order:
+        raise ValueError(f"{calib_type} build: no usable exposures left: {dropped}")
+    per_det = {d: sorted((p for p in processed if p["detector"] == d and p["exposure_id"] not in dropped),
+                         key=lambda p: order.index(p["exposure_id"])) for d in plan.detectors}
+
+    # scale: the barrier
+    exp_scales, ccd_scales = None, {}
+    if calib_type == "flat":
+        import numpy as np
+
+        levels = np.array([[p["level"] for p in per_det[d]] for d in plan.detectors], dtype=float)
+        weights = (np.array([[p["npoint"] for p in per_det[d]] for d in plan.detectors], dtype=float)
+                   if cfg.weighted else None)
+        scales = solve_flat_scales(levels, iterations=cfg.iterations, weights=weights)
+        exp_scales = [float(s) for s in scales.exp_scales]
+        ccd_scales = {d: float(c) for d, c in zip(plan.detectors, scales.ccd_scales)}
+    elif calib_type == "sky":
+        per_det = _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped)
+
+    # combine + write, one task per detector
+    combos = [tr.submit(combine_detector, {"ctx": ctx, "detector": d, "items": per_det[d], "exposures": plan.exposures,
+                                           "exp_scales": exp_scales, "ccd_scale": ccd_scales.get(d),
+                                           "dropped": dropped})
+              for d in plan.detectors]
+    return _gather(combos, f"{calib_type} combine", log), dropped
+
+
+def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped) -> dict:
+    """Per exposure: merge the partial focal-plane models (scale); per (exposure, detector): the
+    binned residual; then reject outlier exposures across the focal plane (``dropped`` updated)."""
+    backgrounds = {e: merge_exposure_background(ctx, e, [per_det[d][i] for d in plan.detectors])
+                   for i, e in enumerate(order)}
+    log.info("sky scales (median focal-plane background per exposure): %s",
+             {e: round(b["scale"], 2) for e, b in backgrounds.items()})
+    futures = [tr.submit(sky_residual, {"ctx": ctx, "item": it, "background": backgrounds[it["exposure_id"]]})
+               for d in plan.detectors for it in per_det[d]]
+    residuals = _gather(futures, "sky residual", log)
+    models = {e: {} for e in order}
+    for r in residuals:
+        models[r["exposure_id"]][r["detector"]] = BackgroundModel.from_fits(r["residual"])
+    rejected = find_outlier_exposures(models, cfg.rejection)
+    if rejected:
+        log.warning("sky build: rejected exposures %s", rejected)
+    dropped.update(rejected)
+    return {d: [r for r in residuals if r["detector"] == d and r["exposure_id"] not in rejected]
+            for d in plan.detectors}
+
+
+def _mosaic_path(ctx: BuildContext, store: Datastore):
+    stem = f"{ctx.calib_type}-{ctx.camera}-{ctx.filter}-{ctx.calib_date}".replace("/", "_")
+    return store.root / "calib" / ctx.camera / ctx.calib_type / f"{stem}-mosaic.png"
+
+
+def _product_image(path: str, calib_type: str):
+    if calib_type == "sky":
+        return BackgroundModel.from_fits(path).evaluate()
+    return read_product(path)[0]
+
+
+def _fmt(value, digits: int):
+    return None if value is None else round(float(value), digits)
 
 
 def _report(ctx: BuildContext, plan, products: list[dict], store: Datastore) -> str:
     """Camera mosaic (FITS + PNG) and Prefect artifacts: a table per detector and the picture."""
     camera = load_camera(ctx.camera)
-    images = {p["detector"]: read_product(p["path"])[0] for p in products}
+    images = {p["detector"]: _product_image(p["path"], ctx.calib_type) for p in products}
     nx = min(camera.detector(d).nx for d in images)
     binning = max(1, nx // 64)
     mosaic = camera_mosaic(camera, images, binning=binning)
-    stem = f"{ctx.calib_type}-{ctx.camera}-{ctx.filter}-{ctx.calib_date}".replace("/", "_")
-    folder = store.root / "calib" / ctx.camera / ctx.calib_type
-    png = folder / f"{stem}-mosaic.png"
-    write_mosaic(mosaic, camera, binning, fits_path=folder / f"{stem}-mosaic.fits", png_path=png,
+    png = _mosaic_path(ctx, store)
+    write_mosaic(mosaic, camera, binning, fits_path=png.with_suffix(".fits"), png_path=png,
                  title=f"{ctx.calib_type} {ctx.filter} {ctx.calib_date}")
     rows = [{"detector": p["detector"], "calib_id": p["calib_id"], "inputs used": p["stats"].get("n_used"),
-             "rejected": p["stats"].get("n_rejected"), "level": round(p["stats"].get("level", float("nan")), 5),
-             "noise": round(p["stats"].get("noise", float("nan")), 5),
-             "clipped fraction": round(p["stats"].get("clipped_fraction", float("nan")), 4)} for p in products]
+             "rejected": p["stats"].get("n_rejected"), "level": _fmt(p["stats"].get("level"), 5),
+             "noise": _fmt(p["stats"].get("noise"), 5),
+             "clipped fraction": _fmt(p["stats"].get("clipped_fraction"), 4)} for p in products]
     key = f"{ctx.calib_type}-{ctx.camera}-{ctx.calib_date}".lower().replace("_", "-").replace("/", "-")
     try:
         create_table_artifact(rows, key=key[:100], description=f"{ctx.calib_type} build {ctx.calib_date}")

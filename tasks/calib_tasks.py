@@ -9,34 +9,41 @@ fails at once with the file named.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
-import os
+import pickle
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from calib_core.background import BackgroundModel
 from calib_core.buildplan import ISR_CALIBS, intermediate_key
-from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, combine_bias, combine_dark, combine_flat,
-                               process_bias, process_dark, process_flat, background_level)
+from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias, combine_calib,
+                               combine_dark, combine_flat, process_bias, process_dark)
 from calib_core.camera import load_camera
 from calib_core.datastore import Datastore, sha256_file
+from calib_core.focalplane import FocalPlaneBackground
+from calib_core.fringe import FringeBuildConfig, prepare_fringe
 from calib_core.maskedimage import MASK_PLANES
 from calib_core.persistent import clear_persistent_cr
-from calib_core.products import provenance_cards, read_product, write_product
-from calib_core.rawio import read_raw
+from calib_core.products import provenance_cards, read_product, write_hdulist, write_product
+from calib_core.rawio import RawReadError, read_raw
 from calib_core.registry import BuildRunRow, Registry
-from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, find_calib, lookup,
-                                        make_calib_id, record_calib)
+from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, find_calib, make_calib_id,
+                                        record_calib)
+from calib_core.science import find_isr_calibs, isr_with_calibs
+from calib_core.sky import (SkyBuildConfig, average_backgrounds, exposure_background, mask_detector,
+                            residual_background)
 
-__all__ = ["BuildContext", "CONFIG_MODELS", "process_exposure_detector", "combine_detector",
-           "start_build_run", "finish_build_run"]
+__all__ = ["BuildContext", "CONFIG_MODELS", "process_exposure_detector", "sky_residual", "combine_detector",
+           "start_build_run", "finish_build_run", "merge_exposure_background", "existing_products"]
 
-CONFIG_MODELS = {"bias": BiasConfig, "dark": DarkConfig, "flat": FlatConfig}
-PRODUCT_EXPTIME = {"bias": 0.0, "dark": 1.0, "flat": 1.0}
+CONFIG_MODELS = {"bias": BiasConfig, "dark": DarkConfig, "flat": FlatConfig, "fringe": FringeBuildConfig,
+                 "sky": SkyBuildConfig}
+PRODUCT_EXPTIME = {"bias": 0.0, "dark": 1.0, "flat": 1.0, "fringe": 1.0, "sky": 1.0}
 
 
 class BuildContext(BaseModel):
@@ -53,6 +60,7 @@ class BuildContext(BaseModel):
     software_version: str
     validity: ValidityRule = ValidityRule()
     build_run_id: int | None = None
+    on_bad_input: str = "fail"          # or "exclude": drop an unreadable exposure and record why
 
     def cfg(self):
         return CONFIG_MODELS[self.calib_type].model_validate(self.config)
@@ -77,18 +85,13 @@ def _transient_only(task, task_run, state) -> bool:
 
 
 def _isr_calibs(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict[str, dict]:
-    isr = ctx.cfg().isr
-    needed = {"bias": isr.doBias, "dark": isr.doDark, "flat": isr.doFlat, "fringe": isr.doFringe}
-    found = {}
-    for calib_type in ISR_CALIBS[ctx.calib_type]:
-        if not needed.get(calib_type):
-            continue
-        hit = lookup(registry, camera=ctx.camera, exposure_id=exposure_id, calib_type=calib_type, detector=detector)
-        if not hit:
-            raise ValueError(f"{ctx.calib_type} build: no certified {calib_type} applies to exposure {exposure_id} "
-                             f"detector {detector}; build and certify one first (calibflow build {calib_type})")
-        found[calib_type] = hit[0]
-    return found
+    """The certified calibs the type's ISR applies (the registry lookup, as any later reduction)."""
+    return find_isr_calibs(registry, ctx.camera, exposure_id, detector, ctx.cfg().isr, ISR_CALIBS[ctx.calib_type],
+                           purpose=f"{ctx.calib_type} build")
+
+
+def _work_dir(ctx: BuildContext, store: Datastore):
+    return store.root / "work" / ctx.camera / ctx.calib_type
 
 
 @task(name="process", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
@@ -109,25 +112,95 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
         return {**json.loads(meta.read_text()), "reused": True}
 
     camera = load_camera(ctx.camera)
-    raw = read_raw(exposure["path"], camera, [detector]).detectors[detector]
+    try:
+        raw = read_raw(exposure["path"], camera, [detector]).detectors[detector]
+    except RawReadError as exc:
+        if ctx.on_bad_input == "exclude":      # deterministic: excluded and recorded, never retried
+            return {"exposure_id": exposure["exposure_id"], "detector": detector, "error": str(exc),
+                    "reused": False}
+        raise
     cfg = ctx.cfg()
-    bias = read_product(calibs["bias"]["path"])[0] if "bias" in calibs else None
-    dark = read_product(calibs["dark"]["path"])[0] if "dark" in calibs else None
-    result = {"exposure_id": exposure["exposure_id"], "detector": detector, "path": str(out)}
+    result = {"exposure_id": exposure["exposure_id"], "detector": detector, "path": str(out),
+              "isr_calibs": {t: c["calib_id"] for t, c in calibs.items()}}
     if ctx.calib_type == "bias":
         mi = process_bias(raw, cfg)
     elif ctx.calib_type == "dark":
+        bias = read_product(calibs["bias"]["path"])[0] if "bias" in calibs else None
         mi = process_dark(raw, bias, exposure["darktime"], cfg)
-    elif ctx.calib_type == "flat":
-        mi, level = process_flat(raw, bias, dark, exposure["darktime"], cfg)
-        result.update(level=level.mean, npoint=level.npoint)
     else:
-        raise ValueError(f"calib type {ctx.calib_type!r} has no process step here yet")
-    result["isr_calibs"] = {t: c["calib_id"] for t, c in calibs.items()}
+        mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+        if ctx.calib_type == "flat":
+            level = background_level(mi, cfg.stats)
+            result.update(level=float(level.mean), npoint=int(level.npoint))
+        elif ctx.calib_type == "fringe":
+            mi, level = prepare_fringe(mi, cfg.fringe)
+            result.update(level=float(level))
+        elif ctx.calib_type == "sky":
+            # first pass of the sky build: objects masked, this detector's share of the exposure's
+            # focal-plane background (merged per exposure at the barrier)
+            sky_cfg = cfg.sky_config(camera)
+            if sky_cfg.do_mask_objects:
+                mask_detector(mi, sky_cfg)
+            fp = FocalPlaneBackground.from_camera(sky_cfg.large_scale, camera)
+            fp.add_detector(camera, camera.detector(detector), mi)
+            partial = out.with_suffix(".fpbg.pkl")
+            store.atomic_write_bytes(partial, pickle.dumps(fp))
+            result.update(partial=str(partial))
+        else:
+            raise ValueError(f"calib type {ctx.calib_type!r} has no process step")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_product(out, mi, {"EXPID": exposure["exposure_id"], "DETECTOR": detector, "OBSTYPE": "postisr"})
     store.atomic_write_bytes(meta, json.dumps(result).encode())
     return {**result, "reused": False}
+
+
+def merge_exposure_background(ctx: BuildContext, exposure_id: str, items: list[dict]) -> dict:
+    """The sky build's per-exposure barrier: merge the detectors' partial focal-plane models and take
+    the exposure's scale (median of the merged model). Cheap (superpixel grids), so the flow runs it
+    inline; the merged model goes to the datastore so the second pass gets it by reference."""
+    store = Datastore(ctx.repo)
+    partials = []
+    for it in items:
+        with open(it["partial"], "rb") as fh:
+            partials.append(pickle.load(fh))
+    background, scale = exposure_background(partials)
+    key = hashlib.sha256(json.dumps(sorted(it["path"] for it in items)).encode()).hexdigest()[:16]
+    path = _work_dir(ctx, store) / f"{exposure_id}-fpbg-{key}.pkl"
+    store.atomic_write_bytes(path, pickle.dumps(background))
+    return {"exposure_id": exposure_id, "background": str(path), "scale": float(scale)}
+
+
+@task(name="sky-residual", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
+      cache_policy=NO_CACHE, task_run_name="sky-residual-{item[exposure_id]}-det{item[detector]}")
+def sky_residual(ctx: BuildContext, item: dict, background: dict) -> dict:
+    """Second pass of the sky build for one (exposure, detector): subtract the exposure's
+    focal-plane model, divide by its scale, measure the 32-px binned residual (written to the
+    datastore; the result carries its path)."""
+    store = Datastore(ctx.repo)
+    key = hashlib.sha256(f"{item['path']}|{background['background']}".encode()).hexdigest()[:16]
+    out = _work_dir(ctx, store) / f"{item['exposure_id']}-det{item['detector']:03d}-resid-{key}.fits"
+    if not out.exists():
+        camera = load_camera(ctx.camera)
+        with open(background["background"], "rb") as fh:
+            fp = pickle.load(fh)
+        mi = read_product(item["path"])[0]
+        model = residual_background(camera, camera.detector(item["detector"]), mi, fp, background["scale"],
+                                    ctx.cfg().sky, in_place=True)
+        write_hdulist(out, model.to_hdulist())
+    return {**item, "residual": str(out), "scale": background["scale"]}
+
+
+def existing_products(registry: Registry, ctx: BuildContext, exposures: list[dict], detectors: list[int]) -> dict:
+    """Products an identical earlier build made (same inputs and config), by detector."""
+    digest = calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash)
+    calib_date = dt.date.fromisoformat(ctx.calib_date)
+    found = {}
+    for d in detectors:
+        hit = find_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter, detector=d,
+                         calib_date=calib_date, digest=digest)
+        if hit:
+            found[d] = hit
+    return found
 
 
 @task(name="combine", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
@@ -148,15 +221,10 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
 
     cfg = ctx.cfg()
     paths = [i["path"] for i in items]
-    if ctx.calib_type == "bias":
-        mi = combine_bias(paths, cfg)
-    elif ctx.calib_type == "dark":
-        clear_persistent_cr(paths)      # hot pixels repeat, cosmic rays do not
-        mi = combine_dark(paths, cfg)
-    else:
-        mi = combine_flat(paths, exp_scales, ccd_scale, cfg)
-    calib_id = make_calib_id(ctx.calib_type, ctx.camera, ctx.filter, calib_date, detector, digest)
     ids = [i["exposure_id"] for i in items]
+    if ctx.calib_type == "sky":            # scales: each exposure's sky level (recorded, already divided out)
+        exp_scales = [float(i["scale"]) for i in items]
+    calib_id = make_calib_id(ctx.calib_type, ctx.camera, ctx.filter, calib_date, detector, digest)
     dates = [dt.datetime.fromisoformat(by_id[e]["date_obs"]) for e in ids]
     cards = provenance_cards(ctx.calib_type, {"calib_id": calib_id, "detector": detector, "filter": ctx.filter,
                                               "calibDate": ctx.calib_date}, ids, dates,
@@ -166,17 +234,35 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     if exp_scales is not None:
         for i, (e, s) in enumerate(zip(ids, exp_scales)):
             cards[f"CALIB_INPUT_SCALE_{i}"] = (float(s), f"exposure scale of {e}")
+    if ccd_scale is not None:
         cards["CCDSCALE"] = float(ccd_scale)
     path = store.root / "calib" / ctx.camera / ctx.calib_type / f"{calib_id}.fits"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_product(path, mi, cards)
 
-    level = background_level(mi)
-    flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
-    stats = {"level": float(level.mean), "noise": float(np.sqrt(max(level.variance, 0.0))),
-             "clipped_fraction": float(1.0 - level.n_used / max(level.npoint, 1)),
-             "bad_fraction": float(flagged.mean()), "n_used": len(items),
-             "n_rejected": len(dropped or {})}
+    if ctx.calib_type == "sky":
+        frame = average_backgrounds([BackgroundModel.from_fits(i["residual"]) for i in items])
+        write_hdulist(path, frame.to_hdulist(), cards)
+        finite = np.isfinite(frame.values)
+        stats = {"level": float(np.median(frame.values[finite])) if finite.any() else None,
+                 "noise": float(np.median(frame.errors[finite])) if finite.any() else None,
+                 "clipped_fraction": None, "bad_fraction": float(1.0 - finite.mean())}
+    else:
+        if ctx.calib_type == "bias":
+            mi = combine_bias(paths, cfg)
+        elif ctx.calib_type == "dark":
+            clear_persistent_cr(paths)      # hot pixels repeat, cosmic rays do not
+            mi = combine_dark(paths, cfg)
+        elif ctx.calib_type == "flat":
+            mi = combine_flat(paths, exp_scales, ccd_scale, cfg)
+        else:                               # fringe: inputs already normalised, no scaling
+            mi = combine_calib(paths, cfg.combine)[0]
+        write_product(path, mi, cards)
+        level = background_level(mi)
+        flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
+        stats = {"level": float(level.mean), "noise": float(np.sqrt(max(level.variance, 0.0))),
+                 "clipped_fraction": float(1.0 - level.n_used / max(level.npoint, 1)),
+                 "bad_fraction": float(flagged.mean())}
+    stats.update(n_used=len(items), n_rejected=len(dropped or {}))
     inputs = [CalibInput(e, scale=None if exp_scales is None else float(exp_scales[i]))
               for i, e in enumerate(ids)]
     inputs += [CalibInput(e, used=False, reason=why) for e, why in (dropped or {}).items()]

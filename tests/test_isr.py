@@ -140,7 +140,7 @@ def test_bias_dark_flat_fringe_chain_and_propagation():
     fringe = MaskedImage(rng.normal(0, 1, shape), np.zeros(shape, np.int32), np.zeros(shape))
     darktime, fscale = 30.0, 4.0
     raw_signal = truth + bias.image + darktime * dark.image + fscale * fringe.image
-    config = IsrConfig(doFringe=True)
+    config = IsrConfig(doFringe=True, fringeAfterFlat=False)
     mi = run_isr(make_raw(raw_signal.astype(np.float32)), config, bias=bias, dark=dark, flat=flat,
                  fringe=fringe, darktime=darktime, fringe_scale=fscale)
     np.testing.assert_allclose(mi.image, truth / flat.image, rtol=1e-5)
@@ -159,6 +159,11 @@ def test_bias_dark_flat_fringe_chain_and_propagation():
     mi2 = run_isr(make_raw(raw_sky.astype(np.float32)), config, bias=bias, dark=dark, flat=flat,
                   fringe=fringe, darktime=darktime)
     np.testing.assert_allclose(mi2.image, sky / flat.image, rtol=1e-4)
+    # the default (ip_isr fringeAfterFlat): the fringe frame is in flat-fielded units
+    raw_after = (sky + fscale * fringe.image) * flat.image + bias.image + darktime * dark.image
+    mi3 = run_isr(make_raw(raw_after.astype(np.float32)), IsrConfig(doFringe=True), bias=bias, dark=dark,
+                  flat=flat, fringe=fringe, darktime=darktime)
+    np.testing.assert_allclose(mi3.image, sky, rtol=1e-4)
 
 
 def test_fit_fringe_scale_with_sky_offset_and_masks():

@@ -1,0 +1,156 @@
+"""ISR with registered calibs, and sky-frame subtraction of a science exposure (no Prefect).
+
+The calib builds and ``calibflow apply-sky`` share :func:`isr_with_calibs`: it takes the calibs
+that :func:`calib_core.registry.calibs.lookup` found for an (exposure, detector) and runs ISR with
+them, so a later build or a science reduction applies exactly what was certified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .background import BackgroundModel
+from .camera import Camera
+from .isr import IsrConfig, run_isr
+from .maskedimage import MaskedImage
+from .products import read_product, write_product
+from .rawio import RawDetector, read_raw
+from .registry import Registry
+from .registry.calibs import lookup
+from .binstats import box_statistics
+from .focalplane import FocalPlaneBackground
+from .maskedimage import mask_bits
+from .sky import SkyBuildConfig, exposure_background, mask_detector, measure_scale, solve_scales, subtract_sky_frame
+
+__all__ = ["ISR_STEP", "find_isr_calibs", "isr_with_calibs", "read_sky_frame", "SkyApplication",
+           "apply_sky"]
+
+# which IsrConfig switch uses which calib type
+ISR_STEP = {"bias": "doBias", "dark": "doDark", "flat": "doFlat", "fringe": "doFringe"}
+# calibs that are applied only where one exists (fringe frames exist for fringing filters only)
+OPTIONAL = ("fringe",)
+
+
+class MissingCalib(ValueError):
+    """No certified calib applies where ISR needs one."""
+
+
+def find_isr_calibs(registry: Registry, camera: str, exposure_id: str, detector: int, isr: IsrConfig,
+                    types=("bias", "dark", "flat", "fringe"), purpose: str = "ISR") -> dict[str, dict]:
+    """The certified calib of each type ISR switches on, for one (exposure, detector).
+
+    Raises
+    ------
+    MissingCalib
+        A required type (not fringe) has no certified product valid for the exposure.
+    """
+    found = {}
+    for calib_type in types:
+        if not getattr(isr, ISR_STEP[calib_type]):
+            continue
+        hit = lookup(registry, camera=camera, exposure_id=exposure_id, calib_type=calib_type, detector=detector)
+        if hit:
+            found[calib_type] = hit[0]
+        elif calib_type not in OPTIONAL:
+            raise MissingCalib(f"{purpose}: no certified {calib_type} applies to exposure {exposure_id} "
+                               f"detector {detector}; build and certify one first (calibflow build {calib_type})")
+    return found
+
+
+def isr_with_calibs(raw: RawDetector, isr: IsrConfig, calibs: Mapping[str, dict], darktime: float | None,
+                    path: str = "") -> MaskedImage:
+    """Run ISR with the calib products in ``calibs`` (rows from the registry); a step whose calib
+    is absent and optional (fringe) is switched off."""
+    images = {t: read_product(c["path"])[0] for t, c in calibs.items()}
+    if isr.doFringe and "fringe" not in images:
+        isr = isr.model_copy(update={"doFringe": False})
+    return run_isr(raw, isr, bias=images.get("bias"), dark=images.get("dark"), flat=images.get("flat"),
+                   fringe=images.get("fringe"), darktime=darktime, path=path)
+
+
+def read_sky_frame(path) -> BackgroundModel:
+    """A sky-frame product (a binned :class:`BackgroundModel` with provenance cards)."""
+    return BackgroundModel.from_fits(path)
+
+
+@dataclass
+class SkyApplication:
+    """Result of :func:`apply_sky` for one exposure."""
+
+    exposure_id: str
+    sky_level: float
+    scale: float
+    error: float
+    n_used: int
+    n_total: int
+    sky_calibs: dict[int, str]
+    outputs: dict[int, Path] = field(default_factory=dict)
+
+
+def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path | None,
+              config: SkyBuildConfig | None = None) -> SkyApplication:
+    """Sky correction of one science exposure (pipe_drivers ``SkyCorrectionTask``): ISR with the
+    certified calibs, object masking, the focal-plane background of the whole exposure subtracted,
+    then the certified sky frame fitted with one scale pooled over the detectors
+    (:func:`calib_core.sky.solve_scales`) and subtracted. The output images are sky-free.
+
+    Parameters
+    ----------
+    exposure : dict
+        A registry row (:meth:`Registry.query_exposures`).
+    out_dir : Path or None
+        Where the corrected detector images go (``<exposure>-det<NNN>-skysub.fits``); None writes
+        nothing.
+    """
+    cfg = config or SkyBuildConfig()
+    sky_cfg = cfg.sky_config(camera)
+    eid = exposure["exposure_id"]
+    raw = read_raw(exposure["path"], camera)
+    images, skies, ids = {}, {}, {}
+    for det_id, rd in sorted(raw.detectors.items()):
+        sky = lookup(registry, camera=camera.name, exposure_id=eid, calib_type="sky", detector=det_id)
+        if not sky:
+            raise MissingCalib(f"apply-sky: no certified sky frame applies to exposure {eid} detector {det_id} "
+                               f"(filter {exposure['filter']}); build one first (calibflow build sky)")
+        calibs = find_isr_calibs(registry, camera.name, eid, det_id, cfg.isr, purpose="apply-sky")
+        images[det_id] = isr_with_calibs(rd, cfg.isr, calibs, exposure.get("darktime"), path=exposure["path"])
+        skies[det_id] = read_sky_frame(sky[0]["path"]).evaluate()
+        ids[det_id] = sky[0]["calib_id"]
+    # objects are found on each image minus the frame at a provisional scale (the clipped sky
+    # level), so the frame's own structure is not masked as objects (as skyquality does)
+    stats_bits = mask_bits(cfg.sky.stats.mask)
+    level = float(np.median([box_statistics(mi.image, mi.mask, stats_bits, [[0, mi.shape[0], 0, mi.shape[1]]],
+                                            "MEANCLIP")[0, 0] for mi in images.values()]))
+    partials = []
+    for det_id, mi in images.items():
+        if cfg.do_mask_objects:
+            provisional = np.float32(level) * skies[det_id]
+            mi.image -= provisional
+            mask_detector(mi, sky_cfg)
+            mi.image += provisional
+        fp = FocalPlaneBackground.from_camera(sky_cfg.large_scale, camera)
+        fp.add_detector(camera, camera.detector(det_id), mi)
+        partials.append(fp)
+    # the large-scale (moonlight) background of the whole focal plane, then the sky frame
+    background, sky_level = exposure_background(partials)
+    for det_id, mi in images.items():
+        mi -= background.to_detector_background(camera, camera.detector(det_id)).evaluate()
+    sol = solve_scales([measure_scale(mi, skies[d], cfg.sky) for d, mi in images.items()], cfg.sky)
+    for d, mi in images.items():
+        subtract_sky_frame(mi, skies[d], sol.scale)
+    result = SkyApplication(eid, sky_level, sol.scale, sol.error, sol.n_used, sol.n_total, ids)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for det_id, mi in images.items():
+            target = out_dir / f"{eid}-det{det_id:03d}-skysub.fits"
+            write_product(target, mi, {"EXPID": eid, "DETECTOR": det_id, "FILTER": exposure["filter"],
+                                       "SKYCALIB": ids[det_id], "SKYSCALE": (sol.scale, "fitted sky-frame scale"),
+                                       "SKYSCERR": (sol.error, "its standard error"),
+                                       "SKYLEVEL": (sky_level, "median of the focal-plane background")})
+            result.outputs[det_id] = target
+    return result

@@ -1,0 +1,147 @@
+"""The nightly flow: for one night, find what was ingested, decide what to build, and build it in
+dependency order - bias, then dark, then flat (per filter), then fringe (fringing filters) and sky
+(per filter) - each build's ISR using what was certified before it. Products are certified as they
+are recorded (validity: calib date -N/+M days). Rerunning a night builds nothing new: each build
+finds its identical earlier products (same inputs, same config) and returns them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from calib_core.buildplan import INPUT_TYPE
+from calib_core.camera import load_camera
+from calib_core.datastore import Datastore
+from calib_core.registry import Registry
+
+from .build import build_calib
+
+__all__ = ["nightly", "NightlyPolicy", "plan_night", "default_night"]
+
+ORDER = ("bias", "dark", "flat", "fringe", "sky")
+
+
+class NightlyPolicy(BaseModel):
+    """What the nightly flow builds from a night's exposures."""
+
+    types: list[Literal["bias", "dark", "flat", "fringe", "sky"]] = Field(
+        default_factory=lambda: list(ORDER), description="calib types to consider, built in dependency order")
+    min_inputs: dict[str, int] = Field(
+        default_factory=lambda: {"bias": 3, "dark": 3, "flat": 3, "fringe": 3, "sky": 5},
+        description="fewest exposures of the right kind (per filter for flat, fringe and sky) worth a build")
+    fringe_filters: list[str] = Field(default_factory=lambda: ["z", "y", "Y"],
+                                      description="filters with fringes: a fringe frame is built for these only")
+    validity_days_before: float = Field(15.0, ge=0, description="products valid from calib date minus this")
+    validity_days_after: float = Field(15.0, ge=0, description="... until calib date plus this")
+    on_bad_input: Literal["fail", "exclude"] = Field(
+        "exclude", description="an unreadable raw is excluded and recorded (unattended runs), or fails its build")
+
+
+def default_night(camera_name: str, now: dt.datetime | None = None) -> str:
+    """Last night at the camera's site: the local date 12 hours ago (nights are named by their
+    evening), so a run on the morning after gets the night just ended."""
+    cam = load_camera(camera_name)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    local = now.astimezone(dt.timezone.utc) + dt.timedelta(hours=cam.utc_offset_hours)
+    return (local - dt.timedelta(hours=12)).date().isoformat()
+
+
+def plan_night(registry: Registry, camera: str, night: str, policy: NightlyPolicy) -> list[dict]:
+    """The builds for a night, in dependency order: ``{type, filter, n_inputs, action, reason}``
+    with action ``build`` or ``skip``."""
+    rows = registry.query_exposures(camera=camera, night=night)
+    steps = []
+    for calib_type in ORDER:
+        if calib_type not in policy.types:
+            continue
+        kind = [r for r in rows if r["obs_type"] == INPUT_TYPE[calib_type]]
+        if calib_type in ("bias", "dark"):
+            groups = {None: kind} if kind else {}
+        else:
+            groups = {}
+            for r in kind:
+                groups.setdefault(r["filter"], []).append(r)
+            if calib_type == "fringe":
+                groups = {f: g for f, g in groups.items() if f in policy.fringe_filters}
+        need = policy.min_inputs.get(calib_type, 1)
+        for filt, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            ok = len(group) >= need
+            steps.append({"type": calib_type, "filter": filt, "n_inputs": len(group),
+                          "action": "build" if ok else "skip",
+                          "reason": "" if ok else f"{len(group)} {INPUT_TYPE[calib_type]} exposures < {need}"})
+    return steps
+
+
+@flow(name="nightly-calibs", log_prints=True)
+def nightly(night: str | None = None, camera: str = "democam", repo: str = "calibrepo",
+            registry_url: str | None = None, policy: NightlyPolicy | None = None,
+            runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None) -> dict:
+    """Build every calib a night's exposures allow, in dependency order, and report what was built.
+
+    ``night`` defaults to last night at the camera's site. Each build is a subflow (``build-calib``);
+    a failed build is reported and the flow fails at the end, after the builds that do not depend
+    on it have run.
+    """
+    log = get_run_logger()
+    policy = policy or NightlyPolicy()
+    night = night or default_night(camera)
+    store = Datastore(repo)
+    url = registry_url or store.default_registry_url
+    registry = Registry.open(url)
+    registry.check_ready()
+    steps = plan_night(registry, camera, night, policy)
+    if not steps:
+        log.warning("night %s: no exposures of camera %s in the registry; nothing to build", night, camera)
+    failed_types = set()
+    for step in steps:
+        if step["action"] != "build":
+            log.info("skip %s %s: %s", step["type"], step["filter"] or "", step["reason"])
+            continue
+        blocked = {"dark": {"bias"}, "flat": {"bias", "dark"}, "fringe": {"bias", "dark", "flat"},
+                   "sky": {"bias", "dark", "flat", "fringe"}}.get(step["type"], set()) & failed_types
+        try:
+            result = build_calib(step["type"], camera=camera, night=night, filter=step["filter"], repo=str(store.root),
+                                 registry_url=registry_url, validity_days_before=policy.validity_days_before,
+                                 validity_days_after=policy.validity_days_after, on_bad_input=policy.on_bad_input,
+                                 runner=runner, dask_address=dask_address)
+        except Exception as exc:
+            failed_types.add(step["type"])
+            step.update(action="failed", reason=f"{type(exc).__name__}: {exc}"
+                        + (f" (after failed {', '.join(sorted(blocked))})" if blocked else ""))
+            log.error("%s %s failed: %s", step["type"], step["filter"] or "", exc)
+            continue
+        step.update(action="built" if result["created"] else "existing", created=result["created"],
+                    products=[p["calib_id"] for p in result["products"]], dropped=result["dropped"],
+                    valid=[result["products"][0]["valid_begin"], result["products"][0]["valid_end"]],
+                    mosaic=result["mosaic_png"])
+        log.info("%s %s: %d new products, %d already built", step["type"], step["filter"] or "",
+                 result["created"], len(result["products"]) - result["created"])
+    summary = {"night": night, "camera": camera, "steps": steps,
+               "created": sum(s.get("created", 0) for s in steps)}
+    _artifact(summary)
+    failed = [s for s in steps if s["action"] == "failed"]
+    if failed:
+        raise RuntimeError(f"night {night}: {len(failed)} build(s) failed: "
+                           + "; ".join(f"{s['type']} {s['filter'] or ''}: {s['reason']}" for s in failed))
+    return summary
+
+
+def _artifact(summary: dict) -> None:
+    lines = [f"## Nightly calibs, {summary['camera']}, night {summary['night']}", "",
+             "| type | filter | inputs | action | new products | note |", "|---|---|---|---|---|---|"]
+    for s in summary["steps"]:
+        note = s.get("reason") or (f"valid {s['valid'][0]} .. {s['valid'][1]}" if s.get("valid") else "")
+        if s.get("dropped"):
+            note += f"; excluded {', '.join(s['dropped'])}"
+        lines.append(f"| {s['type']} | {s['filter'] or '-'} | {s['n_inputs']} | {s['action']} | "
+                     f"{s.get('created', 0)} | {note} |")
+    try:
+        key = f"nightly-{summary['camera']}-{summary['night']}".lower().replace("_", "-")
+        create_markdown_artifact("\n".join(lines), key=key[:100], description="what the nightly flow built")
+    except Exception as exc:  # a convenience; never fail the night on it
+        get_run_logger().warning("could not create the nightly artifact: %s", exc)
