@@ -51,11 +51,11 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
           camera: str = typer.Option("democam", "--camera", envvar="CALIBFLOW_CAMERA",
                                      help="default camera of the deployments"),
           nightly_cron: Optional[str] = typer.Option(None, "--nightly-cron", envvar="CALIBFLOW_NIGHTLY_CRON",
-                                                     help="cron of the nightly deployment [default: 0 9 * * *, "
-                                                          "the morning after the night]"),
+                                                     help="cron of the nightly deployment [default: 09:00 at the "
+                                                          "site, the morning after the night]"),
           timezone: Optional[str] = typer.Option(None, "--timezone", envvar="CALIBFLOW_TIMEZONE",
-                                                 help="IANA time zone of the cron [default: the camera's site "
-                                                      "time zone, else UTC]"),
+                                                 help="IANA time zone the cron is read in [default: UTC, the "
+                                                      "cron derived from the camera's utc_offset_hours]"),
           limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most this many runs at once")):
     """Serve every deployment (one per calib type, plus the nightly schedule) from this process."""
     from pydantic import ValidationError
@@ -64,13 +64,12 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
     cli._prefect_env()
     url = _api_url()
     store, _ = cli._open_repo(repo, registry_url)
-    cam = cli._load_camera(camera)
-    from deployments.definitions import NIGHTLY_CRON, DeploymentSettings, make_deployments
+    cli._load_camera(camera)
+    from deployments.definitions import DeploymentSettings, make_deployments
 
     try:
         settings = DeploymentSettings(repo=store.root, registry_url=registry_url or None, camera=camera,
-                                      nightly_cron=nightly_cron or NIGHTLY_CRON,
-                                      timezone=timezone or getattr(cam, "timezone", None) or "UTC")
+                                      nightly_cron=nightly_cron or None, timezone=timezone or None)
     except ValidationError as exc:
         cli._fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
     # the flow runs are child processes of this one: they see the same repository whatever their cwd
@@ -80,8 +79,9 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
     deployments = make_deployments(settings)
     cli.console.print(f"serving {len(deployments)} deployments on {url} for repository {settings.repo} "
                       f"(registry {settings.registry_url or 'SQLite inside it'}, camera {camera})")
+    cron, zone = settings.nightly_schedule()
     for d in deployments:
-        when = (f"cron {settings.nightly_cron!r} in {settings.timezone}" if d.schedules else "on demand")
+        when = f"cron {cron!r} in {zone}" if d.schedules else "on demand"
         cli.console.print(f"  {d.flow_name}/{d.name}: {when}", highlight=False)
     from prefect import serve as prefect_serve
 
@@ -167,7 +167,7 @@ def check_parameters(params: dict, deployment_parameters: dict, schema: dict | N
         try:
             from prefect.flows import load_flow_from_entrypoint
 
-            flow = load_flow_from_entrypoint(entrypoint)
+            flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
         except Exception:  # the flow's code is not installed here: the server's check is what we have
             flow = None
         if flow is not None:

@@ -18,7 +18,7 @@ directory. ``calibflow serve`` pins both as absolute parameter defaults of its d
 # (the config model of each calib type) for Prefect's parameter schema.
 
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 from prefect import Flow, flow
@@ -26,7 +26,8 @@ from prefect import Flow, flow
 from flows.build import build_calib
 from tasks.calib_tasks import CONFIG_MODELS
 
-__all__ = ["BUILD_FLOWS", "build_bias", "build_dark", "build_flat", "resolve_repo"]
+__all__ = ["BUILD_FLOWS", "build_bias", "build_dark", "build_flat", "build_fringe", "build_sky", "resolve_repo",
+           "NightStr", "ARGS_DOC"]
 
 NightStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 DateStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?)?$")]
@@ -39,7 +40,7 @@ _SUMMARY = {
     "sky": "Build sky frames for one filter: object-masked, focal-plane-background-normalised science exposures.",
 }
 
-_ARGS = """
+ARGS_DOC = """
 Args:
     night: observing night YYYY-MM-DD (the local date of the evening); selects the exposures
     camera: camera name (a built-in camera or a YAML file on the serving machine)
@@ -51,6 +52,9 @@ Args:
     calib_date: date of the product (YYYY-MM-DD); default the date of the inputs
     validity_days_before: validity of the product before its calib date, days
     validity_days_after: validity of the product after its calib date, days
+    on_bad_input: an exposure whose raw cannot be read fails the build, or is excluded and recorded
+    runner: where the tasks run: threads (default), processes, or dask
+    dask_address: with runner dask, tcp://host:8786 of an existing scheduler; empty starts a local cluster
     repo: repository folder; empty means CALIBFLOW_REPO of the process running the flow, else ./calibrepo
     registry_url: SQLAlchemy URL of the registry; empty means CALIBFLOW_REGISTRY_URL, else SQLite inside the repository
 """
@@ -72,22 +76,28 @@ def _build_flow(calib_type: str) -> Flow:
               config: model = model(), drop_incomplete: bool = False, calib_date: DateStr | None = None,
               validity_days_before: Annotated[float, Field(ge=0)] = 15.0,
               validity_days_after: Annotated[float, Field(ge=0)] = 15.0,
+              on_bad_input: Literal["fail", "exclude"] = "fail",
+              runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None,
               repo: str | None = None, registry_url: str | None = None) -> dict:
         repo, registry_url = resolve_repo(repo, registry_url)
         return build_calib.fn(calib_type, camera=camera, night=night, exposures=exposures or None,
                               filter=filter, detectors=detectors or None, repo=repo, registry_url=registry_url,
                               config=config.model_dump(mode="json"), drop_incomplete=drop_incomplete,
                               calib_date=calib_date, validity_days_before=validity_days_before,
-                              validity_days_after=validity_days_after)
+                              validity_days_after=validity_days_after, on_bad_input=on_bad_input,
+                              runner=runner, dask_address=dask_address)
 
     build.__name__ = build.__qualname__ = f"build_{calib_type}"
-    build.__doc__ = _SUMMARY[calib_type] + "\n" + _ARGS.format(calib_type=calib_type)
+    build.__doc__ = _SUMMARY[calib_type] + "\n" + ARGS_DOC.format(calib_type=calib_type)
     return flow(build, name="build-calib", description=_SUMMARY[calib_type], log_prints=True)
 
 
 build_bias = _build_flow("bias")
 build_dark = _build_flow("dark")
 build_flat = _build_flow("flat")
+build_fringe = _build_flow("fringe")
+build_sky = _build_flow("sky")
 
 #: calib type -> its entry flow, in build order
-BUILD_FLOWS: dict[str, Flow] = {"bias": build_bias, "dark": build_dark, "flat": build_flat}
+BUILD_FLOWS: dict[str, Flow] = {"bias": build_bias, "dark": build_dark, "flat": build_flat,
+                                "fringe": build_fringe, "sky": build_sky}
