@@ -545,5 +545,10 @@ def main():  # pragma: no cover
     app()
 
 
+from . import ops as _ops  # noqa: E402  (serve, trigger: the deployments on a Prefect server)
+
+_ops.register(app)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,284 @@
+"""``calibflow serve`` and ``calibflow trigger``: the deployments on a running Prefect server.
+
+Both need a long-running ``prefect server start`` and ``PREFECT_API_URL`` pointing at it: an
+embedded (ephemeral) Prefect API has no scheduler, no UI and does not see runs of other processes
+(PREFECT_NOTES.md 6a).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+__all__ = ["register", "parse_params", "check_parameters"]
+
+TERMINAL_OK = "COMPLETED"
+
+
+def _cli():
+    from . import cli  # the CLI module registers these commands, so import it lazily
+
+    return cli
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        _cli()._fail("PREFECT_API_URL is not set: start a server (`prefect server start`) and "
+                     "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (an embedded Prefect API has no "
+                     "scheduler, UI or shared runs)")
+    return url
+
+
+# ------------------------------------------------------------------------------------------------
+# serve
+# ------------------------------------------------------------------------------------------------
+
+
+def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_REPO",
+                                              help="repository folder the runs use [default: ./calibrepo]; "
+                                                   "made absolute here"),
+          registry_url: Optional[str] = typer.Option(None, "--registry-url", envvar="CALIBFLOW_REGISTRY_URL",
+                                                     help="SQLAlchemy URL of the registry [default: SQLite "
+                                                          "inside the repository]"),
+          camera: str = typer.Option("democam", "--camera", envvar="CALIBFLOW_CAMERA",
+                                     help="default camera of the deployments"),
+          nightly_cron: Optional[str] = typer.Option(None, "--nightly-cron", envvar="CALIBFLOW_NIGHTLY_CRON",
+                                                     help="cron of the nightly deployment [default: 09:00 at the "
+                                                          "site, the morning after the night]"),
+          timezone: Optional[str] = typer.Option(None, "--timezone", envvar="CALIBFLOW_TIMEZONE",
+                                                 help="IANA time zone the cron is read in [default: UTC, the "
+                                                      "cron derived from the camera's utc_offset_hours]"),
+          limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most this many runs at once")):
+    """Serve every deployment (one per calib type, plus the nightly schedule) from this process."""
+    from pydantic import ValidationError
+
+    cli = _cli()
+    cli._prefect_env()
+    url = _api_url()
+    store, _ = cli._open_repo(repo, registry_url)
+    cli._load_camera(camera)
+    from deployments.definitions import DeploymentSettings, make_deployments
+
+    try:
+        settings = DeploymentSettings(repo=store.root, registry_url=registry_url or None, camera=camera,
+                                      nightly_cron=nightly_cron or None, timezone=timezone or None)
+    except ValidationError as exc:
+        cli._fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+    # the flow runs are child processes of this one: they see the same repository whatever their cwd
+    os.environ["CALIBFLOW_REPO"] = str(settings.repo)
+    if settings.registry_url:
+        os.environ["CALIBFLOW_REGISTRY_URL"] = settings.registry_url
+    deployments = make_deployments(settings)
+    cli.console.print(f"serving {len(deployments)} deployments on {url} for repository {settings.repo} "
+                      f"(registry {settings.registry_url or 'SQLite inside it'}, camera {camera})")
+    cron, zone = settings.nightly_schedule()
+    for d in deployments:
+        when = f"cron {cron!r} in {zone}" if d.schedules else "on demand"
+        cli.console.print(f"  {d.flow_name}/{d.name}: {when}", highlight=False)
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments, limit=limit, print_starting_message=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# trigger
+# ------------------------------------------------------------------------------------------------
+
+
+def _string_only(schema: dict, definitions: dict) -> bool:
+    """True when a property accepts strings (and null) only, so ``key=123`` means the text "123"."""
+    if "$ref" in schema:
+        schema = definitions.get(schema["$ref"].rsplit("/", 1)[-1], {})
+    options = schema.get("anyOf", [schema])
+    types = {o.get("type") for o in options}
+    return "string" in types and types <= {"string", "null"}
+
+
+def parse_params(items: list[str], schema: dict | None = None) -> dict[str, Any]:
+    """``key=value`` pairs to a parameter dict: values are JSON where they parse (``3``, ``true``,
+    ``["r","z"]``), else text; dotted keys (``config.combine.statistic=MEDIAN``) build nested dicts."""
+    props = (schema or {}).get("properties", {})
+    definitions = (schema or {}).get("definitions", {})
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--param expects key=value, got {item!r}")
+        parts = key.split(".")
+        if len(parts) == 1 and key in props and _string_only(props[key], definitions):
+            value: Any = raw
+        else:
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--param {key}: {part!r} was given a value already")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check_parameters(params: dict, deployment_parameters: dict, schema: dict | None,
+                     entrypoint: str | None = None) -> dict:
+    """The parameters a run would get, or ValueError with every problem: unknown names, the
+    deployment's JSON schema (what the server enforces) and, where the flow can be imported here,
+    the flow's own pydantic validation (what the run would do first)."""
+    problems = []
+    props = (schema or {}).get("properties", {})
+    if props:
+        unknown = sorted(set(params) - set(props))
+        if unknown:
+            problems.append(f"unknown parameter(s) {', '.join(unknown)}; this deployment takes: "
+                            f"{', '.join(props)}")
+    merged = _deep_merge(deployment_parameters or {}, params)
+    if schema and not problems:
+        import jsonschema
+
+        from jsonschema.exceptions import best_match
+
+        validator = jsonschema.Draft202012Validator(schema)
+        for e in sorted(validator.iter_errors(merged), key=lambda e: [str(p) for p in e.absolute_path]):
+            e = best_match([e])  # the failing branch of an anyOf (say a pattern), not "not valid under any"
+            where = ".".join(str(p) for p in e.absolute_path) or "(parameters)"
+            problems.append(f"{where}: {e.message}")
+    if entrypoint and not problems:
+        from pydantic import ValidationError
+
+        try:
+            from prefect.flows import load_flow_from_entrypoint
+
+            flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
+        except Exception:  # the flow's code is not installed here: the server's check is what we have
+            flow = None
+        if flow is not None:
+            from prefect.exceptions import ParameterTypeError
+
+            try:
+                flow.validate_parameters(merged)
+            except (ParameterTypeError, ValidationError) as exc:
+                problems.append(str(exc))
+            except Exception as exc:  # a validator that raised something other than ValueError
+                problems.append(f"{type(exc).__name__}: {exc}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return merged
+
+
+def _find_deployment(client, name: str):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.exceptions import ObjectNotFound
+
+    cli = _cli()
+    if "/" in name:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            pass
+        candidates = []
+    else:
+        candidates = client.read_deployments(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=[name])))
+        if len(candidates) == 1:
+            return candidates[0]
+    known = sorted(f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments())
+    if len(candidates) > 1:
+        cli._fail(f"deployment name {name!r} is ambiguous: use one of "
+                  f"{', '.join(k for k in known if k.endswith('/' + name))}")
+    cli._fail(f"no deployment {name!r} on this server; deployments: {', '.join(known) or 'none'} "
+              "(is `calibflow serve` running?)")
+
+
+def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-calib/bias) or a unique "
+                                                        "deployment name (bias)"),
+            params: Optional[list[str]] = typer.Option(None, "--param", "-p",
+                                                       help="key=value (repeat); JSON values, dotted keys "
+                                                            "for nested config: config.combine.statistic=MEDIAN"),
+            watch: bool = typer.Option(False, "--watch", help="follow the run to its end; exit 1 unless "
+                                                              "it completed"),
+            interval: float = typer.Option(2.0, "--interval", min=0.1, help="seconds between polls with --watch"),
+            timeout: Optional[float] = typer.Option(None, "--timeout", help="with --watch: give up after this "
+                                                                            "many seconds (exit 2)")):
+    """Start a run of a deployment on the Prefect server; print its id and link."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.utilities.urls import url_for
+
+    cli = _cli()
+    cli._prefect_env()
+    api = _api_url()
+    try:
+        with get_client(sync_client=True) as client:
+            dep = _find_deployment(client, deployment)
+            flow_name = client.read_flow(dep.flow_id).name
+            full = f"{flow_name}/{dep.name}"
+            schema = dep.parameter_openapi_schema or {}
+            try:
+                given = parse_params(params or [], schema)
+                merged = check_parameters(given, dep.parameters, schema, dep.entrypoint)
+            except ValueError as exc:
+                cli._fail(f"invalid parameters for {full}:\n{exc}")
+            try:
+                run = client.create_flow_run_from_deployment(dep.id, parameters=given)
+            except httpx.HTTPStatusError as exc:
+                try:
+                    detail = exc.response.json().get("detail", exc.response.text)
+                except ValueError:
+                    detail = exc.response.text
+                cli._fail(f"the server refused the run of {full}: {detail}")
+            link = url_for("flow-run", obj_id=run.id)
+            cli.console.print(f"flow run {run.name} of {full}: {run.id}", highlight=False)
+            cli.console.print(f"  {link}", highlight=False)
+            cli.console.print(f"  parameters: {json.dumps(merged, sort_keys=True)}", highlight=False, soft_wrap=True)
+            if not watch:
+                return
+            _watch(client, run.id, interval, timeout)
+    except httpx.ConnectError as exc:
+        cli._fail(f"cannot reach the Prefect server at {api}: {exc}")
+
+
+def _watch(client, run_id, interval: float, timeout: Optional[float]) -> None:
+    cli = _cli()
+    t0 = time.monotonic()
+    last = None
+    while True:
+        run = client.read_flow_run(run_id)
+        state = run.state
+        if state is not None and (state.type, state.name) != last:
+            last = (state.type, state.name)
+            stamp = state.timestamp.astimezone().strftime("%H:%M:%S") if state.timestamp else ""
+            cli.console.print(f"  {stamp} {state.name}", highlight=False)
+        if state is not None and state.is_final():
+            if state.type.value == TERMINAL_OK:
+                cli.console.print(f"flow run {run.name} completed")
+                return
+            cli._fail(f"flow run {run.name} ended {state.name}: {state.message or ''}".rstrip(": "))
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            cli.err.print(f"flow run {run.name} is still {state.name if state else 'pending'} after "
+                          f"{timeout:g} s; it goes on, not watching any longer")
+            raise typer.Exit(2)
+        time.sleep(interval)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command()(trigger)

@@ -1,0 +1,103 @@
+"""One typed entry flow per calib type, so that each deployment's form shows that type's config.
+
+``flows.build.build_calib`` takes ``calib_type`` and a free ``config`` dict, which the Prefect UI can
+only show as a JSON box, and which the server cannot check before a run starts. The flows here
+have the same parameters minus ``calib_type`` (fixed), with ``config`` typed as the calib type's
+pydantic model: the deployment's parameter schema then carries every field, its default, bounds and
+choices, the UI renders it as a form, and the server refuses a bad value when a run is created.
+Each flow keeps the Prefect name ``build-calib`` (deployments appear as ``build-calib/bias`` ...)
+and runs ``build_calib``'s body in its own flow run, so a deployment run is one flow run.
+
+``repo`` and ``registry_url`` default to None, meaning what the ``calibflow`` CLI uses:
+``CALIBFLOW_REPO`` / ``CALIBFLOW_REGISTRY_URL`` in the environment of the process that runs the flow
+(the serve process or the worker), else ``./calibrepo`` relative to that process's working
+directory. ``calibflow serve`` pins both as absolute parameter defaults of its deployments.
+"""
+
+# No ``from __future__ import annotations``: the flow signatures below must carry real types
+# (the config model of each calib type) for Prefect's parameter schema.
+
+import os
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+from prefect import Flow, flow
+
+from flows.build import build_calib
+from tasks.calib_tasks import CONFIG_MODELS
+
+__all__ = ["BUILD_FLOWS", "build_bias", "build_dark", "build_flat", "build_fringe", "build_sky", "resolve_repo",
+           "NightStr", "ARGS_DOC"]
+
+NightStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+DateStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?)?$")]
+
+_SUMMARY = {
+    "bias": "Build bias frames: ISR without calibs, clipped-mean stack per detector.",
+    "dark": "Build dark frames (ADU per second of dark time): ISR with the certified bias, cosmic rays masked.",
+    "flat": "Build flat fields for one filter: CCD x exposure scale solve, then a scaled stack per detector.",
+    "fringe": "Build fringe frames for one filter: background-removed, normalised science exposures, objects masked.",
+    "sky": "Build sky frames for one filter: object-masked, focal-plane-background-normalised science exposures.",
+}
+
+ARGS_DOC = """
+Args:
+    night: observing night YYYY-MM-DD (the local date of the evening); selects the exposures
+    camera: camera name (a built-in camera or a YAML file on the serving machine)
+    filter: filter of the exposures; needed where the night has several
+    exposures: explicit exposure ids instead of (or within) the night
+    detectors: detector ids to build; empty means all detectors of the camera
+    config: {calib_type} configuration; every field has the reference default
+    drop_incomplete: drop exposures that lack some detectors (recorded) instead of failing
+    calib_date: date of the product (YYYY-MM-DD); default the date of the inputs
+    validity_days_before: validity of the product before its calib date, days
+    validity_days_after: validity of the product after its calib date, days
+    on_bad_input: an exposure whose raw cannot be read fails the build, or is excluded and recorded
+    runner: where the tasks run: threads (default), processes, or dask
+    dask_address: with runner dask, tcp://host:8786 of an existing scheduler; empty starts a local cluster
+    repo: repository folder; empty means CALIBFLOW_REPO of the process running the flow, else ./calibrepo
+    registry_url: SQLAlchemy URL of the registry; empty means CALIBFLOW_REGISTRY_URL, else SQLite inside the repository
+"""
+
+
+def resolve_repo(repo: str | None, registry_url: str | None) -> tuple[str, str | None]:
+    """The repository folder and registry URL as the CLI resolves them (explicit, environment, default)."""
+    from calib_core.datastore import DEFAULT_REPO
+
+    repo = repo or os.environ.get("CALIBFLOW_REPO") or DEFAULT_REPO
+    return os.path.abspath(repo), registry_url or os.environ.get("CALIBFLOW_REGISTRY_URL") or None
+
+
+def _build_flow(calib_type: str) -> Flow:
+    model: type[BaseModel] = CONFIG_MODELS[calib_type]
+
+    def build(night: NightStr | None = None, camera: str = "democam", filter: str | None = None,
+              exposures: list[str] | None = None, detectors: list[int] | None = None,
+              config: model = model(), drop_incomplete: bool = False, calib_date: DateStr | None = None,
+              validity_days_before: Annotated[float, Field(ge=0)] = 15.0,
+              validity_days_after: Annotated[float, Field(ge=0)] = 15.0,
+              on_bad_input: Literal["fail", "exclude"] = "fail",
+              runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None,
+              repo: str | None = None, registry_url: str | None = None) -> dict:
+        repo, registry_url = resolve_repo(repo, registry_url)
+        return build_calib.fn(calib_type, camera=camera, night=night, exposures=exposures or None,
+                              filter=filter, detectors=detectors or None, repo=repo, registry_url=registry_url,
+                              config=config.model_dump(mode="json"), drop_incomplete=drop_incomplete,
+                              calib_date=calib_date, validity_days_before=validity_days_before,
+                              validity_days_after=validity_days_after, on_bad_input=on_bad_input,
+                              runner=runner, dask_address=dask_address)
+
+    build.__name__ = build.__qualname__ = f"build_{calib_type}"
+    build.__doc__ = _SUMMARY[calib_type] + "\n" + ARGS_DOC.format(calib_type=calib_type)
+    return flow(build, name="build-calib", description=_SUMMARY[calib_type], log_prints=True)
+
+
+build_bias = _build_flow("bias")
+build_dark = _build_flow("dark")
+build_flat = _build_flow("flat")
+build_fringe = _build_flow("fringe")
+build_sky = _build_flow("sky")
+
+#: calib type -> its entry flow, in build order
+BUILD_FLOWS: dict[str, Flow] = {"bias": build_bias, "dark": build_dark, "flat": build_flat,
+                                "fringe": build_fringe, "sky": build_sky}

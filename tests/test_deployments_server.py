@@ -1,0 +1,440 @@
+"""The deployments on a real ``prefect server start`` (telemetry off, 127.0.0.1, a free port):
+``calibflow serve``, ``calibflow trigger --watch``, the nightly schedule, a run started from the
+Prefect UI's form in headless Chromium, and ``prefect deploy --all`` with a process worker.
+
+One server and one serve process for the module; every process started here runs in its own
+process group, which is stopped (SIGTERM twice, then SIGKILL) whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+from calib_core.camera import load_camera
+from calib_core.datastore import Datastore
+from calib_core.ingest import ingest_files
+from calib_core.registry import Registry
+from calib_core.registry.calibs import list_calibs
+from calib_core.simulate import simulate_night
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NIGHT = "2026-11-20"
+CAMERA = "democam_mini"
+SITE_TZ = "America/Santiago"          # served with --timezone: the nightly cron follows Chile's DST
+SCHEDULED_RUNS = 380                  # > a year of daily runs: both DST changes of the zone are crossed
+UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+# ------------------------------------------------------------------------------------------------
+# processes
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A background command in its own process group, with its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict, log: Path, cwd: Path | None = None):
+        self.args, self.log = args, log
+        self._fh = open(log, "wb")
+        # SIGINT at its default: a process worker inherits SIG_IGN from a non-interactive shell
+        # and then needs two SIGTERMs (PREFECT_NOTES.md 6b); stop() sends two anyway.
+        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            if not self.alive():
+                break
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.popen.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        try:   # children of the group (flow-run processes) that outlived their parent
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._fh.close()
+
+
+def _wait_for(what: str, check, timeout: float, proc: Proc | None = None, interval: float = 0.5):
+    t0 = time.monotonic()
+    while True:
+        try:
+            value = check()
+        except (httpx.HTTPError, OSError):
+            value = None
+        if value:
+            return value
+        if proc is not None and not proc.alive():
+            pytest.fail(f"{what}: {' '.join(proc.args[:3])} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"{what}: not within {timeout:.0f} s" + (f"\n{proc.tail()}" if proc else ""))
+        time.sleep(interval)
+
+
+class Server:
+    def __init__(self, url: str, env: dict):
+        self.url, self.api, self.env = url, f"{url}/api", env
+        self.http = httpx.Client(base_url=self.api, timeout=30)
+
+    def deployment(self, name: str) -> dict:
+        r = self.http.get(f"/deployments/name/{name}")
+        r.raise_for_status()
+        return r.json()
+
+    def flow_runs(self, deployment_id: str, states: list[str] | None = None) -> list[dict]:
+        """Every flow run of a deployment, in expected start order (pages of 200, the API's limit)."""
+        out: list[dict] = []
+        while True:
+            body = {"deployments": {"id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC",
+                    "limit": 200, "offset": len(out)}
+            if states:
+                body["flow_runs"] = {"state": {"type": {"any_": states}}}
+            r = self.http.post("/flow_runs/filter", json=body)
+            r.raise_for_status()
+            page = r.json()
+            out += page
+            if len(page) < 200:
+                return out
+
+    def flow_run(self, run_id: str) -> dict:
+        r = self.http.get(f"/flow_runs/{run_id}")
+        r.raise_for_status()
+        return r.json()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({
+        "PREFECT_HOME": str(home), "PREFECT_API_URL": f"{url}/api",   # the UI calls the API there too
+        "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_V2_ENABLED": "false",                      # the V1 UI makes no external calls
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # the scheduler fills a year of the nightly schedule at once (test_nightly_schedule...)
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": str(SCHEDULED_RUNS),
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": str(SCHEDULED_RUNS),
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME": "P400D",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME": "P390D",
+    })
+    proc = Proc([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
+                home / "server.log")
+    try:
+        server = Server(url, env)
+        _wait_for("prefect server health", lambda: server.http.get("/health").json() is True, 240, proc)
+        yield server
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def night_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served-night")
+    cam = load_camera(CAMERA)
+    simulate_night(cam, root / "sim", seed=5, night=NIGHT, n_bias=3, n_dark=2, n_flat=0, n_science=0,
+                   filters=("r",))
+    store = Datastore(root / "repo")
+    reg = Registry.open(store.default_registry_url)
+    reg.upgrade()
+    report = ingest_files(sorted((root / "sim" / "raw").glob("*.fits")), cam, reg, store, transfer="symlink")
+    assert report.ok, report.failed
+    return store, reg
+
+
+def _client_env(server: Server, store: Datastore, **extra) -> dict:
+    env = dict(server.env)
+    env.update({"CALIBFLOW_REPO": str(store.root), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+                "PREFECT_WORKER_QUERY_SECONDS": "2", **extra})
+    env.pop("CALIBFLOW_REGISTRY_URL", None)
+    return env
+
+
+class Served:
+    def __init__(self, proc: Proc):
+        self.proc = proc
+
+    def stop(self):
+        self.proc.stop()
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, night_repo, tmp_path_factory):
+    store, _ = night_repo
+    cwd = tmp_path_factory.mktemp("serve-cwd")      # not the repository's folder: runs must not care
+    proc = Proc([str(BIN / "calibflow"), "serve", "--camera", CAMERA, "--timezone", SITE_TZ],
+                _client_env(prefect_server, store), cwd / "serve.log", cwd=cwd)
+    try:
+        def ready():
+            r = prefect_server.http.post("/deployments/filter", json={})
+            return {d["name"] for d in r.json()} >= {"bias", "dark", "flat", "fringe", "sky", "nightly"}
+
+        _wait_for("served deployments", ready, 180, proc)
+        yield Served(proc)
+    finally:
+        proc.stop()
+
+
+def _calibflow(env: dict, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "calibflow"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def cli_bias_run(prefect_server, night_repo, served):
+    store, _ = night_repo
+    return _calibflow(_client_env(prefect_server, store), "trigger", "build-calib/bias", "--param",
+                      f"night={NIGHT}", "--watch", "--interval", "1", "--timeout", "300")
+
+
+# ------------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------------
+
+
+def test_served_deployments(prefect_server, night_repo, served):
+    store, _ = night_repo
+    bias = prefect_server.deployment("build-calib/bias")
+    assert bias["parameters"] == {"camera": CAMERA, "repo": str(store.root)}
+    assert bias["parameter_openapi_schema"]["properties"]["config"]["$ref"] == "#/definitions/BiasConfig"
+    assert bias["enforce_parameter_schema"] is True and not bias["paused"]
+    nightly = prefect_server.deployment("nightly-calibs/nightly")
+    (sched,) = nightly["schedules"]
+    assert (sched["schedule"]["cron"], sched["schedule"]["timezone"], sched["active"]) == ("0 9 * * *", SITE_TZ, True)
+
+
+def test_trigger_watch_builds_and_registers(prefect_server, night_repo, cli_bias_run):
+    store, reg = night_repo
+    res = cli_bias_run
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_id = re.search(rf"build-calib/bias: ({UUID_RE})", res.stdout).group(1)
+    assert f"{prefect_server.url}/runs/flow-run/{run_id}" in res.stdout
+    assert "Running" in res.stdout and res.stdout.rstrip().endswith("completed")
+    run = prefect_server.flow_run(run_id)
+    assert run["state"]["type"] == "COMPLETED"
+    assert run["parameters"] == {"camera": CAMERA, "repo": str(store.root), "night": NIGHT}
+    # the products are in the registry, recorded as built by that flow run
+    n_det = len(load_camera(CAMERA).detectors)
+    products = list_calibs(reg, calib_type="bias")
+    assert len(products) == n_det and {p["calib_date"] for p in products} == {NIGHT}
+    from calib_core.registry.models import BuildRunRow
+
+    with reg.session() as s:
+        runs = s.query(BuildRunRow).filter_by(calib_type="bias").all()
+        assert [(r.flow_run_id, r.status) for r in runs] == [(run_id, "completed")]
+    # and `calibflow calibs` shows them
+    listed = _calibflow(_client_env(prefect_server, store), "calibs", "--type", "bias", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(r["calib_id"] for r in json.loads(listed.stdout)) == sorted(p["calib_id"] for p in products)
+
+
+def test_trigger_refuses_bad_parameters(prefect_server, night_repo, served):
+    store, _ = night_repo
+    env = _client_env(prefect_server, store)
+    dep = prefect_server.deployment("build-calib/flat")
+    before = len(prefect_server.flow_runs(dep["id"]))
+    res = _calibflow(env, "trigger", "flat", "-p", "config.combine.statistic=MODE", "-p", "night=20261120")
+    assert res.returncode == 1
+    assert "invalid parameters for build-calib/flat" in res.stderr
+    assert "config.combine.statistic: 'MODE' is not one of" in res.stderr
+    assert "night: '20261120' does not match" in res.stderr
+    res = _calibflow(env, "trigger", "flat", "-p", "calib_type=bias")
+    assert res.returncode == 1 and "unknown parameter(s) calib_type" in res.stderr
+    res = _calibflow(env, "trigger", "no-such-deployment")
+    assert res.returncode == 1 and "no deployment 'no-such-deployment'" in res.stderr
+    assert "build-calib/flat" in res.stderr
+    # the server enforces the same schema on runs created by anyone (the UI, the API)
+    r = prefect_server.http.post(f"/deployments/{dep['id']}/create_flow_run",
+                                 json={"parameters": {"config": {"combine": {"statistic": "MODE"}}}})
+    assert r.status_code == 409 and "MODE" in r.text
+    assert len(prefect_server.flow_runs(dep["id"])) == before
+
+
+def test_trigger_watch_exits_nonzero_when_the_run_fails(prefect_server, night_repo, served):
+    store, _ = night_repo
+    res = _calibflow(_client_env(prefect_server, store), "trigger", "build-calib/dark", "-p", "night=2020-01-01",
+                     "--watch", "--interval", "1", "--timeout", "300")
+    assert res.returncode == 1, res.stdout + res.stderr
+    run_id = re.search(rf"build-calib/dark: ({UUID_RE})", res.stdout).group(1)
+    assert "ended Failed" in res.stderr and "no dark exposures" in res.stderr
+    assert prefect_server.flow_run(run_id)["state"]["type"] == "FAILED"
+
+
+def _daily_times(hour: int, minute: int, zone: str, after: dt.datetime, n: int) -> list[dt.datetime]:
+    """The next n wall-clock times hour:minute in zone after `after`, with zoneinfo alone."""
+    tz = ZoneInfo(zone)
+    day = after.astimezone(tz).date()
+    out = []
+    while len(out) < n:
+        local = dt.datetime.combine(day, dt.time(hour, minute), tzinfo=tz)
+        if local > after:
+            out.append(local.astimezone(dt.timezone.utc))
+        day += dt.timedelta(days=1)
+    return out
+
+
+def test_nightly_schedule_produces_runs_at_site_morning(prefect_server, served):
+    dep = prefect_server.deployment("nightly-calibs/nightly")
+    runs = _wait_for("scheduled nightly runs",
+                     lambda: (lambda r: r if len(r) >= SCHEDULED_RUNS else None)(
+                         prefect_server.flow_runs(dep["id"], ["SCHEDULED"])),
+                     120, served.proc, interval=2)
+    got = [dt.datetime.fromisoformat(r["expected_start_time"]) for r in runs]
+    assert len(got) == SCHEDULED_RUNS
+    created = dt.datetime.fromisoformat(dep["created"])
+    # the first run is the first 09:00 in Santiago after the deployment was created
+    assert created - dt.timedelta(minutes=5) < got[0] <= created + dt.timedelta(days=1)
+    assert got == _daily_times(9, 0, SITE_TZ, got[0] - dt.timedelta(seconds=1), SCHEDULED_RUNS)
+    # a year of runs crosses both of Chile's clock changes: the UTC time of the run moves with them
+    assert {t.astimezone(ZoneInfo(SITE_TZ)).utcoffset() for t in got} == \
+        {dt.timedelta(hours=-3), dt.timedelta(hours=-4)}
+    assert {t.strftime("%H:%M") for t in got} == {"12:00", "13:00"}
+    assert all(r["auto_scheduled"] and r["parameters"] == dep["parameters"] for r in runs)
+
+
+def _browser():
+    """Headless Debian Chromium under Selenium, with every host but 127.0.0.1 unresolvable."""
+    missing = [p for p in ("chromium", "chromedriver") if not shutil.which(p)]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium (Python package, test extra)")
+    if missing:
+        reason = (f"browser test needs {', '.join(missing)} (Debian: apt-get install chromium chromium-driver; "
+                  ".ci/run installs them)")
+        if os.environ.get("CALIBFLOW_REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+def test_ui_custom_run_with_a_form_parameter(prefect_server, night_repo, cli_bias_run, tmp_path):
+    """Find the dark deployment in the UI, open Run > Custom run, set `night` in the form, submit,
+    follow the run's page until it shows Completed; then check the run and its products."""
+    from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    assert cli_bias_run.returncode == 0, "the dark build needs the bias built by the CLI test"
+    store, reg = night_repo
+    driver = _browser()
+    try:
+        # a click that lands while the page animates (a toast sliding in) is retried
+        wait = WebDriverWait(driver, 60, ignored_exceptions=[ElementClickInterceptedException,
+                                                              StaleElementReferenceException])
+
+        def click(xpath: str):
+            wait.until(lambda d: d.find_element(By.XPATH, xpath).click() or True)
+
+        driver.get(f"{prefect_server.url}/deployments")
+        click("//a[normalize-space()='dark']")
+        click("//button[normalize-space()='Run']")
+        click("//*[normalize-space()='Custom run']")
+
+        def night_field():
+            label = wait.until(EC.presence_of_element_located(
+                (By.XPATH, "//span[@class='schema-form-property__label' and starts-with(normalize-space(), 'night')]")))
+            return label.find_element(By.XPATH, "./ancestor::div[contains(concat(' ', normalize-space(@class), ' '),"
+                                                " ' schema-form-property ')][1]")
+
+        wait.until(lambda d: night_field().find_element(By.XPATH, ".//button[normalize-space()='str']").click()
+                   or True)                                                                # str | None
+        wait.until(lambda d: night_field().find_elements(By.CSS_SELECTOR, "fieldset textarea, fieldset input"))
+        night_field().find_element(By.CSS_SELECTOR, "fieldset textarea, fieldset input").send_keys(NIGHT)
+        run_name = driver.find_element(By.CSS_SELECTOR, ".flow-run-name-input input").get_attribute("value")
+        assert run_name
+        click("//button[@type='submit' and normalize-space()='Submit']")
+        # back on the deployment's page: the new run is listed under the name the form gave it
+        click(f"//a[normalize-space()='{run_name}']")
+        wait.until(EC.url_matches(rf"/runs/flow-run/{UUID_RE}"))
+        run_id = re.search(UUID_RE, driver.current_url.rsplit("/runs/flow-run/", 1)[1]).group(0)
+        WebDriverWait(driver, 300, poll_frequency=1).until(EC.presence_of_element_located(
+            (By.XPATH, "//*[contains(@class,'state-badge') and normalize-space()='Completed']")))
+        driver.save_screenshot(str(tmp_path / "completed.png"))
+    finally:
+        driver.quit()
+    run = prefect_server.flow_run(run_id)
+    assert run["state"]["type"] == "COMPLETED"
+    assert run["deployment_id"] == prefect_server.deployment("build-calib/dark")["id"]
+    assert run["name"] == run_name
+    assert run["parameters"]["night"] == NIGHT and run["parameters"]["camera"] == CAMERA
+    darks = list_calibs(reg, calib_type="dark")
+    assert len(darks) == len(load_camera(CAMERA).detectors)
+
+
+def test_prefect_yaml_deploy_and_process_worker(prefect_server, night_repo, served, tmp_path):
+    """The second way: `prefect deploy --all` from prefect.yaml, a process work pool and a worker."""
+    store, reg = night_repo
+    served.stop()                      # the worker takes over the same deployment names
+    env = _client_env(prefect_server, store)
+    prefect = str(BIN / "prefect")
+    res = subprocess.run([prefect, "work-pool", "create", "calibflow", "--type", "process"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    bias = prefect_server.deployment("build-calib/bias")
+    assert bias["work_pool_name"] == "calibflow" and bias["entrypoint"] == "deployments/build.py:build_bias"
+    assert bias["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
+                                   {"directory": str(REPO_ROOT)}}]
+    assert bias["parameter_openapi_schema"]["properties"]["config"]["$ref"] == "#/definitions/BiasConfig"
+    (sched,) = prefect_server.deployment("nightly-calibs/nightly")["schedules"]
+    assert (sched["schedule"]["cron"], sched["schedule"]["timezone"]) == ("42 13 * * *", "UTC")
+    worker = Proc([prefect, "worker", "start", "--pool", "calibflow"], env, tmp_path / "worker.log", cwd=tmp_path)
+    try:
+        _wait_for("worker start", lambda: "started" in worker.tail(), 120, worker)
+        res = _calibflow(env, "trigger", "bias", "-p", f"camera={CAMERA}", "-p", f"night={NIGHT}",
+                         "-p", "calib_date=2026-11-21", "--watch", "--interval", "1", "--timeout", "300")
+        assert res.returncode == 0, res.stdout + res.stderr + worker.tail()
+    finally:
+        worker.stop()
+    assert not worker.alive()
+    # the worker's run used CALIBFLOW_REPO from its environment (the deployment pins no repo)
+    new = [p for p in list_calibs(reg, calib_type="bias") if p["calib_date"] == "2026-11-21"]
+    assert len(new) == len(load_camera(CAMERA).detectors)
