@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numba
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.interpolate import Akima1DInterpolator, CubicSpline, make_interp_spline
@@ -162,19 +163,7 @@ def interpolate_1d(x, y, xnew, style: str = "AKIMA_SPLINE",
             return np.broadcast_to(y[0], (xnew.size,) + y.shape[1:]).copy()
         mids = 0.5 * (x[1:] + x[:-1])
         return y[np.searchsorted(mids, xnew, side="right")]
-    if style == "LINEAR":
-        f = make_interp_spline(x, y, k=1, axis=0)
-        d1 = lambda xx: f(xx, nu=1)  # noqa: E731
-        d2 = lambda xx: 0.0 * f(xx)  # noqa: E731
-    else:
-        if style == "NATURAL_SPLINE":
-            f = CubicSpline(x, y, bc_type="natural", axis=0)
-        elif style == "CUBIC_SPLINE":
-            f = CubicSpline(x, y, bc_type="not-a-knot", axis=0)
-        else:
-            f = Akima1DInterpolator(x, y, axis=0)
-        d1 = lambda xx: f(xx, nu=1)  # noqa: E731
-        d2 = lambda xx: f(xx, nu=2)  # noqa: E731
+    f, d1, d2 = _interpolant(x, y, style)
     out = f(np.clip(xnew, x[0], x[-1]))
     for end, sel in ((x[0], xnew < x[0]), (x[-1], xnew > x[-1])):
         if sel.any():
@@ -183,6 +172,51 @@ def interpolate_1d(x, y, xnew, style: str = "AKIMA_SPLINE",
             dx = (xnew[sel] - end).reshape((-1,) + (1,) * (y.ndim - 1))
             out[sel] = y0 + g1 * dx + 0.5 * g2 * dx * dx
     return out
+
+
+def _interpolant(x, y, style):
+    """The interpolant of a non-CONSTANT style through >= MIN_POINTS[style] points (axis 0 of
+    ``y``), with its first and second derivatives."""
+    if style == "LINEAR":
+        f = make_interp_spline(x, y, k=1, axis=0)
+        d1 = lambda xx: f(xx, nu=1)  # noqa: E731
+        d2 = lambda xx: 0.0 * f(xx)  # noqa: E731
+        return f, d1, d2
+    if style == "NATURAL_SPLINE":
+        f = CubicSpline(x, y, bc_type="natural", axis=0)
+    elif style == "CUBIC_SPLINE":
+        f = CubicSpline(x, y, bc_type="not-a-knot", axis=0)
+    else:
+        f = Akima1DInterpolator(x, y, axis=0)
+    return f, (lambda xx: f(xx, nu=1)), (lambda xx: f(xx, nu=2))
+
+
+@numba.njit(cache=True)
+def _fill_ppoly_kernel(image, mask, bits, seg, s, coef, ext):
+    """image[y, x] = the x-interpolant of row y at column x, where mask & bits, as
+    :func:`interpolate_1d` computes it bit for bit: inside, scipy PPoly's power accumulation
+    (``res += c[K-1-kp] * z; z *= s``) on its interval; outside (``seg`` -1: left, -2: right),
+    the Taylor expansion ``y0 + g1*dx + 0.5*g2*dx*dx`` with ``s`` = dx. ``coef``: (ny, nseg, K)
+    with the highest power first; ``ext``: (ny, 6) = y0, g1, g2 at the left end, then the right."""
+    ny, nx = image.shape
+    kk = coef.shape[2]
+    for y in range(ny):
+        for x in range(nx):
+            if (mask[y, x] & bits) == 0:
+                continue
+            i = seg[x]
+            sv = s[x]
+            if i >= 0:
+                res = 0.0
+                z = 1.0
+                for kp in range(kk):
+                    res = res + coef[y, i, kk - 1 - kp] * z
+                    if kp < kk - 1:
+                        z = z * sv
+            else:
+                o = 0 if i == -1 else 3
+                res = (ext[y, o] + ext[y, o + 1] * sv) + ((0.5 * ext[y, o + 2]) * sv) * sv
+            image[y, x] = res
 
 
 @dataclass
@@ -268,24 +302,79 @@ class BackgroundModel:
         xc, yc = bin_centres(self.x_edges), bin_centres(self.y_edges)
         if self.use_approx:
             return self._evaluate_chebyshev(xc, yc, x, y)
-        vals = self.values.astype(np.float64)
-        nbx = vals.shape[1]
-        # pass 1: along y, one bin column at a time (NaN bins differ per column)
-        cols = np.empty((y.size, nbx))
-        finite = np.isfinite(vals)
-        # the style is that of the smaller dimension (afw), then reduced per column/row
-        style = _reduce(self.algorithm, min(vals.shape), self.undersample_style)
-        all_good = finite.all(axis=0)
-        if all_good.any():
-            cols[:, all_good] = interpolate_1d(yc, vals[:, all_good], y, style, self.undersample_style)
-        for j in np.flatnonzero(~all_good):
-            cols[:, j] = interpolate_1d(yc, vals[:, j], y, style, self.undersample_style)
+        cols, style = self._columns(y)
         # pass 2: along x; only all-NaN columns can be NaN now, the same for every row
         good = np.isfinite(cols).all(axis=0)
         if not good.any():
             return np.full((y.size, x.size), np.nan, np.float32)
         out = interpolate_1d(xc[good], cols[:, good].T, x, style, self.undersample_style)
         return np.ascontiguousarray(out.T, dtype=np.float32)
+
+    def _columns(self, y):
+        """Pass 1 of the evaluation: every bin column interpolated along y to the rows ``y``;
+        returns the (len(y), nx_bins) values and the interpolation style."""
+        vals = self.values.astype(np.float64)
+        nbx = vals.shape[1]
+        cols = np.empty((y.size, nbx))
+        finite = np.isfinite(vals)
+        # the style is that of the smaller dimension (afw), then reduced per column/row
+        style = _reduce(self.algorithm, min(vals.shape), self.undersample_style)
+        yc = bin_centres(self.y_edges)
+        all_good = finite.all(axis=0)
+        if all_good.any():
+            cols[:, all_good] = interpolate_1d(yc, vals[:, all_good], y, style, self.undersample_style)
+        for j in np.flatnonzero(~all_good):
+            cols[:, j] = interpolate_1d(yc, vals[:, j], y, style, self.undersample_style)
+        return cols, style
+
+    def fill(self, image: np.ndarray, mask: np.ndarray, bits: int) -> None:
+        """Set ``image`` to the model wherever ``mask & bits``, in place: the same values as
+        ``image[sel] = self.evaluate()[sel]`` (bit for bit), without the full-resolution model.
+
+        Parameters
+        ----------
+        image : (height, width) float32 array
+            Written in place.
+        mask : (height, width) int array
+        bits : int
+            Mask bits selecting the pixels to replace.
+        """
+        if image.shape != (self.height, self.width) or mask.shape != image.shape:
+            raise ValueError(f"image {image.shape} / mask {mask.shape} do not match the model's "
+                             f"{(self.height, self.width)}")
+        bits = np.int32(bits)
+        if self.use_approx:
+            return self._fill_rows(image, mask, bits)
+        cols, style = self._columns(np.arange(self.height, dtype=np.float64))
+        good = np.isfinite(cols).all(axis=0)
+        xk = bin_centres(self.x_edges)[good]
+        style = _reduce(style, int(good.sum()), self.undersample_style) if good.any() else style
+        if not good.any() or style in ("CONSTANT", "LINEAR"):
+            return self._fill_rows(image, mask, bits)
+        f, d1, d2 = _interpolant(xk, cols[:, good].T, style)
+        x = np.arange(self.width, dtype=np.float64)
+        # the interval of each column as scipy's find_interval picks it (closed on the right at
+        # the last knot); columns outside the knots take the Taylor expansion (seg -1 / -2)
+        seg = np.clip(np.searchsorted(xk, x, side="right") - 1, 0, xk.size - 2).astype(np.int64)
+        s = x - xk[seg]
+        seg[x < xk[0]] = -1
+        seg[x > xk[-1]] = -2
+        s = np.where(seg == -1, x - xk[0], np.where(seg == -2, x - xk[-1], s))
+        e = np.array([xk[0], xk[-1]])
+        ext = np.ascontiguousarray(np.concatenate([f(e[:1]), d1(e[:1]), d2(e[:1]), f(e[1:]), d1(e[1:]),
+                                                   d2(e[1:])], axis=0).T)
+        coef = np.ascontiguousarray(np.transpose(f.c, (2, 1, 0)))
+        _fill_ppoly_kernel(image, np.asarray(mask, np.int32), bits, seg, s, coef, ext)
+
+    def _fill_rows(self, image, mask, bits):
+        bad = (mask & bits) != 0
+        if not bad.any():
+            return
+        rows = np.flatnonzero(bad.any(axis=1))
+        full = self.evaluate(y=rows.astype(np.float64))
+        block = image[rows]
+        np.copyto(block, full, where=bad[rows])
+        image[rows] = block
 
     def _evaluate_chebyshev(self, xc, yc, x, y) -> np.ndarray:
         from numpy.polynomial import chebyshev as C

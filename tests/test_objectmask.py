@@ -2,10 +2,12 @@
 against the full-resolution reference, and the replacement of masked pixels."""
 
 import numpy as np
+import pytest
+from scipy import ndimage
 
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.objectmask import (DetectionConfig, MaskObjectsConfig, auto_binning, detect_sources,
-                                   find_objects, mask_objects)
+from calib_core.objectmask import (DetectionConfig, MaskObjectsConfig, _grow, auto_binning,
+                                   detect_sources, find_objects, mask_objects)
 
 SKY, NOISE = 1000.0, np.sqrt(1000.0)
 
@@ -115,3 +117,13 @@ def test_negative_polarity_option():
     find_objects(mi, MaskObjectsConfig(detection=DetectionConfig(polarity="both")))
     neg = (mi.mask & mask_bits(["DETECTED_NEGATIVE"])) != 0
     assert neg[230, 230] and not (mi.mask[230, 230] & mask_bits(["DETECTED"]))
+
+
+@pytest.mark.parametrize("radius", [1.0, 2.9, 3.0, 4.5, 12.0])
+def test_growth_equals_distance_transform(radius):
+    """The footprint growth is the distance transform thresholded at the radius, pixel for pixel,
+    at the image edges too."""
+    rng = np.random.default_rng(7)
+    det = rng.random((97, 131)) < 0.004
+    det[0, 5] = det[96, 130] = det[50, 0] = True
+    assert np.array_equal(_grow(det, radius), ndimage.distance_transform_edt(~det) <= radius)
