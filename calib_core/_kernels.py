@@ -2,22 +2,26 @@
 
 The per-pixel statistics here must agree with the NumPy reference in :mod:`calib_core.stats`
 (tests/test_stack.py checks it). Differences from the reference are only in float64 rounding:
-sums are accumulated about the pass centre (shifted sums) instead of with a separate mean pass.
+sums are accumulated about a centre (shifted sums) instead of with a separate mean pass.
 
-Quartiles and medians use in-place selection (Hoare partition quickselect) on a per-pixel scratch
-buffer instead of a full sort; the median is found first, then Q3 in the upper part, then Q1 in the
-lower part, so each later selection only touches half of the values.
+MEANCLIP (:func:`meanclip_network`) works on blocks of adjacent pixels with a sorting network and
+branchless clip passes, vectorised across the pixels of a block (see the comment above it).
+MEAN, MEDIAN and MINMAX (:func:`stack_kernel`) work pixel by pixel; the median uses in-place
+selection (Hoare partition quickselect, :func:`_select`, also used by :mod:`calib_core.binstats`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["bswap32_inplace", "stack_kernel", "gather_admitted", "meanclip_sorted", "STAT_CODES"]
+__all__ = ["bswap32_inplace", "stack_kernel", "meanclip_network", "sorting_network", "block_width",
+           "STAT_CODES"]
 
+#: statistics with a numba kernel: MEANCLIP -> :func:`meanclip_network`, the others -> :func:`stack_kernel`
 STAT_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
 
 IQR_TO_SIGMA = 0.741301109252802
@@ -99,43 +103,6 @@ def _min_range(a, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _quartiles(s, n):
-    """Q1, median, Q3 of s[:n] (numpy 'linear' percentiles); s is reordered."""
-    p = 0.5 * (n - 1)
-    k2 = int(math.floor(p))
-    f2 = p - k2
-    _select(s, 0, n, k2)
-    m_lo = s[k2]
-    m_hi = _min_range(s, k2 + 1, n) if k2 + 1 < n else m_lo
-    med = _lerp(m_lo, m_hi, f2) if f2 > 0 else m_lo
-
-    p3 = 0.75 * (n - 1)
-    k3 = int(math.floor(p3))
-    f3 = p3 - k3
-    if k3 == k2:
-        q3_lo = m_lo
-        q3_hi = m_hi
-    else:
-        _select(s, k2 + 1, n, k3)
-        q3_lo = s[k3]
-        q3_hi = _min_range(s, k3 + 1, n) if k3 + 1 < n else q3_lo
-    q3 = _lerp(q3_lo, q3_hi, f3) if f3 > 0 else q3_lo
-
-    p1 = 0.25 * (n - 1)
-    k1 = int(math.floor(p1))
-    f1 = p1 - k1
-    if k1 == k2:
-        q1_lo = m_lo
-        q1_hi = m_hi
-    else:
-        _select(s, 0, k2, k1)
-        q1_lo = s[k1]
-        q1_hi = _min_range(s, k1 + 1, k2) if k1 + 1 < k2 else m_lo
-    q1 = _lerp(q1_lo, q1_hi, f1) if f1 > 0 else q1_lo
-    return q1, med, q3
-
-
-@njit(cache=True, nogil=True)
 def _median(s, n):
     p = 0.5 * (n - 1)
     k2 = int(math.floor(p))
@@ -150,15 +117,15 @@ def _median(s, n):
 
 @njit(parallel=True, cache=True, nogil=True)
 def stack_kernel(data, masks, has_mask, variances, use_var, inv_scale, ignore_bits, stat,
-                 nsigma, niter, nlow, nhigh, no_data_bit,
-                 out_value, out_var, out_mask, out_n):
+                 nlow, nhigh, no_data_bit, out_value, out_var, out_mask, out_n):
     """Per-pixel statistic across ``data`` (N, R, nx) float32 into the (R, nx) outputs.
 
     ``masks`` (int32) and ``variances`` (float32) have the shape of ``data`` when ``has_mask`` /
     ``use_var`` are true (pass any 3-D array of that dtype otherwise). Input i is multiplied by
-    ``inv_scale[i]`` (variance by its square) after admission. ``stat`` is a :data:`STAT_CODES`
-    value. Output variance: from the inputs' variances (sum over used / n**2) when ``use_var``,
-    else error**2 from the spread.
+    ``inv_scale[i]`` (variance by its square) after admission. ``stat`` is the :data:`STAT_CODES`
+    value of MEAN, MEDIAN or MINMAX (MEANCLIP has its own kernel, :func:`meanclip_network`).
+    Output variance: from the inputs' variances (sum over used / n**2) when ``use_var``, else
+    error**2 from the spread.
     """
     N, R, nx = data.shape
     npix = R * nx
@@ -200,7 +167,7 @@ def stack_kernel(data, masks, has_mask, variances, use_var, inv_scale, ignore_bi
             var = np.nan
             nu = 0
             vsum = 0.0
-            if stat == 0 or (stat == 1 and niter < 1):  # MEAN
+            if stat == 0:  # MEAN
                 acc = 0.0
                 for j in range(n):
                     acc += buf[j]
@@ -213,44 +180,6 @@ def stack_kernel(data, masks, has_mask, variances, use_var, inv_scale, ignore_bi
                         vsum += vbuf[j]
                 nu = n
                 var = ss / (n - 1) if n > 1 else np.nan
-            elif stat == 1:  # MEANCLIP
-                for j in range(n):
-                    s[j] = buf[j]
-                q1, med, q3 = _quartiles(s, n)
-                iqr_width = nsigma * IQR_TO_SIGMA * (q3 - q1)
-                centre = med
-                width = iqr_width
-                for it in range(niter):
-                    if it > 0:
-                        centre = mean
-                        if nu > 1:
-                            width = nsigma * math.sqrt(var if var > 0 else 0.0)
-                        else:
-                            width = iqr_width
-                    if not (math.isfinite(centre) and math.isfinite(width)):
-                        mean = np.nan
-                        var = np.nan
-                        nu = 0
-                        break
-                    sd = 0.0
-                    sdd = 0.0
-                    k = 0
-                    vsum = 0.0
-                    for j in range(n):
-                        d = buf[j] - centre
-                        if abs(d) <= width:
-                            sd += d
-                            sdd += d * d
-                            k += 1
-                            if use_var:
-                                vsum += vbuf[j]
-                    nu = k
-                    if k > 0:
-                        mean = centre + sd / k
-                        var = (sdd - sd * sd / k) / (k - 1) if k > 1 else np.nan
-                    else:
-                        mean = np.nan
-                        var = np.nan
             elif stat == 2:  # MEDIAN
                 for j in range(n):
                     s[j] = buf[j]
@@ -311,185 +240,303 @@ def stack_kernel(data, masks, has_mask, variances, use_var, inv_scale, ignore_bi
 
 
 # ---------------------------------------------------------------------------------------------------
-# MEANCLIP hot path: gather -> numpy sort -> clip on sorted rows.
+# MEANCLIP hot path: blocks of pixels, sorting network, branchless clip passes.
 #
-# Sorting ~40 values per pixel with branching comparisons costs ~1 us per pixel on random data
-# (half the comparisons are mispredicted). numpy's sort of short contiguous float32 rows uses
-# SIMD sorting networks and is ~10x faster, so the hot path is: (1) gather each pixel's admitted
-# values into a contiguous row (non-admitted -> +inf, sorted to the end); (2) ``ndarray.sort`` along
-# the rows (releases the GIL); (3) on each sorted row, quartiles are direct look-ups, and because
-# ``fl(x - c)`` is monotone in x the kept set ``|x - c| <= w`` of every pass is a contiguous index
-# range: it is found by scanning in from both ends (cost = number rejected) with the *same* float64
-# predicate as the reference, and its sums come from float64 prefix sums about the median.
+# A block is W adjacent pixels of one row, held as s[N, W] (input i of pixel j at s[i, j]), so every
+# step is a loop over W contiguous float32/float64 lanes that LLVM vectorises (no per-pixel branches):
+#   1. gather: non-admitted values (NaN/inf, masked) -> +inf, which sort to the end; count per pixel;
+#   2. sort each column with a fixed comparator network (Batcher odd-even merge sort for N inputs):
+#      each comparator (a, b) is s[a, :] , s[b, :] = min, max over the W lanes;
+#   3. Q1/median/Q3 per pixel: numpy 'linear' percentiles, read at the pixel's own count;
+#   4. each clip pass: masked sums over the N rows of d = x - centre where |d| <= width (the exact
+#      predicate of the reference, in float64), so the kept set is the reference's set; then
+#      mean = centre + sum(d) / k, var = (sum(d*d) - sum(d)**2 / k) / (k - 1).
+# Sums run about each pass's centre (shifted sums) instead of a separate mean pass: the results differ
+# from the NumPy reference only by float64 rounding.
 # ---------------------------------------------------------------------------------------------------
 
 
+def sorting_network(n: int) -> np.ndarray:
+    """Comparators of Batcher's odd-even merge sort for ``n`` keys, as an int64 array (C, 2) of
+    (a, b) with a < b: after ``x[a], x[b] = min, max`` for every row in order, x is ascending.
+
+    Built for the next power of two and pruned: a key at index >= n acts as +inf, so a comparator
+    that touches one never moves anything.
+    """
+    return _network(int(n)).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _network(n: int) -> np.ndarray:
+    if n < 1:
+        raise ValueError(f"a sorting network needs n >= 1, got {n}")
+    p2 = 1
+    while p2 < n:
+        p2 *= 2
+    comps = []
+    p = 1
+    while p < p2:
+        k = p
+        while k >= 1:
+            for j in range(k % p, p2 - k, 2 * k):
+                for i in range(min(k, p2 - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and b < n:
+                        comps.append((a, b))
+            k //= 2
+        p *= 2
+    out = np.array(comps, np.int64).reshape(-1, 2)
+    out.flags.writeable = False
+    return out
+
+
+def block_width(n: int) -> int:
+    """Pixels per block: the block (n * W float32) stays within ~64 KB (L1/L2), W a multiple of 16
+    (whole vectors), 16 <= W <= 512."""
+    w = (65536 // (4 * max(1, n))) // 16 * 16
+    return max(16, min(512, w))
+
+
 @njit(cache=True, nogil=True)
-def gather_admitted(data, masks, has_mask, ignore_bits, r0, r1, out, om, cnt):
-    """Rows r0:r1 of ``data`` (N, R, nx) -> ``out`` ((r1-r0)*nx, N) float32 with non-admitted
-    values set to +inf; ``om`` = OR of the admitted masks, ``cnt`` = number admitted per pixel."""
-    N, R, nx = data.shape
-    p = 0
-    for r in range(r0, r1):
-        for x in range(nx):
-            o = 0
-            c = 0
-            for i in range(N):
-                v = data[i, r, x]
-                ok = math.isfinite(v)
-                if has_mask:
-                    m = masks[i, r, x]
-                    if (m & ignore_bits) != 0:
-                        ok = False
-                    elif ok:
-                        o |= m
-                out[p, i] = v if ok else np.inf
-                c += 1 if ok else 0
-            om[p] = o
-            cnt[p] = c
-            p += 1
+def _network_sort(s, comps, w):
+    """Sort each of the first ``w`` columns of s (N, W) ascending with the comparators ``comps``."""
+    for c in range(comps.shape[0]):
+        a = s[comps[c, 0]]
+        b = s[comps[c, 1]]
+        for j in range(w):
+            x = a[j]
+            y = b[j]
+            a[j] = x if x < y else y
+            b[j] = y if x < y else x
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _range_sums(srt, p, lo, hi, ref):
-    """Sums of d and d*d, d = srt[p, j] - ref over j in [lo, hi), four accumulators per sum."""
-    a0 = 0.0
-    a1 = 0.0
-    a2 = 0.0
-    a3 = 0.0
-    b0 = 0.0
-    b1 = 0.0
-    b2 = 0.0
-    b3 = 0.0
-    j = lo
-    while j + 4 <= hi:
-        d0 = float(srt[p, j]) - ref
-        d1 = float(srt[p, j + 1]) - ref
-        d2 = float(srt[p, j + 2]) - ref
-        d3 = float(srt[p, j + 3]) - ref
-        a0 += d0
-        a1 += d1
-        a2 += d2
-        a3 += d3
-        b0 += d0 * d0
-        b1 += d1 * d1
-        b2 += d2 * d2
-        b3 += d3 * d3
-        j += 4
-    while j < hi:
-        d0 = float(srt[p, j]) - ref
-        a0 += d0
-        b0 += d0 * d0
-        j += 1
-    return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3)
+def _pct(s, j, n, q):
+    """numpy 'linear' percentile q of the sorted column s[:n, j], in float64."""
+    p = q * (n - 1)
+    k = int(p)
+    t = p - k
+    if t > 0:
+        return _lerp(float(s[k, j]), float(s[k + 1, j]), t)
+    return float(s[k, j])
 
 
 @njit(cache=True, nogil=True)
-def meanclip_sorted(srt, cnt, om, nsigma, niter, no_data_bit, r0, nx,
-                    out_value, out_var, out_mask, out_n):
-    """MEANCLIP of each sorted row ``srt[p, :cnt[p]]``; results go to row ``r0 + p // nx``.
+def _pct_rows(s, n, q, w, out):
+    """out[j] = :func:`_pct` (s, j, n, q) for j < w, all columns having n values."""
+    p = q * (n - 1)
+    k = int(p)
+    t = p - k
+    a = s[k]
+    if t > 0:
+        b = s[k + 1]
+        if t >= 0.5:
+            for j in range(w):
+                bj = float(b[j])
+                out[j] = bj - (bj - float(a[j])) * (1.0 - t)
+        else:
+            for j in range(w):
+                aj = float(a[j])
+                out[j] = aj + (float(b[j]) - aj) * t
+    else:
+        for j in range(w):
+            out[j] = float(a[j])
 
-    Sums are kept about the median: the first pass sums its kept range directly; later passes
-    adjust those sums by the few values that enter or leave the range.
+
+@njit(cache=True, nogil=True)
+def _clip_sums(x, i0, i1, w, cen, wid, sd, sdd, kk):
+    """Add d = x[i, j] - cen[j] and d*d over rows i0 <= i < i1 where |d| <= wid[j] (the reference's
+    keep predicate, in float64) to sd[j], sdd[j], and the count to kk[j]; j < w."""
+    for i in range(i0, i1):
+        xrow = x[i]
+        for j in range(w):
+            d = float(xrow[j]) - cen[j]
+            keep = abs(d) <= wid[j]
+            sd[j] += d if keep else 0.0
+            sdd[j] += d * d if keep else 0.0
+            kk[j] += 1 if keep else 0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, comps, block, pieces,
+                     nrows, nsigma, niter, no_data_bit, out_value, out_var, out_mask, out_n):
+    """MEANCLIP per pixel across rows :nrows of ``data`` (N, >= nrows, nx) float32 into the
+    (nrows, nx) outputs.
+
+    ``masks`` (int32) / ``variances`` (float32) have the shape of ``data`` when ``has_mask`` /
+    ``use_var`` (any 3-D array of that dtype otherwise). ``comps`` = :func:`sorting_network` (N),
+    ``block`` = pixels per block (:func:`block_width`); the blocks are shared out in ``pieces``
+    contiguous runs (the parallel work items; a few per thread). Output variance: sum of the used inputs'
+    variances / n**2 when ``use_var``, else the clipped variance / n.
     """
-    P, N = srt.shape
-    nrows = P // nx
-    # reciprocals instead of per-pixel divisions (divisions dominate the per-pixel cost)
-    inv = np.empty(N + 1, np.float64)
-    invm1 = np.empty(N + 1, np.float64)
-    for k in range(N + 1):
-        inv[k] = 1.0 / k if k > 0 else np.nan
-        invm1[k] = 1.0 / (k - 1) if k > 1 else np.nan
-    for rr in range(nrows):
-        r = r0 + rr
-        for x in range(nx):
-            p = rr * nx + x
-            n = cnt[p]
-            if n == 0:
-                out_value[r, x] = np.nan
-                out_var[r, x] = np.nan
-                out_mask[r, x] = no_data_bit
-                out_n[r, x] = 0
-                continue
-            out_mask[r, x] = om[p]
-            pm = 0.5 * (n - 1)
-            k = int(pm)
-            t = pm - k
-            med = _lerp(float(srt[p, k]), float(srt[p, k + 1]), t) if t > 0 else float(srt[p, k])
-            pq = 0.25 * (n - 1)
-            k = int(pq)
-            t = pq - k
-            q1 = _lerp(float(srt[p, k]), float(srt[p, k + 1]), t) if t > 0 else float(srt[p, k])
-            pq = 0.75 * (n - 1)
-            k = int(pq)
-            t = pq - k
-            q3 = _lerp(float(srt[p, k]), float(srt[p, k + 1]), t) if t > 0 else float(srt[p, k])
-            iqrw = nsigma * IQR_TO_SIGMA * (q3 - q1)
-            centre = med
-            width = iqrw
-            mean = np.nan
-            var = np.nan
-            nu = 0
-            if niter < 1:
-                sd0, sdd0 = _range_sums(srt, p, 0, n, med)
-                nu = n
-                mean = med + sd0 * inv[n]
-                var = (sdd0 - sd0 * sd0 * inv[n]) * invm1[n]
-            plo = 0
-            phi = 0
-            sd0 = 0.0
-            sdd0 = 0.0
-            for it in range(niter):
-                if it > 0:
-                    centre = mean
-                    width = nsigma * math.sqrt(var if var > 0 else 0.0) if nu > 1 else iqrw
-                if not (math.isfinite(centre) and math.isfinite(width)):
-                    mean = np.nan
-                    var = np.nan
-                    nu = 0
-                    break
-                lo = 0
-                while lo < n and not (abs(float(srt[p, lo]) - centre) <= width) and float(srt[p, lo]) < centre:
-                    lo += 1
-                hi = n
-                while hi > lo and not (abs(float(srt[p, hi - 1]) - centre) <= width):
-                    hi -= 1
-                kk = hi - lo
-                nu = kk
-                if kk == 0:
-                    mean = np.nan
-                    var = np.nan
-                    plo = 0
-                    phi = 0
-                    sd0 = 0.0
-                    sdd0 = 0.0
-                    continue
-                if phi <= plo or hi <= plo or lo >= phi:
-                    sd0, sdd0 = _range_sums(srt, p, lo, hi, med)
+    N = data.shape[0]
+    nx = data.shape[2]
+    R = nrows
+    W = block
+    nbx = (nx + W - 1) // W
+    nb = R * nbx
+    nchunks = max(1, min(nb, pieces))
+    inf32 = np.float32(np.inf)
+    for ch in prange(nchunks):
+        b0 = ch * nb // nchunks
+        b1 = (ch + 1) * nb // nchunks
+        s = np.empty((N, W), np.float32)
+        u = np.empty((N if use_var else 1, W), np.float32)
+        cnt = np.empty(W, np.int32)
+        om = np.empty(W, np.int32)
+        iqw = np.empty(W, np.float64)
+        cen = np.empty(W, np.float64)
+        wid = np.empty(W, np.float64)
+        sd = np.empty(W, np.float64)
+        sdd = np.empty(W, np.float64)
+        vs = np.empty(W, np.float64)
+        kk = np.empty(W, np.int32)
+        mean = np.empty(W, np.float64)
+        var = np.empty(W, np.float64)
+        med = np.empty(W, np.float64)
+        m1 = np.empty(W, np.float64)
+        m2 = np.empty(W, np.float64)
+        for b in range(b0, b1):
+            r = b // nbx
+            x0 = (b - r * nbx) * W
+            w = min(W, nx - x0)
+            # 1. gather
+            for j in range(w):
+                cnt[j] = 0
+                om[j] = 0
+            for i in range(N):
+                drow = data[i, r]
+                srow = s[i]
+                if has_mask:
+                    mrow = masks[i, r]
+                    for j in range(w):
+                        v = drow[x0 + j]
+                        m = mrow[x0 + j]
+                        ok = (abs(v) < inf32) & ((m & ignore_bits) == 0)
+                        srow[j] = v if ok else inf32
+                        cnt[j] += 1 if ok else 0
+                        om[j] |= m if ok else 0
                 else:
-                    if lo > plo:
-                        a, b = _range_sums(srt, p, plo, lo, med)
-                        sd0 -= a
-                        sdd0 -= b
-                    elif lo < plo:
-                        a, b = _range_sums(srt, p, lo, plo, med)
-                        sd0 += a
-                        sdd0 += b
-                    if hi < phi:
-                        a, b = _range_sums(srt, p, hi, phi, med)
-                        sd0 -= a
-                        sdd0 -= b
-                    elif hi > phi:
-                        a, b = _range_sums(srt, p, phi, hi, med)
-                        sd0 += a
-                        sdd0 += b
-                plo = lo
-                phi = hi
-                delta = centre - med
-                sd = sd0 - kk * delta
-                sdd = sdd0 - 2.0 * delta * sd0 + kk * delta * delta
-                mean = centre + sd * inv[kk]
-                var = (sdd - sd * sd * inv[kk]) * invm1[kk]
-            out_value[r, x] = mean
-            out_n[r, x] = nu
-            out_var[r, x] = var * inv[nu] if nu > 0 else np.nan
+                    for j in range(w):
+                        v = drow[x0 + j]
+                        ok = abs(v) < inf32
+                        srow[j] = v if ok else inf32
+                        cnt[j] += 1 if ok else 0
+                if use_var:
+                    urow = u[i]
+                    for j in range(w):
+                        urow[j] = srow[j]
+            # 2. sort each pixel's values
+            _network_sort(s, comps, w)
+            # 3. quartiles -> pass-0 centre and width
+            nmin = N
+            nmax = 0
+            for j in range(w):
+                nmin = min(nmin, cnt[j])
+                nmax = max(nmax, cnt[j])
+            if nmin == nmax and nmax > 0:
+                # every pixel of the block has the same count (the usual case): the quartiles sit at
+                # the same rows for all of them, so they are read row-wise (vectorised)
+                _pct_rows(s, nmax, 0.25, w, sd)
+                _pct_rows(s, nmax, 0.5, w, cen)
+                _pct_rows(s, nmax, 0.75, w, sdd)
+                for j in range(w):
+                    iqw[j] = nsigma * IQR_TO_SIGMA * (sdd[j] - sd[j])
+            else:
+                for j in range(w):
+                    n = cnt[j]
+                    if n == 0:
+                        cen[j] = np.nan
+                        iqw[j] = np.nan
+                        continue
+                    q1 = _pct(s, j, n, 0.25)
+                    cen[j] = _pct(s, j, n, 0.5)
+                    q3 = _pct(s, j, n, 0.75)
+                    iqw[j] = nsigma * IQR_TO_SIGMA * (q3 - q1)
+            for j in range(w):
+                # no clip pass: the mean of every admitted value (+inf fails |d| <= DBL_MAX)
+                wid[j] = iqw[j] if niter >= 1 else (1.7976931348623157e308 if cnt[j] > 0 else np.nan)
+            # 4. clip passes. Sorted values and a monotone predicate: if the rows lo and hi - 1 are
+            # kept in every pixel of the block, so is every row between them. Their sums about the
+            # median are taken once (m1, m2) and re-centred per pass; only the outer rows are
+            # scanned. Otherwise (or with input variances, summed over the unsorted values) every
+            # row is scanned.
+            npass = max(niter, 1)
+            src = u if use_var else s
+            mlo = max(2, nmin // 8)
+            mhi = nmin - mlo
+            use_mid = (not use_var) and mhi - mlo >= 8
+            if use_mid:
+                for j in range(w):
+                    med[j] = cen[j]
+                    m1[j] = 0.0
+                    m2[j] = 0.0
+                for i in range(mlo, mhi):
+                    xrow = s[i]
+                    for j in range(w):
+                        d = float(xrow[j]) - med[j]
+                        m1[j] += d
+                        m2[j] += d * d
+            nmid = mhi - mlo
+            for it in range(npass):
+                if it > 0:
+                    for j in range(w):
+                        cen[j] = mean[j]
+                        vv = var[j] if var[j] > 0 else 0.0
+                        wid[j] = nsigma * math.sqrt(vv) if kk[j] > 1 else iqw[j]
+                for j in range(w):
+                    if not (math.isfinite(cen[j]) and math.isfinite(wid[j])):
+                        cen[j] = np.nan            # keeps nothing: NaN result, n_used 0
+                mid = use_mid
+                if mid:
+                    out = 0
+                    lo_row = s[mlo]
+                    hi_row = s[mhi - 1]
+                    for j in range(w):
+                        dl = float(lo_row[j]) - cen[j]
+                        dh = float(hi_row[j]) - cen[j]
+                        out += 0 if (abs(dl) <= wid[j]) & (abs(dh) <= wid[j]) else 1
+                    mid = out == 0
+                if mid:
+                    for j in range(w):
+                        delta = cen[j] - med[j]
+                        sd[j] = m1[j] - nmid * delta
+                        sdd[j] = m2[j] - 2.0 * delta * m1[j] + nmid * (delta * delta)
+                        kk[j] = nmid
+                    _clip_sums(s, 0, mlo, w, cen, wid, sd, sdd, kk)
+                    _clip_sums(s, mhi, nmax, w, cen, wid, sd, sdd, kk)
+                else:
+                    for j in range(w):
+                        sd[j] = 0.0
+                        sdd[j] = 0.0
+                        vs[j] = 0.0
+                        kk[j] = 0
+                    rows = N if use_var else nmax
+                    _clip_sums(src, 0, rows, w, cen, wid, sd, sdd, kk)
+                    if use_var:
+                        for i in range(rows):
+                            xrow = src[i]
+                            vrow = variances[i, r]
+                            for j in range(w):
+                                d = float(xrow[j]) - cen[j]
+                                vs[j] += float(vrow[x0 + j]) if abs(d) <= wid[j] else 0.0
+                for j in range(w):
+                    k = kk[j]
+                    if k > 0:
+                        mean[j] = cen[j] + sd[j] / k
+                        var[j] = (sdd[j] - sd[j] * sd[j] / k) / (k - 1) if k > 1 else np.nan
+                    else:
+                        mean[j] = np.nan
+                        var[j] = np.nan
+            # 5. outputs
+            for j in range(w):
+                k = kk[j]
+                out_value[r, x0 + j] = mean[j]
+                out_n[r, x0 + j] = k
+                out_mask[r, x0 + j] = om[j] if cnt[j] > 0 else no_data_bit
+                if k == 0:
+                    out_var[r, x0 + j] = np.nan
+                elif use_var:
+                    out_var[r, x0 + j] = vs[j] / (k * k)
+                else:
+                    out_var[r, x0 + j] = var[j] / k
