@@ -18,8 +18,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["bswap32_inplace", "stack_kernel", "meanclip_network", "sorting_network", "block_width",
-           "STAT_CODES"]
+__all__ = ["bswap32_inplace", "stack_kernel", "meanclip_network", "sorting_network", "sorting_program",
+           "block_width", "STAT_CODES"]
 
 #: statistics with a numba kernel: MEANCLIP -> :func:`meanclip_network`, the others -> :func:`stack_kernel`
 STAT_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
@@ -256,6 +256,26 @@ def stack_kernel(data, masks, has_mask, variances, use_var, inv_scale, ignore_bi
 # ---------------------------------------------------------------------------------------------------
 
 
+def _batcher_stages(p2: int):
+    """Batcher's odd-even merge sort for p2 (a power of two) keys, stage by stage:
+    [(p, k, [(a, b), ...]), ...] in network order; comparator (a, b), a < b, puts the minimum in a."""
+    stages = []
+    p = 1
+    while p < p2:
+        k = p
+        while k >= 1:
+            comps = []
+            for j in range(k % p, p2 - k, 2 * k):
+                for i in range(min(k, p2 - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p):
+                        comps.append((a, b))
+            stages.append((p, k, comps))
+            k //= 2
+        p *= 2
+    return stages
+
+
 def sorting_network(n: int) -> np.ndarray:
     """Comparators of Batcher's odd-even merge sort for ``n`` keys, as an int64 array (C, 2) of
     (a, b) with a < b: after ``x[a], x[b] = min, max`` for every row in order, x is ascending.
@@ -263,51 +283,247 @@ def sorting_network(n: int) -> np.ndarray:
     Built for the next power of two and pruned: a key at index >= n acts as +inf, so a comparator
     that touches one never moves anything.
     """
-    return _network(int(n)).copy()
+    if n < 1:
+        raise ValueError(f"a sorting network needs n >= 1, got {n}")
+    p2 = 1 << (int(n) - 1).bit_length()
+    comps = [c for _, _, cs in _batcher_stages(p2) for c in cs if c[1] < n]
+    return np.array(comps, np.int64).reshape(-1, 2)
+
+
+# costs (memory operations + 2 per min/max pair, per vector of lanes) used to choose between a fused
+# group and its comparators one by one
+_COST_CMP, _COST_SORT8, _COST_MERGE16 = 4 + 2, 16 + 2 * 19, 32 + 2 * 25
+
+
+def sorting_program(n: int) -> tuple[np.ndarray, int]:
+    """The network of :func:`sorting_network` (n) as a program for :func:`_sort_columns`.
+
+    Returns ``(ops, rows)``: ``ops`` (M, 3) int64, each op one of
+    ``(0, a, b)`` compare-exchange rows a < b; ``(1, base, 1)`` sort rows base..base+7 in registers
+    (Batcher's levels p = 1, 2, 4 on that block); ``(2, base, step)`` merge the two sorted halves of
+    rows base + m*step, m < 16, in registers. Level p >= 8 of Batcher's network only compares rows
+    a distance >= p/8 apart in its first four stages, so those stages split into independent
+    16-row merges of the rows of one residue mod p/8 (the same comparators, grouped); its last
+    stages stay single comparators. A group costs two memory operations per row instead of four
+    per comparator, and is used where it is cheaper. ``rows`` (>= n): rows the scratch needs;
+    rows >= n must hold +inf (a comparator never moves a finite value into them).
+    """
+    ops, rows = _program(int(n))
+    return ops.copy(), rows
 
 
 @functools.lru_cache(maxsize=64)
-def _network(n: int) -> np.ndarray:
+def _program(n: int):
     if n < 1:
         raise ValueError(f"a sorting network needs n >= 1, got {n}")
-    p2 = 1
-    while p2 < n:
-        p2 *= 2
-    comps = []
-    p = 1
+    p2 = 1 << (n - 1).bit_length()
+    stages = _batcher_stages(p2)
+    ops = []
+    rows = n
+
+    def singles(comps):
+        ops.extend((0, a, b) for a, b in comps if b < n)
+
+    small = [c for p, _, cs in stages if p < 8 for c in cs]
+    if p2 >= 8:
+        for b0 in range(0, p2, 8):
+            cs = [(a, b) for a, b in small if b0 <= a < b0 + 8 and b < n]
+            if _COST_CMP * len(cs) > _COST_SORT8:
+                ops.append((1, b0, 1))
+                rows = max(rows, b0 + 8)
+            else:
+                singles(cs)
+    else:
+        singles(small)
+    p = 8
     while p < p2:
-        k = p
-        while k >= 1:
-            for j in range(k % p, p2 - k, 2 * k):
-                for i in range(min(k, p2 - j - k)):
-                    a, b = i + j, i + j + k
-                    if a // (2 * p) == b // (2 * p) and b < n:
-                        comps.append((a, b))
-            k //= 2
+        level = [(k, cs) for pp, k, cs in stages if pp == p]
+        d = p // 8
+        first = [c for k, cs in level if k >= d for c in cs]
+        for b0 in range(0, p2, 2 * p):
+            for i in range(d):
+                cs = [(a, b) for a, b in first if b0 <= a < b0 + 2 * p and (a - b0) % d == i and b < n]
+                if _COST_CMP * len(cs) > _COST_MERGE16:
+                    ops.append((2, b0 + i, d))
+                    rows = max(rows, b0 + i + 15 * d + 1)
+                else:
+                    singles(cs)
+        for k, cs in level:
+            if k < d:
+                singles(cs)
         p *= 2
-    out = np.array(comps, np.int64).reshape(-1, 2)
+    out = np.array(ops, np.int64).reshape(-1, 3)
     out.flags.writeable = False
-    return out
+    return out, rows
 
 
 def block_width(n: int) -> int:
-    """Pixels per block: the block (n * W float32) stays within ~64 KB (L1/L2), W a multiple of 16
-    (whole vectors), 16 <= W <= 512."""
-    w = (65536 // (4 * max(1, n))) // 16 * 16
-    return max(16, min(512, w))
+    """Pixels per block: 256 (32 vectors of 8 float32; shorter loops pay their set-up, longer blocks
+    leave L1), fewer for very large n so the block stays within ~1 MB (L2)."""
+    return int(min(256, max(64, (1 << 20) // (4 * max(1, n)) // 16 * 16)))
+
+
+#: extra float32 per row of the sorting scratch: a row stride of a power of two bytes would put the
+#: rows of a strided merge group (rows base + m * step) in the same L1 cache set
+ROW_PAD = 16
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mn(x, y):
+    return x if x < y else y
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mx(x, y):
+    return y if x < y else x
 
 
 @njit(cache=True, nogil=True)
-def _network_sort(s, comps, w):
-    """Sort each of the first ``w`` columns of s (N, W) ascending with the comparators ``comps``."""
-    for c in range(comps.shape[0]):
-        a = s[comps[c, 0]]
-        b = s[comps[c, 1]]
-        for j in range(w):
-            x = a[j]
-            y = b[j]
-            a[j] = x if x < y else y
-            b[j] = y if x < y else x
+def _sort8(s, base, w):
+    """Sort rows base..base+7 of s (columns < w) in registers: Batcher's 19-comparator network."""
+    r0 = s[base]
+    r1 = s[base + 1]
+    r2 = s[base + 2]
+    r3 = s[base + 3]
+    r4 = s[base + 4]
+    r5 = s[base + 5]
+    r6 = s[base + 6]
+    r7 = s[base + 7]
+    for j in range(w):
+        v0 = r0[j]
+        v1 = r1[j]
+        v2 = r2[j]
+        v3 = r3[j]
+        v4 = r4[j]
+        v5 = r5[j]
+        v6 = r6[j]
+        v7 = r7[j]
+        v0, v1 = _mn(v0, v1), _mx(v0, v1)
+        v2, v3 = _mn(v2, v3), _mx(v2, v3)
+        v4, v5 = _mn(v4, v5), _mx(v4, v5)
+        v6, v7 = _mn(v6, v7), _mx(v6, v7)
+        v0, v2 = _mn(v0, v2), _mx(v0, v2)
+        v1, v3 = _mn(v1, v3), _mx(v1, v3)
+        v4, v6 = _mn(v4, v6), _mx(v4, v6)
+        v5, v7 = _mn(v5, v7), _mx(v5, v7)
+        v1, v2 = _mn(v1, v2), _mx(v1, v2)
+        v5, v6 = _mn(v5, v6), _mx(v5, v6)
+        v0, v4 = _mn(v0, v4), _mx(v0, v4)
+        v1, v5 = _mn(v1, v5), _mx(v1, v5)
+        v2, v6 = _mn(v2, v6), _mx(v2, v6)
+        v3, v7 = _mn(v3, v7), _mx(v3, v7)
+        v2, v4 = _mn(v2, v4), _mx(v2, v4)
+        v3, v5 = _mn(v3, v5), _mx(v3, v5)
+        v1, v2 = _mn(v1, v2), _mx(v1, v2)
+        v3, v4 = _mn(v3, v4), _mx(v3, v4)
+        v5, v6 = _mn(v5, v6), _mx(v5, v6)
+        r0[j] = v0
+        r1[j] = v1
+        r2[j] = v2
+        r3[j] = v3
+        r4[j] = v4
+        r5[j] = v5
+        r6[j] = v6
+        r7[j] = v7
+
+
+@njit(cache=True, nogil=True)
+def _merge16(s, base, step, w):
+    """Merge the sorted rows base + m*step, m < 8, with the sorted m = 8..15 (columns < w), in registers:
+    Batcher's odd-even merge (25 comparators)."""
+    r0 = s[base]
+    r1 = s[base + 1 * step]
+    r2 = s[base + 2 * step]
+    r3 = s[base + 3 * step]
+    r4 = s[base + 4 * step]
+    r5 = s[base + 5 * step]
+    r6 = s[base + 6 * step]
+    r7 = s[base + 7 * step]
+    r8 = s[base + 8 * step]
+    r9 = s[base + 9 * step]
+    r10 = s[base + 10 * step]
+    r11 = s[base + 11 * step]
+    r12 = s[base + 12 * step]
+    r13 = s[base + 13 * step]
+    r14 = s[base + 14 * step]
+    r15 = s[base + 15 * step]
+    for j in range(w):
+        v0 = r0[j]
+        v1 = r1[j]
+        v2 = r2[j]
+        v3 = r3[j]
+        v4 = r4[j]
+        v5 = r5[j]
+        v6 = r6[j]
+        v7 = r7[j]
+        v8 = r8[j]
+        v9 = r9[j]
+        v10 = r10[j]
+        v11 = r11[j]
+        v12 = r12[j]
+        v13 = r13[j]
+        v14 = r14[j]
+        v15 = r15[j]
+        v0, v8 = _mn(v0, v8), _mx(v0, v8)
+        v1, v9 = _mn(v1, v9), _mx(v1, v9)
+        v2, v10 = _mn(v2, v10), _mx(v2, v10)
+        v3, v11 = _mn(v3, v11), _mx(v3, v11)
+        v4, v12 = _mn(v4, v12), _mx(v4, v12)
+        v5, v13 = _mn(v5, v13), _mx(v5, v13)
+        v6, v14 = _mn(v6, v14), _mx(v6, v14)
+        v7, v15 = _mn(v7, v15), _mx(v7, v15)
+        v4, v8 = _mn(v4, v8), _mx(v4, v8)
+        v5, v9 = _mn(v5, v9), _mx(v5, v9)
+        v6, v10 = _mn(v6, v10), _mx(v6, v10)
+        v7, v11 = _mn(v7, v11), _mx(v7, v11)
+        v2, v4 = _mn(v2, v4), _mx(v2, v4)
+        v3, v5 = _mn(v3, v5), _mx(v3, v5)
+        v6, v8 = _mn(v6, v8), _mx(v6, v8)
+        v7, v9 = _mn(v7, v9), _mx(v7, v9)
+        v10, v12 = _mn(v10, v12), _mx(v10, v12)
+        v11, v13 = _mn(v11, v13), _mx(v11, v13)
+        v1, v2 = _mn(v1, v2), _mx(v1, v2)
+        v3, v4 = _mn(v3, v4), _mx(v3, v4)
+        v5, v6 = _mn(v5, v6), _mx(v5, v6)
+        v7, v8 = _mn(v7, v8), _mx(v7, v8)
+        v9, v10 = _mn(v9, v10), _mx(v9, v10)
+        v11, v12 = _mn(v11, v12), _mx(v11, v12)
+        v13, v14 = _mn(v13, v14), _mx(v13, v14)
+        r0[j] = v0
+        r1[j] = v1
+        r2[j] = v2
+        r3[j] = v3
+        r4[j] = v4
+        r5[j] = v5
+        r6[j] = v6
+        r7[j] = v7
+        r8[j] = v8
+        r9[j] = v9
+        r10[j] = v10
+        r11[j] = v11
+        r12[j] = v12
+        r13[j] = v13
+        r14[j] = v14
+        r15[j] = v15
+
+
+@njit(cache=True, nogil=True)
+def _sort_columns(s, ops, w):
+    """Sort each of the first ``w`` columns of s ascending with a :func:`sorting_program`."""
+    for o in range(ops.shape[0]):
+        kind = ops[o, 0]
+        if kind == 0:
+            a = s[ops[o, 1]]
+            b = s[ops[o, 2]]
+            for j in range(w):
+                x = a[j]
+                y = b[j]
+                a[j] = x if x < y else y
+                b[j] = y if x < y else x
+        elif kind == 1:
+            _sort8(s, ops[o, 1], w)
+        else:
+            _merge16(s, ops[o, 1], ops[o, 2], w)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -357,17 +573,17 @@ def _clip_sums(x, i0, i1, w, cen, wid, sd, sdd, kk):
             kk[j] += 1 if keep else 0
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, comps, block, pieces,
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, ops, srows, block, pieces,
                      nrows, nsigma, niter, no_data_bit, out_value, out_var, out_mask, out_n):
     """MEANCLIP per pixel across rows :nrows of ``data`` (N, >= nrows, nx) float32 into the
     (nrows, nx) outputs.
 
     ``masks`` (int32) / ``variances`` (float32) have the shape of ``data`` when ``has_mask`` /
-    ``use_var`` (any 3-D array of that dtype otherwise). ``comps`` = :func:`sorting_network` (N),
-    ``block`` = pixels per block (:func:`block_width`); the blocks are shared out in ``pieces``
-    contiguous runs (the parallel work items; a few per thread). Output variance: sum of the used inputs'
-    variances / n**2 when ``use_var``, else the clipped variance / n.
+    ``use_var`` (any 3-D array of that dtype otherwise). ``ops, srows`` = :func:`sorting_program`
+    (N); ``block`` = pixels per block (:func:`block_width`); the blocks are shared out in ``pieces``
+    contiguous runs (the parallel work items; a few per thread). Output variance: sum of the used
+    inputs' variances / n**2 when ``use_var``, else the clipped variance / n.
     """
     N = data.shape[0]
     nx = data.shape[2]
@@ -380,7 +596,8 @@ def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, com
     for ch in prange(nchunks):
         b0 = ch * nb // nchunks
         b1 = (ch + 1) * nb // nchunks
-        s = np.empty((N, W), np.float32)
+        s = np.empty((max(N, srows), W + ROW_PAD), np.float32)
+        s[N:] = inf32                      # rows past N (padding of the network's groups)
         u = np.empty((N if use_var else 1, W), np.float32)
         cnt = np.empty(W, np.int32)
         om = np.empty(W, np.int32)
@@ -427,7 +644,7 @@ def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, com
                     for j in range(w):
                         urow[j] = srow[j]
             # 2. sort each pixel's values
-            _network_sort(s, comps, w)
+            _sort_columns(s, ops, w)
             # 3. quartiles -> pass-0 centre and width
             nmin = N
             nmax = 0
@@ -455,17 +672,21 @@ def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, com
                     iqw[j] = nsigma * IQR_TO_SIGMA * (q3 - q1)
             for j in range(w):
                 # no clip pass: the mean of every admitted value (+inf fails |d| <= DBL_MAX)
-                wid[j] = iqw[j] if niter >= 1 else (1.7976931348623157e308 if cnt[j] > 0 else np.nan)
-            # 4. clip passes. Sorted values and a monotone predicate: if the rows lo and hi - 1 are
-            # kept in every pixel of the block, so is every row between them. Their sums about the
-            # median are taken once (m1, m2) and re-centred per pass; only the outer rows are
+                wd = iqw[j] if niter >= 1 else 1.7976931348623157e308
+                ok = (abs(cen[j]) < np.inf) & (abs(wd) < np.inf)
+                cen[j] = cen[j] if ok else np.nan          # keeps nothing: NaN result, n_used 0
+                wid[j] = wd
+            # 4. clip passes. Sorted values and a monotone predicate: if the rows mlo and mhi - 1
+            # are kept in every pixel of the block, so is every row between them. Their sums about
+            # the median are taken once (m1, m2) and re-centred per pass; only the outer rows are
             # scanned. Otherwise (or with input variances, summed over the unsorted values) every
             # row is scanned.
             npass = max(niter, 1)
             src = u if use_var else s
             mlo = max(2, nmin // 8)
             mhi = nmin - mlo
-            use_mid = (not use_var) and mhi - mlo >= 8
+            nmid = mhi - mlo
+            use_mid = (not use_var) and nmid >= 8
             if use_mid:
                 for j in range(w):
                     med[j] = cen[j]
@@ -477,26 +698,17 @@ def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, com
                         d = float(xrow[j]) - med[j]
                         m1[j] += d
                         m2[j] += d * d
-            nmid = mhi - mlo
             for it in range(npass):
-                if it > 0:
-                    for j in range(w):
-                        cen[j] = mean[j]
-                        vv = var[j] if var[j] > 0 else 0.0
-                        wid[j] = nsigma * math.sqrt(vv) if kk[j] > 1 else iqw[j]
-                for j in range(w):
-                    if not (math.isfinite(cen[j]) and math.isfinite(wid[j])):
-                        cen[j] = np.nan            # keeps nothing: NaN result, n_used 0
                 mid = use_mid
                 if mid:
-                    out = 0
+                    nout = 0
                     lo_row = s[mlo]
                     hi_row = s[mhi - 1]
                     for j in range(w):
                         dl = float(lo_row[j]) - cen[j]
                         dh = float(hi_row[j]) - cen[j]
-                        out += 0 if (abs(dl) <= wid[j]) & (abs(dh) <= wid[j]) else 1
-                    mid = out == 0
+                        nout += 0 if (abs(dl) <= wid[j]) & (abs(dh) <= wid[j]) else 1
+                    mid = nout == 0
                 if mid:
                     for j in range(w):
                         delta = cen[j] - med[j]
@@ -509,25 +721,33 @@ def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, com
                     for j in range(w):
                         sd[j] = 0.0
                         sdd[j] = 0.0
-                        vs[j] = 0.0
                         kk[j] = 0
                     rows = N if use_var else nmax
                     _clip_sums(src, 0, rows, w, cen, wid, sd, sdd, kk)
                     if use_var:
+                        for j in range(w):
+                            vs[j] = 0.0
                         for i in range(rows):
                             xrow = src[i]
                             vrow = variances[i, r]
                             for j in range(w):
                                 d = float(xrow[j]) - cen[j]
                                 vs[j] += float(vrow[x0 + j]) if abs(d) <= wid[j] else 0.0
+                # mean and variance of the pass; centre and width of the next one
                 for j in range(w):
                     k = kk[j]
-                    if k > 0:
-                        mean[j] = cen[j] + sd[j] / k
-                        var[j] = (sdd[j] - sd[j] * sd[j] / k) / (k - 1) if k > 1 else np.nan
-                    else:
-                        mean[j] = np.nan
-                        var[j] = np.nan
+                    kf = float(k)
+                    s1 = sd[j]
+                    mj = cen[j] + s1 / kf
+                    vj = (sdd[j] - s1 * s1 / kf) / (kf - 1.0)
+                    mj = mj if k > 0 else np.nan
+                    vj = vj if k > 1 else np.nan
+                    mean[j] = mj
+                    var[j] = vj
+                    wd = nsigma * math.sqrt(vj if vj > 0 else 0.0) if k > 1 else iqw[j]
+                    ok = (abs(mj) < np.inf) & (abs(wd) < np.inf)
+                    cen[j] = mj if ok else np.nan
+                    wid[j] = wd
             # 5. outputs
             for j in range(w):
                 k = kk[j]

@@ -98,15 +98,16 @@ def _meanclip(data, masks, variances, h, ignore_bits, nsigma, niter, no_data, ou
     """
     import numba
 
-    from ._kernels import block_width, meanclip_network, sorting_network
+    from ._kernels import block_width, meanclip_network, sorting_program
 
     n = data.shape[0]
     threads = max(1, int(numba.get_num_threads()))
     m = masks if masks is not None else np.zeros((1, 1, 1), np.int32)
     v = variances if variances is not None else np.zeros((1, 1, 1), np.float32)
+    ops, srows = sorting_program(n)
     with numba.parallel_chunksize(1):
         meanclip_network(data, m, masks is not None, v, variances is not None, np.int32(ignore_bits),
-                         sorting_network(n), block_width(n), 8 * threads, int(h), float(nsigma), int(niter),
+                         ops, srows, block_width(n), 8 * threads, int(h), float(nsigma), int(niter),
                          np.int32(no_data), *outs)
 
 

@@ -310,8 +310,9 @@ def test_meanclip_iterations_and_clip_widths_agree_with_reference(niter, nsigma,
 
 
 def test_sorting_network_sorts_every_zero_one_input():
-    """0-1 principle: a comparator network that sorts all 2**n inputs of 0s and 1s sorts any input."""
-    from calib_core._kernels import sorting_network
+    """0-1 principle: a comparator network that sorts all 2**n inputs of 0s and 1s sorts any input.
+    Checked for the plain comparator list and for the kernel running its fused program."""
+    from calib_core._kernels import _sort_columns, sorting_network, sorting_program
 
     for n in range(1, 19):
         comps = sorting_network(n)
@@ -322,19 +323,30 @@ def test_sorting_network_sorts_every_zero_one_input():
             lo, hi = np.minimum(x[:, a], x[:, b]), np.maximum(x[:, a], x[:, b])
             x[:, a], x[:, b] = lo, hi
         assert (np.diff(x, axis=1) >= 0).all(), n
+        ops, rows = sorting_program(n)
+        s = np.full((rows, 2 ** n), np.inf, np.float32)
+        s[:n] = ((np.arange(2 ** n)[None, :] >> np.arange(n)[:, None]) & 1)
+        ones = s[:n].sum(axis=0)
+        _sort_columns(s, ops, 2 ** n)
+        assert (np.diff(s[:n], axis=0) >= 0).all() and (s[n:] == np.inf).all(), n
+        assert (s[:n].sum(axis=0) == ones).all()
 
 
-@pytest.mark.parametrize("n", [23, 40, 64, 100, 257])
-def test_network_sort_kernel_sorts_columns(n):
-    from calib_core._kernels import _network_sort, sorting_network
+@pytest.mark.parametrize("n", [23, 40, 41, 64, 100, 257])
+def test_sort_program_kernel_sorts_columns(n):
+    from calib_core._kernels import _sort_columns, sorting_program
 
+    ops, rows = sorting_program(n)
+    assert {1, 2} <= set(ops[:, 0])                                # the fused groups are used
     rng = np.random.default_rng(n)
-    s = np.round(rng.normal(0, 3, (n, 48))).astype(np.float32)   # many ties
-    s[rng.random(s.shape) < 0.1] = np.inf                          # non-admitted values
-    s[:, 5] = 2.0
-    expect = np.sort(s, axis=0)
-    _network_sort(s, sorting_network(n), 45)                       # the first 45 columns only
-    np.testing.assert_array_equal(s[:, :45], expect[:, :45])
+    s = np.full((rows, 48), np.inf, np.float32)
+    s[:n] = np.round(rng.normal(0, 3, (n, 48)))                     # many ties
+    s[:n][rng.random((n, 48)) < 0.1] = np.inf                        # non-admitted values
+    s[:n, 5] = 2.0
+    expect = np.sort(s[:n], axis=0)
+    _sort_columns(s, ops, 45)                                        # the first 45 columns only
+    np.testing.assert_array_equal(s[:n, :45], expect[:, :45])
+    assert (s[n:] == np.inf).all()
 
 
 @pytest.mark.parametrize("n", [5, 16, 40, 41])
@@ -343,7 +355,7 @@ def test_meanclip_kernel_blocks_agree_with_reference(n, use_var, niter):
     """Blocks of 16 pixels (6 per row, the last one 3 wide), rows of a larger buffer, and rows that
     take each path: equal counts (row-wise quartiles, shared middle sums), mixed counts, a middle
     row rejected in some pixels (full scan), ties and constant pixels."""
-    from calib_core._kernels import meanclip_network, sorting_network
+    from calib_core._kernels import meanclip_network, sorting_program
 
     rng = np.random.default_rng(1000 + n + niter)
     ny, nx = 6, 83
@@ -362,7 +374,7 @@ def test_meanclip_kernel_blocks_agree_with_reference(n, use_var, niter):
                           nsigma=3.0, niter=niter, no_data_bit=NO_DATA)
     outs = (np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.int32),
             np.zeros((ny, nx), np.int16))
-    meanclip_network(data, masks, True, var, use_var, np.int32(SAT), sorting_network(n), 16, 5, ny,
+    meanclip_network(data, masks, True, var, use_var, np.int32(SAT), *sorting_program(n), 16, 5, ny,
                      3.0, niter, np.int32(NO_DATA), *outs)
     np.testing.assert_array_equal(outs[3], ref.n_used)
     np.testing.assert_array_equal(outs[2], ref.mask)
