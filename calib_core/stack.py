@@ -6,14 +6,14 @@ in-memory masked images. Files are opened once each; the engine reads bands of r
 whatever N is, and each byte of each file is read exactly once (ccdproc re-reads whole files per
 tile, so its cost grows as N**2, PEERS.md 2 item 7).
 
-Statistics follow :mod:`calib_core.stats` (the NumPy reference); MEAN, MEANCLIP, MEDIAN and MINMAX
-run in the numba kernel of :mod:`calib_core._kernels`, SIGMACLIP uses the astropy-backed reference.
+Statistics follow :mod:`calib_core.stats` (the NumPy reference); MEANCLIP runs in the block /
+sorting-network kernel of :mod:`calib_core._kernels` (``meanclip_network``), MEAN, MEDIAN and MINMAX
+in its per-pixel kernel (``stack_kernel``), SIGMACLIP uses the astropy-backed reference.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from typing import Literal, Sequence
 
 import numpy as np
@@ -69,9 +69,6 @@ def _kernel_stat(config: CombineConfig):
     return STAT_CODES.get(config.statistic)
 
 
-_POOL = None
-
-
 _DRIVER = None
 
 
@@ -85,58 +82,33 @@ def _driver():
     return _DRIVER
 
 
-def _pool():
-    """A small thread pool for the MEANCLIP hot path (numba kernels and numpy sort release the GIL)."""
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        import numba
-
-        _POOL = ThreadPoolExecutor(max_workers=max(1, int(numba.config.NUMBA_NUM_THREADS)),
-                                   thread_name_prefix="calibflow-stack")
-    return _POOL
-
-
-#: pixels per work piece of the MEANCLIP hot path: N * 32768 * 4 bytes (5 MB at N=40) stays in
-#: the last-level cache between the gather, the sort and the clip.
-PIECE_PIXELS = 32768
-
 #: upper bound on the band buffers actually allocated, whatever the budget: touching fresh memory
 #: costs page faults (~2.5 ns/byte on a VM, more than reading the data), so a small buffer reused
 #: band after band is faster than one band of the whole budget.
 BAND_TARGET_BYTES = 32 << 20
 
-_LOCAL = threading.local()
 
+def _meanclip(data, masks, variances, h, ignore_bits, nsigma, niter, no_data, outs):
+    """MEANCLIP of rows :h of a band with the block/sorting-network kernel, all cores.
 
-def _scratch(npx: int, n: int):
-    """Per-thread work buffers, reused between pieces (fresh pages are expensive)."""
-    bufs = getattr(_LOCAL, "bufs", None)
-    if bufs is None or bufs[0].shape[0] < npx or bufs[0].shape[1] != n:
-        bufs = (np.empty((npx, n), np.float32), np.empty(npx, np.int32), np.empty(npx, np.int64))
-        _LOCAL.bufs = bufs
-    return bufs[0][:npx], bufs[1][:npx], bufs[2][:npx]
+    The whole buffers are passed with the row count, never a slice of them: a slice of a partly
+    filled buffer is not C-contiguous, which numba would compile as a second specialisation.
+    The band's blocks are cut into a few pieces per thread, handed out one at a time (dynamic
+    scheduling), so a core slowed by other work does not hold up the band.
+    """
+    import numba
 
+    from ._kernels import block_width, meanclip_network, sorting_program
 
-def _meanclip_hot(data, masks, ignore_bits, nsigma, niter, no_data, outs):
-    from ._kernels import gather_admitted, meanclip_sorted
-
-    n, rows, nx = data.shape
-    piece_rows = max(1, PIECE_PIXELS // nx)
-    has_mask = masks is not None
-    m = masks if has_mask else np.zeros((1, 1, 1), np.int32)
-
-    def work(r0):
-        r1 = min(rows, r0 + piece_rows)
-        npx = (r1 - r0) * nx
-        buf, om, cnt = _scratch(npx, n)
-        gather_admitted(data, m, has_mask, np.int32(ignore_bits), r0, r1, buf, om, cnt)
-        buf.sort(axis=1)
-        meanclip_sorted(buf, cnt, om, nsigma, niter, np.int32(no_data), r0, nx, *outs)
-
-    for f in [_pool().submit(work, r0) for r0 in range(0, rows, piece_rows)]:
-        f.result()
+    n = data.shape[0]
+    threads = max(1, int(numba.get_num_threads()))
+    m = masks if masks is not None else np.zeros((1, 1, 1), np.int32)
+    v = variances if variances is not None else np.zeros((1, 1, 1), np.float32)
+    ops, srows = sorting_program(n)
+    with numba.parallel_chunksize(1):
+        meanclip_network(data, m, masks is not None, v, variances is not None, np.int32(ignore_bits),
+                         ops, srows, block_width(n), 8 * threads, int(h), float(nsigma), int(niter),
+                         np.int32(no_data), *outs)
 
 
 def _apply_scales(data, variances, scales):
@@ -151,26 +123,31 @@ def _apply_scales(data, variances, scales):
 
 
 def _combine_block(config, data, masks, variances, scales, use_var, out: MaskedImage, n_out, y0, y1):
-    """Combine one band: data (N, h, nx) -> rows y0:y1 of ``out``. ``data``/``variances`` are
-    scaled in place."""
+    """Combine one band: rows :y1-y0 of the buffers ``data`` (N, >= y1-y0, nx), ``masks``,
+    ``variances`` -> rows y0:y1 of ``out``. Those rows of ``data``/``variances`` are scaled in place."""
     code = _kernel_stat(config)
     nb = data.shape[0]
+    h = y1 - y0
     has_var = bool(use_var and variances is not None)
-    _apply_scales(data, variances if has_var else None, scales)
+    if scales is not None:
+        _apply_scales(data[:, :h], variances[:, :h] if has_var else None, scales)
     no_data = MASK_PLANES.bit(config.no_good_pixels_mask)
     outs = (out.image[y0:y1], out.variance[y0:y1], out.mask[y0:y1], n_out[y0:y1])
-    if code is not None:
-        from ._kernels import STAT_CODES, stack_kernel
+    from ._kernels import STAT_CODES, stack_kernel
 
-        if code == STAT_CODES["MEANCLIP"] and not has_var:
-            _meanclip_hot(data, masks, config.ignore_bits, float(config.nsigma), int(config.niter),
-                          no_data, outs)
-            return
+    if code == STAT_CODES["MEANCLIP"]:
+        _meanclip(data, masks, variances if has_var else None, h, config.ignore_bits,
+                  config.nsigma, config.niter, no_data, outs)
+        return
+    data = data[:, :h]
+    masks = None if masks is None else masks[:, :h]
+    variances = None if variances is None else variances[:, :h]
+    if code is not None:
         dummy_m = masks if masks is not None else np.zeros((1, 1, 1), np.int32)
         dummy_v = variances if has_var else np.zeros((1, 1, 1), np.float32)
         stack_kernel(data, dummy_m, masks is not None, dummy_v, has_var, np.ones(nb),
-                     np.int32(config.ignore_bits), code, float(config.nsigma), int(config.niter),
-                     int(config.nlow), int(config.nhigh), np.int32(no_data), *outs)
+                     np.int32(config.ignore_bits), code, int(config.nlow), int(config.nhigh),
+                     np.int32(no_data), *outs)
         return
     res = stack_statistic(config.statistic, data, masks, config.ignore_bits,
                           variances if has_var else None,
@@ -290,11 +267,8 @@ def stack_files(paths: Sequence, config: CombineConfig | None = None,
 
         def combine_band(k):
             y0, y1 = k * rows, min(ny, (k + 1) * rows)
-            h = y1 - y0
             data, masks, variances = buffers[k % 2]
-            _combine_block(config, data[:, :h], None if masks is None else masks[:, :h],
-                           None if variances is None else variances[:, :h], scales, use_var,
-                           out, n_out, y0, y1)
+            _combine_block(config, data, masks, variances, scales, use_var, out, n_out, y0, y1)
 
         nbands = (ny + rows - 1) // rows
         read_band(0)

@@ -146,7 +146,7 @@ def write_inputs(tmp_path, images):
     return paths
 
 
-@pytest.mark.parametrize("statistic", ["MEANCLIP", "MEDIAN"])
+@pytest.mark.parametrize("statistic", ["MEANCLIP", "MEDIAN", "SIGMACLIP"])
 def test_stack_files_equals_in_memory_and_reads_each_byte_once(tmp_path, monkeypatch, statistic):
     rng = np.random.default_rng(21)
     images = make_inputs(rng, 7)
@@ -302,3 +302,85 @@ def test_meanclip_iterations_and_clip_widths_agree_with_reference(niter, nsigma,
     np.testing.assert_array_equal(n_used, ref.n_used)
     np.testing.assert_allclose(out.image, ref.value, rtol=2e-6, atol=1e-5, equal_nan=True)
     np.testing.assert_allclose(out.variance, ref.variance, rtol=1e-5, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# MEANCLIP block kernel: sorting network, blocks of pixels, its fast paths
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sorting_network_sorts_every_zero_one_input():
+    """0-1 principle: a comparator network that sorts all 2**n inputs of 0s and 1s sorts any input.
+    Checked for the plain comparator list and for the kernel running its fused program."""
+    from calib_core._kernels import _sort_columns, sorting_network, sorting_program
+
+    for n in range(1, 19):
+        comps = sorting_network(n)
+        if n > 1:
+            assert (comps[:, 0] < comps[:, 1]).all() and comps.max() < n
+        x = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(np.int8)
+        for a, b in comps:
+            lo, hi = np.minimum(x[:, a], x[:, b]), np.maximum(x[:, a], x[:, b])
+            x[:, a], x[:, b] = lo, hi
+        assert (np.diff(x, axis=1) >= 0).all(), n
+        ops, rows = sorting_program(n)
+        s = np.full((rows, 2 ** n), np.inf, np.float32)
+        s[:n] = ((np.arange(2 ** n)[None, :] >> np.arange(n)[:, None]) & 1)
+        ones = s[:n].sum(axis=0)
+        _sort_columns(s, ops, 2 ** n)
+        assert (np.diff(s[:n], axis=0) >= 0).all() and (s[n:] == np.inf).all(), n
+        assert (s[:n].sum(axis=0) == ones).all()
+
+
+@pytest.mark.parametrize("n", [23, 40, 41, 64, 100, 257])
+def test_sort_program_kernel_sorts_columns(n):
+    from calib_core._kernels import _sort_columns, sorting_program
+
+    ops, rows = sorting_program(n)
+    assert {1, 2} <= set(ops[:, 0])                                # the fused groups are used
+    rng = np.random.default_rng(n)
+    s = np.full((rows, 48), np.inf, np.float32)
+    s[:n] = np.round(rng.normal(0, 3, (n, 48)))                     # many ties
+    s[:n][rng.random((n, 48)) < 0.1] = np.inf                        # non-admitted values
+    s[:n, 5] = 2.0
+    expect = np.sort(s[:n], axis=0)
+    _sort_columns(s, ops, 45)                                        # the first 45 columns only
+    np.testing.assert_array_equal(s[:n, :45], expect[:, :45])
+    assert (s[n:] == np.inf).all()
+
+
+@pytest.mark.parametrize("n", [5, 16, 40, 41])
+@pytest.mark.parametrize("use_var,niter", [(False, 3), (True, 3), (False, 0)])
+def test_meanclip_kernel_blocks_agree_with_reference(n, use_var, niter):
+    """Blocks of 16 pixels (6 per row, the last one 3 wide), rows of a larger buffer, and rows that
+    take each path: equal counts (row-wise quartiles, shared middle sums), mixed counts, a middle
+    row rejected in some pixels (full scan), ties and constant pixels."""
+    from calib_core._kernels import meanclip_network, sorting_program
+
+    rng = np.random.default_rng(1000 + n + niter)
+    ny, nx = 6, 83
+    data = rng.normal(1000.0, 10.0, (n, ny + 2, nx)).astype(np.float32)     # 2 rows not combined
+    data[:, 1][rng.random((n, nx)) < 0.03] += rng.uniform(100, 5000)        # outliers
+    data[:, 2, 16:48][rng.random((n, 32)) < 0.1] = np.nan                   # mixed counts
+    data[: n // 5, 3, 20:30] -= 200.0                    # a low group: rows past the first two go
+    data[:, 4] = np.round(data[:, 4] / 8) * 8                                # ties
+    data[:, 4, :5] = 1000.0                                                  # constant
+    data[:, 5, 70:] = np.nan                                                 # no data
+    masks = np.zeros(data.shape, np.int32)
+    masks[:, 2, 30:60][rng.random((n, 30)) < 0.1] |= SAT
+    masks[:, 2][rng.random((n, nx)) < 0.2] |= BAD                            # propagates
+    var = rng.uniform(1.0, 3.0, data.shape).astype(np.float32)
+    ref = stack_statistic("MEANCLIP", data[:, :ny], masks[:, :ny], SAT, var[:, :ny] if use_var else None,
+                          nsigma=3.0, niter=niter, no_data_bit=NO_DATA)
+    outs = (np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.int32),
+            np.zeros((ny, nx), np.int16))
+    meanclip_network(data, masks, True, var, use_var, np.int32(SAT), *sorting_program(n), 16, 5, ny,
+                     3.0, niter, np.int32(NO_DATA), *outs)
+    np.testing.assert_array_equal(outs[3], ref.n_used)
+    np.testing.assert_array_equal(outs[2], ref.mask)
+    np.testing.assert_allclose(outs[0], ref.value, rtol=1e-6, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(outs[1], ref.variance, rtol=1e-5, equal_nan=True)
+    assert (outs[3][5, 70:] == 0).all() and (outs[2][5, 70:] == NO_DATA).all()
+    assert (outs[0][4, :5] == 1000.0).all()
+    if niter:
+        assert (outs[3][3, 20:30] <= n - n // 5).all()
