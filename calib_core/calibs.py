@@ -300,10 +300,13 @@ def combine_flat(inputs: Sequence, exp_scales: Sequence[float], ccd_scale: float
     config = config or FlatConfig()
     combined, _ = combine_calib(inputs, config.combine, scales=exp_scales)
     level = background_level(combined, config.stats).mean
+    if config.min_response > 0 and math.isfinite(level) and level > 0:
+        # dead pixels are flagged first, so the level the flat is scaled by excludes them
+        dead = ~np.isfinite(combined.image) | (combined.image < config.min_response * level)
+        if dead.any():
+            combined.mask[dead] |= np.int32(MASK_PLANES.bit("BAD"))
+            level = background_level(combined, config.stats).mean
     if not (math.isfinite(level) and level != 0):
         raise RuntimeError(f"flat combine: background level of the stack is {level}")
     combined *= float(ccd_scale) / level
-    if config.min_response > 0:
-        dead = ~np.isfinite(combined.image) | (combined.image < config.min_response * float(ccd_scale))
-        combined.mask[dead] |= np.int32(MASK_PLANES.bit("BAD"))
     return combined

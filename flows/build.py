@@ -153,6 +153,10 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
     done = existing_products(registry, ctx, plan.exposures, plan.detectors)
     if len(done) == len(plan.detectors):
         log.info("%s build: every product already exists (identical inputs and config); nothing to do", calib_type)
+        run_id = start_build_run(registry, flow_run_id, calib_type, {"night": night, "exposures": exposures,
+                                                                     "filter": filter, "detectors": detectors})
+        finish_build_run(registry, run_id, "completed", f"0 new products: all {len(done)} already built by an "
+                         "identical earlier build")
         products = [{**done[d], "created": False} for d in plan.detectors]
         return {"calib_type": calib_type, "products": products, "created": 0, "calib_date": ctx.calib_date,
                 "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(_mosaic_path(ctx, store)),

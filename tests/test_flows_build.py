@@ -125,8 +125,11 @@ def test_rebuild_is_a_no_op(prefect_api, night_repo):
     again = build_calib("bias", camera="democam_mini", night=NIGHT, repo=str(store.root))
     assert again["created"] == 0 and len(again["products"]) == 9
     assert list_calibs(reg, calib_type="bias") == before
-    # the identical rebuild stopped before any processing: no build run, no intermediate touched
-    assert n_runs() == runs
+    # the identical rebuild stopped before any processing: no intermediate touched, and its run says so
+    assert n_runs() == runs + 1
+    with reg.session() as s:
+        last = s.scalars(select(BuildRunRow).order_by(BuildRunRow.id.desc())).first()
+        assert last.status == "completed" and last.message.startswith("0 new products: all 9 already built")
     assert {p: p.stat().st_mtime_ns for p in store.root.glob("work/democam_mini/bias/*")} == work
 
 
