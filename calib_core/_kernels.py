@@ -617,7 +617,7 @@ def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, ops
             r = b // nbx
             x0 = (b - r * nbx) * W
             w = min(W, nx - x0)
-            # 1. gather
+            # 1. gather (without masks the counts are taken after the sort, usually from one row)
             for j in range(w):
                 cnt[j] = 0
                 om[j] = 0
@@ -636,15 +636,27 @@ def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, ops
                 else:
                     for j in range(w):
                         v = drow[x0 + j]
-                        ok = abs(v) < inf32
-                        srow[j] = v if ok else inf32
-                        cnt[j] += 1 if ok else 0
+                        srow[j] = v if abs(v) < inf32 else inf32
                 if use_var:
                     urow = u[i]
                     for j in range(w):
                         urow[j] = srow[j]
             # 2. sort each pixel's values
             _sort_columns(s, ops, w)
+            if not has_mask:
+                # admitted = finite; they come first. All N when the last row is finite
+                last = s[N - 1]
+                ninf = 0
+                for j in range(w):
+                    ninf += 0 if last[j] < inf32 else 1
+                if ninf == 0:
+                    for j in range(w):
+                        cnt[j] = N
+                else:
+                    for i in range(N):
+                        srow = s[i]
+                        for j in range(w):
+                            cnt[j] += 1 if srow[j] < inf32 else 0
             # 3. quartiles -> pass-0 centre and width
             nmin = N
             nmax = 0
