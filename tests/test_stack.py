@@ -350,8 +350,9 @@ def test_sort_program_kernel_sorts_columns(n):
 
 
 @pytest.mark.parametrize("n", [5, 16, 40, 41])
-@pytest.mark.parametrize("use_var,niter", [(False, 3), (True, 3), (False, 0)])
-def test_meanclip_kernel_blocks_agree_with_reference(n, use_var, niter):
+@pytest.mark.parametrize("use_var,niter,has_mask", [(False, 3, True), (True, 3, True), (False, 0, True),
+                                                    (False, 3, False)])
+def test_meanclip_kernel_blocks_agree_with_reference(n, use_var, niter, has_mask):
     """Blocks of 16 pixels (6 per row, the last one 3 wide), rows of a larger buffer, and rows that
     take each path: equal counts (row-wise quartiles, shared middle sums), mixed counts, a middle
     row rejected in some pixels (full scan), ties and constant pixels."""
@@ -370,11 +371,11 @@ def test_meanclip_kernel_blocks_agree_with_reference(n, use_var, niter):
     masks[:, 2, 30:60][rng.random((n, 30)) < 0.1] |= SAT
     masks[:, 2][rng.random((n, nx)) < 0.2] |= BAD                            # propagates
     var = rng.uniform(1.0, 3.0, data.shape).astype(np.float32)
-    ref = stack_statistic("MEANCLIP", data[:, :ny], masks[:, :ny], SAT, var[:, :ny] if use_var else None,
-                          nsigma=3.0, niter=niter, no_data_bit=NO_DATA)
+    ref = stack_statistic("MEANCLIP", data[:, :ny], masks[:, :ny] if has_mask else None, SAT,
+                          var[:, :ny] if use_var else None, nsigma=3.0, niter=niter, no_data_bit=NO_DATA)
     outs = (np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.int32),
             np.zeros((ny, nx), np.int16))
-    meanclip_network(data, masks, True, var, use_var, np.int32(SAT), *sorting_program(n), 16, 5, ny,
+    meanclip_network(data, masks, has_mask, var, use_var, np.int32(SAT), *sorting_program(n), 16, 5, ny,
                      3.0, niter, np.int32(NO_DATA), *outs)
     np.testing.assert_array_equal(outs[3], ref.n_used)
     np.testing.assert_array_equal(outs[2], ref.mask)
