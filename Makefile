@@ -23,6 +23,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_stack.py
 	$(BIN)/python bench/bench_sky.py
+	$(BIN)/python bench/bench_flow_overhead.py
 
 clean:
 	rm -rf demo calibrepo

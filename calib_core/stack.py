@@ -50,7 +50,10 @@ class CombineConfig(BaseModel):
     @classmethod
     def _known_planes(cls, v):
         for name in v:
-            MASK_PLANES.bit(name)
+            try:
+                MASK_PLANES.bit(name)
+            except KeyError as exc:          # a ValueError, so pydantic reports it as a validation error
+                raise ValueError(f"unknown mask plane {name!r}") from exc
         return [n.upper() for n in v]
 
     @property
