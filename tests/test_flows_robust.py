@@ -129,3 +129,32 @@ def test_dask_local_cluster_gives_identical_products(tmp_path, raws, prefect_api
     pids = {p["pid"] for p in result["processed"]}
     assert len(pids) == 2 and os.getpid() not in pids      # the work ran in the 2 worker processes
     _same_products(reg, reference)
+
+
+def test_deployment_entry_flow_on_an_existing_dask_cluster(tmp_path, raws, prefect_api, reference):
+    """Scaling out: the bias deployment's own entry flow, pointed at an already running
+    dask.distributed scheduler (here a LocalCluster of 2 worker processes started beforehand, as a
+    site would start one with dask-jobqueue), runs its tasks on that cluster's workers; pixels go
+    through the shared datastore (tasks return paths and small dicts), and the products are
+    identical to the thread runner's."""
+    from distributed import Client, LocalCluster
+
+    from deployments.build import build_bias
+
+    store, reg = _repo(tmp_path / "repo", raws)
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = prefect_api      # the workers report their task runs here
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            with Client(cluster) as client:
+                worker_pids = set(client.run(os.getpid).values())
+            result = build_bias(night=NIGHT, camera=CAMERA, repo=str(store.root), runner="dask",
+                                dask_address=cluster.scheduler_address)
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+    assert result["created"] == 9
+    assert {p["pid"] for p in result["processed"]} == worker_pids and len(worker_pids) == 2
+    _same_products(reg, reference)
