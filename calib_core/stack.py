@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from typing import Literal, Sequence
 
 import numpy as np
@@ -122,6 +123,16 @@ def _pool():
 
         _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="calibflow-meanclip")
     return _POOL
+
+
+def _forget_pools():
+    """In a forked child the pools' threads do not exist: start new ones on first use."""
+    global _POOL, _DRIVER
+    _POOL = _DRIVER = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 #: work pieces per worker thread and band: the pieces are taken from a queue, so a core slowed by

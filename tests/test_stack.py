@@ -427,3 +427,34 @@ def test_stack_files_large_outputs_in_anonymous_mappings(tmp_path):
     np.testing.assert_array_equal(out_f.mask, out_m.mask)
     np.testing.assert_array_equal(n_f, n_m)
     assert n_f[5, 7] < 6 and n_f.max() == 6
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_stack_after_fork_starts_new_worker_threads():
+    """A child forked after the pools started (multiprocessing's default on Linux) must not wait on
+    the parent's threads, which it does not have."""
+    import os
+
+    images = [MaskedImage.from_image(np.full((8, 300), float(i), np.float32)) for i in range(6)]
+    expect, _ = stack_arrays(images, CombineConfig(fill_nans=False))   # the pools exist now
+    pid = os.fork()
+    if pid == 0:                                                        # child: exit code = result
+        try:
+            out, _ = stack_arrays(images, CombineConfig(fill_nans=False))
+            os._exit(0 if np.array_equal(out.image, expect.image) else 1)
+        except BaseException:
+            os._exit(2)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung waiting for worker threads")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
