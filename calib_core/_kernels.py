@@ -4,7 +4,7 @@ The per-pixel statistics here must agree with the NumPy reference in :mod:`calib
 (tests/test_stack.py checks it). Differences from the reference are only in float64 rounding:
 sums are accumulated about a centre (shifted sums) instead of with a separate mean pass.
 
-MEANCLIP (:func:`meanclip_network`) works on blocks of adjacent pixels with a sorting network and
+MEANCLIP (:func:`meanclip_blocks`) works on blocks of adjacent pixels with a sorting network and
 branchless clip passes, vectorised across the pixels of a block (see the comment above it).
 MEAN, MEDIAN and MINMAX (:func:`stack_kernel`) work pixel by pixel; the median uses in-place
 selection (Hoare partition quickselect, :func:`_select`, also used by :mod:`calib_core.binstats`).
@@ -18,10 +18,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["bswap32_inplace", "stack_kernel", "meanclip_network", "sorting_network", "sorting_program",
+__all__ = ["bswap32_inplace", "stack_kernel", "meanclip_blocks", "sorting_network", "sorting_program",
            "block_width", "STAT_CODES"]
 
-#: statistics with a numba kernel: MEANCLIP -> :func:`meanclip_network`, the others -> :func:`stack_kernel`
+#: statistics with a numba kernel: MEANCLIP -> :func:`meanclip_blocks`, the others -> :func:`stack_kernel`
 STAT_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
 
 IQR_TO_SIGMA = 0.741301109252802
@@ -123,7 +123,7 @@ def stack_kernel(data, masks, has_mask, variances, use_var, inv_scale, ignore_bi
     ``masks`` (int32) and ``variances`` (float32) have the shape of ``data`` when ``has_mask`` /
     ``use_var`` are true (pass any 3-D array of that dtype otherwise). Input i is multiplied by
     ``inv_scale[i]`` (variance by its square) after admission. ``stat`` is the :data:`STAT_CODES`
-    value of MEAN, MEDIAN or MINMAX (MEANCLIP has its own kernel, :func:`meanclip_network`).
+    value of MEAN, MEDIAN or MINMAX (MEANCLIP has its own kernel, :func:`meanclip_blocks`).
     Output variance: from the inputs' variances (sum over used / n**2) when ``use_var``, else
     error**2 from the spread.
     """
@@ -576,202 +576,196 @@ def _clip_sums(x, i0, i1, w, cen, wid, sd, sdd, kk):
             kk[j] += 1 if keep else 0
 
 
-@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def meanclip_network(data, masks, has_mask, variances, use_var, ignore_bits, ops, srows, block, pieces,
-                     nrows, nsigma, niter, no_data_bit, out_value, out_var, out_mask, out_n):
-    """MEANCLIP per pixel across rows :nrows of ``data`` (N, >= nrows, nx) float32 into the
-    (nrows, nx) outputs.
+@njit(cache=True, nogil=True, error_model="numpy")
+def meanclip_blocks(data, masks, has_mask, variances, use_var, ignore_bits, ops, srows, W, b0, b1,
+                    nsigma, niter, no_data_bit, out_value, out_var, out_mask, out_n):
+    """MEANCLIP per pixel across ``data`` (N, R, nx) float32, blocks b0 <= b < b1, into the (>= R, nx)
+    outputs. Block b is the W pixels from (b % nbx) * W of row b // nbx, nbx = ceil(nx / W); the rows
+    that the blocks reach are combined, others are left alone, so a caller can split the blocks
+    between threads (the function releases the GIL).
 
     ``masks`` (int32) / ``variances`` (float32) have the shape of ``data`` when ``has_mask`` /
     ``use_var`` (any 3-D array of that dtype otherwise). ``ops, srows`` = :func:`sorting_program`
-    (N); ``block`` = pixels per block (:func:`block_width`); the blocks are shared out in ``pieces``
-    contiguous runs (the parallel work items; a few per thread). Output variance: sum of the used
-    inputs' variances / n**2 when ``use_var``, else the clipped variance / n.
+    (N); ``W`` = :func:`block_width` (N) pixels per block. Output variance: the sum of the used inputs'
+    variances / n**2 when ``use_var``, else the clipped variance / n.
     """
     N = data.shape[0]
     nx = data.shape[2]
-    R = nrows
-    W = block
     nbx = (nx + W - 1) // W
-    nb = R * nbx
-    nchunks = max(1, min(nb, pieces))
     inf32 = np.float32(np.inf)
-    for ch in prange(nchunks):
-        b0 = ch * nb // nchunks
-        b1 = (ch + 1) * nb // nchunks
-        s = np.empty((max(N, srows), W + ROW_PAD), np.float32)
-        s[N:] = inf32                      # rows past N (padding of the network's groups)
-        u = np.empty((N if use_var else 1, W), np.float32)
-        cnt = np.empty(W, np.int32)
-        om = np.empty(W, np.int32)
-        iqw = np.empty(W, np.float64)
-        cen = np.empty(W, np.float64)
-        wid = np.empty(W, np.float64)
-        sd = np.empty(W, np.float64)
-        sdd = np.empty(W, np.float64)
-        vs = np.empty(W, np.float64)
-        kk = np.empty(W, np.int32)
-        mean = np.empty(W, np.float64)
-        var = np.empty(W, np.float64)
-        med = np.empty(W, np.float64)
-        m1 = np.empty(W, np.float64)
-        m2 = np.empty(W, np.float64)
-        for b in range(b0, b1):
-            r = b // nbx
-            x0 = (b - r * nbx) * W
-            w = min(W, nx - x0)
-            # 1. gather (without masks the counts are taken after the sort, usually from one row)
-            for j in range(w):
-                cnt[j] = 0
-                om[j] = 0
-            for i in range(N):
-                drow = data[i, r]
-                srow = s[i]
-                if has_mask:
-                    mrow = masks[i, r]
-                    for j in range(w):
-                        v = drow[x0 + j]
-                        m = mrow[x0 + j]
-                        ok = (abs(v) < inf32) & ((m & ignore_bits) == 0)
-                        srow[j] = v if ok else inf32
-                        cnt[j] += 1 if ok else 0
-                        om[j] |= m if ok else 0
-                else:
-                    for j in range(w):
-                        v = drow[x0 + j]
-                        srow[j] = v if abs(v) < inf32 else inf32
-                if use_var:
-                    urow = u[i]
-                    for j in range(w):
-                        urow[j] = srow[j]
-            # 2. sort each pixel's values
-            _sort_columns(s, ops, w)
-            if not has_mask:
-                # admitted = finite; they come first. All N when the last row is finite
-                last = s[N - 1]
-                ninf = 0
+    s = np.empty((max(N, srows), W + ROW_PAD), np.float32)
+    s[N:] = inf32                      # rows past N (padding of the network's groups)
+    u = np.empty((N if use_var else 1, W), np.float32)
+    cnt = np.empty(W, np.int32)
+    om = np.empty(W, np.int32)
+    iqw = np.empty(W, np.float64)
+    cen = np.empty(W, np.float64)
+    wid = np.empty(W, np.float64)
+    sd = np.empty(W, np.float64)
+    sdd = np.empty(W, np.float64)
+    vs = np.empty(W, np.float64)
+    kk = np.empty(W, np.int32)
+    mean = np.empty(W, np.float64)
+    var = np.empty(W, np.float64)
+    med = np.empty(W, np.float64)
+    m1 = np.empty(W, np.float64)
+    m2 = np.empty(W, np.float64)
+    for b in range(b0, b1):
+        r = b // nbx
+        x0 = (b - r * nbx) * W
+        w = min(W, nx - x0)
+        # 1. gather (without masks the counts are taken after the sort, usually from one row)
+        for j in range(w):
+            cnt[j] = 0
+            om[j] = 0
+        for i in range(N):
+            drow = data[i, r]
+            srow = s[i]
+            if has_mask:
+                mrow = masks[i, r]
                 for j in range(w):
-                    ninf += 0 if last[j] < inf32 else 1
-                if ninf == 0:
-                    for j in range(w):
-                        cnt[j] = N
-                else:
-                    for i in range(N):
-                        srow = s[i]
-                        for j in range(w):
-                            cnt[j] += 1 if srow[j] < inf32 else 0
-            # 3. quartiles -> pass-0 centre and width
-            nmin = N
-            nmax = 0
-            for j in range(w):
-                nmin = min(nmin, cnt[j])
-                nmax = max(nmax, cnt[j])
-            if nmin == nmax and nmax > 0:
-                # every pixel of the block has the same count (the usual case): the quartiles sit at
-                # the same rows for all of them, so they are read row-wise (vectorised)
-                _pct_rows(s, nmax, 0.25, w, sd)
-                _pct_rows(s, nmax, 0.5, w, cen)
-                _pct_rows(s, nmax, 0.75, w, sdd)
-                for j in range(w):
-                    iqw[j] = nsigma * IQR_TO_SIGMA * (sdd[j] - sd[j])
+                    v = drow[x0 + j]
+                    m = mrow[x0 + j]
+                    ok = (abs(v) < inf32) & ((m & ignore_bits) == 0)
+                    srow[j] = v if ok else inf32
+                    cnt[j] += 1 if ok else 0
+                    om[j] |= m if ok else 0
             else:
                 for j in range(w):
-                    n = cnt[j]
-                    if n == 0:
-                        cen[j] = np.nan
-                        iqw[j] = np.nan
-                        continue
-                    q1 = _pct(s, j, n, 0.25)
-                    cen[j] = _pct(s, j, n, 0.5)
-                    q3 = _pct(s, j, n, 0.75)
-                    iqw[j] = nsigma * IQR_TO_SIGMA * (q3 - q1)
+                    v = drow[x0 + j]
+                    srow[j] = v if abs(v) < inf32 else inf32
+            if use_var:
+                urow = u[i]
+                for j in range(w):
+                    urow[j] = srow[j]
+        # 2. sort each pixel's values
+        _sort_columns(s, ops, w)
+        if not has_mask:
+            # admitted = finite; they come first. All N when the last row is finite
+            last = s[N - 1]
+            ninf = 0
             for j in range(w):
-                # no clip pass: the mean of every admitted value (+inf fails |d| <= DBL_MAX)
-                wd = iqw[j] if niter >= 1 else 1.7976931348623157e308
-                ok = (abs(cen[j]) < np.inf) & (abs(wd) < np.inf)
-                cen[j] = cen[j] if ok else np.nan          # keeps nothing: NaN result, n_used 0
-                wid[j] = wd
-            # 4. clip passes. Sorted values and a monotone predicate: if the rows mlo and mhi - 1
-            # are kept in every pixel of the block, so is every row between them. Their sums about
-            # the median are taken once (m1, m2) and re-centred per pass; only the outer rows are
-            # scanned. Otherwise (or with input variances, summed over the unsorted values) every
-            # row is scanned.
-            npass = max(niter, 1)
-            src = u if use_var else s
-            mlo = max(2, nmin // 8)
-            mhi = nmin - mlo
-            nmid = mhi - mlo
-            use_mid = (not use_var) and nmid >= 8
-            if use_mid:
+                ninf += 0 if last[j] < inf32 else 1
+            if ninf == 0:
                 for j in range(w):
-                    med[j] = cen[j]
-                    m1[j] = 0.0
-                    m2[j] = 0.0
-                for i in range(mlo, mhi):
-                    xrow = s[i]
+                    cnt[j] = N
+            else:
+                for i in range(N):
+                    srow = s[i]
                     for j in range(w):
-                        d = float(xrow[j]) - med[j]
-                        m1[j] += d
-                        m2[j] += d * d
-            for it in range(npass):
-                mid = use_mid
-                if mid:
-                    nout = 0
-                    lo_row = s[mlo]
-                    hi_row = s[mhi - 1]
+                        cnt[j] += 1 if srow[j] < inf32 else 0
+        # 3. quartiles -> pass-0 centre and width
+        nmin = N
+        nmax = 0
+        for j in range(w):
+            nmin = min(nmin, cnt[j])
+            nmax = max(nmax, cnt[j])
+        if nmin == nmax and nmax > 0:
+            # every pixel of the block has the same count (the usual case): the quartiles sit at
+            # the same rows for all of them, so they are read row-wise (vectorised)
+            _pct_rows(s, nmax, 0.25, w, sd)
+            _pct_rows(s, nmax, 0.5, w, cen)
+            _pct_rows(s, nmax, 0.75, w, sdd)
+            for j in range(w):
+                iqw[j] = nsigma * IQR_TO_SIGMA * (sdd[j] - sd[j])
+        else:
+            for j in range(w):
+                n = cnt[j]
+                if n == 0:
+                    cen[j] = np.nan
+                    iqw[j] = np.nan
+                    continue
+                q1 = _pct(s, j, n, 0.25)
+                cen[j] = _pct(s, j, n, 0.5)
+                q3 = _pct(s, j, n, 0.75)
+                iqw[j] = nsigma * IQR_TO_SIGMA * (q3 - q1)
+        for j in range(w):
+            # no clip pass: the mean of every admitted value (+inf fails |d| <= DBL_MAX)
+            wd = iqw[j] if niter >= 1 else 1.7976931348623157e308
+            ok = (abs(cen[j]) < np.inf) & (abs(wd) < np.inf)
+            cen[j] = cen[j] if ok else np.nan          # keeps nothing: NaN result, n_used 0
+            wid[j] = wd
+        # 4. clip passes. Sorted values and a monotone predicate: if the rows mlo and mhi - 1
+        # are kept in every pixel of the block, so is every row between them. Their sums about
+        # the median are taken once (m1, m2) and re-centred per pass; only the outer rows are
+        # scanned. Otherwise (or with input variances, summed over the unsorted values) every
+        # row is scanned.
+        npass = max(niter, 1)
+        src = u if use_var else s
+        mlo = max(2, nmin // 8)
+        mhi = nmin - mlo
+        nmid = mhi - mlo
+        use_mid = (not use_var) and nmid >= 8
+        if use_mid:
+            for j in range(w):
+                med[j] = cen[j]
+                m1[j] = 0.0
+                m2[j] = 0.0
+            for i in range(mlo, mhi):
+                xrow = s[i]
+                for j in range(w):
+                    d = float(xrow[j]) - med[j]
+                    m1[j] += d
+                    m2[j] += d * d
+        for it in range(npass):
+            mid = use_mid
+            if mid:
+                nout = 0
+                lo_row = s[mlo]
+                hi_row = s[mhi - 1]
+                for j in range(w):
+                    dl = float(lo_row[j]) - cen[j]
+                    dh = float(hi_row[j]) - cen[j]
+                    nout += 0 if (abs(dl) <= wid[j]) & (abs(dh) <= wid[j]) else 1
+                mid = nout == 0
+            if mid:
+                for j in range(w):
+                    delta = cen[j] - med[j]
+                    sd[j] = m1[j] - nmid * delta
+                    sdd[j] = m2[j] - 2.0 * delta * m1[j] + nmid * (delta * delta)
+                    kk[j] = nmid
+                _clip_sums(s, 0, mlo, w, cen, wid, sd, sdd, kk)
+                _clip_sums(s, mhi, nmax, w, cen, wid, sd, sdd, kk)
+            else:
+                for j in range(w):
+                    sd[j] = 0.0
+                    sdd[j] = 0.0
+                    kk[j] = 0
+                rows = N if use_var else nmax
+                _clip_sums(src, 0, rows, w, cen, wid, sd, sdd, kk)
+                if use_var:
                     for j in range(w):
-                        dl = float(lo_row[j]) - cen[j]
-                        dh = float(hi_row[j]) - cen[j]
-                        nout += 0 if (abs(dl) <= wid[j]) & (abs(dh) <= wid[j]) else 1
-                    mid = nout == 0
-                if mid:
-                    for j in range(w):
-                        delta = cen[j] - med[j]
-                        sd[j] = m1[j] - nmid * delta
-                        sdd[j] = m2[j] - 2.0 * delta * m1[j] + nmid * (delta * delta)
-                        kk[j] = nmid
-                    _clip_sums(s, 0, mlo, w, cen, wid, sd, sdd, kk)
-                    _clip_sums(s, mhi, nmax, w, cen, wid, sd, sdd, kk)
-                else:
-                    for j in range(w):
-                        sd[j] = 0.0
-                        sdd[j] = 0.0
-                        kk[j] = 0
-                    rows = N if use_var else nmax
-                    _clip_sums(src, 0, rows, w, cen, wid, sd, sdd, kk)
-                    if use_var:
+                        vs[j] = 0.0
+                    for i in range(rows):
+                        xrow = src[i]
+                        vrow = variances[i, r]
                         for j in range(w):
-                            vs[j] = 0.0
-                        for i in range(rows):
-                            xrow = src[i]
-                            vrow = variances[i, r]
-                            for j in range(w):
-                                d = float(xrow[j]) - cen[j]
-                                vs[j] += float(vrow[x0 + j]) if abs(d) <= wid[j] else 0.0
-                # mean and variance of the pass; centre and width of the next one
-                for j in range(w):
-                    k = kk[j]
-                    kf = float(k)
-                    s1 = sd[j]
-                    mj = cen[j] + s1 / kf
-                    vj = (sdd[j] - s1 * s1 / kf) / (kf - 1.0)
-                    mj = mj if k > 0 else np.nan
-                    vj = vj if k > 1 else np.nan
-                    mean[j] = mj
-                    var[j] = vj
-                    wd = nsigma * math.sqrt(vj if vj > 0 else 0.0) if k > 1 else iqw[j]
-                    ok = (abs(mj) < np.inf) & (abs(wd) < np.inf)
-                    cen[j] = mj if ok else np.nan
-                    wid[j] = wd
-            # 5. outputs
+                            d = float(xrow[j]) - cen[j]
+                            vs[j] += float(vrow[x0 + j]) if abs(d) <= wid[j] else 0.0
+            # mean and variance of the pass; centre and width of the next one
             for j in range(w):
                 k = kk[j]
-                out_value[r, x0 + j] = mean[j]
-                out_n[r, x0 + j] = k
-                out_mask[r, x0 + j] = om[j] if cnt[j] > 0 else no_data_bit
-                if k == 0:
-                    out_var[r, x0 + j] = np.nan
-                elif use_var:
-                    out_var[r, x0 + j] = vs[j] / (k * k)
-                else:
-                    out_var[r, x0 + j] = var[j] / k
+                kf = float(k)
+                s1 = sd[j]
+                mj = cen[j] + s1 / kf
+                vj = (sdd[j] - s1 * s1 / kf) / (kf - 1.0)
+                mj = mj if k > 0 else np.nan
+                vj = vj if k > 1 else np.nan
+                mean[j] = mj
+                var[j] = vj
+                wd = nsigma * math.sqrt(vj if vj > 0 else 0.0) if k > 1 else iqw[j]
+                ok = (abs(mj) < np.inf) & (abs(wd) < np.inf)
+                cen[j] = mj if ok else np.nan
+                wid[j] = wd
+        # 5. outputs
+        for j in range(w):
+            k = kk[j]
+            out_value[r, x0 + j] = mean[j]
+            out_n[r, x0 + j] = k
+            out_mask[r, x0 + j] = om[j] if cnt[j] > 0 else no_data_bit
+            if k == 0:
+                out_var[r, x0 + j] = np.nan
+            elif use_var:
+                out_var[r, x0 + j] = vs[j] / (k * k)
+            else:
+                out_var[r, x0 + j] = var[j] / k

@@ -7,7 +7,7 @@ whatever N is, and each byte of each file is read exactly once (ccdproc re-reads
 tile, so its cost grows as N**2, PEERS.md 2 item 7).
 
 Statistics follow :mod:`calib_core.stats` (the NumPy reference); MEANCLIP runs in the block /
-sorting-network kernel of :mod:`calib_core._kernels` (``meanclip_network``), MEAN, MEDIAN and MINMAX
+sorting-network kernel of :mod:`calib_core._kernels` (``meanclip_blocks``), MEAN, MEDIAN and MINMAX
 in its per-pixel kernel (``stack_kernel``), SIGMACLIP uses the astropy-backed reference.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from typing import Literal, Sequence
 
 import numpy as np
@@ -107,27 +108,63 @@ def _fresh(shape, dtype) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
 
 
-def _meanclip(data, masks, variances, h, ignore_bits, nsigma, niter, no_data, outs):
-    """MEANCLIP of rows :h of a band with the block/sorting-network kernel, all cores.
+_POOL = None
 
-    The whole buffers are passed with the row count, never a slice of them: a slice of a partly
-    filled buffer is not C-contiguous, which numba would compile as a second specialisation.
-    The band's blocks are cut into a few pieces per thread, handed out one at a time (dynamic
-    scheduling), so a core slowed by other work does not hold up the band.
-    """
+
+def _workers() -> int:
+    """Threads for the MEANCLIP kernel: numba's thread count (the CPUs, or NUMBA_NUM_THREADS)."""
     import numba
 
-    from ._kernels import block_width, meanclip_network, sorting_program
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
 
-    n = data.shape[0]
-    threads = max(1, int(numba.get_num_threads()))
+
+def _pool():
+    """Worker threads for the MEANCLIP kernel (it releases the GIL)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="calibflow-meanclip")
+    return _POOL
+
+
+def _forget_pools():
+    """In a forked child the pools' threads do not exist: start new ones on first use."""
+    global _POOL, _DRIVER
+    _POOL = _DRIVER = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+#: work pieces per worker thread and band: the pieces are taken from a queue, so a core slowed by
+#: other work takes fewer of them instead of holding up the band
+PIECES_PER_THREAD = 8
+
+
+def _meanclip(data, masks, variances, h, ignore_bits, nsigma, niter, no_data, outs):
+    """MEANCLIP of rows :h of a band with the block/sorting-network kernel, on all worker threads.
+
+    The whole buffers are passed with the blocks to do, never a slice of them: a slice of a partly
+    filled buffer is not C-contiguous, which numba would compile as a second specialisation.
+    """
+    from ._kernels import block_width, meanclip_blocks, sorting_program
+
+    n, _, nx = data.shape
+    w = block_width(n)
+    nb = h * ((nx + w - 1) // w)
+    ops, srows = sorting_program(n)
     m = masks if masks is not None else np.zeros((1, 1, 1), np.int32)
     v = variances if variances is not None else np.zeros((1, 1, 1), np.float32)
-    ops, srows = sorting_program(n)
-    with numba.parallel_chunksize(1):
-        meanclip_network(data, m, masks is not None, v, variances is not None, np.int32(ignore_bits),
-                         ops, srows, block_width(n), 8 * threads, int(h), float(nsigma), int(niter),
-                         np.int32(no_data), *outs)
+    args = (data, m, masks is not None, v, variances is not None, np.int32(ignore_bits), ops, srows, w)
+    tail = (float(nsigma), int(niter), np.int32(no_data), *outs)
+    pool = _pool()
+    pieces = max(1, min(nb, PIECES_PER_THREAD * _workers()))
+    bounds = [k * nb // pieces for k in range(pieces + 1)]
+    futures = [pool.submit(meanclip_blocks, *args, bounds[k], bounds[k + 1], *tail) for k in range(pieces)]
+    for f in futures:
+        f.result()
 
 
 def _apply_scales(data, variances, scales):

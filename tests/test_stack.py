@@ -353,10 +353,10 @@ def test_sort_program_kernel_sorts_columns(n):
 @pytest.mark.parametrize("use_var,niter,has_mask", [(False, 3, True), (True, 3, True), (False, 0, True),
                                                     (False, 3, False)])
 def test_meanclip_kernel_blocks_agree_with_reference(n, use_var, niter, has_mask):
-    """Blocks of 16 pixels (6 per row, the last one 3 wide), rows of a larger buffer, and rows that
-    take each path: equal counts (row-wise quartiles, shared middle sums), mixed counts, a middle
+    """Blocks of 16 pixels (6 per row, the last one 3 wide) done in three calls, rows of a larger
+    buffer, and rows that take each path: equal counts (row-wise quartiles, shared middle sums), mixed counts, a middle
     row rejected in some pixels (full scan), ties and constant pixels."""
-    from calib_core._kernels import meanclip_network, sorting_program
+    from calib_core._kernels import meanclip_blocks, sorting_program
 
     rng = np.random.default_rng(1000 + n + niter)
     ny, nx = 6, 83
@@ -375,8 +375,9 @@ def test_meanclip_kernel_blocks_agree_with_reference(n, use_var, niter, has_mask
                           var[:, :ny] if use_var else None, nsigma=3.0, niter=niter, no_data_bit=NO_DATA)
     outs = (np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.int32),
             np.zeros((ny, nx), np.int16))
-    meanclip_network(data, masks, has_mask, var, use_var, np.int32(SAT), *sorting_program(n), 16, 5, ny,
-                     3.0, niter, np.int32(NO_DATA), *outs)
+    for b0, b1 in ((0, 7), (7, 20), (20, ny * 6)):            # blocks in three pieces, as threads get them
+        meanclip_blocks(data, masks, has_mask, var, use_var, np.int32(SAT), *sorting_program(n), 16, b0, b1,
+                        3.0, niter, np.int32(NO_DATA), *outs)
     np.testing.assert_array_equal(outs[3], ref.n_used)
     np.testing.assert_array_equal(outs[2], ref.mask)
     np.testing.assert_allclose(outs[0], ref.value, rtol=1e-6, atol=1e-6, equal_nan=True)
@@ -426,3 +427,34 @@ def test_stack_files_large_outputs_in_anonymous_mappings(tmp_path):
     np.testing.assert_array_equal(out_f.mask, out_m.mask)
     np.testing.assert_array_equal(n_f, n_m)
     assert n_f[5, 7] < 6 and n_f.max() == 6
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_stack_after_fork_starts_new_worker_threads():
+    """A child forked after the pools started (multiprocessing's default on Linux) must not wait on
+    the parent's threads, which it does not have."""
+    import os
+
+    images = [MaskedImage.from_image(np.full((8, 300), float(i), np.float32)) for i in range(6)]
+    expect, _ = stack_arrays(images, CombineConfig(fill_nans=False))   # the pools exist now
+    pid = os.fork()
+    if pid == 0:                                                        # child: exit code = result
+        try:
+            out, _ = stack_arrays(images, CombineConfig(fill_nans=False))
+            os._exit(0 if np.array_equal(out.image, expect.image) else 1)
+        except BaseException:
+            os._exit(2)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung waiting for worker threads")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
