@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
-
 from .background import BackgroundModel
 from .camera import Camera
 from .isr import IsrConfig, run_isr
@@ -21,10 +19,7 @@ from .products import read_product, write_product
 from .rawio import RawDetector, read_raw
 from .registry import Registry
 from .registry.calibs import lookup
-from .binstats import box_statistics
-from .focalplane import FocalPlaneBackground
-from .maskedimage import mask_bits
-from .sky import SkyBuildConfig, exposure_background, mask_detector, measure_scale, solve_scales, subtract_sky_frame
+from .sky import SkyBuildConfig, measure_scale, solve_scales, subtract_exposure_background, subtract_sky_frame
 
 __all__ = ["ISR_STEP", "find_isr_calibs", "isr_with_calibs", "read_sky_frame", "SkyApplication",
            "apply_sky"]
@@ -120,25 +115,8 @@ def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path 
         images[det_id] = isr_with_calibs(rd, cfg.isr, calibs, exposure.get("darktime"), path=exposure["path"])
         skies[det_id] = read_sky_frame(sky[0]["path"]).evaluate()
         ids[det_id] = sky[0]["calib_id"]
-    # objects are found on each image minus the frame at a provisional scale (the clipped sky
-    # level), so the frame's own structure is not masked as objects (as skyquality does)
-    stats_bits = mask_bits(cfg.sky.stats.mask)
-    level = float(np.median([box_statistics(mi.image, mi.mask, stats_bits, [[0, mi.shape[0], 0, mi.shape[1]]],
-                                            "MEANCLIP")[0, 0] for mi in images.values()]))
-    partials = []
-    for det_id, mi in images.items():
-        if cfg.do_mask_objects:
-            provisional = np.float32(level) * skies[det_id]
-            mi.image -= provisional
-            mask_detector(mi, sky_cfg)
-            mi.image += provisional
-        fp = FocalPlaneBackground.from_camera(sky_cfg.large_scale, camera)
-        fp.add_detector(camera, camera.detector(det_id), mi)
-        partials.append(fp)
-    # the large-scale (moonlight) background of the whole focal plane, then the sky frame
-    background, sky_level = exposure_background(partials)
-    for det_id, mi in images.items():
-        mi -= background.to_detector_background(camera, camera.detector(det_id)).evaluate()
+    # the focal-plane (moonlight) background of the whole exposure, then the sky frame
+    sky_level = subtract_exposure_background(camera, images, skies, sky_cfg)
     sol = solve_scales([measure_scale(mi, skies[d], cfg.sky) for d, mi in images.items()], cfg.sky)
     for d, mi in images.items():
         subtract_sky_frame(mi, skies[d], sol.scale)

@@ -41,7 +41,7 @@ __all__ = [
     "SkyStatsConfig", "SkyMeasurementConfig", "ExposureRejectionConfig", "SkyConfig",
     "SkyBuildConfig", "ScaleSolution", "SkyBuildResult", "mask_detector", "measure_sky_background", "exposure_background",
     "residual_background", "average_backgrounds", "find_outlier_exposures", "build_sky_frames",
-    "measure_scale", "solve_scales", "subtract_sky_frame", "fit_and_subtract_sky",
+    "subtract_exposure_background", "measure_scale", "solve_scales", "subtract_sky_frame", "fit_and_subtract_sky",
 ]
 
 
@@ -335,6 +335,38 @@ def _build_pass(camera, exposures, config, prev):
 # ---------------------------------------------------------------------------------------------------
 # apply
 # ---------------------------------------------------------------------------------------------------
+
+
+def subtract_exposure_background(camera: Camera, images: Mapping[int, MaskedImage],
+                                 skies: Mapping[int, np.ndarray], config: SkyConfig) -> float:
+    """Object masking and the focal-plane background of one exposure, subtracted in place, before a
+    sky frame is fitted (``SkyCorrectionTask``; used by sky-frame application and quality scoring).
+
+    Objects are found on each image minus the sky frame at a provisional scale (the clipped sky
+    level), so the frame's own structure is not masked as objects.
+
+    Returns
+    -------
+    float
+        The exposure's sky level (median of its focal-plane background).
+    """
+    bits = mask_bits(config.sky.stats.mask)
+    level = float(np.median([box_statistics(mi.image, mi.mask, bits, [[0, mi.shape[0], 0, mi.shape[1]]],
+                                            "MEANCLIP")[0, 0] for mi in images.values()]))
+    partials = []
+    for d, mi in images.items():
+        if config.do_mask_objects:
+            provisional = np.float32(level) * skies[d]
+            mi.image -= provisional
+            mask_detector(mi, config)
+            mi.image += provisional
+        fp = FocalPlaneBackground.from_camera(config.large_scale, camera)
+        fp.add_detector(camera, camera.detector(d), mi)
+        partials.append(fp)
+    background, sky_level = exposure_background(partials)
+    for d, mi in images.items():
+        mi -= background.to_detector_background(camera, camera.detector(d)).evaluate()
+    return sky_level
 
 
 def measure_scale(masked_image: MaskedImage, sky_image: np.ndarray,

@@ -17,10 +17,8 @@ import numpy as np
 
 from .background import BackgroundModel
 from .camera import Camera
-from .focalplane import FocalPlaneBackground
-from .binstats import box_statistics
-from .maskedimage import MaskedImage, mask_bits
-from .sky import SkyConfig, mask_detector, exposure_background, measure_scale, measure_sky_background, solve_scales
+from .maskedimage import MaskedImage
+from .sky import SkyConfig, measure_scale, measure_sky_background, solve_scales, subtract_exposure_background
 
 __all__ = ["SkyQuality", "sky_frame_quality", "structure_rms", "detrend"]
 
@@ -86,26 +84,8 @@ def sky_frame_quality(camera: Camera, exposures: Mapping[object, Mapping[int, Ma
     per = {}
     skies = {d: f.evaluate() for d, f in frames.items()}
     for e, dets in exposures.items():
-        work, partials = {}, []
-        # objects are found on the image minus the frame at a provisional scale (the clipped
-        # sky level), so the frame's own structure is not masked as objects
-        level = float(np.median([box_statistics(mi.image, mi.mask, mask_bits(config.sky.stats.mask),
-                                                [[0, mi.shape[0], 0, mi.shape[1]]], "MEANCLIP")[0, 0]
-                                 for mi in dets.values()]))
-        for d, mi in dets.items():
-            mi = mi.copy()
-            if config.do_mask_objects:
-                provisional = np.float32(level) * skies[d]
-                mi.image -= provisional
-                mask_detector(mi, config)
-                mi.image += provisional
-            fp = FocalPlaneBackground.from_camera(config.large_scale, camera)
-            fp.add_detector(camera, camera.detector(d), mi)
-            partials.append(fp)
-            work[d] = mi
-        bg, scale = exposure_background(partials)
-        for d, mi in work.items():
-            mi -= bg.to_detector_background(camera, camera.detector(d)).evaluate()
+        work = {d: mi.copy() for d, mi in dets.items()}
+        scale = subtract_exposure_background(camera, work, skies, config)
         before = [_scaled_model(mi, scale, config) for mi in work.values()]
         sol = solve_scales([measure_scale(mi, skies[d], config.sky) for d, mi in work.items()], config.sky)
         for d, mi in work.items():
