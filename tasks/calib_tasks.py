@@ -201,10 +201,16 @@ def sky_residual(ctx: BuildContext, item: dict, background: dict) -> dict:
     return {**item, "residual": str(out), "scale": background["scale"]}
 
 
+def _identity(ctx: BuildContext, exposures: list[dict]) -> tuple[str, dt.date]:
+    """(digest of the inputs and config, calib date): with camera, type, filter and detector, what
+    makes two products the same."""
+    return (calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash),
+            dt.date.fromisoformat(ctx.calib_date))
+
+
 def existing_products(registry: Registry, ctx: BuildContext, exposures: list[dict], detectors: list[int]) -> dict:
     """Products an identical earlier build made (same inputs and config), by detector."""
-    digest = calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash)
-    calib_date = dt.date.fromisoformat(ctx.calib_date)
+    digest, calib_date = _identity(ctx, exposures)
     found = {}
     for d in detectors:
         hit = find_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter, detector=d,
@@ -223,10 +229,8 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
     by_id = {e["exposure_id"]: e for e in exposures}
-    digest = calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash)
-    calib_date = dt.date.fromisoformat(ctx.calib_date)
-    existing = find_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter,
-                          detector=detector, calib_date=calib_date, digest=digest)
+    digest, calib_date = _identity(ctx, exposures)
+    existing = existing_products(registry, ctx, exposures, [detector]).get(detector)
     if existing:
         return {**existing, "created": False}
 
