@@ -363,8 +363,9 @@ def test_ui_custom_run_with_a_form_parameter(prefect_server, night_repo, cli_bia
     store, reg = night_repo
     driver = _browser()
     try:
-        # a click that lands while the page animates (a toast sliding in) is retried
-        wait = WebDriverWait(driver, 60, ignored_exceptions=[ElementClickInterceptedException,
+        # a click that lands while the page animates (a toast sliding in) is retried; the patience
+        # is for a loaded 2-core machine, where the UI's polling can take over a minute to list a run
+        wait = WebDriverWait(driver, 180, ignored_exceptions=[ElementClickInterceptedException,
                                                               StaleElementReferenceException])
 
         def click(xpath: str):
