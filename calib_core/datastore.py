@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import create_private
 
 __all__ = ["Datastore", "TRANSFER_MODES", "sha256_file", "DEFAULT_REPO"]
 
@@ -68,8 +69,7 @@ class Datastore:
         if target.exists() or target.is_symlink():
             raise FileExistsError(f"{target}: already exists in the datastore")
         if mode == "copy":
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-            os.close(fd)
+            tmp = create_private(target)
             try:
                 shutil.copy2(source, tmp)
                 os.replace(tmp, target)
@@ -97,9 +97,9 @@ class Datastore:
 
     def atomic_write_bytes(self, target: Path, data: bytes) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        tmp = create_private(target)
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with open(tmp, "wb") as fh:
                 fh.write(data)
             os.replace(tmp, target)
         except BaseException:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .atomic import private_name
 from .camera import Camera
 from .maskedimage import MASK_PLANES, MaskedImage
 
@@ -110,7 +110,7 @@ def _replace_atomically(path, suffix: str):
     """A private temporary name beside ``path``, renamed onto it when the block succeeds (removed if not):
     concurrent writers of the same mosaic never share or clobber a half-written file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{suffix}")
+    tmp = private_name(path, "tmp", suffix)
     try:
         yield tmp
         os.replace(tmp, path)

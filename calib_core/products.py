@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 from astropy.io import fits
 
+from .atomic import create_private
 from .maskedimage import MASK_PLANES, MaskedImage
 
 __all__ = ["ProductError", "write_product", "write_hdulist", "read_product", "read_rows", "RowReader",
@@ -155,9 +155,7 @@ def write_hdulist(path, hdulist: fits.HDUList, header_cards=None) -> Path:
         raise ProductError(path, "destination folder does not exist")
     if header_cards:
         hdulist[0].header.extend(_header_with(header_cards), update=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)          # mkstemp makes 0600; products are for everyone at the site to read
+    tmp = create_private(path)    # named after this host and process: a killed writer's leftover is swept
     try:
         hdulist.writeto(tmp, overwrite=True)
         os.replace(tmp, path)

@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
+from calib_core.atomic import sweep_stale
 from calib_core.background import BackgroundModel
 from calib_core.buildplan import config_hash, plan_build
 from calib_core.calibs import solve_flat_scales
@@ -162,6 +163,10 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
                 "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(_mosaic_path(ctx, store)),
                 "processed": []}
 
+    # a build killed earlier (SIGKILL, OOM, lost node) may have left half-written temporaries behind
+    swept = [p for sub in ("work", "calib") for p in sweep_stale(store.root / sub / camera / calib_type)]
+    if swept:
+        log.info("removed %d temporary files left by an interrupted earlier build", len(swept))
     run_id = start_build_run(registry, flow_run_id, calib_type,
                              {"night": night, "exposures": exposures, "filter": filter, "detectors": detectors,
                               "config": cfg.model_dump(mode="json"), "runner": runner_name})

@@ -20,6 +20,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from calib_core.atomic import private_name
 from calib_core.background import BackgroundModel
 from calib_core.buildplan import ISR_CALIBS, intermediate_key
 from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias, combine_calib,
@@ -255,7 +256,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     final.parent.mkdir(parents=True, exist_ok=True)
     # Our copy is written under a private name (path); record_calib renames it into place only if this
     # run registers the product. A concurrent identical build may register first: its file stays.
-    path = final.with_name(f".{final.name}.{os.urandom(8).hex()}.pending")
+    path = private_name(final, "pending")
 
     if ctx.calib_type == "sky":
         frame = average_backgrounds([BackgroundModel.from_fits(i["residual"]) for i in items])

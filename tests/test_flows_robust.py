@@ -111,13 +111,19 @@ def test_killed_build_reruns_to_the_same_result(tmp_path, raws, prefect_api, ref
     done_before = {p: p.stat().st_mtime_ns for p in work.glob("*.fits") if p.with_suffix(".json").exists()}
     assert 12 <= len(done_before) < 54
     assert list_calibs(reg) == []                    # nothing half-registered
+    # whether or not the kill landed mid-write, make sure there is a leftover of the killed process
+    from calib_core.atomic import private_name
+    planted = private_name(work / "202611230002-det003-planted.fits").name.split("~")
+    planted[2] = str(proc.pid)
+    (work / "~".join(planted)).write_bytes(b"SIMPLE  = ")
 
     result = build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root))
     assert result["created"] == 9
     _same_products(reg, reference)
     # the finished intermediates were reused, not redone
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())
-    assert not list(store.root.glob("**/*.tmp"))
+    # the killed writer's half-written temporaries were swept, not left to pile up
+    assert [p for p in store.root.rglob(".*") if p.is_file()] == []
 
 
 def test_dask_local_cluster_gives_identical_products(tmp_path, raws, prefect_api, reference):
