@@ -1,11 +1,14 @@
 """Prefect's share of a full night: the nightly flow through Prefect versus the same core functions
 called in a plain loop, on the same inputs, in one run.
 
-A democam night (9 CCDs of 1024x2048, two amplifiers each) is simulated once and ingested into three
+A democam night (9 CCDs of 1024x2048, two amplifiers each) is simulated once and ingested into four
 fresh repositories. Then, one after the other:
 
-* ``prefect``: the ``nightly-calibs`` flow (subflows per build, one Prefect task per (exposure,
-  detector) and per detector, thread runner sized to the cores) on an embedded Prefect API;
+* ``prefect``: the ``nightly-calibs`` flow (subflows per build, process tasks over groups of one
+  exposure's detectors sized by :func:`flows.build.detector_batches`, one combine task per detector,
+  thread runner sized to the cores) on an embedded Prefect API;
+* ``prefect, 1 detector/task``: the same with one process task per (exposure, detector), the
+  granularity before the grouping (kept to show what it costs);
 * ``plain, same threads``: the same build bodies (:func:`flows.build.run_build`) and the same task
   functions (``task.fn``, Prefect bypassed) on a ``concurrent.futures`` pool of the same size, in
   the same dependency order;
@@ -65,7 +68,7 @@ class PlainRunner:
         return self.pool.submit(task.fn, **parameters)
 
 
-def plain_night(repo: Path, camera: str, workers: int) -> None:
+def plain_night(repo: Path, camera: str, workers: int, detectors_per_task: int | None = None) -> None:
     from flows.build import run_build
     from flows.nightly import NightlyPolicy, plan_night
 
@@ -79,7 +82,8 @@ def plain_night(repo: Path, camera: str, workers: int) -> None:
         run_build(step["type"], camera=camera, night=NIGHT, exposures=None, filter=step["filter"], detectors=None,
                   repo=str(store.root), registry_url=None, config=None, drop_incomplete=False, calib_date=None,
                   validity_days_before=policy.validity_days_before, validity_days_after=policy.validity_days_after,
-                  on_bad_input=policy.on_bad_input, task_runner=PlainRunner(workers), log=log, artifacts=False)
+                  on_bad_input=policy.on_bad_input, task_runner=PlainRunner(workers), log=log, artifacts=False,
+                  detectors_per_task=detectors_per_task)
 
 
 def products(repo: Path) -> dict[str, str]:
@@ -117,7 +121,8 @@ def main() -> None:
         print(f"simulated {len(sim.exposures)} exposures in {time.perf_counter() - t:.0f} s", flush=True)
         files = sorted((tmp / "sim" / "raw").glob("*.fits"))
         repos = {}
-        for name in ("prefect", "plain-threads", "plain-serial"):
+        legs = ("prefect", "prefect-1", "plain-threads", "plain-serial")
+        for name in legs:
             store = Datastore(tmp / name)
             reg = Registry.open(store.default_registry_url)
             reg.upgrade()
@@ -138,18 +143,21 @@ def main() -> None:
         warm()
         startup = time.perf_counter() - t
 
-        times = {}
-        t = time.perf_counter()
-        summary = nightly(night=NIGHT, camera=camera, repo=str(repos["prefect"]))
-        times["prefect"] = time.perf_counter() - t
-        print(f"prefect: {times['prefect']:.1f} s ({summary['created']} products)", flush=True)
-        for name, n in (("plain-threads", workers), ("plain-serial", 1)):
+        times, results = {}, {}
+        for name in legs:
             t = time.perf_counter()
-            plain_night(repos[name], camera, n)
+            if name.startswith("prefect"):
+                summary = nightly(night=NIGHT, camera=camera, repo=str(repos[name]),
+                                  detectors_per_task=1 if name == "prefect-1" else None)
+            else:
+                # the plain loop gets the same task grouping as the default flow
+                plain_night(repos[name], camera, workers if name == "plain-threads" else 1)
             times[name] = time.perf_counter() - t
             print(f"{name}: {times[name]:.1f} s", flush=True)
-        ref = products(repos["prefect"])
-        same = all(products(repos[n]) == ref for n in ("plain-threads", "plain-serial"))
+            results[name] = products(repos[name])
+            shutil.rmtree(repos[name] / "work", ignore_errors=True)    # intermediates: ~5 GB per leg
+        ref = results["prefect"]
+        same = all(results[n] == ref for n in legs)
         n_tasks = sum(len(s.get("products", [])) for s in summary["steps"])
         lines = [
             "# Prefect overhead: the nightly flow vs the same functions in a plain loop", "",
@@ -157,16 +165,20 @@ def main() -> None:
             f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Load average at start: {load:.1f}. "
             f"Camera {camera} ({len(cam.detectors)} CCDs); night: 5 bias, 3 dark, 3 flats and 6 science "
             f"exposures in each of r and z -> {len(ref)} products (bias, dark, flat r/z, fringe z, sky r/z). "
-            f"One run; products identical across the three: **{'yes' if same else 'NO'}**.", "",
+            f"One run; products identical across the four: **{'yes' if same else 'NO'}**.", "",
             "| path | wall s | ratio to plain (same threads) |", "|---|---|---|",
             f"| Prefect nightly flow ({workers} threads) | {times['prefect']:.1f} | "
             f"{times['prefect'] / times['plain-threads']:.3f} |",
+            f"| Prefect nightly flow, one process task per (exposure, detector) | {times['prefect-1']:.1f} | "
+            f"{times['prefect-1'] / times['plain-threads']:.3f} |",
             f"| plain loop, same functions, {workers} threads | {times['plain-threads']:.1f} | 1.000 |",
             f"| plain loop, serial | {times['plain-serial']:.1f} | "
             f"{times['plain-serial'] / times['plain-threads']:.3f} |", "",
             f"Prefect's share: {100 * (times['prefect'] - times['plain-threads']) / times['prefect']:.1f} % of the "
             f"flow's wall time ({times['prefect'] - times['plain-threads']:.1f} s over {n_tasks} products, "
-            "7 subflows and one task per (exposure, detector) and per detector). The embedded Prefect API "
+            "7 subflows, process tasks over groups of detectors and one combine task per detector); with one "
+            f"process task per (exposure, detector) it was "
+            f"{100 * (times['prefect-1'] - times['plain-threads']) / times['prefect-1']:.1f} %. The embedded Prefect API "
             f"started in {startup:.1f} s before the run (once per process; not included above).",
         ]
         args.out.parent.mkdir(parents=True, exist_ok=True)

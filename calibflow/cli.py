@@ -270,6 +270,9 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
           calib_date: Optional[str] = typer.Option(None, "--calib-date", help="override the output date"),
           runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
           dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786"),
+          detectors_per_task: Optional[int] = typer.Option(
+              None, "--detectors-per-task", min=1,
+              help="detectors of one exposure per process task (default: automatic, ~4 tasks per worker)"),
           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Build a calib through the Prefect flow (an embedded Prefect API unless PREFECT_API_URL is set)."""
     _prefect_env()
@@ -285,7 +288,8 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
         result = build_calib(calib_type, camera=camera, night=night, exposures=exposure or None, filter=filter,
                              detectors=detector or None, repo=str(store.root), registry_url=registry_url,
                              config=config, drop_incomplete=drop_incomplete, calib_date=calib_date,
-                             on_bad_input=on_bad_input, runner=runner, dask_address=dask_address)
+                             on_bad_input=on_bad_input, runner=runner, dask_address=dask_address,
+                             detectors_per_task=detectors_per_task)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     _print_build(result)

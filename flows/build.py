@@ -13,6 +13,7 @@ Pixels never travel through Prefect: tasks exchange paths in the datastore and s
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 from typing import Literal
 
@@ -33,10 +34,10 @@ from calib_core.registry import Registry
 from calib_core.registry.calibs import ValidityRule
 from calib_core.sky import find_outlier_exposures
 from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, combine_detector, existing_products,
-                               finish_build_run, merge_exposure_background, process_exposure_detector,
-                               sky_residual, start_build_run)
+                               finish_build_run, merge_exposure_background, process_detectors, sky_residuals,
+                               start_build_run)
 
-__all__ = ["build_calib", "run_build", "make_task_runner", "RUNNERS"]
+__all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "RUNNERS"]
 
 RUNNERS = ("threads", "processes", "dask")
 
@@ -110,30 +111,36 @@ def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], ca
                 validity_days_before: float = 15.0, validity_days_after: float = 15.0,
                 on_bad_input: Literal["fail", "exclude"] = "fail",
                 runner: Literal["threads", "processes", "dask"] = "threads",
-                dask_address: str | None = None, dask_workers: int | None = None) -> dict:
+                dask_address: str | None = None, dask_workers: int | None = None,
+                detectors_per_task: int | None = None) -> dict:
     """Build one calib type for every selected detector and register the products.
 
     Inputs: the ingested exposures of the type's raw kind (bias, dark, flat; science for fringe and
     sky) selected by night, explicit ids, filter and detectors. ``on_bad_input="exclude"`` drops an
     exposure whose raw cannot be read and records why; the default fails the build naming the file.
     An identical earlier build (same inputs and config) is found and nothing is redone.
+    ``detectors_per_task`` sets how many detectors of one exposure a process task handles (default:
+    as many as keeps about four tasks per worker busy, see :func:`detector_batches`).
     """
     return run_build(calib_type, camera=camera, night=night, exposures=exposures, filter=filter, detectors=detectors,
                      repo=repo, registry_url=registry_url, config=config, drop_incomplete=drop_incomplete,
                      calib_date=calib_date, validity_days_before=validity_days_before,
                      validity_days_after=validity_days_after, on_bad_input=on_bad_input,
                      task_runner=make_task_runner(runner, dask_address, dask_workers), log=get_run_logger(),
-                     flow_run_id=str(flow_run.get_id() or ""), runner_name=runner)
+                     flow_run_id=str(flow_run.get_id() or ""), runner_name=runner,
+                     detectors_per_task=detectors_per_task)
 
 
 def run_build(calib_type: str, *, camera: str, night, exposures, filter, detectors, repo: str, registry_url,
               config, drop_incomplete: bool, calib_date, validity_days_before: float, validity_days_after: float,
               on_bad_input: str, task_runner, log, flow_run_id: str = "", runner_name: str = "",
-              artifacts: bool = True) -> dict:
+              artifacts: bool = True, detectors_per_task: int | None = None) -> dict:
     """The body of :func:`build_calib` for any task runner with Prefect's ``submit(task, parameters)``
     interface (the overhead benchmark runs it with a plain thread pool, outside Prefect)."""
     if calib_type not in CONFIG_MODELS:
         raise ValueError(f"unknown calib type {calib_type!r}; choose one of {', '.join(CONFIG_MODELS)}")
+    if detectors_per_task is not None and detectors_per_task < 1:
+        raise ValueError(f"detectors_per_task must be at least 1, not {detectors_per_task}")
     if on_bad_input not in ("fail", "exclude"):
         raise ValueError(f"on_bad_input must be 'fail' or 'exclude', not {on_bad_input!r}")
     store = Datastore(repo)
@@ -173,7 +180,7 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
     ctx = ctx.model_copy(update={"build_run_id": run_id})
     try:
         with task_runner as tr:
-            products, dropped, processed = _run_stages(ctx, plan, cfg, tr, log)
+            products, dropped, processed = _run_stages(ctx, plan, cfg, tr, log, detectors_per_task)
     except BaseException as exc:
         finish_build_run(registry, run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
@@ -185,14 +192,58 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
             "processed": [{k: p.get(k) for k in ("exposure_id", "detector", "reused", "pid")} for p in processed]}
 
 
-def _run_stages(ctx: BuildContext, plan, cfg, tr, log) -> tuple[list[dict], dict[str, str], list[dict]]:
+def _parallelism(tr) -> int:
+    """How many tasks the entered runner runs at once (threads, processes, Dask worker threads)."""
+    for attr in ("_max_workers", "workers"):
+        n = getattr(tr, attr, None)
+        if isinstance(n, int) and 0 < n < 10_000:
+            return n
+    client = getattr(tr, "_client", None)
+    if client is not None:
+        try:
+            return max(1, sum(client.nthreads().values()))
+        except Exception:
+            pass
+    return os.cpu_count() or 2
+
+
+def detector_batches(detectors: list[int], n_exposures: int, parallelism: int,
+                     per_task: int | None = None) -> list[list[int]]:
+    """Split one exposure's detectors into the groups that process tasks handle.
+
+    Prefect costs a roughly fixed time per task run (state changes, logs: ~15 ms on a quiet 2-core
+    machine, several times that when the API server competes for the cores), so one task per
+    (exposure, detector) lets it eat a fifth of a night on small detectors. The default keeps at least
+    four tasks per worker in flight (load balance) and no more: the groups are as large as that allows,
+    split evenly. ``per_task`` fixes the group size instead (1 = one task per detector).
+    """
+    if not detectors:
+        return []
+    if per_task is None:
+        groups = max(1, min(len(detectors), math.ceil(4 * parallelism / max(n_exposures, 1))))
+    else:
+        groups = math.ceil(len(detectors) / per_task)
+    size, extra = divmod(len(detectors), groups)
+    out, start = [], 0
+    for g in range(groups):
+        stop = start + size + (1 if g < extra else 0)
+        out.append(list(detectors[start:stop]))
+        start = stop
+    return out
+
+
+def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = None
+                ) -> tuple[list[dict], dict[str, str], list[dict]]:
     """process -> scale -> combine; returns the products, every exposure left out (with why) and
     the per-(exposure, detector) results."""
     calib_type = ctx.calib_type
-    # process: one mapped task per (exposure, detector)
-    futures = [tr.submit(process_exposure_detector, {"ctx": ctx, "exposure": e, "detector": d})
-               for e in plan.exposures for d in plan.detectors]
-    processed = _gather(futures, f"{calib_type} process", log)
+    # process: mapped tasks over (exposure, group of detectors)
+    batches = detector_batches(plan.detectors, len(plan.exposures), _parallelism(tr), per_task)
+    futures = [tr.submit(process_detectors, {"ctx": ctx, "exposure": e, "detectors": b})
+               for e in plan.exposures for b in batches]
+    log.info("%s process: %d tasks of %s detectors each", calib_type, len(futures),
+             "/".join(sorted({str(len(b)) for b in batches}, key=int)))
+    processed = [r for rs in _gather(futures, f"{calib_type} process", log) for r in rs]
     log.info("processed %d (exposure, detector) pairs, %d reused from an earlier run", len(processed),
              sum(p["reused"] for p in processed))
     dropped = dict(plan.dropped)
@@ -219,7 +270,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log) -> tuple[list[dict], dict
         exp_scales = [float(s) for s in scales.exp_scales]
         ccd_scales = {d: float(c) for d, c in zip(plan.detectors, scales.ccd_scales)}
     elif calib_type == "sky":
-        per_det = _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped)
+        per_det = _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task)
 
     # combine + write, one task per detector
     combos = [tr.submit(combine_detector, {"ctx": ctx, "detector": d, "items": per_det[d], "exposures": plan.exposures,
@@ -229,16 +280,18 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log) -> tuple[list[dict], dict
     return _gather(combos, f"{calib_type} combine", log), dropped, processed
 
 
-def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped) -> dict:
+def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=None) -> dict:
     """Per exposure: merge the partial focal-plane models (scale); per (exposure, detector): the
     binned residual; then reject outlier exposures across the focal plane (``dropped`` updated)."""
     backgrounds = {e: merge_exposure_background(ctx, e, [per_det[d][i] for d in plan.detectors])
                    for i, e in enumerate(order)}
     log.info("sky scales (median focal-plane background per exposure): %s",
              {e: round(b["scale"], 2) for e, b in backgrounds.items()})
-    futures = [tr.submit(sky_residual, {"ctx": ctx, "item": it, "background": backgrounds[it["exposure_id"]]})
-               for d in plan.detectors for it in per_det[d]]
-    residuals = _gather(futures, "sky residual", log)
+    batches = detector_batches(plan.detectors, len(order), _parallelism(tr), per_task)
+    futures = [tr.submit(sky_residuals, {"ctx": ctx, "items": [per_det[d][i] for d in b],
+                                         "background": backgrounds[e]})
+               for i, e in enumerate(order) for b in batches]
+    residuals = [r for rs in _gather(futures, "sky residual", log) for r in rs]
     models = {e: {} for e in order}
     for r in residuals:
         models[r["exposure_id"]][r["detector"]] = BackgroundModel.from_fits(r["residual"])

@@ -80,7 +80,8 @@ def plan_night(registry: Registry, camera: str, night: str, policy: NightlyPolic
 @flow(name="nightly-calibs", log_prints=True)
 def nightly(night: str | None = None, camera: str = "democam", repo: str = "calibrepo",
             registry_url: str | None = None, policy: NightlyPolicy | None = None,
-            runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None) -> dict:
+            runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None,
+            detectors_per_task: int | None = None) -> dict:
     """Build every calib a night's exposures allow, in dependency order, and report what was built.
 
     ``night`` defaults to last night at the camera's site. Each build is a subflow (``build-calib``);
@@ -108,7 +109,7 @@ def nightly(night: str | None = None, camera: str = "democam", repo: str = "cali
             result = build_calib(step["type"], camera=camera, night=night, filter=step["filter"], repo=str(store.root),
                                  registry_url=registry_url, validity_days_before=policy.validity_days_before,
                                  validity_days_after=policy.validity_days_after, on_bad_input=policy.on_bad_input,
-                                 runner=runner, dask_address=dask_address)
+                                 runner=runner, dask_address=dask_address, detectors_per_task=detectors_per_task)
         except Exception as exc:
             failed_types.add(step["type"])
             step.update(action="failed", reason=f"{type(exc).__name__}: {exc}"

@@ -40,7 +40,8 @@ from calib_core.science import find_isr_calibs, isr_with_calibs
 from calib_core.sky import (SkyBuildConfig, average_backgrounds, exposure_background, mask_detector,
                             residual_background)
 
-__all__ = ["BuildContext", "CONFIG_MODELS", "process_exposure_detector", "sky_residual", "combine_detector",
+__all__ = ["BuildContext", "CONFIG_MODELS", "process_detectors", "process_exposure_detector", "sky_residuals",
+           "sky_residual", "combine_detector",
            "start_build_run", "finish_build_run", "merge_exposure_background", "existing_products"]
 
 CONFIG_MODELS = {"bias": BiasConfig, "dark": DarkConfig, "flat": FlatConfig, "fringe": FringeBuildConfig,
@@ -106,8 +107,34 @@ def _work_dir(ctx: BuildContext, store: Datastore):
     return store.root / "work" / ctx.camera / ctx.calib_type
 
 
+def _detector_span(detectors) -> str:
+    detectors = list(detectors)
+    return f"det{detectors[0]}" if len(detectors) == 1 else f"det{detectors[0]}-{detectors[-1]}"
+
+
+def _process_run_name() -> str:
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    return f"process-{p['exposure']['exposure_id']}-{_detector_span(p['detectors'])}"
+
+
+def _residual_run_name() -> str:
+    from prefect.runtime import task_run
+
+    items = task_run.parameters["items"]
+    return f"sky-residual-{items[0]['exposure_id']}-{_detector_span(i['detector'] for i in items)}"
+
+
 @task(name="process", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
-      cache_policy=NO_CACHE, task_run_name="process-{exposure[exposure_id]}-det{detector}")
+      cache_policy=NO_CACHE, task_run_name=_process_run_name)
+def process_detectors(ctx: BuildContext, exposure: dict, detectors: list[int]) -> list[dict]:
+    """:func:`process_exposure_detector` for some detectors of one exposure: the unit of work the flow
+    maps. Several detectors per task keep Prefect's per-task cost small beside the pixel work; a
+    retry redoes only the detectors whose intermediate is not yet written."""
+    return [process_exposure_detector(ctx, exposure, d) for d in detectors]
+
+
 def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) -> dict:
     """ISR and the type's preparation of one (exposure, detector); the intermediate goes to the datastore.
 
@@ -183,7 +210,12 @@ def merge_exposure_background(ctx: BuildContext, exposure_id: str, items: list[d
 
 
 @task(name="sky-residual", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
-      cache_policy=NO_CACHE, task_run_name="sky-residual-{item[exposure_id]}-det{item[detector]}")
+      cache_policy=NO_CACHE, task_run_name=_residual_run_name)
+def sky_residuals(ctx: BuildContext, items: list[dict], background: dict) -> list[dict]:
+    """:func:`sky_residual` for some detectors of one exposure (the mapped unit of the second pass)."""
+    return [sky_residual(ctx, it, background) for it in items]
+
+
 def sky_residual(ctx: BuildContext, item: dict, background: dict) -> dict:
     """Second pass of the sky build for one (exposure, detector): subtract the exposure's
     focal-plane model, divide by its scale, measure the 32-px binned residual (written to the

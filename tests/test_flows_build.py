@@ -148,3 +148,59 @@ def test_cli_build_and_bad_config(prefect_api, night_repo):
     assert bad.exit_code == 1 and "invalid bias config" in bad.output and "statistic" in bad.output
     none = runner.invoke(app, ["build", "bias", "--camera", "democam_mini", "--night", "2020-01-01"], env=env)
     assert none.exit_code == 1 and "no bias exposures" in none.output
+
+
+def test_detector_batches():
+    from flows.build import detector_batches
+
+    dets = list(range(9))
+    # ~4 tasks per worker: 5 exposures x 2 workers -> 2 groups per exposure, split evenly
+    assert detector_batches(dets, 5, 2) == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    assert detector_batches(dets, 1, 2) == [[0, 1], [2], [3], [4], [5], [6], [7], [8]]
+    assert detector_batches(dets, 40, 2) == [dets]              # plenty of tasks already: one per exposure
+    assert detector_batches(dets, 3, 64) == [[d] for d in dets]  # a big cluster: one per detector
+    assert detector_batches(dets, 5, 2, per_task=1) == [[d] for d in dets]
+    assert detector_batches(dets, 5, 2, per_task=4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert detector_batches(dets, 5, 2, per_task=100) == [dets]
+    assert detector_batches([], 5, 2) == []
+    for n_exp, par in [(1, 1), (3, 2), (7, 5), (100, 200)]:
+        groups = detector_batches(dets, n_exp, par)
+        assert [d for g in groups for d in g] == dets and max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+def test_task_granularity_changes_tasks_not_products(prefect_api, night_repo, tmp_path):
+    """Grouping detectors into fewer process tasks is bookkeeping: same products, fewer task runs,
+    each named after its exposure and detector span."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.build import build_calib
+
+    sim, store, reg = night_repo
+    cam = load_camera("democam_mini")
+    results = {}
+    for per_task in (None, 1):
+        fresh = Datastore(tmp_path / f"repo-{per_task}")
+        freg = Registry.open(fresh.default_registry_url)
+        freg.upgrade()
+        assert ingest_files(sorted((sim.out_dir / "raw").glob("*.fits")), cam, freg, fresh, transfer="symlink").ok
+        state = build_calib("bias", camera="democam_mini", night=NIGHT, repo=str(fresh.root),
+                            detectors_per_task=per_task, return_state=True)
+        out = state.result()
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        names = sorted(r.name for r in runs if r.name.startswith("process-"))
+        pixels = {p["detector"]: read_product(p["path"])[0] for p in out["products"]}
+        results[per_task] = (out, names, pixels)
+    (auto, auto_names, auto_px), (single, single_names, single_px) = results[None], results[1]
+    assert len(single_names) == 5 * 9 and all(n.rsplit("-", 1)[-1].startswith("det") for n in single_names)
+    assert len(auto_names) < len(single_names) and len(auto_names) >= 5
+    assert any(n.endswith("-det0-4") for n in auto_names)        # a group of detectors 0..4
+    assert [p["calib_id"] for p in auto["products"]] == [p["calib_id"] for p in single["products"]]
+    for d, mi in auto_px.items():
+        np.testing.assert_array_equal(mi.image, single_px[d].image)
+        np.testing.assert_array_equal(mi.mask, single_px[d].mask)
+
+    with pytest.raises(ValueError, match="detectors_per_task"):
+        build_calib("bias", camera="democam_mini", night=NIGHT, repo=str(store.root), detectors_per_task=0)
