@@ -234,18 +234,23 @@ def sky_residual(ctx: BuildContext, item: dict, background: dict) -> dict:
     return {**item, "residual": str(out), "scale": background["scale"]}
 
 
-def _identity(ctx: BuildContext, exposures: list[dict]) -> tuple[str, dt.date]:
-    """(digest of the inputs and config, calib date): with camera, type, filter and detector, what
-    makes two products the same."""
-    return (calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash),
+def _isr_calib_ids(ctx: BuildContext, registry: Registry, exposures: list[dict], detector: int) -> set[str]:
+    """The certified calibs the ISR of one detector of these exposures applies (registry lookups)."""
+    return {c["calib_id"] for e in exposures for c in _isr_calibs(ctx, registry, e["exposure_id"], detector).values()}
+
+
+def _identity(ctx: BuildContext, exposures: list[dict], isr_ids=()) -> tuple[str, dt.date]:
+    """(digest of the inputs, config and ISR calibs, calib date): with camera, type, filter and
+    detector, what makes two products the same."""
+    return (calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash, isr_ids),
             dt.date.fromisoformat(ctx.calib_date))
 
 
 def existing_products(registry: Registry, ctx: BuildContext, exposures: list[dict], detectors: list[int]) -> dict:
-    """Products an identical earlier build made (same inputs and config), by detector."""
-    digest, calib_date = _identity(ctx, exposures)
+    """Products an identical earlier build made (same inputs, config and ISR calibs), by detector."""
     found = {}
     for d in detectors:
+        digest, calib_date = _identity(ctx, exposures, _isr_calib_ids(ctx, registry, exposures, d))
         hit = find_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter, detector=d,
                          calib_date=calib_date, digest=digest)
         if hit:
@@ -262,7 +267,13 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
     by_id = {e["exposure_id"]: e for e in exposures}
-    digest, calib_date = _identity(ctx, exposures)
+    isr_ids = _isr_calib_ids(ctx, registry, exposures, detector)
+    used = {c for i in items for c in i.get("isr_calibs", {}).values()}
+    if not used <= isr_ids:
+        raise ValueError(f"detector {detector}: the certified calibs changed while this {ctx.calib_type} build "
+                         f"ran (inputs processed with {sorted(used - isr_ids)}, no longer certified); rerun "
+                         "the build")
+    digest, calib_date = _identity(ctx, exposures, isr_ids)
     existing = existing_products(registry, ctx, exposures, [detector]).get(detector)
     if existing:
         return {**existing, "created": False}
@@ -279,6 +290,8 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                              [by_id[e]["exptime"] for e in ids], exptime=PRODUCT_EXPTIME[ctx.calib_type])
     cards.update({"CAMERA": ctx.camera, "DETECTOR": detector, "FILTER": ctx.filter,
                   "CFG_HASH": ctx.config_hash, "CF_VERS": ctx.software_version})
+    for i, c in enumerate(sorted(isr_ids)):
+        cards[f"CALIB_ISR_{i}"] = (c, "calib applied in the inputs' ISR")
     if exp_scales is not None:
         for i, (e, s) in enumerate(zip(ids, exp_scales)):
             cards[f"CALIB_INPUT_SCALE_{i}"] = (float(s), f"exposure scale of {e}")
@@ -289,35 +302,34 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     # Our copy is written under a private name (path); record_calib renames it into place only if this
     # run registers the product. A concurrent identical build may register first: its file stays.
     path = private_name(final, "pending")
-
-    if ctx.calib_type == "sky":
-        frame = average_backgrounds([BackgroundModel.from_fits(i["residual"]) for i in items])
-        write_hdulist(path, frame.to_hdulist(), cards)
-        finite = np.isfinite(frame.values)
-        stats = {"level": float(np.median(frame.values[finite])) if finite.any() else None,
-                 "noise": float(np.median(frame.errors[finite])) if finite.any() else None,
-                 "clipped_fraction": None, "bad_fraction": float(1.0 - finite.mean())}
-    else:
-        if ctx.calib_type == "bias":
-            mi = combine_bias(paths, cfg)
-        elif ctx.calib_type == "dark":
-            clear_persistent_cr(paths)      # hot pixels repeat, cosmic rays do not
-            mi = combine_dark(paths, cfg)
-        elif ctx.calib_type == "flat":
-            mi = combine_flat(paths, exp_scales, ccd_scale, cfg)
-        else:                               # fringe: inputs already normalised, no scaling
-            mi = combine_calib(paths, cfg.combine)[0]
-        write_product(path, mi, cards)
-        level = background_level(mi)
-        flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
-        stats = {"level": float(level.mean), "noise": float(np.sqrt(max(level.variance, 0.0))),
-                 "clipped_fraction": float(1.0 - level.n_used / max(level.npoint, 1)),
-                 "bad_fraction": float(flagged.mean())}
-    stats.update(n_used=len(items), n_rejected=len(dropped or {}))
-    inputs = [CalibInput(e, scale=None if exp_scales is None else float(exp_scales[i]))
-              for i, e in enumerate(ids)]
-    inputs += [CalibInput(e, used=False, reason=why) for e, why in (dropped or {}).items()]
     try:
+        if ctx.calib_type == "sky":
+            frame = average_backgrounds([BackgroundModel.from_fits(i["residual"]) for i in items])
+            write_hdulist(path, frame.to_hdulist(), cards)
+            finite = np.isfinite(frame.values)
+            stats = {"level": float(np.median(frame.values[finite])) if finite.any() else None,
+                     "noise": float(np.median(frame.errors[finite])) if finite.any() else None,
+                     "clipped_fraction": None, "bad_fraction": float(1.0 - finite.mean())}
+        else:
+            if ctx.calib_type == "bias":
+                mi = combine_bias(paths, cfg)
+            elif ctx.calib_type == "dark":
+                clear_persistent_cr(paths)      # hot pixels repeat, cosmic rays do not
+                mi = combine_dark(paths, cfg)
+            elif ctx.calib_type == "flat":
+                mi = combine_flat(paths, exp_scales, ccd_scale, cfg)
+            else:                               # fringe: inputs already normalised, no scaling
+                mi = combine_calib(paths, cfg.combine)[0]
+            write_product(path, mi, cards)
+            level = background_level(mi)
+            flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
+            stats = {"level": float(level.mean), "noise": float(np.sqrt(max(level.variance, 0.0))),
+                     "clipped_fraction": float(1.0 - level.n_used / max(level.npoint, 1)),
+                     "bad_fraction": float(flagged.mean())}
+        stats.update(n_used=len(items), n_rejected=len(dropped or {}), isr_calibs=sorted(isr_ids))
+        inputs = [CalibInput(e, scale=None if exp_scales is None else float(exp_scales[i]))
+                  for i, e in enumerate(ids)]
+        inputs += [CalibInput(e, used=False, reason=why) for e, why in (dropped or {}).items()]
         row, created = record_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter,
                                     detector=detector, calib_date=calib_date, path=str(final),
                                     checksum=sha256_file(path), config_hash=ctx.config_hash, digest=digest,
@@ -325,11 +337,11 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                                     build_run_id=ctx.build_run_id, stats=stats,
                                     publish=lambda: os.replace(path, final))
     finally:
-        path.unlink(missing_ok=True)      # left when a concurrent identical build registered first (or on error)
+        path.unlink(missing_ok=True)      # left when a concurrent identical build registered first, or on any error
     if not created:
         _logger().warning("detector %d: an identical %s was registered by a concurrent build while this "
-                                 "one was combining; keeping %s, discarding this copy", detector, ctx.calib_type,
-                                 row["calib_id"])
+                          "one was combining; keeping %s, discarding this copy", detector, ctx.calib_type,
+                          row["calib_id"])
     return {**row, "created": created}
 
 

@@ -204,3 +204,52 @@ def test_task_granularity_changes_tasks_not_products(prefect_api, night_repo, tm
 
     with pytest.raises(ValueError, match="detectors_per_task"):
         build_calib("bias", camera="democam_mini", night=NIGHT, repo=str(store.root), detectors_per_task=0)
+
+
+def test_new_bias_makes_a_new_dark(prefect_api, night_repo):
+    """A product's identity includes the calibs its inputs' ISR used: after a different bias is
+    certified, rebuilding the dark from the same raws and config is a new product, not a no-op."""
+    from flows.build import build_calib
+
+    sim, store, reg = night_repo
+    common = dict(camera="democam_mini", night=NIGHT, repo=str(store.root))
+    if not list_calibs(reg, calib_type="bias"):          # when run on its own
+        build_calib("bias", **common)
+    first = build_calib("dark", detectors=[0, 1], **common)
+    assert build_calib("dark", detectors=[0, 1], **common)["created"] == 0     # same bias: nothing new
+
+    newer_bias = build_calib("bias", config={"combine": {"statistic": "MEDIAN"}}, **common)
+    assert newer_bias["created"] == 9
+    second = build_calib("dark", detectors=[0, 1], **common)
+    assert second["created"] == 2
+    old_ids = {p["calib_id"] for p in first["products"]}
+    assert not old_ids & {p["calib_id"] for p in second["products"]}
+    for p in second["products"]:
+        bias_id = next(b["calib_id"] for b in newer_bias["products"] if b["detector"] == p["detector"])
+        header = read_product(p["path"])[1]
+        assert header["CALIB_ISR_0"] == bias_id and "CALIB_ISR_1" not in header
+        assert p["stats"]["isr_calibs"] == [bias_id]
+        # and the lookup now gives the new dark
+        exp = reg.query_exposures(obs_type="flat")[0]["exposure_id"]
+        assert lookup(reg, camera="democam_mini", exposure_id=exp, calib_type="dark",
+                      detector=p["detector"])[0]["calib_id"] == p["calib_id"]
+
+
+def test_failed_combine_leaves_nothing_behind(prefect_api, night_repo, monkeypatch):
+    """An error after the product was written under its private name (here: its statistics) removes
+    that file and registers nothing."""
+    import tasks.calib_tasks as calib_tasks
+    from flows.build import build_calib
+
+    sim, store, reg = night_repo
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("statistics exploded")
+
+    monkeypatch.setattr(calib_tasks, "background_level", broken)
+    before = list_calibs(reg)
+    with pytest.raises(RuntimeError, match="statistics exploded"):
+        build_calib("bias", camera="democam_mini", night=NIGHT, repo=str(store.root), detectors=[3],
+                    config={"combine": {"nsigma": 2.75}})
+    assert list_calibs(reg) == before
+    assert [p for p in (store.root / "calib").rglob(".*") if p.is_file()] == []

@@ -57,10 +57,13 @@ class CalibInput:
     reason: str = ""
 
 
-def calib_digest(inputs: list[tuple[str, str]], config_hash: str) -> str:
-    """sha256 over sorted (exposure id, checksum) pairs and the config hash."""
-    payload = json.dumps({"inputs": sorted(inputs), "config": config_hash}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def calib_digest(inputs: list[tuple[str, str]], config_hash: str, isr_calibs=()) -> str:
+    """sha256 over sorted (exposure id, checksum) pairs, the config hash and the ids of the calibs
+    the inputs' ISR used (a dark rebuilt after a new bias is certified is a different product)."""
+    content = {"inputs": sorted(inputs), "config": config_hash}
+    if isr_calibs:                 # absent for bias: digests of ISR-free products are unchanged
+        content["isr"] = sorted(set(isr_calibs))
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def make_calib_id(calib_type: str, camera: str, filter: str, calib_date: dt.date, detector: int,
