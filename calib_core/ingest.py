@@ -90,49 +90,58 @@ def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datas
         return "failed"
 
     meta = raw.metadata
-    target = None
-    try:
-        with registry.session() as s:
-            cam = registry.ensure_camera(s, camera)
-            existing = registry.find_exposure(s, cam.id, meta.exposure_id)
-            if existing is not None:
-                if existing.checksum == checksum:
-                    report.skipped.append((str(path), f"exposure {meta.exposure_id} already ingested"))
-                    return "skipped"
-                raise _Conflict(f"exposure {meta.exposure_id} of camera {camera.name} is already registered "
-                                f"from {existing.original_path} with different contents (sha256 "
-                                f"{existing.checksum[:12]} vs {checksum[:12]})")
-            target = datastore.raw_target(camera.name, meta.night.isoformat(), path)
-            placed = datastore.transfer(path, target, transfer)
-            det_rows = {d.number: d for d in s.scalars(select(DetectorRow).where(DetectorRow.camera_id == cam.id))}
-            row = ExposureRow(camera_id=cam.id, exposure_id=meta.exposure_id, obs_type=meta.obs_type,
-                              filter=meta.filter, exptime=meta.exptime, darktime=meta.darktime,
-                              date_obs=meta.date_obs, night=meta.night, object=meta.object[:256],
-                              path=str(placed), original_path=str(path.absolute()), transfer=transfer,
-                              checksum=checksum, size_bytes=size,
-                              n_detectors=len(raw.detectors), extra=meta.extra,
-                              ingested_at=dt.datetime.now(dt.timezone.utc))
-            s.add(row)
-            s.flush()
-            for det_id, rd in raw.detectors.items():
-                hdu = rd.detector.hdu if rd.detector.hdu is not None else rd.amps[0].amp.hdu
-                s.add(RawRow(exposure_pk=row.id, detector_id=det_rows[det_id].id, hdu=str(hdu)))
-            s.flush()
-    except _Conflict as exc:
-        report.failed.append((str(path), str(exc)))
-        return "failed"
-    except (IntegrityError, FileExistsError, OSError) as exc:
-        if target is not None:
-            datastore.undo_transfer(path, target, transfer)
-        msg = str(exc).splitlines()[0]
-        if isinstance(exc, IntegrityError):
-            msg = f"registry refused the record (concurrent ingest or duplicate): {msg}"
-        report.failed.append((str(path), msg))
-        return "failed"
-    except BaseException:
-        if target is not None:
-            datastore.undo_transfer(path, target, transfer)
-        raise
+    # two attempts: the second sees what a concurrent ingest committed (then: skipped, or a clear conflict)
+    for attempt in (0, 1):
+        target = None
+        try:
+            with registry.session() as s:
+                cam = registry.ensure_camera(s, camera)
+                existing = registry.find_exposure(s, cam.id, meta.exposure_id)
+                if existing is not None:
+                    if existing.checksum == checksum:
+                        report.skipped.append((str(path), f"exposure {meta.exposure_id} already ingested"))
+                        return "skipped"
+                    raise _Conflict(f"exposure {meta.exposure_id} of camera {camera.name} is already registered "
+                                    f"from {existing.original_path} with different contents (sha256 "
+                                    f"{existing.checksum[:12]} vs {checksum[:12]})")
+                dest = datastore.raw_target(camera.name, meta.night.isoformat(), path)
+                placed = path.absolute() if transfer == "direct" else dest
+                det_rows = {d.number: d for d in s.scalars(select(DetectorRow).where(DetectorRow.camera_id == cam.id))}
+                row = ExposureRow(camera_id=cam.id, exposure_id=meta.exposure_id, obs_type=meta.obs_type,
+                                  filter=meta.filter, exptime=meta.exptime, darktime=meta.darktime,
+                                  date_obs=meta.date_obs, night=meta.night, object=meta.object[:256],
+                                  path=str(placed), original_path=str(path.absolute()), transfer=transfer,
+                                  checksum=checksum, size_bytes=size,
+                                  n_detectors=len(raw.detectors), extra=meta.extra,
+                                  ingested_at=dt.datetime.now(dt.timezone.utc))
+                s.add(row)
+                # claim the exposure before placing the file: a concurrent ingest of it waits here for
+                # our commit, then sees it as already ingested (second attempt)
+                s.flush()
+                datastore.transfer(path, dest, transfer)
+                target = dest         # set only once placed: never undo a file another ingest put there
+                for det_id, rd in raw.detectors.items():
+                    hdu = rd.detector.hdu if rd.detector.hdu is not None else rd.amps[0].amp.hdu
+                    s.add(RawRow(exposure_pk=row.id, detector_id=det_rows[det_id].id, hdu=str(hdu)))
+                s.flush()
+        except _Conflict as exc:
+            report.failed.append((str(path), str(exc)))
+            return "failed"
+        except (IntegrityError, FileExistsError, OSError) as exc:
+            if target is not None:
+                datastore.undo_transfer(path, target, transfer)
+            if isinstance(exc, (IntegrityError, FileExistsError)) and attempt == 0:
+                continue      # a concurrent ingest registered the camera or this exposure first: look again
+            msg = str(exc).splitlines()[0]
+            if isinstance(exc, IntegrityError):
+                msg = f"registry refused the record (concurrent ingest or duplicate): {msg}"
+            report.failed.append((str(path), msg))
+            return "failed"
+        except BaseException:
+            if target is not None:
+                datastore.undo_transfer(path, target, transfer)
+            raise
+        break
     report.ingested.append(meta.exposure_id)
     return "ingested"
 

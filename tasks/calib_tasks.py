@@ -112,17 +112,12 @@ def _detector_span(detectors) -> str:
     return f"det{detectors[0]}" if len(detectors) == 1 else f"det{detectors[0]}-{detectors[-1]}"
 
 
-def _process_run_name() -> str:
-    from prefect.runtime import task_run
-
-    p = task_run.parameters
-    return f"process-{p['exposure']['exposure_id']}-{_detector_span(p['detectors'])}"
+def _process_run_name(parameters: dict) -> str:
+    return f"process-{parameters['exposure']['exposure_id']}-{_detector_span(parameters['detectors'])}"
 
 
-def _residual_run_name() -> str:
-    from prefect.runtime import task_run
-
-    items = task_run.parameters["items"]
+def _residual_run_name(parameters: dict) -> str:
+    items = parameters["items"]
     return f"sky-residual-{items[0]['exposure_id']}-{_detector_span(i['detector'] for i in items)}"
 
 

@@ -125,6 +125,46 @@ def test_record_calib_publish_failure_records_nothing(registry, bias_night, tmp_
 
 # -- two whole builds ------------------------------------------------------------------------------
 
+def test_concurrent_ingest_of_a_new_camera(registry_url, bias_night, tmp_path):
+    """Two ingests of the same files into an empty registry at once (the camera is new to both):
+    every exposure ends up registered exactly once, each file is ingested by one and skipped by the
+    other, nothing fails, and no placed file is removed by the loser."""
+    import threading
+
+    from calib_core.datastore import sha256_file
+
+    files = sorted(bias_night.glob("*.fits"))
+    for round_ in range(3):
+        store = Datastore(tmp_path / f"repo-{round_}")
+        url = registry_url if round_ == 0 else registry_url.replace(".sqlite3", f"-{round_}.sqlite3")
+        if url.startswith("postgresql") and round_:
+            break                               # one fresh PostgreSQL database is enough
+        first = Registry.open(url)
+        first.upgrade()
+        barrier = threading.Barrier(2)
+        reports = [None, None]
+
+        def ingest(i):
+            reg = Registry.open(url)
+            barrier.wait()
+            reports[i] = ingest_files(files, load_camera("democam_mini"), reg, store, transfer="copy")
+
+        threads = [threading.Thread(target=ingest, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert all(r is not None for r in reports)
+        assert [r.failed for r in reports] == [[], []]
+        ingested = sorted(e for r in reports for e in r.ingested)
+        exposures = first.query_exposures(camera="democam_mini")
+        assert ingested == sorted(e["exposure_id"] for e in exposures) and len(ingested) == len(files)
+        assert sum(len(r.skipped) for r in reports) == len(files)
+        for e in exposures:
+            assert sha256_file(e["path"]) == e["checksum"]
+        first.engine.dispose()
+
+
 @pytest.fixture(scope="module")
 def prefect_api_url():
     """One Prefect API shared by the racing processes (a real server, as at an observatory)."""
