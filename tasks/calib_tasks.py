@@ -229,25 +229,27 @@ def sky_residual(ctx: BuildContext, item: dict, background: dict) -> dict:
     return {**item, "residual": str(out), "scale": background["scale"]}
 
 
-def _isr_calib_ids(ctx: BuildContext, registry: Registry, exposures: list[dict], detector: int) -> set[str]:
-    """The certified calibs the ISR of one detector of these exposures applies (registry lookups)."""
-    return {c["calib_id"] for e in exposures for c in _isr_calibs(ctx, registry, e["exposure_id"], detector).values()}
+def _identity(ctx: BuildContext, registry: Registry, exposures: list[dict], detector: int
+              ) -> tuple[str, dt.date, set[str]]:
+    """(digest of the inputs, config and ISR calibs; calib date; the ISR calib ids): with camera,
+    type, filter and detector, what makes two products the same. The ISR calibs are those the
+    registry lookup gives each exposure's ``detector`` (as the process step uses)."""
+    isr_ids = {c["calib_id"] for e in exposures
+               for c in _isr_calibs(ctx, registry, e["exposure_id"], detector).values()}
+    digest = calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash, isr_ids)
+    return digest, dt.date.fromisoformat(ctx.calib_date), isr_ids
 
 
-def _identity(ctx: BuildContext, exposures: list[dict], isr_ids=()) -> tuple[str, dt.date]:
-    """(digest of the inputs, config and ISR calibs, calib date): with camera, type, filter and
-    detector, what makes two products the same."""
-    return (calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash, isr_ids),
-            dt.date.fromisoformat(ctx.calib_date))
+def _find_identical(registry: Registry, ctx: BuildContext, detector: int, digest: str, calib_date: dt.date):
+    return find_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter, detector=detector,
+                      calib_date=calib_date, digest=digest)
 
 
 def existing_products(registry: Registry, ctx: BuildContext, exposures: list[dict], detectors: list[int]) -> dict:
     """Products an identical earlier build made (same inputs, config and ISR calibs), by detector."""
     found = {}
     for d in detectors:
-        digest, calib_date = _identity(ctx, exposures, _isr_calib_ids(ctx, registry, exposures, d))
-        hit = find_calib(registry, camera=ctx.camera, calib_type=ctx.calib_type, filter=ctx.filter, detector=d,
-                         calib_date=calib_date, digest=digest)
+        hit = _find_identical(registry, ctx, d, *_identity(ctx, registry, exposures, d)[:2])
         if hit:
             found[d] = hit
     return found
@@ -262,14 +264,13 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
     by_id = {e["exposure_id"]: e for e in exposures}
-    isr_ids = _isr_calib_ids(ctx, registry, exposures, detector)
+    digest, calib_date, isr_ids = _identity(ctx, registry, exposures, detector)
     used = {c for i in items for c in i.get("isr_calibs", {}).values()}
     if not used <= isr_ids:
         raise ValueError(f"detector {detector}: the certified calibs changed while this {ctx.calib_type} build "
                          f"ran (inputs processed with {sorted(used - isr_ids)}, no longer certified); rerun "
                          "the build")
-    digest, calib_date = _identity(ctx, exposures, isr_ids)
-    existing = existing_products(registry, ctx, exposures, [detector]).get(detector)
+    existing = _find_identical(registry, ctx, detector, digest, calib_date)
     if existing:
         return {**existing, "created": False}
 
