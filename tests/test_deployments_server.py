@@ -26,10 +26,9 @@ import pytest
 
 from calib_core.camera import load_camera
 from calib_core.datastore import Datastore
-from calib_core.ingest import ingest_files
-from calib_core.registry import Registry
 from calib_core.registry.calibs import list_calibs
 from calib_core.simulate import simulate_night
+from tests._repos import ingested_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -170,12 +169,7 @@ def night_repo(tmp_path_factory):
     cam = load_camera(CAMERA)
     simulate_night(cam, root / "sim", seed=5, night=NIGHT, n_bias=3, n_dark=2, n_flat=0, n_science=0,
                    filters=("r",))
-    store = Datastore(root / "repo")
-    reg = Registry.open(store.default_registry_url)
-    reg.upgrade()
-    report = ingest_files(sorted((root / "sim" / "raw").glob("*.fits")), cam, reg, store, transfer="symlink")
-    assert report.ok, report.failed
-    return store, reg
+    return ingested_repo(root / "repo", root / "sim" / "raw", CAMERA)
 
 
 def _client_env(server: Server, store: Datastore, **extra) -> dict:

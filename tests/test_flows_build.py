@@ -10,12 +10,10 @@ import pytest
 from astropy.io import fits
 
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore
-from calib_core.ingest import ingest_files
 from calib_core.products import read_product
-from calib_core.registry import Registry
 from calib_core.registry.calibs import calib_inputs, list_calibs, lookup
 from calib_core.simulate import simulate_night
+from tests._repos import ingested_repo
 
 NIGHT = "2026-11-20"
 
@@ -26,11 +24,7 @@ def night_repo(tmp_path_factory):
     cam = load_camera("democam_mini")
     sim = simulate_night(cam, root / "sim", seed=11, night=NIGHT, n_bias=5, n_dark=4, n_flat=4, n_science=0,
                          filters=("r",))
-    store = Datastore(root / "repo")
-    reg = Registry.open(store.default_registry_url)
-    reg.upgrade()
-    rep = ingest_files(sorted((root / "sim" / "raw").glob("*.fits")), cam, reg, store, transfer="symlink")
-    assert rep.ok, rep.failed
+    store, reg = ingested_repo(root / "repo", root / "sim" / "raw", "democam_mini")
     return sim, store, reg
 
 
@@ -179,13 +173,9 @@ def test_task_granularity_changes_tasks_not_products(prefect_api, night_repo, tm
     from flows.build import build_calib, detector_batches
 
     sim, store, reg = night_repo
-    cam = load_camera("democam_mini")
     results = {}
     for per_task in (None, 1):
-        fresh = Datastore(tmp_path / f"repo-{per_task}")
-        freg = Registry.open(fresh.default_registry_url)
-        freg.upgrade()
-        assert ingest_files(sorted((sim.out_dir / "raw").glob("*.fits")), cam, freg, fresh, transfer="symlink").ok
+        fresh, _ = ingested_repo(tmp_path / f"repo-{per_task}", sim.out_dir / "raw", "democam_mini")
         state = build_calib("bias", camera="democam_mini", night=NIGHT, repo=str(fresh.root),
                             detectors_per_task=per_task, return_state=True)
         out = state.result()

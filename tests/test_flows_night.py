@@ -12,15 +12,13 @@ from typer.testing import CliRunner
 
 from calib_core.background import BackgroundModel
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore
 from calib_core.fringe import FringeConfig, prepare_fringe
-from calib_core.ingest import ingest_files
 from calib_core.maskedimage import MaskedImage, mask_bits
 from calib_core.products import read_product
-from calib_core.registry import Registry
 from calib_core.registry.calibs import calib_inputs, list_calibs
 from calib_core.simulate import simulate_night
 from calib_core.skyquality import detrend
+from tests._repos import ingested_repo
 
 NIGHT = "2026-11-22"
 CAMERA = "democam_mini"
@@ -34,11 +32,7 @@ def night(tmp_path_factory, prefect_api):
     cam = load_camera(CAMERA)
     sim = simulate_night(cam, root / "sim", seed=5, night=NIGHT, n_bias=5, n_dark=4, n_flat=4, n_science=8,
                          filters=("r", "z"))
-    store = Datastore(root / "repo")
-    reg = Registry.open(store.default_registry_url)
-    reg.upgrade()
-    rep = ingest_files(sorted((root / "sim" / "raw").glob("*.fits")), cam, reg, store, transfer="symlink")
-    assert rep.ok, rep.failed
+    store, reg = ingested_repo(root / "repo", root / "sim" / "raw", CAMERA)
     summary = nightly(night=NIGHT, camera=CAMERA, repo=str(store.root))
     return sim, store, reg, summary
 

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore
-from calib_core.ingest import ingest_files
 from calib_core.products import read_product
-from calib_core.registry import BuildRunRow, Registry
+from calib_core.registry import BuildRunRow
 from calib_core.registry.calibs import calib_inputs, list_calibs
 from calib_core.simulate import simulate_night
+from tests._repos import ingested_repo
 
 NIGHT = "2026-11-23"
 CAMERA = "democam_mini"
@@ -32,12 +31,7 @@ def raws(tmp_path_factory):
 
 
 def _repo(path, raws):
-    store = Datastore(path)
-    reg = Registry.open(store.default_registry_url)
-    reg.upgrade()
-    rep = ingest_files(raws, load_camera(CAMERA), reg, store, transfer="copy")
-    assert rep.ok, rep.failed
-    return store, reg
+    return ingested_repo(path, raws, CAMERA, transfer="copy")
 
 
 @pytest.fixture(scope="module")
