@@ -118,7 +118,7 @@ def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], ca
     Inputs: the ingested exposures of the type's raw kind (bias, dark, flat; science for fringe and
     sky) selected by night, explicit ids, filter and detectors. ``on_bad_input="exclude"`` drops an
     exposure whose raw cannot be read and records why; the default fails the build naming the file.
-    An identical earlier build (same inputs and config) is found and nothing is redone.
+    An identical earlier build (same inputs, config and ISR calibs) is found and nothing is redone.
     ``detectors_per_task`` sets how many detectors of one exposure a process task handles (default:
     as many as keeps about four tasks per worker busy, see :func:`detector_batches`).
     """
