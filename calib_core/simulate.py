@@ -10,8 +10,10 @@ Files
 ``out_dir/raw/<EXPID>.fits`` (``.fits.gz`` with ``compress="gzip"``, ``.fits.fz`` with ``"rice"``)
     Primary HDU: OBSTYPE (bias | dark | flat | science), OBJECT, EXPTIME [s], DARKTIME [s], FILTER
     ('NONE' for bias and dark), DATE-OBS (ISO UTC, start of exposure), EXPID, AIRMASS, MOONILL, plus
-    INSTRUME, ORIGIN, SIMSEED. One image HDU per detector, EXTNAME = the detector's ``hdu``; uint16
-    pixels (stored as int16 with BZERO = 32768).
+    INSTRUME, ORIGIN, SIMSEED. Layout ``hdu_per_detector``: one image HDU per detector, EXTNAME = the
+    detector's ``hdu``; layout ``hdu_per_amplifier`` (``minimosaic``): one image HDU per amplifier,
+    EXTNAME = the amplifier's ``hdu`` (header AMPNAME), holding that amplifier's prescan, data and
+    overscan sections. uint16 pixels (stored as int16 with BZERO = 32768).
 ``out_dir/truth/``
     ``bias_<det>.fits``, ``dark_<det>.fits``, ``flat_<filter>_<det>.fits``, ``qe_<filter>_<det>.fits``,
     ``sky_<filter>_<det>.fits``, ``fringe_<filter>_<det>.fits`` (fringing filters only, see
@@ -220,6 +222,7 @@ class _AmpLayout:
     prescan: Section | None
     flip_x: bool
     flip_y: bool
+    hdu: int | str = 0          # the HDU holding this amplifier (the detector's, or its own)
 
     def to_raw(self, sub: np.ndarray) -> np.ndarray:
         """Detector-oriented pixels of this amplifier -> raw (readout) orientation (or back)."""
@@ -231,9 +234,10 @@ class _AmpLayout:
 
 
 def _layouts(camera: Camera, det: Detector) -> list[_AmpLayout]:
-    if camera.layout != "hdu_per_detector" or camera.sections_from_header:
-        raise ValueError(f"camera {camera.name}: the simulator writes only layout 'hdu_per_detector' "
-                         "with sections listed in the camera file")
+    if camera.sections_from_header:
+        raise ValueError(f"camera {camera.name}: the simulator writes only cameras whose sections are "
+                         "listed in the camera file (sections_from_header: false)")
+    per_amp = camera.layout == "hdu_per_amplifier"
     out = []
     for amp in det.amplifiers:
         if amp.gain is None or amp.read_noise is None:
@@ -244,8 +248,18 @@ def _layouts(camera: Camera, det: Detector) -> list[_AmpLayout]:
                               data=data, det=dsec,
                               overscan=parse_section(amp.overscan_section) if amp.overscan_section else None,
                               prescan=parse_section(amp.prescan_section) if amp.prescan_section else None,
-                              flip_x=dsec.flip_x != data.flip_x, flip_y=dsec.flip_y != data.flip_y))
+                              flip_x=dsec.flip_x != data.flip_x, flip_y=dsec.flip_y != data.flip_y,
+                              hdu=amp.hdu if per_amp else det.hdu))
     return out
+
+
+def _hdu_groups(layouts: list[_AmpLayout]) -> list[tuple[int | str, list[_AmpLayout]]]:
+    """The amplifiers grouped by the HDU that holds them, in camera-file order: one group for
+    ``hdu_per_detector``, one per amplifier for ``hdu_per_amplifier``."""
+    groups: dict[int | str, list[_AmpLayout]] = {}
+    for lay in layouts:
+        groups.setdefault(lay.hdu, []).append(lay)
+    return list(groups.items())
 
 
 def _raw_shape(layouts: list[_AmpLayout]) -> tuple[int, int]:
@@ -888,8 +902,9 @@ def _uncovered(layouts: list[_AmpLayout]) -> bool:
 
 
 def _simulate_detector(inst: InstrumentTruth, det: Detector, p: _Planned, draws: dict[str, Any], seed: int,
-                       gauss_above: float | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Raw uint16 pixels of one detector of one exposure, and its truth record."""
+                       gauss_above: float | None) -> tuple[list[tuple[int | str, np.ndarray]], dict[str, Any]]:
+    """Raw uint16 pixels of one detector of one exposure, as ``[(hdu, pixels)]`` (one entry per HDU:
+    the detector's, or one per amplifier), and its truth record."""
     camera = inst.camera
     rng = _rng(seed, _PIX_KEY, p.seq, det.id)
     rec: dict[str, Any] = {}
@@ -918,33 +933,36 @@ def _simulate_detector(inst: InstrumentTruth, det: Detector, p: _Planned, draws:
     electrons = None if lam is None else _noisy_electrons(rng, lam, gauss_above)
 
     layouts = inst.layouts[det.id]
-    ny_raw, nx_raw = _raw_shape(layouts)
-    # raw starts as unit read noise and is scaled and offset region by region, in place
-    raw = rng.standard_normal((ny_raw, nx_raw), dtype=np.float32)
-    covered = np.zeros((ny_raw, nx_raw), dtype=bool) if _uncovered(layouts) else None
     bias2d = inst.bias(det)
     offsets = {}
-    for lay in layouts:
-        level = np.float32(inst.bias_level(det, lay.amp.name))
-        drift = _row_drift(rng, ny_raw)
-        offsets[lay.amp.name] = round(float(drift[lay.data.y0:lay.data.y1].mean()), 4)
-        for sec in (lay.prescan, lay.overscan, lay.data):
-            if sec is not None:
-                ys, xs = sec.slices
-                block = raw[ys, xs]
-                block *= np.float32(lay.rn_adu)
-                block += (drift[ys] + level)[:, None]
-                if covered is not None:
-                    covered[ys, xs] = True
-        ys, xs = lay.data.slices
-        block = raw[ys, xs]
-        block += lay.to_raw(bias2d[lay.det.slices])
-        if electrons is not None:
-            block += lay.to_raw(electrons[lay.det.slices]) * np.float32(1.0 / lay.gain)
-        np.rint(block, out=block)
-        np.minimum(block, np.float32(lay.amp.saturation), out=block)
-    if covered is not None:
-        raw[~covered] = 0.0
+    hdus: list[tuple[int | str, np.ndarray]] = []
+    for hdu, group in _hdu_groups(layouts):
+        ny_raw, nx_raw = _raw_shape(group)
+        # raw starts as unit read noise and is scaled and offset region by region, in place
+        raw = rng.standard_normal((ny_raw, nx_raw), dtype=np.float32)
+        covered = np.zeros((ny_raw, nx_raw), dtype=bool) if _uncovered(group) else None
+        for lay in group:
+            level = np.float32(inst.bias_level(det, lay.amp.name))
+            drift = _row_drift(rng, ny_raw)
+            offsets[lay.amp.name] = round(float(drift[lay.data.y0:lay.data.y1].mean()), 4)
+            for sec in (lay.prescan, lay.overscan, lay.data):
+                if sec is not None:
+                    ys, xs = sec.slices
+                    block = raw[ys, xs]
+                    block *= np.float32(lay.rn_adu)
+                    block += (drift[ys] + level)[:, None]
+                    if covered is not None:
+                        covered[ys, xs] = True
+            ys, xs = lay.data.slices
+            block = raw[ys, xs]
+            block += lay.to_raw(bias2d[lay.det.slices])
+            if electrons is not None:
+                block += lay.to_raw(electrons[lay.det.slices]) * np.float32(1.0 / lay.gain)
+            np.rint(block, out=block)
+            np.minimum(block, np.float32(lay.amp.saturation), out=block)
+        if covered is not None:
+            raw[~covered] = 0.0
+        hdus.append((hdu, raw))
     rec["bias_offset"] = offsets
     if listing:
         for obj in listing:
@@ -955,9 +973,12 @@ def _simulate_detector(inst: InstrumentTruth, det: Detector, p: _Planned, draws:
             peak = float(lam[max(iy - 1, 0):iy + 2, max(ix - 1, 0):ix + 2].max()) / lay.gain
             obj["saturated"] = bool(peak + inst.bias_level(det, lay.amp.name) >= lay.amp.saturation)
         rec["objects"] = listing
-    np.rint(raw, out=raw)
-    np.clip(raw, 0, 65535, out=raw)
-    return raw.astype(np.uint16), rec
+    out = []
+    for hdu, raw in hdus:
+        np.rint(raw, out=raw)
+        np.clip(raw, 0, 65535, out=raw)
+        out.append((hdu, raw.astype(np.uint16)))
+    return out, rec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -997,13 +1018,17 @@ def _write(hdul: fits.HDUList, path: Path, compress: str | None) -> None:
     os.replace(tmp, path)
 
 
-def _image_hdu(data: np.ndarray, det: Detector, compress: str | None) -> fits.ImageHDU | fits.CompImageHDU:
+def _image_hdu(data: np.ndarray, det: Detector, compress: str | None, name: int | str | None = None,
+               amps: Sequence[str] = ()) -> fits.ImageHDU | fits.CompImageHDU:
     header = fits.Header()
     header["CCDNAME"] = (det.name, "detector name")
     header["DETID"] = (det.id, "detector id")
+    if len(amps) == 1:
+        header["AMPNAME"] = (amps[0], "amplifier name")
+    name = str(det.hdu if name is None else name)
     if compress == "rice":
-        return fits.CompImageHDU(data=data, header=header, name=str(det.hdu), compression_type="RICE_1")
-    return fits.ImageHDU(data=data, header=header, name=str(det.hdu))
+        return fits.CompImageHDU(data=data, header=header, name=name, compression_type="RICE_1")
+    return fits.ImageHDU(data=data, header=header, name=name)
 
 
 def _write_truth(inst: InstrumentTruth, dets: list[Detector], filters: Sequence[str], truth_dir: Path) -> dict:
@@ -1084,8 +1109,9 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     Parameters
     ----------
     camera
-        A :class:`~calib_core.camera.Camera` or the name/path of one (``"democam"``). Layout
-        ``hdu_per_detector`` with sections, gains and read noises listed in the camera file.
+        A :class:`~calib_core.camera.Camera` or the name/path of one (``"democam"``,
+        ``"minimosaic"``). Layout ``hdu_per_detector`` or ``hdu_per_amplifier``, with sections, gains
+        and read noises listed in the camera file.
     out_dir
         Output folder; ``raw/`` and ``truth/`` are created inside. Existing files are replaced.
     seed
@@ -1164,7 +1190,9 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
         objects: list[dict] = []
         for det in dets:
             pixels, drec = _simulate_detector(inst, det, p, draws, seed, poisson_gaussian_above)
-            hdus.append(_image_hdu(pixels, det, compress))
+            for hdu, arr in pixels:
+                amps = [lay.amp.name for lay in inst.layouts[det.id] if lay.hdu == hdu]
+                hdus.append(_image_hdu(arr, det, compress, hdu, amps if len(pixels) > 1 else ()))
             rec["cosmic_rays"][det.name] = drec.get("cosmic_rays", 0)
             rec["bias_offset"][det.name] = drec["bias_offset"]
             objects += drec.get("objects", [])
