@@ -51,9 +51,17 @@ Expected detected electrons in the data section, per exposure type::
 * ``S_j`` sky level [incident e- per pixel per exposure], drawn per exposure uniformly in the
   range :data:`SKY_LEVELS` gives for the filter (800..3000 in r, 1500..5000 in z), times
   ``science_exptime / 120``.
-* ``G_j`` the large-scale (moonlight) gradient, ``G_j = 1 + c1_j * w + c2_j * w**2`` with
-  ``w = (u * cos(theta_j) + v * sin(theta_j)) / R_fp``; ``theta_j`` uniform in 0..2 pi, ``c1_j`` in
-  0..0.08 and ``c2_j`` in -0.03..0.03.
+* ``G_j`` the large-scale (moonlight) gradient,
+  ``G_j = 1 + c1_j * w + c2_j * w**2 + c3_j * w_perp**2`` with
+  ``w = (u * cos(theta_j) + v * sin(theta_j)) / R_fp`` and
+  ``w_perp = (-u * sin(theta_j) + v * cos(theta_j)) / R_fp`` (so ``w**2 + w_perp**2 <= 1`` on the
+  focal plane), ``theta_j`` uniform in 0..2 pi. Default (``gradient_amplitude=None``, the legacy
+  ranges): ``c1_j`` in 0..0.08, ``c2_j`` in -0.03..0.03, ``c3_j = 0``. With
+  ``gradient_amplitude=A``: a bound ``m_j`` uniform in ``A/2..A``, raw coefficients ``a1`` in 0.3..1,
+  ``a2, a3`` in -0.5..0.5, and ``c_i = a_i * m_j / (a1 + max(|a2|, |a3|))``, so that
+  ``|G_j - 1| <= c1 + max(|c2|, |c3|) = m_j <= A`` everywhere on the focal plane (the quadratic part
+  curves in 2-D: independent curvatures along and across ``theta_j``). ``exposures.json`` records
+  ``gradient = {theta, c1, c2, c3, r_fp_mm, max_abs_bound (= m_j), amplitude (A or None), model}``.
 * ``P_f`` the small-scale sky pattern (what a sky frame recovers, dimensionless):
   ``P_f = (1 + sum_k a_k cos(2 pi (k_uk u + k_vk v) + psi_k) + A_g exp(-(|(u,v) - c_g| - r_g)**2
   / (2 w_g**2))) / N_P``: 40 plane waves of wavelength 100..600 px (structure on 50..300 px) and rms
@@ -99,7 +107,8 @@ Hence a bias-, dark- and flat-corrected (divided by ``R_f``) science exposure re
 ``rbar_f * (S_j G_j P_f + S_j phi_j F_f + O_j)``.
 
 ``exposures.json`` holds, per exposure: exposure_id, obs_type, filter, date_obs, exptime, darktime,
-path, sky_level (S_j, e-), gradient {theta, c1, c2, r_fp_mm}, fringe_scale (phi_j),
+path, sky_level (S_j, e-), gradient {theta, c1, c2, c3, r_fp_mm, max_abs_bound, amplitude, model},
+fringe_scale (phi_j),
 fringe_amplitude (S_j phi_j, e-), lamp_level (L_j, e-), fwhm_px, objects [{kind, fx_mm, fy_mm,
 detector, x, y, flux (incident e-), saturated}], cosmic_rays {detector: count} and bias_offset
 {detector: {amp: mean of r_j,a over rows, ADU}}. Object ``x, y`` are assembled-detector pixel
@@ -110,8 +119,15 @@ Random numbers
 --------------
 Every draw comes from ``np.random.Generator(PCG64(SeedSequence(seed, spawn_key=key)))``: the node
 ``key`` of the ``SeedSequence(seed).spawn`` tree. Instrument truth uses keys that hold a detector id
-(never a position in a list), exposures use ``(10, seq)`` for focal-plane quantities and
+(never a position in a list), exposures use ``(10, seq)`` for focal-plane quantities (``(10, seq, 1)``
+for the ``gradient_amplitude`` gradient) and
 ``(11, seq, detector_id)`` for pixels, so simulating a subset of detectors gives the same pixels.
+
+Held-out exposures: ``seq`` runs from ``first_sequence + 1`` (exposure id ``<YYYYMMDD><seq:04d>``).
+The instrument truth (bias, dark, flat, QE, sky pattern, fringe) depends on the seed only, every
+per-exposure draw on ``seq``: a second night with the same seed, another ``night`` and
+``first_sequence`` >= the first night's number of exposures (e.g. 1000) has the same instrument and
+new gradients, sky levels, objects and noise, with ids that do not collide.
 """
 
 from __future__ import annotations
@@ -165,8 +181,10 @@ FLAT_LAMP_JITTER = 0.03        # lamp level uniform within +- this
 SKY_LEVELS = {"u": (200.0, 800.0), "g": (400.0, 1500.0), "r": (800.0, 3000.0), "i": (1200.0, 4000.0),
               "z": (1500.0, 5000.0), "y": (1500.0, 5000.0)}  # incident e- per pixel in 120 s
 DEFAULT_SKY_LEVEL = (800.0, 3000.0)
-GRADIENT_C1 = (0.0, 0.08)
+GRADIENT_C1 = (0.0, 0.08)      # legacy draws (gradient_amplitude=None)
 GRADIENT_C2 = (-0.03, 0.03)
+GRADIENT_FRACTION = (0.5, 1.0)  # with gradient_amplitude A: bound m_j of |G_j - 1| uniform in A * this
+GRADIENT_QUAD_SHARE = 0.5       # quadratic raw coefficients uniform in +-this (linear raw one in 0.3..1)
 SKY_PATTERN_MODES = 40
 SKY_PATTERN_RMS = 0.015
 SKY_PATTERN_WAVELENGTH_PX = (100.0, 600.0)
@@ -573,6 +591,7 @@ class SimulatedNight:
     detectors: list[str]
     filters: list[str]
     _exposure_truth: dict[str, dict] | None = field(default=None, repr=False)
+    first_sequence: int = 0
 
     @property
     def summary(self) -> dict[str, int]:
@@ -658,8 +677,10 @@ class SimulatedNight:
         g = self.exposure_truth(exposure_id)["gradient"]
         det = self.camera.detector(self._det_name(detector))
         u, v = _fp_grid(self.camera, det)
-        w = (u * math.cos(g["theta"]) + v * math.sin(g["theta"])) / g["r_fp_mm"]
-        return (1.0 + g["c1"] * w + g["c2"] * w * w).astype(np.float32)
+        c, s = math.cos(g["theta"]), math.sin(g["theta"])
+        w = (u * c + v * s) / g["r_fp_mm"]
+        wp = (-u * s + v * c) / g["r_fp_mm"]
+        return (1.0 + g["c1"] * w + g["c2"] * w * w + g.get("c3", 0.0) * wp * wp).astype(np.float32)
 
     def sky_model(self, exposure_id: str, detector, fringe: bool = True) -> np.ndarray:
         """Incident sky of a science exposure [e- per pixel]: S_j (G_j P_f + phi_j F_f).
@@ -688,7 +709,8 @@ class SimulatedNight:
                                   exptime=e["exptime"], darktime=e["darktime"], date_obs=e["date_obs"],
                                   path=out_dir / e["path"]) for e in d["exposures"]]
         return cls(out_dir=out_dir, camera=camera, seed=d["seed"], night=dt.date.fromisoformat(d["night"]),
-                   exposures=exps, detectors=d["detectors"], filters=d["filters"])
+                   exposures=exps, detectors=d["detectors"], filters=d["filters"],
+                   first_sequence=d.get("first_sequence", 0))
 
     def __str__(self) -> str:
         s = self.summary
@@ -715,8 +737,9 @@ class _Planned:
 
 def _plan(night: dt.date, utc_offset: float, n_bias: int, n_dark: int, n_flat: int, n_science: int,
           filters: Sequence[str], dark_exptime: float, flat_exptime: float,
-          science_exptime: float) -> list[_Planned]:
-    """Calibrations from 14:30 local time, science from 19:00 to 05:30 local time."""
+          science_exptime: float, first_sequence: int = 0) -> list[_Planned]:
+    """Calibrations from 14:30 local time, science from 19:00 to 05:30 local time; sequence numbers
+    ``first_sequence + 1, first_sequence + 2, ...``."""
     tz_local = dt.timedelta(hours=utc_offset)
     t = dt.datetime.combine(night, dt.time(14, 30), tzinfo=dt.timezone.utc) - tz_local
     items: list[tuple[str, str, float]] = []
@@ -726,7 +749,7 @@ def _plan(night: dt.date, utc_offset: float, n_bias: int, n_dark: int, n_flat: i
         items += [("flat", f, flat_exptime)] * n_flat
     science = [("science", f, science_exptime) for f in filters for _ in range(n_science)]
     out: list[_Planned] = []
-    seq = 0
+    seq = int(first_sequence)
 
     def add(kind, filt, exptime, start):
         nonlocal seq
@@ -760,8 +783,27 @@ def _power_law(rng: np.random.Generator, n: int, lo: float, hi: float, slope: fl
     return lo * (1.0 - u * (1.0 - (lo / hi) ** slope)) ** (-1.0 / slope)
 
 
+def _gradient_draw(rng: np.random.Generator, rng2: np.random.Generator, amplitude: float | None,
+                   r_fp: float) -> dict[str, Any]:
+    """The gradient record of one science exposure (see the module docstring)."""
+    # the legacy draws are always made, so the rest of the exposure's stream does not depend on amplitude
+    theta = float(rng.uniform(0, 2 * np.pi))
+    c1, c2, c3 = float(rng.uniform(*GRADIENT_C1)), float(rng.uniform(*GRADIENT_C2)), 0.0
+    if amplitude is not None:
+        theta = float(rng2.uniform(0, 2 * np.pi))
+        bound = float(amplitude * rng2.uniform(*GRADIENT_FRACTION))
+        a1 = rng2.uniform(0.3, 1.0)
+        a2, a3 = rng2.uniform(-GRADIENT_QUAD_SHARE, GRADIENT_QUAD_SHARE, 2)
+        k = bound / (a1 + max(abs(a2), abs(a3)))
+        c1, c2, c3 = float(k * a1), float(k * a2), float(k * a3)
+    return {"theta": theta, "c1": c1, "c2": c2, "c3": c3, "r_fp_mm": r_fp,
+            "max_abs_bound": c1 + max(abs(c2), abs(c3)), "amplitude": amplitude,
+            "model": "G = 1 + c1*w + c2*w**2 + c3*w_perp**2, w = (u cos(theta) + v sin(theta))/r_fp_mm, "
+                     "w_perp = (-u sin(theta) + v cos(theta))/r_fp_mm"}
+
+
 def _exposure_draws(inst: InstrumentTruth, p: _Planned, seed: int, flat_exptime: float,
-                    science_exptime: float) -> dict[str, Any]:
+                    science_exptime: float, gradient_amplitude: float | None = None) -> dict[str, Any]:
     rng = _rng(seed, _EXP_KEY, p.seq)
     camera = inst.camera
     out: dict[str, Any] = {}
@@ -773,8 +815,8 @@ def _exposure_draws(inst: InstrumentTruth, p: _Planned, seed: int, flat_exptime:
     out["sky_level"] = float(rng.uniform(lo, hi) * science_exptime / 120.0)
     out["fringe_scale"] = float(rng.uniform(*FRINGE_SCALE)) if p.filter in FRINGE_FILTERS else 0.0
     out["fringe_amplitude"] = out["sky_level"] * out["fringe_scale"]
-    out["gradient"] = {"theta": float(rng.uniform(0, 2 * np.pi)), "c1": float(rng.uniform(*GRADIENT_C1)),
-                       "c2": float(rng.uniform(*GRADIENT_C2)), "r_fp_mm": inst.r_fp}
+    # new draws come from child nodes of the exposure's, so the legacy stream (objects...) is unchanged
+    out["gradient"] = _gradient_draw(rng, _rng(seed, _EXP_KEY, p.seq, 1), gradient_amplitude, inst.r_fp)
     out["fwhm_px"] = float(rng.uniform(*FWHM_PX))
     out["airmass"] = float(rng.uniform(1.0, 1.8))
     xmin, xmax, ymin, ymax = inst.bbox
@@ -922,7 +964,13 @@ def _simulate_detector(inst: InstrumentTruth, det: Detector, p: _Planned, draws:
             wx = (ux * c + vx * s) * np.arange(det.nx, dtype=np.float32) / inst.r_fp
             wy = ((u0 * c + v0 * s) + (uy * c + vy * s) * np.arange(det.ny, dtype=np.float32)) / inst.r_fp
             w = wy[:, None] + wx[None, :]
-            incident = (1.0 + w * (g["c1"] + g["c2"] * w)) * inst.sky(det, p.filter)
+            gmap = 1.0 + w * (g["c1"] + g["c2"] * w)
+            if g.get("c3"):
+                px = (-ux * s + vx * c) * np.arange(det.nx, dtype=np.float32) / inst.r_fp
+                py = ((-u0 * s + v0 * c) + (-uy * s + vy * c) * np.arange(det.ny, dtype=np.float32)) / inst.r_fp
+                wp = py[:, None] + px[None, :]
+                gmap += np.float32(g["c3"]) * wp * wp
+            incident = gmap * inst.sky(det, p.filter)
             incident *= np.float32(draws["sky_level"])
             if draws["fringe_amplitude"]:
                 incident += np.float32(draws["fringe_amplitude"]) * inst.fringe(det, p.filter)
@@ -1103,7 +1151,8 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
                    filters: Sequence[str] = ("r", "z"), dark_exptime: float = 300.0, flat_exptime: float = 5.0,
                    science_exptime: float = 120.0, detectors: Iterable[int | str] | None = None,
                    compress: str | None = None, progress: Callable[[int, int], Any] | None = None,
-                   poisson_gaussian_above: float | None = POISSON_GAUSSIAN_ABOVE) -> SimulatedNight:
+                   poisson_gaussian_above: float | None = POISSON_GAUSSIAN_ABOVE,
+                   gradient_amplitude: float | None = None, first_sequence: int = 0) -> SimulatedNight:
     """Simulate one night of raw exposures of a camera, and write them with their truth.
 
     Parameters
@@ -1137,6 +1186,17 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     poisson_gaussian_above
         Expected electron count above which a rounded Gaussian stands in for the Poisson draw
         (default 1000 e-); None draws Poisson everywhere (about 3x slower on flats and science).
+    gradient_amplitude
+        Bound ``A`` on the large-scale gradient: ``max |G_j - 1| <= A`` over the focal plane, with
+        linear and 2-D quadratic terms (module docstring). None (default): the legacy ranges
+        (``c1`` in 0..0.08, ``c2`` in -0.03..0.03, ``c3 = 0``; ``|G_j - 1| <= 0.11``), pixels as before.
+        Must lie in 0..0.5.
+    first_sequence
+        Sequence number before the first exposure (ids ``<night><first_sequence + 1:04d>``, ...).
+        Every per-exposure draw (gradients, objects, noise) is keyed by the sequence number, the instrument truth (bias, dark, flat, sky pattern,
+        fringe) by the seed only: a second call with the same seed, another ``out_dir``, another
+        ``night`` and a ``first_sequence`` at least the first call's number of exposures (e.g. 1000)
+        gives held-out exposures of the same instrument.
 
     Returns
     -------
@@ -1159,6 +1219,12 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     filters = list(filters)
     if (n_flat or n_science) and not filters:
         raise ValueError("flats and science exposures need at least one filter")
+    if gradient_amplitude is not None and not 0.0 <= float(gradient_amplitude) <= 0.5:
+        raise ValueError(f"gradient_amplitude must lie in 0..0.5, got {gradient_amplitude}")
+    gradient_amplitude = None if gradient_amplitude is None else float(gradient_amplitude)
+    if int(first_sequence) < 0:
+        raise ValueError(f"first_sequence must be >= 0, got {first_sequence}")
+    first_sequence = int(first_sequence)
     night = dt.date.fromisoformat(night) if isinstance(night, str) else night
     seed = int(seed)
     dets = camera.detectors if detectors is None else [camera.detector(d) for d in detectors]
@@ -1173,12 +1239,12 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     (truth_dir / "camera.yaml").write_text(camera.to_yaml())
     (truth_dir / "README.txt").write_text(__doc__ or "")
     plan = _plan(night, camera.utc_offset_hours, n_bias, n_dark, n_flat, n_science, filters, dark_exptime,
-                 flat_exptime, science_exptime)
+                 flat_exptime, science_exptime, first_sequence)
     moon = float(_rng(seed, 5).uniform(0.0, 1.0))
     exposures: list[SimulatedExposure] = []
     records: list[dict] = []
     for i, p in enumerate(plan):
-        draws = _exposure_draws(inst, p, seed, flat_exptime, science_exptime)
+        draws = _exposure_draws(inst, p, seed, flat_exptime, science_exptime, gradient_amplitude)
         hdus: list[Any] = [fits.PrimaryHDU(header=_primary_header(camera, p, draws, seed, moon))]
         rec: dict[str, Any] = {"exposure_id": p.exposure_id, "obs_type": p.obs_type, "filter": p.filter,
                                "date_obs": p.start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], "exptime": p.exptime,
@@ -1209,12 +1275,13 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     _json_dump(static, truth_dir / "static.json")
     _json_dump(records, truth_dir / "exposures.json", indent=None)
     _json_dump({"camera": camera.name, "seed": seed, "night": night.isoformat(), "filters": filters,
-                "detectors": [d.name for d in dets], "compress": compress,
+                "detectors": [d.name for d in dets], "compress": compress, "first_sequence": first_sequence,
+                "gradient_amplitude": gradient_amplitude,
                 "exposures": [{k: r[k] for k in ("exposure_id", "obs_type", "filter", "exptime", "darktime",
                                                   "date_obs", "path")} for r in records]},
                truth_dir / "night.json")
     return SimulatedNight(out_dir=out_dir, camera=camera, seed=seed, night=night, exposures=exposures,
-                          detectors=[d.name for d in dets], filters=filters)
+                          detectors=[d.name for d in dets], filters=filters, first_sequence=first_sequence)
 
 
 def _main(argv: Sequence[str] | None = None) -> None:

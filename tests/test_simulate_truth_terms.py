@@ -1,0 +1,153 @@
+"""The simulator's sky-frame truth terms, recomputed in the test from the records it writes: the
+large-scale gradient G_j (up to gradient_amplitude, 2-D quadratic), and held-out exposures (first_sequence)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from calib_core.rawio import read_raw
+from calib_core.simulate import simulate_night
+
+CAMERA = "democam_mini"
+
+
+def corrected(rd) -> np.ndarray:
+    """Assembled data minus the per-row median of each amplifier's overscan."""
+    out = np.empty(rd.shape, dtype=np.float64)
+    for a in rd.amps:
+        level = np.median(a.overscan[:, a.amp.overscan_margin:], axis=1)
+        d = a.data - level[:, None]
+        if a.flip_x:
+            d = d[:, ::-1]
+        if a.flip_y:
+            d = d[::-1, :]
+        out[a.det_slices] = d
+    return out
+
+
+def fp_grid(camera, det):
+    x, y = np.meshgrid(np.arange(det.nx, dtype=float), np.arange(det.ny, dtype=float))
+    return camera.pixel_to_focal_plane(det, x, y)
+
+
+def gradient_brute(camera, det, g):
+    u, v = fp_grid(camera, det)
+    w = (u * math.cos(g["theta"]) + v * math.sin(g["theta"])) / g["r_fp_mm"]
+    wp = (-u * math.sin(g["theta"]) + v * math.cos(g["theta"])) / g["r_fp_mm"]
+    return 1 + g["c1"] * w + g["c2"] * w ** 2 + g["c3"] * wp ** 2
+
+
+def residual_blocks(night, e, det, raw, model_in_sky_units):
+    """Flat-fielded data / S_j - model, median of 8x8 blocks, and the noise of such a block."""
+    tr = night.exposure_truth(e.exposure_id)
+    rbar = night.flat_reference(e.filter)
+    flat = night.truth_flat(e.filter, det.id)
+    img = corrected(raw.detectors[det.id]) - night.truth_bias(det.id) - night.truth_dark(det.id) * e.darktime
+    good = flat > 0.5
+    with np.errstate(divide="ignore", invalid="ignore"):
+        resid = img / (rbar * flat) / tr["sky_level"] - model_in_sky_units
+    resid[~good] = np.nan
+    blocks = np.nanmedian(resid.reshape(det.ny // 8, 8, det.nx // 8, 8), axis=(1, 3))
+    noise = 1.2533 / np.sqrt(64 * tr["sky_level"] * rbar * 1.6)
+    return blocks, noise
+
+
+def robust_spread(a):
+    return 1.4826 * np.nanmedian(np.abs(a - np.nanmedian(a)))
+
+
+# --------------------------------------------------------------------------------------------------
+# gradient
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gradient_up_to_the_amplitude_in_two_dimensions(tmp_path):
+    kw = dict(n_bias=0, n_dark=0, n_flat=0, n_science=8, filters=("r",))
+    night = simulate_night(CAMERA, tmp_path / "a", seed=8, gradient_amplitude=0.10, **kw)
+    cam = night.camera
+    worst = []
+    for e in night.select("science"):
+        g = night.exposure_truth(e.exposure_id)["gradient"]
+        assert set(g) >= {"theta", "c1", "c2", "c3", "r_fp_mm", "max_abs_bound", "amplitude"}
+        assert g["amplitude"] == 0.10 and g["c3"] != 0.0
+        assert g["max_abs_bound"] == pytest.approx(g["c1"] + max(abs(g["c2"]), abs(g["c3"])))
+        assert 0.05 - 1e-12 <= g["max_abs_bound"] <= 0.10 + 1e-12
+        dev = 0.0
+        for det in cam.detectors:
+            brute = gradient_brute(cam, det, g)
+            np.testing.assert_allclose(night.gradient(e.exposure_id, det.id), brute, atol=1e-6)
+            dev = max(dev, np.abs(brute - 1).max())
+        assert dev <= g["max_abs_bound"] + 1e-9
+        worst.append(dev)
+    assert max(worst) > 0.04         # the gradients are of the size asked for, not negligible
+
+    # the raw pixels carry G (c3 included): flat-fielded data / S - G P - phi F is noise, and leaving
+    # the perpendicular quadratic term out of G is not (checked on the exposure where it is largest)
+    e = max(night.select("science"), key=lambda x: abs(night.exposure_truth(x.exposure_id)["gradient"]["c3"]))
+    g = night.exposure_truth(e.exposure_id)["gradient"]
+    assert abs(g["c3"]) > 0.01
+    raw = read_raw(e.path, cam)
+    off = []
+    for det in cam.detectors:
+        model = gradient_brute(cam, det, g) * night.truth_sky("r", det.id)
+        blocks, noise = residual_blocks(night, e, det, raw, model)
+        assert abs(np.nanmedian(blocks)) < 0.003 and robust_spread(blocks) < 1.3 * noise + 0.001, det.name
+        wrong = gradient_brute(cam, det, dict(g, c3=0.0)) * night.truth_sky("r", det.id)
+        b2, _ = residual_blocks(night, e, det, raw, wrong)
+        off.append(abs(np.nanmedian(b2)))
+    assert max(off) > 0.005
+
+    # the default keeps the legacy ranges, and the objects do not depend on the gradient option
+    legacy = simulate_night(CAMERA, tmp_path / "b", seed=8, detectors=[0], **kw)
+    for e, el in zip(night.select("science"), legacy.select("science")):
+        gl = legacy.exposure_truth(el.exposure_id)["gradient"]
+        assert gl["c3"] == 0.0 and 0 <= gl["c1"] <= 0.08 and abs(gl["c2"]) <= 0.03 and gl["amplitude"] is None
+        objs = [o for o in night.exposure_truth(e.exposure_id)["objects"] if o["detector"] == "ccd00"]
+        assert [o["flux"] for o in legacy.exposure_truth(el.exposure_id)["objects"]] == [o["flux"] for o in objs]
+    with pytest.raises(ValueError, match="gradient_amplitude"):
+        simulate_night(CAMERA, tmp_path / "c", gradient_amplitude=0.7, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# held-out exposures
+# --------------------------------------------------------------------------------------------------
+
+
+def test_held_out_exposures_share_the_instrument_not_the_draws(tmp_path):
+    kw = dict(seed=12, n_bias=1, n_dark=0, n_flat=1, n_science=4, filters=("r",), detectors=[0, 4],
+              gradient_amplitude=0.1)
+    first = simulate_night(CAMERA, tmp_path / "a", night="2026-11-20", **kw)
+    held = simulate_night(CAMERA, tmp_path / "b", night="2026-11-21", first_sequence=1000, **kw)
+    assert held.first_sequence == 1000
+    assert [e.exposure_id for e in held.exposures][:2] == ["202611211001", "202611211002"]
+    assert not {e.exposure_id for e in first.exposures} & {e.exposure_id for e in held.exposures}
+    for det in (0, 4):
+        for kind, f in (("bias", None), ("dark", None), ("flat", "r"), ("qe", "r"), ("sky", "r")):
+            a = fits.getdata(first.truth_path(kind, det, f))
+            b = fits.getdata(held.truth_path(kind, det, f))
+            assert np.array_equal(a, b), (kind, det)
+    sa, sb = first.select("science"), held.select("science")
+    ga = [first.exposure_truth(e.exposure_id)["gradient"]["c1"] for e in sa]
+    gb = [held.exposure_truth(e.exposure_id)["gradient"]["c1"] for e in sb]
+    assert not set(ga) & set(gb)
+    la = [first.exposure_truth(e.exposure_id)["sky_level"] for e in sa]
+    lb = [held.exposure_truth(e.exposure_id)["sky_level"] for e in sb]
+    assert not set(la) & set(lb)
+    for ea, eb in zip(first.exposures, held.exposures):
+        with fits.open(ea.path) as ha, fits.open(eb.path) as hb:
+            assert not np.array_equal(ha[1].data, hb[1].data)
+    assert SimulatedNightLoad(held.out_dir).first_sequence == 1000
+    # same call again: the same bytes
+    again = simulate_night(CAMERA, tmp_path / "c", night="2026-11-21", first_sequence=1000, **kw)
+    for eb, ec in zip(held.exposures, again.exposures):
+        assert eb.path.read_bytes() == ec.path.read_bytes()
+
+
+def SimulatedNightLoad(path):
+    from calib_core.simulate import SimulatedNight
+
+    return SimulatedNight.load(path)
