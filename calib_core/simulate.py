@@ -62,12 +62,28 @@ Expected detected electrons in the data section, per exposure type::
   ``|G_j - 1| <= c1 + max(|c2|, |c3|) = m_j <= A`` everywhere on the focal plane (the quadratic part
   curves in 2-D: independent curvatures along and across ``theta_j``). ``exposures.json`` records
   ``gradient = {theta, c1, c2, c3, r_fp_mm, max_abs_bound (= m_j), amplitude (A or None), model}``.
-* ``P_f`` the small-scale sky pattern (what a sky frame recovers, dimensionless):
-  ``P_f = (1 + sum_k a_k cos(2 pi (k_uk u + k_vk v) + psi_k) + A_g exp(-(|(u,v) - c_g| - r_g)**2
-  / (2 w_g**2))) / N_P``: 40 plane waves of wavelength 100..600 px (structure on 50..300 px) and rms
-  ~1.5 %, a ghost ring of amplitude ``A_g`` = 0.03, radius 150..250 px and width 25 px; all in
-  focal-plane coordinates, so continuous across chip gaps, and the same for every exposure of a
-  filter. ``N_P`` makes the mean over every pixel of the focal plane exactly 1. File ``sky_<f>_<det>``.
+* ``P_f`` the small-scale sky pattern (what a sky frame recovers, dimensionless; the same for every
+  exposure of a filter; file ``sky_<f>_<det>``)::
+
+      P_f = (1 + sum_k a_k cos(2 pi (k_uk u + k_vk v) + psi_k)                       plane waves
+               + A_g exp(-(|(u,v) - c_g| - r_g)**2 / (2 w_g**2))                     ghost ring
+               + sum_r b_r cos(2 pi (q_ur u + q_vr v) + chi_r)                       ripples
+               + sum_p h_p exp(-|(u,v) - c_p|**2 / (2 s_p**2))                        peaks
+               + sum_e e_e exp(-d_e(x, y) / l_e)                                      edge glow
+            ) / N_P
+
+  40 plane waves of wavelength 100..600 px (structure on 50..300 px) and rms ~1.5 %; a ghost ring of
+  amplitude ``A_g`` = 0.03, radius 150..250 px and width 25 px; 2 ripples of wavelength 2..4 mm
+  (133..267 px at 15 um) and amplitude ``b_r`` 0.3..0.6 %; 2 peaks (compact Gaussian blobs) of
+  height ``h_p`` 3..6 % and sigma ``s_p`` 30..80 px centred on a detector; edge glow: each of the 4
+  edges of each detector (``x0``, ``x1``, ``y0``, ``y1``: the pixel column x = 0, x = nx - 1, row
+  y = 0, y = ny - 1) glows with probability 0.4, amplitude ``e_e`` 1..4 %, decaying exponentially
+  with the distance ``d_e`` [px] from that edge's pixel centres over ``l_e`` 20..60 px. Waves, ghost,
+  ripples and peaks are in focal-plane coordinates, so continuous across chip gaps; the edge glow is
+  per detector. ``N_P`` makes the mean over every pixel of the focal plane exactly 1. Every
+  parameter is in ``static.json`` under ``sky_pattern[<f>]`` (``ku, kv, amp, phase``, ``ghost_*``,
+  ``ripple_ku, ripple_kv, ripple_amp, ripple_phase`` [cycles/mm], ``peaks [{u, v, amplitude,
+  sigma_mm}]``, ``edge_glow {det: [{edge, amplitude, scale_px}]}``), ``N_P`` under ``sky_norm[<f>]``.
 * ``F_f`` the fringe pattern per unit sky level (dimensionless, mean 0 on each detector): a sum of
   5 plane waves of wavelength 20..60 px times a slow envelope, rms 0.01..0.02 per detector (peaks
   ~3..5 % of the sky). ``phi_j`` is uniform in 0.8..1.2; the fringe amplitude of exposure ``j`` is
@@ -191,6 +207,15 @@ SKY_PATTERN_WAVELENGTH_PX = (100.0, 600.0)
 GHOST_AMPLITUDE = 0.03
 GHOST_RADIUS_PX = (150.0, 250.0)
 GHOST_WIDTH_PX = 25.0
+EDGE_GLOW_PROBABILITY = 0.4    # chance that a given edge of a detector glows (per filter)
+EDGE_GLOW_AMPLITUDE = (0.01, 0.04)
+EDGE_GLOW_SCALE_PX = (20.0, 60.0)
+RIPPLE_WAVES = 2
+RIPPLE_WAVELENGTH_MM = (2.0, 4.0)
+RIPPLE_AMPLITUDE = (0.003, 0.006)
+SKY_PEAKS = 2
+SKY_PEAK_AMPLITUDE = (0.03, 0.06)
+SKY_PEAK_SIGMA_PX = (30.0, 80.0)
 FRINGE_FILTERS = ("z", "y", "Y")
 FRINGE_WAVES = 5
 FRINGE_WAVELENGTH_PX = (20.0, 60.0)
@@ -469,9 +494,36 @@ class InstrumentTruth:
         gx = float(rng.uniform(xmin + 0.2 * (xmax - xmin), xmax - 0.2 * (xmax - xmin)))
         gy = float(rng.uniform(ymin + 0.2 * (ymax - ymin), ymax - 0.2 * (ymax - ymin)))
         r_g = float(rng.uniform(*GHOST_RADIUS_PX)) * p
-        return {"ku": np.cos(ang) / lam, "kv": np.sin(ang) / lam, "amp": amp, "phase": phase,
-                "ghost_u": gx, "ghost_v": gy, "ghost_radius_mm": r_g, "ghost_width_mm": GHOST_WIDTH_PX * p,
-                "ghost_amplitude": GHOST_AMPLITUDE}
+        out = {"ku": np.cos(ang) / lam, "kv": np.sin(ang) / lam, "amp": amp, "phase": phase,
+               "ghost_u": gx, "ghost_v": gy, "ghost_radius_mm": r_g, "ghost_width_mm": GHOST_WIDTH_PX * p,
+               "ghost_amplitude": GHOST_AMPLITUDE}
+        # the multi-scale terms come from their own nodes, so the waves and ghost above are unchanged
+        rng = _rng(self.seed, 3, _filter_code(filt) % 2**32, 1)
+        lam_r = rng.uniform(*RIPPLE_WAVELENGTH_MM, RIPPLE_WAVES)                       # mm
+        ang_r = rng.uniform(0, 2 * np.pi, RIPPLE_WAVES)
+        out.update({"ripple_ku": np.cos(ang_r) / lam_r, "ripple_kv": np.sin(ang_r) / lam_r,
+                    "ripple_amp": rng.uniform(*RIPPLE_AMPLITUDE, RIPPLE_WAVES),
+                    "ripple_phase": rng.uniform(0, 2 * np.pi, RIPPLE_WAVES)})
+        peaks = []
+        for _ in range(SKY_PEAKS):
+            d = self.camera.detectors[int(rng.integers(0, len(self.camera.detectors)))]
+            x, y = rng.uniform(0.1, 0.9) * (d.nx - 1), rng.uniform(0.1, 0.9) * (d.ny - 1)
+            pu, pv = self.camera.pixel_to_focal_plane(d, x, y)
+            peaks.append({"u": float(pu), "v": float(pv), "amplitude": float(rng.uniform(*SKY_PEAK_AMPLITUDE)),
+                          "sigma_mm": float(rng.uniform(*SKY_PEAK_SIGMA_PX)) * p})
+        out["peaks"] = peaks
+        glow = {}
+        for d in self.camera.detectors:
+            rng = _rng(self.seed, 3, _filter_code(filt) % 2**32, 2, d.id)
+            edges = []
+            for edge in ("x0", "x1", "y0", "y1"):
+                on, amp_e, scale = rng.uniform() < EDGE_GLOW_PROBABILITY, rng.uniform(*EDGE_GLOW_AMPLITUDE), \
+                    rng.uniform(*EDGE_GLOW_SCALE_PX)
+                if on:
+                    edges.append({"edge": edge, "amplitude": float(amp_e), "scale_px": float(scale)})
+            glow[d.name] = edges
+        out["edge_glow"] = glow
+        return out
 
     def _sky_raw(self, det: Detector, filt: str) -> np.ndarray:
         par = self.sky_pattern_params(filt)
@@ -487,6 +539,21 @@ class InstrumentTruth:
             u, v = _fp_grid(self.camera, det)
             rho = np.hypot(u - par["ghost_u"], v - par["ghost_v"])
             out += par["ghost_amplitude"] * np.exp(-0.5 * ((rho - par["ghost_radius_mm"]) / par["ghost_width_mm"]) ** 2)
+        ku, kv = par["ripple_ku"], par["ripple_kv"]
+        out += _plane_waves(det.nx, det.ny, ku * ux + kv * vx, ku * uy + kv * vy,
+                            par["ripple_phase"] + 2 * np.pi * (ku * u0 + kv * v0), par["ripple_amp"])
+        for pk in par["peaks"]:
+            reach = 7 * pk["sigma_mm"]
+            if (xmin - reach < pk["u"] < xmax + reach) and (ymin - reach < pk["v"] < ymax + reach):
+                u, v = _fp_grid(self.camera, det)
+                out += pk["amplitude"] * np.exp(-0.5 * ((u - pk["u"]) ** 2 + (v - pk["v"]) ** 2) / pk["sigma_mm"] ** 2)
+        for g in par["edge_glow"][det.name]:
+            n = det.nx if g["edge"][0] == "x" else det.ny
+            d = np.arange(n, dtype=np.float64)
+            if g["edge"][1] == "1":
+                d = d[::-1]
+            prof = g["amplitude"] * np.exp(-d / g["scale_px"])
+            out += prof[None, :] if g["edge"][0] == "x" else prof[:, None]
         return out.astype(np.float32)
 
     def sky_norm(self, filt: str) -> float:
@@ -540,6 +607,8 @@ class InstrumentTruth:
         for f in filters:
             par = self.sky_pattern_params(f)
             sky[f] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in par.items()}
+            sky[f]["model"] = ("P = (1 + waves(amp, ku, kv, phase) + ghost + ripples(ripple_*) + peaks "
+                               "+ edge_glow) / sky_norm")
         return {"camera": self.camera.name, "seed": self.seed, "r_fp_mm": self.r_fp, "vignetting": VIGNETTING,
                 "focal_plane_bbox_mm": list(self.bbox), "detectors": dets, "sky_pattern": sky,
                 "fringe_filters": [f for f in filters if f in FRINGE_FILTERS]}

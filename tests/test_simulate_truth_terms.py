@@ -1,5 +1,6 @@
 """The simulator's sky-frame truth terms, recomputed in the test from the records it writes: the
-large-scale gradient G_j (up to gradient_amplitude, 2-D quadratic), and held-out exposures (first_sequence)."""
+large-scale gradient G_j (up to gradient_amplitude, 2-D quadratic), the multi-scale sky pattern P_f,
+and held-out exposures (first_sequence)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,56 @@ def test_gradient_up_to_the_amplitude_in_two_dimensions(tmp_path):
         assert [o["flux"] for o in legacy.exposure_truth(el.exposure_id)["objects"]] == [o["flux"] for o in objs]
     with pytest.raises(ValueError, match="gradient_amplitude"):
         simulate_night(CAMERA, tmp_path / "c", gradient_amplitude=0.7, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# sky pattern
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sky_pattern_recomputed_from_its_parameters(tmp_path):
+    """P_f from static.json's parameters and the docstring's formula (waves, ghost ring, ripples,
+    peaks, edge glow, / N_P) equals the truth file, and each term is of the documented size."""
+    night = simulate_night("minimosaic", tmp_path, seed=6, n_bias=0, n_dark=0, n_flat=0, n_science=0,
+                           filters=("r",))
+    cam = night.camera
+    static = night.static_truth
+    par = static["sky_pattern"]["r"]
+    norm = static["sky_norm"]["r"]
+    assert len(par["ripple_amp"]) == 2 and len(par["peaks"]) == 2
+    for ku, kv, a in zip(par["ripple_ku"], par["ripple_kv"], par["ripple_amp"]):
+        assert 2.0 <= 1 / math.hypot(ku, kv) <= 4.0 and 0.003 <= a <= 0.006
+    for pk in par["peaks"]:
+        assert 0.03 <= pk["amplitude"] <= 0.06 and 30 <= pk["sigma_mm"] / 0.015 <= 80
+    n_glow = sum(len(v) for v in par["edge_glow"].values())
+    assert n_glow >= 2
+    total, count = 0.0, 0
+    for det in cam.detectors:
+        u, v = fp_grid(cam, det)
+        p = 1 + sum(a * np.cos(2 * np.pi * (ku * u + kv * v) + ph)
+                    for a, ku, kv, ph in zip(par["amp"], par["ku"], par["kv"], par["phase"]))
+        rho = np.hypot(u - par["ghost_u"], v - par["ghost_v"])
+        p += par["ghost_amplitude"] * np.exp(-(rho - par["ghost_radius_mm"]) ** 2 / (2 * par["ghost_width_mm"] ** 2))
+        p += sum(a * np.cos(2 * np.pi * (ku * u + kv * v) + ph) for a, ku, kv, ph in
+                 zip(par["ripple_amp"], par["ripple_ku"], par["ripple_kv"], par["ripple_phase"]))
+        for pk in par["peaks"]:
+            p += pk["amplitude"] * np.exp(-((u - pk["u"]) ** 2 + (v - pk["v"]) ** 2) / (2 * pk["sigma_mm"] ** 2))
+        yy, xx = np.mgrid[:det.ny, :det.nx]
+        dist = {"x0": xx, "x1": det.nx - 1 - xx, "y0": yy, "y1": det.ny - 1 - yy}
+        for gl in par["edge_glow"][det.name]:
+            assert 0.01 <= gl["amplitude"] <= 0.04 and 20 <= gl["scale_px"] <= 60
+            p += gl["amplitude"] * np.exp(-dist[gl["edge"]] / gl["scale_px"])
+        truth = night.truth_sky("r", det.id)
+        np.testing.assert_allclose(truth, p / norm, atol=2e-5, err_msg=det.name)
+        total += truth.sum(dtype=np.float64)
+        count += truth.size
+        # edge glow: the edge rows/columns named glow above the ones 200 px in by ~ its amplitude
+        for gl in par["edge_glow"][det.name]:
+            axis = 1 if gl["edge"][0] == "x" else 0
+            prof = truth.mean(axis=1 - axis)
+            edge, inner = (prof[0], prof[200]) if gl["edge"][1] == "0" else (prof[-1], prof[-201])
+            assert edge - inner > 0.5 * gl["amplitude"] - 0.01
+    assert total / count == pytest.approx(1.0, abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
