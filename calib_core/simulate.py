@@ -36,9 +36,12 @@ Expected detected electrons in the data section, per exposure type::
     bias     E = 0
     dark     E = D(x, y) * t_d                                                 + CR
     flat     E = L_j * Q_f(x, y)                          + D(x, y) * t_d     + CR
-    science  E = Q_f(x, y) * [ S_j * G_j(u, v) * P_f(x, y)
+    science  E = Q_f(x, y) * [ S_j * G_j(u, v) * P_f(x, y) * M_j(u, v)
                                + S_j * phi_j * F_f(x, y)
+                               + S_j * A_j(u, v)
                                + O_j(x, y) ]               + D(x, y) * t_d     + CR
+
+(``M_j = 1`` and ``A_j = 0`` except on bad exposures, see below.)
 
 * ``D`` dark current [e-/s] = ``d0_det`` (uniform in 0.0015..0.0025) plus hot pixels (a fraction
   :data:`HOT_PIXEL_FRACTION` of pixels, rates log-uniform in 0.5..5 e-/s).
@@ -93,6 +96,24 @@ Expected detected electrons in the data section, per exposure type::
 * ``CR`` cosmic rays, :data:`CR_RATE` per pixel per 100 s of dark time, tracks 1..4 px long, not
   multiplied by any response.
 
+Bad exposures (``bad_exposures=("cloud", "trail", "glow")``; default none): per filter, one science
+exposure per entry (never the filter's first) gets that defect; ``exposures.json`` records
+``defect`` ("cloud" | "trail" | "glow", None for good exposures) and ``defect_params`` (lengths in
+mm, focal-plane coordinates; :func:`defect_maps` / :meth:`SimulatedNight.defect_maps` evaluate them):
+
+* cloud: ``M_j = 1 + sum_k m_k cos(2 pi (k_uk u + k_vk v) + psi_k)``, 24 plane waves of wavelength
+  400..1600 px (patches on 200..800 px), amplitudes scaled so that ``sum m_k**2 / 2 = rms**2`` with
+  ``rms`` uniform in 3..8 % (``defect_params = {rms, ku, kv, amp, phase}``). Multiplies the sky
+  continuum ``S_j G_j P_f`` only (not the fringes, nor the objects).
+* trail: a satellite trail, a straight line through ``(u0, v0)`` (central 60 % of the focal plane)
+  at ``angle`` [rad] from the u axis, crossing the whole focal plane: with ``d`` the distance from the
+  line, ``A_j = core_peak exp(-d**2 / (2 core_sigma**2)) + wing_peak exp(-d**2 / (2 wing_sigma**2))``,
+  core sigma 1.5..2.5 px and peak 0.3..1.0 (in units of ``S_j``, i.e. 10..50 sigma of the sky noise
+  per pixel), wings of sigma 40..80 px and peak 0.5..1 %. Evaluated at pixel centres.
+* glow: scattered light from a bright star just off or on the focal plane, a Lorentzian
+  ``A_j = peak / (1 + |(u,v) - (u0,v0)|**2 / scale**2)``, ``scale`` 300..1000 px, ``peak`` 3..10 %,
+  centre uniform in the focal-plane bounding box widened by ``scale / 2`` on each side.
+
 Noise and digitisation: ``e = Poisson(E)`` (for ``E >= poisson_gaussian_above``, default 1000 e-, a
 Gaussian of mean ``E`` and variance ``E`` rounded to whole electrons stands in for the Poisson draw:
 skewness ``1/sqrt(E) <= 0.032``; pass ``None`` for exact Poisson draws everywhere). Then, in ADU::
@@ -120,11 +141,11 @@ Truth files (all float32, shape (ny, nx) of the assembled detector)
 ``sky_<f>_<det>`` ``P_f(x, y)``.  ``fringe_<f>_<det>`` ``F_f(x, y)``.
 
 Hence a bias-, dark- and flat-corrected (divided by ``R_f``) science exposure reads, in ADU,
-``rbar_f * (S_j G_j P_f + S_j phi_j F_f + O_j)``.
+``rbar_f * (S_j G_j P_f M_j + S_j phi_j F_f + S_j A_j + O_j)``.
 
 ``exposures.json`` holds, per exposure: exposure_id, obs_type, filter, date_obs, exptime, darktime,
 path, sky_level (S_j, e-), gradient {theta, c1, c2, c3, r_fp_mm, max_abs_bound, amplitude, model},
-fringe_scale (phi_j),
+defect and defect_params (science only), fringe_scale (phi_j),
 fringe_amplitude (S_j phi_j, e-), lamp_level (L_j, e-), fwhm_px, objects [{kind, fx_mm, fy_mm,
 detector, x, y, flux (incident e-), saturated}], cosmic_rays {detector: count} and bias_offset
 {detector: {amp: mean of r_j,a over rows, ADU}}. Object ``x, y`` are assembled-detector pixel
@@ -136,14 +157,15 @@ Random numbers
 Every draw comes from ``np.random.Generator(PCG64(SeedSequence(seed, spawn_key=key)))``: the node
 ``key`` of the ``SeedSequence(seed).spawn`` tree. Instrument truth uses keys that hold a detector id
 (never a position in a list), exposures use ``(10, seq)`` for focal-plane quantities (``(10, seq, 1)``
-for the ``gradient_amplitude`` gradient) and
-``(11, seq, detector_id)`` for pixels, so simulating a subset of detectors gives the same pixels.
+for the ``gradient_amplitude`` gradient, ``(10, seq, 2)`` for defect parameters) and
+``(11, seq, detector_id)`` for pixels, so simulating a subset of detectors gives the same pixels;
+``(12, first_sequence, filter)`` picks the bad exposures.
 
 Held-out exposures: ``seq`` runs from ``first_sequence + 1`` (exposure id ``<YYYYMMDD><seq:04d>``).
 The instrument truth (bias, dark, flat, QE, sky pattern, fringe) depends on the seed only, every
 per-exposure draw on ``seq``: a second night with the same seed, another ``night`` and
 ``first_sequence`` >= the first night's number of exposures (e.g. 1000) has the same instrument and
-new gradients, sky levels, objects and noise, with ids that do not collide.
+new gradients, sky levels, objects, noise and bad-exposure choice, with ids that do not collide.
 """
 
 from __future__ import annotations
@@ -167,6 +189,8 @@ from .camera import Amplifier, Camera, Detector, Section, load_camera, parse_sec
 
 __all__ = [
     "simulate_night",
+    "defect_maps",
+    "DEFECTS",
     "SimulatedNight",
     "SimulatedExposure",
     "InstrumentTruth",
@@ -216,6 +240,16 @@ RIPPLE_AMPLITUDE = (0.003, 0.006)
 SKY_PEAKS = 2
 SKY_PEAK_AMPLITUDE = (0.03, 0.06)
 SKY_PEAK_SIGMA_PX = (30.0, 80.0)
+DEFECTS = ("cloud", "trail", "glow")
+CLOUD_WAVES = 24
+CLOUD_WAVELENGTH_PX = (400.0, 1600.0)   # structure (half a wavelength) on 200..800 px
+CLOUD_RMS = (0.03, 0.08)
+TRAIL_CORE_SIGMA_PX = (1.5, 2.5)
+TRAIL_CORE_PEAK = (0.3, 1.0)           # in units of the sky level S_j
+TRAIL_WING_SIGMA_PX = (40.0, 80.0)
+TRAIL_WING_PEAK = (0.005, 0.01)
+GLOW_SCALE_PX = (300.0, 1000.0)
+GLOW_PEAK = (0.03, 0.10)
 FRINGE_FILTERS = ("z", "y", "Y")
 FRINGE_WAVES = 5
 FRINGE_WAVELENGTH_PX = (20.0, 60.0)
@@ -237,7 +271,7 @@ CR_ENERGY_MEDIAN = 2500.0      # e- per track
 READOUT_S = 40.0               # s between the end of one exposure and the start of the next
 POISSON_GAUSSIAN_ABOVE = 1000.0
 
-_EXP_KEY, _PIX_KEY = 10, 11
+_EXP_KEY, _PIX_KEY, _BAD_KEY = 10, 11, 12
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -751,13 +785,31 @@ class SimulatedNight:
         wp = (-u * s + v * c) / g["r_fp_mm"]
         return (1.0 + g["c1"] * w + g["c2"] * w * w + g.get("c3", 0.0) * wp * wp).astype(np.float32)
 
-    def sky_model(self, exposure_id: str, detector, fringe: bool = True) -> np.ndarray:
-        """Incident sky of a science exposure [e- per pixel]: S_j (G_j P_f + phi_j F_f).
+    def defect(self, exposure_id: str) -> str | None:
+        """``"cloud"``, ``"trail"``, ``"glow"`` for a bad science exposure, None otherwise."""
+        return self.exposure_truth(exposure_id).get("defect")
+
+    def defect_maps(self, exposure_id: str, detector) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(M_j, A_j) of a science exposure on one detector: the multiplicative sky factor of a
+        cloud, the additive light (in units of S_j) of a trail or glow; None where absent."""
+        t = self.exposure_truth(exposure_id)
+        det = self.camera.detector(self._det_name(detector))
+        return defect_maps(self.camera, det, t.get("defect"), t.get("defect_params"))
+
+    def sky_model(self, exposure_id: str, detector, fringe: bool = True, defects: bool = True) -> np.ndarray:
+        """Incident sky of a science exposure [e- per pixel]: S_j (G_j P_f M_j + phi_j F_f + A_j)
+        (M_j = 1, A_j = 0 for good exposures or ``defects=False``).
 
         Multiply by ``flat_reference(filter) * truth_flat(filter, det)`` for ADU in the raw data.
         """
         t = self.exposure_truth(exposure_id)
         sky = self.gradient(exposure_id, detector) * self.truth_sky(t["filter"], detector)
+        if defects and t.get("defect"):
+            mult, add = self.defect_maps(exposure_id, detector)
+            if mult is not None:
+                sky *= mult
+            if add is not None:
+                sky += add
         if fringe and t.get("fringe_scale"):
             sky += t["fringe_scale"] * self.truth_fringe(t["filter"], detector)
         return (t["sky_level"] * sky).astype(np.float32)
@@ -846,6 +898,22 @@ def _plan(night: dt.date, utc_offset: float, n_bias: int, n_dark: int, n_flat: i
 # --------------------------------------------------------------------------------------------------
 
 
+def _choose_defects(plan: list[_Planned], filters: Sequence[str], bad: Sequence[str], seed: int,
+                    first_sequence: int) -> dict[int, str]:
+    """Sequence number -> defect: per filter, one science exposure per entry of ``bad``, drawn
+    without replacement from all but the filter's first."""
+    out: dict[int, str] = {}
+    if not bad:
+        return out
+    for f in filters:
+        seqs = [p.seq for p in plan if p.obs_type == "science" and p.filter == f]
+        rng = _rng(seed, _BAD_KEY, first_sequence, _filter_code(f) % 2**32)
+        picks = rng.choice(np.arange(1, len(seqs)), size=len(bad), replace=False)
+        for kind, k in zip(bad, picks):
+            out[seqs[int(k)]] = kind
+    return out
+
+
 def _power_law(rng: np.random.Generator, n: int, lo: float, hi: float, slope: float = 1.5) -> np.ndarray:
     """Fluxes with N(>F) ~ F**-slope between lo and hi."""
     u = rng.uniform(size=n)
@@ -871,8 +939,64 @@ def _gradient_draw(rng: np.random.Generator, rng2: np.random.Generator, amplitud
                      "w_perp = (-u sin(theta) + v cos(theta))/r_fp_mm"}
 
 
+def _defect_draw(rng: np.random.Generator, inst: InstrumentTruth, kind: str) -> dict[str, Any]:
+    """Parameters of a bad exposure's defect (see the module docstring); every length in mm."""
+    camera = inst.camera
+    pix = camera.pixel_size_mm
+    xmin, xmax, ymin, ymax = inst.bbox
+    if kind == "cloud":
+        lam = np.exp(rng.uniform(*np.log(CLOUD_WAVELENGTH_PX), CLOUD_WAVES)) * pix
+        ang = rng.uniform(0, 2 * np.pi, CLOUD_WAVES)
+        w = rng.uniform(0.5, 1.5, CLOUD_WAVES)
+        rms = float(rng.uniform(*CLOUD_RMS))
+        amp = rms * w / np.sqrt(np.sum(w * w) / 2.0)         # sum amp**2 / 2 = rms**2
+        return {"rms": rms, "ku": (np.cos(ang) / lam).tolist(), "kv": (np.sin(ang) / lam).tolist(),
+                "amp": amp.tolist(), "phase": rng.uniform(0, 2 * np.pi, CLOUD_WAVES).tolist()}
+    if kind == "trail":
+        u0 = float(rng.uniform(xmin + 0.2 * (xmax - xmin), xmax - 0.2 * (xmax - xmin)))
+        v0 = float(rng.uniform(ymin + 0.2 * (ymax - ymin), ymax - 0.2 * (ymax - ymin)))
+        return {"u0": u0, "v0": v0, "angle": float(rng.uniform(0, np.pi)),
+                "core_sigma_mm": float(rng.uniform(*TRAIL_CORE_SIGMA_PX)) * pix,
+                "core_peak": float(rng.uniform(*TRAIL_CORE_PEAK)),
+                "wing_sigma_mm": float(rng.uniform(*TRAIL_WING_SIGMA_PX)) * pix,
+                "wing_peak": float(rng.uniform(*TRAIL_WING_PEAK))}
+    if kind == "glow":
+        scale = float(rng.uniform(*GLOW_SCALE_PX)) * pix
+        return {"u0": float(rng.uniform(xmin - scale / 2, xmax + scale / 2)),
+                "v0": float(rng.uniform(ymin - scale / 2, ymax + scale / 2)),
+                "scale_mm": scale, "peak": float(rng.uniform(*GLOW_PEAK))}
+    raise ValueError(f"unknown defect {kind!r}; expected one of {DEFECTS}")
+
+
+def defect_maps(camera: Camera, det: Detector, defect: str | None,
+                params: dict[str, Any] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(M_j, A_j) of a science exposure on one detector: the multiplicative sky factor (cloud) and
+    the additive light in units of the sky level S_j (trail, glow); None where the exposure has none.
+    float32, shape (ny, nx); ``defect``/``params`` are the ``defect``/``defect_params`` of its record."""
+    if defect is None:
+        return None, None
+    if defect == "cloud":
+        (u0, ux, uy), (v0, vx, vy) = _fp_affine(camera, det)
+        ku, kv = np.asarray(params["ku"]), np.asarray(params["kv"])
+        phase = np.asarray(params["phase"]) + 2 * np.pi * (ku * u0 + kv * v0)
+        m = 1.0 + _plane_waves(det.nx, det.ny, ku * ux + kv * vx, ku * uy + kv * vy, phase, np.asarray(params["amp"]))
+        return m.astype(np.float32), None
+    u, v = _fp_grid(camera, det)
+    if defect == "trail":
+        a = params["angle"]
+        d = -(u - params["u0"]) * math.sin(a) + (v - params["v0"]) * math.cos(a)
+        add = (params["core_peak"] * np.exp(-0.5 * (d / params["core_sigma_mm"]) ** 2)
+               + params["wing_peak"] * np.exp(-0.5 * (d / params["wing_sigma_mm"]) ** 2))
+        return None, add.astype(np.float32)
+    if defect == "glow":
+        r2 = ((u - params["u0"]) ** 2 + (v - params["v0"]) ** 2) / params["scale_mm"] ** 2
+        return None, (params["peak"] / (1.0 + r2)).astype(np.float32)
+    raise ValueError(f"unknown defect {defect!r}")
+
+
 def _exposure_draws(inst: InstrumentTruth, p: _Planned, seed: int, flat_exptime: float,
-                    science_exptime: float, gradient_amplitude: float | None = None) -> dict[str, Any]:
+                    science_exptime: float, gradient_amplitude: float | None = None,
+                    defect: str | None = None) -> dict[str, Any]:
     rng = _rng(seed, _EXP_KEY, p.seq)
     camera = inst.camera
     out: dict[str, Any] = {}
@@ -886,6 +1010,8 @@ def _exposure_draws(inst: InstrumentTruth, p: _Planned, seed: int, flat_exptime:
     out["fringe_amplitude"] = out["sky_level"] * out["fringe_scale"]
     # new draws come from child nodes of the exposure's, so the legacy stream (objects...) is unchanged
     out["gradient"] = _gradient_draw(rng, _rng(seed, _EXP_KEY, p.seq, 1), gradient_amplitude, inst.r_fp)
+    out["defect"] = defect
+    out["defect_params"] = None if defect is None else _defect_draw(_rng(seed, _EXP_KEY, p.seq, 2), inst, defect)
     out["fwhm_px"] = float(rng.uniform(*FWHM_PX))
     out["airmass"] = float(rng.uniform(1.0, 1.8))
     xmin, xmax, ymin, ymax = inst.bbox
@@ -1040,6 +1166,11 @@ def _simulate_detector(inst: InstrumentTruth, det: Detector, p: _Planned, draws:
                 wp = py[:, None] + px[None, :]
                 gmap += np.float32(g["c3"]) * wp * wp
             incident = gmap * inst.sky(det, p.filter)
+            mult, add = defect_maps(camera, det, draws.get("defect"), draws.get("defect_params"))
+            if mult is not None:
+                incident *= mult
+            if add is not None:
+                incident += add
             incident *= np.float32(draws["sky_level"])
             if draws["fringe_amplitude"]:
                 incident += np.float32(draws["fringe_amplitude"]) * inst.fringe(det, p.filter)
@@ -1221,7 +1352,8 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
                    science_exptime: float = 120.0, detectors: Iterable[int | str] | None = None,
                    compress: str | None = None, progress: Callable[[int, int], Any] | None = None,
                    poisson_gaussian_above: float | None = POISSON_GAUSSIAN_ABOVE,
-                   gradient_amplitude: float | None = None, first_sequence: int = 0) -> SimulatedNight:
+                   gradient_amplitude: float | None = None, bad_exposures: Sequence[str] | str = (),
+                   first_sequence: int = 0) -> SimulatedNight:
     """Simulate one night of raw exposures of a camera, and write them with their truth.
 
     Parameters
@@ -1260,9 +1392,15 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
         linear and 2-D quadratic terms (module docstring). None (default): the legacy ranges
         (``c1`` in 0..0.08, ``c2`` in -0.03..0.03, ``c3 = 0``; ``|G_j - 1| <= 0.11``), pixels as before.
         Must lie in 0..0.5.
+    bad_exposures
+        Defects, e.g. ``("cloud", "trail", "glow")`` (or ``"cloud,trail,glow"``): for EACH filter, that
+        many science exposures (one per entry, never the filter's first; chosen from the seed and
+        ``first_sequence``) get the defect; ``exposures.json`` records ``defect`` (None for good
+        exposures) and ``defect_params``. Needs ``n_science > len(bad_exposures)``. Default: none.
     first_sequence
         Sequence number before the first exposure (ids ``<night><first_sequence + 1:04d>``, ...).
-        Every per-exposure draw (gradients, objects, noise) is keyed by the sequence number, the instrument truth (bias, dark, flat, sky pattern,
+        Every per-exposure draw (gradients, objects, noise, defects and which exposures get them)
+        is keyed by the sequence number, the instrument truth (bias, dark, flat, sky pattern,
         fringe) by the seed only: a second call with the same seed, another ``out_dir``, another
         ``night`` and a ``first_sequence`` at least the first call's number of exposures (e.g. 1000)
         gives held-out exposures of the same instrument.
@@ -1291,6 +1429,15 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     if gradient_amplitude is not None and not 0.0 <= float(gradient_amplitude) <= 0.5:
         raise ValueError(f"gradient_amplitude must lie in 0..0.5, got {gradient_amplitude}")
     gradient_amplitude = None if gradient_amplitude is None else float(gradient_amplitude)
+    if isinstance(bad_exposures, str):
+        bad_exposures = [b.strip() for b in bad_exposures.split(",") if b.strip()]
+    bad_exposures = list(bad_exposures)
+    unknown = [b for b in bad_exposures if b not in DEFECTS]
+    if unknown:
+        raise ValueError(f"unknown bad_exposures {unknown}; expected some of {DEFECTS}")
+    if bad_exposures and n_science <= len(bad_exposures):
+        raise ValueError(f"bad_exposures={bad_exposures} needs n_science > {len(bad_exposures)} "
+                         f"(the first exposure of each filter stays good), got {n_science}")
     if int(first_sequence) < 0:
         raise ValueError(f"first_sequence must be >= 0, got {first_sequence}")
     first_sequence = int(first_sequence)
@@ -1309,17 +1456,20 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     (truth_dir / "README.txt").write_text(__doc__ or "")
     plan = _plan(night, camera.utc_offset_hours, n_bias, n_dark, n_flat, n_science, filters, dark_exptime,
                  flat_exptime, science_exptime, first_sequence)
+    defects = _choose_defects(plan, filters, bad_exposures, seed, first_sequence)
     moon = float(_rng(seed, 5).uniform(0.0, 1.0))
     exposures: list[SimulatedExposure] = []
     records: list[dict] = []
     for i, p in enumerate(plan):
-        draws = _exposure_draws(inst, p, seed, flat_exptime, science_exptime, gradient_amplitude)
+        draws = _exposure_draws(inst, p, seed, flat_exptime, science_exptime, gradient_amplitude,
+                                defects.get(p.seq))
         hdus: list[Any] = [fits.PrimaryHDU(header=_primary_header(camera, p, draws, seed, moon))]
         rec: dict[str, Any] = {"exposure_id": p.exposure_id, "obs_type": p.obs_type, "filter": p.filter,
                                "date_obs": p.start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], "exptime": p.exptime,
                                "darktime": p.darktime, "path": f"raw/{p.exposure_id}{suffix}",
                                "cosmic_rays": {}, "bias_offset": {}}
-        for key in ("sky_level", "gradient", "fringe_scale", "fringe_amplitude", "lamp_level", "fwhm_px"):
+        for key in ("sky_level", "gradient", "fringe_scale", "fringe_amplitude", "lamp_level", "fwhm_px",
+                    "defect", "defect_params"):
             if key in draws:
                 rec[key] = draws[key]
         objects: list[dict] = []
@@ -1345,7 +1495,7 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     _json_dump(records, truth_dir / "exposures.json", indent=None)
     _json_dump({"camera": camera.name, "seed": seed, "night": night.isoformat(), "filters": filters,
                 "detectors": [d.name for d in dets], "compress": compress, "first_sequence": first_sequence,
-                "gradient_amplitude": gradient_amplitude,
+                "gradient_amplitude": gradient_amplitude, "bad_exposures": bad_exposures,
                 "exposures": [{k: r[k] for k in ("exposure_id", "obs_type", "filter", "exptime", "darktime",
                                                   "date_obs", "path")} for r in records]},
                truth_dir / "night.json")

@@ -1,9 +1,10 @@
 """The simulator's sky-frame truth terms, recomputed in the test from the records it writes: the
 large-scale gradient G_j (up to gradient_amplitude, 2-D quadratic), the multi-scale sky pattern P_f,
-and held-out exposures (first_sequence)."""
+the bad exposures (cloud, trail, glow) and held-out exposures (first_sequence)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -40,6 +41,23 @@ def gradient_brute(camera, det, g):
     w = (u * math.cos(g["theta"]) + v * math.sin(g["theta"])) / g["r_fp_mm"]
     wp = (-u * math.sin(g["theta"]) + v * math.cos(g["theta"])) / g["r_fp_mm"]
     return 1 + g["c1"] * w + g["c2"] * w ** 2 + g["c3"] * wp ** 2
+
+
+def defect_brute(camera, det, kind, par):
+    """(multiplicative, additive) maps written out from the docstring's formulas."""
+    u, v = fp_grid(camera, det)
+    one, zero = np.ones(u.shape), np.zeros(u.shape)
+    if kind == "cloud":
+        c = sum(a * np.cos(2 * np.pi * (ku * u + kv * v) + ph)
+                for a, ku, kv, ph in zip(par["amp"], par["ku"], par["kv"], par["phase"]))
+        return 1 + c, zero
+    if kind == "trail":
+        d = -(u - par["u0"]) * math.sin(par["angle"]) + (v - par["v0"]) * math.cos(par["angle"])
+        return one, (par["core_peak"] * np.exp(-d ** 2 / (2 * par["core_sigma_mm"] ** 2))
+                     + par["wing_peak"] * np.exp(-d ** 2 / (2 * par["wing_sigma_mm"] ** 2)))
+    assert kind == "glow"
+    r2 = (u - par["u0"]) ** 2 + (v - par["v0"]) ** 2
+    return one, par["peak"] / (1 + r2 / par["scale_mm"] ** 2)
 
 
 def residual_blocks(night, e, det, raw, model_in_sky_units):
@@ -164,13 +182,89 @@ def test_sky_pattern_recomputed_from_its_parameters(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# bad exposures
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_night(tmp_path_factory):
+    return simulate_night(CAMERA, tmp_path_factory.mktemp("bad"), seed=9, n_bias=0, n_dark=0, n_flat=0,
+                          n_science=5, filters=("r", "z"), bad_exposures=("cloud", "trail", "glow"),
+                          gradient_amplitude=0.08)
+
+
+def test_bad_exposures_are_chosen_and_recorded(bad_night):
+    records = json.loads((bad_night.truth_dir / "exposures.json").read_text())
+    for f in ("r", "z"):
+        sci = [r for r in records if r["obs_type"] == "science" and r["filter"] == f]
+        kinds = [r["defect"] for r in sci]
+        assert sorted(k for k in kinds if k) == ["cloud", "glow", "trail"]
+        assert kinds[0] is None and kinds.count(None) == 2
+        for r in sci:
+            assert (r["defect_params"] is None) == (r["defect"] is None)
+            assert bad_night.defect(r["exposure_id"]) == r["defect"]
+    night_json = json.loads((bad_night.truth_dir / "night.json").read_text())
+    assert night_json["bad_exposures"] == ["cloud", "trail", "glow"]
+    with pytest.raises(ValueError, match="n_science"):
+        simulate_night(CAMERA, bad_night.out_dir.parent / "x", n_science=3, bad_exposures="cloud,trail,glow")
+    with pytest.raises(ValueError, match="unknown bad_exposures"):
+        simulate_night(CAMERA, bad_night.out_dir.parent / "x", n_science=3, bad_exposures=("fog",))
+
+
+def test_bad_exposure_pixels_match_their_defect(bad_night):
+    """Per bad exposure: the defect maps from its parameters (written out here) match the accessor;
+    flat-fielded pixels / S_j minus the full model are noise, and minus the model without the defect
+    they are not; the defect has the documented size."""
+    cam = bad_night.camera
+    checked = set()
+    for e in bad_night.select("science", "r"):
+        tr = bad_night.exposure_truth(e.exposure_id)
+        kind, par = tr["defect"], tr["defect_params"]
+        if kind is None:
+            continue
+        raw = read_raw(e.path, cam)
+        realised = []
+        for det in cam.detectors:
+            mult, add = defect_brute(cam, det, kind, par)
+            m_acc, a_acc = bad_night.defect_maps(e.exposure_id, det.id)
+            np.testing.assert_allclose(mult, 1 if m_acc is None else m_acc, atol=2e-6)
+            np.testing.assert_allclose(add, 0 if a_acc is None else a_acc, atol=2e-6)
+            base = gradient_brute(cam, det, tr["gradient"]) * bad_night.truth_sky("r", det.id)
+            blocks, noise = residual_blocks(bad_night, e, det, raw, base * mult + add)
+            assert abs(np.nanmedian(blocks)) < 0.003 and robust_spread(blocks) < 1.3 * noise + 0.001, \
+                (kind, det.name)
+            sky = bad_night.sky_model(e.exposure_id, det.id) / tr["sky_level"]
+            np.testing.assert_allclose(sky, base * mult + add, atol=1e-5)
+            realised.append(mult - 1 if kind == "cloud" else add)
+        realised = np.concatenate([r.ravel() for r in realised])
+        if kind == "cloud":
+            assert 0.025 < realised.std() < 0.10 and 0.03 <= par["rms"] <= 0.08
+        elif kind == "trail":
+            assert 0.3 <= realised.max() <= 1.0 + 0.01       # the core crosses the focal plane
+            assert 1.5 <= par["core_sigma_mm"] / 0.015 <= 2.5 and 40 <= par["wing_sigma_mm"] / 0.015 <= 80
+            assert 0.005 <= par["wing_peak"] <= 0.01
+            # the wings: over 20..60 px from the line
+            assert ((realised > 0.003) & (realised < 0.011)).mean() > 0.01
+        else:
+            assert 0.03 <= par["peak"] <= 0.10 and 300 <= par["scale_mm"] / 0.015 <= 1000
+            assert realised.max() >= 0.8 * par["peak"] - 1e-6 and realised.max() - realised.min() > 0.01
+        checked.add(kind)
+        # the defect is seen: leaving it out of the model leaves structure well above the noise
+        big = max(cam.detectors, key=lambda d: np.ptp(realised.reshape(len(cam.detectors), -1)[cam.detectors.index(d)]))
+        base = gradient_brute(cam, big, tr["gradient"]) * bad_night.truth_sky("r", big.id)
+        blocks, noise = residual_blocks(bad_night, e, big, raw, base)
+        assert np.nanmax(np.abs(blocks - np.nanmedian(blocks))) > 8 * noise, kind
+    assert checked == {"cloud", "trail", "glow"}
+
+
+# --------------------------------------------------------------------------------------------------
 # held-out exposures
 # --------------------------------------------------------------------------------------------------
 
 
 def test_held_out_exposures_share_the_instrument_not_the_draws(tmp_path):
     kw = dict(seed=12, n_bias=1, n_dark=0, n_flat=1, n_science=4, filters=("r",), detectors=[0, 4],
-              gradient_amplitude=0.1)
+              gradient_amplitude=0.1, bad_exposures=("glow",))
     first = simulate_night(CAMERA, tmp_path / "a", night="2026-11-20", **kw)
     held = simulate_night(CAMERA, tmp_path / "b", night="2026-11-21", first_sequence=1000, **kw)
     assert held.first_sequence == 1000
