@@ -216,3 +216,23 @@ def test_nightly_style_ingest(night, tmp_path):
     res = runner.invoke(app, ["ingest", str(night.out_dir / "raw"), "--camera", CAMERA, "--repo", str(repo),
                               "--transfer", "symlink"], env=env)
     assert res.exit_code == 0 and "ingested 0," in res.output, res.output
+
+
+def test_bad_columns_in_the_raw_readout_geometry(night):
+    """A bad column runs from its start row to the top of the detector: in amplifier B's HDU (read
+    from the top) it occupies the first raw rows, in A's the last ones, at raw column 6 + x."""
+    cam = night.camera
+    e = night.select("flat", "r")[0]
+    with fits.open(e.path) as hdul:
+        for det in cam.detectors:
+            for bad in night.static_truth["detectors"][det.name]["bad_columns"]:
+                x, y0 = bad["x"], bad["y_start"]
+                b = hdul[f"{det.name.upper()}B"].data.astype(float)
+                col, ref = b[:, 6 + x], b[:, 6 + x + 3]
+                n_b = 1024 - max(y0, 512)            # bad rows in B: detector rows max(y0, 512)..1023
+                assert np.median(col[:n_b]) < 0.5 * np.median(ref[:n_b]), (det.name, bad)
+                if n_b < 500:
+                    assert np.median(col[n_b + 5:]) == pytest.approx(np.median(ref[n_b + 5:]), rel=0.05)
+                if y0 < 512:
+                    a = hdul[f"{det.name.upper()}A"].data.astype(float)
+                    assert np.median(a[y0 + 2:, 6 + x]) < 0.5 * np.median(a[y0 + 2:, 6 + x + 3]), (det.name, bad)
