@@ -1518,6 +1518,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--filters", default="r,z", help="comma-separated")
     ap.add_argument("--detectors", default=None, help="comma-separated ids or names (default: all)")
     ap.add_argument("--compress", choices=("gzip", "rice"), default=None)
+    ap.add_argument("--gradient-amplitude", type=float, default=None)
+    ap.add_argument("--bad-exposures", default="", help="comma-separated: cloud,trail,glow")
+    ap.add_argument("--first-sequence", type=int, default=0)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -1527,7 +1530,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
     night = simulate_night(a.camera, a.out_dir, a.seed, night=a.night, n_bias=a.n_bias, n_dark=a.n_dark,
                            n_flat=a.n_flat, n_science=a.n_science, filters=[f for f in a.filters.split(",") if f],
                            detectors=a.detectors.split(",") if a.detectors else None, compress=a.compress,
-                           progress=progress)
+                           progress=progress, gradient_amplitude=a.gradient_amplitude,
+                           bad_exposures=a.bad_exposures, first_sequence=a.first_sequence)
     print(f"\n{night} in {time.perf_counter() - t0:.1f} s")
 
 

@@ -296,3 +296,27 @@ def SimulatedNightLoad(path):
     from calib_core.simulate import SimulatedNight
 
     return SimulatedNight.load(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_simulate_gradient_bad_exposures_first_sequence(tmp_path):
+    from typer.testing import CliRunner
+
+    from calibflow.cli import app
+
+    runner = CliRunner()
+    args = ["simulate", "--camera", CAMERA, "--out", str(tmp_path / "sim"), "--seed", "3", "--n-bias", "0",
+            "--n-dark", "0", "--n-flat", "0", "--n-science", "3", "--filters", "r"]
+    res = runner.invoke(app, args + ["--gradient-amplitude", "0.1", "--bad-exposures", "cloud,trail",
+                                     "--first-sequence", "50"])
+    assert res.exit_code == 0, res.output
+    records = json.loads((tmp_path / "sim" / "truth" / "exposures.json").read_text())
+    assert [r["exposure_id"] for r in records] == ["202611200051", "202611200052", "202611200053"]
+    assert records[0]["defect"] is None and sorted(r["defect"] for r in records[1:]) == ["cloud", "trail"]
+    assert all(r["gradient"]["amplitude"] == 0.1 and r["gradient"]["max_abs_bound"] <= 0.1 for r in records)
+    res = runner.invoke(app, args + ["--bad-exposures", "fog"])
+    assert res.exit_code == 1 and "unknown bad_exposures" in res.output
