@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from .registry import Registry
 
-__all__ = ["CALIB_TYPES", "INPUT_TYPE", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash",
+__all__ = ["CALIB_TYPES", "INPUT_TYPE", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash", "resolve_config",
            "intermediate_key"]
 
 CALIB_TYPES = ("bias", "dark", "flat", "fringe", "sky")
@@ -28,6 +28,23 @@ ISR_CALIBS = {"bias": (), "dark": ("bias",), "flat": ("bias", "dark"), "fringe":
 
 class InconsistentInputs(ValueError):
     """Exposures of a build do not all have the same detectors (``checkCcdIdLists``)."""
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config(model: type[BaseModel], overrides: dict | BaseModel | None = None) -> BaseModel:
+    """A calib type's config: ``overrides`` (a partial, nested dict as ``--set`` and config files
+    give) merged field by field over the type's defaults, then validated. ``{"isr":
+    {"overscanFitType": "MEDIAN_PER_ROW"}}`` changes one ISR field and keeps the type's other ISR
+    defaults (validating the dict alone would rebuild ``isr`` from the generic ISR defaults)."""
+    if isinstance(overrides, BaseModel):
+        return model.model_validate(overrides.model_dump())
+    return model.model_validate(_deep_merge(model().model_dump(), overrides or {}))
 
 
 def config_hash(config: BaseModel | dict) -> str:

@@ -32,9 +32,10 @@ class FringeConfig(BaseModel):
                     "REDUCE_INTERP_ORDER, Chebyshev approximation (order 6, weighted)")
     detection: DetectionConfig = Field(
         default_factory=lambda: DetectionConfig(sigma=1.0, threshold=5.0, n_sigma_to_grow=2.4,
-                                                binning=1),
-        description="Gaussian sigma 1.0 px (detectSigma), threshold 5 sigma, grow 2.4 sigma, "
-                    "full resolution")
+                                                binning=1, threshold_type="stdev"),
+        description="Gaussian sigma 1.0 px (detectSigma), threshold 5 sigma of the smoothed image "
+                    "(stdev: the fringes themselves set the level, so they are not masked as "
+                    "sources), grow 2.4 sigma, full resolution")
 
 
 def prepare_fringe(masked_image: MaskedImage, config: FringeConfig | None = None

@@ -19,7 +19,7 @@ from .products import read_product, write_product
 from .rawio import RawDetector, read_raw
 from .registry import Registry
 from .registry.calibs import lookup
-from .sky import SkyBuildConfig, measure_scale, solve_scales, subtract_exposure_background, subtract_sky_frame
+from .sky import SkyBuildConfig, apply_sky_frame
 
 __all__ = ["ISR_STEP", "find_isr_calibs", "isr_with_calibs", "read_sky_frame", "SkyApplication",
            "apply_sky"]
@@ -89,9 +89,9 @@ class SkyApplication:
 def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path | None,
               config: SkyBuildConfig | None = None) -> SkyApplication:
     """Sky correction of one science exposure (pipe_drivers ``SkyCorrectionTask``): ISR with the
-    certified calibs, object masking, the focal-plane background of the whole exposure subtracted,
-    then the certified sky frame fitted with one scale pooled over the detectors
-    (:func:`calib_core.sky.solve_scales`) and subtracted. The output images are sky-free.
+    certified calibs, object masking, then the exposure's large-scale surface and the certified sky
+    frame's scale fitted together over all detectors (:func:`calib_core.sky.apply_sky_frame`) and
+    ``L * (1 + s * F)`` subtracted. The output images are sky-free (objects and noise).
 
     Parameters
     ----------
@@ -102,10 +102,9 @@ def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path 
         nothing.
     """
     cfg = config or SkyBuildConfig()
-    sky_cfg = cfg.sky_config(camera)
     eid = exposure["exposure_id"]
     raw = read_raw(exposure["path"], camera)
-    images, skies, ids = {}, {}, {}
+    images, frames, ids = {}, {}, {}
     for det_id, rd in sorted(raw.detectors.items()):
         sky = lookup(registry, camera=camera.name, exposure_id=eid, calib_type="sky", detector=det_id)
         if not sky:
@@ -113,13 +112,11 @@ def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path 
                                f"(filter {exposure['filter']}); build one first (calibflow build sky)")
         calibs = find_isr_calibs(registry, camera.name, eid, det_id, cfg.isr, purpose="apply-sky")
         images[det_id] = isr_with_calibs(rd, cfg.isr, calibs, exposure.get("darktime"), path=exposure["path"])
-        skies[det_id] = read_sky_frame(sky[0]["path"]).evaluate()
+        frames[det_id] = read_sky_frame(sky[0]["path"])
         ids[det_id] = sky[0]["calib_id"]
-    # the focal-plane (moonlight) background of the whole exposure, then the sky frame
-    sky_level = subtract_exposure_background(camera, images, skies, sky_cfg)
-    sol = solve_scales([measure_scale(mi, skies[d], cfg.sky) for d, mi in images.items()], cfg.sky)
-    for d, mi in images.items():
-        subtract_sky_frame(mi, skies[d], sol.scale)
+    # the exposure's large-scale surface and the sky-frame scale, fitted together; both subtracted
+    surface, sol = apply_sky_frame(camera, images, frames, cfg)
+    sky_level = surface.level
     result = SkyApplication(eid, sky_level, sol.scale, sol.error, sol.n_used, sol.n_total, ids)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -129,6 +126,6 @@ def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path 
             write_product(target, mi, {"EXPID": eid, "DETECTOR": det_id, "FILTER": exposure["filter"],
                                        "SKYCALIB": ids[det_id], "SKYSCALE": (sol.scale, "fitted sky-frame scale"),
                                        "SKYSCERR": (sol.error, "its standard error"),
-                                       "SKYLEVEL": (sky_level, "median of the focal-plane background")})
+                                       "SKYLEVEL": (sky_level, "sky level at the focal-plane centre, ADU")})
             result.outputs[det_id] = target
     return result

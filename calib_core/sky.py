@@ -1,21 +1,46 @@
-"""Sky frames: build (pipe_drivers ``SkyTask``, ALGORITHMS.md 4.5) and apply (pipe_tasks
-``SkyMeasurementTask``, 5.1).
+"""Sky frames: build and apply (pipe_drivers ``SkyTask`` and pipe_tasks ``SkyMeasurementTask``;
+docs/algorithms.md, "Sky frames").
 
-Build, per filter, in the reference's three barriers (each step is a plain function so a flow can
-map it per (exposure, detector) and gather at the barriers):
+Model. After ISR a science exposure j reads ``I_j(x) = L_j(u, v) * (1 + F(x)) + objects + noise``:
+``L_j`` is the large-scale illumination of that exposure over the focal plane (sky level times
+moonlight gradient; (u, v) are focal-plane mm) and ``F`` is the camera's small-scale response to
+sky light (scattered light, ghosts, edge glow), the same for every exposure of a filter. The sky
+frame is ``F``, stored as a 32-px binned model per detector (dimensionless).
 
-1. per (exposure, detector): object masking (:func:`calib_core.objectmask.mask_objects`) and a
-   partial :class:`~calib_core.focalplane.FocalPlaneBackground` (``add_detector``);
-2. per exposure: :func:`exposure_background` merges the partials and takes the scale (median of
-   the stats image);
-3. per (exposure, detector): :func:`residual_background` subtracts the focal-plane model, divides by
-   the scale and measures a 32-px binned model (:func:`measure_sky_background`);
-4. across the focal plane: :func:`find_outlier_exposures` (beyond the reference: a DES-like RMS cut
-   on each exposure's residual against the provisional average);
-5. per detector: :func:`average_backgrounds` (per-bin MEANCLIP across exposures).
+Build, per filter, as the reference's barriers (each step a plain function, so a flow maps it per
+(exposure, detector) and gathers at the barrier):
 
-Apply: :func:`measure_scale` per detector, :func:`solve_scales` pooled over the focal plane,
-:func:`subtract_sky_frame`.
+1. per (exposure, detector): object masking (:func:`mask_detector`) and the 32-px binned model of
+   the masked image (:func:`measure_sky_background`): bin means in ADU, their errors, NPOINT;
+2. per filter, on bins only (cheap): :func:`solve_sky_frames` alternates
+   a. per exposure, a smooth surface ``L_j`` (a polynomial of order 2 in focal-plane mm, fitted
+      to every bin of the exposure divided by ``1 + F``; :func:`fit_surface`),
+   b. per (exposure, detector) the residual ``R_j = I_j / L_j - 1`` (:func:`exposure_residuals`),
+   c. :func:`find_outlier_exposures` (structure above noise against the per-bin median),
+   d. per detector ``F`` = per-bin MEANCLIP of the kept residuals (:func:`average_backgrounds`);
+3. per detector the product is ``F``.
+
+Where calibflow departs from the reference, and why (each measured against injected truth on
+simulated nights; docs/algorithms.md):
+
+* The reference removes each exposure's large-scale background with ``FocalPlaneBackground``: cell
+  means on a grid as coarse as a detector, bilinearly interpolated. That cannot follow a moonlight
+  gradient of a few per cent (0.4-1.4 % RMS left on a small focal plane) and it absorbs the part of
+  the pattern that varies on the cell scale, differently at each cell boundary. A polynomial
+  surface follows linear and quadratic gradients exactly and takes from the pattern only its
+  quadratic part, which no single exposure can tell from illumination anyway.
+* The reference subtracts the background and divides by one scale per exposure, so the pattern
+  enters each residual multiplied by that exposure's gradient (``L_j(u,v)/median(L_j)``, up to
+  +-10 %). Dividing by the surface gives ``F`` itself whatever the gradient.
+* The surface is refitted with the current frame divided out (``n_iter`` alternations), so the
+  pattern does not pull it.
+* Exposures are rejected on structure above their own noise, not on an absolute RMS that the
+  pipeline's own leftovers can exceed; a build that would reject most of a night refuses loudly.
+
+Apply (:func:`fit_sky`, :func:`apply_sky_frame`): mask objects on the image minus a provisional
+sky, bin it, then alternate the surface fit and a single scale ``s`` pooled over all bins of the
+exposure (``I/L - 1 = s * F``; :func:`solve_scales`, the reference's no-intercept fit with
+clipping, on bins instead of 4x4 boxes per detector); subtract ``L * (1 + s * F)``.
 """
 
 from __future__ import annotations
@@ -23,32 +48,32 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .background import BackgroundConfig, BackgroundModel, measure_background
+from .background import BackgroundConfig, BackgroundModel, bin_centres, measure_background
 from .binstats import box_statistics
 from .camera import Camera, Detector
-from .focalplane import FocalPlaneBackground, FocalPlaneBackgroundConfig
 from .isr import IsrConfig
 from .maskedimage import MaskedImage, mask_bits
 from .objectmask import MaskObjectsConfig, mask_objects
 from .stats import stack_statistic
 
 __all__ = [
-    "SkyStatsConfig", "SkyMeasurementConfig", "ExposureRejectionConfig", "SkyConfig",
-    "SkyBuildConfig", "ScaleSolution", "SkyBuildResult", "mask_detector", "measure_sky_background", "exposure_background",
-    "residual_background", "average_backgrounds", "find_outlier_exposures", "build_sky_frames",
-    "subtract_exposure_background", "measure_scale", "solve_scales", "subtract_sky_frame", "fit_and_subtract_sky",
+    "SkyStatsConfig", "SkyMeasurementConfig", "ExposureRejectionConfig", "LargeScaleConfig", "SkyConfig",
+    "SkyBuildConfig", "SkyRejectionError", "ScaleSolution", "SkySurface", "SkyBuildResult", "mask_detector",
+    "measure_sky_background", "fit_surface", "exposure_residuals", "average_backgrounds",
+    "find_outlier_exposures", "normalise_frames", "solve_sky_frames", "build_sky_frames", "measure_scale", "solve_scales",
+    "subtract_sky_frame", "fit_sky", "apply_sky_frame", "bin_coordinates",
 ]
 
 
 def _sky_background_default() -> BackgroundConfig:
     return BackgroundConfig(bin_size=32, grid="round", algorithm="NATURAL_SPLINE", use_approx=False,
                             ignored_mask_planes=["SAT", "BAD", "EDGE", "DETECTED", "DETECTED_NEGATIVE",
-                                                 "NO_DATA"])
+                                                 "NO_DATA", "INTRP"])
 
 
 class SkyStatsConfig(BaseModel):
@@ -64,7 +89,7 @@ class SkyStatsConfig(BaseModel):
 
 
 class SkyMeasurementConfig(BaseModel):
-    """pipe_tasks SkyMeasurementConfig (ALGORITHMS.md 7.2)."""
+    """pipe_tasks SkyMeasurementConfig (docs/algorithms.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -72,76 +97,254 @@ class SkyMeasurementConfig(BaseModel):
     sky_rej: float = Field(3.0, gt=0, description="rejection threshold (sigma) in solve_scales; 3.0")
     background: BackgroundConfig = Field(
         default_factory=_sky_background_default,
-        description="binned residual model: 32-px bins, nx = max(int(W/32+0.5), 1), MEANCLIP, "
+        description="binned model: 32-px bins, nx = max(int(W/32+0.5), 1), MEANCLIP, "
                     "NATURAL_SPLINE, no approximation, mask SAT/BAD/EDGE/DETECTED/"
-                    "DETECTED_NEGATIVE/NO_DATA")
-    x_num_samples: int = Field(4, ge=1, description="scale samples along x per detector; 4")
-    y_num_samples: int = Field(4, ge=1, description="scale samples along y per detector; 4")
+                    "DETECTED_NEGATIVE/NO_DATA/INTRP")
+    x_num_samples: int = Field(4, ge=1, description="scale samples along x per detector (measure_scale); 4")
+    y_num_samples: int = Field(4, ge=1, description="scale samples along y per detector (measure_scale); 4")
     stats: SkyStatsConfig = Field(default_factory=SkyStatsConfig)
 
 
+class LargeScaleConfig(BaseModel):
+    """Each exposure's large-scale illumination: a polynomial surface over the focal plane."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    order: int = Field(2, ge=0, le=6, description="total order of the polynomial in focal-plane (u, v); 2 "
+                                                  "follows linear and quadratic (moonlight) gradients")
+    clip: float = Field(4.0, gt=0, description="bins further than this many robust sigma from the surface "
+                                               "are left out of its fit; 4.0")
+    n_clip: int = Field(3, ge=0, description="clip passes of the surface fit; 3")
+
+
 class ExposureRejectionConfig(BaseModel):
-    """Rejection of whole exposures whose residual model is an outlier (not in the reference;
-    after DES's fractional-RMS cut)."""
+    """Rejection of whole exposures whose residual is not the night's pattern plus noise (not in the
+    reference; it replaces DES's 0.5 % RMS cut by one relative to each exposure's own noise)."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="apply the cut; True")
-    n_sigma: float = Field(5.0, gt=0, description="reject RMS > median + n_sigma * robust sigma "
-                                                  "(0.741 * IQR over exposures); 5.0")
-    max_rms: float = Field(0.005, gt=0, description="reject RMS above this fraction of the sky "
-                                                    "(DES uses 0.5%); 0.005")
+    max_excess: float = Field(0.002, gt=0, description="reject when the RMS of the residual against the per-bin "
+                                                       "median of all exposures, less the bins' noise in "
+                                                       "quadrature, exceeds this fraction of the sky; 0.002")
+    outlier_sigma: float = Field(5.0, gt=0, description="a bin is an outlier beyond this many sigma of its "
+                                                        "noise from the per-bin median; 5")
+    max_outlier_fraction: float = Field(0.02, gt=0, le=1, description="reject when more than this fraction of the "
+                                                                      "exposure's bins are outliers; 0.02")
+    min_outlier_bins: int = Field(4, ge=1, description="... and at least this many; 4")
     min_exposures: int = Field(3, ge=1, description="never reject when fewer exposures; 3")
+    max_rejected_fraction: float = Field(
+        0.5, gt=0, le=1, description="a build that would reject more than this fraction of its exposures "
+                                     "fails with the reasons instead of building from the rest; 0.5")
 
 
 class SkyConfig(BaseModel):
-    """Everything a sky-frame build needs."""
+    """Everything a sky-frame build (and apply-sky) needs; the flows' config of the ``sky`` type.
+
+    The ISR is the full one (bias, dark, flat, the fringe frame where one is certified for the
+    filter) with bad pixels interpolated, so no garbage value reaches object detection."""
 
     model_config = ConfigDict(extra="forbid")
 
-    large_scale: FocalPlaneBackgroundConfig = Field(..., description="focal-plane superpixels "
-                                                                       "(x_size, y_size in mm)")
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doFringe=True, doInterpolate=True))
+    large_scale: LargeScaleConfig = Field(default_factory=LargeScaleConfig)
     sky: SkyMeasurementConfig = Field(default_factory=SkyMeasurementConfig)
     mask: MaskObjectsConfig = Field(default_factory=MaskObjectsConfig)
     do_mask_objects: bool = Field(True, description="run object masking; True")
     keep_detected: bool = Field(
-        True, description="re-flag the detected pixels DETECTED after their replacement so the "
-                          "focal-plane and binned residual models ignore them (not in the reference, "
-                          "which clears DETECTED and averages the smooth replacement values into "
-                          "the sky frame, biasing it toward the 256-px model where objects were)")
+        True, description="re-flag the detected pixels DETECTED after their replacement so the binned "
+                          "models ignore them (not in the reference, which clears DETECTED and averages "
+                          "the smooth replacement values into the sky frame)")
     rejection: ExposureRejectionConfig = Field(default_factory=ExposureRejectionConfig)
+    n_iter: int = Field(3, ge=1, description="alternations of the per-exposure surfaces and the frame; 3")
     n_passes: int = Field(
-        1, ge=1, description="build passes (1 = the reference, default). With 2, objects are detected again "
-                             "on each image minus its scaled first-pass sky frame, so sky-frame "
-                             "structure itself is not flagged as objects (which biases the frame "
-                             "low at its peaks through the iterative background of the detection)")
+        2, ge=1, le=3, description="build passes; 2. The first detects objects against the image's own spread "
+                                   "(the reference's threshold: the pattern is not masked, faint objects are "
+                                   "missed); the second detects down to the noise on each image minus the first "
+                                   "pass's sky, so faint objects are masked and the pattern is not. 1 = the "
+                                   "reference's single pass")
+
+    first_pass_threshold_type: Literal["noise", "stdev"] = Field(
+        "stdev", description="detection threshold of the first pass when n_passes > 1: 'stdev' (the smoothed "
+                             "image's own spread, which the sky pattern inflates, so the pattern is not "
+                             "masked while it is still in the image); later passes, on the image minus the "
+                             "first pass's sky, use mask.detection.threshold_type (noise)")
+
+    def pass_config(self, k: int) -> "SkyConfig":
+        """The config of pass ``k`` (0-based). Every pass but the last only guides the next pass's
+        masking: the first detects with ``first_pass_threshold_type``; none rejects exposures."""
+        if k >= self.n_passes - 1:
+            return self
+        cfg = self.model_copy(deep=True)
+        if k == 0:
+            cfg.mask.detection.threshold_type = self.first_pass_threshold_type
+        # no exposure is rejected on a guiding pass: its masks may miss faint objects, whose bins
+        # would count as outliers; the per-bin clipped mean keeps a single bad exposure out of it
+        cfg.rejection.enabled = False
+        # the guiding frame is measured on bins half the product's size, so it follows structure
+        # narrower than the product's bins (a ghost ring, glow along an edge) closely enough that
+        # the remainder stays below the next pass's detection threshold
+        cfg.sky.background.bin_size = max(cfg.sky.background.bin_size // 2, 4)
+        return cfg
+
+    def sky_config(self, camera: Camera | None = None) -> "SkyConfig":
+        """Itself (kept for callers of the former two-model API)."""
+        return self
 
 
-class SkyBuildConfig(BaseModel):
-    """A sky-frame build from raw science exposures (the flows' config): the full ISR (bias, dark,
-    flat, and the fringe frame where one is certified for the filter), then :class:`SkyConfig`'s
-    steps. ``large_scale`` may be left out: the focal-plane cells are then squares as large as the
-    camera's largest detector side (as HSC's 8192-px cells are coarser than its 2048x4176 CCDs), so
-    detector-scale structure is left for the sky frame."""
+#: the flows' name for the sky config (one model: ``SkyConfig``)
+SkyBuildConfig = SkyConfig
 
-    model_config = ConfigDict(extra="forbid")
 
-    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doFringe=True))
-    large_scale: FocalPlaneBackgroundConfig | None = Field(
-        None, description="focal-plane cells; None = squares of the camera's largest detector side")
-    sky: SkyMeasurementConfig = Field(default_factory=SkyMeasurementConfig)
-    mask: MaskObjectsConfig = Field(default_factory=MaskObjectsConfig)
-    do_mask_objects: bool = Field(True, description="run object masking; True")
-    keep_detected: bool = Field(True, description="see SkyConfig.keep_detected")
-    rejection: ExposureRejectionConfig = Field(default_factory=ExposureRejectionConfig)
+class SkyRejectionError(ValueError):
+    """The exposure cut would reject most of a night: the build refuses instead of building from
+    the few exposures left."""
 
-    def sky_config(self, camera: Camera) -> SkyConfig:
-        large = self.large_scale
-        if large is None:
-            side = max(max(d.nx, d.ny) * camera.pixel_size(d) for d in camera.detectors)
-            large = FocalPlaneBackgroundConfig(x_size=side, y_size=side)
-        return SkyConfig(large_scale=large, sky=self.sky, mask=self.mask, do_mask_objects=self.do_mask_objects,
-                         keep_detected=self.keep_detected, rejection=self.rejection)
+
+# ---------------------------------------------------------------------------------------------------
+# surfaces
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fp_frame(camera: Camera) -> tuple[float, float, float]:
+    """Centre (u0, v0) and half-size R of the focal plane, mm: polynomial terms use (u-u0)/R."""
+    corners = np.array([camera.detector_corners_mm(d) for d in camera.detectors])
+    xmin, xmax = corners[:, 0].min(), corners[:, 1].max()
+    ymin, ymax = corners[:, 2].min(), corners[:, 3].max()
+    return (xmin + xmax) / 2.0, (ymin + ymax) / 2.0, max(xmax - xmin, ymax - ymin) / 2.0
+
+
+def _terms(order: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Design matrix (n, k) of the monomials a**i * b**j, i + j <= order."""
+    cols = [a ** i * b ** j for n in range(order + 1) for j in range(n + 1) for i in (n - j,)]
+    return np.stack([np.broadcast_to(c, np.broadcast(a, b).shape) for c in cols], axis=-1)
+
+
+@dataclass
+class SkySurface:
+    """A polynomial over the focal plane: ``L(u, v) = sum c_k ((u-u0)/R)**i ((v-v0)/R)**j``.
+
+    Attributes
+    ----------
+    coeffs : (k,) float64 array
+        In the order of :func:`_terms` (1, a, b, a^2, ab, b^2, ...).
+    order : int
+    centre : (u0, v0), mm
+    half_size : float, mm
+    n_used, n_total : int
+        Bins kept by the clipped fit / offered.
+    """
+
+    coeffs: np.ndarray
+    order: int
+    centre: tuple[float, float]
+    half_size: float
+    n_used: int = 0
+    n_total: int = 0
+
+    def at(self, u, v) -> np.ndarray:
+        """The surface at focal-plane mm (arrays broadcast)."""
+        a = (np.asarray(u, np.float64) - self.centre[0]) / self.half_size
+        b = (np.asarray(v, np.float64) - self.centre[1]) / self.half_size
+        return _terms(self.order, a, b) @ self.coeffs
+
+    def on_detector(self, camera: Camera, det: Detector, x=None, y=None) -> np.ndarray:
+        """(len(y), len(x)) float32 image of the surface on pixel columns ``x`` and rows ``y`` of a
+        detector (default: every pixel)."""
+        x = np.arange(det.nx, dtype=np.float64) if x is None else np.asarray(x, np.float64)
+        y = np.arange(det.ny, dtype=np.float64) if y is None else np.asarray(y, np.float64)
+        gx, gy = np.meshgrid(x, y)
+        return self.at(*camera.pixel_to_focal_plane(det, gx, gy)).astype(np.float32)
+
+    @property
+    def level(self) -> float:
+        """The surface at the focal-plane centre (the exposure's sky level, ADU)."""
+        return float(self.coeffs[0])
+
+
+def bin_coordinates(camera: Camera, det: Detector, model: BackgroundModel) -> tuple[np.ndarray, np.ndarray]:
+    """Focal-plane mm (u, v) of the bin centres of a binned model of a detector, (ny_bins, nx_bins)."""
+    gx, gy = np.meshgrid(bin_centres(model.x_edges), bin_centres(model.y_edges))
+    u, v = camera.pixel_to_focal_plane(det, gx, gy)
+    return np.asarray(u, np.float64), np.asarray(v, np.float64)
+
+
+def _frame_values(frames, d, scale: float):
+    if frames is None or d not in frames:
+        return None
+    f = frames[d].values if isinstance(frames[d], BackgroundModel) else np.asarray(frames[d])
+    return 1.0 + scale * np.where(np.isfinite(f), f, 0.0)
+
+
+def fit_surface(camera: Camera, models: Mapping[int, BackgroundModel], config: LargeScaleConfig | None = None,
+                frames: Mapping[int, BackgroundModel | np.ndarray] | None = None, scale: float = 1.0
+                ) -> SkySurface:
+    """The exposure's large-scale surface, fitted to the bins of all its detectors.
+
+    Parameters
+    ----------
+    models : {detector id: BackgroundModel}
+        Binned models of the exposure's masked images (ADU).
+    frames : {detector id: BackgroundModel or bin values}, optional
+        The current sky frame: the bins are divided by ``1 + scale * F`` before the fit, so the
+        pattern does not pull the surface.
+
+    The fit is least squares weighted by each bin's NPOINT (the noise per pixel is nearly the
+    same over an exposure), with ``n_clip`` passes dropping bins beyond ``clip`` x 1.4826 MAD of the
+    residuals (unmasked object wings, a satellite trail).
+
+    Raises
+    ------
+    ValueError
+        If fewer good bins than terms remain.
+    """
+    cfg = config or LargeScaleConfig()
+    u0, v0, half = _fp_frame(camera)
+    us, vs, vals, wts = [], [], [], []
+    for d, m in models.items():
+        u, v = bin_coordinates(camera, camera.detector(d), m)
+        val = m.values.astype(np.float64)
+        fv = _frame_values(frames, d, scale)
+        if fv is not None:
+            val = val / fv
+        ok = np.isfinite(val) & (m.npoint > 0)
+        us.append(u[ok])
+        vs.append(v[ok])
+        vals.append(val[ok])
+        wts.append(m.npoint[ok].astype(np.float64))
+    u, v, val, w = (np.concatenate(a) for a in (us, vs, vals, wts))
+    A = _terms(cfg.order, (u - u0) / half, (v - v0) / half)
+    if val.size < A.shape[1]:
+        raise ValueError(f"only {val.size} good bins for a surface of {A.shape[1]} terms")
+    keep = np.ones(val.size, bool)
+    sw = np.sqrt(w)
+    coef = None
+    for it in range(cfg.n_clip + 1):
+        coef, *_ = np.linalg.lstsq(A[keep] * sw[keep, None], val[keep] * sw[keep], rcond=None)
+        if it == cfg.n_clip:
+            break
+        r = val - A @ coef
+        med = np.median(r[keep])
+        sig = 1.4826 * np.median(np.abs(r[keep] - med))
+        new = np.abs(r - med) <= cfg.clip * sig if sig > 0 else keep
+        if new.sum() < A.shape[1] or np.array_equal(new, keep):
+            break
+        keep = new
+    return SkySurface(coef, cfg.order, (u0, v0), half, int(keep.sum()), int(val.size))
+
+
+def exposure_residuals(camera: Camera, models: Mapping[int, BackgroundModel], surface: SkySurface
+                       ) -> dict[int, BackgroundModel]:
+    """``R = I / L - 1`` per detector (values and errors divided by the surface at each bin)."""
+    out = {}
+    for d, m in models.items():
+        L = surface.at(*bin_coordinates(camera, camera.detector(d), m))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = m.copy()
+            r.values = (m.values / L - 1.0).astype(np.float32)
+            r.errors = (m.errors / np.abs(L)).astype(np.float32)
+        out[d] = r
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,35 +362,18 @@ def mask_detector(masked_image: MaskedImage, config: SkyConfig) -> np.ndarray:
 
 def measure_sky_background(masked_image: MaskedImage, config: SkyMeasurementConfig | None = None
                            ) -> BackgroundModel:
-    """The binned residual model of one detector (SkyMeasurementTask.measureBackground)."""
+    """The 32-px binned model of one detector (SkyMeasurementTask.measureBackground)."""
     cfg = config or SkyMeasurementConfig()
     return measure_background(masked_image, cfg.background)
-
-
-def exposure_background(partials: Sequence[FocalPlaneBackground]) -> tuple[FocalPlaneBackground, float]:
-    """Merge an exposure's per-detector partial models; the scale is the median of the merged
-    stats image (every cell, border and filled ones included, as the reference)."""
-    merged = FocalPlaneBackground.merged(partials)
-    return merged, float(np.median(merged.get_stats_image()))
-
-
-def residual_background(camera: Camera, det: Detector, masked_image: MaskedImage,
-                        background: FocalPlaneBackground, scale: float,
-                        config: SkyMeasurementConfig | None = None, in_place: bool = False
-                        ) -> BackgroundModel:
-    """Subtract the exposure's focal-plane model, divide by ``scale``, measure the binned model
-    (SkyTask.processSingle)."""
-    mi = masked_image if in_place else masked_image.copy()
-    mi -= background.to_detector_background(camera, det).evaluate()
-    mi /= scale
-    return measure_sky_background(mi, config)
 
 
 def average_backgrounds(models: Sequence[BackgroundModel]) -> BackgroundModel:
     """Per-bin MEANCLIP across exposures (SkyMeasurementTask.averageBackgrounds).
 
     NaN bins are flagged BAD and ignored; bins with no good input get the median of the finite
-    output bins.
+    output bins. ``errors`` is the combined error of each bin: sqrt(sum of the inputs' squared
+    errors) / N (the noise of the mean of independent inputs; the clip's small loss of efficiency
+    is not included).
 
     Raises
     ------
@@ -210,67 +396,132 @@ def average_backgrounds(models: Sequence[BackgroundModel]) -> BackgroundModel:
     nan = ~np.isfinite(values)
     if nan.any() and (~nan).any():
         values[nan] = np.median(values[~nan])
-    out = BackgroundModel(values, np.sqrt(res.variance), np.sum([m.npoint for m in models], axis=0),
+    errs = np.stack([m.errors for m in models]).astype(np.float64)
+    n = np.sum(np.isfinite(data) & np.isfinite(errs), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = np.sqrt(np.nansum(np.where(np.isfinite(data), errs ** 2, np.nan), axis=0)) / n
+    out = BackgroundModel(values, err, np.sum([m.npoint for m in models], axis=0),
                           ref.bbox, ref.algorithm, ref.undersample_style, False)
     out.meta["NCOMBINE"] = len(models)
     return out
 
 
+@dataclass
+class ExposureStructure:
+    """What :func:`find_outlier_exposures` measured of one exposure."""
+
+    excess: float               # RMS structure above noise, fraction of the sky
+    noise: float                # RMS bin noise, fraction of the sky
+    outlier_bins: int           # over the exposure
+    bins: int                   # of the exposure
+
+
+def exposure_structure(models: Mapping[object, Mapping[object, BackgroundModel]], outlier_sigma: float = 5.0
+                       ) -> dict[object, ExposureStructure]:
+    """Each exposure's residual against the per-bin median of all exposures, in units of noise.
+
+    ``r = R_j - median_k R_k`` per bin, with noise ``e_j * sqrt(1 + (pi/2) / N)`` (the median of N
+    values has ~pi/2 times the variance of their mean). ``excess = sqrt(max(mean r^2 - mean
+    noise^2, 0))``; outlier bins have ``|r| > outlier_sigma * noise``."""
+    exps = list(models)
+    dets = sorted({d for e in exps for d in models[e]}, key=str)
+    med = {}
+    for d in dets:
+        stack = np.stack([models[e][d].values.astype(np.float64) for e in exps if d in models[e]])
+        with np.errstate(all="ignore"):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med[d] = np.nanmedian(stack, axis=0)
+    n = len(exps)
+    out = {}
+    for e in exps:
+        # a bin's own error is unreliable when few pixels are left in it (masked objects): it is
+        # floored at the exposure's typical per-pixel noise over sqrt(NPOINT), and bins with under a
+        # fifth of the typical NPOINT are left out
+        npt = np.concatenate([m.npoint.ravel() for m in models[e].values()]).astype(np.float64)
+        err = np.concatenate([m.errors.ravel() for m in models[e].values()]).astype(np.float64)
+        good = np.isfinite(err) & (npt > 0)
+        pix = float(np.median(err[good] * np.sqrt(npt[good]))) if good.any() else math.nan
+        n_typ = float(np.median(npt[good])) if good.any() else 0.0
+        rs, ns, n_out, n_all = [], [], 0, 0
+        for d, m in models[e].items():
+            r = m.values.astype(np.float64) - med[d]
+            npd = m.npoint.astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                noise = np.fmax(m.errors.astype(np.float64), pix / np.sqrt(npd))
+            noise *= math.sqrt(1 + (math.pi / 2) / max(n, 1))
+            ok = np.isfinite(r) & np.isfinite(noise) & (noise > 0) & (npd >= 0.2 * n_typ)
+            rs.append(r[ok])
+            ns.append(noise[ok])
+            n_out += int(np.sum(np.abs(r[ok]) > outlier_sigma * noise[ok]))
+            n_all += int(ok.sum())
+        r, noise = np.concatenate(rs), np.concatenate(ns)
+        if r.size == 0:
+            out[e] = ExposureStructure(math.inf, math.nan, 0, 0)
+            continue
+        ms = float(np.mean(r ** 2) - np.mean(noise ** 2))
+        out[e] = ExposureStructure(math.sqrt(max(ms, 0.0)), float(np.sqrt(np.mean(noise ** 2))), n_out, n_all)
+    return out
+
+
 def find_outlier_exposures(models: Mapping[object, Mapping[object, BackgroundModel]],
                            config: ExposureRejectionConfig | None = None) -> dict[object, str]:
-    """Exposures whose residual models are outliers, with the reason.
+    """Exposures whose residual is not the night's pattern plus noise, with the reason.
 
     Parameters
     ----------
     models : {exposure: {detector: BackgroundModel}}
-        The binned residual models (dimensionless, in units of each exposure's sky).
+        The binned residuals ``I/L - 1`` (dimensionless), with errors.
 
     Returns
     -------
     {exposure: reason}
-        The per-exposure RMS is that of its bins minus the provisional per-detector average
-        (all exposures), pooled over its detectors.
+
+    Raises
+    ------
+    SkyRejectionError
+        If more than ``max_rejected_fraction`` of the exposures would be rejected.
     """
     cfg = config or ExposureRejectionConfig()
     exps = list(models)
     if not cfg.enabled or len(exps) < cfg.min_exposures:
         return {}
-    dets = sorted({d for e in exps for d in models[e]}, key=str)
-    provisional = {d: average_backgrounds([models[e][d] for e in exps if d in models[e]]) for d in dets}
-    rms = {}
-    for e in exps:
-        res = np.concatenate([(models[e][d].values - provisional[d].values).ravel() for d in models[e]])
-        res = res[np.isfinite(res)]
-        rms[e] = float(np.sqrt(np.mean(res ** 2))) if res.size else math.inf
-    r = np.array([rms[e] for e in exps])
-    finite = r[np.isfinite(r)]
-    med = float(np.median(finite)) if finite.size else math.inf
-    q1, q3 = np.percentile(finite, [25, 75]) if finite.size else (math.nan, math.nan)
-    sig = 0.741 * (q3 - q1)
+    st = exposure_structure(models, cfg.outlier_sigma)
     out = {}
     for e in exps:
-        if not np.isfinite(rms[e]):
+        s = st[e]
+        if not math.isfinite(s.excess):
             out[e] = "no finite bins"
-        elif rms[e] > cfg.max_rms:
-            out[e] = f"residual RMS {rms[e]:.4g} > max_rms {cfg.max_rms:.4g}"
-        elif sig > 0 and rms[e] > med + cfg.n_sigma * sig:
-            out[e] = (f"residual RMS {rms[e]:.4g} > median {med:.4g} + {cfg.n_sigma:g} x robust "
-                      f"sigma {sig:.3g}")
+        elif s.excess > cfg.max_excess:
+            out[e] = (f"structure above noise {s.excess:.3%} of the sky > max_excess {cfg.max_excess:.3%} "
+                      f"(bin noise {s.noise:.3%})")
+        elif s.outlier_bins >= cfg.min_outlier_bins and s.outlier_bins > cfg.max_outlier_fraction * s.bins:
+            out[e] = (f"{s.outlier_bins} of {s.bins} bins beyond {cfg.outlier_sigma:g} sigma of their noise "
+                      f"(> {cfg.max_outlier_fraction:.0%}): a local defect (trail, glow)")
+    if len(out) > cfg.max_rejected_fraction * len(exps):
+        listing = "; ".join(f"{e}: {r}" for e, r in list(out.items())[:5])
+        raise SkyRejectionError(
+            f"the exposure cut would reject {len(out)} of {len(exps)} exposures (more than "
+            f"max_rejected_fraction {cfg.max_rejected_fraction:g}), which says more about the night or the "
+            f"model than about the exposures; refusing to build from the rest. First reasons: {listing}. "
+            f"Raise rejection.max_excess or disable rejection (rejection.enabled=false) to build anyway")
     return out
 
 
 @dataclass
 class SkyBuildResult:
-    """Output of :func:`build_sky_frames`.
+    """Output of :func:`solve_sky_frames` / :func:`build_sky_frames`.
 
     Attributes
     ----------
     frames : {detector id: BackgroundModel}
         The sky frame of each detector (a dimensionless bin grid).
     scales : {exposure: float}
-        The sky level (median of the focal-plane model) of each exposure.
+        Each exposure's sky level (its surface at the focal-plane centre, ADU).
     residuals : {exposure: {detector id: BackgroundModel}}
-        The binned residual models that were averaged.
+        The binned residuals ``I/L - 1`` of the last alternation.
+    surfaces : {exposure: SkySurface}
     rejected : {exposure: reason}
     used : list of exposures
     """
@@ -280,93 +531,115 @@ class SkyBuildResult:
     residuals: dict
     rejected: dict = field(default_factory=dict)
     used: list = field(default_factory=list)
+    surfaces: dict = field(default_factory=dict)
 
 
-def build_sky_frames(camera: Camera, exposures: Mapping[object, Mapping[int, MaskedImage]],
-                     config: SkyConfig) -> SkyBuildResult:
-    """The whole build in memory (for notebooks, tests and small runs; the flows run the same
-    steps per detector behind barriers). Inputs are not modified.
+def normalise_frames(camera: Camera, frames: Mapping[int, BackgroundModel], config: LargeScaleConfig | None = None
+                     ) -> dict[int, BackgroundModel]:
+    """Divide ``1 + F`` by its own large-scale surface (the same polynomial as the exposures'),
+    fitted over the whole focal plane: the frame keeps only structure that no exposure's surface
+    can take, and ``I / (1 + F)`` stays as smooth as the illumination (a frame carrying a
+    quadratic ``Q`` would make it ``L * Q``, whose quartic part the surface misses, by
+    ``gradient x (Q - 1)``). Which quadratic the frame carries is arbitrary (only the product
+    ``L (1 + F)`` is observed), so this choice loses nothing."""
+    ones = {d: BackgroundModel((1.0 + f.values.astype(np.float64)), f.errors, f.npoint, f.bbox)
+            for d, f in frames.items()}
+    surface = fit_surface(camera, ones, config)
+    out = {}
+    for d, f in frames.items():
+        L = surface.at(*bin_coordinates(camera, camera.detector(d), f))
+        g = f.copy()
+        g.values = ((1.0 + f.values) / L - 1.0).astype(np.float32)
+        g.errors = (f.errors / np.abs(L)).astype(np.float32)
+        out[d] = g
+    return out
+
+
+def solve_sky_frames(camera: Camera, binned: Mapping[object, Mapping[int, BackgroundModel]],
+                     config: SkyConfig | None = None, frames: Mapping[int, BackgroundModel] | None = None
+                     ) -> SkyBuildResult:
+    """The build's barrier, on binned models only: alternate surfaces, residuals and the per-bin
+    average ``n_iter`` times, rejecting exposures on the last (see the module docstring).
 
     Parameters
     ----------
-    camera : Camera
+    binned : {exposure: {detector id: BackgroundModel}}
+        Binned models of the masked post-ISR images (ADU), one per (exposure, detector).
+    frames : optional
+        A first estimate of the frame (a previous pass's), divided out of the first surface fits.
+    """
+    cfg = config or SkyConfig()
+    rejected = {}
+    exps = list(binned)
+    if frames is not None:      # a previous pass's frame, on this pass's bins
+        first = binned[exps[0]]
+        frames = {d: (f.values if f.values.shape == first[d].values.shape
+                      else f.evaluate(bin_centres(first[d].x_edges), bin_centres(first[d].y_edges)))
+                  for d, f in frames.items() if d in first}
+    for it in range(cfg.n_iter):
+        surfaces = {e: fit_surface(camera, binned[e], cfg.large_scale, frames) for e in exps}
+        residuals = {e: exposure_residuals(camera, binned[e], surfaces[e]) for e in exps}
+        # earlier alternations carry the pattern's pull on the surfaces: only the converged
+        # residuals judge an exposure (the per-bin clipped mean keeps outliers out meanwhile)
+        rejected = find_outlier_exposures(residuals, cfg.rejection) if it == cfg.n_iter - 1 else {}
+        used = [e for e in exps if e not in rejected]
+        dets = sorted({d for e in used for d in residuals[e]})
+        frames = normalise_frames(camera, {d: average_backgrounds([residuals[e][d] for e in used if d in residuals[e]])
+                                           for d in dets}, cfg.large_scale)
+    return SkyBuildResult(frames, {e: surfaces[e].level for e in exps}, residuals, rejected,
+                          [e for e in exps if e not in rejected], surfaces)
+
+
+def build_sky_frames(camera: Camera, exposures: Mapping[object, Mapping[int, MaskedImage]],
+                     config: SkyConfig | None = None) -> SkyBuildResult:
+    """The whole build in memory (for notebooks, tests and small runs; the flows run the same
+    functions per (exposure, detector) and :func:`solve_sky_frames` at their barrier). Inputs are
+    not modified.
+
+    Parameters
+    ----------
     exposures : {exposure: {detector id: MaskedImage}}
         Post-ISR images of one filter.
-    config : SkyConfig
     """
-    prev = None
-    for _ in range(config.n_passes):
-        result = _build_pass(camera, exposures, config, prev)
-        prev = result
+    cfg = config or SkyConfig()
+    result = None
+    for k in range(cfg.n_passes):
+        pcfg = cfg.pass_config(k)
+        binned = {e: {d: bin_detector(camera, d, mi, pcfg, result and _pass_pattern(camera, result, e, d))
+                      for d, mi in dets.items()} for e, dets in exposures.items()}
+        result = solve_sky_frames(camera, binned, pcfg, result and result.frames)
     return result
 
 
-def _build_pass(camera, exposures, config, prev):
-    scales, backgrounds, work = {}, {}, {}
-    for e, dets in exposures.items():
-        partials = []
-        work[e] = {}
-        for d, mi in dets.items():
-            mi = mi.copy()
-            if config.do_mask_objects:
-                if prev is not None and d in prev.frames:
-                    pattern = np.float32(prev.scales[e]) * prev.frames[d].evaluate()
-                    mi.image -= pattern
-                    mask_detector(mi, config)
-                    mi.image += pattern
-                else:
-                    mask_detector(mi, config)
-            det = camera.detector(d)
-            fp = FocalPlaneBackground.from_camera(config.large_scale, camera)
-            fp.add_detector(camera, det, mi)
-            partials.append(fp)
-            work[e][d] = mi
-        backgrounds[e], scales[e] = exposure_background(partials)
-    residuals = {e: {d: residual_background(camera, camera.detector(d), mi, backgrounds[e], scales[e],
-                                            config.sky, in_place=True)
-                     for d, mi in dets.items()} for e, dets in work.items()}
-    rejected = find_outlier_exposures(residuals, config.rejection)
-    used = [e for e in exposures if e not in rejected]
-    dets = sorted({d for e in used for d in residuals[e]})
-    frames = {d: average_backgrounds([residuals[e][d] for e in used if d in residuals[e]]) for d in dets}
-    return SkyBuildResult(frames, scales, residuals, rejected, used)
+def _pass_pattern(camera: Camera, result: SkyBuildResult, e, d) -> np.ndarray | None:
+    """The whole sky model ``L * (1 + F)`` of a previous pass at full resolution: a later pass detects
+    on the image minus it (objects and noise only), so neither the pattern nor a gradient across the
+    detector (which the detection's 1024-px background cannot follow on a small detector) is
+    mistaken for objects."""
+    if d not in result.frames or e not in result.surfaces:
+        return None
+    det = camera.detector(d)
+    return result.surfaces[e].on_detector(camera, det) * (1.0 + result.frames[d].evaluate())
+
+
+def bin_detector(camera: Camera, d: int, masked_image: MaskedImage, config: SkyConfig,
+                 pattern: np.ndarray | None = None) -> BackgroundModel:
+    """Step 1 of the build for one (exposure, detector), on a copy: objects masked (on the image
+    minus ``pattern`` when given, a previous pass's sky structure), then the binned model."""
+    mi = masked_image.copy()
+    if config.do_mask_objects:
+        if pattern is not None:
+            mi.image -= pattern
+            mask_detector(mi, config)
+            mi.image += pattern
+        else:
+            mask_detector(mi, config)
+    return measure_sky_background(mi, config.sky)
 
 
 # ---------------------------------------------------------------------------------------------------
 # apply
 # ---------------------------------------------------------------------------------------------------
-
-
-def subtract_exposure_background(camera: Camera, images: Mapping[int, MaskedImage],
-                                 skies: Mapping[int, np.ndarray], config: SkyConfig) -> float:
-    """Object masking and the focal-plane background of one exposure, subtracted in place, before a
-    sky frame is fitted (``SkyCorrectionTask``; used by sky-frame application and quality scoring).
-
-    Objects are found on each image minus the sky frame at a provisional scale (the clipped sky
-    level), so the frame's own structure is not masked as objects.
-
-    Returns
-    -------
-    float
-        The exposure's sky level (median of its focal-plane background).
-    """
-    bits = mask_bits(config.sky.stats.mask)
-    level = float(np.median([box_statistics(mi.image, mi.mask, bits, [[0, mi.shape[0], 0, mi.shape[1]]],
-                                            "MEANCLIP")[0, 0] for mi in images.values()]))
-    partials = []
-    for d, mi in images.items():
-        if config.do_mask_objects:
-            provisional = np.float32(level) * skies[d]
-            mi.image -= provisional
-            mask_detector(mi, config)
-            mi.image += provisional
-        fp = FocalPlaneBackground.from_camera(config.large_scale, camera)
-        fp.add_detector(camera, camera.detector(d), mi)
-        partials.append(fp)
-    background, sky_level = exposure_background(partials)
-    for d, mi in images.items():
-        mi -= background.to_detector_background(camera, camera.detector(d)).evaluate()
-    return sky_level
 
 
 def measure_scale(masked_image: MaskedImage, sky_image: np.ndarray,
@@ -444,12 +717,59 @@ def subtract_sky_frame(masked_image: MaskedImage, sky_image: np.ndarray, scale: 
     masked_image.image -= np.float32(scale) * np.asarray(sky_image, np.float32)
 
 
-def fit_and_subtract_sky(masked_images: Mapping[int, MaskedImage], frames: Mapping[int, BackgroundModel],
-                         config: SkyMeasurementConfig | None = None) -> ScaleSolution:
-    """Fit one scale for an exposure (samples pooled over its detectors) and subtract
-    ``scale * frame`` from each detector in place; returns the solution."""
-    skies = {d: frames[d].evaluate() for d in masked_images}
-    sol = solve_scales([measure_scale(mi, skies[d], config) for d, mi in masked_images.items()], config)
-    for d, mi in masked_images.items():
-        subtract_sky_frame(mi, skies[d], sol.scale)
-    return sol
+def fit_sky(camera: Camera, binned: Mapping[int, BackgroundModel], frames: Mapping[int, BackgroundModel],
+            config: SkyConfig | None = None) -> tuple[SkySurface, ScaleSolution]:
+    """The surface and the sky-frame scale of one exposure from its binned masked images.
+
+    Alternates ``n_iter`` times: the surface fitted to ``I / (1 + s F)``, then ``s`` from
+    ``I/L - 1 = s F`` over every bin of every detector (:func:`solve_scales`: no intercept,
+    clipped), starting from ``s = 1`` (the scale of the exposures the frame was built from)."""
+    cfg = config or SkyConfig()
+    sol = ScaleSolution(1.0, math.nan, 0, 0)
+    surface = None
+    for _ in range(max(cfg.n_iter, 2)):
+        surface = fit_surface(camera, binned, cfg.large_scale, frames, sol.scale)
+        resid = exposure_residuals(camera, binned, surface)
+        samples = [(resid[d].values, frames[d].values) for d in binned if d in frames]
+        sol = solve_scales(samples, cfg.sky)
+    return surface, sol
+
+
+def apply_sky_frame(camera: Camera, images: Mapping[int, MaskedImage], frames: Mapping[int, BackgroundModel],
+                    config: SkyConfig | None = None, binned: Mapping[int, BackgroundModel] | None = None
+                    ) -> tuple[SkySurface, ScaleSolution]:
+    """Sky-correct one exposure in place: objects masked on the image minus a provisional sky (the
+    frame at scale 1 on a first surface), bins measured, :func:`fit_sky`, then
+    ``image -= L * (1 + s * F)``: the output holds objects and noise only.
+
+    Parameters
+    ----------
+    images : {detector id: MaskedImage}
+        Post-ISR images of one exposure (modified: image plane, and DETECTED where objects are).
+    frames : {detector id: BackgroundModel}
+        The sky frame.
+    binned : optional
+        Binned models of the masked images, if already measured.
+    """
+    cfg = config or SkyConfig()
+    full = {d: frames[d].evaluate() for d in images}
+    if binned is None:
+        first = {d: measure_sky_background(mi, cfg.sky) for d, mi in images.items()}
+        provisional = fit_surface(camera, first, cfg.large_scale, frames, 1.0)
+        binned = {}
+        for d, mi in images.items():
+            work = mi.copy()
+            if cfg.do_mask_objects:
+                # detection replaces the objects' pixels by a smooth background: done on a copy,
+                # only the mask comes back, so the output keeps its objects
+                model = provisional.on_detector(camera, camera.detector(d)) * (1.0 + full[d])
+                work.image -= model
+                mask_detector(work, cfg)
+                work.image += model
+                mi.mask |= work.mask & np.int32(mask_bits(["DETECTED", "DETECTED_NEGATIVE"]))
+            binned[d] = measure_sky_background(work, cfg.sky)
+    surface, sol = fit_sky(camera, binned, frames, cfg)
+    for d, mi in images.items():
+        L = surface.on_detector(camera, camera.detector(d))
+        mi.image -= L * (np.float32(1.0) + np.float32(sol.scale) * full[d])
+    return surface, sol

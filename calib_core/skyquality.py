@@ -1,11 +1,9 @@
 """Quality of a sky frame, scored on held-out exposures (not used to build it).
 
-For each exposure the build's own steps give the residual small-scale structure: objects masked,
-the focal-plane model subtracted, the 32-px binned model of the residual measured in units of the
-exposure's sky. "Before" is that structure as is; "after" is the same once the sky frame, fitted
-with one pooled scale per exposure (:func:`calib_core.sky.solve_scales`), is subtracted. The score
-is the RMS of the binned structure (bins minus a least-squares plane per detector, which the
-focal-plane model absorbs) pooled over detectors.
+For each exposure: objects masked, bins measured, the exposure's large-scale surface fitted
+without the frame ("before") and, by :func:`calib_core.sky.apply_sky_frame`, with it ("after").
+The structure of a residual is the RMS of its bins (fraction of the sky) less their measured
+noise in quadrature: what is left above noise. The score is before / after.
 """
 
 from __future__ import annotations
@@ -18,9 +16,10 @@ import numpy as np
 from .background import BackgroundModel
 from .camera import Camera
 from .maskedimage import MaskedImage
-from .sky import SkyConfig, measure_scale, measure_sky_background, solve_scales, subtract_exposure_background
+from .sky import (SkyConfig, apply_sky_frame, bin_coordinates, exposure_residuals, fit_surface,
+                  measure_sky_background)
 
-__all__ = ["SkyQuality", "sky_frame_quality", "structure_rms", "detrend"]
+__all__ = ["SkyQuality", "sky_frame_quality", "structure_above_noise", "detrend"]
 
 
 @dataclass
@@ -30,8 +29,8 @@ class SkyQuality:
     Attributes
     ----------
     rms_before, rms_after : float
-        Pooled RMS (fraction of the sky) of the binned residual structure without / with the
-        sky frame subtracted.
+        Pooled structure above noise (fraction of the sky) of the binned residual without / with
+        the sky frame subtracted.
     improvement : float
         rms_before / rms_after.
     per_exposure : {exposure: (rms_before, rms_after, scale, scale_error)}
@@ -44,11 +43,7 @@ class SkyQuality:
 
 
 def detrend(values: np.ndarray) -> np.ndarray:
-    """Bins minus their least-squares plane ``a + b*i + c*j`` (NaN bins ignored and kept NaN).
-
-    The focal-plane model subtracted with the sky frame absorbs structure on the scale of a
-    detector, so only what is left after a plane counts as small-scale structure.
-    """
+    """Bins minus their least-squares plane ``a + b*i + c*j`` (NaN bins ignored and kept NaN)."""
     v = np.asarray(values, np.float64)
     jj, ii = np.mgrid[:v.shape[0], :v.shape[1]]
     ok = np.isfinite(v)
@@ -63,47 +58,57 @@ def detrend(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def structure_rms(models) -> tuple[float, int]:
-    """Sum of squares and count of the finite, :func:`detrend`-ed bins of several models."""
-    ss, n = 0.0, 0
-    for m in models:
-        d = detrend(m.values)
-        d = d[np.isfinite(d)]
-        ss += float(np.sum(d ** 2))
-        n += d.size
-    return ss, n
+def structure_above_noise(models) -> tuple[float, float, float]:
+    """(structure, rms, noise) of binned residuals pooled over ``models``: ``rms`` of the finite
+    bin values, ``noise`` the RMS of their errors, ``structure = sqrt(max(rms^2 - noise^2, 0))``."""
+    vals = np.concatenate([np.asarray(m.values, np.float64).ravel() for m in models])
+    errs = np.concatenate([np.asarray(m.errors, np.float64).ravel() for m in models])
+    ok = np.isfinite(vals) & np.isfinite(errs)
+    if not ok.any():
+        return float("nan"), float("nan"), float("nan")
+    rms = float(np.sqrt(np.mean(vals[ok] ** 2)))
+    noise = float(np.sqrt(np.mean(errs[ok] ** 2)))
+    return float(np.sqrt(max(rms ** 2 - noise ** 2, 0.0))), rms, noise
+
+
+def exposure_quality(camera: Camera, images: Mapping[int, MaskedImage], frames: Mapping[int, BackgroundModel],
+                     config: SkyConfig | None = None):
+    """Sky-correct copies of one exposure's images and measure the structure above noise before
+    and after. Returns (before, after, ScaleSolution, corrected images)."""
+    cfg = config or SkyConfig()
+    work = {d: mi.copy() for d, mi in images.items()}
+    surface, sol = apply_sky_frame(camera, work, frames, cfg)
+    # the same masks for both: bins of the input (objects flagged by apply) and of the output
+    before_bins = {d: measure_sky_background(_with_mask(images[d], work[d]), cfg.sky) for d in work}
+    plain = fit_surface(camera, before_bins, cfg.large_scale)
+    before = structure_above_noise(exposure_residuals(camera, before_bins, plain).values())[0]
+    after_models = []
+    for d, mi in work.items():
+        m = measure_sky_background(mi, cfg.sky)
+        L = surface.at(*bin_coordinates(camera, camera.detector(d), m))
+        m.values = (m.values / L).astype(np.float32)
+        m.errors = (m.errors / np.abs(L)).astype(np.float32)
+        after_models.append(m)
+    after = structure_above_noise(after_models)[0]
+    return before, after, sol, work
+
+
+def _with_mask(src: MaskedImage, masked: MaskedImage) -> MaskedImage:
+    out = src.copy()
+    out.mask |= masked.mask
+    return out
 
 
 def sky_frame_quality(camera: Camera, exposures: Mapping[object, Mapping[int, MaskedImage]],
-                      frames: Mapping[int, BackgroundModel], config: SkyConfig) -> SkyQuality:
+                      frames: Mapping[int, BackgroundModel], config: SkyConfig | None = None) -> SkyQuality:
     """Score ``frames`` on held-out ``exposures`` ({exposure: {detector id: post-ISR image}}).
 
     Inputs are not modified.
     """
-    tot = {"b": [0.0, 0], "a": [0.0, 0]}
     per = {}
-    skies = {d: f.evaluate() for d, f in frames.items()}
     for e, dets in exposures.items():
-        work = {d: mi.copy() for d, mi in dets.items()}
-        scale = subtract_exposure_background(camera, work, skies, config)
-        before = [_scaled_model(mi, scale, config) for mi in work.values()]
-        sol = solve_scales([measure_scale(mi, skies[d], config.sky) for d, mi in work.items()], config.sky)
-        for d, mi in work.items():
-            mi.image -= np.float32(sol.scale) * skies[d]
-        after = [_scaled_model(mi, scale, config) for mi in work.values()]
-        sb, nb = structure_rms(before)
-        sa, na = structure_rms(after)
-        tot["b"][0] += sb
-        tot["b"][1] += nb
-        tot["a"][0] += sa
-        tot["a"][1] += na
-        per[e] = (float(np.sqrt(sb / max(nb, 1))), float(np.sqrt(sa / max(na, 1))), sol.scale, sol.error)
-    rb = float(np.sqrt(tot["b"][0] / max(tot["b"][1], 1)))
-    ra = float(np.sqrt(tot["a"][0] / max(tot["a"][1], 1)))
+        before, after, sol, _ = exposure_quality(camera, dets, frames, config)
+        per[e] = (before, after, sol.scale, sol.error)
+    rb = float(np.sqrt(np.mean([v[0] ** 2 for v in per.values()])))
+    ra = float(np.sqrt(np.mean([v[1] ** 2 for v in per.values()])))
     return SkyQuality(rb, ra, rb / ra if ra > 0 else np.inf, per)
-
-
-def _scaled_model(mi: MaskedImage, scale: float, config: SkyConfig) -> BackgroundModel:
-    m = mi.copy()
-    m /= scale
-    return measure_sky_background(m, config.sky)

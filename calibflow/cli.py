@@ -299,6 +299,7 @@ def _load_config(calib_type: str, config_file: Optional[Path], sets: Optional[li
     import yaml
     from pydantic import ValidationError
 
+    from calib_core.buildplan import resolve_config
     from tasks.calib_tasks import CONFIG_MODELS
 
     if calib_type not in CONFIG_MODELS:
@@ -311,7 +312,7 @@ def _load_config(calib_type: str, config_file: Optional[Path], sets: Optional[li
             _fail(f"{config_file}: {exc}")
     config = _apply_sets(config, sets or [])
     try:
-        CONFIG_MODELS[calib_type].model_validate(config)
+        resolve_config(CONFIG_MODELS[calib_type], config)
     except ValidationError as exc:
         _fail(f"invalid {calib_type} config:\n{exc}")
     return config
@@ -390,11 +391,12 @@ def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (s
     """Fit and subtract the certified sky frame from one exposure (after ISR with the certified calibs
     and the focal-plane background); writes the corrected images and reports the fitted scale."""
     from calib_core.registry import RegistryError
+    from calib_core.buildplan import resolve_config
     from calib_core.science import apply_sky as run_apply_sky
     from calib_core.sky import SkyBuildConfig
 
     store, registry = _open_repo(repo, registry_url)
-    config = SkyBuildConfig.model_validate(_load_config("sky", config_file, sets))
+    config = resolve_config(SkyBuildConfig, _load_config("sky", config_file, sets))
     rows = registry.query_exposures(exposure_ids=[exposure])
     if not rows:
         _fail(f"no exposure {exposure!r} in the registry (see `calibflow exposures`)")

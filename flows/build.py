@@ -3,9 +3,11 @@
 
 * bias, dark, fringe: process -> combine;
 * flat: process (ISR + background level) -> **scale solve over the CCD x exposure matrix** -> combine;
-* sky: process (ISR + object masking + partial focal-plane background) -> **per exposure: merge and
-  scale** -> second pass per (exposure, detector): subtract, divide, 32-px binned residual ->
-  **across the focal plane: outlier exposures rejected** -> per detector: average.
+* sky: process (ISR + object masking + 32-px binned model of each (exposure, detector)) -> **on the
+  bins of every exposure: smooth focal-plane surfaces, residuals, outlier exposures rejected, the
+  per-bin average** (calib_core.sky.solve_sky_frames) -> with ``n_passes`` > 1, per (exposure,
+  detector) objects masked again without the first pass's sky, and the barrier again -> per
+  detector: write and register the frame.
 
 Pixels never travel through Prefect: tasks exchange paths in the datastore and small dicts.
 """
@@ -13,8 +15,10 @@ Pixels never travel through Prefect: tasks exchange paths in the datastore and s
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import math
 import os
+import pickle
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -24,7 +28,7 @@ from prefect.runtime import flow_run
 
 from calib_core.atomic import sweep_stale
 from calib_core.background import BackgroundModel
-from calib_core.buildplan import config_hash, plan_build
+from calib_core.buildplan import config_hash, plan_build, resolve_config
 from calib_core.calibs import solve_flat_scales
 from calib_core.camera import load_camera
 from calib_core.datastore import Datastore
@@ -32,10 +36,10 @@ from calib_core.mosaic import camera_mosaic, write_mosaic
 from calib_core.products import read_product
 from calib_core.registry import Registry
 from calib_core.registry.calibs import ValidityRule
-from calib_core.sky import find_outlier_exposures
+from calib_core.products import write_hdulist
+from calib_core.sky import solve_sky_frames
 from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, combine_detector, existing_products,
-                               finish_build_run, merge_exposure_background, process_detectors, sky_residuals,
-                               start_build_run)
+                               finish_build_run, process_detectors, sky_rebin, start_build_run)
 
 __all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "RUNNERS"]
 
@@ -147,7 +151,7 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
     url = registry_url or store.default_registry_url
     registry = Registry.open(url)
     registry.check_ready()
-    cfg = CONFIG_MODELS[calib_type].model_validate(config or {})
+    cfg = resolve_config(CONFIG_MODELS[calib_type], config)
     plan = plan_build(registry, calib_type, camera, night=night, exposure_ids=exposures, filter=filter,
                       detectors=detectors, drop_incomplete=drop_incomplete, calib_date=calib_date)
     log.info("%s build: %d exposures x %d detectors, filter %s, calib date %s%s", calib_type,
@@ -281,26 +285,71 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
 
 
 def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=None) -> dict:
-    """Per exposure: merge the partial focal-plane models (scale); per (exposure, detector): the
-    binned residual; then reject outlier exposures across the focal plane (``dropped`` updated)."""
-    backgrounds = {e: merge_exposure_background(ctx, e, [per_det[d][i] for d in plan.detectors])
-                   for i, e in enumerate(order)}
-    log.info("sky scales (median focal-plane background per exposure): %s",
-             {e: round(b["scale"], 2) for e, b in backgrounds.items()})
-    batches = detector_batches(plan.detectors, len(order), _parallelism(tr), per_task)
-    futures = [tr.submit(sky_residuals, {"ctx": ctx, "items": [per_det[d][i] for d in b],
-                                         "background": backgrounds[e]})
-               for i, e in enumerate(order) for b in batches]
-    residuals = [r for rs in _gather(futures, "sky residual", log) for r in rs]
-    models = {e: {} for e in order}
-    for r in residuals:
-        models[r["exposure_id"]][r["detector"]] = BackgroundModel.from_fits(r["residual"])
-    rejected = find_outlier_exposures(models, cfg.rejection)
-    if rejected:
-        log.warning("sky build: rejected exposures %s", rejected)
-    dropped.update(rejected)
-    return {d: [r for r in residuals if r["detector"] == d and r["exposure_id"] not in rejected]
-            for d in plan.detectors}
+    """The sky build's barrier(s), on the binned models of every (exposure, detector): surfaces,
+    residuals, exposure rejection and the frame (:func:`calib_core.sky.solve_sky_frames`); with
+    ``n_passes`` > 1 a mapped re-masking between barriers. ``dropped`` gets the rejected exposures;
+    returns the items to combine per detector, each carrying its frame's path."""
+    camera = load_camera(ctx.camera)
+    store = Datastore(ctx.repo)
+    work = store.root / "work" / ctx.camera / ctx.calib_type
+    index = {(it["exposure_id"], it["detector"]): it for d in plan.detectors for it in per_det[d]}
+    result = None
+    for k in range(cfg.n_passes):
+        if k > 0:
+            batches = detector_batches(plan.detectors, len(order), _parallelism(tr), per_task)
+            models = {e: _pass_model(store, work, result, e, plan.detectors) for e in order}
+            futures = [tr.submit(sky_rebin, {"ctx": ctx, "items": [index[(e, d)] for d in b], "k": k,
+                                             "model": models[e]})
+                       for e in order for b in batches]
+            for it in (r for rs in _gather(futures, f"sky pass {k + 1}", log) for r in rs):
+                index[(it["exposure_id"], it["detector"])] = it
+        binned = {e: {d: BackgroundModel.from_fits(index[(e, d)]["bins"]) for d in plan.detectors} for e in order}
+        result = solve_sky_frames(camera, binned, cfg.pass_config(k), result and result.frames)
+        log.info("sky pass %d of %d: sky levels %s; rejected %s", k + 1, cfg.n_passes,
+                 {e: round(v, 1) for e, v in result.scales.items()}, result.rejected or "none")
+    if result.rejected:
+        log.warning("sky build: rejected exposures %s", result.rejected)
+    dropped.update(result.rejected)
+    digest = _frames_digest(result)
+    frames = {}
+    for d in plan.detectors:
+        frames[d] = work / f"frame-{ctx.filter}-det{d:03d}-{digest}.fits"
+        write_hdulist(frames[d], result.frames[d].to_hdulist())
+    out = {}
+    for d in plan.detectors:
+        out[d] = []
+        for e in result.used:
+            it = index[(e, d)]
+            resid = work / f"{e}-det{d:03d}-resid-{digest}.fits"
+            write_hdulist(resid, result.residuals[e][d].to_hdulist())
+            out[d].append({**it, "residual": str(resid), "scale": result.scales[e], "frame": str(frames[d])})
+    return out
+
+
+def _frames_digest(result) -> str:
+    h = hashlib.sha256()
+    for d in sorted(result.frames):
+        h.update(result.frames[d].values.tobytes())
+    for e in sorted(result.surfaces, key=str):
+        h.update(str(e).encode())
+        h.update(result.surfaces[e].coeffs.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _pass_model(store, work, result, exposure_id: str, detectors) -> dict:
+    """The previous pass's surface of one exposure and the frames, in the datastore (by reference)."""
+    surface = result.surfaces[exposure_id]
+    digest = hashlib.sha256(surface.coeffs.tobytes() + _frames_digest(result).encode()).hexdigest()[:16]
+    spath = work / f"{exposure_id}-surface-{digest}.pkl"
+    if not spath.exists():
+        store.atomic_write_bytes(spath, pickle.dumps(surface))
+    frames = {}
+    for d in detectors:
+        fpath = work / f"pass-frame-det{d:03d}-{_frames_digest(result)}.fits"
+        if not fpath.exists():
+            write_hdulist(fpath, result.frames[d].to_hdulist())
+        frames[str(d)] = str(fpath)
+    return {"surface": str(spath), "frames": frames, "digest": digest}
 
 
 def _mosaic_path(ctx: BuildContext, store: Datastore):

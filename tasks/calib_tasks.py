@@ -9,7 +9,6 @@ fails at once with the file named.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import pickle
@@ -27,7 +26,6 @@ from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_le
                                combine_dark, combine_flat, process_bias, process_dark)
 from calib_core.camera import load_camera
 from calib_core.datastore import Datastore, sha256_file
-from calib_core.focalplane import FocalPlaneBackground
 from calib_core.fringe import FringeBuildConfig, prepare_fringe
 from calib_core.maskedimage import MASK_PLANES
 from calib_core.persistent import clear_persistent_cr
@@ -37,12 +35,10 @@ from calib_core.registry import BuildRunRow, Registry
 from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, find_calib, make_calib_id,
                                         record_calib)
 from calib_core.science import find_isr_calibs, isr_with_calibs
-from calib_core.sky import (SkyBuildConfig, average_backgrounds, exposure_background, mask_detector,
-                            residual_background)
+from calib_core.sky import SkyBuildConfig, bin_detector
 
-__all__ = ["BuildContext", "CONFIG_MODELS", "process_detectors", "process_exposure_detector", "sky_residuals",
-           "sky_residual", "combine_detector",
-           "start_build_run", "finish_build_run", "merge_exposure_background", "existing_products"]
+__all__ = ["BuildContext", "CONFIG_MODELS", "process_detectors", "process_exposure_detector", "sky_rebin",
+           "combine_detector", "start_build_run", "finish_build_run", "existing_products"]
 
 CONFIG_MODELS = {"bias": BiasConfig, "dark": DarkConfig, "flat": FlatConfig, "fringe": FringeBuildConfig,
                  "sky": SkyBuildConfig}
@@ -116,9 +112,9 @@ def _process_run_name(parameters: dict) -> str:
     return f"process-{parameters['exposure']['exposure_id']}-{_detector_span(parameters['detectors'])}"
 
 
-def _residual_run_name(parameters: dict) -> str:
+def _rebin_run_name(parameters: dict) -> str:
     items = parameters["items"]
-    return f"sky-residual-{items[0]['exposure_id']}-{_detector_span(i['detector'] for i in items)}"
+    return f"sky-pass{parameters['k']}-{items[0]['exposure_id']}-{_detector_span(i['detector'] for i in items)}"
 
 
 @task(name="process", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
@@ -170,16 +166,13 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
             mi, level = prepare_fringe(mi, cfg.fringe)
             result.update(level=float(level))
         elif ctx.calib_type == "sky":
-            # first pass of the sky build: objects masked, this detector's share of the exposure's
-            # focal-plane background (merged per exposure at the barrier)
-            sky_cfg = cfg.sky_config(camera)
-            if sky_cfg.do_mask_objects:
-                mask_detector(mi, sky_cfg)
-            fp = FocalPlaneBackground.from_camera(sky_cfg.large_scale, camera)
-            fp.add_detector(camera, camera.detector(detector), mi)
-            partial = out.with_suffix(".fpbg.pkl")
-            store.atomic_write_bytes(partial, pickle.dumps(fp))
-            result.update(partial=str(partial))
+            # first pass of the sky build: the binned model of the masked image (the intermediate
+            # itself stays unmasked, so a later pass can mask it again without the pattern)
+            bins = out.with_name(out.stem + "-bins0.fits")
+            model = bin_detector(camera, detector, mi, cfg.pass_config(0))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_hdulist(bins, model.to_hdulist())
+            result.update(bins=str(bins))
         else:
             raise ValueError(f"calib type {ctx.calib_type!r} has no process step")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,45 +181,31 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
     return {**result, "reused": False}
 
 
-def merge_exposure_background(ctx: BuildContext, exposure_id: str, items: list[dict]) -> dict:
-    """The sky build's per-exposure barrier: merge the detectors' partial focal-plane models and take
-    the exposure's scale (median of the merged model). Cheap (superpixel grids), so the flow runs it
-    inline; the merged model goes to the datastore so the second pass gets it by reference."""
+@task(name="sky-pass", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
+      cache_policy=NO_CACHE, task_run_name=_rebin_run_name)
+def sky_rebin(ctx: BuildContext, items: list[dict], k: int, model: dict) -> list[dict]:
+    """Pass ``k`` of the sky build for some detectors of one exposure: objects masked again on the
+    post-ISR image minus the previous pass's sky ``L * (1 + F)``, and the binned model re-measured.
+
+    ``model`` holds the paths of the previous pass's surface of this exposure (pickled
+    :class:`~calib_core.sky.SkySurface`) and frame of each detector, and a digest of both (the
+    output name, so a resumed build reuses what it already measured)."""
     store = Datastore(ctx.repo)
-    partials = []
+    camera = load_camera(ctx.camera)
+    cfg = ctx.cfg().pass_config(k)
+    with open(model["surface"], "rb") as fh:
+        surface = pickle.load(fh)
+    out_items = []
     for it in items:
-        with open(it["partial"], "rb") as fh:
-            partials.append(pickle.load(fh))
-    background, scale = exposure_background(partials)
-    key = hashlib.sha256(json.dumps(sorted(it["path"] for it in items)).encode()).hexdigest()[:16]
-    path = _work_dir(ctx, store) / f"{exposure_id}-fpbg-{key}.pkl"
-    store.atomic_write_bytes(path, pickle.dumps(background))
-    return {"exposure_id": exposure_id, "background": str(path), "scale": float(scale)}
-
-
-@task(name="sky-residual", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
-      cache_policy=NO_CACHE, task_run_name=_residual_run_name)
-def sky_residuals(ctx: BuildContext, items: list[dict], background: dict) -> list[dict]:
-    """:func:`sky_residual` for some detectors of one exposure (the mapped unit of the second pass)."""
-    return [sky_residual(ctx, it, background) for it in items]
-
-
-def sky_residual(ctx: BuildContext, item: dict, background: dict) -> dict:
-    """Second pass of the sky build for one (exposure, detector): subtract the exposure's
-    focal-plane model, divide by its scale, measure the 32-px binned residual (written to the
-    datastore; the result carries its path)."""
-    store = Datastore(ctx.repo)
-    key = hashlib.sha256(f"{item['path']}|{background['background']}".encode()).hexdigest()[:16]
-    out = _work_dir(ctx, store) / f"{item['exposure_id']}-det{item['detector']:03d}-resid-{key}.fits"
-    if not out.exists():
-        camera = load_camera(ctx.camera)
-        with open(background["background"], "rb") as fh:
-            fp = pickle.load(fh)
-        mi = read_product(item["path"])[0]
-        model = residual_background(camera, camera.detector(item["detector"]), mi, fp, background["scale"],
-                                    ctx.cfg().sky, in_place=True)
-        write_hdulist(out, model.to_hdulist())
-    return {**item, "residual": str(out), "scale": background["scale"]}
+        d = it["detector"]
+        out = _work_dir(ctx, store) / f"{it['exposure_id']}-det{d:03d}-bins{k}-{model['digest']}.fits"
+        if not out.exists():
+            mi = read_product(it["path"])[0]
+            frame = BackgroundModel.from_fits(model["frames"][str(d)])
+            pattern = surface.on_detector(camera, camera.detector(d)) * (1.0 + frame.evaluate())
+            write_hdulist(out, bin_detector(camera, d, mi, cfg, pattern).to_hdulist())
+        out_items.append({**it, "bins": str(out)})
+    return out_items
 
 
 def _identity(ctx: BuildContext, registry: Registry, exposures: list[dict], detector: int
@@ -300,7 +279,9 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     path = private_name(final, "pending")
     try:
         if ctx.calib_type == "sky":
-            frame = average_backgrounds([BackgroundModel.from_fits(i["residual"]) for i in items])
+            # the frame was solved at the build's barrier over the whole focal plane (surfaces,
+            # rejection, average, normalisation); here it is written and registered
+            frame = BackgroundModel.from_fits(items[0]["frame"])
             write_hdulist(path, frame.to_hdulist(), cards)
             finite = np.isfinite(frame.values)
             stats = {"level": float(np.median(frame.values[finite])) if finite.any() else None,

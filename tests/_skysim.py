@@ -1,15 +1,17 @@
 """Post-ISR sky exposures with known truth, for the background / sky tests (no ISR, no files).
 
-Per exposure j and detector d (pixel coordinates x, y; focal-plane mm fx, fy):
+Per exposure j and detector d (pixel coordinates x, y; focal-plane mm u, v):
 
-    sky = L_j * (1 + g_j(fx, fy) + p_d(x, y))
+    sky = L_j * G_j(u, v) * (1 + p(u, v))
 
 * ``L_j``: the sky level (e-), uniform in [3000, 6000];
-* ``g_j``: large-scale focal-plane structure (gradient + a broad "moonlight" bump), a few %;
-* ``p_d``: a fixed small-scale pattern per detector (Gaussian blobs, sigma 18-30 px, +-3%): the
-  signal a sky frame must recover;
-plus stars (Gaussian PSF sigma 1.6 px, some saturated at 60000 e- and flagged SAT) and galaxies
-(sigma 4-8 px), then Gaussian noise of variance sky + objects + read noise^2 (gain 1).
+* ``G_j = 1 + a u' + b v' + c u'^2 + d u'v' + e v'^2`` with ``(u', v') = (u, v) / 14 mm`` (the
+  focal plane's half-size): a moonlight gradient, linear and quadratic, reaching up to +-10 %;
+* ``p``: the fixed small-scale pattern (the signal a sky frame must recover), continuous over the
+  focal plane: a ghost ring (3 %), compact blobs (+-3 %, sigma 1-2 mm) and plane waves (0.5 %,
+  wavelength 3-8 mm);
+plus stars (Gaussian PSF sigma 1.6 px with a broad halo, one saturated at 60000 e- and flagged SAT)
+and galaxies (sigma 4-8 px), then Gaussian noise of variance sky + objects + read noise^2 (gain 1).
 """
 
 from __future__ import annotations
@@ -21,30 +23,46 @@ from calib_core.maskedimage import MaskedImage, mask_bits  # noqa: F401  (used b
 
 READ_NOISE = 4.5
 SATURATION = 60000.0
+HALF_FP_MM = 14.0
 
 
 def camera():
     return load_camera("democam_mini")
 
 
-def pattern(det, seed=7):
-    """The fixed small-scale pattern p_d (float64, shape (ny, nx))."""
-    rng = np.random.default_rng(seed * 1000 + det.id)
+def _fp(cam, det):
     yy, xx = np.mgrid[:det.ny, :det.nx].astype(np.float64)
-    p = np.zeros((det.ny, det.nx))
-    for _ in range(8):
-        x0, y0 = rng.uniform(0, det.nx), rng.uniform(0, det.ny)
-        s = rng.uniform(80, 130)
-        p += rng.choice([-1, 1]) * rng.uniform(0.025, 0.045) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * s * s))
+    u, v = cam.pixel_to_focal_plane(det, xx, yy)
+    return np.asarray(u), np.asarray(v)
+
+
+def pattern(det, seed=7, cam=None):
+    """The fixed small-scale pattern p on a detector's pixels (float64, shape (ny, nx))."""
+    cam = cam or camera()
+    u, v = _fp(cam, det)
+    rng = np.random.default_rng(seed)
+    p = 0.03 * np.exp(-0.5 * ((np.hypot(u - 1.5, v + 2.0) - 5.0) / 0.6) ** 2)
+    for _ in range(10):
+        u0, v0, s = rng.uniform(-7, 7), rng.uniform(-13, 13), rng.uniform(1.0, 2.0)
+        p += rng.choice([-1, 1]) * rng.uniform(0.015, 0.03) * np.exp(-((u - u0) ** 2 + (v - v0) ** 2) / (2 * s * s))
+    for _ in range(4):
+        lam, ang, ph = rng.uniform(3, 8), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        p += 0.005 * np.cos(2 * np.pi * (u * np.cos(ang) + v * np.sin(ang)) / lam + ph)
     return p
 
 
 def large_scale(cam, det, params):
-    """g_j on a detector's pixels."""
-    yy, xx = np.mgrid[:det.ny, :det.nx].astype(np.float64)
-    fx, fy = cam.pixel_to_focal_plane(det, xx, yy)
-    a, b, mx, my, amp = params
-    return a * fx / 15.0 + b * fy / 15.0 + amp * np.exp(-((fx - mx) ** 2 + (fy - my) ** 2) / (2 * 12.0 ** 2))
+    """G_j - 1 on a detector's pixels."""
+    u, v = _fp(cam, det)
+    a, b, c, d, e = params
+    uu, vv = u / HALF_FP_MM, v / HALF_FP_MM
+    return a * uu + b * vv + c * uu * uu + d * uu * vv + e * vv * vv
+
+
+def random_gradient(rng, amplitude=0.10):
+    """Coefficients of G - 1 whose largest value over the focal plane is about ``amplitude``."""
+    c = rng.uniform(-1, 1, 5)
+    return tuple(amplitude * c / np.abs(c).sum())
 
 
 def add_objects(img, rng, n_stars=10, n_gal=3):
@@ -85,13 +103,11 @@ def exposure(cam, seed, *, level=None, objects=True, noise=True, pattern_seed=7,
     """
     rng = np.random.default_rng(seed)
     L = rng.uniform(3000, 6000) if level is None else level
-    params = lscale if lscale is not None else (rng.uniform(-0.01, 0.01), rng.uniform(-0.01, 0.01),
-                                                rng.uniform(-15, 15), rng.uniform(-15, 15),
-                                                rng.uniform(0.0, 0.015))
+    params = lscale if lscale is not None else random_gradient(rng)
     images, objmasks = {}, {}
     sat = np.int32(mask_bits(["SAT"]))
     for det in cam.detectors:
-        sky = L * (1 + large_scale(cam, det, params) + pattern(det, pattern_seed))
+        sky = L * (1 + large_scale(cam, det, params)) * (1 + pattern(det, pattern_seed, cam))
         img = sky.copy()
         om = add_objects(img, rng) if objects else np.zeros(img.shape, bool)
         var = img + READ_NOISE ** 2

@@ -1,140 +1,166 @@
-"""Sky frames (ALGORITHMS.md 4.5, 5.1) on a simulated night of post-ISR democam_mini exposures
-(tests/_skysim.py): recovery of the injected pattern at the noise floor, print-through of
-unmasked objects, exposure rejection, the scale fit, and the held-out quality score."""
+"""Sky frames (docs/algorithms.md, "Sky frames") on simulated post-ISR democam_mini exposures
+(tests/_skysim.py), against the injected pattern only: the frame at its noise floor, gradients of
++-10 % followed, held-out structure removed tenfold with the right scale, bad exposures rejected
+and a night that would lose most exposures refused.
+
+The noise floor of a frame bin (fraction of the sky), derived from the truth (gain 1): each used
+exposure j contributes the relative variance ``v_j = (S + rn^2) / S^2`` of its pixels (``S`` the
+injected sky there) over the ``n_b = NPOINT_b / N`` unmasked pixels it has in the bin; per-pixel
+MEANCLIP costs a factor ``eta`` and the clipped mean over N exposures ``c_N`` (both by Monte Carlo
+with astropy's sigma_clip, in bench/sky_accuracy.py); ``floor_b^2 = c_N eta sum_j <v_j>_b / n_b /
+N^2``. The comparison allows one scale and one quadratic focal-plane surface
+(:func:`bench.sky_accuracy.frame_vs_truth`)."""
 
 import numpy as np
 import pytest
 
-from tests import _skysim as S
+from bench.sky_accuracy import clip_variance_ratio, frame_vs_truth
 from calib_core.background import BackgroundModel
-from calib_core.focalplane import FocalPlaneBackgroundConfig
 from calib_core.maskedimage import MaskedImage
-from calib_core.sky import (ExposureRejectionConfig, SkyConfig, average_backgrounds, build_sky_frames,
-                            find_outlier_exposures, fit_and_subtract_sky, mask_detector, measure_scale,
-                            solve_scales, subtract_sky_frame)
-from calib_core.skyquality import detrend, sky_frame_quality
+from calib_core.sky import (ExposureRejectionConfig, LargeScaleConfig, SkyConfig, SkyRejectionError,
+                            average_backgrounds, bin_coordinates, build_sky_frames, find_outlier_exposures,
+                            fit_surface, measure_scale, measure_sky_background, solve_scales, subtract_sky_frame)
+from calib_core.skyquality import sky_frame_quality
+from tests import _skysim as S
 
 N_EXP = 12
 CAM = S.camera()
-# cells of 512 px (7.68 mm): as with HSC's 8192-px cells, the focal-plane model is coarser than a
-# detector, so the detector-scale pattern is left for the sky frame
-CFG = SkyConfig(large_scale=FocalPlaneBackgroundConfig(x_size=7.68, y_size=7.68))
+CFG = SkyConfig()            # the defaults: what the flows run
 
 
-def _no_reject(cfg):
-    return cfg.model_copy(update={"rejection": ExposureRejectionConfig(enabled=False)})
+def _bins(img, f):
+    xe, ye = f.x_edges, f.y_edges
+    return np.array([[img[ye[j]:ye[j + 1], xe[i]:xe[i + 1]].mean() for i in range(len(xe) - 1)]
+                     for j in range(len(ye) - 1)])
+
+
+def _accuracy(result, truth):
+    """(RMS residual / floor, a) of the frames against the injected pattern."""
+    used = result.used
+    n = len(used)
+    rows = []
+    med_v = []
+    for d, f in result.frames.items():
+        det = CAM.detector(d)
+        p = S.pattern(det, cam=CAM)
+        vs = np.zeros(f.values.shape)
+        for e in used:
+            sky = truth[e]["level"] * (1 + S.large_scale(CAM, det, truth[e]["params"])) * (1 + p)
+            vb = _bins((sky + S.READ_NOISE ** 2) / sky ** 2, f)
+            vs += vb
+            med_v.append(np.median(vb))
+        u, v = bin_coordinates(CAM, det, f)
+        rows.append((f.values, f.npoint, vs, _bins(p, f), u, v))
+    F, NP, VS, P, U, V = (np.concatenate([np.ravel(r[k]) for r in rows]) for k in range(6))
+    nbar = NP / n
+    eta = clip_variance_ratio(int(np.median(nbar)), trials=1000)
+    c_n = clip_variance_ratio(n, trials=2000)
+    floor = np.sqrt(c_n * eta * VS / nbar / n ** 2)
+    ok = np.isfinite(F) & (nbar > 0)
+    ratio, a, _ = frame_vs_truth(F[ok], P[ok], U[ok], V[ok], floor[ok])
+    return ratio, a
 
 
 @pytest.fixture(scope="module")
 def night():
-    """The noisy night (objects masked once, here, with the build's own masking step), the same
-    exposures without noise and objects but with the same masks, and the raw noisy images."""
-    raw, truth = S.night(CAM, N_EXP)
-    clean, _ = S.night(CAM, N_EXP, objects=False, noise=False)
-    masked = {}
-    for e, dets in raw.items():
-        masked[e] = {}
-        for d, mi in dets.items():
-            m = mi.copy()
-            mask_detector(m, CFG)
-            masked[e][d] = m
-            clean[e][d].mask[:] = m.mask
-    return raw, masked, clean, truth
+    return S.night(CAM, N_EXP)
 
 
 @pytest.fixture(scope="module")
-def builds(night):
-    raw, masked, clean, _ = night
-    off = CFG.model_copy(update={"do_mask_objects": False})
-    result = build_sky_frames(CAM, masked, off)
-    # the truth: the same build on noiseless, object-free images with the same masks; plain means
-    # (clipping noiseless in-bin structure would bias the truth, not the estimate)
-    tcfg = _no_reject(off).model_copy(deep=True)
-    tcfg.large_scale.statistic = "MEAN"
-    tcfg.sky.background.statistic = "MEAN"
-    truth = build_sky_frames(CAM, clean, tcfg)
-    unmasked = build_sky_frames(CAM, raw, _no_reject(off))
-    return result, truth, unmasked
+def build(night):
+    ims, truth = night
+    return build_sky_frames(CAM, ims, CFG)
 
 
-def _rms_vs_truth(result, truth):
-    d = np.concatenate([detrend(result.frames[k].values - truth.frames[k].values).ravel()
-                        for k in result.frames])
-    return float(np.sqrt(np.nanmean(d ** 2)))
+def test_sky_frame_matches_injected_pattern_at_noise_floor(build, night):
+    ratio, a = _accuracy(build, night[1])
+    assert not build.rejected, build.rejected
+    assert ratio < 1.5, ratio
+    assert abs(a - 1) < 0.03, a
 
 
-def _floor(result):
-    """Data-derived noise floor of the averaged bins (see the test docstring)."""
-    var = [np.sum([result.residuals[e][k].errors.astype(np.float64) ** 2 for e in result.used], axis=0)
-           / len(result.used) ** 2 for k in result.frames]
-    return float(np.sqrt(np.nanmean(np.concatenate([v.ravel() for v in var]))))
+def test_unmasked_objects_print_through(build, night):
+    """Without object masking the frame is far from the truth: the test can tell."""
+    unmasked = build_sky_frames(CAM, night[0], CFG.model_copy(update={"do_mask_objects": False, "n_passes": 1}))
+    assert _accuracy(unmasked, night[1])[0] > 2 * _accuracy(build, night[1])[0]
 
 
-def test_sky_frame_matches_injected_pattern_at_noise_floor(builds, night):
-    """Residual of the recovered frame against the injected pattern, within 1.5x the noise floor.
-
-    Noise floor: a 32x32-px bin of exposure j holds n_j ~ 1024 (1 - f_masked) usable pixels of
-    noise sqrt(S_j + rn^2) e- on a sky S_j ~ L_j, so after the division by the exposure's scale
-    (~L_j) its MEANCLIP has a relative error e_j ~ sqrt(L_j + rn^2) / L_j / sqrt(n_j) (the 3-sigma
-    clip costs ~1-3% in efficiency). The frame is a per-bin (clipped) mean over N exposures, so its
-    error is sqrt(sum_j e_j^2) / N. For L in [3000, 6000], N = 12: ~1.7e-4. The test uses the
-    per-bin errors the build itself reports (so masking losses are included) and checks them
-    against this analytic value. Structure the focal-plane model absorbs (a plane per detector)
-    is removed from the difference first (:func:`calib_core.skyquality.detrend`).
-    """
-    result, truth, _ = builds
-    floor = _floor(result)
-    levels = np.array([night[3][e]["level"] for e in result.used])
-    analytic = np.sqrt(np.sum((levels + S.READ_NOISE ** 2) / levels ** 2 / 1024.0)) / len(levels)
-    assert analytic < floor < 1.4 * analytic
-    rms = _rms_vs_truth(result, truth)
-    assert rms < 1.5 * floor, (rms, floor)
-    assert result.rejected == {}
-    # the truth is the injected pattern (seen through the same pipeline): strongly correlated
-    for k in (0, 4, 8):
-        det = CAM.detector(k)
-        p = S.pattern(det)
-        fr = truth.frames[k]
-        binned = np.array([[p[fr.y_edges[j]:fr.y_edges[j + 1], fr.x_edges[i]:fr.x_edges[i + 1]].mean()
-                            for i in range(fr.values.shape[1])] for j in range(fr.values.shape[0])])
-        c = np.corrcoef(detrend(binned).ravel(), detrend(fr.values).ravel())[0, 1]
-        assert c > 0.95
-        # and so is the recovered frame, at full resolution too
-        full = result.frames[k].evaluate()
-        assert np.corrcoef(full.ravel(), p.ravel())[0, 1] > 0.9
+def test_surface_follows_linear_and_quadratic_gradients():
+    """A noiseless +-10 % gradient over the focal plane is followed to 1e-5 (the former detector-sized
+    cells left 1.35 % RMS on this focal plane); truth: the injected gradient."""
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        params = S.random_gradient(rng, 0.10)
+        models = {}
+        for det in CAM.detectors:
+            img = (2000.0 * (1 + S.large_scale(CAM, det, params))).astype(np.float32)
+            models[det.id] = measure_sky_background(MaskedImage.from_image(img))
+        surf = fit_surface(CAM, models, LargeScaleConfig())
+        for det in CAM.detectors:
+            truth = 2000.0 * (1 + S.large_scale(CAM, det, params))
+            assert np.max(np.abs(surf.on_detector(CAM, det) / truth - 1)) < 1e-5
 
 
-def test_unmasked_objects_print_through(builds):
-    """The same build without object masking is clearly worse (stars and galaxy wings print
-    through the per-bin clipped means)."""
-    result, truth, unmasked = builds
-    good = _rms_vs_truth(result, truth)
-    bad = _rms_vs_truth(unmasked, truth)
-    assert bad > 1.3 * good, (bad, good)
-    assert bad > 1.5 * _floor(result)
+def test_held_out_structure_drops_tenfold_with_right_scale(build):
+    held, _ = S.night(CAM, 3, seed0=900)
+    q = sky_frame_quality(CAM, held, build.frames, CFG)
+    assert q.rms_before > 5e-3
+    assert q.improvement >= 10, q
+    # truth of the scale: the frame carries the pattern at a (one scale), so the right one is 1/a
+    for e, (before, after, scale, err) in q.per_exposure.items():
+        assert after < before / 10
+        assert scale == pytest.approx(1.0, abs=0.03)
 
 
-def test_in_build_masking_equals_premasked(night):
-    raw, masked, _, _ = night
-    few = list(raw)[:3]
-    a = build_sky_frames(CAM, {e: raw[e] for e in few}, _no_reject(CFG))
-    b = build_sky_frames(CAM, {e: masked[e] for e in few},
-                         _no_reject(CFG).model_copy(update={"do_mask_objects": False}))
-    for k in a.frames:
-        assert np.array_equal(a.frames[k].values, b.frames[k].values)
-    assert a.scales == b.scales
-    # inputs untouched
-    assert not np.any(raw[few[0]][0].mask & ~np.int32(S.mask_bits(["SAT"])))
+def _with_defect(night, kind):
+    """The night with one exposure spoiled: a cloud (patchy, 4 % RMS), a trail with broad wings, or
+    the glow of a bright star near the focal plane."""
+    ims, truth = night
+    e = list(ims)[kind[1]]
+    out = {k: v for k, v in ims.items()}
+    out[e] = {}
+    rng = np.random.default_rng(5)
+    for det in CAM.detectors:
+        mi = ims[e][det.id].copy()
+        u, v = S._fp(CAM, det)
+        if kind[0] == "cloud":
+            f = np.zeros(u.shape)
+            for _ in range(6):
+                u0, v0, s = rng.uniform(-7, 7), rng.uniform(-13, 13), rng.uniform(3, 6)
+                f += rng.uniform(-0.04, 0.04) * np.exp(-((u - u0) ** 2 + (v - v0) ** 2) / (2 * s * s))
+            mi.image *= (1 + f).astype(np.float32)
+        elif kind[0] == "trail":
+            dist = np.abs(0.6 * u - 0.8 * v - 1.0)
+            mi.image += (truth[e]["level"] * (0.5 * np.exp(-0.5 * (dist / 0.03) ** 2)
+                                              + 0.008 * np.exp(-0.5 * (dist / 0.9) ** 2))).astype(np.float32)
+        else:
+            mi.image += (truth[e]["level"] * 0.06 * np.exp(-0.5 * (np.hypot(u - 9, v - 6) / 5.0) ** 2)).astype(np.float32)
+        out[e][det.id] = mi
+    return out, e
 
 
-def test_two_pass_build_runs_and_agrees(night):
-    raw, _, _, _ = night
-    few = {e: raw[e] for e in list(raw)[:4]}
-    one = build_sky_frames(CAM, few, _no_reject(CFG))
-    two = build_sky_frames(CAM, few, _no_reject(CFG).model_copy(update={"n_passes": 2}))
-    d = np.concatenate([detrend(two.frames[k].values - one.frames[k].values).ravel() for k in one.frames])
-    sig = np.concatenate([detrend(one.frames[k].values).ravel() for k in one.frames])
-    assert 0 < np.sqrt(np.nanmean(d ** 2)) < 0.2 * np.sqrt(np.nanmean(sig ** 2))
+@pytest.mark.parametrize("kind", [("cloud", 2), ("trail", 5), ("glow", 8)])
+def test_bad_exposure_rejected_and_good_ones_kept(night, kind):
+    ims, bad = _with_defect(night, kind)
+    res = build_sky_frames(CAM, ims, CFG)
+    assert set(res.rejected) == {bad}, res.rejected
+    assert res.rejected[bad]
+
+
+def test_night_that_would_lose_most_exposures_is_refused():
+    rng = np.random.default_rng(1)
+    bbox = (0, 0, 255, 511)
+    pattern = rng.normal(0, 0.01, (16, 8))
+    models = {}
+    for e in range(6):
+        models[e] = {d: BackgroundModel((pattern + rng.normal(0, 3e-4, pattern.shape)
+                                         + (rng.normal(0, 0.01, pattern.shape) if e < 4 else 0)).astype(np.float32),
+                                        np.full(pattern.shape, 3e-4), np.full(pattern.shape, 1000.0), bbox)
+                     for d in range(3)}
+    with pytest.raises(SkyRejectionError, match="would reject 4 of 6"):
+        find_outlier_exposures(models, ExposureRejectionConfig())
+    assert find_outlier_exposures(models, ExposureRejectionConfig(enabled=False)) == {}
+    assert find_outlier_exposures({e: models[e] for e in (0, 1)}, ExposureRejectionConfig()) == {}
 
 
 def test_average_backgrounds_rules():
@@ -150,33 +176,15 @@ def test_average_backgrounds_rules():
     out = average_backgrounds(models)
     stack = np.array(vals, np.float64)
     assert out.values[0, 0] == pytest.approx(np.mean(stack[1:, 0, 0]), abs=1e-6)
-    from calib_core.stats import clipped_mean
+    from astropy.stats import sigma_clipped_stats
 
-    assert out.values[0, 1] == pytest.approx(clipped_mean(stack[:, 0, 1]).mean, abs=1e-6)  # NaN ignored
+    assert out.values[0, 1] == pytest.approx(sigma_clipped_stats(stack[:, 0, 1][np.isfinite(stack[:, 0, 1])],
+                                                                 sigma=3, maxiters=3)[0], abs=1e-3)
     assert out.values[1, 2] == pytest.approx(np.median(np.delete(out.values.ravel(), 5)), abs=1e-6)
+    assert out.errors[0, 2] == pytest.approx(0.01 / np.sqrt(7), rel=1e-5)
     assert out.bbox == bbox and out.algorithm == "NATURAL_SPLINE" and out.meta["NCOMBINE"] == 7
     with pytest.raises(ValueError):
         average_backgrounds([models[0], BackgroundModel(vals[1], None, None, (0, 0, 99, 64))])
-
-
-def test_outlier_exposures_rejected_with_reason():
-    rng = np.random.default_rng(1)
-    bbox = (0, 0, 255, 511)
-    pattern = rng.normal(0, 0.01, (16, 8))
-    models = {}
-    for e in range(10):
-        models[e] = {d: BackgroundModel((pattern + rng.normal(0, 3e-4, pattern.shape)).astype(np.float32),
-                                        None, None, bbox) for d in range(3)}
-    # exposure 7: stray light on one detector, 0.3% RMS (below the absolute cut)
-    models[7][1].values += (0.006 * np.sin(np.arange(16) / 2.0))[:, None].astype(np.float32)
-    # exposure 9: 1% RMS structure everywhere (above the absolute cut)
-    for d in range(3):
-        models[9][d].values += rng.normal(0, 0.01, pattern.shape).astype(np.float32)
-    rej = find_outlier_exposures(models, ExposureRejectionConfig())
-    assert set(rej) == {7, 9}
-    assert "max_rms" in rej[9] and "robust sigma" in rej[7]
-    assert find_outlier_exposures(models, ExposureRejectionConfig(enabled=False)) == {}
-    assert find_outlier_exposures({e: models[e] for e in (0, 1)}, ExposureRejectionConfig()) == {}
 
 
 def test_measure_scale_boxes_order_and_limits():
@@ -192,44 +200,27 @@ def test_measure_scale_boxes_order_and_limits():
     assert np.array_equal(samples, sky)
 
 
-def test_scale_recovered_within_error(builds):
+def test_scale_recovered_within_error(build):
     """An image = s * frame + noise: the pooled least-squares scale recovers s within its error."""
-    result = builds[0]
     rng = np.random.default_rng(11)
     s_true, sigma = 4321.0, np.sqrt(4321.0 + S.READ_NOISE ** 2)
-    images, samples = {}, []
-    for k, frame in result.frames.items():
+    samples = []
+    for k, frame in build.frames.items():
         sky = frame.evaluate()
         img = s_true * sky + rng.normal(0, sigma, sky.shape)
         if k == 4:
             img[10:40, 10:40] += 3000.0   # an unmasked object: its sample is rejected
-        images[k] = MaskedImage.from_image(img.astype(np.float32))
-        samples.append(measure_scale(images[k], sky))
+        samples.append(measure_scale(MaskedImage.from_image(img.astype(np.float32)), sky))
     sol = solve_scales(samples)
     assert abs(sol.scale - s_true) < 3 * sol.error
-    assert sol.error < 0.02 * s_true
-    assert sol.n_used < sol.n_total == 16 * len(result.frames)
-    sol2 = fit_and_subtract_sky(images, result.frames)
-    assert sol2.scale == pytest.approx(sol.scale)
-    assert abs(float(np.mean(images[0].image))) < 20 * sigma / np.sqrt(images[0].image.size) + 5
+    assert sol.n_used < sol.n_total == 16 * len(build.frames)
     mi = MaskedImage.from_image(np.ones((4, 4)))
     subtract_sky_frame(mi, np.full((4, 4), 0.5), 2.0)
     assert np.allclose(mi.image, 0.0)
 
 
-def test_held_out_structure_drops_tenfold(builds):
-    result = builds[0]
-    held_out, _ = S.night(CAM, 3, seed0=900)
-    q = sky_frame_quality(CAM, held_out, result.frames, CFG)
-    assert q.improvement >= 10, q
-    assert q.rms_before > 5e-3
-    for e, (before, after, scale, err) in q.per_exposure.items():
-        assert after < before / 5
-        assert scale > 0 and err < 0.05 * scale
-
-
-def test_sky_frame_fits_round_trip(builds, tmp_path):
-    frame = builds[0].frames[4]
+def test_sky_frame_fits_round_trip(build, tmp_path):
+    frame = build.frames[4]
     frame.to_fits(tmp_path / "sky.fits")
     back = BackgroundModel.from_fits(tmp_path / "sky.fits")
     assert back.algorithm == "NATURAL_SPLINE" and back.bbox == (0, 0, 255, 511)
