@@ -13,15 +13,18 @@ A reversed range (``[2048:1,1:4096]``) means the axis is flipped. :func:`parse_s
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
 import math
 import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 __all__ = [
     "Section",
@@ -36,6 +39,7 @@ __all__ = [
     "CameraError",
     "load_camera",
     "list_cameras",
+    "effective_config",
     "OBS_TYPES",
 ]
 
@@ -275,6 +279,31 @@ class Camera(BaseModel):
     detectors: list[Detector] = Field(..., min_length=1)
     metadata: MetadataMap
     extra_keys: list[str] = Field(default_factory=list, description="header keys copied into the registry")
+    isr: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ISR defaults of this camera (IsrConfig fields, e.g. overscanFitType: MEDIAN_PER_ROW), "
+                    "merged over every calib type's ISR defaults; a build's own config still wins")
+
+    _content_hash: str = PrivateAttr("")
+    _canonical: str = PrivateAttr("")
+
+    @field_validator("isr")
+    @classmethod
+    def _isr_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .isr import IsrConfig     # isr imports rawio imports camera: import at validation time
+
+        fields = list(IsrConfig.model_fields)
+        snake = {_snake(f): f for f in fields}
+        out = {}
+        for key, value in v.items():
+            name = key if key in IsrConfig.model_fields else snake.get(str(key))
+            if name is None:
+                close = difflib.get_close_matches(str(key), fields + list(snake), n=1)
+                hint = f"; did you mean {snake.get(close[0], close[0])!r}?" if close else ""
+                raise ValueError(f"unknown ISR setting {key!r}{hint}")
+            out[name] = value
+        IsrConfig.model_validate(out)    # each value checked where it is written
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> "Camera":
@@ -310,6 +339,7 @@ class Camera(BaseModel):
                 if amp.read_noise is None and amp.read_noise_key is None:
                     raise ValueError(f"detector {det.name} amplifier {amp.name}: "
                                      "give read_noise or read_noise_key")
+        self._freeze()      # the definition as loaded, before any reader fills in header geometry
         return self
 
     # -- convenience --------------------------------------------------------------------------------
@@ -362,7 +392,50 @@ class Camera(BaseModel):
         return u / p + (det.nx - 1) / 2.0, v / p + (det.ny - 1) / 2.0
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        """The definition as loaded (canonical YAML): what the registry stores and the hash is of.
+
+        Reading raws with header-defined geometry fills in detector sizes on this object; those are
+        not part of the definition, so the text (and :attr:`content_hash`) stay as loaded."""
+        if not self._canonical:
+            self._freeze()
+        return self._canonical
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the canonical definition: part of every product's identity and intermediate key,
+        so a corrected camera file rebuilds what it changes."""
+        if not self._content_hash:
+            self._freeze()
+        return self._content_hash
+
+    def _freeze(self) -> None:
+        text = yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        self._canonical = text
+        self._content_hash = hashlib.sha256(text.encode()).hexdigest()
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def effective_config(model: type[BaseModel], camera: "Camera | None", config: dict | None) -> BaseModel:
+    """A calib type's config: the type's defaults, then the camera's ``isr`` defaults over its ISR
+    section, then ``config`` (a build's own settings) over both, merged key by key.
+
+    A partial ``isr`` in ``config`` only changes the keys it names (the type's switches, such as a bias
+    build's ``doBias: false``, stay).
+    """
+    base = model().model_dump(mode="json")
+    if camera is not None and camera.isr and "isr" in base:
+        base = _deep_merge(base, {"isr": dict(camera.isr)})
+    return model.model_validate(_deep_merge(base, config or {}))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _extent_from_amps(det: Detector) -> tuple[int, int]:

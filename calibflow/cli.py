@@ -389,12 +389,13 @@ def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (s
               repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Fit and subtract the certified sky frame from one exposure (after ISR with the certified calibs
     and the focal-plane background); writes the corrected images and reports the fitted scale."""
+    from calib_core.camera import effective_config
     from calib_core.registry import RegistryError
     from calib_core.science import apply_sky as run_apply_sky
     from calib_core.sky import SkyBuildConfig
 
     store, registry = _open_repo(repo, registry_url)
-    config = SkyBuildConfig.model_validate(_load_config("sky", config_file, sets))
+    overrides = _load_config("sky", config_file, sets)
     rows = registry.query_exposures(exposure_ids=[exposure])
     if not rows:
         _fail(f"no exposure {exposure!r} in the registry (see `calibflow exposures`)")
@@ -402,6 +403,7 @@ def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (s
     if row["obs_type"] != "science":
         _fail(f"exposure {exposure} is a {row['obs_type']} frame, not a science exposure")
     camera = _load_camera(row["camera"])
+    config = effective_config(SkyBuildConfig, camera, overrides)
     target = out or store.root / "skysub" / exposure
     t0 = time.perf_counter()
     try:

@@ -68,6 +68,20 @@ def resolve_repo(repo: str | None, registry_url: str | None) -> tuple[str, str |
     return os.path.abspath(repo), registry_url or os.environ.get("CALIBFLOW_REGISTRY_URL") or None
 
 
+def _changed(values: dict, defaults: dict) -> dict:
+    """The settings of a form that differ from the type's defaults: only those override the camera's
+    ISR defaults (a form always carries every field)."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(defaults.get(k), dict):
+            sub = _changed(v, defaults[k])
+            if sub:
+                out[k] = sub
+        elif k not in defaults or defaults[k] != v:
+            out[k] = v
+    return out
+
+
 def _build_flow(calib_type: str) -> Flow:
     model: type[BaseModel] = CONFIG_MODELS[calib_type]
 
@@ -82,7 +96,8 @@ def _build_flow(calib_type: str) -> Flow:
         repo, registry_url = resolve_repo(repo, registry_url)
         return build_calib.fn(calib_type, camera=camera, night=night, exposures=exposures or None,
                               filter=filter, detectors=detectors or None, repo=repo, registry_url=registry_url,
-                              config=config.model_dump(mode="json"), drop_incomplete=drop_incomplete,
+                              config=_changed(config.model_dump(mode="json"), model().model_dump(mode="json")),
+                              drop_incomplete=drop_incomplete,
                               calib_date=calib_date, validity_days_before=validity_days_before,
                               validity_days_after=validity_days_after, on_bad_input=on_bad_input,
                               runner=runner, dask_address=dask_address)

@@ -26,7 +26,7 @@ from calib_core.atomic import sweep_stale
 from calib_core.background import BackgroundModel
 from calib_core.buildplan import config_hash, plan_build
 from calib_core.calibs import solve_flat_scales
-from calib_core.camera import load_camera
+from calib_core.camera import effective_config, load_camera
 from calib_core.datastore import Datastore
 from calib_core.mosaic import camera_mosaic, write_mosaic
 from calib_core.products import read_product
@@ -147,7 +147,8 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
     url = registry_url or store.default_registry_url
     registry = Registry.open(url)
     registry.check_ready()
-    cfg = CONFIG_MODELS[calib_type].model_validate(config or {})
+    # the type's defaults, the camera's ISR defaults over them, the build's own settings over both
+    cfg = effective_config(CONFIG_MODELS[calib_type], load_camera(camera), config)
     plan = plan_build(registry, calib_type, camera, night=night, exposure_ids=exposures, filter=filter,
                       detectors=detectors, drop_incomplete=drop_incomplete, calib_date=calib_date)
     log.info("%s build: %d exposures x %d detectors, filter %s, calib date %s%s", calib_type,
