@@ -36,10 +36,10 @@ def config_hash(config: BaseModel | dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def intermediate_key(raw_checksum: str, cfg_hash: str, calib_ids: list[str]) -> str:
-    """Key of a per-(exposure, detector) intermediate: a rerun with the same raw, config and ISR calibs
-    finds it and skips the work (resume)."""
-    payload = json.dumps([raw_checksum, cfg_hash, sorted(calib_ids)])
+def intermediate_key(raw_checksum: str, cfg_hash: str, calib_ids: list[str], camera_hash: str = "") -> str:
+    """Key of a per-(exposure, detector) intermediate: a rerun with the same raw, config, ISR calibs
+    and camera definition finds it and skips the work (resume); a corrected camera file does not."""
+    payload = json.dumps([raw_checksum, cfg_hash, sorted(calib_ids)] + ([camera_hash] if camera_hash else []))
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

@@ -43,7 +43,7 @@ _SUMMARY = {
 ARGS_DOC = """
 Args:
     night: observing night YYYY-MM-DD (the local date of the evening); selects the exposures
-    camera: camera name (a built-in camera or a YAML file on the serving machine)
+    camera: camera name in the registry (or its YAML file on the serving machine); empty when the registry or the selection decides
     filter: filter of the exposures; needed where the night has several
     exposures: explicit exposure ids instead of (or within) the night
     detectors: detector ids to build; empty means all detectors of the camera
@@ -85,7 +85,7 @@ def _changed(values: dict, defaults: dict) -> dict:
 def _build_flow(calib_type: str) -> Flow:
     model: type[BaseModel] = CONFIG_MODELS[calib_type]
 
-    def build(night: NightStr | None = None, camera: str = "democam", filter: str | None = None,
+    def build(night: NightStr | None = None, camera: str | None = None, filter: str | None = None,
               exposures: list[str] | None = None, detectors: list[int] | None = None,
               config: model = model(), drop_incomplete: bool = False, calib_date: DateStr | None = None,
               validity_days_before: Annotated[float, Field(ge=0)] = 15.0,
