@@ -462,21 +462,13 @@ def _overscan_columns(det) -> int:
 
 
 def _overscan_per_row(run: NightRun) -> bool:
-    """Whether the builds used a per-row overscan (from the product's recorded config)."""
-    from calib_core.registry import BuildRunRow
-    from sqlalchemy import select
-
-    reg = _registry(run)
-    with reg.session() as s:
-        for r in s.execute(select(BuildRunRow)).scalars():
-            cfg = (r.parameters or {}).get("config") or {}
-            fit = (cfg.get("isr") or {}).get("overscanFitType")
-            if fit:
-                return fit.endswith("PER_ROW")
-    from calib_core.buildplan import resolve_config
+    """Whether the bias build used a per-row overscan: the camera's ISR defaults over the type's (the
+    benchmark runs the defaults)."""
     from calib_core.calibs import BiasConfig
+    from calib_core.camera import effective_config
 
-    return resolve_config(BiasConfig, {}).isr.overscanFitType.endswith("PER_ROW")
+    cam = load_camera(run.sim.truth_dir / "camera.yaml")
+    return effective_config(BiasConfig, cam, {}).isr.overscanFitType.endswith("PER_ROW")
 
 
 # --------------------------------------------------------------------------------------------------

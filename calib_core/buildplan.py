@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from .registry import Registry
 
-__all__ = ["CALIB_TYPES", "INPUT_TYPE", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash", "resolve_config",
+__all__ = ["CALIB_TYPES", "INPUT_TYPE", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash",
            "intermediate_key"]
 
 CALIB_TYPES = ("bias", "dark", "flat", "fringe", "sky")
@@ -30,33 +30,16 @@ class InconsistentInputs(ValueError):
     """Exposures of a build do not all have the same detectors (``checkCcdIdLists``)."""
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def resolve_config(model: type[BaseModel], overrides: dict | BaseModel | None = None) -> BaseModel:
-    """A calib type's config: ``overrides`` (a partial, nested dict as ``--set`` and config files
-    give) merged field by field over the type's defaults, then validated. ``{"isr":
-    {"overscanFitType": "MEDIAN_PER_ROW"}}`` changes one ISR field and keeps the type's other ISR
-    defaults (validating the dict alone would rebuild ``isr`` from the generic ISR defaults)."""
-    if isinstance(overrides, BaseModel):
-        return model.model_validate(overrides.model_dump())
-    return model.model_validate(_deep_merge(model().model_dump(), overrides or {}))
-
-
 def config_hash(config: BaseModel | dict) -> str:
     """sha256 of a config's canonical JSON (stored with every product)."""
     data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def intermediate_key(raw_checksum: str, cfg_hash: str, calib_ids: list[str]) -> str:
-    """Key of a per-(exposure, detector) intermediate: a rerun with the same raw, config and ISR calibs
-    finds it and skips the work (resume)."""
-    payload = json.dumps([raw_checksum, cfg_hash, sorted(calib_ids)])
+def intermediate_key(raw_checksum: str, cfg_hash: str, calib_ids: list[str], camera_hash: str = "") -> str:
+    """Key of a per-(exposure, detector) intermediate: a rerun with the same raw, config, ISR calibs
+    and camera definition finds it and skips the work (resume); a corrected camera file does not."""
+    payload = json.dumps([raw_checksum, cfg_hash, sorted(calib_ids)] + ([camera_hash] if camera_hash else []))
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

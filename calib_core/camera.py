@@ -13,15 +13,18 @@ A reversed range (``[2048:1,1:4096]``) means the axis is flipped. :func:`parse_s
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
 import math
 import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 __all__ = [
     "Section",
@@ -29,13 +32,18 @@ __all__ = [
     "KeyRule",
     "ValueSource",
     "ObsTypeRule",
+    "Condition",
+    "HeaderTable",
     "MetadataMap",
     "Amplifier",
     "Detector",
     "Camera",
     "CameraError",
     "load_camera",
+    "camera_from_definition",
+    "is_camera_file",
     "list_cameras",
+    "effective_config",
     "OBS_TYPES",
 ]
 
@@ -123,8 +131,36 @@ class KeyRule(BaseModel):
     required: bool = Field(False, description="missing value is an error (when no default)")
 
 
+def _regex(v: str | None) -> str | None:
+    """A regular expression that compiles, or a ValueError saying why (re.error is not one)."""
+    if v is not None:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
+    return v
+
+
+class Condition(BaseModel):
+    """A further condition of an obs_type rule: a regex searched in another header value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(..., description="header key whose value is matched")
+    hdu: int | str = 0
+    pattern: str = Field(..., description="Python regex, searched (not full-matched)")
+    negate: bool = Field(False, description="the condition holds when the pattern does NOT match "
+                                            "(or the key is absent)")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        return _regex(v)
+
+
 class ObsTypeRule(BaseModel):
-    """One rule for the observation type: a regex on a header value or on the file path."""
+    """One rule for the observation type: a regex on a header value or on the file path, with
+    optional further conditions on other keys (``all_of``: every one must hold)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -135,6 +171,8 @@ class ObsTypeRule(BaseModel):
     value: str = Field(..., description="observation type when the pattern matches")
     exptime_min: float | None = Field(None, description="rule applies only if EXPTIME >= this")
     exptime_max: float | None = Field(None, description="rule applies only if EXPTIME <= this")
+    all_of: list[Condition] = Field(default_factory=list,
+                                    description="further conditions on other header keys, all required")
 
     @field_validator("value")
     @classmethod
@@ -146,8 +184,7 @@ class ObsTypeRule(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, v: str) -> str:
-        re.compile(v)
-        return v
+        return _regex(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ObsTypeRule":
@@ -157,14 +194,27 @@ class ObsTypeRule(BaseModel):
 
 
 class ValueSource(KeyRule):
-    """A text value with an optional mapping of raw header values to normalised ones."""
+    """A text value with an optional mapping of raw header values to normalised ones.
+
+    By default the first of ``keys`` present gives the value. ``skip`` passes over values matching a
+    regex (HST ACS: ``keys: [FILTER1, FILTER2], skip: '^CLEAR'`` takes whichever wheel holds a
+    filter); ``join`` joins every value present (not skipped) with a separator instead.
+    """
 
     map: dict[str, str] = Field(default_factory=dict, description="raw value -> normalised value")
+    skip: str | None = Field(None, description="regex: header values that match are passed over")
+    join: str | None = Field(None, description="join every present value with this separator "
+                                               "(instead of taking the first)")
     path_pattern: str | None = Field(
         None, description="regex on the file name; group 1 is the value (used when no key is present)")
     format: str | None = Field(
         None, description="final value as a format string with {value}, {night}, {night_compact}, "
                           "{stem}; e.g. '{night_compact}_{value}' for frame numbers that restart nightly")
+
+    @field_validator("path_pattern", "skip")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        return _regex(v)
 
 
 class MetadataMap(BaseModel):
@@ -199,6 +249,35 @@ class MetadataMap(BaseModel):
 # --------------------------------------------------------------------------------------------------
 
 
+class HeaderTable(BaseModel):
+    """A number chosen by a header setting: ``{key: CCDGAIN, values: {low: 1.55, high: 0.78}}``.
+
+    The header value is matched as text (stripped; case-insensitive), and numerically when both sides
+    are numbers (``CCDGAIN = 4`` matches ``'4'`` and ``'4.0'``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(..., description="header key (primary header merged with the amplifier's HDU)")
+    values: dict[str, float] = Field(..., min_length=1, description="header value -> number")
+
+    def lookup(self, raw) -> float | None:
+        text = str(raw).strip().lower()
+        for k, v in self.values.items():
+            if str(k).strip().lower() == text:
+                return float(v)
+        try:
+            x = float(raw)
+        except (TypeError, ValueError):
+            return None
+        for k, v in self.values.items():
+            try:
+                if float(k) == x:
+                    return float(v)
+            except ValueError:
+                continue
+        return None
+
+
 class Amplifier(BaseModel):
     """One readout amplifier (tap) of a detector.
 
@@ -222,7 +301,11 @@ class Amplifier(BaseModel):
     gain_key: str | None = Field(None, description="header key with the gain (e-/ADU)")
     read_noise: float | None = Field(None, ge=0, description="electrons; None = read read_noise_key")
     read_noise_key: str | None = None
+    gain_table: HeaderTable | None = Field(None, description="gain chosen by a header setting (e.g. CCDGAIN)")
+    read_noise_table: HeaderTable | None = Field(None, description="read noise chosen by a header setting")
     saturation: float = Field(65535.0, description="ADU above which pixels are flagged SAT")
+    saturation_key: str | None = Field(None, description="header key with the saturation level, ADU "
+                                                          "(``saturation`` when the key is absent)")
     overscan_margin: int = Field(2, ge=0, description="overscan columns/rows skipped next to the data")
 
     def model_post_init(self, __context) -> None:
@@ -275,6 +358,34 @@ class Camera(BaseModel):
     detectors: list[Detector] = Field(..., min_length=1)
     metadata: MetadataMap
     extra_keys: list[str] = Field(default_factory=list, description="header keys copied into the registry")
+    ignore_hdus: list[int | str] = Field(default_factory=list,
+                                         description="image HDUs (index or EXTNAME) that are not raw pixels, "
+                                                     "e.g. ERR and DQ planes: left out of the HDU count")
+    isr: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ISR defaults of this camera (IsrConfig fields, e.g. overscanFitType: MEDIAN_PER_ROW), "
+                    "merged over every calib type's ISR defaults; a build's own config still wins")
+
+    _content_hash: str = PrivateAttr("")
+    _canonical: str = PrivateAttr("")
+
+    @field_validator("isr")
+    @classmethod
+    def _isr_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .isr import IsrConfig     # isr imports rawio imports camera: import at validation time
+
+        fields = list(IsrConfig.model_fields)
+        snake = {_snake(f): f for f in fields}
+        out = {}
+        for key, value in v.items():
+            name = key if key in IsrConfig.model_fields else snake.get(str(key))
+            if name is None:
+                close = difflib.get_close_matches(str(key), fields + list(snake), n=1)
+                hint = f"; did you mean {snake.get(close[0], close[0])!r}?" if close else ""
+                raise ValueError(f"unknown ISR setting {key!r}{hint}")
+            out[name] = value
+        IsrConfig.model_validate(out)    # each value checked where it is written
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> "Camera":
@@ -303,13 +414,20 @@ class Camera(BaseModel):
                         raise ValueError(f"detector {det.name} amplifier {amp.name}: missing {missing} "
                                          "(or set sections_from_header: true)")
                 if det.nx is None or det.ny is None:
-                    det.nx, det.ny = _extent_from_amps(det)
+                    ex, ey = _extent_from_amps(det)
+                    det.nx, det.ny = det.nx or ex, det.ny or ey
             for amp in det.amplifiers:
-                if amp.gain is None and amp.gain_key is None:
-                    raise ValueError(f"detector {det.name} amplifier {amp.name}: give gain or gain_key")
-                if amp.read_noise is None and amp.read_noise_key is None:
+                if amp.gain is None and amp.gain_key is None and amp.gain_table is None:
+                    raise ValueError(f"detector {det.name} amplifier {amp.name}: give gain or gain_key "
+                                     "(or gain_table)")
+                if amp.read_noise is None and amp.read_noise_key is None and amp.read_noise_table is None:
                     raise ValueError(f"detector {det.name} amplifier {amp.name}: "
-                                     "give read_noise or read_noise_key")
+                                     "give read_noise or read_noise_key (or read_noise_table)")
+        _check_hdus(self)
+        for i, det in enumerate(self.detectors):
+            _check_amplifier_geometry(self, i, det)
+        _check_focal_plane(self)
+        self._freeze()      # the definition as loaded, before any reader fills in header geometry
         return self
 
     # -- convenience --------------------------------------------------------------------------------
@@ -362,7 +480,127 @@ class Camera(BaseModel):
         return u / p + (det.nx - 1) / 2.0, v / p + (det.ny - 1) / 2.0
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        """The definition as loaded (canonical YAML): what the registry stores and the hash is of.
+
+        Reading raws with header-defined geometry fills in detector sizes on this object; those are
+        not part of the definition, so the text (and :attr:`content_hash`) stay as loaded."""
+        if not self._canonical:
+            self._freeze()
+        return self._canonical
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the definition (every value that differs from the schema's defaults, as canonical
+        JSON): part of every product's identity and intermediate key, so a corrected camera file
+        rebuilds what it changes; comments and key order in the file do not count."""
+        if not self._content_hash:
+            self._freeze()
+        return self._content_hash
+
+    def _freeze(self) -> None:
+        self._canonical = yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        # the hash leaves defaults out: a calibflow release that adds a schema field (with a default)
+        # does not change the hash of the cameras that do not use it
+        essence = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
+        self._content_hash = hashlib.sha256(essence.encode()).hexdigest()
+
+
+def _overlap(a: "Section", b: "Section") -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _check_hdus(cam: "Camera") -> None:
+    """Each detector (or amplifier, per layout) reads its own HDU."""
+    seen: dict[str, str] = {}
+    for i, det in enumerate(cam.detectors):
+        if cam.layout == "hdu_per_detector":
+            where = [(f"detectors[{i}] ({det.name}).hdu", det.hdu)]
+        else:
+            where = [(f"detectors[{i}] ({det.name}) amplifiers[{j}] ({a.name}).hdu", a.hdu)
+                     for j, a in enumerate(det.amplifiers)]
+        for field, hdu in where:
+            if str(hdu) in {str(h) for h in cam.ignore_hdus}:
+                raise ValueError(f"{field}: HDU {hdu!r} is also listed in ignore_hdus")
+            if str(hdu) in seen:
+                raise ValueError(f"{field}: HDU {hdu!r} is already read by {seen[str(hdu)]}; each "
+                                 f"{'detector' if cam.layout == 'hdu_per_detector' else 'amplifier'} "
+                                 f"needs its own HDU (layout {cam.layout})")
+            seen[str(hdu)] = field.rsplit(".", 1)[0]
+
+
+def _check_amplifier_geometry(cam: "Camera", i: int, det: "Detector") -> None:
+    """Sections that are listed: detector sections inside the detector and not shared, data and
+    detector sections of one size, no overscan over data read from the same HDU."""
+    def sec(amp, name):
+        text = getattr(amp, name)
+        return parse_section(text) if text else None
+
+    where = [f"detectors[{i}] ({det.name}) amplifiers[{j}] ({a.name})" for j, a in enumerate(det.amplifiers)]
+    for j, amp in enumerate(det.amplifiers):
+        data, dsec = sec(amp, "data_section"), sec(amp, "detector_section")
+        if data is not None and dsec is not None and (data.nx, data.ny) != (dsec.nx, dsec.ny):
+            raise ValueError(f"{where[j]}.detector_section {amp.detector_section} is {dsec.nx}x{dsec.ny} pixels but "
+                             f"data_section {amp.data_section} is {data.nx}x{data.ny}")
+        if dsec is not None and det.nx is not None and det.ny is not None and \
+                (dsec.x1 > det.nx or dsec.y1 > det.ny) and not cam.sections_from_header:
+            raise ValueError(f"{where[j]}.detector_section {amp.detector_section} lies outside the "
+                             f"{det.nx}x{det.ny} detector (nx, ny)")
+        for k in range(j):
+            other = sec(det.amplifiers[k], "detector_section")
+            if dsec is not None and other is not None and _overlap(dsec, other):
+                raise ValueError(f"{where[j]}.detector_section {amp.detector_section} overlaps amplifier "
+                                 f"{det.amplifiers[k].name}'s {det.amplifiers[k].detector_section}: each "
+                                 "amplifier fills its own part of the detector")
+    # overscans against the data of every amplifier read from the same HDU
+    for j, amp in enumerate(det.amplifiers):
+        over = sec(amp, "overscan_section")
+        if over is None:
+            continue
+        for k, other in enumerate(det.amplifiers):
+            if cam.layout == "hdu_per_amplifier" and str(other.hdu) != str(amp.hdu):
+                continue
+            data = sec(other, "data_section")
+            if data is not None and _overlap(over, data):
+                whose = "its" if k == j else f"amplifier {other.name}'s"
+                raise ValueError(f"{where[j]}.overscan_section {amp.overscan_section} overlaps {whose} "
+                                 f"data_section {other.data_section}")
+
+
+def _check_focal_plane(cam: "Camera") -> None:
+    """Detectors of known size do not overlap in the focal plane."""
+    boxes = [(d, cam.detector_corners_mm(d)) for d in cam.detectors if d.nx is not None and d.ny is not None]
+    for n, (a, ba) in enumerate(boxes):
+        for b, bb in boxes[:n]:
+            ox = min(ba[1], bb[1]) - max(ba[0], bb[0])
+            oy = min(ba[3], bb[3]) - max(ba[2], bb[2])
+            if ox > 1e-9 and oy > 1e-9:
+                raise ValueError(f"detectors {b.name} and {a.name} overlap in the focal plane by "
+                                 f"{ox:.3g} x {oy:.3g} mm: check their x_mm, y_mm, nx, ny, orientation and "
+                                 "pixel size")
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def effective_config(model: type[BaseModel], camera: "Camera | None", config: dict | None) -> BaseModel:
+    """A calib type's config: the type's defaults, then the camera's ``isr`` defaults over its ISR
+    section, then ``config`` (a build's own settings) over both, merged key by key.
+
+    A partial ``isr`` in ``config`` only changes the keys it names (the type's switches, such as a bias
+    build's ``doBias: false``, stay).
+    """
+    base = model().model_dump(mode="json")
+    if camera is not None and camera.isr and "isr" in base:
+        base = _deep_merge(base, {"isr": dict(camera.isr)})
+    return model.model_validate(_deep_merge(base, config or {}))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _extent_from_amps(det: Detector) -> tuple[int, int]:
@@ -384,6 +622,69 @@ def list_cameras() -> list[str]:
     return sorted(p.stem for p in _builtin_dir().glob("*.yaml"))
 
 
+def is_camera_file(spec: str | Path) -> bool:
+    """Whether a ``--camera`` value names a YAML file (rather than a camera by name)."""
+    text = str(spec)
+    return Path(text).suffix in (".yaml", ".yml") or Path(text).is_file()
+
+
+def camera_from_definition(text: str, source: str = "registry") -> Camera:
+    """A camera from its stored definition (the YAML text the registry keeps)."""
+    return _camera_from_text(text, source)
+
+
+@lru_cache(maxsize=64)
+def _camera_from_text(text: str, source: str) -> Camera:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CameraError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise CameraError(f"{source}: a camera definition must hold a mapping at the top level")
+    return _validate(data, source)
+
+
+def _validate(data: dict, source: str) -> Camera:
+    from pydantic import ValidationError
+
+    try:
+        return Camera.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid camera definition ({exc.error_count()} problem(s))"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                known = _fields_at(err["loc"][:-1])
+                close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+                msg = f"unknown key{f'; did you mean {close[0]!r}?' if close else ''} (known: {', '.join(known)})"
+            lines.append(f"  - {loc or '<top>'}: {msg}")
+        raise CameraError("\n".join(lines)) from None
+
+
+def _fields_at(loc) -> list[str]:
+    """Field names of the model found at a pydantic error location inside a camera definition."""
+    import typing
+
+    model = Camera
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        found = None
+        for t in (ann, *typing.get_args(ann)):
+            for u in (t, *typing.get_args(t)):
+                if isinstance(u, type) and issubclass(u, BaseModel):
+                    found = u
+        if found is None:
+            return []
+        model = found
+    return list(model.model_fields)
+
+
 def load_camera(name_or_path: str | Path) -> Camera:
     """Load a camera by built-in name (``democam``) or from a YAML file path.
 
@@ -400,11 +701,12 @@ def load_camera(name_or_path: str | Path) -> Camera:
         if not path.exists():
             raise CameraError(f"unknown camera {text!r}; built-in cameras: {', '.join(list_cameras())} "
                               "(or give the path of a YAML file)")
-    return _load_camera_file(str(path.resolve()), path.stat().st_mtime if path.exists() else 0.0)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else (0, 0)
+    return _load_camera_file(str(path.resolve()), stamp)
 
 
 @lru_cache(maxsize=64)
-def _load_camera_file(path: str, _mtime: float) -> Camera:
+def _load_camera_file(path: str, _stamp: tuple) -> Camera:
     try:
         with open(path) as fh:
             data = yaml.safe_load(fh)
@@ -414,13 +716,4 @@ def _load_camera_file(path: str, _mtime: float) -> Camera:
         raise CameraError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise CameraError(f"{path}: a camera file must hold a mapping at the top level")
-    from pydantic import ValidationError
-
-    try:
-        return Camera.model_validate(data)
-    except ValidationError as exc:
-        lines = [f"{path}: invalid camera definition ({exc.error_count()} problem(s))"]
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  - {loc or '<top>'}: {err['msg']}")
-        raise CameraError("\n".join(lines)) from None
+    return _validate(data, path)

@@ -23,7 +23,8 @@ from .datastore import Datastore, sha256_file
 from .rawio import RawReadError, read_raw
 from .registry import DetectorRow, ExposureRow, RawRow, Registry
 
-__all__ = ["IngestReport", "ingest_files", "find_raw_files", "RAW_SUFFIXES"]
+__all__ = ["IngestReport", "ingest_files", "find_raw_files", "RAW_SUFFIXES", "UpdateReport", "update_exposures",
+           "METADATA_FIELDS"]
 
 RAW_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz", ".fz")
 
@@ -67,6 +68,7 @@ def ingest_files(paths: Iterable[str | Path], camera: Camera, registry: Registry
         Called as ``progress(path, outcome)`` after each file.
     """
     report = IngestReport()
+    registry.check_camera(camera)     # a changed definition goes through update_exposures, not here
     datastore.ensure()
     for path in find_raw_files(paths):
         outcome = _ingest_one(Path(path), camera, registry, datastore, transfer, report)
@@ -113,7 +115,7 @@ def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datas
                                   path=str(placed), original_path=str(path.absolute()), transfer=transfer,
                                   checksum=checksum, size_bytes=size,
                                   n_detectors=len(raw.detectors), extra=meta.extra,
-                                  ingested_at=dt.datetime.now(dt.timezone.utc))
+                                  camera_checksum=camera.content_hash, ingested_at=dt.datetime.now(dt.timezone.utc))
                 s.add(row)
                 # claim the exposure before placing the file: a concurrent ingest of it waits here for
                 # our commit, then sees it as already ingested (second attempt)
@@ -148,3 +150,120 @@ def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datas
 
 class _Conflict(Exception):
     pass
+
+
+# --------------------------------------------------------------------------------------------------
+# ingest --update: re-read the headers of registered exposures with a (corrected) camera definition
+# --------------------------------------------------------------------------------------------------
+
+#: the exposure fields a camera definition decides (what ``update_exposures`` compares and rewrites)
+METADATA_FIELDS = ("exposure_id", "obs_type", "filter", "exptime", "darktime", "date_obs", "night", "object",
+                   "extra")
+
+
+@dataclass
+class UpdateReport:
+    changed: dict[str, dict[str, tuple]] = field(default_factory=dict)   # exposure id -> field -> (old, new)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)          # (path, why)
+    camera_changed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+class _Rollback(Exception):
+    pass
+
+
+def update_exposures(camera: Camera, registry: Registry, paths: Iterable[str | Path] | None = None) -> UpdateReport:
+    """Re-read the headers of a camera's registered exposures with ``camera`` (a corrected definition),
+    record what changed per exposure and store the definition in the registry.
+
+    Every raw is read completely first (as at ingest); raws and products are never touched. All or
+    nothing: if any exposure cannot be read with the new definition (or its new exposure id clashes,
+    or its detectors change), nothing in the registry changes and ``failed`` says why.
+
+    Parameters
+    ----------
+    paths
+        Raw files (or folders) to re-read, matched to registered exposures by content (sha256);
+        default: every exposure of the camera.
+    """
+    report = UpdateReport()
+    wanted = None
+    if paths is not None:
+        wanted = {}
+        for p in find_raw_files(paths):
+            try:
+                wanted[sha256_file(p)] = str(p)
+            except OSError as exc:
+                report.failed.append((str(p), f"cannot read: {exc}"))
+        if report.failed:
+            return report
+    try:
+        with registry.session() as s:
+            cam = registry.camera_row(s, camera.name)
+            if cam is None:
+                raise _Conflict(f"camera {camera.name!r} is not in the registry: nothing to update (ingest first)")
+            rows = list(s.scalars(select(ExposureRow).where(ExposureRow.camera_id == cam.id)
+                                  .order_by(ExposureRow.date_obs, ExposureRow.exposure_id)))
+            if wanted is not None:
+                known = {r.checksum for r in rows}
+                report.failed += [(p, f"not an ingested exposure of camera {camera.name}")
+                                  for c, p in wanted.items() if c not in known]
+                rows = [r for r in rows if r.checksum in wanted]
+            report.camera_changed = cam.checksum != camera.content_hash
+            registry.ensure_camera(s, camera, update=True)
+            det_rows = {d.number: d for d in s.scalars(select(DetectorRow).where(DetectorRow.camera_id == cam.id))}
+            by_pk = {d.id: d.number for d in det_rows.values()}
+            for row in rows:
+                try:
+                    raw = read_raw(row.path, camera)
+                except RawReadError as exc:
+                    report.failed.append((row.path, exc.problem))
+                    continue
+                registered = {by_pk[r.detector_id] for r in row.raws}
+                if set(raw.detectors) != registered:
+                    report.failed.append((row.path, f"exposure {row.exposure_id}: the camera now reads detectors "
+                                                    f"{sorted(raw.detectors)}, registered {sorted(registered)}; "
+                                                    "a change of detectors needs a new repository"))
+                    continue
+                meta = raw.metadata
+                new = {"exposure_id": meta.exposure_id, "obs_type": meta.obs_type, "filter": meta.filter,
+                       "exptime": meta.exptime, "darktime": meta.darktime, "date_obs": meta.date_obs,
+                       "night": meta.night, "object": meta.object[:256], "extra": meta.extra}
+                diff = {}
+                for name, value in new.items():
+                    old = getattr(row, name)
+                    if name == "date_obs" and old.tzinfo is None:
+                        old = old.replace(tzinfo=dt.timezone.utc)
+                    if old != value:
+                        diff[name] = (_plain(old), _plain(value))
+                        setattr(row, name, value)
+                row.camera_checksum = camera.content_hash
+                if diff:
+                    report.changed[meta.exposure_id] = diff
+                else:
+                    report.unchanged.append(meta.exposure_id)
+            if report.failed:
+                raise _Rollback()
+            s.flush()           # a new exposure id clashing with another one fails here
+    except _Rollback:
+        report.changed.clear()
+        report.unchanged.clear()
+        report.camera_changed = False
+    except (_Conflict, IntegrityError) as exc:
+        msg = str(exc) if isinstance(exc, _Conflict) else f"registry refused the update: {str(exc).splitlines()[0]}"
+        report.failed.append(("", msg))
+        report.changed.clear()
+        report.unchanged.clear()
+        report.camera_changed = False
+    return report
+
+
+def _plain(value):
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    return value

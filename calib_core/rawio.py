@@ -133,6 +133,24 @@ def _first_value(hdul: fits.HDUList, rule: KeyRule):
     return None, None
 
 
+def _combined_value(hdul: fits.HDUList, src: ValueSource):
+    """``skip``/``join`` rules: the present values of ``keys`` not matching ``skip``; the first, or
+    all joined."""
+    header = _header_for(hdul, src.hdu)
+    found = []
+    for key in src.keys:
+        if key in header and header[key] is not None and str(header[key]).strip() != "":
+            value = str(header[key]).strip()
+            if src.skip and re.search(src.skip, value):
+                continue
+            found.append((key, value))
+    if not found:
+        return None, None
+    if src.join is not None:
+        return found[0][0], src.join.join(v for _, v in found)
+    return found[0]
+
+
 def _number(path, hdul, rule: KeyRule, what: str) -> float | None:
     key, value = _first_value(hdul, rule)
     if key is None:
@@ -151,7 +169,10 @@ def _number(path, hdul, rule: KeyRule, what: str) -> float | None:
 
 
 def _text(path: str, hdul, src: ValueSource, what: str) -> str | None:
-    key, value = _first_value(hdul, src) if src.keys else (None, None)
+    if src.skip or src.join is not None:
+        key, value = _combined_value(hdul, src)
+    else:
+        key, value = _first_value(hdul, src) if src.keys else (None, None)
     if key is None and src.path_pattern:
         m = re.search(src.path_pattern, Path(path).name)
         if m:
@@ -188,6 +209,15 @@ def _parse_datetime(path: str, date_text: str, time_text: str | None) -> dt.date
                              + (f" with time {time_text!r}" if time_text else ""))
 
 
+def _condition_holds(hdul: fits.HDUList, cond) -> bool:
+    try:
+        value = _header_for(hdul, cond.hdu).get(cond.key)
+    except KeyError:
+        value = None
+    hit = value is not None and re.search(cond.pattern, str(value)) is not None
+    return hit != cond.negate
+
+
 def _metadata(path: str, hdul: fits.HDUList, camera: Camera) -> ExposureMetadata:
     md = camera.metadata
     try:
@@ -215,13 +245,20 @@ def _metadata(path: str, hdul: fits.HDUList, camera: Camera) -> ExposureMetadata
                 subject = _header_for(hdul, rule.hdu).get(rule.key)
             except KeyError:
                 subject = None
-        if subject is not None and re.search(rule.pattern, str(subject)):
+        if subject is not None and re.search(rule.pattern, str(subject)) and \
+                all(_condition_holds(hdul, c) for c in rule.all_of):
             obs_type = rule.value
             break
     obs_type = obs_type or md.obs_type_default
 
     try:
-        filt = _text(path, hdul, md.filter, "filter") or "NONE"
+        filt = _text(path, hdul, md.filter, "filter")
+        if filt is None and md.filter.keys:
+            # a typo in the key would otherwise give every frame the filter NONE
+            raise RawReadError(path, f"no filter: none of the camera's metadata.filter.keys {md.filter.keys} "
+                                     f"holds a value in HDU {md.filter.hdu!r} (a typo? for frames without a "
+                                     "filter set metadata.filter.default)")
+        filt = filt or "NONE"
         exposure_id = _text(path, hdul, md.exposure_id, "exposure id")
         _, obj = _first_value(hdul, md.object) if md.object.keys else (None, None)
     except KeyError as exc:
@@ -351,9 +388,17 @@ def _header_sections(path: str, header: fits.Header, shape: tuple[int, int], amp
     return data, over, det
 
 
-def _resolve_amp_value(path, header, value, key, what) -> float:
+def _resolve_amp_value(path, header, value, key, what, table=None) -> float:
     if value is not None:
         return float(value)
+    if table is not None:
+        if table.key not in header:
+            raise RawReadError(path, f"missing header key {table.key} ({what} table)")
+        number = table.lookup(header[table.key])
+        if number is None:
+            raise RawReadError(path, f"{table.key}={header[table.key]!r} is not in the camera's {what} table "
+                                     f"(values for {', '.join(map(str, table.values))})")
+        return number
     if key in header:
         try:
             return float(header[key])
@@ -392,9 +437,12 @@ def _read_detector(path: str, hdul: fits.HDUList, camera: Camera, det: Detector)
         overscan_axis = 1
         if over is not None and over.x0 < data.x1 and over.x1 > data.x0 and not (over.y0 < data.y1 and over.y1 > data.y0):
             overscan_axis = 0      # overscan rows sharing the data columns: a parallel overscan
-        gain = _resolve_amp_value(path, merged, amp.gain, amp.gain_key, "gain")
-        rn = _resolve_amp_value(path, merged, amp.read_noise, amp.read_noise_key, "read noise")
-        placements.append((amp, raw, data, over, overscan_axis, detsec, gain, rn))
+        gain = _resolve_amp_value(path, merged, amp.gain, amp.gain_key, "gain", amp.gain_table)
+        rn = _resolve_amp_value(path, merged, amp.read_noise, amp.read_noise_key, "read noise", amp.read_noise_table)
+        sat = amp.saturation
+        if amp.saturation_key and amp.saturation_key in merged:
+            sat = _resolve_amp_value(path, merged, None, amp.saturation_key, "saturation")
+        placements.append((amp, raw, data, over, overscan_axis, detsec, gain, rn, sat))
 
     # DETSEC values are absolute in the mosaic: shift them to the detector's own origin.
     x_origin = min(p[5].x0 for p in placements)
@@ -405,13 +453,13 @@ def _read_detector(path: str, hdul: fits.HDUList, camera: Camera, det: Detector)
         raise RawReadError(path, f"detector {det.name}: the amplifiers assemble to {nx_det}x{ny_det} "
                                  f"pixels but the camera says {det.nx}x{det.ny}")
     amps = []
-    for amp, raw, data, over, axis, detsec, gain, rn in placements:
+    for amp, raw, data, over, axis, detsec, gain, rn, sat in placements:
         dslices = (slice(detsec.y0 - y_origin, detsec.y1 - y_origin), slice(detsec.x0 - x_origin, detsec.x1 - x_origin))
         amps.append(RawAmp(amp=amp, raw=raw, data_slices=data.slices,
                            overscan_slices=None if over is None else over.slices, overscan_axis=axis,
                            det_slices=dslices, flip_x=detsec.flip_x != data.flip_x,
                            flip_y=detsec.flip_y != data.flip_y, gain=gain, read_noise=rn,
-                           saturation=float(amp.saturation)))
+                           saturation=float(sat)))
     first_header = next(iter(arrays.values()))[1]
     merged = primary.copy()
     if first_header is not primary:
@@ -428,9 +476,12 @@ def _check_image_hdu_count(path: str, hdul: fits.HDUList, camera: Camera) -> Non
         expected = len({a.hdu for d in camera.detectors for a in d.amplifiers})
     else:
         expected = len({d.hdu for d in camera.detectors})
-    n_images = sum(1 for h in hdul if h.header.get("NAXIS", 0) == 2)
+    ignored = {str(h).upper() for h in camera.ignore_hdus}
+    n_images = sum(1 for i, h in enumerate(hdul) if h.header.get("NAXIS", 0) == 2
+                   and str(i) not in ignored and h.name.upper() not in ignored)
     if n_images != expected:
-        raise RawReadError(path, f"has {n_images} image HDUs but camera {camera.name} expects {expected}")
+        raise RawReadError(path, f"has {n_images} image HDUs (2-D, not in ignore_hdus) but camera {camera.name} "
+                                 f"reads {expected}: one per {'amplifier' if camera.layout == 'hdu_per_amplifier' else 'detector'}")
 
 
 def read_metadata(path: str | Path, camera: Camera) -> ExposureMetadata:

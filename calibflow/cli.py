@@ -36,8 +36,17 @@ UrlOpt = typer.Option(None, "--registry-url", envvar="CALIBFLOW_REGISTRY_URL",
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    # escaped: library messages hold FITS sections such as [1:10,1:20], which are not markup
+    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False)
     raise typer.Exit(code)
+
+
+def _esc(text) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
 def _open_repo(repo: Optional[Path], url: Optional[str], *, create: bool = False):
@@ -65,6 +74,32 @@ def _load_camera(name: str):
         _fail(str(exc))
 
 
+def _resolve_camera(registry, spec: Optional[str], night=None, exposure_ids=None):
+    """``--camera NAME|FILE`` as the registry holds it (see ``Registry.resolve_camera``)."""
+    from calib_core.camera import CameraError
+    from calib_core.registry import RegistryError
+
+    try:
+        return registry.resolve_camera(spec, night=night, exposure_ids=exposure_ids)
+    except (CameraError, RegistryError) as exc:
+        _fail(str(exc))
+
+
+def _camera_for_ingest(registry, spec: str):
+    """A YAML file as given; a name: the registry's definition if it holds one, else a built-in camera."""
+    from calib_core.camera import is_camera_file, list_cameras
+
+    if not is_camera_file(spec):
+        stored = registry.stored_camera(spec)
+        if stored is not None:
+            return stored
+        if spec not in list_cameras():
+            names = registry.camera_names()
+            _fail(f"unknown camera {spec!r}: not a YAML file, a built-in camera ({', '.join(list_cameras())}) "
+                  f"nor a camera in the registry ({', '.join(names) or 'none'})")
+    return _load_camera(spec)
+
+
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", help="print the version and exit")):
     if version:
@@ -86,21 +121,42 @@ def init(repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
 
 
 @app.command()
-def ingest(paths: list[Path] = typer.Argument(..., help="raw files or folders (searched recursively)"),
-           camera: str = typer.Option(..., "--camera", help="camera name or YAML file"),
+def ingest(paths: Optional[list[Path]] = typer.Argument(None, help="raw files or folders (searched recursively); "
+                                                              "with --update: default every exposure of the camera"),
+           camera: str = typer.Option(..., "--camera", help="camera YAML file, or a name (the registry's "
+                                                            "definition, else a built-in camera)"),
            transfer: str = typer.Option("copy", "--transfer", help="copy | symlink | hardlink | move | direct"),
+           update: bool = typer.Option(False, "--update", help="re-read the headers of ingested exposures with "
+                                       "this (corrected) camera definition and store it; raws and products "
+                                       "are not touched"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Register raw files (checksummed, never modified; the same file twice is a no-op)."""
     from calib_core.datastore import TRANSFER_MODES
     from calib_core.ingest import find_raw_files, ingest_files
+    from calib_core.registry import RegistryError
 
     if transfer not in TRANSFER_MODES:
         _fail(f"--transfer must be one of {', '.join(TRANSFER_MODES)}, not {transfer!r}")
-    cam = _load_camera(camera)
+    from calib_core.camera import is_camera_file, list_cameras
+    from calib_core.datastore import DEFAULT_REPO, Datastore
+
+    given = _load_camera(camera) if is_camera_file(camera) or camera in list_cameras() else None
+    if given is None and not registry_url and not Datastore(repo or DEFAULT_REPO).root.exists():
+        _load_camera(camera)      # neither a file, a built-in camera nor (no repository) a registered one
     store, registry = _open_repo(repo, registry_url)
+    if update:
+        _ingest_update(registry, given or _load_camera(camera), paths)
+        return
+    if not paths:
+        _fail("give the raw files or folders to ingest (or --update to re-read ingested ones)")
+    cam = _camera_for_ingest(registry, camera)
     files = find_raw_files(paths)
     if not files:
         _fail(f"no FITS files found in {', '.join(map(str, paths))}")
+    try:
+        registry.check_camera(cam)
+    except RegistryError as exc:
+        _fail(str(exc).replace("--camera FILE", f"--camera {camera}"))
     with _progress() as progress:
         task = progress.add_task("ingest", total=len(files))
         report = ingest_files(files, cam, registry, store, transfer=transfer,
@@ -108,9 +164,25 @@ def ingest(paths: list[Path] = typer.Argument(..., help="raw files or folders (s
     console.print(f"ingested {len(report.ingested)}, already present {len(report.skipped)}, "
                   f"failed {len(report.failed)}")
     for path, why in report.failed:
-        err.print(f"[red]failed[/] {path}: {why}", highlight=False)
+        err.print(f"[red]failed[/] {_esc(path)}: {_esc(why)}", highlight=False)
     if report.failed:
         raise typer.Exit(1)
+
+
+def _ingest_update(registry, cam, paths) -> None:
+    from calib_core.ingest import update_exposures
+    from rich.markup import escape
+
+    report = update_exposures(cam, registry, paths or None)
+    for path, why in report.failed:
+        err.print(f"[red]failed[/] {escape(path or cam.name)}: {escape(why)}", highlight=False)
+    if report.failed:
+        _fail(f"nothing updated: {len(report.failed)} problem(s) with camera {cam.name}'s new definition")
+    for expid, diff in report.changed.items():
+        changes = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+        console.print(f"{expid}: {changes}", highlight=False)
+    console.print(f"camera {cam.name}: definition {'updated' if report.camera_changed else 'unchanged'}; "
+                  f"{len(report.changed)} exposure(s) changed, {len(report.unchanged)} unchanged", highlight=False)
 
 
 @app.command()
@@ -129,6 +201,8 @@ def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON"),
         except ValueError:
             _fail(f"--night must be YYYY-MM-DD, not {night!r}")
     _, registry = _open_repo(repo, registry_url)
+    if camera:
+        camera = _resolve_camera(registry, camera).name
     rows = registry.query_exposures(camera=camera, obs_type=obs_type, filter=filter, night=night)
     if as_json:
         for r in rows:
@@ -256,7 +330,7 @@ def _apply_sets(config: dict, sets: list[str]) -> dict:
 
 @app.command()
 def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe or sky"),
-          camera: str = typer.Option("democam", "--camera"),
+          camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry by name, or its YAML file [default: the only camera the registry (or the selection) has]"),
           night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD"),
           exposure: Optional[list[str]] = typer.Option(None, "--exposure", help="explicit exposure ids (repeat)"),
           filter: Optional[str] = typer.Option(None, "--filter"),
@@ -282,6 +356,7 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
         _fail(f"--runner must be threads, processes or dask, not {runner!r}")
     if on_bad_input not in ("fail", "exclude"):
         _fail(f"--on-bad-input must be fail or exclude, not {on_bad_input!r}")
+    camera = _resolve_camera(registry, camera, night=night, exposure_ids=exposure or None).name
     from flows.build import build_calib
 
     try:
@@ -299,7 +374,6 @@ def _load_config(calib_type: str, config_file: Optional[Path], sets: Optional[li
     import yaml
     from pydantic import ValidationError
 
-    from calib_core.buildplan import resolve_config
     from tasks.calib_tasks import CONFIG_MODELS
 
     if calib_type not in CONFIG_MODELS:
@@ -312,7 +386,7 @@ def _load_config(calib_type: str, config_file: Optional[Path], sets: Optional[li
             _fail(f"{config_file}: {exc}")
     config = _apply_sets(config, sets or [])
     try:
-        resolve_config(CONFIG_MODELS[calib_type], config)
+        CONFIG_MODELS[calib_type].model_validate(config)
     except ValidationError as exc:
         _fail(f"invalid {calib_type} config:\n{exc}")
     return config
@@ -338,7 +412,7 @@ def _print_build(result: dict) -> None:
 
 @app.command()
 def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD [default: last night at the site]"),
-            camera: str = typer.Option("democam", "--camera"),
+            camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry by name, or its YAML file [default: the only camera the registry (or the selection) has]"),
             types: Optional[str] = typer.Option(None, "--types", help="comma-separated subset of "
                                                 "bias,dark,flat,fringe,sky"),
             runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
@@ -358,6 +432,7 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
         _fail(f"invalid --types: {exc}")
     if runner not in ("threads", "processes", "dask"):
         _fail(f"--runner must be threads, processes or dask, not {runner!r}")
+    camera = _resolve_camera(registry, camera, night=night).name
     try:
         summary = nightly_flow(night=night, camera=camera, repo=str(store.root), registry_url=registry_url,
                                policy=policy, runner=runner, dask_address=dask_address)
@@ -387,23 +462,27 @@ def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (s
               config_file: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON sky config"),
               sets: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value, dotted keys"),
               as_json: bool = typer.Option(False, "--json", help="print JSON"),
+              camera: Optional[str] = typer.Option(None, "--camera", help="the exposure's camera (name or YAML "
+                                                   "file) where several cameras have this exposure id"),
               repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Fit and subtract the certified sky frame from one exposure (after ISR with the certified calibs
     and the focal-plane background); writes the corrected images and reports the fitted scale."""
+    from calib_core.camera import effective_config
     from calib_core.registry import RegistryError
-    from calib_core.buildplan import resolve_config
     from calib_core.science import apply_sky as run_apply_sky
     from calib_core.sky import SkyBuildConfig
 
     store, registry = _open_repo(repo, registry_url)
-    config = resolve_config(SkyBuildConfig, _load_config("sky", config_file, sets))
-    rows = registry.query_exposures(exposure_ids=[exposure])
+    overrides = _load_config("sky", config_file, sets)
+    cam = _resolve_camera(registry, camera, exposure_ids=[exposure])
+    rows = registry.query_exposures(camera=cam.name, exposure_ids=[exposure])
     if not rows:
-        _fail(f"no exposure {exposure!r} in the registry (see `calibflow exposures`)")
+        _fail(f"no exposure {exposure!r} of camera {cam.name} in the registry (see `calibflow exposures`)")
     row = rows[0]
     if row["obs_type"] != "science":
         _fail(f"exposure {exposure} is a {row['obs_type']} frame, not a science exposure")
-    camera = _load_camera(row["camera"])
+    camera = cam
+    config = effective_config(SkyBuildConfig, camera, overrides)
     target = out or store.root / "skysub" / exposure
     t0 = time.perf_counter()
     try:
@@ -455,35 +534,21 @@ def simulate(camera: str = typer.Option("democam", "--camera"),
              n_flat: int = typer.Option(5, "--n-flat", help="per filter"),
              n_science: int = typer.Option(12, "--n-science", help="per filter"),
              filters: str = typer.Option("r,z", "--filters", help="comma-separated"),
-             compress: Optional[str] = typer.Option(None, "--compress", help="gzip | rice"),
-             gradient_amplitude: Optional[float] = typer.Option(
-                 None, "--gradient-amplitude",
-                 help="bound on the large-scale gradient |G-1| (e.g. 0.10); default: the legacy ranges"),
-             bad_exposures: str = typer.Option(
-                 "", "--bad-exposures", help="comma-separated defects (cloud,trail,glow): one science "
-                                             "exposure per entry and filter gets it"),
-             first_sequence: int = typer.Option(
-                 0, "--first-sequence", help="number exposures from this + 1 (held-out nights: same "
-                                             "seed, another --night, e.g. 1000)")):
+             compress: Optional[str] = typer.Option(None, "--compress", help="gzip | rice")):
     """Simulate a night of raw exposures with known truth (raw/ and truth/ under --out)."""
     from calib_core.simulate import simulate_night
 
     cam = _load_camera(camera)
-    bad = tuple(b.strip() for b in bad_exposures.split(",") if b.strip())
     with _progress() as progress:
         task = progress.add_task("simulate", total=None)
 
         def tick(done, total):
             progress.update(task, completed=done, total=total)
 
-        try:
-            result = simulate_night(cam, out, seed=seed, night=night, n_bias=n_bias, n_dark=n_dark,
-                                    n_flat=n_flat, n_science=n_science,
-                                    filters=tuple(f for f in filters.split(",") if f),
-                                    compress=compress, progress=tick, gradient_amplitude=gradient_amplitude,
-                                    bad_exposures=bad, first_sequence=first_sequence)
-        except ValueError as exc:
-            _fail(str(exc))
+        result = simulate_night(cam, out, seed=seed, night=night, n_bias=n_bias, n_dark=n_dark,
+                                n_flat=n_flat, n_science=n_science,
+                                filters=tuple(f for f in filters.split(",") if f),
+                                compress=compress, progress=tick)
     console.print(f"wrote {len(result.exposures)} raw files to {Path(out) / 'raw'} and truth to "
                   f"{Path(out) / 'truth'}")
 
@@ -525,7 +590,7 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
                               progress=lambda p, o: progress.advance(task))
     if report.failed:
         for path, why in report.failed:
-            err.print(f"[red]failed[/] {path}: {why}", highlight=False)
+            err.print(f"[red]failed[/] {_esc(path)}: {_esc(why)}", highlight=False)
         raise typer.Exit(1)
     rows = registry.query_exposures(camera=cam.name, night=night)
     table = Table(title=f"{cam.name}: night {night} in {store.root}")

@@ -48,8 +48,10 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
           registry_url: Optional[str] = typer.Option(None, "--registry-url", envvar="CALIBFLOW_REGISTRY_URL",
                                                      help="SQLAlchemy URL of the registry [default: SQLite "
                                                           "inside the repository]"),
-          camera: str = typer.Option("democam", "--camera", envvar="CALIBFLOW_CAMERA",
-                                     help="default camera of the deployments"),
+          camera: Optional[str] = typer.Option(None, "--camera", envvar="CALIBFLOW_CAMERA",
+                                               help="default camera of the deployments: a name or YAML file "
+                                                    "[default: the registry's only camera, else each run's "
+                                                    "parameter]"),
           nightly_cron: Optional[str] = typer.Option(None, "--nightly-cron", envvar="CALIBFLOW_NIGHTLY_CRON",
                                                      help="cron of the nightly deployment [default: 09:00 at the "
                                                           "site, the morning after the night]"),
@@ -63,12 +65,14 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
     cli = _cli()
     cli._prefect_env()
     url = _api_url()
-    store, _ = cli._open_repo(repo, registry_url)
-    cli._load_camera(camera)
+    store, registry = cli._open_repo(repo, registry_url)
+    cam = _serve_camera(cli, registry, camera)
     from deployments.definitions import DeploymentSettings, make_deployments
 
     try:
-        settings = DeploymentSettings(repo=store.root, registry_url=registry_url or None, camera=camera,
+        settings = DeploymentSettings(repo=store.root, registry_url=registry_url or None,
+                                      camera=cam.name if cam else None,
+                                      utc_offset_hours=cam.utc_offset_hours if cam else None,
                                       nightly_cron=nightly_cron or None, timezone=timezone or None)
     except ValidationError as exc:
         cli._fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
@@ -78,7 +82,8 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
         os.environ["CALIBFLOW_REGISTRY_URL"] = settings.registry_url
     deployments = make_deployments(settings)
     cli.console.print(f"serving {len(deployments)} deployments on {url} for repository {settings.repo} "
-                      f"(registry {settings.registry_url or 'SQLite inside it'}, camera {camera})")
+                      f"(registry {settings.registry_url or 'SQLite inside it'}, camera "
+                      f"{settings.camera or 'chosen per run'})")
     cron, zone = settings.nightly_schedule()
     for d in deployments:
         when = f"cron {cron!r} in {zone}" if d.schedules else "on demand"
@@ -86,6 +91,24 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
     from prefect import serve as prefect_serve
 
     prefect_serve(*deployments, limit=limit, print_starting_message=False)
+
+
+def _serve_camera(cli, registry, spec: Optional[str]):
+    """The deployments' default camera (by its registry name, so runs work from any folder): the one
+    given (a file need not be ingested yet: its runs find it once it is), else the registry's only
+    camera, else none (each run names one or its selection decides)."""
+    from calib_core.registry import RegistryError
+
+    if spec:
+        try:
+            return registry.resolve_camera(spec)
+        except RegistryError as exc:
+            cam = cli._load_camera(spec)         # a YAML file or a built-in camera
+            if registry.stored_camera(cam.name) is None:
+                return cam                       # not ingested yet: its runs find it once it is
+            cli._fail(str(exc))
+    names = registry.camera_names()
+    return registry.stored_camera(names[0]) if len(names) == 1 else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ _SUMMARY = {
 ARGS_DOC = """
 Args:
     night: observing night YYYY-MM-DD (the local date of the evening); selects the exposures
-    camera: camera name (a built-in camera or a YAML file on the serving machine)
+    camera: camera name in the registry (or its YAML file on the serving machine); empty when the registry or the selection decides
     filter: filter of the exposures; needed where the night has several
     exposures: explicit exposure ids instead of (or within) the night
     detectors: detector ids to build; empty means all detectors of the camera
@@ -68,10 +68,24 @@ def resolve_repo(repo: str | None, registry_url: str | None) -> tuple[str, str |
     return os.path.abspath(repo), registry_url or os.environ.get("CALIBFLOW_REGISTRY_URL") or None
 
 
+def _changed(values: dict, defaults: dict) -> dict:
+    """The settings of a form that differ from the type's defaults: only those override the camera's
+    ISR defaults (a form always carries every field)."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(defaults.get(k), dict):
+            sub = _changed(v, defaults[k])
+            if sub:
+                out[k] = sub
+        elif k not in defaults or defaults[k] != v:
+            out[k] = v
+    return out
+
+
 def _build_flow(calib_type: str) -> Flow:
     model: type[BaseModel] = CONFIG_MODELS[calib_type]
 
-    def build(night: NightStr | None = None, camera: str = "democam", filter: str | None = None,
+    def build(night: NightStr | None = None, camera: str | None = None, filter: str | None = None,
               exposures: list[str] | None = None, detectors: list[int] | None = None,
               config: model = model(), drop_incomplete: bool = False, calib_date: DateStr | None = None,
               validity_days_before: Annotated[float, Field(ge=0)] = 15.0,
@@ -82,7 +96,8 @@ def _build_flow(calib_type: str) -> Flow:
         repo, registry_url = resolve_repo(repo, registry_url)
         return build_calib.fn(calib_type, camera=camera, night=night, exposures=exposures or None,
                               filter=filter, detectors=detectors or None, repo=repo, registry_url=registry_url,
-                              config=config.model_dump(mode="json"), drop_incomplete=drop_incomplete,
+                              config=_changed(config.model_dump(mode="json"), model().model_dump(mode="json")),
+                              drop_incomplete=drop_incomplete,
                               calib_date=calib_date, validity_days_before=validity_days_before,
                               validity_days_after=validity_days_after, on_bad_input=on_bad_input,
                               runner=runner, dask_address=dask_address)

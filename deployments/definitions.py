@@ -39,7 +39,10 @@ class DeploymentSettings(BaseModel):
 
     repo: Path = Field(description="repository folder (absolute)")
     registry_url: str | None = Field(None, description="registry URL; None: SQLite inside the repository")
-    camera: str = Field("democam", description="default camera of every deployment")
+    camera: str | None = Field(None, description="default camera of every deployment (its name in the "
+                               "registry); None: each run's registry or selection decides")
+    utc_offset_hours: float | None = Field(None, description="the camera's site offset (sets the nightly cron); "
+                                           "None: from the camera's definition")
     nightly_cron: str | None = Field(None, description="cron of the nightly deployment")
     timezone: str | None = Field(None, description="IANA time zone the cron is read in")
 
@@ -79,12 +82,17 @@ class DeploymentSettings(BaseModel):
             return self.nightly_cron or "{1} {0} * * *".format(*NIGHTLY_LOCAL_TIME), self.timezone
         if self.nightly_cron is not None:
             return self.nightly_cron, "UTC"
-        from calib_core.camera import load_camera
+        offset = self.utc_offset_hours
+        if offset is None:
+            from calib_core.camera import load_camera
 
-        return site_morning_cron(load_camera(self.camera).utc_offset_hours), "UTC"
+            offset = load_camera(self.camera).utc_offset_hours if self.camera else 0.0
+        return site_morning_cron(offset), "UTC"
 
     def common_parameters(self) -> dict:
-        params = {"camera": self.camera, "repo": str(self.repo)}
+        params = {"repo": str(self.repo)}
+        if self.camera:
+            params["camera"] = self.camera
         if self.registry_url:
             params["registry_url"] = self.registry_url
         return params

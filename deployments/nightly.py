@@ -19,14 +19,14 @@ __all__ = ["nightly_calibs"]
 @flow(name="nightly-calibs", log_prints=True,
       description="Build every calib the night's exposures allow (bias, dark, flat, fringe, sky), in "
                   "dependency order, each build using the products certified before it.")
-def nightly_calibs(night: NightStr | None = None, camera: str = "democam", policy: NightlyPolicy = NightlyPolicy(),
+def nightly_calibs(night: NightStr | None = None, camera: str | None = None, policy: NightlyPolicy = NightlyPolicy(),
                    runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None,
                    repo: str | None = None, registry_url: str | None = None) -> dict:
     """Build every calib a night allows, in dependency order, and report what was built.
 
     Args:
         night: observing night YYYY-MM-DD (the local date of the evening); empty means last night at the camera's site
-        camera: camera name (a built-in camera or a YAML file on the serving machine)
+        camera: camera name in the registry (or its YAML file on the serving machine); empty when the registry holds one camera
         policy: which calib types to build, the fewest inputs worth a build, fringing filters, validity
         runner: where each build's tasks run: threads (default), processes, or dask
         dask_address: with runner dask, tcp://host:8786 of an existing scheduler; empty starts a local cluster

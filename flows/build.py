@@ -28,9 +28,9 @@ from prefect.runtime import flow_run
 
 from calib_core.atomic import sweep_stale
 from calib_core.background import BackgroundModel
-from calib_core.buildplan import config_hash, plan_build, resolve_config
+from calib_core.buildplan import config_hash, plan_build
 from calib_core.calibs import solve_flat_scales
-from calib_core.camera import load_camera
+from calib_core.camera import Camera, effective_config
 from calib_core.datastore import Datastore
 from calib_core.mosaic import camera_mosaic, write_mosaic
 from calib_core.products import read_product
@@ -38,7 +38,7 @@ from calib_core.registry import Registry
 from calib_core.registry.calibs import ValidityRule
 from calib_core.products import write_hdulist
 from calib_core.sky import solve_sky_frames
-from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, combine_detector, existing_products,
+from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, build_camera, combine_detector, existing_products,
                                finish_build_run, process_detectors, sky_rebin, start_build_run)
 
 __all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "RUNNERS"]
@@ -108,7 +108,7 @@ def _gather(futures, what: str, log) -> list:
 
 
 @flow(name="build-calib", log_prints=True)
-def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], camera: str = "democam",
+def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], camera: str | None = None,
                 night: str | None = None, exposures: list[str] | None = None, filter: str | None = None,
                 detectors: list[int] | None = None, repo: str = "calibrepo", registry_url: str | None = None,
                 config: dict | None = None, drop_incomplete: bool = False, calib_date: str | None = None,
@@ -122,7 +122,10 @@ def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], ca
     Inputs: the ingested exposures of the type's raw kind (bias, dark, flat; science for fringe and
     sky) selected by night, explicit ids, filter and detectors. ``on_bad_input="exclude"`` drops an
     exposure whose raw cannot be read and records why; the default fails the build naming the file.
-    An identical earlier build (same inputs, config and ISR calibs) is found and nothing is redone.
+    ``camera`` is a registered camera's name or its YAML file (which must equal the registered
+    definition); None when the registry holds one camera, or one has exposures of the selection.
+    An identical earlier build (same inputs, config, ISR calibs and camera definition) is found and
+    nothing is redone.
     ``detectors_per_task`` sets how many detectors of one exposure a process task handles (default:
     as many as keeps about four tasks per worker busy, see :func:`detector_batches`).
     """
@@ -135,7 +138,7 @@ def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], ca
                      detectors_per_task=detectors_per_task)
 
 
-def run_build(calib_type: str, *, camera: str, night, exposures, filter, detectors, repo: str, registry_url,
+def run_build(calib_type: str, *, camera: str | None, night, exposures, filter, detectors, repo: str, registry_url,
               config, drop_incomplete: bool, calib_date, validity_days_before: float, validity_days_after: float,
               on_bad_input: str, task_runner, log, flow_run_id: str = "", runner_name: str = "",
               artifacts: bool = True, detectors_per_task: int | None = None) -> dict:
@@ -151,13 +154,17 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
     url = registry_url or store.default_registry_url
     registry = Registry.open(url)
     registry.check_ready()
-    cfg = resolve_config(CONFIG_MODELS[calib_type], config)
+    cam = registry.resolve_camera(camera, night=night, exposure_ids=exposures)
+    camera = cam.name
+    # the type's defaults, the camera's ISR defaults over them, the build's own settings over both
+    cfg = effective_config(CONFIG_MODELS[calib_type], cam, config)
     plan = plan_build(registry, calib_type, camera, night=night, exposure_ids=exposures, filter=filter,
                       detectors=detectors, drop_incomplete=drop_incomplete, calib_date=calib_date)
     log.info("%s build: %d exposures x %d detectors, filter %s, calib date %s%s", calib_type,
              len(plan.exposures), len(plan.detectors), plan.filter, plan.calib_date,
              f", dropped {plan.dropped}" if plan.dropped else "")
-    ctx = BuildContext(repo=str(store.root), registry_url=url, camera=camera, calib_type=calib_type,
+    ctx = BuildContext(repo=str(store.root), registry_url=url, camera=camera, camera_hash=cam.content_hash,
+                       calib_type=calib_type,
                        config=cfg.model_dump(mode="json"), config_hash=config_hash(cfg),
                        calib_date=plan.calib_date.isoformat(), filter=plan.filter, software_version=_version(),
                        validity=ValidityRule(days_before=validity_days_before, days_after=validity_days_after),
@@ -170,8 +177,11 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
         finish_build_run(registry, run_id, "completed", f"0 new products: all {len(done)} already built by an "
                          "identical earlier build")
         products = [{**done[d], "created": False} for d in plan.detectors]
+        png = _mosaic_path(ctx, store)
+        if not png.exists():        # an earlier run stopped before its mosaic: write it now
+            png = _report(ctx, cam, products, store, log, artifacts)
         return {"calib_type": calib_type, "products": products, "created": 0, "calib_date": ctx.calib_date,
-                "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(_mosaic_path(ctx, store)),
+                "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(png),
                 "processed": []}
 
     # a build killed earlier (SIGKILL, OOM, lost node) may have left half-written temporaries behind
@@ -189,7 +199,7 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
         finish_build_run(registry, run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
     created = sum(p["created"] for p in products)
-    summary = _report(ctx, plan, products, store, log, artifacts)
+    summary = _report(ctx, cam, products, store, log, artifacts)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
             "filter": plan.filter, "dropped": dropped, "mosaic_png": summary,
@@ -289,7 +299,7 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
     residuals, exposure rejection and the frame (:func:`calib_core.sky.solve_sky_frames`); with
     ``n_passes`` > 1 a mapped re-masking between barriers. ``dropped`` gets the rejected exposures;
     returns the items to combine per detector, each carrying its frame's path."""
-    camera = load_camera(ctx.camera)
+    camera = build_camera(ctx)
     store = Datastore(ctx.repo)
     work = store.root / "work" / ctx.camera / ctx.calib_type
     index = {(it["exposure_id"], it["detector"]): it for d in plan.detectors for it in per_det[d]}
@@ -367,10 +377,18 @@ def _fmt(value, digits: int):
     return None if value is None else round(float(value), digits)
 
 
-def _report(ctx: BuildContext, plan, products: list[dict], store: Datastore, log, artifacts: bool = True) -> str:
+def _report(ctx: BuildContext, camera: Camera, products: list[dict], store: Datastore, log,
+            artifacts: bool = True) -> str:
     """Camera mosaic (FITS + PNG) and Prefect artifacts: a table per detector and the picture."""
-    camera = load_camera(ctx.camera)
     images = {p["detector"]: _product_image(p["path"], ctx.calib_type) for p in products}
+    if any(camera.detector(d).nx is None or camera.detector(d).ny is None for d in images):
+        # header-defined geometry and every raw reused (nothing read in this process): the products
+        # give the detector sizes
+        camera = camera.model_copy(deep=True)
+        for d, img in images.items():
+            det = camera.detector(d)
+            if det.nx is None or det.ny is None:
+                det.ny, det.nx = img.shape[-2:]
     nx = min(camera.detector(d).nx for d in images)
     binning = max(1, nx // 64)
     mosaic = camera_mosaic(camera, images, binning=binning)

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
 from calib_core.buildplan import INPUT_TYPE
-from calib_core.camera import load_camera
+from calib_core.camera import Camera
 from calib_core.datastore import Datastore
 from calib_core.registry import Registry
 
@@ -42,10 +42,13 @@ class NightlyPolicy(BaseModel):
         "exclude", description="an unreadable raw is excluded and recorded (unattended runs), or fails its build")
 
 
-def default_night(camera_name: str, now: dt.datetime | None = None) -> str:
+def default_night(cam: Camera, now: dt.datetime | None = None) -> str:
     """Last night at the camera's site: the local date 12 hours ago (nights are named by their
     evening), so a run on the morning after gets the night just ended."""
-    cam = load_camera(camera_name)
+    if not isinstance(cam, Camera):
+        from calib_core.camera import load_camera
+
+        cam = load_camera(cam)
     now = now or dt.datetime.now(dt.timezone.utc)
     local = now.astimezone(dt.timezone.utc) + dt.timedelta(hours=cam.utc_offset_hours)
     return (local - dt.timedelta(hours=12)).date().isoformat()
@@ -78,23 +81,27 @@ def plan_night(registry: Registry, camera: str, night: str, policy: NightlyPolic
 
 
 @flow(name="nightly-calibs", log_prints=True)
-def nightly(night: str | None = None, camera: str = "democam", repo: str = "calibrepo",
+def nightly(night: str | None = None, camera: str | None = None, repo: str = "calibrepo",
             registry_url: str | None = None, policy: NightlyPolicy | None = None,
             runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None,
             detectors_per_task: int | None = None) -> dict:
     """Build every calib a night's exposures allow, in dependency order, and report what was built.
 
-    ``night`` defaults to last night at the camera's site. Each build is a subflow (``build-calib``);
+    ``camera`` is a registered camera's name or its YAML file; None when the registry holds one
+    camera, or (with ``night``) one camera has exposures that night. ``night`` defaults to last
+    night at the camera's site. Each build is a subflow (``build-calib``);
     a failed build is reported and the flow fails at the end, after the builds that do not depend
     on it have run.
     """
     log = get_run_logger()
     policy = policy or NightlyPolicy()
-    night = night or default_night(camera)
     store = Datastore(repo)
     url = registry_url or store.default_registry_url
     registry = Registry.open(url)
     registry.check_ready()
+    cam = registry.resolve_camera(camera, night=night)
+    camera = cam.name
+    night = night or default_night(cam)
     steps = plan_night(registry, camera, night, policy)
     if not steps:
         log.warning("night %s: no exposures of camera %s in the registry; nothing to build", night, camera)

@@ -24,7 +24,7 @@ from calib_core.background import BackgroundModel
 from calib_core.buildplan import ISR_CALIBS, intermediate_key
 from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias, combine_calib,
                                combine_dark, combine_flat, process_bias, process_dark)
-from calib_core.camera import load_camera
+from calib_core.camera import Camera
 from calib_core.datastore import Datastore, sha256_file
 from calib_core.fringe import FringeBuildConfig, prepare_fringe
 from calib_core.maskedimage import MASK_PLANES
@@ -50,7 +50,8 @@ class BuildContext(BaseModel):
 
     repo: str
     registry_url: str
-    camera: str
+    camera: str                         # the camera's name in the registry
+    camera_hash: str = ""               # its definition's content hash (product identity, resume key)
     calib_type: str
     config: dict
     config_hash: str
@@ -68,6 +69,23 @@ class BuildContext(BaseModel):
 @lru_cache(maxsize=8)
 def _registry(url: str) -> Registry:
     return Registry.open(url)
+
+
+def build_camera(ctx: BuildContext) -> Camera:
+    """The build's camera: the definition the registry holds under its name (as ingested), which must
+    still be the one the build started with."""
+    return _stored_camera(ctx.registry_url, ctx.camera, ctx.camera_hash)
+
+
+@lru_cache(maxsize=16)
+def _stored_camera(url: str, name: str, digest: str) -> Camera:
+    cam = _registry(url).stored_camera(name)
+    if cam is None:
+        raise ValueError(f"camera {name!r} is not in the registry {url}")
+    if digest and cam.content_hash != digest:
+        raise ValueError(f"camera {name!r} was updated in the registry while this build ran "
+                         f"({digest[:12]} -> {cam.content_hash[:12]}); rerun the build")
+    return cam
 
 
 def _transient_only(task, task_run, state) -> bool:
@@ -135,13 +153,14 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
     calibs = _isr_calibs(ctx, registry, exposure["exposure_id"], detector)
-    key = intermediate_key(exposure["checksum"], ctx.config_hash, [c["calib_id"] for c in calibs.values()])
+    key = intermediate_key(exposure["checksum"], ctx.config_hash, [c["calib_id"] for c in calibs.values()],
+                           ctx.camera_hash)
     out = store.root / "work" / ctx.camera / ctx.calib_type / f"{exposure['exposure_id']}-det{detector:03d}-{key}.fits"
     meta = out.with_suffix(".json")
     if out.exists() and meta.exists():
         return {**json.loads(meta.read_text()), "reused": True}
 
-    camera = load_camera(ctx.camera)
+    camera = build_camera(ctx)
     try:
         raw = read_raw(exposure["path"], camera, [detector]).detectors[detector]
     except RawReadError as exc:
@@ -191,7 +210,7 @@ def sky_rebin(ctx: BuildContext, items: list[dict], k: int, model: dict) -> list
     :class:`~calib_core.sky.SkySurface`) and frame of each detector, and a digest of both (the
     output name, so a resumed build reuses what it already measured)."""
     store = Datastore(ctx.repo)
-    camera = load_camera(ctx.camera)
+    camera = build_camera(ctx)
     cfg = ctx.cfg().pass_config(k)
     with open(model["surface"], "rb") as fh:
         surface = pickle.load(fh)
@@ -215,7 +234,8 @@ def _identity(ctx: BuildContext, registry: Registry, exposures: list[dict], dete
     registry lookup gives each exposure's ``detector`` (as the process step uses)."""
     isr_ids = {c["calib_id"] for e in exposures
                for c in _isr_calibs(ctx, registry, e["exposure_id"], detector).values()}
-    digest = calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash, isr_ids)
+    digest = calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash, isr_ids,
+                          camera_hash=ctx.camera_hash)
     return digest, dt.date.fromisoformat(ctx.calib_date), isr_ids
 
 
@@ -264,7 +284,8 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                                               "calibDate": ctx.calib_date}, ids, dates,
                              [by_id[e]["exptime"] for e in ids], exptime=PRODUCT_EXPTIME[ctx.calib_type])
     cards.update({"CAMERA": ctx.camera, "DETECTOR": detector, "FILTER": ctx.filter,
-                  "CFG_HASH": ctx.config_hash, "CF_VERS": ctx.software_version})
+                  "CFG_HASH": ctx.config_hash, "CF_VERS": ctx.software_version,
+                  "CAM_HASH": (ctx.camera_hash[:16], "sha256 of the camera definition (first 16)")})
     for i, c in enumerate(sorted(isr_ids)):
         cards[f"CALIB_ISR_{i}"] = (c, "calib applied in the inputs' ISR")
     if exp_scales is not None:
@@ -312,7 +333,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                                     checksum=sha256_file(path), config_hash=ctx.config_hash, digest=digest,
                                     software_version=ctx.software_version, inputs=inputs, validity=ctx.validity,
                                     build_run_id=ctx.build_run_id, stats=stats,
-                                    publish=lambda: os.replace(path, final))
+                                    publish=lambda: os.replace(path, final), camera_checksum=ctx.camera_hash or None)
     finally:
         path.unlink(missing_ok=True)      # left when a concurrent identical build registered first, or on any error
     if not created:

@@ -33,7 +33,9 @@ from tests._repos import ingested_repo
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NIGHT = "2026-11-20"
-CAMERA = "democam_mini"
+# a camera that exists only as a YAML file (democam_mini's geometry under another name, outside
+# calib_core/cameras/): served and triggered by its file path, run from folders that do not hold it
+CAMERA = "servedcam"
 SITE_TZ = "America/Santiago"          # served with --timezone: the nightly cron follows Chile's DST
 SCHEDULED_RUNS = 380                  # > a year of daily runs: both DST changes of the zone are crossed
 UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -164,12 +166,20 @@ def prefect_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def night_repo(tmp_path_factory):
+def camera_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cameras") / "servedcam.yaml"
+    text = (REPO_ROOT / "calib_core" / "cameras" / "democam_mini.yaml").read_text()
+    path.write_text(text.replace("name: democam_mini", f"name: {CAMERA}"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def night_repo(tmp_path_factory, camera_file):
     root = tmp_path_factory.mktemp("served-night")
-    cam = load_camera(CAMERA)
+    cam = load_camera(camera_file)
     simulate_night(cam, root / "sim", seed=5, night=NIGHT, n_bias=3, n_dark=2, n_flat=0, n_science=0,
                    filters=("r",))
-    return ingested_repo(root / "repo", root / "sim" / "raw", CAMERA)
+    return ingested_repo(root / "repo", root / "sim" / "raw", str(camera_file))
 
 
 def _client_env(server: Server, store: Datastore, **extra) -> dict:
@@ -189,10 +199,10 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(prefect_server, night_repo, tmp_path_factory):
+def served(prefect_server, night_repo, camera_file, tmp_path_factory):
     store, _ = night_repo
     cwd = tmp_path_factory.mktemp("serve-cwd")      # not the repository's folder: runs must not care
-    proc = Proc([str(BIN / "calibflow"), "serve", "--camera", CAMERA, "--timezone", SITE_TZ],
+    proc = Proc([str(BIN / "calibflow"), "serve", "--camera", str(camera_file), "--timezone", SITE_TZ],
                 _client_env(prefect_server, store), cwd / "serve.log", cwd=cwd)
     try:
         def ready():
@@ -244,7 +254,7 @@ def test_trigger_watch_builds_and_registers(prefect_server, night_repo, cli_bias
     assert run["state"]["type"] == "COMPLETED"
     assert run["parameters"] == {"camera": CAMERA, "repo": str(store.root), "night": NIGHT}
     # the products are in the registry, recorded as built by that flow run
-    n_det = len(load_camera(CAMERA).detectors)
+    n_det = 9           # democam_mini's geometry
     products = list_calibs(reg, calib_type="bias")
     assert len(products) == n_det and {p["calib_date"] for p in products} == {NIGHT}
     from calib_core.registry.models import BuildRunRow
@@ -398,10 +408,10 @@ def test_ui_custom_run_with_a_form_parameter(prefect_server, night_repo, cli_bia
     assert run["name"] == run_name
     assert run["parameters"]["night"] == NIGHT and run["parameters"]["camera"] == CAMERA
     darks = list_calibs(reg, calib_type="dark")
-    assert len(darks) == len(load_camera(CAMERA).detectors)
+    assert len(darks) == 9
 
 
-def test_prefect_yaml_deploy_and_process_worker(prefect_server, night_repo, served, tmp_path):
+def test_prefect_yaml_deploy_and_process_worker(prefect_server, night_repo, served, camera_file, tmp_path):
     """The second way: `prefect deploy --all` from prefect.yaml, a process work pool and a worker."""
     store, reg = night_repo
     served.stop()                      # the worker takes over the same deployment names
@@ -423,7 +433,8 @@ def test_prefect_yaml_deploy_and_process_worker(prefect_server, night_repo, serv
     worker = Proc([prefect, "worker", "start", "--pool", "calibflow"], env, tmp_path / "worker.log", cwd=tmp_path)
     try:
         _wait_for("worker start", lambda: "started" in worker.tail(), 120, worker)
-        res = _calibflow(env, "trigger", "bias", "-p", f"camera={CAMERA}", "-p", f"night={NIGHT}",
+        # by the camera's file path (the registry holds the same definition)
+        res = _calibflow(env, "trigger", "bias", "-p", f"camera={camera_file}", "-p", f"night={NIGHT}",
                          "-p", "calib_date=2026-11-21", "--watch", "--interval", "1", "--timeout", "300")
         assert res.returncode == 0, res.stdout + res.stderr + worker.tail()
     finally:
@@ -431,4 +442,4 @@ def test_prefect_yaml_deploy_and_process_worker(prefect_server, night_repo, serv
     assert not worker.alive()
     # the worker's run used CALIBFLOW_REPO from its environment (the deployment pins no repo)
     new = [p for p in list_calibs(reg, calib_type="bias") if p["calib_date"] == "2026-11-21"]
-    assert len(new) == len(load_camera(CAMERA).detectors)
+    assert len(new) == len(load_camera(camera_file).detectors)

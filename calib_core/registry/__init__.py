@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,19 +15,23 @@ from sqlalchemy import create_engine, event, func, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..camera import Camera
+from ..camera import Camera, CameraError, camera_from_definition, is_camera_file, load_camera
 from .models import (Base, BuildRunRow, CalibInputRow, CalibRow, CameraRow, DetectorRow, ExposureRow,
                      RawRow)
 
-__all__ = ["Registry", "RegistryError", "Base", "CameraRow", "DetectorRow", "ExposureRow", "RawRow",
+__all__ = ["Registry", "RegistryError", "CameraMismatch", "Base", "CameraRow", "DetectorRow", "ExposureRow", "RawRow",
            "CalibRow", "CalibInputRow", "BuildRunRow", "HEAD_REVISION"]
 
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class RegistryError(RuntimeError):
     """The registry cannot be opened, is not initialised, or a record conflicts."""
+
+
+class CameraMismatch(RegistryError):
+    """A camera file differs from the definition the registry holds under its name."""
 
 
 def _sqlite_pragmas(dbapi_connection, _record):
@@ -117,16 +120,20 @@ class Registry:
 
     # -- cameras -------------------------------------------------------------------------------------
 
-    def ensure_camera(self, s: Session, camera: Camera) -> CameraRow:
-        """Register a camera and its detectors (idempotent; a changed definition is updated)."""
-        text = camera.to_yaml()
-        digest = hashlib.sha256(text.encode()).hexdigest()
+    def ensure_camera(self, s: Session, camera: Camera, update: bool = False) -> CameraRow:
+        """Register a camera and its detectors (idempotent).
+
+        A different definition under the same name is refused (:class:`CameraMismatch`) unless
+        ``update`` (``calibflow ingest --update``, which re-reads every exposure's headers with it)."""
+        text, digest = camera.to_yaml(), camera.content_hash
         row = s.scalar(select(CameraRow).where(CameraRow.name == camera.name))
         if row is None:
             row = CameraRow(name=camera.name, definition=text, checksum=digest)
             s.add(row)
             s.flush()
         elif row.checksum != digest:
+            if not update:
+                raise CameraMismatch(_mismatch_message(camera.name, "the camera given"))
             row.definition, row.checksum = text, digest
         have = {d.number: d for d in s.scalars(select(DetectorRow).where(DetectorRow.camera_id == row.id))}
         for det in camera.detectors:
@@ -139,6 +146,80 @@ class Registry:
 
     def camera_row(self, s: Session, name: str) -> CameraRow | None:
         return s.scalar(select(CameraRow).where(CameraRow.name == name))
+
+    def check_camera(self, camera: Camera) -> None:
+        """Raise :class:`CameraMismatch` if the registry holds a different definition under this name."""
+        with self.session() as s:
+            row = self.camera_row(s, camera.name)
+            if row is not None and row.checksum != camera.content_hash:
+                raise CameraMismatch(_mismatch_message(camera.name, "the camera given"))
+
+    def camera_names(self, *, night: dt.date | str | None = None,
+                     exposure_ids: list[str] | None = None) -> list[str]:
+        """Names of the registered cameras (those with exposures of ``night`` / ``exposure_ids``)."""
+        with self.session() as s:
+            if night is None and not exposure_ids:
+                return sorted(s.scalars(select(CameraRow.name)))
+            q = select(CameraRow.name).join(ExposureRow, ExposureRow.camera_id == CameraRow.id).distinct()
+            if night is not None:
+                q = q.where(ExposureRow.night == (dt.date.fromisoformat(night) if isinstance(night, str) else night))
+            if exposure_ids:
+                q = q.where(ExposureRow.exposure_id.in_(list(exposure_ids)))
+            return sorted(s.scalars(q))
+
+    def stored_camera(self, name: str) -> Camera | None:
+        """The camera definition the registry holds under ``name`` (as ingested), or None."""
+        with self.session() as s:
+            row = self.camera_row(s, name)
+            if row is None:
+                return None
+            return camera_from_definition(row.definition, f"registry camera {name!r}")
+
+    def resolve_camera(self, spec: str | None, *, night: dt.date | str | None = None,
+                       exposure_ids: list[str] | None = None) -> Camera:
+        """The camera a command means by ``--camera NAME|FILE``, as the registry holds it.
+
+        A name is looked up in the registry (the definition stored at ingest: no file needed). A YAML
+        file is loaded and must equal the registry's definition of its name (a corrected file is
+        taken in with ``calibflow ingest --update``). ``None`` is allowed where the registry decides:
+        it holds one camera, or one has exposures of ``night`` / ``exposure_ids``.
+
+        Raises
+        ------
+        CameraError
+            The file does not load or validate.
+        RegistryError
+            The camera is not in the registry (the message lists the cameras it holds), or several
+            could be meant, or the file differs from the registered definition (:class:`CameraMismatch`).
+        """
+        every = self.camera_names()
+        listing = f"cameras in registry {self.url}: {', '.join(every) if every else 'none (ingest raw files first)'}"
+        if spec is None or str(spec).strip() == "":
+            where = " and ".join(w for w in ((f"night {night}" if night else ""),
+                                             ("the exposures given" if exposure_ids else "")) if w)
+            # one camera in the registry decides; else the one with exposures of the selection
+            names = every if len(every) <= 1 or not where else self.camera_names(night=night,
+                                                                                  exposure_ids=exposure_ids)
+            if len(names) == 1:
+                return self.stored_camera(names[0])
+            if not names:
+                raise RegistryError(f"no camera has exposures{' of ' + where if where else ''}; {listing}")
+            raise RegistryError(f"several cameras{' have exposures of ' + where if where else ''}: "
+                                f"{', '.join(names)}; choose one with --camera NAME|FILE")
+        spec = str(spec)
+        if is_camera_file(spec):
+            cam = load_camera(spec)
+            stored = self.stored_camera(cam.name)
+            if stored is None:
+                raise RegistryError(f"camera {cam.name!r} (file {spec}) is not in the registry: ingest its raw "
+                                    f"files first (calibflow ingest FILES --camera {spec}); {listing}")
+            if stored.content_hash != cam.content_hash:
+                raise CameraMismatch(_mismatch_message(cam.name, f"file {spec}", spec))
+            return stored
+        stored = self.stored_camera(spec)
+        if stored is None:
+            raise RegistryError(f"unknown camera {spec!r}: {listing}; or give the camera's YAML file")
+        return stored
 
     # -- exposures -----------------------------------------------------------------------------------
 
@@ -188,6 +269,12 @@ class Registry:
         """Row counts of every table (used by tests to prove nothing changed)."""
         return {m.__tablename__: self.count(m) for m in (CameraRow, DetectorRow, ExposureRow, RawRow,
                                                           CalibRow, CalibInputRow, BuildRunRow)}
+
+
+def _mismatch_message(name: str, what: str, path: str = "FILE") -> str:
+    return (f"camera {name!r}: {what} differs from the definition in the registry (the one its exposures "
+            f"were ingested with); to use it, re-read their headers with it: calibflow ingest --update "
+            f"--camera {path}")
 
 
 def _utc(value: dt.datetime) -> dt.datetime:

@@ -57,10 +57,13 @@ class CalibInput:
     reason: str = ""
 
 
-def calib_digest(inputs: list[tuple[str, str]], config_hash: str, isr_calibs=()) -> str:
-    """sha256 over sorted (exposure id, checksum) pairs, the config hash and the ids of the calibs
-    the inputs' ISR used (a dark rebuilt after a new bias is certified is a different product)."""
+def calib_digest(inputs: list[tuple[str, str]], config_hash: str, isr_calibs=(), camera_hash: str = "") -> str:
+    """sha256 over sorted (exposure id, checksum) pairs, the config hash, the ids of the calibs
+    the inputs' ISR used (a dark rebuilt after a new bias is certified is a different product) and
+    the camera definition's hash (a corrected camera file rebuilds)."""
     content = {"inputs": sorted(inputs), "config": config_hash}
+    if camera_hash:
+        content["camera"] = camera_hash
     if isr_calibs:                 # absent for bias: digests of ISR-free products are unchanged
         content["isr"] = sorted(set(isr_calibs))
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
@@ -80,6 +83,7 @@ def _calib_dict(row: CalibRow, camera: str) -> dict:
         "valid_end": _utc(row.valid_end).isoformat() if row.valid_end else None,
         "path": row.path, "n_inputs": row.n_inputs, "checksum": row.checksum, "status": row.status,
         "config_hash": row.config_hash, "software_version": row.software_version, "stats": row.stats,
+        "camera_checksum": row.camera_checksum,
     }
 
 
@@ -98,7 +102,8 @@ def record_calib(registry: Registry, *, camera: str, calib_type: str, filter: st
                  calib_date: dt.date, path: str, checksum: str, config_hash: str, digest: str,
                  software_version: str, inputs: list[CalibInput], validity: ValidityRule | None = None,
                  build_run_id: int | None = None, stats: dict | None = None,
-                 publish: Callable[[], None] | None = None) -> tuple[dict, bool]:
+                 publish: Callable[[], None] | None = None, camera_checksum: str | None = None
+                 ) -> tuple[dict, bool]:
     """Register a product and every input (used or rejected, with scale and reason) in one transaction.
 
     Returns ``(record, created)``; an identical product (same identity and digest) already registered,
@@ -131,7 +136,7 @@ def record_calib(registry: Registry, *, camera: str, calib_type: str, filter: st
                            path=str(path), checksum=checksum, config_hash=config_hash, digest=digest,
                            software_version=software_version, build_run_id=build_run_id, status="certified",
                            n_inputs=sum(1 for i in inputs if i.used), stats=stats or {},
-                           created_at=dt.datetime.now(dt.timezone.utc))
+                           camera_checksum=camera_checksum, created_at=dt.datetime.now(dt.timezone.utc))
             s.add(row)
             s.flush()           # claims the identity: a concurrent identical insert now waits for us
             for inp in inputs:

@@ -69,6 +69,8 @@ class ExposureRow(Base):
     size_bytes: Mapped[int] = mapped_column(Integer, nullable=False)
     n_detectors: Mapped[int] = mapped_column(Integer, nullable=False)
     extra: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    # the camera definition (camera.checksum) the metadata above was read with (ingest, ingest --update)
+    camera_checksum: Mapped[str | None] = mapped_column(String(64))
     ingested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
     camera: Mapped[CameraRow] = relationship()
@@ -108,7 +110,8 @@ class CalibRow(Base):
     path: Mapped[str] = mapped_column(Text, nullable=False)
     checksum: Mapped[str] = mapped_column(String(64), nullable=False)
     config_hash: Mapped[str] = mapped_column(String(64), nullable=False)
-    digest: Mapped[str] = mapped_column(String(64), nullable=False)     # sha256(inputs, config)
+    digest: Mapped[str] = mapped_column(String(64), nullable=False)     # sha256(inputs, config, camera)
+    camera_checksum: Mapped[str | None] = mapped_column(String(64))     # camera definition built with
     software_version: Mapped[str] = mapped_column(String(32), nullable=False)
     build_run_id: Mapped[int | None] = mapped_column(ForeignKey("build_run.id"))
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="certified")

@@ -1,0 +1,184 @@
+"""Camera schema: per-camera ISR defaults, load-time checks (each names the file and the field), and
+the richer header mapping (values from several keys, header-dependent gains, HDUs to ignore)."""
+
+import textwrap
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from calib_core.calibs import BiasConfig, DarkConfig, process_bias
+from calib_core.camera import CameraError, effective_config, load_camera
+from calib_core.rawio import read_raw
+
+ROWS = 20
+
+CAM = f"""
+name: drifty
+detectors:
+  - id: 0
+    name: d0
+    hdu: 0
+    amplifiers:
+      - {{name: A, data_section: '[1:10,1:{ROWS}]', overscan_section: '[11:14,1:{ROWS}]',
+         detector_section: '[1:10,1:{ROWS}]', gain: 1.5, read_noise: 4.0}}
+metadata:
+  obs_type:
+    - {{key: OBSTYPE, pattern: bias, value: bias}}
+"""
+
+
+def _write(tmp_path, text, name="cam.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def _drifting_bias(path):
+    """A bias whose level drifts along the rows (data and overscan alike): 1000 + 5 * row ADU."""
+    rows = np.arange(ROWS, dtype=np.float32)[:, None]
+    pix = np.broadcast_to(1000.0 + 5.0 * rows, (ROWS, 14)).astype(np.float32)
+    hdu = fits.PrimaryHDU(pix)
+    hdu.header.update({"OBSTYPE": "bias", "EXPTIME": 0.0, "DATE-OBS": "2026-11-20T03:00:00"})
+    hdu.writeto(path)
+    return path
+
+
+def test_camera_isr_defaults_reach_isr(tmp_path):
+    """A camera whose overscan drifts row by row sets MEDIAN_PER_ROW once, in its file: the bias ISR
+    then removes the drift exactly (truth: the injected ramp), where the type default (one median per
+    amplifier) leaves it in."""
+    raw_path = _drifting_bias(tmp_path / "b1.fits")
+    plain = load_camera(_write(tmp_path, CAM))
+    per_row = load_camera(_write(tmp_path, CAM + "isr:\n  overscan_fit_type: MEDIAN_PER_ROW\n", "cam2.yaml"))
+    assert per_row.isr == {"overscanFitType": "MEDIAN_PER_ROW"}
+    assert plain.content_hash != per_row.content_hash
+
+    cfg = effective_config(BiasConfig, per_row, None)
+    assert cfg.isr.overscanFitType == "MEDIAN_PER_ROW"
+    assert cfg.isr.doBias is False           # the bias type's own switches stay
+    out = process_bias(read_raw(raw_path, per_row).detectors[0], cfg).image
+    assert np.abs(out).max() < 1e-3
+
+    default = process_bias(read_raw(raw_path, plain).detectors[0], effective_config(BiasConfig, plain, None)).image
+    expected = 5.0 * (np.arange(ROWS) - np.median(np.arange(ROWS)))
+    np.testing.assert_allclose(default[:, 0], expected, atol=1e-3)
+
+
+def test_build_config_wins_over_camera_isr(tmp_path):
+    cam = load_camera(_write(tmp_path, CAM + "isr:\n  overscanFitType: MEAN\n  doDefect: false\n"))
+    cfg = effective_config(DarkConfig, cam, {"isr": {"overscanFitType": "POLY"}})
+    assert cfg.isr.overscanFitType == "POLY"      # the build's setting
+    assert cfg.isr.doDefect is False              # the camera's
+    assert cfg.isr.doDark is False and cfg.isr.doBias is True   # the dark type's
+
+
+@pytest.mark.parametrize("isr, message", [
+    ("  overscanFitTyp: MEAN\n", "isr: Value error, unknown ISR setting 'overscanFitTyp'; did you mean "
+                                 "'overscanFitType'?"),
+    ("  overscan_fit_typ: MEAN\n", "did you mean 'overscanFitType'?"),
+    ("  overscanFitType: PER_ROW\n", "isr"),
+])
+def test_camera_isr_errors_name_file_and_field(tmp_path, isr, message):
+    path = _write(tmp_path, CAM + "isr:\n" + isr)
+    with pytest.raises(CameraError) as info:
+        load_camera(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# checks at load time: each error names the file and the field
+# --------------------------------------------------------------------------------------------------
+
+TWO = """
+name: twodet
+detectors:
+  - id: 0
+    name: d0
+    hdu: 1
+    x_mm: -1.0
+    amplifiers:
+      - {name: A, data_section: '[1:10,1:20]', overscan_section: '[21:24,1:20]',
+         detector_section: '[1:10,1:20]', gain: 1.5, read_noise: 4.0}
+      - {name: B, data_section: '[11:20,1:20]', overscan_section: '[25:28,1:20]',
+         detector_section: '[20:11,1:20]', gain: 1.5, read_noise: 4.0}
+  - id: 1
+    name: d1
+    hdu: 2
+    x_mm: 1.0
+    amplifiers:
+      - {name: A, data_section: '[1:10,1:20]', overscan_section: '[21:24,1:20]',
+         detector_section: '[1:10,1:20]', gain: 1.5, read_noise: 4.0}
+      - {name: B, data_section: '[11:20,1:20]', overscan_section: '[25:28,1:20]',
+         detector_section: '[20:11,1:20]', gain: 1.5, read_noise: 4.0}
+metadata:
+  obs_type:
+    - {key: OBSTYPE, pattern: bias, value: bias}
+  exposure_id: {path_pattern: '^([^.]+)'}
+"""
+
+
+def test_two_detector_camera_is_valid(tmp_path):
+    cam = load_camera(_write(tmp_path, TWO))
+    assert [(d.nx, d.ny) for d in cam.detectors] == [(20, 20), (20, 20)]
+
+
+@pytest.mark.parametrize("edit, message", [
+    # 20 px of 15 um = 0.3 mm wide, centres 0.2 mm apart
+    (lambda t: t.replace("x_mm: 1.0", "x_mm: -0.8"),
+     "detectors d0 and d1 overlap in the focal plane by 0.1 x 0.3 mm"),
+    (lambda t: t.replace("detector_section: '[20:11,1:20]'", "detector_section: '[1:10,1:20]'", 1),
+     "detectors[0] (d0) amplifiers[1] (B).detector_section [1:10,1:20] overlaps amplifier A's [1:10,1:20]"),
+    (lambda t: t.replace("overscan_section: '[25:28,1:20]'", "overscan_section: '[18:28,1:20]'", 1),
+     "detectors[0] (d0) amplifiers[1] (B).overscan_section [18:28,1:20] overlaps its data_section [11:20,1:20]"),
+    (lambda t: t.replace("overscan_section: '[21:24,1:20]'", "overscan_section: '[15:24,1:20]'", 1),
+     "detectors[0] (d0) amplifiers[0] (A).overscan_section [15:24,1:20] overlaps amplifier B's data_section"),
+    (lambda t: t.replace("    x_mm: -1.0\n", "    x_mm: -1.0\n    nx: 16\n", 1),
+     "detectors[0] (d0) amplifiers[1] (B).detector_section [20:11,1:20] lies outside the 16x20 detector"),
+    (lambda t: t.replace("detector_section: '[20:11,1:20]'", "detector_section: '[19:11,1:20]'", 1),
+     "detector_section [19:11,1:20] is 9x20 pixels but data_section [11:20,1:20] is 10x20"),
+    (lambda t: t.replace("hdu: 2", "hdu: 1"),
+     "detectors[1] (d1).hdu: HDU 1 is already read by detectors[0] (d0); each detector needs its own HDU"),
+    (lambda t: t.replace("pattern: bias", "pattern: '(bias'"),
+     "metadata.obs_type.0.pattern: Value error, invalid regular expression '(bias': missing ), "
+     "unterminated subpattern"),
+    (lambda t: t.replace("path_pattern: '^([^.]+)'", "path_pattern: '^([^.]+'"),
+     "metadata.exposure_id.path_pattern: Value error, invalid regular expression"),
+    (lambda t: t.replace("overscan_section: '[21:24,1:20]'", "overscan_sectoin: '[21:24,1:20]'", 1),
+     "detectors.0.amplifiers.0.overscan_sectoin: unknown key; did you mean 'overscan_section'?"),
+    (lambda t: t.replace("  exposure_id:", "  filtr: {keys: [FILTER]}\n  exposure_id:"),
+     "metadata.filtr: unknown key; did you mean 'filter'?"),
+])
+def test_geometry_and_regex_errors_name_file_and_field(tmp_path, edit, message):
+    path = _write(tmp_path, edit(TWO))
+    with pytest.raises(CameraError) as info:
+        load_camera(path)
+    text = str(info.value)
+    assert text.startswith(str(path)) and message in text, text
+    assert len(text.splitlines()) <= 3          # a message, not a traceback
+
+
+def test_cli_keeps_section_brackets(tmp_path):
+    from typer.testing import CliRunner
+
+    from calibflow.cli import app
+
+    path = _write(tmp_path, TWO.replace("overscan_section: '[25:28,1:20]'", "overscan_section: '[18:28,1:20]'", 1))
+    res = CliRunner().invoke(app, ["cameras", "show", str(path)])
+    assert res.exit_code == 1
+    assert "overscan_section [18:28,1:20] overlaps its data_section [11:20,1:20]" in " ".join(res.output.split())
+
+
+def test_filter_key_typo_is_an_error_not_none(tmp_path):
+    raw = _drifting_bias(tmp_path / "b1.fits")
+    fits.setval(raw, "FILTER", value="r")
+    good = load_camera(_write(tmp_path, CAM.replace("metadata:\n", "metadata:\n  filter: {keys: [FILTER]}\n")))
+    assert read_raw(raw, good).metadata.filter == "r"
+    typo = load_camera(_write(tmp_path, CAM.replace("metadata:\n", "metadata:\n  filter: {keys: [FILTR]}\n"),
+                              "typo.yaml"))
+    with pytest.raises(ValueError, match=r"no filter: none of the camera's metadata.filter.keys \['FILTR'\]"):
+        read_raw(raw, typo)
+    # an explicit default is a camera without filters, not a typo
+    nofilter = load_camera(_write(tmp_path, CAM.replace("metadata:\n", "metadata:\n  filter: {keys: [FILTR], "
+                                                        "default: OPEN}\n"), "open.yaml"))
+    assert read_raw(raw, nofilter).metadata.filter == "OPEN"
