@@ -158,28 +158,26 @@ class SkyConfig(BaseModel):
     rejection: ExposureRejectionConfig = Field(default_factory=ExposureRejectionConfig)
     n_iter: int = Field(3, ge=1, description="alternations of the per-exposure surfaces and the frame; 3")
     n_passes: int = Field(
-        2, ge=1, le=3, description="build passes; 2. The first detects objects against the image's own spread "
-                                   "(the reference's threshold: the pattern is not masked, faint objects are "
-                                   "missed); the second detects down to the noise on each image minus the first "
-                                   "pass's sky, so faint objects are masked and the pattern is not. 1 = the "
-                                   "reference's single pass")
+        2, ge=1, le=3, description="build passes; 2. The first, without object masking, gives a guiding sky; the "
+                                   "second detects objects down to the noise on each image minus that sky, so faint "
+                                   "objects are masked and the pattern is not. 1 = a single pass, masking with "
+                                   "the pattern in the image")
 
-    first_pass_threshold_type: Literal["noise", "stdev"] = Field(
-        "stdev", description="detection threshold of the first pass when n_passes > 1: 'stdev' (the smoothed "
-                             "image's own spread, which the sky pattern inflates, so the pattern is not "
-                             "masked while it is still in the image); later passes, on the image minus the "
-                             "first pass's sky, use mask.detection.threshold_type (noise)")
+    guide_masks_objects: bool = Field(
+        False, description="mask objects in the passes before the last; False. Those passes only guide the "
+                           "next one's masking; unmasked, their per-bin clipped mean across exposures already "
+                           "drops the bright objects, while any detection there (which must run with the "
+                           "pattern still in the image) masks pattern peaks and biases the guide low at them")
 
     def pass_config(self, k: int) -> "SkyConfig":
         """The config of pass ``k`` (0-based). Every pass but the last only guides the next pass's
-        masking: the first detects with ``first_pass_threshold_type``; none rejects exposures."""
+        masking: it masks objects only with ``guide_masks_objects`` and rejects no exposure."""
         if k >= self.n_passes - 1:
             return self
         cfg = self.model_copy(deep=True)
-        if k == 0:
-            cfg.mask.detection.threshold_type = self.first_pass_threshold_type
-        # no exposure is rejected on a guiding pass: its masks may miss faint objects, whose bins
-        # would count as outliers; the per-bin clipped mean keeps a single bad exposure out of it
+        cfg.do_mask_objects = self.guide_masks_objects
+        # no exposure is rejected on a guiding pass: its unmasked objects would make outlier bins;
+        # the per-bin clipped mean keeps a single bad exposure out of it
         cfg.rejection.enabled = False
         # the guiding frame is measured on bins half the product's size, so it follows structure
         # narrower than the product's bins (a ghost ring, glow along an edge) closely enough that
