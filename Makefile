@@ -24,6 +24,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_stack.py
 	$(BIN)/python bench/bench_sky.py
 	$(BIN)/python bench/bench_flow_overhead.py
+	$(BIN)/python bench/sky_accuracy.py
 
 clean:
 	rm -rf demo calibrepo

@@ -134,8 +134,12 @@ class ExposureRejectionConfig(BaseModel):
     min_outlier_bins: int = Field(4, ge=1, description="... and at least this many; 4")
     min_exposures: int = Field(3, ge=1, description="never reject when fewer exposures; 3")
     max_rejected_fraction: float = Field(
-        0.5, gt=0, le=1, description="a build that would reject more than this fraction of its exposures "
-                                     "fails with the reasons instead of building from the rest; 0.5")
+        0.5, gt=0, le=1, description="a cut that would reject more than this fraction of the exposures is not "
+                                     "applied: the build never makes a frame from the few left; 0.5")
+    on_mass_rejection: Literal["warn", "fail"] = Field(
+        "warn", description="what such a cut does: 'warn' builds from every exposure and records the refused "
+                            "cut with its reasons (logged as a warning, kept in the result and the product's "
+                            "stats); 'fail' raises SkyRejectionError")
 
 
 class SkyConfig(BaseModel):
@@ -520,6 +524,8 @@ class SkyBuildResult:
     residuals : {exposure: {detector id: BackgroundModel}}
         The binned residuals ``I/L - 1`` of the last alternation.
     surfaces : {exposure: SkySurface}
+    warning : str
+        Set when the exposure cut would have rejected most of the night and was not applied.
     rejected : {exposure: reason}
     used : list of exposures
     """
@@ -530,6 +536,7 @@ class SkyBuildResult:
     rejected: dict = field(default_factory=dict)
     used: list = field(default_factory=list)
     surfaces: dict = field(default_factory=dict)
+    warning: str = ""
 
 
 def normalise_frames(camera: Camera, frames: Mapping[int, BackgroundModel], config: LargeScaleConfig | None = None
@@ -567,7 +574,7 @@ def solve_sky_frames(camera: Camera, binned: Mapping[object, Mapping[int, Backgr
         A first estimate of the frame (a previous pass's), divided out of the first surface fits.
     """
     cfg = config or SkyConfig()
-    rejected = {}
+    rejected, warning = {}, ""
     exps = list(binned)
     if frames is not None:      # a previous pass's frame, on this pass's bins
         first = binned[exps[0]]
@@ -579,13 +586,20 @@ def solve_sky_frames(camera: Camera, binned: Mapping[object, Mapping[int, Backgr
         residuals = {e: exposure_residuals(camera, binned[e], surfaces[e]) for e in exps}
         # earlier alternations carry the pattern's pull on the surfaces: only the converged
         # residuals judge an exposure (the per-bin clipped mean keeps outliers out meanwhile)
-        rejected = find_outlier_exposures(residuals, cfg.rejection) if it == cfg.n_iter - 1 else {}
+        rejected = {}
+        if it == cfg.n_iter - 1:
+            try:
+                rejected = find_outlier_exposures(residuals, cfg.rejection)
+            except SkyRejectionError as exc:
+                if cfg.rejection.on_mass_rejection == "fail":
+                    raise
+                warning = f"exposure rejection not applied: {exc}"
         used = [e for e in exps if e not in rejected]
         dets = sorted({d for e in used for d in residuals[e]})
         frames = normalise_frames(camera, {d: average_backgrounds([residuals[e][d] for e in used if d in residuals[e]])
                                            for d in dets}, cfg.large_scale)
     return SkyBuildResult(frames, {e: surfaces[e].level for e in exps}, residuals, rejected,
-                          [e for e in exps if e not in rejected], surfaces)
+                          [e for e in exps if e not in rejected], surfaces, warning)
 
 
 def build_sky_frames(camera: Camera, exposures: Mapping[object, Mapping[int, MaskedImage]],

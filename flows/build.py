@@ -319,6 +319,8 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
                  {e: round(v, 1) for e, v in result.scales.items()}, result.rejected or "none")
     if result.rejected:
         log.warning("sky build: rejected exposures %s", result.rejected)
+    if result.warning:
+        log.warning("sky build %s: %s", ctx.filter, result.warning)
     dropped.update(result.rejected)
     digest = _frames_digest(result)
     frames = {}
@@ -332,7 +334,8 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
             it = index[(e, d)]
             resid = work / f"{e}-det{d:03d}-resid-{digest}.fits"
             write_hdulist(resid, result.residuals[e][d].to_hdulist())
-            out[d].append({**it, "residual": str(resid), "scale": result.scales[e], "frame": str(frames[d])})
+            out[d].append({**it, "residual": str(resid), "scale": result.scales[e], "frame": str(frames[d]),
+                           "warning": result.warning})
     return out
 
 

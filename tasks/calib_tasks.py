@@ -305,7 +305,8 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
             frame = BackgroundModel.from_fits(items[0]["frame"])
             write_hdulist(path, frame.to_hdulist(), cards)
             finite = np.isfinite(frame.values)
-            stats = {"level": float(np.median(frame.values[finite])) if finite.any() else None,
+            stats = {"warning": items[0].get("warning") or None,
+                     "level": float(np.median(frame.values[finite])) if finite.any() else None,
                      "noise": float(np.median(frame.errors[finite])) if finite.any() else None,
                      "clipped_fraction": None, "bad_fraction": float(1.0 - finite.mean())}
         else:
