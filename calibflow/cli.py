@@ -190,7 +190,7 @@ def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON"),
               obs_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, science, ..."),
               filter: Optional[str] = typer.Option(None, "--filter"),
               night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD"),
-              camera: Optional[str] = typer.Option(None, "--camera"),
+              camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or YAML file"),
               repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """List registered exposures."""
     import datetime as dt
@@ -232,13 +232,15 @@ def _parse_when(text: str, what: str):
 @app.command()
 def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON"),
            calib_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, fringe, sky"),
-           camera: Optional[str] = typer.Option(None, "--camera"),
+           camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or YAML file"),
            detector: Optional[int] = typer.Option(None, "--detector"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """List products (calibs) in the registry."""
     from calib_core.registry.calibs import list_calibs
 
     _, registry = _open_repo(repo, registry_url)
+    if camera:
+        camera = _resolve_camera(registry, camera).name
     rows = list_calibs(registry, calib_type=calib_type, camera=camera, detector=detector)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
@@ -283,7 +285,9 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
 
     _, registry = _open_repo(repo, registry_url)
     cams = sorted({r["camera"] for r in registry.query_exposures(exposure_ids=[exposure])})
-    if camera is None:
+    if camera is not None:
+        camera = _resolve_camera(registry, camera).name
+    else:
         if not cams:
             _fail(f"no exposure {exposure!r} in the registry")
         if len(cams) > 1:

@@ -182,3 +182,20 @@ def test_filter_key_typo_is_an_error_not_none(tmp_path):
     nofilter = load_camera(_write(tmp_path, CAM.replace("metadata:\n", "metadata:\n  filter: {keys: [FILTR], "
                                                         "default: OPEN}\n"), "open.yaml"))
     assert read_raw(raw, nofilter).metadata.filter == "OPEN"
+
+
+def test_deployment_form_values_left_at_the_defaults_take_the_camera_isr(tmp_path):
+    """A deployment's form always carries every field: only the values changed from the type's
+    defaults override the camera's ISR defaults."""
+    from deployments.build import _changed
+
+    cam = load_camera(_write(tmp_path, CAM + "isr:\n  overscanFitType: MEDIAN_PER_ROW\n"))
+    form = BiasConfig().model_dump(mode="json")
+    form["combine"]["statistic"] = "MEDIAN"
+    changed = _changed(form, BiasConfig().model_dump(mode="json"))
+    assert changed == {"combine": {"statistic": "MEDIAN"}}
+    cfg = effective_config(BiasConfig, cam, changed)
+    assert cfg.isr.overscanFitType == "MEDIAN_PER_ROW" and cfg.combine.statistic == "MEDIAN"
+    form["isr"]["overscanFitType"] = "MEAN"       # chosen in the form: wins over the camera
+    assert effective_config(BiasConfig, cam, _changed(form, BiasConfig().model_dump(mode="json"))).isr.overscanFitType \
+        == "MEAN"

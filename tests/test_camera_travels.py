@@ -112,6 +112,14 @@ def test_file_only_camera_end_to_end_and_fix_and_rerun(fieldcam, monkeypatch):
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)
     assert set(got["outputs"]) == {str(d) for d in KEEP} and got["scale"] > 0
+    # the listing commands take the file too
+    res = _run(runner, env, "exposures", "--camera", str(path), "--json")
+    kinds = sorted(r["obs_type"] for r in json.loads(res.output))
+    assert kinds == ["bias"] * 3 + ["dark"] * 3 + ["flat"] * 3 + ["science"] * 5, res.output
+    res = _run(runner, env, "calibs", "--camera", str(path), "--json")
+    assert sorted({r["type"] for r in json.loads(res.output)}) == ["bias", "dark", "flat", "fringe", "sky"]
+    res = _run(runner, env, "lookup", "--exposure", exp, "--type", "bias", "--detector", "3", "--camera", str(path))
+    assert res.exit_code == 0 and fixed[3]["calib_id"] in res.output, res.output
 
 
 def test_camera_errors_list_the_registry(fieldcam, monkeypatch, tmp_path):
