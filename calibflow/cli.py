@@ -523,10 +523,34 @@ def cameras_list(ctx: typer.Context):
 
 
 @cameras_app.command("show")
-def cameras_show(name: str = typer.Argument(..., help="camera name or YAML file")):
-    """Print one camera definition (validated) as YAML."""
+def cameras_show(name: str = typer.Argument(..., help="camera name or YAML file"),
+                 raws: Optional[list[Path]] = typer.Option(None, "--raw", help="also read these raw files "
+                                                           "with it (repeat): sections against the real HDUs, "
+                                                           "and the metadata it gives")):
+    """Print one camera definition (validated) as YAML; with --raw, check it against raw files."""
+    from calib_core.rawio import RawReadError, read_raw
+
     cam = _load_camera(name)
-    sys.stdout.write(cam.to_yaml())
+    if not raws:
+        sys.stdout.write(cam.to_yaml())
+        return
+    table = Table(title=f"{cam.name} on {len(raws)} raw file(s)")
+    for col in ("file", "exposure_id", "type", "exptime", "filter", "date_obs", "night", "detectors (ny x nx)"):
+        table.add_column(col)
+    problems = []
+    for path in raws:
+        try:
+            raw = read_raw(path, cam)
+        except RawReadError as exc:
+            problems.append(str(exc))
+            continue
+        m = raw.metadata
+        table.add_row(_esc(Path(path).name), m.exposure_id, m.obs_type, f"{m.exptime:g}", _esc(m.filter),
+                      m.date_obs.isoformat()[:19], m.night.isoformat(),
+                      ", ".join(f"{d.detector.name} {d.shape[0]}x{d.shape[1]}" for d in raw.detectors.values()))
+    console.print(table)
+    if problems:
+        _fail("\n".join(problems))
 
 
 @app.command()

@@ -199,3 +199,19 @@ def test_deployment_form_values_left_at_the_defaults_take_the_camera_isr(tmp_pat
     form["isr"]["overscanFitType"] = "MEAN"       # chosen in the form: wins over the camera
     assert effective_config(BiasConfig, cam, _changed(form, BiasConfig().model_dump(mode="json"))).isr.overscanFitType \
         == "MEAN"
+
+
+def test_cameras_show_checks_sections_against_a_raw_file(tmp_path):
+    """A section outside the HDU can only be seen with a file: `cameras show --raw` reads it."""
+    from typer.testing import CliRunner
+
+    from calibflow.cli import app
+
+    raw = _drifting_bias(tmp_path / "b1.fits")         # 20 rows x 14 columns
+    ok = CliRunner().invoke(app, ["cameras", "show", str(_write(tmp_path, CAM)), "--raw", str(raw)])
+    assert ok.exit_code == 0 and "b1" in ok.output and "bias" in ok.output and "d0 20x10" in ok.output, ok.output
+    wide = _write(tmp_path, CAM.replace("'[11:14,1:20]'", "'[11:16,1:20]'"), "wide.yaml")
+    res = CliRunner().invoke(app, ["cameras", "show", str(wide), "--raw", str(raw)])
+    assert res.exit_code == 1
+    assert (f"{raw}: detector d0 amplifier A: overscan section [11:16,1:20] lies outside HDU 0 of shape 20x14"
+            in " ".join(res.output.split())), res.output

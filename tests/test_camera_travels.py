@@ -141,3 +141,28 @@ def test_camera_errors_list_the_registry(fieldcam, monkeypatch, tmp_path):
     assert _run(runner, env, "ingest", *map(str, raws[:3]), "--camera", str(other)).exit_code == 0
     res = _run(runner, env, "build", "bias")
     assert res.exit_code == 1 and "several cameras: fieldcam, othercam" in res.output, res.output
+
+
+def test_serve_default_camera_comes_from_the_registry(registry, tmp_path):
+    """`calibflow serve` without --camera: the registry's only camera (by name, so runs need no file);
+    none while the registry is empty or holds several; a file not ingested yet is taken as given."""
+    import click
+    import typer
+
+    from calibflow import cli
+    from calibflow.ops import _serve_camera
+
+    assert _serve_camera(cli, registry, None) is None
+    path = tmp_path / "fieldcam.yaml"
+    path.write_text(_camera_text("fieldcam", mirrored_b=True))
+    assert _serve_camera(cli, registry, str(path)).name == "fieldcam"          # not ingested yet
+    with registry.session() as s:
+        registry.ensure_camera(s, load_camera(path))
+    assert _serve_camera(cli, registry, None).name == "fieldcam"
+    assert _serve_camera(cli, registry, "fieldcam").content_hash == load_camera(path).content_hash
+    path.write_text(_camera_text("fieldcam", mirrored_b=False))              # differs from the registry's
+    with pytest.raises((typer.Exit, click.exceptions.Exit)):
+        _serve_camera(cli, registry, str(path))
+    with registry.session() as s:
+        registry.ensure_camera(s, load_camera("democam_mini"))
+    assert _serve_camera(cli, registry, None) is None
