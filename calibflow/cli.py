@@ -190,7 +190,7 @@ def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON"),
               obs_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, science, ..."),
               filter: Optional[str] = typer.Option(None, "--filter"),
               night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD"),
-              camera: Optional[str] = typer.Option(None, "--camera"),
+              camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or YAML file"),
               repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """List registered exposures."""
     import datetime as dt
@@ -232,13 +232,15 @@ def _parse_when(text: str, what: str):
 @app.command()
 def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON"),
            calib_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, fringe, sky"),
-           camera: Optional[str] = typer.Option(None, "--camera"),
+           camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or YAML file"),
            detector: Optional[int] = typer.Option(None, "--detector"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """List products (calibs) in the registry."""
     from calib_core.registry.calibs import list_calibs
 
     _, registry = _open_repo(repo, registry_url)
+    if camera:
+        camera = _resolve_camera(registry, camera).name
     rows = list_calibs(registry, calib_type=calib_type, camera=camera, detector=detector)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
@@ -283,7 +285,9 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
 
     _, registry = _open_repo(repo, registry_url)
     cams = sorted({r["camera"] for r in registry.query_exposures(exposure_ids=[exposure])})
-    if camera is None:
+    if camera is not None:
+        camera = _resolve_camera(registry, camera).name
+    else:
         if not cams:
             _fail(f"no exposure {exposure!r} in the registry")
         if len(cams) > 1:
@@ -519,10 +523,34 @@ def cameras_list(ctx: typer.Context):
 
 
 @cameras_app.command("show")
-def cameras_show(name: str = typer.Argument(..., help="camera name or YAML file")):
-    """Print one camera definition (validated) as YAML."""
+def cameras_show(name: str = typer.Argument(..., help="camera name or YAML file"),
+                 raws: Optional[list[Path]] = typer.Option(None, "--raw", help="also read these raw files "
+                                                           "with it (repeat): sections against the real HDUs, "
+                                                           "and the metadata it gives")):
+    """Print one camera definition (validated) as YAML; with --raw, check it against raw files."""
+    from calib_core.rawio import RawReadError, read_raw
+
     cam = _load_camera(name)
-    sys.stdout.write(cam.to_yaml())
+    if not raws:
+        sys.stdout.write(cam.to_yaml())
+        return
+    table = Table(title=f"{cam.name} on {len(raws)} raw file(s)")
+    for col in ("file", "exposure_id", "type", "exptime", "filter", "date_obs", "night", "detectors (ny x nx)"):
+        table.add_column(col)
+    problems = []
+    for path in raws:
+        try:
+            raw = read_raw(path, cam)
+        except RawReadError as exc:
+            problems.append(str(exc))
+            continue
+        m = raw.metadata
+        table.add_row(_esc(Path(path).name), m.exposure_id, m.obs_type, f"{m.exptime:g}", _esc(m.filter),
+                      m.date_obs.isoformat()[:19], m.night.isoformat(),
+                      ", ".join(f"{d.detector.name} {d.shape[0]}x{d.shape[1]}" for d in raw.detectors.values()))
+    console.print(table)
+    if problems:
+        _fail("\n".join(problems))
 
 
 @app.command()

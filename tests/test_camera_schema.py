@@ -182,3 +182,106 @@ def test_filter_key_typo_is_an_error_not_none(tmp_path):
     nofilter = load_camera(_write(tmp_path, CAM.replace("metadata:\n", "metadata:\n  filter: {keys: [FILTR], "
                                                         "default: OPEN}\n"), "open.yaml"))
     assert read_raw(raw, nofilter).metadata.filter == "OPEN"
+
+
+def test_deployment_form_values_left_at_the_defaults_take_the_camera_isr(tmp_path):
+    """A deployment's form always carries every field: only the values changed from the type's
+    defaults override the camera's ISR defaults."""
+    from deployments.build import _changed
+
+    cam = load_camera(_write(tmp_path, CAM + "isr:\n  overscanFitType: MEDIAN_PER_ROW\n"))
+    form = BiasConfig().model_dump(mode="json")
+    form["combine"]["statistic"] = "MEDIAN"
+    changed = _changed(form, BiasConfig().model_dump(mode="json"))
+    assert changed == {"combine": {"statistic": "MEDIAN"}}
+    cfg = effective_config(BiasConfig, cam, changed)
+    assert cfg.isr.overscanFitType == "MEDIAN_PER_ROW" and cfg.combine.statistic == "MEDIAN"
+    form["isr"]["overscanFitType"] = "MEAN"       # chosen in the form: wins over the camera
+    assert effective_config(BiasConfig, cam, _changed(form, BiasConfig().model_dump(mode="json"))).isr.overscanFitType \
+        == "MEAN"
+
+
+def test_cameras_show_checks_sections_against_a_raw_file(tmp_path):
+    """A section outside the HDU can only be seen with a file: `cameras show --raw` reads it."""
+    from typer.testing import CliRunner
+
+    from calibflow.cli import app
+
+    raw = _drifting_bias(tmp_path / "b1.fits")         # 20 rows x 14 columns
+    ok = CliRunner().invoke(app, ["cameras", "show", str(_write(tmp_path, CAM)), "--raw", str(raw)])
+    assert ok.exit_code == 0 and "b1" in ok.output and "bias" in ok.output and "d0 20x10" in ok.output, ok.output
+    wide = _write(tmp_path, CAM.replace("'[11:14,1:20]'", "'[11:16,1:20]'"), "wide.yaml")
+    res = CliRunner().invoke(app, ["cameras", "show", str(wide), "--raw", str(raw)])
+    assert res.exit_code == 1
+    assert (f"{raw}: detector d0 amplifier A: overscan section [11:16,1:20] lies outside HDU 0 of shape 20x14"
+            in " ".join(res.output.split())), res.output
+
+
+# --------------------------------------------------------------------------------------------------
+# the richer header mapping, on synthetic files whose headers say exactly what is expected
+# --------------------------------------------------------------------------------------------------
+
+RICH = f"""
+name: richcam
+ignore_hdus: [ERR, DQ]
+detectors:
+  - id: 0
+    name: d0
+    hdu: SCI
+    amplifiers:
+      - name: A
+        data_section: '[1:10,1:{ROWS}]'
+        overscan_section: '[11:14,1:{ROWS}]'
+        detector_section: '[1:10,1:{ROWS}]'
+        gain_table: {{key: CCDGAIN, values: {{'1': 1.1, '4': 4.2, low: 0.9}}}}
+        read_noise_table: {{key: CCDGAIN, values: {{'1': 3.0, '4': 5.0, low: 2.5}}}}
+        saturation: 65535
+        saturation_key: SATURATE
+metadata:
+  obs_type:
+    - {{key: IMAGETYP, pattern: '^EXT', value: science, all_of: [{{key: OBSTYPE, pattern: '^IMAGING'}},
+                                                                   {{key: SHUTTER, pattern: '(?i)closed', negate: true}}]}}
+    - {{key: IMAGETYP, pattern: '^EXT', value: dark}}
+  filter: {{keys: [FILTER1, FILTER2], skip: '^CLEAR', default: CLEAR}}
+  object: {{keys: [WHEEL1, WHEEL2], default: ''}}
+  exposure_id: {{keys: [WHEEL1, WHEEL2], join: '+', skip: '(?i)^open$'}}
+"""
+
+
+def _rich_file(path, **cards):
+    sci = fits.ImageHDU(np.full((ROWS, 14), 1000.0, np.float32), name="SCI")
+    planes = [fits.ImageHDU(np.zeros((ROWS, 14), np.float32), name=n) for n in ("ERR", "DQ")]
+    primary = fits.PrimaryHDU()
+    primary.header.update({"IMAGETYP": "EXT", "OBSTYPE": "IMAGING", "EXPTIME": 5.0,
+                           "DATE-OBS": "2026-11-20T03:00:00", "CCDGAIN": 4, **cards})
+    fits.HDUList([primary, sci, *planes]).writeto(path)
+    return path
+
+
+@pytest.mark.parametrize("cards, expected", [
+    ({"FILTER1": "F550M", "FILTER2": "CLEAR2S", "WHEEL1": "g", "WHEEL2": "ND1"}, ("science", "F550M", "g+ND1")),
+    ({"FILTER1": "CLEAR1S", "FILTER2": "F435W", "WHEEL1": "open", "WHEEL2": "ND1"}, ("science", "F435W", "ND1")),
+    ({"FILTER1": "CLEAR1S", "FILTER2": "CLEAR2S", "WHEEL1": "r", "WHEEL2": "open", "SHUTTER": "Closed"},
+     ("dark", "CLEAR", "r")),
+    ({"FILTER1": "F550M", "OBSTYPE": "SPECTROSCOPIC", "WHEEL1": "r"}, ("dark", "F550M", "r")),
+])
+def test_values_from_several_keys_and_combined_type_rules(tmp_path, cards, expected):
+    cam = load_camera(_write(tmp_path, RICH))
+    m = read_raw(_rich_file(tmp_path / "x.fits", **cards), cam).metadata
+    assert (m.obs_type, m.filter, m.exposure_id) == expected
+
+
+def test_gain_table_saturation_key_and_ignored_planes(tmp_path):
+    cam = load_camera(_write(tmp_path, RICH))
+    raw = read_raw(_rich_file(tmp_path / "a.fits", FILTER1="F550M", WHEEL1="r"), cam)   # ERR, DQ: 2-D, ignored
+    amp = raw.detectors[0].amps[0]
+    assert (amp.gain, amp.read_noise, amp.saturation) == (4.2, 5.0, 65535.0)
+    amp = read_raw(_rich_file(tmp_path / "b.fits", FILTER1="F550M", WHEEL1="r", CCDGAIN="LOW", SATURATE=30000),
+                   cam).detectors[0].amps[0]
+    assert (amp.gain, amp.read_noise, amp.saturation) == (0.9, 2.5, 30000.0)
+    with pytest.raises(ValueError, match=r"CCDGAIN=2 is not in the camera's gain table \(values for 1, 4, low\)"):
+        read_raw(_rich_file(tmp_path / "c.fits", FILTER1="F550M", WHEEL1="r", CCDGAIN=2), cam)
+    # without ignore_hdus the ERR and DQ planes count as raw pixels: a wrong-camera file
+    plain = load_camera(_write(tmp_path, RICH.replace("ignore_hdus: [ERR, DQ]\n", ""), "plain.yaml"))
+    with pytest.raises(ValueError, match="has 3 image HDUs .* but camera richcam reads 1: one per detector"):
+        read_raw(tmp_path / "a.fits", plain)

@@ -112,6 +112,14 @@ def test_file_only_camera_end_to_end_and_fix_and_rerun(fieldcam, monkeypatch):
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)
     assert set(got["outputs"]) == {str(d) for d in KEEP} and got["scale"] > 0
+    # the listing commands take the file too
+    res = _run(runner, env, "exposures", "--camera", str(path), "--json")
+    kinds = sorted(r["obs_type"] for r in json.loads(res.output))
+    assert kinds == ["bias"] * 3 + ["dark"] * 3 + ["flat"] * 3 + ["science"] * 5, res.output
+    res = _run(runner, env, "calibs", "--camera", str(path), "--json")
+    assert sorted({r["type"] for r in json.loads(res.output)}) == ["bias", "dark", "flat", "fringe", "sky"]
+    res = _run(runner, env, "lookup", "--exposure", exp, "--type", "bias", "--detector", "3", "--camera", str(path))
+    assert res.exit_code == 0 and fixed[3]["calib_id"] in res.output, res.output
 
 
 def test_camera_errors_list_the_registry(fieldcam, monkeypatch, tmp_path):
@@ -133,3 +141,28 @@ def test_camera_errors_list_the_registry(fieldcam, monkeypatch, tmp_path):
     assert _run(runner, env, "ingest", *map(str, raws[:3]), "--camera", str(other)).exit_code == 0
     res = _run(runner, env, "build", "bias")
     assert res.exit_code == 1 and "several cameras: fieldcam, othercam" in res.output, res.output
+
+
+def test_serve_default_camera_comes_from_the_registry(registry, tmp_path):
+    """`calibflow serve` without --camera: the registry's only camera (by name, so runs need no file);
+    none while the registry is empty or holds several; a file not ingested yet is taken as given."""
+    import click
+    import typer
+
+    from calibflow import cli
+    from calibflow.ops import _serve_camera
+
+    assert _serve_camera(cli, registry, None) is None
+    path = tmp_path / "fieldcam.yaml"
+    path.write_text(_camera_text("fieldcam", mirrored_b=True))
+    assert _serve_camera(cli, registry, str(path)).name == "fieldcam"          # not ingested yet
+    with registry.session() as s:
+        registry.ensure_camera(s, load_camera(path))
+    assert _serve_camera(cli, registry, None).name == "fieldcam"
+    assert _serve_camera(cli, registry, "fieldcam").content_hash == load_camera(path).content_hash
+    path.write_text(_camera_text("fieldcam", mirrored_b=False))              # differs from the registry's
+    with pytest.raises((typer.Exit, click.exceptions.Exit)):
+        _serve_camera(cli, registry, str(path))
+    with registry.session() as s:
+        registry.ensure_camera(s, load_camera("democam_mini"))
+    assert _serve_camera(cli, registry, None) is None
