@@ -87,7 +87,7 @@ NIGHT = "2026-11-20"
 # per geometry: how big a night (science exposures per filter built, held out)
 GEOMETRIES = {
     "democam_mini": {"n_build": 12, "n_held": 4, "filters": ("r", "z")},
-    "minimosaic": {"n_build": 12, "n_held": 4, "filters": ("r", "z")},
+    "minimosaic": {"n_build": 12, "n_held": 4, "filters": ("r",)},
     "democam": {"n_build": 10, "n_held": 3, "filters": ("r",)},
 }
 

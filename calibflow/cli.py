@@ -562,21 +562,35 @@ def simulate(camera: str = typer.Option("democam", "--camera"),
              n_flat: int = typer.Option(5, "--n-flat", help="per filter"),
              n_science: int = typer.Option(12, "--n-science", help="per filter"),
              filters: str = typer.Option("r,z", "--filters", help="comma-separated"),
-             compress: Optional[str] = typer.Option(None, "--compress", help="gzip | rice")):
+             compress: Optional[str] = typer.Option(None, "--compress", help="gzip | rice"),
+             gradient_amplitude: Optional[float] = typer.Option(
+                 None, "--gradient-amplitude",
+                 help="bound on the large-scale gradient |G-1| (e.g. 0.10); default: the legacy ranges"),
+             bad_exposures: str = typer.Option(
+                 "", "--bad-exposures", help="comma-separated defects (cloud,trail,glow): one science "
+                                             "exposure per entry and filter gets it"),
+             first_sequence: int = typer.Option(
+                 0, "--first-sequence", help="number exposures from this + 1 (held-out nights: same "
+                                             "seed, another --night, e.g. 1000)")):
     """Simulate a night of raw exposures with known truth (raw/ and truth/ under --out)."""
     from calib_core.simulate import simulate_night
 
     cam = _load_camera(camera)
+    bad = tuple(b.strip() for b in bad_exposures.split(",") if b.strip())
     with _progress() as progress:
         task = progress.add_task("simulate", total=None)
 
         def tick(done, total):
             progress.update(task, completed=done, total=total)
 
-        result = simulate_night(cam, out, seed=seed, night=night, n_bias=n_bias, n_dark=n_dark,
-                                n_flat=n_flat, n_science=n_science,
-                                filters=tuple(f for f in filters.split(",") if f),
-                                compress=compress, progress=tick)
+        try:
+            result = simulate_night(cam, out, seed=seed, night=night, n_bias=n_bias, n_dark=n_dark,
+                                    n_flat=n_flat, n_science=n_science,
+                                    filters=tuple(f for f in filters.split(",") if f),
+                                    compress=compress, progress=tick, gradient_amplitude=gradient_amplitude,
+                                    bad_exposures=bad, first_sequence=first_sequence)
+        except ValueError as exc:
+            _fail(str(exc))
     console.print(f"wrote {len(result.exposures)} raw files to {Path(out) / 'raw'} and truth to "
                   f"{Path(out) / 'truth'}")
 

@@ -14,6 +14,7 @@ from calib_core import simulate
 from calib_core.camera import load_camera
 from calib_core.rawio import night_of, read_raw
 from calib_core.simulate import SimulatedNight, simulate_night
+from tests._raw import corrected
 
 CAMERA = "democam_mini"
 N_BIAS = 8
@@ -24,20 +25,6 @@ def night(tmp_path_factory) -> SimulatedNight:
     out = tmp_path_factory.mktemp("night")
     return simulate_night(CAMERA, out, seed=3, n_bias=N_BIAS, n_dark=3, n_flat=2, n_science=2,
                           filters=("r", "z"))
-
-
-def corrected(rd) -> np.ndarray:
-    """Assembled data of one RawDetector minus the per-row median of each amplifier's overscan."""
-    out = np.empty(rd.shape, dtype=np.float64)
-    for a in rd.amps:
-        level = np.median(a.overscan[:, a.amp.overscan_margin:], axis=1)
-        d = a.data - level[:, None]
-        if a.flip_x:
-            d = d[:, ::-1]
-        if a.flip_y:
-            d = d[::-1, :]
-        out[a.det_slices] = d
-    return out
 
 
 def gain_map(rd) -> np.ndarray:

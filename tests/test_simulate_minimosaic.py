@@ -15,6 +15,7 @@ from calib_core.camera import load_camera
 from calib_core.isr import IsrConfig, run_isr
 from calib_core.rawio import read_raw
 from calib_core.simulate import simulate_night
+from tests._raw import corrected
 
 CAMERA = "minimosaic"
 
@@ -23,21 +24,6 @@ CAMERA = "minimosaic"
 def night(tmp_path_factory):
     out = tmp_path_factory.mktemp("minimosaic")
     return simulate_night(CAMERA, out, seed=4, n_bias=4, n_dark=0, n_flat=1, n_science=0, filters=("r",))
-
-
-def corrected(rd) -> np.ndarray:
-    """Assembled data minus the per-row median of each amplifier's overscan (written out here, not
-    ISR's, so that ISR is checked against it)."""
-    out = np.full(rd.shape, np.nan)
-    for a in rd.amps:
-        level = np.median(a.overscan[:, a.amp.overscan_margin:], axis=1)
-        d = a.data - level[:, None]
-        if a.flip_x:
-            d = d[:, ::-1]
-        if a.flip_y:
-            d = d[::-1, :]
-        out[a.det_slices] = d
-    return out
 
 
 def test_camera_geometry():

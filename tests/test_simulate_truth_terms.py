@@ -13,22 +13,9 @@ from astropy.io import fits
 
 from calib_core.rawio import read_raw
 from calib_core.simulate import simulate_night
+from tests._raw import corrected
 
 CAMERA = "democam_mini"
-
-
-def corrected(rd) -> np.ndarray:
-    """Assembled data minus the per-row median of each amplifier's overscan."""
-    out = np.empty(rd.shape, dtype=np.float64)
-    for a in rd.amps:
-        level = np.median(a.overscan[:, a.amp.overscan_margin:], axis=1)
-        d = a.data - level[:, None]
-        if a.flip_x:
-            d = d[:, ::-1]
-        if a.flip_y:
-            d = d[::-1, :]
-        out[a.det_slices] = d
-    return out
 
 
 def fp_grid(camera, det):
