@@ -132,6 +132,9 @@ class ExposureRejectionConfig(BaseModel):
     max_outlier_fraction: float = Field(0.02, gt=0, le=1, description="reject when more than this fraction of the "
                                                                       "exposure's bins are outliers; 0.02")
     min_outlier_bins: int = Field(4, ge=1, description="... and at least this many; 4")
+    max_lost_bins: float = Field(0.05, gt=0, le=1, description="reject when masking left the exposure this fraction "
+                                                              "fewer usable bins than the night's median exposure "
+                                                              "(a trail, glow or cloud detected as objects); 0.05")
     min_exposures: int = Field(3, ge=1, description="never reject when fewer exposures; 3")
     max_rejected_fraction: float = Field(
         0.5, gt=0, le=1, description="a cut that would reject more than this fraction of the exposures is not "
@@ -415,7 +418,7 @@ class ExposureStructure:
     excess: float               # RMS structure above noise, fraction of the sky
     noise: float                # RMS bin noise, fraction of the sky
     outlier_bins: int           # over the exposure
-    bins: int                   # of the exposure
+    bins: int                   # usable bins of the exposure (finite, with a fifth of the typical NPOINT)
 
 
 def exposure_structure(models: Mapping[object, Mapping[object, BackgroundModel]], outlier_sigma: float = 5.0
@@ -490,11 +493,16 @@ def find_outlier_exposures(models: Mapping[object, Mapping[object, BackgroundMod
     if not cfg.enabled or len(exps) < cfg.min_exposures:
         return {}
     st = exposure_structure(models, cfg.outlier_sigma)
+    typical = float(np.median([s.bins for s in st.values()]))
     out = {}
     for e in exps:
         s = st[e]
         if not math.isfinite(s.excess):
             out[e] = "no finite bins"
+        elif s.bins < (1 - cfg.max_lost_bins) * typical:
+            out[e] = (f"object masking left {s.bins} usable bins against the night's median {typical:.0f} "
+                      f"(more than {cfg.max_lost_bins:.0%} fewer): something large was detected as objects "
+                      f"(a trail, glow or cloud)")
         elif s.excess > cfg.max_excess:
             out[e] = (f"structure above noise {s.excess:.3%} of the sky > max_excess {cfg.max_excess:.3%} "
                       f"(bin noise {s.noise:.3%})")

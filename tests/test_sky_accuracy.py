@@ -31,11 +31,11 @@ def test_held_out_structure_reduced_tenfold(result):
         assert h["reduction"] >= 10, h
 
 
-def test_no_good_exposure_rejected_and_cloud_and_glow_rejected(result):
+def test_bad_exposures_rejected_and_no_good_one(result):
     acc = result["sky"]["r"]
     assert acc["good_rejected"] == [], acc
-    kinds = {result["bad"][e] for e in acc["bad_rejected"]}
-    assert {"cloud", "glow"} <= kinds, acc
+    assert acc["bad_missed"] == [], acc
+    assert {result["bad"][e] for e in acc["bad_rejected"]} == {"cloud", "trail", "glow"}, acc
 
 
 def test_bias_and_flat_at_their_floors(result):
@@ -59,23 +59,17 @@ def test_fitted_scales_within_five_percent(result):
 # Issue 10's targets that this version does not reach yet on democam_mini (an XPASS in the report says
 # one is met on a geometry; then promote it).
 
-@pytest.mark.xfail(strict=False, reason="sky frame at 1.95 x its floor on democam_mini, target 1.5")
+@pytest.mark.xfail(strict=False, reason="sky frame at 1.93-1.95 x its floor, target 1.5")
 def test_target_sky_frame_at_noise_floor(result):
     assert result["sky"]["r"]["ratio"] < 1.5
 
 
-@pytest.mark.xfail(strict=False, reason="fitted scales 0.957-0.965 of the truth, target within 3 %")
+@pytest.mark.xfail(strict=False, reason="fitted scales 0.953-0.965 of the truth, target within 3 %")
 def test_target_fitted_scales_within_three_percent(result):
     for h in result["held_out"]["r"]:
         assert h["scale_vs_truth"] == pytest.approx(1.0, abs=0.03), h
 
 
-@pytest.mark.xfail(strict=False, reason="the satellite trail is not rejected (1.2 % outlier bins, cut at 2 %)")
-def test_target_every_bad_exposure_rejected(result):
-    acc = result["sky"]["r"]
-    assert acc["bad_missed"] == [], acc
-
-
-@pytest.mark.xfail(strict=False, reason="the dark is 1.22 x its floor, target 1.2")
+@pytest.mark.xfail(strict=False, reason="the dark is 1.22-1.24 x its floor, target 1.2")
 def test_target_dark_at_its_floor(result):
     assert result["masters"]["dark"]["ratio"] < 1.2
