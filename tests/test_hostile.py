@@ -1,0 +1,268 @@
+"""Trying to break calibflow (issue 11): hostile headers, altered raws, excluded-then-repaired inputs,
+user errors. Every case runs on democam_mini; each one failed before its fix.
+
+The README's "Reliability" table lists these cases and their outcome.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from calib_core.camera import load_camera
+from calib_core.datastore import Datastore
+from calib_core.ingest import ingest_files
+from calib_core.registry import Registry
+from calib_core.registry.calibs import calib_inputs, list_calibs
+from calib_core.simulate import simulate_night
+from tests._repos import ingested_repo
+
+CAMERA = "democam_mini"
+NIGHT = "2026-11-20"
+
+
+@pytest.fixture(scope="module")
+def raws(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("hostile")
+    simulate_night(load_camera(CAMERA), root / "sim", seed=5, night=NIGHT, n_bias=5, n_dark=0, n_flat=0,
+                   n_science=0, filters=("r",))
+    return sorted((root / "sim" / "raw").glob("*.fits"))
+
+
+def _edited(src: Path, dst: Path, header: dict | None = None, hdu_data: dict | None = None,
+            delete: tuple = ()) -> Path:
+    """A copy of a raw with primary-header cards set or deleted, or some HDUs' pixels replaced
+    (the other pixels are copied unscaled, bit for bit)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with fits.open(src, do_not_scale_image_data=True) as hdul:
+        for key, value in (header or {}).items():
+            hdul[0].header[key] = value
+        for key in delete:
+            del hdul[0].header[key]
+        for name, data in (hdu_data or {}).items():
+            hdr = hdul[name].header.copy()
+            for k in ("BSCALE", "BZERO"):
+                hdr.remove(k, ignore_missing=True)
+            hdul[name] = fits.ImageHDU(data, header=hdr, name=name)
+        hdul.writeto(dst)
+    return dst
+
+
+def _patched(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
+    """A copy with one header card's bytes replaced (same length: the file stays valid FITS)."""
+    assert len(old) == len(new)
+    data = src.read_bytes()
+    assert old in data
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(data.replace(old, new, 1))
+    return dst
+
+
+def _repo(root: Path) -> tuple[Datastore, Registry]:
+    store = Datastore(root)
+    reg = Registry.open(store.default_registry_url)
+    reg.upgrade()
+    store.ensure()
+    return store, reg
+
+
+def _files_under(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")} if path.exists() else set()
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. identifiers that become paths
+# --------------------------------------------------------------------------------------------------
+
+
+def test_path_traversal_exposure_id_is_refused_at_ingest(tmp_path, raws):
+    evil = _edited(raws[0], tmp_path / "in" / "evil.fits", header={"EXPID": "../../../../ESCAPED/pwn"})
+    store, reg = _repo(tmp_path / "a" / "b" / "c" / "repo")
+    before, files = reg.snapshot(), _files_under(store.root)
+    rep = ingest_files([evil, raws[1]], load_camera(CAMERA), reg, store, transfer="copy")
+    assert rep.ingested == [raws[1].stem]                     # the rest of the batch goes on
+    ((path, why),) = rep.failed
+    assert path == str(evil) and "exposure id '../../../../ESCAPED/pwn'" in why and "EXPID" in why
+    assert "\n" not in why
+    after = reg.snapshot()
+    assert after["exposure"] == before["exposure"] + 1
+    assert not (tmp_path / "ESCAPED").exists() and not list(tmp_path.rglob("pwn*"))
+    assert _files_under(store.root) - files <= {p for p in _files_under(store.root) if raws[1].name in p
+                                                or p.startswith("raw")}
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. two exposures, one file name
+# --------------------------------------------------------------------------------------------------
+
+
+def test_two_exposures_with_the_same_file_name_are_kept_apart(tmp_path, raws):
+    a = _edited(raws[0], tmp_path / "nightA" / "frame.fits", header={"EXPID": "202611209001"})
+    b = _edited(raws[1], tmp_path / "nightB" / "frame.fits", header={"EXPID": "202611209002"})
+    store, reg = _repo(tmp_path / "repo")
+    rep = ingest_files([a, b], load_camera(CAMERA), reg, store, transfer="copy")
+    assert rep.ok, rep.failed
+    assert sorted(rep.ingested) == ["202611209001", "202611209002"]
+    rows = {r["exposure_id"]: r for r in reg.query_exposures()}
+    assert rows["202611209001"]["path"] != rows["202611209002"]["path"]
+    for eid, src in (("202611209001", a), ("202611209002", b)):
+        assert Path(rows[eid]["path"]).read_bytes() == src.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. impossible metadata
+# --------------------------------------------------------------------------------------------------
+
+
+def _impossible(raws: list[Path], d: Path) -> dict[Path, tuple[str, ...]]:
+    """Hostile variants of a good raw -> words its one-line error must contain."""
+    src = raws[0]
+    nan = np.full((512, 296), np.nan, np.float32)
+    gz = d / "corrupt.fits.gz"
+    gz.parent.mkdir(parents=True, exist_ok=True)
+    packed = gzip.compress(src.read_bytes())
+    gz.write_bytes(packed[: len(packed) // 2] + bytes(64) + packed[len(packed) // 2 + 64:])
+    return {
+        _edited(src, d / "noobstype.fits", header={"EXPID": "x1"}, delete=("OBSTYPE",)): ("OBSTYPE",
+                                                                                          "observation type"),
+        _edited(src, d / "allnan.fits", header={"EXPID": "x2"}, hdu_data={"CCD00": nan}): ("ccd00", "NaN"),
+        _edited(src, d / "hugeexp.fits", header={"EXPID": "x3", "EXPTIME": 1e30}): ("EXPTIME", "1e+30"),
+        _edited(src, d / "negexp.fits", header={"EXPID": "x4", "EXPTIME": -5.0}): ("EXPTIME",),
+        _edited(src, d / "future.fits", header={"EXPID": "x5", "DATE-OBS": "9999-12-31T00:00:00"}): ("DATE-OBS",
+                                                                                                     "9999"),
+        _edited(src, d / "ancient.fits", header={"EXPID": "x6", "DATE-OBS": "0001-01-01T00:00:00"}): ("0001-01-01",),
+        _patched(_edited(src, d / "tmp_bscale.fits", header={"EXPID": "x7"}), d / "bscale0.fits",
+                 b"BSCALE  =                    1", b"BSCALE  =                    0"): ("BSCALE = 0",),
+        gz: ("gzip",),
+    }
+
+
+def test_impossible_metadata_is_refused_naming_file_and_key(tmp_path, raws):
+    cases = _impossible(raws, tmp_path / "bad")
+    (tmp_path / "bad" / "tmp_bscale.fits").unlink()
+    store, reg = _repo(tmp_path / "repo")
+    before = reg.snapshot()
+    rep = ingest_files([*cases, raws[2]], load_camera(CAMERA), reg, store, transfer="copy")
+    assert rep.ingested == [raws[2].stem], rep.failed           # the good file after them still ingests
+    failed = dict(rep.failed)
+    assert set(failed) == {str(p) for p in cases}
+    for path, words in cases.items():
+        why = failed[str(path)]
+        assert "\n" not in why, why
+        for w in words:
+            assert w in why, (path.name, why)
+    assert "END card" not in failed[str(tmp_path / "bad" / "corrupt.fits.gz")]
+    assert reg.snapshot()["exposure"] == before["exposure"] + 1
+    assert [p.name for p in store.root.glob("raw/**/*.fits*")] == [raws[2].name]
+
+
+def test_camera_mapping_a_type_is_not_refused(tmp_path, raws):
+    cam = load_camera(CAMERA).model_copy(deep=True)
+    cam.metadata.obs_type_default = "bias"
+    noobs = _edited(raws[0], tmp_path / "noobstype.fits", delete=("OBSTYPE",))
+    store, reg = _repo(tmp_path / "repo")
+    rep = ingest_files([noobs], cam, reg, store, transfer="copy")
+    assert rep.ok, rep.failed
+    assert reg.query_exposures()[0]["obs_type"] == "bias"
+
+
+# --------------------------------------------------------------------------------------------------
+# 2, 3, 7. product identity, altered raws, missing mosaics (builds under a real Prefect API)
+# --------------------------------------------------------------------------------------------------
+
+
+def _bias(store, **kw):
+    from flows.build import build_calib
+
+    return build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root), **kw)
+
+
+def test_verify_raw_cheap_and_on_request(tmp_path, raws):
+    import datetime as dt
+
+    from calib_core.datastore import sha256_file, verify_raw
+    from calib_core.rawio import RawReadError
+
+    f = tmp_path / "r.fits"
+    shutil.copy2(raws[0], f)
+    good = sha256_file(f)
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    verify_raw(f, good, f.stat().st_size, later)
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    st = f.stat()
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))       # same size, same mtime: the cheap check trusts it
+    verify_raw(f, good, st.st_size, later)
+    with pytest.raises(RawReadError, match="changed since ingest: sha256"):
+        verify_raw(f, good, st.st_size, later, always=True)
+    with pytest.raises(RawReadError, match="changed since ingest: sha256"):
+        verify_raw(f, good, st.st_size, dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1))
+    with pytest.raises(RawReadError, match="bytes"):
+        verify_raw(f, good, st.st_size + 1, later)
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. user errors: one line, fast, the option named, non-zero
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_line_error(res, *words):
+    text = res.output.strip()
+    assert res.exit_code != 0, text
+    assert "Traceback" not in text and "\n" not in text, text
+    assert text.startswith("error:"), text
+    for w in words:
+        assert w in text, text
+
+
+def test_wrong_camera_is_suggested(tmp_path, raws):
+    store, reg = _repo(tmp_path / "repo")
+    rep = ingest_files(raws[:2], load_camera("democam"), reg, store, transfer="copy")
+    assert rep.ingested == [] and len(rep.failed) == 2
+    for path, why in rep.failed:
+        assert "camera democam_mini: wrong --camera?" in why and "\n" not in why, why
+    assert reg.snapshot()["exposure"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. secrets
+# --------------------------------------------------------------------------------------------------
+
+SECRET = "hunter2-s3cret"
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. nothing left running after a killed build
+# --------------------------------------------------------------------------------------------------
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. transient faults: a PostgreSQL restart in the middle of a build
+# --------------------------------------------------------------------------------------------------
+
+
+def test_deterministic_database_errors_fail_fast(postgres_server):
+    from calib_core.registry import RegistryError
+
+    wrong_db = postgres_server.url("no_such_database_here")
+    t0 = time.monotonic()
+    with pytest.raises(RegistryError, match="no_such_database_here"):
+        Registry.open(wrong_db).check_ready(retry=True)
+    assert time.monotonic() - t0 < 2.0
+
+
