@@ -27,17 +27,17 @@ from calib_core.background import BackgroundModel
 from calib_core.buildplan import config_hash, plan_build
 from calib_core.calibs import solve_flat_scales
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore
+from calib_core.datastore import Datastore, check_identifier
 from calib_core.mosaic import camera_mosaic, write_mosaic
 from calib_core.products import read_product
-from calib_core.registry import Registry
+from calib_core.registry import Registry, resolve_url, retry_transient
 from calib_core.registry.calibs import ValidityRule
 from calib_core.sky import find_outlier_exposures
 from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, combine_detector, existing_products,
                                finish_build_run, merge_exposure_background, process_detectors, sky_residuals,
                                start_build_run)
 
-__all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "RUNNERS"]
+__all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "resolve_registry_url", "RUNNERS"]
 
 RUNNERS = ("threads", "processes", "dask")
 
@@ -46,6 +46,19 @@ def _version() -> str:
     from calibflow import __version__
 
     return __version__
+
+
+def resolve_registry_url(registry_url: str | None) -> str | None:
+    """The registry URL a run's parameter names: the URL itself, ``env:NAME`` (an environment variable
+    of the run's process) or ``secret:BLOCK`` (a Prefect Secret block holding the URL). Deployments
+    and the CLI pass references, so no password is stored with a flow run."""
+    if not registry_url:
+        return None
+    if registry_url.startswith("secret:"):
+        from prefect.blocks.system import Secret
+
+        return str(Secret.load(registry_url[len("secret:"):]).get())
+    return resolve_url(registry_url)
 
 
 def _current_api_url() -> str | None:
@@ -74,6 +87,11 @@ def make_task_runner(runner: str = "threads", dask_address: str | None = None, d
         return ThreadPoolTaskRunner(max_workers=n)
     if runner == "processes":
         from prefect.task_runners import ProcessPoolTaskRunner
+
+        url = _current_api_url()
+        if url and not os.environ.get("PREFECT_API_URL"):
+            # inherited by the pool workers: without it each one starts a temporary server of its own
+            os.environ["PREFECT_API_URL"] = url
 
         return ProcessPoolTaskRunner(max_workers=n)
     if runner == "dask":
@@ -143,13 +161,15 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
         raise ValueError(f"detectors_per_task must be at least 1, not {detectors_per_task}")
     if on_bad_input not in ("fail", "exclude"):
         raise ValueError(f"on_bad_input must be 'fail' or 'exclude', not {on_bad_input!r}")
+    check_identifier(camera, "camera name")      # it names folders this build writes and sweeps
     store = Datastore(repo)
-    url = registry_url or store.default_registry_url
+    url = resolve_registry_url(registry_url) or store.default_registry_url
     registry = Registry.open(url)
-    registry.check_ready()
+    registry.check_ready(retry=True)
     cfg = CONFIG_MODELS[calib_type].model_validate(config or {})
-    plan = plan_build(registry, calib_type, camera, night=night, exposure_ids=exposures, filter=filter,
-                      detectors=detectors, drop_incomplete=drop_incomplete, calib_date=calib_date)
+    plan = retry_transient(plan_build, registry, calib_type, camera, night=night, exposure_ids=exposures,
+                           filter=filter, detectors=detectors, drop_incomplete=drop_incomplete,
+                           calib_date=calib_date, what="select the inputs")
     log.info("%s build: %d exposures x %d detectors, filter %s, calib date %s%s", calib_type,
              len(plan.exposures), len(plan.detectors), plan.filter, plan.calib_date,
              f", dropped {plan.dropped}" if plan.dropped else "")
@@ -157,8 +177,10 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
                        config=cfg.model_dump(mode="json"), config_hash=config_hash(cfg),
                        calib_date=plan.calib_date.isoformat(), filter=plan.filter, software_version=_version(),
                        validity=ValidityRule(days_before=validity_days_before, days_after=validity_days_after),
-                       on_bad_input=on_bad_input)
-    done = existing_products(registry, ctx, plan.exposures, plan.detectors)
+                       on_bad_input=on_bad_input,
+                       verify_raws="always" if os.environ.get("CALIBFLOW_VERIFY_RAWS") == "always" else "auto")
+    done = retry_transient(existing_products, registry, ctx, plan.exposures, plan.detectors,
+                           what="look up earlier products")
     if len(done) == len(plan.detectors):
         log.info("%s build: every product already exists (identical inputs and config); nothing to do", calib_type)
         run_id = start_build_run(registry, flow_run_id, calib_type, {"night": night, "exposures": exposures,
@@ -166,8 +188,13 @@ def run_build(calib_type: str, *, camera: str, night, exposures, filter, detecto
         finish_build_run(registry, run_id, "completed", f"0 new products: all {len(done)} already built by an "
                          "identical earlier build")
         products = [{**done[d], "created": False} for d in plan.detectors]
+        png = _mosaic_path(ctx, store)
+        if not (png.exists() and png.with_suffix(".fits").exists()):
+            # a build killed after registering its products never wrote them: do it now
+            log.info("%s build: writing the missing mosaic %s", calib_type, png)
+            _report(ctx, plan, products, store, log, artifacts)
         return {"calib_type": calib_type, "products": products, "created": 0, "calib_date": ctx.calib_date,
-                "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(_mosaic_path(ctx, store)),
+                "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(png),
                 "processed": []}
 
     # a build killed earlier (SIGKILL, OOM, lost node) may have left half-written temporaries behind
@@ -250,6 +277,9 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
     for p in processed:
         if "error" in p:
             dropped.setdefault(p["exposure_id"], f"unreadable raw: {p['error']}")
+    # inputs left out as bad input are part of the products' identity (outlier rejection is not: it
+    # follows from the inputs); a repaired raw then makes a new, full product
+    excluded = sorted({p["exposure_id"] for p in processed if "error" in p})
     if len(dropped) > len(plan.dropped):
         log.warning("excluded exposures: %s", {e: r for e, r in dropped.items() if e not in plan.dropped})
     order = [e for e in plan.exposure_ids if e not in dropped]
@@ -275,7 +305,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
     # combine + write, one task per detector
     combos = [tr.submit(combine_detector, {"ctx": ctx, "detector": d, "items": per_det[d], "exposures": plan.exposures,
                                            "exp_scales": exp_scales, "ccd_scale": ccd_scales.get(d),
-                                           "dropped": dropped})
+                                           "dropped": dropped, "excluded": excluded})
               for d in plan.detectors]
     return _gather(combos, f"{calib_type} combine", log), dropped, processed
 
@@ -304,8 +334,8 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
 
 
 def _mosaic_path(ctx: BuildContext, store: Datastore):
-    stem = f"{ctx.calib_type}-{ctx.camera}-{ctx.filter}-{ctx.calib_date}".replace("/", "_")
-    return store.root / "calib" / ctx.camera / ctx.calib_type / f"{stem}-mosaic.png"
+    stem = f"{ctx.calib_type}-{ctx.camera}-{ctx.filter}-{ctx.calib_date}".replace("/", "_").replace("\\", "_")
+    return store.inside(store.root / "calib" / ctx.camera / ctx.calib_type / f"{stem}-mosaic.png")
 
 
 def _product_image(path: str, calib_type: str):

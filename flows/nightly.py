@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field
 from calib_core.buildplan import INPUT_TYPE
 from calib_core.camera import load_camera
 from calib_core.datastore import Datastore
-from calib_core.registry import Registry
+from calib_core.registry import Registry, retry_transient
 
-from .build import build_calib
+from .build import build_calib, resolve_registry_url
 
 __all__ = ["nightly", "NightlyPolicy", "plan_night", "default_night"]
 
@@ -92,12 +92,12 @@ def nightly(night: str | None = None, camera: str = "democam", repo: str = "cali
     policy = policy or NightlyPolicy()
     night = night or default_night(camera)
     store = Datastore(repo)
-    url = registry_url or store.default_registry_url
+    url = resolve_registry_url(registry_url) or store.default_registry_url
     registry = Registry.open(url)
-    registry.check_ready()
-    steps = plan_night(registry, camera, night, policy)
-    if not steps:
-        log.warning("night %s: no exposures of camera %s in the registry; nothing to build", night, camera)
+    registry.check_ready(retry=True)
+    steps = retry_transient(plan_night, registry, camera, night, policy, what="plan the night")
+    if not steps:      # an empty or mistyped night is not a success
+        raise ValueError(f"night {night}: no exposures of camera {camera} in the registry; nothing to build")
     failed_types = set()
     for step in steps:
         if step["action"] != "build":

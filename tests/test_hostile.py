@@ -98,6 +98,31 @@ def test_path_traversal_exposure_id_is_refused_at_ingest(tmp_path, raws):
                                                 or p.startswith("raw")}
 
 
+def test_every_build_write_is_checked_to_lie_inside_the_repository(tmp_path, raws):
+    """A registry row written before ids were checked (or by hand) still cannot lead a write out."""
+    from sqlalchemy import update
+
+    from calib_core.buildplan import config_hash
+    from calib_core.calibs import BiasConfig
+    from calib_core.registry import ExposureRow
+    from calib_core.datastore import DatastoreError
+    from tasks.calib_tasks import BuildContext, process_exposure_detector
+
+    store, reg = ingested_repo(tmp_path / "x" / "y" / "repo", raws[:1], CAMERA, transfer="copy")
+    with reg.session() as s:
+        s.execute(update(ExposureRow).values(exposure_id="../../../../ESCAPED/pwn"))
+    (exposure,) = reg.query_exposures()
+    ctx = BuildContext(repo=str(store.root), registry_url=store.default_registry_url, camera=CAMERA,
+                       calib_type="bias", config={}, config_hash=config_hash(BiasConfig()), calib_date=NIGHT,
+                       filter="NONE", software_version="test")
+    with pytest.raises(DatastoreError, match="outside the repository"):
+        process_exposure_detector(ctx, exposure, 0)
+    assert not (tmp_path / "ESCAPED").exists() and not list(tmp_path.rglob("pwn*"))
+    with pytest.raises(DatastoreError):
+        store.inside(store.root / "calib" / ".." / ".." / "elsewhere.fits")
+    assert store.inside(store.root / "calib" / "x.fits") == store.root / "calib" / "x.fits"
+
+
 # --------------------------------------------------------------------------------------------------
 # 10. two exposures, one file name
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +188,31 @@ def test_impossible_metadata_is_refused_naming_file_and_key(tmp_path, raws):
     assert [p.name for p in store.root.glob("raw/**/*.fits*")] == [raws[2].name]
 
 
+def test_bad_pixels_met_by_a_build_are_named_and_excluded_by_policy(tmp_path, raws, prefect_api):
+    """A raw registered before ingest checked pixels (here: the registry row forged to match an
+    all-NaN file) fails ISR; the error names the file and the exposure, and ``exclude`` excludes it."""
+    from sqlalchemy import update
+
+    from calib_core.datastore import sha256_file
+    from calib_core.registry import ExposureRow
+
+    store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
+    target = sorted(store.root.glob("raw/**/*.fits"))[0]
+    nan = np.full((512, 296), np.nan, np.float32)
+    _edited(target, tmp_path / "nan.fits", hdu_data={"CCD00": nan})
+    shutil.copyfile(tmp_path / "nan.fits", target)
+    with reg.session() as s:
+        s.execute(update(ExposureRow).where(ExposureRow.exposure_id == target.stem)
+                  .values(checksum=sha256_file(target), size_bytes=target.stat().st_size))
+    with pytest.raises(ValueError) as info:
+        _bias(store, detectors=[0])
+    assert str(target) in str(info.value) and f"exposure {target.stem} detector 0" in str(info.value)
+    assert list_calibs(reg) == []
+    result = _bias(store, detectors=[0], on_bad_input="exclude")
+    assert list(result["dropped"]) == [target.stem] and str(target) in result["dropped"][target.stem]
+    assert result["products"][0]["n_inputs"] == 4
+
+
 def test_camera_mapping_a_type_is_not_refused(tmp_path, raws):
     cam = load_camera(CAMERA).model_copy(deep=True)
     cam.metadata.obs_type_default = "bias"
@@ -182,6 +232,53 @@ def _bias(store, **kw):
     from flows.build import build_calib
 
     return build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root), **kw)
+
+
+def test_exclude_then_repair_makes_the_full_product(tmp_path, raws, prefect_api):
+    store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
+    bad = sorted(store.root.glob("raw/**/*.fits"))[1]
+    original = bad.read_bytes()
+    bad.write_bytes(original[: len(original) // 3])           # damaged on disk after ingest
+
+    partial = _bias(store, on_bad_input="exclude")
+    assert partial["created"] == 9 and len(partial["dropped"]) == 1
+    partial_ids = {p["calib_id"] for p in partial["products"]}
+    assert all(p["n_inputs"] == 4 for p in list_calibs(reg))
+
+    bad.write_bytes(original)                                   # repaired
+    full = _bias(store, on_bad_input="exclude")
+    assert full["created"] == 9 and not full["dropped"]       # was: "all 9 already built", the 4-input product
+    full_ids = {p["calib_id"] for p in full["products"]}
+    assert not full_ids & partial_ids                          # one calib id never names two sets of pixels
+    for cid in full_ids:
+        inputs = calib_inputs(reg, cid)
+        assert len(inputs) == 5 and all(i["used"] for i in inputs)
+
+    # 7: a mosaic that went missing (a build killed after registering) is written by the next run
+    png = Path(full["mosaic_png"])
+    png.unlink()
+    png.with_suffix(".fits").unlink()
+    again = _bias(store)
+    assert again["created"] == 0 and again["mosaic_png"] == str(png)
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.with_suffix(".fits").exists()
+
+
+def test_raw_altered_after_ingest_is_bad_input(tmp_path, raws, prefect_api):
+    store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
+    target = sorted(store.root.glob("raw/**/*.fits"))[3]
+    with fits.open(target, mode="update") as hdul:       # a valid FITS file, +300 ADU in one block
+        hdul["CCD04"].data[100:200, 40:120] += 300
+    before = reg.snapshot()
+    with pytest.raises(ValueError, match="changed since ingest") as info:
+        _bias(store)
+    assert str(target) in str(info.value)
+    assert list_calibs(reg) == [] and reg.snapshot()["calib"] == before["calib"]
+    assert not list(store.root.glob("calib/**/*.fits"))
+
+    result = _bias(store, on_bad_input="exclude")
+    (eid,) = result["dropped"]
+    assert eid == target.stem and "changed since ingest" in result["dropped"][eid]
+    assert all(p["n_inputs"] == 4 for p in list_calibs(reg))
 
 
 def test_verify_raw_cheap_and_on_request(tmp_path, raws):
@@ -254,6 +351,46 @@ def _cmdline(pid: int) -> str:
 # --------------------------------------------------------------------------------------------------
 # 6. transient faults: a PostgreSQL restart in the middle of a build
 # --------------------------------------------------------------------------------------------------
+
+
+def test_postgres_restart_mid_build_is_survived(tmp_path, raws, prefect_api, postgres_server):
+    import threading
+
+    from calib_core import registry as registry_module
+    from calib_core.registry import BuildRunRow
+
+    url = postgres_server.create_database(f"hostile_restart_{os.getpid()}_{int(time.time())}")
+    store, reg = Datastore(tmp_path / "repo"), Registry.open(url)
+    reg.upgrade()
+    assert ingest_files(raws, load_camera(CAMERA), reg, store, transfer="copy").ok
+    retries_before = registry_module.transient_retries
+    outcome: dict = {}
+
+    def build():
+        try:
+            outcome["result"] = _bias(store, registry_url=url)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    # down while the combine tasks look up and register products (their folder appears first)
+    calib_dir = store.root / "calib" / CAMERA / "bias"
+    deadline = time.monotonic() + 300
+    while thread.is_alive() and not calib_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert thread.is_alive(), outcome
+    t0 = time.monotonic()
+    postgres_server.restart(down_s=5.0)
+    outage = time.monotonic() - t0
+    thread.join(300)
+    assert "error" not in outcome, repr(outcome.get("error"))
+    assert outcome["result"]["created"] == 9 and outage >= 5.0
+    assert registry_module.transient_retries > retries_before      # the outage was met, and ridden out
+    with reg.session() as s:
+        assert [r.status for r in s.query(BuildRunRow).all()] == ["completed"]
+    assert len(list_calibs(reg, calib_type="bias")) == 9
+    reg.engine.dispose()
 
 
 def test_deterministic_database_errors_fail_fast(postgres_server):
