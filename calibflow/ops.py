@@ -65,6 +65,7 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
     url = _api_url()
     store, _ = cli._open_repo(repo, registry_url)
     cli._load_camera(camera)
+    from calib_core.registry import mask_url
     from deployments.definitions import DeploymentSettings, make_deployments
 
     try:
@@ -78,7 +79,8 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
         os.environ["CALIBFLOW_REGISTRY_URL"] = settings.registry_url
     deployments = make_deployments(settings)
     cli.console.print(f"serving {len(deployments)} deployments on {url} for repository {settings.repo} "
-                      f"(registry {settings.registry_url or 'SQLite inside it'}, camera {camera})")
+                      f"(registry {mask_url(settings.registry_url) if settings.registry_url else 'SQLite inside it'}, "
+                      f"camera {camera})")
     cron, zone = settings.nightly_schedule()
     for d in deployments:
         when = f"cron {cron!r} in {zone}" if d.schedules else "on demand"

@@ -85,8 +85,8 @@ class DeploymentSettings(BaseModel):
 
     def common_parameters(self) -> dict:
         params = {"camera": self.camera, "repo": str(self.repo)}
-        if self.registry_url:
-            params["registry_url"] = self.registry_url
+        if self.registry_url:      # by reference: `calibflow serve` exports it to the runs it starts
+            params["registry_url"] = "env:CALIBFLOW_REGISTRY_URL"
         return params
 
 

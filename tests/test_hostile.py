@@ -320,6 +320,65 @@ def _one_line_error(res, *words):
         assert w in text, text
 
 
+def test_user_errors_are_one_line_fast_and_before_prefect(tmp_path, raws, monkeypatch):
+    from typer.testing import CliRunner
+
+    import flows.build
+    import flows.nightly
+    from calibflow.cli import app
+
+    store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
+
+    def no_flow(*a, **k):
+        raise AssertionError("a flow was started for a user error")
+
+    # the selection is checked before any flow (and so any Prefect server) starts
+    monkeypatch.setattr(flows.build, "build_calib", no_flow)
+    monkeypatch.setattr(flows.nightly, "nightly", no_flow)
+    runner = CliRunner()
+    env = {"CALIBFLOW_REPO": str(store.root), "CALIBFLOW_REGISTRY_URL": ""}
+    cases = [
+        (["build", "bias", "--camera", CAMERA, "--set", "combine=5", "--set", "combine.nsigma=3"],
+         ("--set combine.nsigma=3", "combine is already set to 5")),
+        (["build", "bias", "--camera", CAMERA, "--night", "2026-13-01"], ("--night", "2026-13-01")),
+        (["build", "bias", "--camera", CAMERA, "--calib-date", "2026-02-30"], ("--calib-date",)),
+        (["build", "bias", "--camera", "nosuchcam"], ("nosuchcam",)),
+        (["build", "bias", "--camera", CAMERA, "--night", "2020-01-01"], ("no bias exposures", "2020-01-01")),
+        (["build", "flat", "--camera", CAMERA, "--night", NIGHT], ("no flat exposures",)),
+        (["build", "bias", "--camera", CAMERA, "--exposure", "nope"], ("nope",)),
+        (["build", "bias", "--camera", CAMERA, "--set", "combine.statistic=MODE"], ("invalid bias config",
+                                                                                 "statistic")),
+        (["nightly", "--camera", CAMERA, "--night", "2020-01-01"], ("2020-01-01", "no exposures")),
+        (["nightly", "--camera", "nosuchcam", "--night", NIGHT], ("nosuchcam",)),
+        (["nightly", "--camera", CAMERA, "--night", "2026-11-31"], ("--night", "day is out of range")),
+    ]
+    for args, words in cases:
+        t0 = time.perf_counter()
+        res = runner.invoke(app, args, env=env)
+        took = time.perf_counter() - t0
+        _one_line_error(res, *words)
+        assert took < 5, (args, took)
+    assert list_calibs(reg) == []
+
+
+def test_a_failed_build_ends_with_one_line_and_no_traceback(tmp_path, raws, prefect_api):
+    import subprocess
+    import sys
+
+    store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
+    bad = sorted(store.root.glob("raw/**/*.fits"))[2]
+    bad.write_bytes(bad.read_bytes()[:20000])
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "CALIBFLOW_REPO": str(store.root),
+           "CALIBFLOW_REGISTRY_URL": "", "PREFECT_LOGGING_LEVEL": "INFO"}
+    res = subprocess.run([sys.executable, "-m", "calibflow", "build", "bias", "--camera", CAMERA, "--night", NIGHT,
+                          "--detector", "0"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and str(bad) in last, res.stderr
+    assert list_calibs(reg) == []
+
+
 def test_wrong_camera_is_suggested(tmp_path, raws):
     store, reg = _repo(tmp_path / "repo")
     rep = ingest_files(raws[:2], load_camera("democam"), reg, store, transfer="copy")
@@ -336,6 +395,33 @@ def test_wrong_camera_is_suggested(tmp_path, raws):
 SECRET = "hunter2-s3cret"
 
 
+def test_registry_password_is_masked_in_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from calib_core.registry import RegistryError
+    from calibflow.cli import app
+
+    with pytest.raises(RegistryError) as info:
+        Registry.open(f"postgresqlx://calib:{SECRET}@db.example/calibs")
+    assert SECRET not in str(info.value) and "calib:***@db.example" in str(info.value)
+    res = CliRunner().invoke(app, ["exposures", "--registry-url", f"postgresqlx://calib:{SECRET}@h/db",
+                                   "--repo", str(tmp_path)])
+    _one_line_error(res, "--registry-url", "postgresqlx")
+    assert SECRET not in res.output
+
+
+def test_deployments_carry_the_registry_url_by_reference(tmp_path):
+    import json
+
+    from deployments.definitions import DeploymentSettings, make_deployments
+
+    url = f"postgresql+psycopg://calib:{SECRET}@db.example/calibs"
+    deps = make_deployments(DeploymentSettings(repo=tmp_path, camera=CAMERA, registry_url=url))
+    for d in deps:
+        assert SECRET not in json.dumps(d.parameters)
+        assert d.parameters["registry_url"] == "env:CALIBFLOW_REGISTRY_URL"
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. nothing left running after a killed build
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +432,64 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path, raws, prefect_api):
+    import signal
+    import subprocess
+    import sys
+
+    from calib_core.registry import BuildRunRow
+    from calibflow.lifeline import descendants, process_start_time
+
+    store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
+    env = {k: v for k, v in os.environ.items() if k not in ("CALIBFLOW_NO_LIFELINE", "PREFECT_API_URL")}
+    env.update(CALIBFLOW_REPO=str(store.root), CALIBFLOW_REGISTRY_URL="",
+               PREFECT_HOME=str(tmp_path / "prefect-home"))      # its own embedded server, as a user gets
+    proc = subprocess.Popen([sys.executable, "-m", "calibflow", "build", "bias", "--camera", CAMERA, "--night",
+                             NIGHT, "--runner", "processes"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    work = store.root / "work" / CAMERA / "bias"
+    children: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while not list(work.glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
+            children.update(descendants(proc.pid))
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build ended before it could be killed"
+        children.update(descendants(proc.pid))
+        kinds = " ".join(_cmdline(p) for p in children)
+        assert "uvicorn" in kinds and "multiprocessing" in kinds, kinds   # the server and the pool workers
+        os.kill(proc.pid, signal.SIGKILL)                                  # the build only, not its group
+        proc.wait()
+        deadline = time.monotonic() + 30
+        alive = children
+        while time.monotonic() < deadline:
+            alive = {p: s for p, s in children.items() if process_start_time(p) == s}
+            if not alive:
+                break
+            time.sleep(0.2)
+        assert not alive, {p: _cmdline(p) for p in alive}
+        files = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
+        time.sleep(1.0)
+        assert {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()} == files
+    finally:
+        for p, s in children.items():
+            if process_start_time(p) == s:
+                os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    with reg.session() as s:
+        (killed,) = s.query(BuildRunRow).all()
+        assert killed.status == "running"
+    _bias(store, detectors=[0])                    # the next build notices the killed one
+    with reg.session() as s:
+        runs = s.query(BuildRunRow).order_by(BuildRunRow.id).all()
+        assert [r.status for r in runs] == ["crashed", "completed"], [(r.status, r.message) for r in runs]
+        assert str(proc.pid) in runs[0].message
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,3 +547,64 @@ def test_deterministic_database_errors_fail_fast(postgres_server):
     assert time.monotonic() - t0 < 2.0
 
 
+def test_password_never_reaches_prefect_or_the_output(tmp_path, raws, prefect_api, postgres_server):
+    """The probe: a URL with a password through init, ingest, build and serve; then every flow run's
+    and deployment's parameters on the Prefect API, and all that was printed."""
+    import json
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from calibflow.cli import app
+
+    plain = postgres_server.create_database(f"hostile_secret_{os.getpid()}_{int(time.time())}")
+    url = plain.replace("://postgres@", f"://postgres:{SECRET}@")       # trust auth: any password works
+    assert SECRET in url
+    repo = tmp_path / "repo"
+    env = {"CALIBFLOW_REPO": str(repo), "CALIBFLOW_REGISTRY_URL": url}
+    runner = CliRunner()
+    printed = []
+    for args in (["init"], ["ingest", str(raws[0].parent), "--camera", CAMERA],
+                 ["build", "bias", "--camera", CAMERA, "--night", NIGHT, "--detector", "0"],
+                 ["exposures"], ["calibs"]):
+        res = runner.invoke(app, args, env=env)
+        assert res.exit_code == 0, res.output
+        printed.append(res.output)
+    assert "postgres:***@" in printed[0]
+
+    serve = subprocess.Popen([sys.executable, "-m", "calibflow", "serve", "--camera", CAMERA],
+                             env={**os.environ, **env, "PREFECT_API_URL": prefect_api}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            if not line:
+                break
+            printed.append(line)
+            if "nightly-calibs/nightly" in line:        # the last line serve prints before serving
+                break
+        with get_client(sync_client=True) as client:       # serve registers them after printing
+            while time.monotonic() < deadline:
+                deployments = [d for d in client.read_deployments() if d.parameters.get("repo") == str(repo)]
+                if len(deployments) == 6 or serve.poll() is not None:
+                    break
+                time.sleep(0.5)
+            runs = client.read_flow_runs()
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, 9)
+            serve.wait()
+    assert any("serving 6 deployments" in line for line in printed), printed
+    assert len(deployments) == 6
+    assert all(d.parameters["registry_url"] == "env:CALIBFLOW_REGISTRY_URL" for d in deployments)
+    ours = [r for r in runs if r.parameters.get("repo") == str(repo.absolute())]
+    assert ours and all(r.parameters.get("registry_url") == "env:CALIBFLOW_REGISTRY_URL" for r in ours)
+    everything = "".join(printed) + json.dumps([d.parameters for d in deployments]) + \
+        json.dumps([r.parameters for r in runs], default=str)
+    assert SECRET not in everything
