@@ -226,6 +226,14 @@ def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-c
     from prefect.utilities.urls import url_for
 
     cli = _cli()
+    from calib_core.registry import mask_url
+
+    for item in params or []:      # a run's parameters are stored by Prefect and shown in its UI
+        key, _, value = item.partition("=")
+        if key.strip() == "registry_url" and mask_url(value) != value:
+            cli._fail("--param registry_url: a URL with a password would be stored with the run and shown "
+                      "in the UI; pass it by reference: env:NAME (a variable of the serving process) or "
+                      "secret:BLOCK (a Prefect Secret block)")
     cli._prefect_env()
     api = _api_url()
     try:
