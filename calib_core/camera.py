@@ -355,6 +355,8 @@ class Camera(BaseModel):
     binning_key: str | None = Field(None, description="header key such as CCDSUM ('2 2') for DETSEC")
     pixel_size_mm: float = Field(0.015, gt=0)
     utc_offset_hours: float = Field(0.0, description="site local time - UTC; sets the night")
+    max_exptime: float = Field(86400.0, gt=0, description="longest credible exposure or dark time (s); "
+                                                          "ingest refuses a raw claiming more")
     detectors: list[Detector] = Field(..., min_length=1)
     metadata: MetadataMap
     extra_keys: list[str] = Field(default_factory=list, description="header keys copied into the registry")

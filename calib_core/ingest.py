@@ -6,27 +6,78 @@ its detectors. A file either ends up fully registered or not at all, and the rea
 
 Idempotent: the same file (same checksum) twice is a no-op; a different file claiming an exposure id
 that is already registered is an error naming both files.
+
+Impossible metadata is refused, naming the file and the key (:func:`check_plausible`): an exposure id
+that cannot be a file name, a missing observation type the camera does not map, non-finite pixels,
+an exposure time beyond the camera's ``max_exptime``, a date outside 1975-2100, ``BSCALE = 0``. A
+refused or unreadable file never stops the rest of the batch.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+from astropy.io import fits
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from .camera import Camera
-from .datastore import Datastore, sha256_file
-from .rawio import RawReadError, read_raw
+from .datastore import Datastore, DatastoreError, check_identifier, sha256_file
+from .rawio import RawExposure, RawReadError, read_raw
 from .registry import DetectorRow, ExposureRow, RawRow, Registry
 
-__all__ = ["IngestReport", "ingest_files", "find_raw_files", "RAW_SUFFIXES", "UpdateReport", "update_exposures",
-           "METADATA_FIELDS"]
+__all__ = ["IngestReport", "ingest_files", "find_raw_files", "check_plausible", "RAW_SUFFIXES", "DATE_RANGE",
+           "UpdateReport", "update_exposures", "METADATA_FIELDS"]
 
 RAW_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz", ".fz")
+# observation dates a CCD raw can have (UTC): anything outside is a corrupt or placeholder header
+DATE_RANGE = (dt.datetime(1975, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc))
+
+
+def _keys(rule) -> str:
+    return "/".join(rule.keys) if rule.keys else "file name"
+
+
+def check_plausible(raw: RawExposure, camera: Camera) -> None:
+    """Refuse metadata and pixels no real raw has; :class:`RawReadError` names the file and the key."""
+    path, meta, md = raw.path, raw.metadata, camera.metadata
+    try:
+        check_identifier(meta.exposure_id, "exposure id")
+    except DatastoreError as exc:
+        raise RawReadError(path, f"{exc} (from {_keys(md.exposure_id)})") from None
+    if meta.obs_type == "unknown" and md.obs_type_default == "unknown":
+        header_keys = [r.key for r in md.obs_type if r.key and r.hdu in (0, "PRIMARY")]
+        if header_keys and not any(k in raw.primary_header for k in header_keys):
+            raise RawReadError(path, f"missing observation type: no {'/'.join(dict.fromkeys(header_keys))} "
+                                     "key and the camera maps none")
+    for what, value, rule in (("exposure time", meta.exptime, md.exptime), ("dark time", meta.darktime, md.darktime)):
+        if not np.isfinite(value) or value < 0 or value > camera.max_exptime:
+            raise RawReadError(path, f"{_keys(rule)} = {value:g} s is not a credible {what} (camera "
+                                     f"{camera.name} allows 0 to {camera.max_exptime:g} s)")
+    if not DATE_RANGE[0] <= meta.date_obs < DATE_RANGE[1]:
+        raise RawReadError(path, f"{_keys(md.date_obs)} = {meta.date_obs.date().isoformat()} lies outside "
+                                 f"{DATE_RANGE[0].year}-{DATE_RANGE[1].year - 1}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+            for i, hdu in enumerate(hdul):
+                if hdu.header.get("BSCALE", 1) == 0:
+                    raise RawReadError(path, f"HDU {hdu.name or i}: BSCALE = 0 (every pixel would be BZERO)")
+    for det in raw.detectors.values():
+        seen = set()
+        for amp in det.amps:
+            if id(amp.raw) in seen:
+                continue
+            seen.add(id(amp.raw))
+            bad = int(np.count_nonzero(~np.isfinite(amp.raw)))
+            if bad:
+                where = "every" if bad == amp.raw.size else f"{bad} of {amp.raw.size}"
+                raise RawReadError(path, f"detector {det.detector.name}: {where} pixels are NaN or infinite")
 
 
 @dataclass
@@ -70,25 +121,70 @@ def ingest_files(paths: Iterable[str | Path], camera: Camera, registry: Registry
     report = IngestReport()
     registry.check_camera(camera)     # a changed definition goes through update_exposures, not here
     datastore.ensure()
+    hints: list[str] = []
     for path in find_raw_files(paths):
-        outcome = _ingest_one(Path(path), camera, registry, datastore, transfer, report)
+        outcome = _ingest_one(Path(path), camera, registry, datastore, transfer, report, hints)
         if progress:
             progress(str(path), outcome)
     return report
 
 
+# read errors that say nothing about the camera: no point trying the file with the others
+_NOT_A_CAMERA_PROBLEM = ("file not found", "file is empty", "not a FITS file", "corrupt gzip", "cannot open as FITS")
+
+
+def suggest_camera(path: Path, camera: Camera, tried_first: list[str] | None = None) -> str | None:
+    """The name of a built-in camera (other than ``camera``) that reads ``path`` cleanly, if any.
+
+    ``tried_first``: names suggested earlier in the batch, tried first (a folder of another
+    camera's files costs one read per file, not one per camera)."""
+    from .camera import CameraError, list_cameras, load_camera
+
+    names = [n for n in dict.fromkeys([*(tried_first or []), *list_cameras()]) if n != camera.name]
+    for name in names:
+        try:
+            read_raw(path, load_camera(name))
+        except (RawReadError, CameraError):
+            continue
+        except Exception:
+            continue
+        return name
+    return None
+
+
 def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datastore, transfer: str,
-                report: IngestReport) -> str:
+                report: IngestReport, hints: list[str] | None = None) -> str:
     try:
         if not path.exists():
             raise RawReadError(path, "file not found")
         checksum, size = sha256_file(path), path.stat().st_size
         raw = read_raw(path, camera)      # reads every pixel: truncated or inconsistent files fail here
     except RawReadError as exc:
+        problem = exc.problem
+        if hints is not None and not problem.startswith(_NOT_A_CAMERA_PROBLEM):
+            other = suggest_camera(path, camera, hints)
+            if other:
+                if other not in hints:
+                    hints.insert(0, other)
+                problem += f" (it reads cleanly as camera {other}: wrong --camera?)"
+        report.failed.append((str(path), problem))
+        return "failed"
+    except OSError as exc:
+        report.failed.append((str(path), f"cannot read: {exc}"))
+        return "failed"
+    except Exception as exc:  # a header no rule foresaw must not stop the rest of the batch
+        report.failed.append((str(path), f"cannot read: {type(exc).__name__}: {exc}".splitlines()[0]))
+        return "failed"
+    try:
+        check_plausible(raw, camera)
+    except RawReadError as exc:
         report.failed.append((str(path), exc.problem))
         return "failed"
     except OSError as exc:
         report.failed.append((str(path), f"cannot read: {exc}"))
+        return "failed"
+    except Exception as exc:  # a header no rule foresaw must not stop the rest of the batch
+        report.failed.append((str(path), f"cannot read: {type(exc).__name__}: {exc}".splitlines()[0]))
         return "failed"
 
     meta = raw.metadata
@@ -106,7 +202,7 @@ def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datas
                     raise _Conflict(f"exposure {meta.exposure_id} of camera {camera.name} is already registered "
                                     f"from {existing.original_path} with different contents (sha256 "
                                     f"{existing.checksum[:12]} vs {checksum[:12]})")
-                dest = datastore.raw_target(camera.name, meta.night.isoformat(), path)
+                dest = datastore.raw_target(camera.name, meta.night.isoformat(), path, meta.exposure_id)
                 placed = path.absolute() if transfer == "direct" else dest
                 det_rows = {d.number: d for d in s.scalars(select(DetectorRow).where(DetectorRow.camera_id == cam.id))}
                 row = ExposureRow(camera_id=cam.id, exposure_id=meta.exposure_id, obs_type=meta.obs_type,

@@ -230,7 +230,10 @@ def _metadata(path: str, hdul: fits.HDUList, camera: Camera) -> ExposureMetadata
     except KeyError as exc:
         raise RawReadError(path, str(exc)) from None
     date_obs = _parse_datetime(path, date_text, time_text)
-    night = night_of(date_obs, camera.utc_offset_hours)
+    try:
+        night = night_of(date_obs, camera.utc_offset_hours)
+    except OverflowError:      # 0001-01-01 minus the site offset
+        raise RawReadError(path, f"observation date {date_text!r} is out of range") from None
 
     obs_type = None
     for rule in md.obs_type:
@@ -299,6 +302,8 @@ def _open(path: str) -> fits.HDUList:
             with open(p, "rb") as fh:
                 if fh.read(6) != b"SIMPLE":
                     raise RawReadError(path, "not a FITS file (does not start with SIMPLE)")
+        else:
+            _check_gzip(path)
         with warnings.catch_warnings():
             warnings.simplefilter("error", fits.verify.VerifyWarning)
             warnings.simplefilter("ignore", UserWarning)
@@ -309,6 +314,22 @@ def _open(path: str) -> fits.HDUList:
         raise RawReadError(path, f"cannot open as FITS: {exc}") from None
     except Exception as exc:  # astropy raises a zoo of exception types on corrupt files
         raise RawReadError(path, f"cannot open as FITS: {type(exc).__name__}: {exc}") from None
+
+
+def _check_gzip(path: str) -> None:
+    """Read a gzip file through: a damaged stream is reported as such, not as a FITS problem."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            head = fh.read(6)
+            while fh.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise RawReadError(path, f"corrupt gzip compression ({exc})") from None
+    if head != b"SIMPLE":
+        raise RawReadError(path, "not a FITS file inside the gzip (does not start with SIMPLE)")
 
 
 def _pixels(path: str, hdul: fits.HDUList, hdu: int | str) -> tuple[np.ndarray, fits.Header]:

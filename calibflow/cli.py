@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__
+from . import __version__, lifeline
 
 app = typer.Typer(help="Calibration frames (bias, dark, flat, fringe, sky) for mosaic CCD cameras.",
                   no_args_is_help=True, add_completion=False)
@@ -36,10 +38,9 @@ UrlOpt = typer.Option(None, "--registry-url", envvar="CALIBFLOW_REGISTRY_URL",
 
 
 def _fail(message: str, code: int = 1) -> None:
-    from rich.markup import escape
-
-    # escaped: library messages hold FITS sections such as [1:10,1:20], which are not markup
-    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False)
+    # one line whatever its length (no wrapping), and brackets in it are text, not markup (library
+    # messages hold FITS sections such as [1:10,1:20])
+    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -56,7 +57,10 @@ def _open_repo(repo: Optional[Path], url: Optional[str], *, create: bool = False
     store = Datastore(repo or DEFAULT_REPO)
     if not create and not store.root.exists() and not url:
         _fail(f"no repository at {store.root}: run `calibflow init` (or pass --repo)")
-    registry = Registry.open(url or store.default_registry_url)
+    try:
+        registry = Registry.open(url or store.default_registry_url)
+    except RegistryError as exc:
+        _fail(f"--registry-url: {exc}")
     if not create:
         try:
             registry.check_ready()
@@ -115,7 +119,9 @@ def init(repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     try:
         registry.upgrade()
     except Exception as exc:  # connection refused, permissions, ...
-        _fail(f"cannot initialise registry {registry.url}: {exc}")
+        from calib_core.registry import mask_url
+
+        _fail(f"cannot initialise registry {registry.url}: {mask_url(str(exc).splitlines()[0])}")
     console.print(f"repository [bold]{store.root}[/] ready; registry {registry.url} at schema "
                   f"{registry.current_revision()}")
 
@@ -164,7 +170,7 @@ def ingest(paths: Optional[list[Path]] = typer.Argument(None, help="raw files or
     console.print(f"ingested {len(report.ingested)}, already present {len(report.skipped)}, "
                   f"failed {len(report.failed)}")
     for path, why in report.failed:
-        err.print(f"[red]failed[/] {_esc(path)}: {_esc(why)}", highlight=False)
+        err.print(f"[red]failed[/] {escape(f'{path}: {why}')}", highlight=False, soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
 
@@ -216,6 +222,17 @@ def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON"),
         table.add_row(r["exposure_id"], r["camera"], r["obs_type"], r["filter"], f"{r['exptime']:g}",
                       r["date_obs"][:19], r["night"], str(r["n_detectors"]), r["object"])
     console.print(table)
+
+
+def _check_date(text: Optional[str], option: str) -> None:
+    import datetime as dt
+
+    if text is None:
+        return
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError as exc:
+        _fail(f"{option} must be a date YYYY-MM-DD, not {text!r} ({exc})")
 
 
 def _parse_when(text: str, what: str):
@@ -317,6 +334,49 @@ def _prefect_env() -> None:
         os.environ.setdefault(key, value)
 
 
+REGISTRY_ENV = "CALIBFLOW_REGISTRY_URL"
+
+
+class _NoTraceback:
+    """A logging filter: Prefect's run loggers print a failed run's exception without its traceback
+    (the one-line ``error:`` follows; the traceback stays in the run's logs on the Prefect API)."""
+
+    def filter(self, record) -> bool:
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")) and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_tracebacks() -> None:
+    import logging
+
+    for name in ("prefect", ""):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler).__name__ != "APILogHandler" and not any(isinstance(f, _NoTraceback)
+                                                                     for f in handler.filters):
+                handler.addFilter(_NoTraceback())
+
+
+@contextmanager
+def _registry_by_reference(url: Optional[str]):
+    """The registry URL as flows get it: by reference (``env:CALIBFLOW_REGISTRY_URL``), so a
+    password never lands in flow-run parameters, Prefect's database or its UI."""
+    import os
+
+    if not url or url.startswith("env:"):
+        yield url
+        return
+    old = os.environ.get(REGISTRY_ENV)
+    os.environ[REGISTRY_ENV] = url
+    try:
+        yield f"env:{REGISTRY_ENV}"
+    finally:
+        if old is None:
+            os.environ.pop(REGISTRY_ENV, None)
+        else:
+            os.environ[REGISTRY_ENV] = old
+
+
 def _apply_sets(config: dict, sets: list[str]) -> dict:
     import yaml
 
@@ -326,9 +386,15 @@ def _apply_sets(config: dict, sets: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = config
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                _fail(f"--set {item}: {'.'.join(parts[:i + 1])} is already set to {node!r}, not a group of "
+                      "settings")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            _fail(f"--set {item}: the value is not valid YAML ({str(exc).splitlines()[0]})")
     return config
 
 
@@ -354,45 +420,82 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Build a calib through the Prefect flow (an embedded Prefect API unless PREFECT_API_URL is set)."""
     _prefect_env()
-    store, registry = _open_repo(repo, registry_url)
-    config = _load_config(calib_type, config_file, sets)
+    # every user error is found here, cheapest first, before Prefect is imported or a server started
+    from calib_core.buildplan import CALIB_TYPES, plan_build
+
+    if calib_type not in CALIB_TYPES:
+        _fail(f"unknown calib type {calib_type!r}; choose one of {', '.join(CALIB_TYPES)}")
     if runner not in ("threads", "processes", "dask"):
         _fail(f"--runner must be threads, processes or dask, not {runner!r}")
     if on_bad_input not in ("fail", "exclude"):
         _fail(f"--on-bad-input must be fail or exclude, not {on_bad_input!r}")
+    _check_date(night, "--night")
+    _check_date(calib_date, "--calib-date")
+    raw_config = _read_config(config_file, sets)
+    store, registry = _open_repo(repo, registry_url)
     camera = _resolve_camera(registry, camera, night=night, exposure_ids=exposure or None).name
+    try:
+        plan_build(registry, calib_type, camera, night=night, exposure_ids=exposure or None, filter=filter,
+                   detectors=detector or None, drop_incomplete=drop_incomplete, calib_date=calib_date)
+    except ValueError as exc:
+        _fail(str(exc))
+    config = _load_config(calib_type, raw_config=raw_config)
     from flows.build import build_calib
 
+    lifeline.start()      # the embedded server and pool workers end with this process, even on SIGKILL
+    _quiet_tracebacks()
     try:
-        result = build_calib(calib_type, camera=camera, night=night, exposures=exposure or None, filter=filter,
-                             detectors=detector or None, repo=str(store.root), registry_url=registry_url,
-                             config=config, drop_incomplete=drop_incomplete, calib_date=calib_date,
-                             on_bad_input=on_bad_input, runner=runner, dask_address=dask_address,
-                             detectors_per_task=detectors_per_task)
+        with _registry_by_reference(registry_url) as url_ref:
+            result = build_calib(calib_type, camera=camera, night=night, exposures=exposure or None,
+                                 filter=filter, detectors=detector or None, repo=str(store.root),
+                                 registry_url=url_ref, config=config, drop_incomplete=drop_incomplete,
+                                 calib_date=calib_date, on_bad_input=on_bad_input, runner=runner,
+                                 dask_address=dask_address, detectors_per_task=detectors_per_task)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     _print_build(result)
 
 
-def _load_config(calib_type: str, config_file: Optional[Path], sets: Optional[list[str]]) -> dict:
+def _read_config(config_file: Optional[Path], sets: Optional[list[str]]) -> dict:
+    """The --config file with the --set overrides applied (not yet validated)."""
     import yaml
-    from pydantic import ValidationError
 
-    from tasks.calib_tasks import CONFIG_MODELS
-
-    if calib_type not in CONFIG_MODELS:
-        _fail(f"unknown calib type {calib_type!r}; choose one of {', '.join(CONFIG_MODELS)}")
     config = {}
     if config_file:
         try:
             config = yaml.safe_load(config_file.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
-            _fail(f"{config_file}: {exc}")
-    config = _apply_sets(config, sets or [])
+            _fail(f"--config {config_file}: {str(exc).splitlines()[0]}")
+        if not isinstance(config, dict):
+            _fail(f"--config {config_file}: expected a mapping of settings, not {type(config).__name__}")
+    return _apply_sets(config, sets or [])
+
+
+def _config_models() -> dict:
+    """The config model of each calib type, from calib_core (no Prefect import: validation stays fast)."""
+    from calib_core.calibs import BiasConfig, DarkConfig, FlatConfig
+    from calib_core.fringe import FringeBuildConfig
+    from calib_core.sky import SkyBuildConfig
+
+    return {"bias": BiasConfig, "dark": DarkConfig, "flat": FlatConfig, "fringe": FringeBuildConfig,
+            "sky": SkyBuildConfig}
+
+
+def _load_config(calib_type: str, config_file: Optional[Path] = None, sets: Optional[list[str]] = None,
+                 raw_config: Optional[dict] = None) -> dict:
+    from pydantic import ValidationError
+
+    CONFIG_MODELS = _config_models()
+    if calib_type not in CONFIG_MODELS:
+        _fail(f"unknown calib type {calib_type!r}; choose one of {', '.join(CONFIG_MODELS)}")
+    config = raw_config if raw_config is not None else _read_config(config_file, sets)
+    from calib_core.camera import effective_config
+
     try:
-        CONFIG_MODELS[calib_type].model_validate(config)
+        effective_config(CONFIG_MODELS[calib_type], None, config)
     except ValidationError as exc:
-        _fail(f"invalid {calib_type} config:\n{exc}")
+        _fail(f"invalid {calib_type} config: " + "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()))
     return config
 
 
@@ -427,7 +530,12 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
 
     _prefect_env()
     store, registry = _open_repo(repo, registry_url)
-    from flows.nightly import NightlyPolicy
+    _check_date(night, "--night")
+    _load_camera(camera)
+    if night and not registry.query_exposures(camera=camera, night=night):   # before Prefect is imported
+        _fail(f"night {night}: no exposures of camera {camera} in the registry (see `calibflow exposures`); "
+              "nothing to build")
+    from flows.nightly import NightlyPolicy, default_night, plan_night
     from flows.nightly import nightly as nightly_flow
 
     try:
@@ -437,9 +545,15 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     if runner not in ("threads", "processes", "dask"):
         _fail(f"--runner must be threads, processes or dask, not {runner!r}")
     camera = _resolve_camera(registry, camera, night=night).name
+    if not plan_night(registry, camera, night or default_night(registry.stored_camera(camera)), policy):
+        _fail(f"night {night or default_night(registry.stored_camera(camera))}: no exposures of camera {camera} "
+              "in the registry (see `calibflow exposures`); nothing to build")
+    lifeline.start()
+    _quiet_tracebacks()
     try:
-        summary = nightly_flow(night=night, camera=camera, repo=str(store.root), registry_url=registry_url,
-                               policy=policy, runner=runner, dask_address=dask_address)
+        with _registry_by_reference(registry_url) as url_ref:
+            summary = nightly_flow(night=night, camera=camera, repo=str(store.root), registry_url=url_ref,
+                                   policy=policy, runner=runner, dask_address=dask_address)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     _print_night(summary)
@@ -632,7 +746,7 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
                               progress=lambda p, o: progress.advance(task))
     if report.failed:
         for path, why in report.failed:
-            err.print(f"[red]failed[/] {_esc(path)}: {_esc(why)}", highlight=False)
+            err.print(f"[red]failed[/] {escape(f'{path}: {why}')}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     rows = registry.query_exposures(camera=cam.name, night=night)
     table = Table(title=f"{cam.name}: night {night} in {store.root}")
@@ -653,6 +767,7 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     _prefect_env()
     from flows.nightly import nightly as nightly_flow
 
+    lifeline.start()
     t1 = time.perf_counter()
     try:
         summary = nightly_flow(night=night, camera=cam.name, repo=str(store.root))

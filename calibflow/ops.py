@@ -67,6 +67,7 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
     url = _api_url()
     store, registry = cli._open_repo(repo, registry_url)
     cam = _serve_camera(cli, registry, camera)
+    from calib_core.registry import mask_url
     from deployments.definitions import DeploymentSettings, make_deployments
 
     try:
@@ -82,8 +83,8 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
         os.environ["CALIBFLOW_REGISTRY_URL"] = settings.registry_url
     deployments = make_deployments(settings)
     cli.console.print(f"serving {len(deployments)} deployments on {url} for repository {settings.repo} "
-                      f"(registry {settings.registry_url or 'SQLite inside it'}, camera "
-                      f"{settings.camera or 'chosen per run'})")
+                      f"(registry {mask_url(settings.registry_url) if settings.registry_url else 'SQLite inside it'}, "
+                      f"camera {settings.camera or 'chosen per run'})")
     cron, zone = settings.nightly_schedule()
     for d in deployments:
         when = f"cron {cron!r} in {zone}" if d.schedules else "on demand"
@@ -247,6 +248,14 @@ def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-c
     from prefect.utilities.urls import url_for
 
     cli = _cli()
+    from calib_core.registry import mask_url
+
+    for item in params or []:      # a run's parameters are stored by Prefect and shown in its UI
+        key, _, value = item.partition("=")
+        if key.strip() == "registry_url" and mask_url(value) != value:
+            cli._fail("--param registry_url: a URL with a password would be stored with the run and shown "
+                      "in the UI; pass it by reference: env:NAME (a variable of the serving process) or "
+                      "secret:BLOCK (a Prefect Secret block)")
     cli._prefect_env()
     api = _api_url()
     try:

@@ -65,7 +65,9 @@ def resolve_repo(repo: str | None, registry_url: str | None) -> tuple[str, str |
     from calib_core.datastore import DEFAULT_REPO
 
     repo = repo or os.environ.get("CALIBFLOW_REPO") or DEFAULT_REPO
-    return os.path.abspath(repo), registry_url or os.environ.get("CALIBFLOW_REGISTRY_URL") or None
+    # the environment's URL stays a reference: a subflow's parameters must not carry a password
+    return os.path.abspath(repo), registry_url or ("env:CALIBFLOW_REGISTRY_URL"
+                                                   if os.environ.get("CALIBFLOW_REGISTRY_URL") else None)
 
 
 def _changed(values: dict, defaults: dict) -> dict:

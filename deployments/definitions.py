@@ -93,8 +93,8 @@ class DeploymentSettings(BaseModel):
         params = {"repo": str(self.repo)}
         if self.camera:
             params["camera"] = self.camera
-        if self.registry_url:
-            params["registry_url"] = self.registry_url
+        if self.registry_url:      # by reference: `calibflow serve` exports it to the runs it starts
+            params["registry_url"] = "env:CALIBFLOW_REGISTRY_URL"
         return params
 
 

@@ -31,17 +31,17 @@ from calib_core.background import BackgroundModel
 from calib_core.buildplan import config_hash, plan_build
 from calib_core.calibs import solve_flat_scales
 from calib_core.camera import Camera, effective_config
-from calib_core.datastore import Datastore
+from calib_core.datastore import Datastore, check_identifier
 from calib_core.mosaic import camera_mosaic, write_mosaic
 from calib_core.products import read_product
-from calib_core.registry import Registry
+from calib_core.registry import Registry, resolve_url, retry_transient
 from calib_core.registry.calibs import ValidityRule
 from calib_core.products import write_hdulist
 from calib_core.sky import solve_sky_frames
 from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, build_camera, combine_detector, existing_products,
                                finish_build_run, process_detectors, sky_rebin, start_build_run)
 
-__all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "RUNNERS"]
+__all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "resolve_registry_url", "RUNNERS"]
 
 RUNNERS = ("threads", "processes", "dask")
 
@@ -50,6 +50,19 @@ def _version() -> str:
     from calibflow import __version__
 
     return __version__
+
+
+def resolve_registry_url(registry_url: str | None) -> str | None:
+    """The registry URL a run's parameter names: the URL itself, ``env:NAME`` (an environment variable
+    of the run's process) or ``secret:BLOCK`` (a Prefect Secret block holding the URL). Deployments
+    and the CLI pass references, so no password is stored with a flow run."""
+    if not registry_url:
+        return None
+    if registry_url.startswith("secret:"):
+        from prefect.blocks.system import Secret
+
+        return str(Secret.load(registry_url[len("secret:"):]).get())
+    return resolve_url(registry_url)
 
 
 def _current_api_url() -> str | None:
@@ -78,6 +91,11 @@ def make_task_runner(runner: str = "threads", dask_address: str | None = None, d
         return ThreadPoolTaskRunner(max_workers=n)
     if runner == "processes":
         from prefect.task_runners import ProcessPoolTaskRunner
+
+        url = _current_api_url()
+        if url and not os.environ.get("PREFECT_API_URL"):
+            # inherited by the pool workers: without it each one starts a temporary server of its own
+            os.environ["PREFECT_API_URL"] = url
 
         return ProcessPoolTaskRunner(max_workers=n)
     if runner == "dask":
@@ -151,15 +169,17 @@ def run_build(calib_type: str, *, camera: str | None, night, exposures, filter, 
     if on_bad_input not in ("fail", "exclude"):
         raise ValueError(f"on_bad_input must be 'fail' or 'exclude', not {on_bad_input!r}")
     store = Datastore(repo)
-    url = registry_url or store.default_registry_url
+    url = resolve_registry_url(registry_url) or store.default_registry_url
     registry = Registry.open(url)
-    registry.check_ready()
-    cam = registry.resolve_camera(camera, night=night, exposure_ids=exposures)
-    camera = cam.name
+    registry.check_ready(retry=True)
+    cam = retry_transient(registry.resolve_camera, camera, night=night, exposure_ids=exposures,
+                          what="resolve the camera")
+    camera = check_identifier(cam.name, "camera name") or cam.name   # it names folders this build writes
     # the type's defaults, the camera's ISR defaults over them, the build's own settings over both
     cfg = effective_config(CONFIG_MODELS[calib_type], cam, config)
-    plan = plan_build(registry, calib_type, camera, night=night, exposure_ids=exposures, filter=filter,
-                      detectors=detectors, drop_incomplete=drop_incomplete, calib_date=calib_date)
+    plan = retry_transient(plan_build, registry, calib_type, camera, night=night, exposure_ids=exposures,
+                           filter=filter, detectors=detectors, drop_incomplete=drop_incomplete,
+                           calib_date=calib_date, what="select the inputs")
     log.info("%s build: %d exposures x %d detectors, filter %s, calib date %s%s", calib_type,
              len(plan.exposures), len(plan.detectors), plan.filter, plan.calib_date,
              f", dropped {plan.dropped}" if plan.dropped else "")
@@ -168,8 +188,10 @@ def run_build(calib_type: str, *, camera: str | None, night, exposures, filter, 
                        config=cfg.model_dump(mode="json"), config_hash=config_hash(cfg),
                        calib_date=plan.calib_date.isoformat(), filter=plan.filter, software_version=_version(),
                        validity=ValidityRule(days_before=validity_days_before, days_after=validity_days_after),
-                       on_bad_input=on_bad_input)
-    done = existing_products(registry, ctx, plan.exposures, plan.detectors)
+                       on_bad_input=on_bad_input,
+                       verify_raws="always" if os.environ.get("CALIBFLOW_VERIFY_RAWS") == "always" else "auto")
+    done = retry_transient(existing_products, registry, ctx, plan.exposures, plan.detectors,
+                           what="look up earlier products")
     if len(done) == len(plan.detectors):
         log.info("%s build: every product already exists (identical inputs and config); nothing to do", calib_type)
         run_id = start_build_run(registry, flow_run_id, calib_type, {"night": night, "exposures": exposures,
@@ -178,7 +200,9 @@ def run_build(calib_type: str, *, camera: str | None, night, exposures, filter, 
                          "identical earlier build")
         products = [{**done[d], "created": False} for d in plan.detectors]
         png = _mosaic_path(ctx, store)
-        if not png.exists():        # an earlier run stopped before its mosaic: write it now
+        if not (png.exists() and png.with_suffix(".fits").exists()):
+            # a build killed after registering its products never wrote them: do it now
+            log.info("%s build: writing the missing mosaic %s", calib_type, png)
             png = _report(ctx, cam, products, store, log, artifacts)
         return {"calib_type": calib_type, "products": products, "created": 0, "calib_date": ctx.calib_date,
                 "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(png),
@@ -264,6 +288,9 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
     for p in processed:
         if "error" in p:
             dropped.setdefault(p["exposure_id"], f"unreadable raw: {p['error']}")
+    # inputs left out as bad input are part of the products' identity (outlier rejection is not: it
+    # follows from the inputs); a repaired raw then makes a new, full product
+    excluded = sorted({p["exposure_id"] for p in processed if "error" in p})
     if len(dropped) > len(plan.dropped):
         log.warning("excluded exposures: %s", {e: r for e, r in dropped.items() if e not in plan.dropped})
     order = [e for e in plan.exposure_ids if e not in dropped]
@@ -289,7 +316,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
     # combine + write, one task per detector
     combos = [tr.submit(combine_detector, {"ctx": ctx, "detector": d, "items": per_det[d], "exposures": plan.exposures,
                                            "exp_scales": exp_scales, "ccd_scale": ccd_scales.get(d),
-                                           "dropped": dropped})
+                                           "dropped": dropped, "excluded": excluded})
               for d in plan.detectors]
     return _gather(combos, f"{calib_type} combine", log), dropped, processed
 
@@ -366,8 +393,8 @@ def _pass_model(store, work, result, exposure_id: str, detectors) -> dict:
 
 
 def _mosaic_path(ctx: BuildContext, store: Datastore):
-    stem = f"{ctx.calib_type}-{ctx.camera}-{ctx.filter}-{ctx.calib_date}".replace("/", "_")
-    return store.root / "calib" / ctx.camera / ctx.calib_type / f"{stem}-mosaic.png"
+    stem = f"{ctx.calib_type}-{ctx.camera}-{ctx.filter}-{ctx.calib_date}".replace("/", "_").replace("\\", "_")
+    return store.inside(store.root / "calib" / ctx.camera / ctx.calib_type / f"{stem}-mosaic.png")
 
 
 def _product_image(path: str, calib_type: str):

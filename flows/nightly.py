@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field
 from calib_core.buildplan import INPUT_TYPE
 from calib_core.camera import Camera
 from calib_core.datastore import Datastore
-from calib_core.registry import Registry
+from calib_core.registry import Registry, retry_transient
 
-from .build import build_calib
+from .build import build_calib, resolve_registry_url
 
 __all__ = ["nightly", "NightlyPolicy", "plan_night", "default_night"]
 
@@ -96,15 +96,15 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
     log = get_run_logger()
     policy = policy or NightlyPolicy()
     store = Datastore(repo)
-    url = registry_url or store.default_registry_url
+    url = resolve_registry_url(registry_url) or store.default_registry_url
     registry = Registry.open(url)
-    registry.check_ready()
-    cam = registry.resolve_camera(camera, night=night)
+    registry.check_ready(retry=True)
+    cam = retry_transient(registry.resolve_camera, camera, night=night, what="resolve the camera")
     camera = cam.name
     night = night or default_night(cam)
-    steps = plan_night(registry, camera, night, policy)
-    if not steps:
-        log.warning("night %s: no exposures of camera %s in the registry; nothing to build", night, camera)
+    steps = retry_transient(plan_night, registry, camera, night, policy, what="plan the night")
+    if not steps:      # an empty or mistyped night is not a success
+        raise ValueError(f"night {night}: no exposures of camera {camera} in the registry; nothing to build")
     failed_types = set()
     for step in steps:
         if step["action"] != "build":

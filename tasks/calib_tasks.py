@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import pickle
+import socket
 from functools import lru_cache
 
 import numpy as np
@@ -25,13 +26,14 @@ from calib_core.buildplan import ISR_CALIBS, intermediate_key
 from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias, combine_calib,
                                combine_dark, combine_flat, process_bias, process_dark)
 from calib_core.camera import Camera
-from calib_core.datastore import Datastore, sha256_file
+from calib_core.datastore import Datastore, sha256_file, verify_raw
 from calib_core.fringe import FringeBuildConfig, prepare_fringe
+from calib_core.isr import IsrError
 from calib_core.maskedimage import MASK_PLANES
 from calib_core.persistent import clear_persistent_cr
 from calib_core.products import provenance_cards, read_product, write_hdulist, write_product
 from calib_core.rawio import RawReadError, read_raw
-from calib_core.registry import BuildRunRow, Registry
+from calib_core.registry import BuildRunRow, Registry, is_transient, note_transient, retry_transient
 from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, find_calib, make_calib_id,
                                         record_calib)
 from calib_core.science import find_isr_calibs, isr_with_calibs
@@ -61,6 +63,7 @@ class BuildContext(BaseModel):
     validity: ValidityRule = ValidityRule()
     build_run_id: int | None = None
     on_bad_input: str = "fail"          # or "exclude": drop an unreadable exposure and record why
+    verify_raws: str = "auto"           # "always": hash every raw read, not only those whose size or mtime changed
 
     def cfg(self):
         return CONFIG_MODELS[self.calib_type].model_validate(self.config)
@@ -89,16 +92,22 @@ def _stored_camera(url: str, name: str, digest: str) -> Camera:
 
 
 def _transient_only(task, task_run, state) -> bool:
-    """Retry I/O errors (a flaky disk or network file system), never bad data."""
+    """Retry I/O errors (a flaky disk or network file system) and transient database errors (a
+    restarting server, a dropped connection), never bad data."""
     try:
         state.result()
-    except (ValueError, RuntimeError, KeyError, TypeError):
-        return False           # RawReadError, IsrError, ProductError, ... are ValueErrors: deterministic
-    except OSError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        if is_transient(exc):
+            note_transient(exc, f"task {task_run.name}", 0)
+            return True
+        return _io_error(exc)
     return False
+
+
+def _io_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ValueError, RuntimeError, KeyError, TypeError)):
+        return False           # RawReadError, IsrError, ProductError, ... are ValueErrors: deterministic
+    return isinstance(exc, OSError)
 
 
 def _logger():
@@ -155,22 +164,39 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
     calibs = _isr_calibs(ctx, registry, exposure["exposure_id"], detector)
     key = intermediate_key(exposure["checksum"], ctx.config_hash, [c["calib_id"] for c in calibs.values()],
                            ctx.camera_hash)
-    out = store.root / "work" / ctx.camera / ctx.calib_type / f"{exposure['exposure_id']}-det{detector:03d}-{key}.fits"
+    out = store.inside(store.root / "work" / ctx.camera / ctx.calib_type
+                       / f"{exposure['exposure_id']}-det{detector:03d}-{key}.fits")
     meta = out.with_suffix(".json")
     if out.exists() and meta.exists():
         return {**json.loads(meta.read_text()), "reused": True}
 
     camera = build_camera(ctx)
     try:
+        # the registered checksum is the raw's identity: a file changed since ingest is bad input
+        verify_raw(exposure["path"], exposure["checksum"], exposure.get("size_bytes"), exposure.get("ingested_at"),
+                   always=ctx.verify_raws == "always")
         raw = read_raw(exposure["path"], camera, [detector]).detectors[detector]
-    except RawReadError as exc:
+        result = {"exposure_id": exposure["exposure_id"], "detector": detector, "path": str(out),
+                  "isr_calibs": {t: c["calib_id"] for t, c in calibs.items()}, "pid": os.getpid()}
+        mi = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out, store, result)
+    except (RawReadError, IsrError) as exc:
+        if not isinstance(exc, RawReadError):      # bad pixels (no usable overscan, ...): name file and exposure
+            exc = RawReadError(exposure["path"], f"exposure {exposure['exposure_id']} detector {detector}: "
+                                                 + str(exc).removeprefix(f"{exposure['path']}: "))
         if ctx.on_bad_input == "exclude":      # deterministic: excluded and recorded, never retried
             return {"exposure_id": exposure["exposure_id"], "detector": detector, "error": str(exc),
                     "reused": False}
-        raise
+        raise exc from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_product(out, mi, {"EXPID": exposure["exposure_id"], "DETECTOR": detector, "OBSTYPE": "postisr"})
+    store.atomic_write_bytes(meta, json.dumps(result).encode())
+    return {**result, "reused": False}
+
+
+def _process_pixels(ctx: BuildContext, camera, raw, exposure: dict, detector: int, calibs: dict, out, store,
+                    result: dict):
+    """The type's ISR and preparation of one raw detector; adds scalars to ``result``."""
     cfg = ctx.cfg()
-    result = {"exposure_id": exposure["exposure_id"], "detector": detector, "path": str(out),
-              "isr_calibs": {t: c["calib_id"] for t, c in calibs.items()}, "pid": os.getpid()}
     if ctx.calib_type == "bias":
         mi = process_bias(raw, cfg)
     elif ctx.calib_type == "dark":
@@ -194,10 +220,7 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
             result.update(bins=str(bins))
         else:
             raise ValueError(f"calib type {ctx.calib_type!r} has no process step")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_product(out, mi, {"EXPID": exposure["exposure_id"], "DETECTOR": detector, "OBSTYPE": "postisr"})
-    store.atomic_write_bytes(meta, json.dumps(result).encode())
-    return {**result, "reused": False}
+    return mi
 
 
 @task(name="sky-pass", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
@@ -217,7 +240,7 @@ def sky_rebin(ctx: BuildContext, items: list[dict], k: int, model: dict) -> list
     out_items = []
     for it in items:
         d = it["detector"]
-        out = _work_dir(ctx, store) / f"{it['exposure_id']}-det{d:03d}-bins{k}-{model['digest']}.fits"
+        out = store.inside(_work_dir(ctx, store) / f"{it['exposure_id']}-det{d:03d}-bins{k}-{model['digest']}.fits")
         if not out.exists():
             mi = read_product(it["path"])[0]
             frame = BackgroundModel.from_fits(model["frames"][str(d)])
@@ -227,15 +250,15 @@ def sky_rebin(ctx: BuildContext, items: list[dict], k: int, model: dict) -> list
     return out_items
 
 
-def _identity(ctx: BuildContext, registry: Registry, exposures: list[dict], detector: int
+def _identity(ctx: BuildContext, registry: Registry, exposures: list[dict], detector: int, excluded=()
               ) -> tuple[str, dt.date, set[str]]:
-    """(digest of the inputs, config and ISR calibs; calib date; the ISR calib ids): with camera,
-    type, filter and detector, what makes two products the same. The ISR calibs are those the
-    registry lookup gives each exposure's ``detector`` (as the process step uses)."""
+    """(digest of the inputs, config, ISR calibs and inputs excluded as bad; calib date; the ISR calib
+    ids): with camera, type, filter and detector, what makes two products the same. The ISR calibs
+    are those the registry lookup gives each exposure's ``detector`` (as the process step uses)."""
     isr_ids = {c["calib_id"] for e in exposures
                for c in _isr_calibs(ctx, registry, e["exposure_id"], detector).values()}
     digest = calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash, isr_ids,
-                          camera_hash=ctx.camera_hash)
+                          camera_hash=ctx.camera_hash, excluded=excluded)
     return digest, dt.date.fromisoformat(ctx.calib_date), isr_ids
 
 
@@ -258,12 +281,15 @@ def existing_products(registry: Registry, ctx: BuildContext, exposures: list[dic
       cache_policy=NO_CACHE, task_run_name="combine-det{detector}")
 def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposures: list[dict],
                      exp_scales: list[float] | None = None, ccd_scale: float | None = None,
-                     dropped: dict[str, str] | None = None) -> dict:
-    """Combine one detector's intermediates, write the product atomically and register it with every input."""
+                     dropped: dict[str, str] | None = None, excluded: list[str] | None = None) -> dict:
+    """Combine one detector's intermediates, write the product atomically and register it with every input.
+
+    ``excluded``: exposures left out as bad input (unreadable or changed raws); they change the
+    product's identity, so the product of a repaired set is a different one."""
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
     by_id = {e["exposure_id"]: e for e in exposures}
-    digest, calib_date, isr_ids = _identity(ctx, registry, exposures, detector)
+    digest, calib_date, isr_ids = _identity(ctx, registry, exposures, detector, excluded or ())
     used = {c for i in items for c in i.get("isr_calibs", {}).values()}
     if not used <= isr_ids:
         raise ValueError(f"detector {detector}: the certified calibs changed while this {ctx.calib_type} build "
@@ -293,7 +319,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
             cards[f"CALIB_INPUT_SCALE_{i}"] = (float(s), f"exposure scale of {e}")
     if ccd_scale is not None:
         cards["CCDSCALE"] = float(ccd_scale)
-    final = store.root / "calib" / ctx.camera / ctx.calib_type / f"{calib_id}.fits"
+    final = store.inside(store.root / "calib" / ctx.camera / ctx.calib_type / f"{calib_id}.fits")
     final.parent.mkdir(parents=True, exist_ok=True)
     # Our copy is written under a private name (path); record_calib renames it into place only if this
     # run registers the product. A concurrent identical build may register first: its file stays.
@@ -344,9 +370,51 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     return {**row, "created": created}
 
 
-def start_build_run(registry: Registry, flow_run_id: str | None, calib_type: str, parameters: dict) -> int:
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    return int(text[text.rfind(")") + 2:].split()[19])
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_ticks(os.getpid())}
+
+
+def _gone(proc: dict) -> bool:
+    """True when the process that ran a build is known to have ended (same host, pid gone or reused)."""
+    if not isinstance(proc, dict) or proc.get("host") != socket.gethostname() or not proc.get("pid"):
+        return False
+    started = _start_ticks(int(proc["pid"]))
+    return started is None or (proc.get("started") is not None and started != proc["started"])
+
+
+def mark_crashed_runs(registry: Registry) -> int:
+    """Build runs still ``running`` whose process has ended (killed, lost) become ``crashed``."""
+    now = dt.datetime.now(dt.timezone.utc)
+    n = 0
     with registry.session() as s:
-        row = BuildRunRow(flow_run_id=flow_run_id, calib_type=calib_type, parameters=parameters,
+        for row in s.query(BuildRunRow).filter(BuildRunRow.status == "running"):
+            proc = (row.parameters or {}).get("_process")
+            if _gone(proc):
+                row.status, row.finished_at = "crashed", now
+                row.message = f"process {proc['pid']} on {proc['host']} ended before the run finished"
+                n += 1
+    return n
+
+
+def start_build_run(registry: Registry, flow_run_id: str | None, calib_type: str, parameters: dict) -> int:
+    return retry_transient(_start_build_run, registry, flow_run_id, calib_type, parameters, what="start build run")
+
+
+def _start_build_run(registry: Registry, flow_run_id: str | None, calib_type: str, parameters: dict) -> int:
+    mark_crashed_runs(registry)
+    with registry.session() as s:
+        row = BuildRunRow(flow_run_id=flow_run_id, calib_type=calib_type,
+                          parameters={**parameters, "_process": _this_process()},
                           status="running", message="", started_at=dt.datetime.now(dt.timezone.utc))
         s.add(row)
         s.flush()
@@ -354,6 +422,10 @@ def start_build_run(registry: Registry, flow_run_id: str | None, calib_type: str
 
 
 def finish_build_run(registry: Registry, run_id: int, status: str, message: str = "") -> None:
+    retry_transient(_finish_build_run, registry, run_id, status, message, what="finish build run")
+
+
+def _finish_build_run(registry: Registry, run_id: int, status: str, message: str = "") -> None:
     with registry.session() as s:
         row = s.get(BuildRunRow, run_id)
         row.status, row.message = status, message[:4000]

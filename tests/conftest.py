@@ -23,6 +23,7 @@ os.environ.update({
     "DASK_LOGGING__DISTRIBUTED": "warning",
     "PREFECT_TASKS_DEFAULT_NO_CACHE": "true",
     "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "CALIBFLOW_NO_LIFELINE": "1",       # CLI commands run in-process here; test_hostile runs it in a subprocess
 })
 
 import glob  # noqa: E402
@@ -83,10 +84,21 @@ class PostgresServer:
     def start(self):
         self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8",
                   "--no-sync")
+        self._pg_start()
+        return self
+
+    def _pg_start(self):
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
         self._run(self.pg_ctl, "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "-t", "60",
                   "start")
-        return self
+
+    def restart(self, down_s: float = 5.0) -> None:
+        """Stop the server (fast: open connections are terminated), stay down ``down_s``, start it."""
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop")
+        try:
+            time.sleep(down_s)
+        finally:
+            self._pg_start()
 
     def stop(self):
         try:

@@ -36,7 +36,7 @@ def test_one_deployment_per_calib_type_plus_nightly(tmp_path, monkeypatch):
     for d in deps:
         # a relative repository is pinned as an absolute path: runs do not depend on any cwd
         assert d.parameters == {"camera": "democam_mini", "repo": str(tmp_path / "rel" / "repo"),
-                                "registry_url": "postgresql+psycopg://u@h/db"}
+                                "registry_url": "env:CALIBFLOW_REGISTRY_URL"}    # never the URL itself
         assert d.description and "calibflow" in d.tags
         assert d.entrypoint.startswith("deployments.")
     assert all(not d.schedules for d in deps[:-1])
@@ -98,7 +98,8 @@ def test_resolve_repo_like_the_cli(tmp_path, monkeypatch):
     assert resolve_repo(None, None) == (str(tmp_path / "calibrepo"), None)
     monkeypatch.setenv("CALIBFLOW_REPO", "from-env")
     monkeypatch.setenv("CALIBFLOW_REGISTRY_URL", "sqlite:///x.db")
-    assert resolve_repo(None, None) == (str(tmp_path / "from-env"), "sqlite:///x.db")
+    # the environment's URL is passed on by reference (subflow parameters never carry a password)
+    assert resolve_repo(None, None) == (str(tmp_path / "from-env"), "env:CALIBFLOW_REGISTRY_URL")
     assert resolve_repo("/abs/given", "sqlite:///y.db") == ("/abs/given", "sqlite:///y.db")
 
 

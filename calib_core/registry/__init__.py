@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +22,8 @@ from ..camera import Camera, CameraError, camera_from_definition, is_camera_file
 from .models import (Base, BuildRunRow, CalibInputRow, CalibRow, CameraRow, DetectorRow, ExposureRow,
                      RawRow)
 
-__all__ = ["Registry", "RegistryError", "CameraMismatch", "Base", "CameraRow", "DetectorRow", "ExposureRow", "RawRow",
+__all__ = ["Registry", "RegistryError", "CameraMismatch", "mask_url", "resolve_url", "is_transient", "retry_transient",
+           "TRANSIENT_BACKOFF_S", "Base", "CameraRow", "DetectorRow", "ExposureRow", "RawRow",
            "CalibRow", "CalibInputRow", "BuildRunRow", "HEAD_REVISION"]
 
 HEAD_REVISION = "0002"
@@ -32,6 +36,76 @@ class RegistryError(RuntimeError):
 
 class CameraMismatch(RegistryError):
     """A camera file differs from the definition the registry holds under its name."""
+
+
+# waits between attempts when the database is unreachable: about 16 s in all, so a server restart
+# (a failover, a package upgrade) is ridden out, while a wrong URL still fails within seconds
+TRANSIENT_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+_TRANSIENT_WORDS = ("shutting down", "starting up", "connection refused", "server closed the connection",
+                    "terminating connection", "could not connect", "connection is closed", "connection is lost",
+                    "consuming input failed", "connection reset", "in recovery mode", "database is locked",
+                    "not yet accepting connections", "ssl syscall", "broken pipe", "connection timed out",
+                    "the connection is closed", "server conn crashed", "admin_shutdown", "cannot_connect_now")
+_log = logging.getLogger("calibflow.registry")
+#: how many times an operation was retried after a transient database error (tests read it)
+transient_retries = 0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for database errors a later attempt can succeed after: the server restarting or
+    unreachable, a dropped connection, a locked SQLite file. Bad SQL, constraint violations, a
+    wrong password or database name are not."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        text = str(exc).lower()
+        return any(w in text for w in _TRANSIENT_WORDS)
+    return False
+
+
+def note_transient(exc: BaseException, what: str, delay: float) -> None:
+    global transient_retries
+    transient_retries += 1
+    _log.warning("%s: database unavailable (%s); retrying in %g s", what,
+                 mask_url(str(exc).splitlines()[0] if str(exc) else type(exc).__name__), delay)
+
+
+def retry_transient(fn, *args, what: str = "registry", backoff=TRANSIENT_BACKOFF_S, **kwargs):
+    """``fn(*args, **kwargs)``, tried again with backoff while it fails with a transient database
+    error (:func:`is_transient`); any other error is raised at once."""
+    for delay in (*backoff, None):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if delay is None or not is_transient(exc):
+                raise
+            note_transient(exc, what, delay)
+            time.sleep(delay)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for every message and log line)."""
+    import re
+
+    return re.sub(r"(://[^/@:\s]*:)[^/\s]*@", r"\1***@", str(url))
+
+
+def resolve_url(url: str) -> str:
+    """A registry URL given by reference: ``env:NAME`` is the value of environment variable NAME.
+
+    Flow-run and deployment parameters carry the reference, never the URL (which may hold a
+    password); the run resolves it from its own environment."""
+    import os
+
+    if url.startswith("env:"):
+        name = url[4:]
+        value = os.environ.get(name)
+        if not value:
+            raise RegistryError(f"registry URL reference {url!r}: environment variable {name} is not set")
+        return value
+    return url
 
 
 def _sqlite_pragmas(dbapi_connection, _record):
@@ -52,6 +126,7 @@ class Registry:
     @classmethod
     def open(cls, url: str) -> "Registry":
         """Connect to a SQLAlchemy URL (``sqlite:///path`` or ``postgresql+psycopg://...``)."""
+        url = resolve_url(url)
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://"):]
         kwargs = {"future": True}
@@ -65,7 +140,8 @@ class Registry:
         try:
             engine = create_engine(url, **kwargs)
         except Exception as exc:
-            raise RegistryError(f"cannot use registry URL {url!r}: {exc}") from None
+            detail = mask_url(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+            raise RegistryError(f"cannot use registry URL {mask_url(url)!r}: {detail}") from None
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         return cls(engine)
@@ -97,11 +173,14 @@ class Registry:
         with self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
 
-    def check_ready(self) -> None:
+    def check_ready(self, retry: bool = False) -> None:
+        """The schema is at this calibflow's revision. ``retry``: ride out a restarting server
+        (builds); without it an unreachable server is reported at once (the CLI's first check)."""
         try:
-            rev = self.current_revision()
+            rev = retry_transient(self.current_revision) if retry else self.current_revision()
         except Exception as exc:
-            raise RegistryError(f"cannot connect to registry {self.url}: {exc}") from None
+            raise RegistryError(f"cannot connect to registry {self.url}: "
+                                f"{mask_url(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
         if rev is None:
             raise RegistryError(f"registry {self.url} is not initialised: run `calibflow init`")
         if rev != HEAD_REVISION:
@@ -111,9 +190,18 @@ class Registry:
     def table_names(self) -> list[str]:
         return sorted(inspect(self.engine).get_table_names())
 
+    def _ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session in one transaction: committed on success, rolled back on any error."""
+        """A session in one transaction: committed on success, rolled back on any error.
+
+        On a server database the connection is checked first, waiting with backoff while the server
+        is unreachable (a restart): most transient outages are absorbed here, before any work."""
+        if self.engine.dialect.name != "sqlite":
+            retry_transient(self._ping)
         with self._sessions() as s:
             with s.begin():
                 yield s
@@ -296,4 +384,6 @@ def _exposure_dict(row: ExposureRow, camera: str) -> dict:
         "n_detectors": row.n_detectors,
         "path": row.path,
         "checksum": row.checksum,
+        "size_bytes": row.size_bytes,
+        "ingested_at": _utc(row.ingested_at).isoformat(),
     }

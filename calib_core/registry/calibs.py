@@ -57,15 +57,19 @@ class CalibInput:
     reason: str = ""
 
 
-def calib_digest(inputs: list[tuple[str, str]], config_hash: str, isr_calibs=(), camera_hash: str = "") -> str:
+def calib_digest(inputs: list[tuple[str, str]], config_hash: str, isr_calibs=(), camera_hash: str = "",
+                 excluded=()) -> str:
     """sha256 over sorted (exposure id, checksum) pairs, the config hash, the ids of the calibs
-    the inputs' ISR used (a dark rebuilt after a new bias is certified is a different product) and
-    the camera definition's hash (a corrected camera file rebuilds)."""
+    the inputs' ISR used (a dark rebuilt after a new bias is certified is a different product), the
+    camera definition's hash (a corrected camera file rebuilds) and the inputs excluded as bad input
+    (a product of 4 of 5 inputs is not the product of all 5)."""
     content = {"inputs": sorted(inputs), "config": config_hash}
     if camera_hash:
         content["camera"] = camera_hash
     if isr_calibs:                 # absent for bias: digests of ISR-free products are unchanged
         content["isr"] = sorted(set(isr_calibs))
+    if excluded:                   # absent when nothing was excluded: digests of full builds are unchanged
+        content["excluded"] = sorted(set(excluded))
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,0 +1,126 @@
+"""A build's child processes end when it ends, however it ends (SIGKILL included).
+
+``calibflow build`` / ``nightly`` start processes of their own: the embedded Prefect server (uvicorn),
+process-pool or Dask workers. A killed parent cannot stop them, and they would live on as orphans
+(holding a port, or still writing intermediates into the repository). :func:`start` launches a small
+watcher in its own session that notes the parent's descendants every half second; once the
+parent is gone it sends them SIGTERM, then SIGKILL to any still there after a grace period, and
+exits. Processes are recognised by pid *and* start time, so a reused pid is never signalled.
+
+Linux only (``/proc``); elsewhere :func:`start` does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["start", "descendants", "process_start_time"]
+
+POLL_S = 0.5
+GRACE_S = 3.0
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of a process (clock ticks since boot), or None if there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()
+    return int(fields[19])          # field 22 of stat; fields[0] is field 3
+
+
+def _table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, start time) of every process."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2:].split()
+        out[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return out
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """pid -> start time of every process below ``pid``."""
+    table = _table()
+    children: dict[int, list[int]] = {}
+    for p, (pp, _) in table.items():
+        children.setdefault(pp, []).append(p)
+    out, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        if p in out or p not in table:
+            continue
+        out[p] = table[p][1]
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _alive(pid: int, started: int) -> bool:
+    return process_start_time(pid) == started
+
+
+def _signal_all(known: dict[int, int], sig: int) -> None:
+    for pid, started in known.items():
+        if _alive(pid, started):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+
+def _watch(parent: int, parent_started: int) -> None:
+    me = os.getpid()
+    known: dict[int, int] = {}
+    while _alive(parent, parent_started):
+        for pid, started in descendants(parent).items():
+            if pid != me:
+                known[pid] = started
+        # a child's own children outlive it as orphans too: keep following those already known
+        for pid in list(known):
+            for sub, started in descendants(pid).items():
+                if sub != me:
+                    known.setdefault(sub, started)
+        time.sleep(POLL_S)
+    _signal_all(known, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline and any(_alive(p, s) for p, s in known.items()):
+        time.sleep(0.1)
+    _signal_all(known, signal.SIGKILL)
+
+
+_watcher: subprocess.Popen | None = None
+
+
+def start() -> subprocess.Popen | None:
+    """Watch this process (once): its descendants are ended when it ends. Returns the watcher.
+
+    ``CALIBFLOW_NO_LIFELINE=1`` turns it off (the test suite does, for the CLI it runs in-process)."""
+    global _watcher
+    if not sys.platform.startswith("linux") or os.environ.get("CALIBFLOW_NO_LIFELINE") == "1":
+        return None
+    if _watcher is not None:
+        return _watcher
+    me = os.getpid()
+    started = process_start_time(me)
+    if started is None:
+        return None
+    _watcher = subprocess.Popen([sys.executable, "-m", "calibflow.lifeline", str(me), str(started)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+    return _watcher
+
+
+if __name__ == "__main__":  # the watcher
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch(int(sys.argv[1]), int(sys.argv[2]))
