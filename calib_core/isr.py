@@ -111,6 +111,8 @@ def _overscan_profile(amp: RawAmp, config: IsrConfig, path: str) -> np.ndarray:
                            f"{'rows' if axis == 1 else 'columns'} {missing[0]}..{missing[-1]}; "
                            f"use a scalar or POLY overscan fit")
         prof = np.array([lookup[c] for c in dcoord.tolist()])
+        if not np.any(np.isfinite(prof)):
+            raise IsrError(f"{path}: amplifier {amp.name}: no unsaturated overscan pixels")
         if not np.all(np.isfinite(prof)):
             # a fully saturated overscan row: use the median of the others
             prof = np.where(np.isfinite(prof), prof, np.nanmedian(prof))

@@ -531,7 +531,7 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     _prefect_env()
     store, registry = _open_repo(repo, registry_url)
     _check_date(night, "--night")
-    _load_camera(camera)
+    camera = _resolve_camera(registry, camera, night=night).name
     if night and not registry.query_exposures(camera=camera, night=night):   # before Prefect is imported
         _fail(f"night {night}: no exposures of camera {camera} in the registry (see `calibflow exposures`); "
               "nothing to build")
@@ -544,7 +544,6 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
         _fail(f"invalid --types: {exc}")
     if runner not in ("threads", "processes", "dask"):
         _fail(f"--runner must be threads, processes or dask, not {runner!r}")
-    camera = _resolve_camera(registry, camera, night=night).name
     if not plan_night(registry, camera, night or default_night(registry.stored_camera(camera)), policy):
         _fail(f"night {night or default_night(registry.stored_camera(camera))}: no exposures of camera {camera} "
               "in the registry (see `calibflow exposures`); nothing to build")
