@@ -152,6 +152,14 @@ def suggest_camera(path: Path, camera: Camera, tried_first: list[str] | None = N
     return None
 
 
+def _unreadable(report: "IngestReport", path: Path, exc: Exception) -> str:
+    """Record a file that could not be read (an OS error, or a header no rule foresaw: it must not stop
+    the rest of the batch)."""
+    why = f"cannot read: {exc}" if isinstance(exc, OSError) else f"cannot read: {type(exc).__name__}: {exc}"
+    report.failed.append((str(path), why.splitlines()[0]))
+    return "failed"
+
+
 def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datastore, transfer: str,
                 report: IngestReport, hints: list[str] | None = None) -> str:
     try:
@@ -169,23 +177,15 @@ def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datas
                 problem += f" (it reads cleanly as camera {other}: wrong --camera?)"
         report.failed.append((str(path), problem))
         return "failed"
-    except OSError as exc:
-        report.failed.append((str(path), f"cannot read: {exc}"))
-        return "failed"
-    except Exception as exc:  # a header no rule foresaw must not stop the rest of the batch
-        report.failed.append((str(path), f"cannot read: {type(exc).__name__}: {exc}".splitlines()[0]))
-        return "failed"
+    except Exception as exc:
+        return _unreadable(report, path, exc)
     try:
         check_plausible(raw, camera)
     except RawReadError as exc:
         report.failed.append((str(path), exc.problem))
         return "failed"
-    except OSError as exc:
-        report.failed.append((str(path), f"cannot read: {exc}"))
-        return "failed"
-    except Exception as exc:  # a header no rule foresaw must not stop the rest of the batch
-        report.failed.append((str(path), f"cannot read: {type(exc).__name__}: {exc}".splitlines()[0]))
-        return "failed"
+    except Exception as exc:
+        return _unreadable(report, path, exc)
 
     meta = raw.metadata
     # two attempts: the second sees what a concurrent ingest committed (then: skipped, or a clear conflict)
