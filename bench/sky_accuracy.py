@@ -201,24 +201,11 @@ def run_night(camera: str, workdir: Path, seed: int = 11, n_build: int = 12, n_h
     for f, ids in run.held.items():
         for e in ids:
             out = workdir / "skysub" / e
-            js = _cli(["apply-sky", e, "--out", str(out), "--json", "--camera", camera, *repo]
-                      if "--camera" in _apply_help(env) else ["apply-sky", e, "--out", str(out), "--json", *repo],
-                      env, log)
+            js = _cli(["apply-sky", e, "--out", str(out), "--json", "--camera", camera, *repo], env, log)
             run.applied[e] = json.loads(js[js.index("{"):])
             run.outputs[e] = {int(p.name.split("-det")[1][:3]): p for p in sorted(out.glob("*-skysub.fits"))}
     run.seconds["apply"] = time.time() - t0
     return run
-
-
-_HELP: dict = {}
-
-
-def _apply_help(env) -> str:
-    if "apply" not in _HELP:
-        exe = Path(sys.executable).with_name("calibflow")
-        _HELP["apply"] = subprocess.run([str(exe) if exe.exists() else "calibflow", "apply-sky", "--help"],
-                                        env=env, capture_output=True, text=True).stdout
-    return _HELP["apply"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
@@ -191,10 +192,6 @@ class SkyConfig(BaseModel):
         # the remainder stays below the next pass's detection threshold
         cfg.sky.background.bin_size = max(cfg.sky.background.bin_size // 2, 4)
         return cfg
-
-    def sky_config(self, camera: Camera | None = None) -> "SkyConfig":
-        """Itself (kept for callers of the former two-model API)."""
-        return self
 
 
 #: the flows' name for the sky config (one model: ``SkyConfig``)
@@ -433,11 +430,9 @@ def exposure_structure(models: Mapping[object, Mapping[object, BackgroundModel]]
     med = {}
     for d in dets:
         stack = np.stack([models[e][d].values.astype(np.float64) for e in exps if d in models[e]])
-        with np.errstate(all="ignore"):
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med[d] = np.nanmedian(stack, axis=0)
+        with warnings.catch_warnings():          # a bin empty in every exposure: NaN, left out below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med[d] = np.nanmedian(stack, axis=0)
     n = len(exps)
     out = {}
     for e in exps:

@@ -334,7 +334,8 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
     for k in range(cfg.n_passes):
         if k > 0:
             batches = detector_batches(plan.detectors, len(order), _parallelism(tr), per_task)
-            models = {e: _pass_model(store, work, result, e, plan.detectors) for e in order}
+            digest, frames = _write_frames(work, result, "pass-frame")
+            models = {e: _pass_model(store, work, result.surfaces[e], e, digest, frames) for e in order}
             futures = [tr.submit(sky_rebin, {"ctx": ctx, "items": [index[(e, d)] for d in b], "k": k,
                                              "model": models[e]})
                        for e in order for b in batches]
@@ -349,11 +350,7 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
     if result.warning:
         log.warning("sky build %s: %s", ctx.filter, result.warning)
     dropped.update(result.rejected)
-    digest = _frames_digest(result)
-    frames = {}
-    for d in plan.detectors:
-        frames[d] = work / f"frame-{ctx.filter}-det{d:03d}-{digest}.fits"
-        write_hdulist(frames[d], result.frames[d].to_hdulist())
+    digest, frames = _write_frames(work, result, f"frame-{ctx.filter}")
     out = {}
     for d in plan.detectors:
         out[d] = []
@@ -376,20 +373,24 @@ def _frames_digest(result) -> str:
     return h.hexdigest()[:16]
 
 
-def _pass_model(store, work, result, exposure_id: str, detectors) -> dict:
-    """The previous pass's surface of one exposure and the frames, in the datastore (by reference)."""
-    surface = result.surfaces[exposure_id]
-    digest = hashlib.sha256(surface.coeffs.tobytes() + _frames_digest(result).encode()).hexdigest()[:16]
+def _write_frames(work, result, prefix: str) -> tuple[str, dict]:
+    """A pass's frames in the datastore, named by their content digest: (digest, {detector: path})."""
+    digest = _frames_digest(result)
+    paths = {}
+    for d, frame in result.frames.items():
+        paths[d] = work / f"{prefix}-det{d:03d}-{digest}.fits"
+        if not paths[d].exists():
+            write_hdulist(paths[d], frame.to_hdulist())
+    return digest, paths
+
+
+def _pass_model(store, work, surface, exposure_id: str, frames_digest: str, frames: dict) -> dict:
+    """What the next pass needs of one exposure, by reference: its surface (pickled) and the frames."""
+    digest = hashlib.sha256(surface.coeffs.tobytes() + frames_digest.encode()).hexdigest()[:16]
     spath = work / f"{exposure_id}-surface-{digest}.pkl"
     if not spath.exists():
         store.atomic_write_bytes(spath, pickle.dumps(surface))
-    frames = {}
-    for d in detectors:
-        fpath = work / f"pass-frame-det{d:03d}-{_frames_digest(result)}.fits"
-        if not fpath.exists():
-            write_hdulist(fpath, result.frames[d].to_hdulist())
-        frames[str(d)] = str(fpath)
-    return {"surface": str(spath), "frames": frames, "digest": digest}
+    return {"surface": str(spath), "frames": {str(d): str(p) for d, p in frames.items()}, "digest": digest}
 
 
 def _mosaic_path(ctx: BuildContext, store: Datastore):

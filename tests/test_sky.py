@@ -39,7 +39,6 @@ def _accuracy(result, truth):
     used = result.used
     n = len(used)
     rows = []
-    med_v = []
     for d, f in result.frames.items():
         det = CAM.detector(d)
         p = S.pattern(det, cam=CAM)
@@ -48,7 +47,6 @@ def _accuracy(result, truth):
             sky = truth[e]["level"] * (1 + S.large_scale(CAM, det, truth[e]["params"])) * (1 + p)
             vb = _bins((sky + S.READ_NOISE ** 2) / sky ** 2, f)
             vs += vb
-            med_v.append(np.median(vb))
         u, v = bin_coordinates(CAM, det, f)
         rows.append((f.values, f.npoint, vs, _bins(p, f), u, v))
     F, NP, VS, P, U, V = (np.concatenate([np.ravel(r[k]) for r in rows]) for k in range(6))
