@@ -71,19 +71,14 @@ def build(night):
 
 
 def test_sky_frame_close_to_injected_pattern(build, night):
-    """Measured 1.72 x the floor with the defaults (1.03 when nothing is masked on an object-free
-    night, so the floor and the comparison are right; masking noise peaks and the second pass's
-    guide cost the rest): guarded here, below the 2.3 of a guide masked with the reference's
-    threshold."""
+    """Issue 10's target: within 1.5 x the noise floor of the injected pattern. Measured 1.45 with the
+    defaults (1.03 when nothing is masked on an object-free night, so the floor and the comparison
+    are right; the second pass's guide and the masked objects cost the rest). Masking at the
+    reference's 2.5 sigma instead gave 1.72: its noise peaks bias the bins."""
     ratio, a = _accuracy(build, night[1])
     assert not build.rejected, build.rejected
-    assert ratio < 2.0, ratio
+    assert ratio < 1.5, ratio
     assert abs(a - 1) < 0.03, a
-
-
-@pytest.mark.xfail(strict=False, reason="issue 10's target, not reached yet: 1.72 x the floor (see above)")
-def test_sky_frame_at_noise_floor_target(build, night):
-    assert _accuracy(build, night[1])[0] < 1.5
 
 
 def test_unmasked_objects_print_through(build, night):
