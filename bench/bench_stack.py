@@ -2,7 +2,7 @@
 """Benchmark: calibflow's stacking engine against ccdproc.combine on identical inputs.
 
 Every measurement runs in a fresh subprocess (so peak RSS, ``ru_maxrss``, belongs to that tool
-alone). Cases (PEERS.md 2 item 7, ccdproc issue 1012 setup: float32 images, average with sigma
+alone). Cases (docs/algorithms.md#memory-and-io, ccdproc issue 1012 setup: float32 images, average with sigma
 clipping):
 
 * large: N x S^2 (default 40 x 4096^2, 2.7 GB of input files), budgets 1 GB and 256 MB;

@@ -1,5 +1,5 @@
-"""Binned background models (afw ``BackgroundMI``, ALGORITHMS.md 1.3; meas_algorithms
-``SubtractBackgroundTask`` defaults, 7.2).
+"""Binned background models (afw ``BackgroundMI``, docs/algorithms.md#binned-background-model;
+meas_algorithms ``SubtractBackgroundTask`` defaults, docs/algorithms.md#binned-background-defaults).
 
 A background is a grid of per-bin statistics (MEANCLIP by default, masked planes ignored) over a
 near-equal integer partition of the image, evaluated at full resolution by 1-D interpolation through
@@ -45,7 +45,7 @@ DEFAULT_IGNORED = ["BAD", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "NO_DATA"]
 class BackgroundConfig(BaseModel):
     """How a binned background is measured and evaluated.
 
-    The defaults are meas_algorithms ``SubtractBackgroundConfig`` (ALGORITHMS.md 7.2).
+    The defaults are meas_algorithms ``SubtractBackgroundConfig`` (docs/algorithms.md#binned-background-defaults).
     """
 
     model_config = ConfigDict(extra="forbid")

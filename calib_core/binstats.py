@@ -1,5 +1,5 @@
 """Fast per-box statistics (MEANCLIP / MEAN / MEDIAN) on a masked image: the hot path of every
-binned background (ALGORITHMS.md 1.1, 1.3, 5.1, 5.2).
+binned background (docs/algorithms.md#clipped-statistics, docs/algorithms.md#binned-background-model).
 
 The semantics are exactly those of :func:`calib_core.stats.compute_statistic` (the NumPy reference),
 evaluated independently on many rectangular boxes of one image by a numba kernel. Quantiles use

@@ -1,6 +1,6 @@
 """Planning a calib build (no Prefect): inputs, consistency, output id, resume keys.
 
-This is the ``CalibTask`` bookkeeping of the reference (ALGORITHMS.md 2.2-2.4) as plain functions, so
+This is the ``CalibTask`` bookkeeping of the reference (docs/algorithms.md#build-bookkeeping) as plain functions, so
 flows stay a table of contents and the logic is testable on its own.
 """
 
@@ -21,7 +21,7 @@ __all__ = ["CALIB_TYPES", "INPUT_TYPE", "BuildPlan", "InconsistentInputs", "plan
 CALIB_TYPES = ("bias", "dark", "flat", "fringe", "sky")
 # the raw observation type each calib is built from
 INPUT_TYPE = {"bias": "bias", "dark": "dark", "flat": "flat", "fringe": "science", "sky": "science"}
-# the calibs ISR applies when building each type (ALGORITHMS.md 4.1-4.5)
+# the calibs ISR applies when building each type (docs/algorithms.md#which-calibs-each-build-applies)
 ISR_CALIBS = {"bias": (), "dark": ("bias",), "flat": ("bias", "dark"), "fringe": ("bias", "dark", "flat"),
               "sky": ("bias", "dark", "flat", "fringe")}
 
@@ -112,7 +112,7 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
 
     if calib_date:
         date = dt.date.fromisoformat(calib_date)
-    else:  # mean input date (ALGORITHMS.md 2.4)
+    else:  # mean input date (docs/algorithms.md#calib-date)
         stamps = [dt.datetime.fromisoformat(r["date_obs"]).timestamp() for r in rows]
         date = dt.datetime.fromtimestamp(sum(stamps) / len(stamps), dt.timezone.utc).date()
     return BuildPlan(calib_type=calib_type, camera=camera, exposures=rows, detectors=sorted(wanted),

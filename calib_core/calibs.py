@@ -1,5 +1,5 @@
 """Bias, dark and flat construction: per-input processing, scale solving and combination
-(pipe_drivers ``BiasTask``, ``DarkTask``, ``FlatTask``; ALGORITHMS.md 2.6, 3, 4.1-4.3).
+(pipe_drivers ``BiasTask``, ``DarkTask``, ``FlatTask``; docs/algorithms.md#bias-dark-and-flat-builds).
 
 The steps are plain functions so a flow can map them: ``process_*`` per (exposure, detector),
 :func:`solve_flat_scales` once per flat build (the barrier), ``combine_*`` per detector. Inputs of the
@@ -29,12 +29,12 @@ __all__ = ["StatsConfig", "BiasConfig", "DarkConfig", "FlatConfig", "FlatScales"
            "combine_bias", "combine_dark", "combine_flat", "product_cards", "PRODUCT_EXPTIME"]
 
 #: EXPTIME (= DARKTIME) written on products: 0 for a bias, 1 otherwise, so a dark is a rate per
-#: second of dark time (ALGORITHMS.md 2.6 step 5, 4.1, 4.2).
+#: second of dark time (docs/algorithms.md#product-exposure-time).
 PRODUCT_EXPTIME = {"bias": 0.0, "dark": 1.0, "flat": 1.0, "fringe": 1.0, "sky": 1.0}
 
 
 class StatsConfig(BaseModel):
-    """``CalibStatsConfig``: the background level of a CCD (ALGORITHMS.md 3.1)."""
+    """``CalibStatsConfig``: the background level of a CCD (docs/algorithms.md#background-level)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,7 +45,7 @@ class StatsConfig(BaseModel):
 
 
 class BiasConfig(BaseModel):
-    """Bias build: ISR without bias/dark/flat/fringe, plain MEANCLIP stack (ALGORITHMS.md 4.1)."""
+    """Bias build: ISR without bias/dark/flat/fringe, plain MEANCLIP stack (docs/algorithms.md#bias-build)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -55,7 +55,7 @@ class BiasConfig(BaseModel):
 
 
 class DarkConfig(BaseModel):
-    """Dark build (ALGORITHMS.md 4.2): ISR with bias, CR masking, normalisation by dark time,
+    """Dark build (docs/algorithms.md#dark-build): ISR with bias, CR masking, normalisation by dark time,
     CR added to the combine's ignored planes. The product is ADU per second of dark time."""
 
     model_config = ConfigDict(extra="forbid")
@@ -69,7 +69,7 @@ class DarkConfig(BaseModel):
 
 
 class FlatConfig(BaseModel):
-    """Flat build (ALGORITHMS.md 4.3): ISR with bias and dark, background level per (CCD, exposure),
+    """Flat build (docs/algorithms.md#flat-build): ISR with bias and dark, background level per (CCD, exposure),
     log-space scale solve, inputs divided by exposure scales, each CCD's flat scaled to its CCD scale."""
 
     model_config = ConfigDict(extra="forbid")
@@ -150,7 +150,7 @@ def background_level(mi: MaskedImage, config: StatsConfig | None = None) -> Clip
 
 def process_flat(raw: RawDetector, bias, dark=None, darktime: float | None = None,
                  config: FlatConfig | None = None, defects=None) -> tuple[MaskedImage, ClippedStats]:
-    """ISR of one flat detector and its background level B_ij (ALGORITHMS.md 4.3).
+    """ISR of one flat detector and its background level B_ij (docs/algorithms.md#flat-build).
 
     Returns
     -------
@@ -188,7 +188,7 @@ def _wmean(values: np.ndarray, valid: np.ndarray, weights: np.ndarray, axis: int
     """Weighted mean over valid entries only: invalid entries drop out of the numerator *and* the
     denominator. (cp_pipe calls ``np.average(masked_array, weights=w)``, which keeps the weights
     of masked entries in the denominator and biases the log-means toward 0 whenever any B is
-    non-finite, ALGORITHMS.md 9; this is the correct masked average.)"""
+    non-finite, docs/algorithms.md#flat-scale-solve; this is the correct masked average.)"""
     w = np.where(valid, weights, 0.0)
     num = np.where(valid, values * w, 0.0).sum(axis=axis)
     den = w.sum(axis=axis)
@@ -197,7 +197,7 @@ def _wmean(values: np.ndarray, valid: np.ndarray, weights: np.ndarray, axis: int
 
 
 def solve_flat_scales(B, iterations: int = 10, weights=None) -> FlatScales:
-    """Solve the flat background matrix for CCD and exposure scales in log space (ALGORITHMS.md 4.3).
+    """Solve the flat background matrix for CCD and exposure scales in log space (docs/algorithms.md#flat-scale-solve).
 
     Parameters
     ----------

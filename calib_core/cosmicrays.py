@@ -1,6 +1,6 @@
 """Cosmic-ray detection for calibration frames (darks): a small L.A.Cosmic-like detector.
 
-The reference (ALGORITHMS.md 4.2) runs meas_algorithms ``findCosmicRays`` (minSigma 6, min_DN 150)
+The reference (docs/algorithms.md#cosmic-rays) runs meas_algorithms ``findCosmicRays`` (minSigma 6, min_DN 150)
 and grows the CR mask by ``crGrow = 2`` px. This module does the same job with a simpler, robust
 recipe that needs no PSF model:
 
@@ -102,7 +102,7 @@ def mask_cosmic_rays(mi: MaskedImage, **kwargs) -> int:
     """Find cosmic rays (:func:`find_cosmic_rays`) and OR the CR plane into ``mi.mask``.
 
     Returns the number of pixels flagged. The pixels are not interpolated (cp_pipe copies only
-    the CR mask back, ALGORITHMS.md 8); the stack ignores CR pixels instead.
+    the CR mask back, docs/algorithms.md#cosmic-rays); the stack ignores CR pixels instead.
     """
     cr = find_cosmic_rays(mi, **kwargs)
     mi.mask[cr] |= np.int32(MASK_PLANES.bit("CR"))

@@ -1,4 +1,4 @@
-"""Focal-plane background (pipe_tasks ``FocalPlaneBackground``, ALGORITHMS.md 5.2).
+"""Focal-plane background (pipe_tasks ``FocalPlaneBackground``, docs/algorithms.md#focal-plane-background-legacy).
 
 A superpixel model of the sky over the whole focal plane, in focal-plane mm, so that it is
 continuous across chip gaps. Each detector contributes a *partial* model (``values`` = sum of
@@ -29,7 +29,7 @@ __all__ = ["FocalPlaneBackgroundConfig", "FocalPlaneBackground", "interpolate_ba
 
 
 class FocalPlaneBackgroundConfig(BaseModel):
-    """pipe_tasks FocalPlaneBackgroundConfig (ALGORITHMS.md 7.2)."""
+    """pipe_tasks FocalPlaneBackgroundConfig (docs/algorithms.md#focal-plane-background-legacy)."""
 
     model_config = ConfigDict(extra="forbid")
 

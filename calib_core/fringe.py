@@ -1,5 +1,5 @@
 """Fringe-frame preparation of one post-ISR detector image (pipe_drivers ``FringeTask``,
-ALGORITHMS.md 4.4): normalise to the sky level, remove the smooth background, flag sources.
+docs/algorithms.md#fringe-preparation): normalise to the sky level, remove the smooth background, flag sources.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["FringeConfig", "FringeBuildConfig", "prepare_fringe"]
 
 
 class FringeConfig(BaseModel):
-    """FringeTask processing defaults (ALGORITHMS.md 4.4, 7.1)."""
+    """FringeTask processing defaults (docs/algorithms.md#fringe-defaults)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,7 +74,7 @@ def prepare_fringe(masked_image: MaskedImage, config: FringeConfig | None = None
 
 
 class FringeBuildConfig(BaseModel):
-    """Fringe build (ALGORITHMS.md 4.4): ISR with bias, dark and flat (doFringe off), the
+    """Fringe build (docs/algorithms.md#fringe-build): ISR with bias, dark and flat (doFringe off), the
     preparation above per input, a plain MEANCLIP stack without scaling that rejects DETECTED."""
 
     model_config = ConfigDict(extra="forbid")

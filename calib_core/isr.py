@@ -1,4 +1,4 @@
-"""Instrument signature removal (ISR) of one raw detector (ALGORITHMS.md 6).
+"""Instrument signature removal (ISR) of one raw detector (docs/algorithms.md#instrument-signature-removal).
 
 Order, per detector: saturation masking on the raw ADU -> overscan correction per amplifier ->
 trim and assemble the amplifiers -> defects (BAD) -> bias subtraction -> variance -> dark

@@ -1,6 +1,6 @@
 """Masked images: a float32 image, a mask of named bit planes and a float32 variance.
 
-Arithmetic follows the reference (ALGORITHMS.md 1.4, afw MaskedImage):
+Arithmetic follows the reference (docs/algorithms.md#masked-images, afw MaskedImage):
 
 * ``mi /= s``  -> image / s, variance / s**2
 * ``mi *= s``  -> image * s, variance * s**2

@@ -1,5 +1,5 @@
 """Binned focal-plane mosaics of per-detector images (pipe_drivers ``makeCameraImage``,
-ALGORITHMS.md 2.8 and 1.4).
+docs/algorithms.md#camera-mosaics).
 
 Each detector's image is binned (mean over b x b blocks, remainder truncated, NaN propagates;
 NO_DATA pixels of a MaskedImage become NaN), rotated by the detector's ``orientation`` quarter

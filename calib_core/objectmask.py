@@ -1,4 +1,4 @@
-"""Object masking for sky frames (pipe_tasks ``MaskObjectsTask``, ALGORITHMS.md 5.3), plus the
+"""Object masking for sky frames (pipe_tasks ``MaskObjectsTask``, docs/algorithms.md#object-masking), plus the
 source detection it and the fringe preparation use.
 
 Detection (``detect_sources``): smooth the background-subtracted image with a Gaussian of
@@ -69,7 +69,7 @@ class DetectionConfig(BaseModel):
 
 
 class MaskObjectsConfig(BaseModel):
-    """pipe_tasks MaskObjectsConfig (ALGORITHMS.md 7.2)."""
+    """pipe_tasks MaskObjectsConfig (docs/algorithms.md#object-masking-defaults)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -81,7 +81,7 @@ class MaskObjectsConfig(BaseModel):
     detection: DetectionConfig = Field(
         default_factory=lambda: DetectionConfig(threshold=5.0),
         description="detection as MaskObjects configures it (5-px Gaussian, grow 2.4 sigma) but at 5 sigma "
-                    "of the noise, not 2.5: see docs/algorithms.md, 'Detection threshold'. Pure noise "
+                    "of the noise, not 2.5: see docs/algorithms.md#departures-from-the-reference-and-why. Pure noise "
                     "smoothed by sigma=5 px has ~1.4e-4 peaks per px^2 above 2.5 sigma (the Euler "
                     "characteristic of a Gaussian field); grown by 12 px they mask ~8 % of a blank sky, "
                     "each region a positive noise excursion, biasing every bin low by a varying amount "

@@ -48,7 +48,7 @@ def provenance_cards(obstype: str, calib_id: Mapping[str, object] | str, inputs:
                      dates: Iterable[dt.datetime] = (), exptimes: Iterable[float] | None = None,
                      exptime: float = 1.0, darktime: float | None = None,
                      now: dt.datetime | None = None) -> dict[str, object]:
-    """Header cards recording how a calib was made (ALGORITHMS.md 2.6 steps 4-6, 2.7).
+    """Header cards recording how a calib was made (docs/algorithms.md#product-header).
 
     Parameters
     ----------

@@ -1,5 +1,5 @@
 """Sky frames: build and apply (pipe_drivers ``SkyTask`` and pipe_tasks ``SkyMeasurementTask``;
-docs/algorithms.md, "Sky frames").
+docs/algorithms.md#sky-frames).
 
 Model. After ISR a science exposure j reads ``I_j(x) = L_j(u, v) * (1 + F(x)) + objects + noise``:
 ``L_j`` is the large-scale illumination of that exposure over the focal plane (sky level times
@@ -21,7 +21,7 @@ Build, per filter, as the reference's barriers (each step a plain function, so a
 3. per detector the product is ``F``.
 
 Where calibflow departs from the reference, and why (each measured against injected truth on
-simulated nights; docs/algorithms.md):
+simulated nights; docs/algorithms.md#departures-from-the-reference-and-why):
 
 * The reference removes each exposure's large-scale background with ``FocalPlaneBackground``: cell
   means on a grid as coarse as a detector, bilinearly interpolated. That cannot follow a moonlight
@@ -90,7 +90,7 @@ class SkyStatsConfig(BaseModel):
 
 
 class SkyMeasurementConfig(BaseModel):
-    """pipe_tasks SkyMeasurementConfig (docs/algorithms.md)."""
+    """pipe_tasks SkyMeasurementConfig (docs/algorithms.md#sky-frames)."""
 
     model_config = ConfigDict(extra="forbid")
 

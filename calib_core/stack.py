@@ -4,7 +4,7 @@ Inputs are intermediate products (IMAGE/MASK/VARIANCE FITS, :mod:`calib_core.pro
 in-memory masked images. Files are opened once each; the engine reads bands of rows of every input
 (``os.preadv`` into reused buffers), so the working memory is set by ``CombineConfig.memory_budget``
 whatever N is, and each byte of each file is read exactly once (ccdproc re-reads whole files per
-tile, so its cost grows as N**2, PEERS.md 2 item 7).
+tile, so its cost grows as N**2, docs/algorithms.md#memory-and-io).
 
 Statistics follow :mod:`calib_core.stats` (the NumPy reference); MEANCLIP runs in the block /
 sorting-network kernel of :mod:`calib_core._kernels` (``meanclip_blocks``), MEAN, MEDIAN and MINMAX
@@ -344,12 +344,12 @@ def stack_files(paths: Sequence, config: CombineConfig | None = None,
 
 
 def fill_nans(mi: MaskedImage, flag: str = "BAD") -> int:
-    """Replace NaNs left in a combined image, cp_pipe style (ALGORITHMS.md 8, ``interpolateNans``).
+    """Replace NaNs left in a combined image, cp_pipe style (docs/algorithms.md#nan-fill, ``interpolateNans``).
 
     A pixel whose image *or* variance is NaN gets the median of the finite image pixels and the
     median of the finite variance pixels, and the ``flag`` plane is set on it.
 
-    This fixes the Gen2 (pipe_drivers) behaviour (ALGORITHMS.md 2.6 step 7 and 9), which filled
+    This fixes the Gen2 (pipe_drivers) behaviour (docs/algorithms.md#nan-fill), which filled
     the image and variance NaNs independently and set no mask bit, so filled pixels looked like
     valid data downstream and a NaN variance under a finite image was left in place.
 

@@ -4,7 +4,7 @@ across a stack.
 This module is the NumPy *reference* implementation. ``calib_core.stack`` has a numba kernel for the
 hot path (MEANCLIP/MEAN over many inputs); it is tested to agree with :func:`stack_statistic`.
 
-Statistics, selected by name (ALGORITHMS.md 1.1):
+Statistics, selected by name (docs/algorithms.md#clipped-statistics):
 
 ``MEANCLIP``
     Iterated clipped mean. Pixels are *admitted* when finite and ``(mask & ignore_bits) == 0``.
@@ -152,7 +152,7 @@ def _meanclip_1d(x: np.ndarray, nsigma: float, niter: int) -> tuple[float, float
 
 def clipped_mean(values, mask=None, ignore_bits: int = 0, nsigma: float = 3.0,
                  niter: int = 3) -> ClippedStats:
-    """Reference MEANCLIP of one array (any shape), afw semantics (ALGORITHMS.md 1.1).
+    """Reference MEANCLIP of one array (any shape), afw semantics (docs/algorithms.md#meanclip).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""The ``calibflow`` command line: the outermost layer (ARCHITECTURE.md).
+"""The ``calibflow`` command line: the outermost layer (docs/architecture.md#layers).
 
 The repository folder comes from ``--repo`` or ``CALIBFLOW_REPO`` (default ``./calibrepo``); the
 registry is a SQLite file inside it unless ``--registry-url`` / ``CALIBFLOW_REGISTRY_URL`` names
@@ -325,7 +325,7 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
 
 
 def _prefect_env() -> None:
-    """Telemetry off and quiet logs unless the user chose otherwise (PREFECT_NOTES.md)."""
+    """Telemetry off and quiet logs unless the user chose otherwise (docs/prefect.md#telemetry-and-other-settings)."""
     import os
 
     for key, value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

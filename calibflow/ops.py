@@ -2,7 +2,7 @@
 
 Both need a long-running ``prefect server start`` and ``PREFECT_API_URL`` pointing at it: an
 embedded (ephemeral) Prefect API has no scheduler, no UI and does not see runs of other processes
-(PREFECT_NOTES.md 6a).
+(docs/prefect.md#a-long-running-server).
 """
 
 from __future__ import annotations

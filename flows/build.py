@@ -1,5 +1,5 @@
 """The calib build flow: select -> process (per exposure x detector) -> scale -> combine (per detector)
--> write, with the reference's per-type hooks and barriers (``CalibTask``, ALGORITHMS.md 2, 11):
+-> write, with the reference's per-type hooks and barriers (``CalibTask``, docs/architecture.md#barriers-by-calib-type):
 
 * bias, dark, fringe: process -> combine;
 * flat: process (ISR + background level) -> **scale solve over the CCD x exposure matrix** -> combine;

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-# Prefect settings must be in the environment before anything imports prefect (PREFECT_NOTES.md).
+# Prefect settings must be in the environment before anything imports prefect (docs/prefect.md#settings-for-tests).
 _PREFECT_HOME = tempfile.mkdtemp(prefix="calibflow-test-prefect-")
 os.environ.update({
     "DO_NOT_TRACK": "1",
@@ -171,7 +171,7 @@ def msfc_data() -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """One Prefect API for the whole session (PREFECT_NOTES.md: a harness per test is slow), with
+    """One Prefect API for the whole session (docs/prefect.md#settings-for-tests: a harness per test is slow), with
     heartbeats off. Yields the API URL, for subprocesses that must report to the same server."""
     from prefect.client.orchestration import get_client
     from prefect.settings import temporary_settings

@@ -1,4 +1,4 @@
-"""Binned background model (ALGORITHMS.md 1.3) and the fast binned MEANCLIP kernel."""
+"""Binned background model (docs/algorithms.md#binned-background-model) and the fast binned MEANCLIP kernel."""
 
 import numpy as np
 import pytest

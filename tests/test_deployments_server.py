@@ -59,7 +59,7 @@ class Proc:
         self.args, self.log = args, log
         self._fh = open(log, "wb")
         # SIGINT at its default: a process worker inherits SIG_IGN from a non-interactive shell
-        # and then needs two SIGTERMs (PREFECT_NOTES.md 6b); stop() sends two anyway.
+        # and then needs two SIGTERMs (docs/prefect.md#stopping-a-worker); stop() sends two anyway.
         self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True,
                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

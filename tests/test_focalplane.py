@@ -1,4 +1,4 @@
-"""Focal-plane background (ALGORITHMS.md 5.2): geometry, continuity across chip gaps, merging of
+"""Focal-plane background (docs/algorithms.md#focal-plane-background-legacy): geometry, continuity across chip gaps, merging of
 partial models in any grouping, bad-cell filling, pickling."""
 
 import pickle

@@ -1,4 +1,4 @@
-"""Fringe preparation (ALGORITHMS.md 4.4)."""
+"""Fringe preparation (docs/algorithms.md#fringe-preparation)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Object masking (ALGORITHMS.md 5.3): detection completeness, false positives, the binned fast path
+"""Object masking (docs/algorithms.md#object-masking): detection completeness, false positives, the binned fast path
 against the full-resolution reference, and the replacement of masked pixels."""
 
 import numpy as np

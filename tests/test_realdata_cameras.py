@@ -68,7 +68,7 @@ def _fits_section(text: str):
 
 
 def _meanclip_stack(cube: np.ndarray, nsigma: float = 3.0, niter: int = 3) -> np.ndarray:
-    """Per-pixel MEANCLIP along axis 0 (ALGORITHMS.md 1.1), written out independently: pass 0 clips
+    """Per-pixel MEANCLIP along axis 0 (docs/algorithms.md#meanclip), written out independently: pass 0 clips
     about the median with 0.7413 IQR, later passes about the previous clipped mean with its ddof=1
     standard deviation; each pass starts from every value; the result is the last pass's mean."""
     cube = cube.astype(np.float64)

@@ -1,4 +1,4 @@
-"""Sky frames (docs/algorithms.md, "Sky frames") on simulated post-ISR democam_mini exposures
+"""Sky frames (docs/algorithms.md#sky-frames) on simulated post-ISR democam_mini exposures
 (tests/_skysim.py), against the injected pattern only: the frame at its noise floor, gradients of
 +-10 % followed, held-out structure removed tenfold with the right scale, bad exposures rejected
 and a night that would lose most exposures refused.

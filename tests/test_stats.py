@@ -59,7 +59,7 @@ def bf_admitted(values, masks, ignore):
 
 
 def bf_meanclip(xs, nsigma=3.0, niter=3):
-    """ALGORITHMS.md 1.1, literally."""
+    """docs/algorithms.md#meanclip, literally."""
     if not xs:
         return math.nan, math.nan, 0
     s = sorted(xs)
