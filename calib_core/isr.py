@@ -55,7 +55,7 @@ class IsrConfig(BaseModel):
     doInterpolate: bool = Field(False, description="at the end of ISR, replace the pixels of "
                                 "maskListToInterpolate (and any non-finite pixel, flagged BAD) by linear "
                                 "interpolation along their row, flagged INTRP (ip_isr doInterpolate); "
-                                "the sky and fringe builds and apply-sky switch it on")
+                                "the sky build and apply-sky switch it on")
     maskListToInterpolate: list[str] = Field(["BAD"], description="planes interpolated over; SAT is "
                                              "left alone so saturated stars stay bright for detection")
 

@@ -582,8 +582,9 @@ def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (s
               camera: Optional[str] = typer.Option(None, "--camera", help="the exposure's camera (name or YAML "
                                                    "file) where several cameras have this exposure id"),
               repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
-    """Fit and subtract the certified sky frame from one exposure (after ISR with the certified calibs
-    and the focal-plane background); writes the corrected images and reports the fitted scale."""
+    """Sky-correct one exposure: ISR with the certified calibs, objects masked, then the exposure's
+    large-scale surface and the certified sky frame's scale fitted together and both subtracted;
+    writes the corrected images and reports the fitted scale."""
     from calib_core.camera import effective_config
     from calib_core.registry import RegistryError
     from calib_core.science import apply_sky as run_apply_sky

@@ -37,7 +37,7 @@ _SUMMARY = {
     "dark": "Build dark frames (ADU per second of dark time): ISR with the certified bias, cosmic rays masked.",
     "flat": "Build flat fields for one filter: CCD x exposure scale solve, then a scaled stack per detector.",
     "fringe": "Build fringe frames for one filter: background-removed, normalised science exposures, objects masked.",
-    "sky": "Build sky frames for one filter: object-masked, focal-plane-background-normalised science exposures.",
+    "sky": "Build sky frames for one filter: object-masked science exposures divided by each one's quadratic focal-plane surface.",
 }
 
 ARGS_DOC = """
