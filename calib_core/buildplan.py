@@ -13,17 +13,13 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from .calibtypes import CALIB_TYPES as SPECS, calib_type as spec_of
 from .registry import Registry
 
-__all__ = ["CALIB_TYPES", "INPUT_TYPE", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash",
-           "intermediate_key"]
+__all__ = ["CALIB_TYPES", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash", "intermediate_key"]
 
-CALIB_TYPES = ("bias", "dark", "flat", "fringe", "sky")
-# the raw observation type each calib is built from
-INPUT_TYPE = {"bias": "bias", "dark": "dark", "flat": "flat", "fringe": "science", "sky": "science"}
-# the calibs ISR applies when building each type (docs/algorithms.md#which-calibs-each-build-applies)
-ISR_CALIBS = {"bias": (), "dark": ("bias",), "flat": ("bias", "dark"), "fringe": ("bias", "dark", "flat"),
-              "sky": ("bias", "dark", "flat", "fringe")}
+#: the calib types' names (their facts: :mod:`calib_core.calibtypes`)
+CALIB_TYPES = tuple(SPECS)
 
 
 class InconsistentInputs(ValueError):
@@ -72,9 +68,8 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
         Some exposures lack detectors others have; the message lists which exposure lacks which
         detector. With ``drop_incomplete`` those exposures are dropped instead and the reason recorded.
     """
-    if calib_type not in CALIB_TYPES:
-        raise ValueError(f"unknown calib type {calib_type!r}; choose one of {', '.join(CALIB_TYPES)}")
-    rows = registry.query_exposures(camera=camera, obs_type=INPUT_TYPE[calib_type], filter=filter, night=night,
+    spec = spec_of(calib_type)
+    rows = registry.query_exposures(camera=camera, obs_type=spec.input_obstype, filter=filter, night=night,
                                     exposure_ids=exposure_ids)
     if date_range:
         lo, hi = (dt.date.fromisoformat(d) for d in date_range)
@@ -82,14 +77,14 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
     if exposure_ids:
         missing = sorted(set(exposure_ids) - {r["exposure_id"] for r in rows})
         if missing:
-            raise ValueError(f"{calib_type} build: exposures not found as {INPUT_TYPE[calib_type]} frames of "
+            raise ValueError(f"{calib_type} build: exposures not found as {spec.input_obstype} frames of "
                              f"camera {camera}: {', '.join(missing)}")
     if not rows:
         where = ", ".join(f"{k}={v}" for k, v in (("night", night), ("filter", filter), ("range", date_range)) if v)
-        raise ValueError(f"{calib_type} build: no {INPUT_TYPE[calib_type]} exposures of camera {camera}"
+        raise ValueError(f"{calib_type} build: no {spec.input_obstype} exposures of camera {camera}"
                          + (f" for {where}" if where else ""))
     filters = sorted({r["filter"] for r in rows})
-    if calib_type in ("bias", "dark"):
+    if not spec.filtered:
         out_filter = "NONE"
     elif len(filters) > 1:
         raise ValueError(f"{calib_type} build: inputs mix filters {filters}; select one with --filter")

@@ -19,19 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from .cosmicrays import mask_cosmic_rays
 from .isr import IsrConfig, run_isr
 from .maskedimage import MASK_PLANES, MaskedImage
-from .products import provenance_cards
 from .rawio import RawDetector
 from .stack import CombineConfig, stack_arrays, stack_files
 from .stats import ClippedStats, compute_statistic
 
 __all__ = ["StatsConfig", "BiasConfig", "DarkConfig", "FlatConfig", "FlatScales", "process_bias",
            "process_dark", "process_flat", "background_level", "solve_flat_scales", "combine_calib",
-           "combine_bias", "combine_dark", "combine_flat", "product_cards", "PRODUCT_EXPTIME"]
-
-#: EXPTIME (= DARKTIME) written on products: 0 for a bias, 1 otherwise, so a dark is a rate per
-#: second of dark time (docs/algorithms.md#product-exposure-time).
-PRODUCT_EXPTIME = {"bias": 0.0, "dark": 1.0, "flat": 1.0, "fringe": 1.0, "sky": 1.0}
-
+           "combine_bias", "combine_dark", "combine_flat"]
 
 class StatsConfig(BaseModel):
     """``CalibStatsConfig``: the background level of a CCD (docs/algorithms.md#background-level)."""
@@ -82,18 +76,6 @@ class FlatConfig(BaseModel):
     min_response: float = Field(0.05, ge=0, description="flag BAD (dead) where the flat is below this fraction of "
                                 "its level or not finite, so ISR never divides by ~0 unflagged (not in the "
                                 "reference, which relies on a separate defect list); 0 disables")
-
-
-def product_cards(obstype: str, calib_id, inputs, dates=(), exptimes=None, **extra) -> dict:
-    """Provenance header cards of a calib product (:func:`calib_core.products.provenance_cards`)
-    with the reference EXPTIME/DARKTIME for its type; ``extra`` cards are appended."""
-    key = obstype.lower()
-    if key not in PRODUCT_EXPTIME:
-        raise ValueError(f"unknown calib type {obstype!r}; known: {', '.join(PRODUCT_EXPTIME)}")
-    cards = provenance_cards(key, calib_id, inputs, dates=dates, exptimes=exptimes,
-                             exptime=PRODUCT_EXPTIME[key])
-    cards.update(extra)
-    return cards
 
 
 # ---------------------------------------------------------------------------------------------------

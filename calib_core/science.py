@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from .background import BackgroundModel
+from .calibtypes import ISR_STEP, OPTIONAL_IN_ISR, isr_with_calibs
 from .camera import Camera
-from .isr import IsrConfig, run_isr
-from .maskedimage import MaskedImage
-from .products import read_product, write_product
-from .rawio import RawDetector, read_raw
+from .isr import IsrConfig
+from .products import write_product
+from .rawio import read_raw
 from .registry import Registry
 from .registry.calibs import lookup
 from .sky import SkyBuildConfig, apply_sky_frame
@@ -24,18 +23,13 @@ from .sky import SkyBuildConfig, apply_sky_frame
 __all__ = ["ISR_STEP", "find_isr_calibs", "isr_with_calibs", "read_sky_frame", "SkyApplication",
            "apply_sky"]
 
-# which IsrConfig switch uses which calib type
-ISR_STEP = {"bias": "doBias", "dark": "doDark", "flat": "doFlat", "fringe": "doFringe"}
-# calibs that are applied only where one exists (fringe frames exist for fringing filters only)
-OPTIONAL = ("fringe",)
-
 
 class MissingCalib(ValueError):
     """No certified calib applies where ISR needs one."""
 
 
 def find_isr_calibs(registry: Registry, camera: str, exposure_id: str, detector: int, isr: IsrConfig,
-                    types=("bias", "dark", "flat", "fringe"), purpose: str = "ISR") -> dict[str, dict]:
+                    types=tuple(ISR_STEP), purpose: str = "ISR") -> dict[str, dict]:
     """The certified calib of each type ISR switches on, for one (exposure, detector).
 
     Raises
@@ -50,21 +44,10 @@ def find_isr_calibs(registry: Registry, camera: str, exposure_id: str, detector:
         hit = lookup(registry, camera=camera, exposure_id=exposure_id, calib_type=calib_type, detector=detector)
         if hit:
             found[calib_type] = hit[0]
-        elif calib_type not in OPTIONAL:
+        elif calib_type not in OPTIONAL_IN_ISR:
             raise MissingCalib(f"{purpose}: no certified {calib_type} applies to exposure {exposure_id} "
                                f"detector {detector}; build and certify one first (calibflow build {calib_type})")
     return found
-
-
-def isr_with_calibs(raw: RawDetector, isr: IsrConfig, calibs: Mapping[str, dict], darktime: float | None,
-                    path: str = "") -> MaskedImage:
-    """Run ISR with the calib products in ``calibs`` (rows from the registry); a step whose calib
-    is absent and optional (fringe) is switched off."""
-    images = {t: read_product(c["path"])[0] for t, c in calibs.items()}
-    if isr.doFringe and "fringe" not in images:
-        isr = isr.model_copy(update={"doFringe": False})
-    return run_isr(raw, isr, bias=images.get("bias"), dark=images.get("dark"), flat=images.get("flat"),
-                   fringe=images.get("fringe"), darktime=darktime, path=path)
 
 
 def read_sky_frame(path) -> BackgroundModel:

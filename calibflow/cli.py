@@ -473,12 +473,9 @@ def _read_config(config_file: Optional[Path], sets: Optional[list[str]]) -> dict
 
 def _config_models() -> dict:
     """The config model of each calib type, from calib_core (no Prefect import: validation stays fast)."""
-    from calib_core.calibs import BiasConfig, DarkConfig, FlatConfig
-    from calib_core.fringe import FringeBuildConfig
-    from calib_core.sky import SkyBuildConfig
+    from calib_core.calibtypes import CALIB_TYPES
 
-    return {"bias": BiasConfig, "dark": DarkConfig, "flat": FlatConfig, "fringe": FringeBuildConfig,
-            "sky": SkyBuildConfig}
+    return {name: spec.config_model for name, spec in CALIB_TYPES.items()}
 
 
 def _load_config(calib_type: str, config_file: Optional[Path] = None, sets: Optional[list[str]] = None,

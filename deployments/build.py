@@ -24,21 +24,13 @@ from pydantic import BaseModel, Field
 from prefect import Flow, flow
 
 from flows.build import build_calib
-from tasks.calib_tasks import CONFIG_MODELS
+from calib_core.calibtypes import CALIB_TYPES, dependency_order
 
 __all__ = ["BUILD_FLOWS", "build_bias", "build_dark", "build_flat", "build_fringe", "build_sky", "resolve_repo",
            "NightStr", "ARGS_DOC"]
 
 NightStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 DateStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?)?$")]
-
-_SUMMARY = {
-    "bias": "Build bias frames: ISR without calibs, clipped-mean stack per detector.",
-    "dark": "Build dark frames (ADU per second of dark time): ISR with the certified bias, cosmic rays masked.",
-    "flat": "Build flat fields for one filter: CCD x exposure scale solve, then a scaled stack per detector.",
-    "fringe": "Build fringe frames for one filter: background-removed, normalised science exposures, objects masked.",
-    "sky": "Build sky frames for one filter: object-masked science exposures divided by each one's quadratic focal-plane surface.",
-}
 
 ARGS_DOC = """
 Args:
@@ -85,7 +77,8 @@ def _changed(values: dict, defaults: dict) -> dict:
 
 
 def _build_flow(calib_type: str) -> Flow:
-    model: type[BaseModel] = CONFIG_MODELS[calib_type]
+    spec = CALIB_TYPES[calib_type]
+    model: type[BaseModel] = spec.config_model
 
     def build(night: NightStr | None = None, camera: str | None = None, filter: str | None = None,
               exposures: list[str] | None = None, detectors: list[int] | None = None,
@@ -105,8 +98,8 @@ def _build_flow(calib_type: str) -> Flow:
                               runner=runner, dask_address=dask_address)
 
     build.__name__ = build.__qualname__ = f"build_{calib_type}"
-    build.__doc__ = _SUMMARY[calib_type] + "\n" + ARGS_DOC.format(calib_type=calib_type)
-    return flow(build, name="build-calib", description=_SUMMARY[calib_type], log_prints=True)
+    build.__doc__ = spec.description + "\n" + ARGS_DOC.format(calib_type=calib_type)
+    return flow(build, name="build-calib", description=spec.description, log_prints=True)
 
 
 build_bias = _build_flow("bias")
@@ -115,6 +108,5 @@ build_flat = _build_flow("flat")
 build_fringe = _build_flow("fringe")
 build_sky = _build_flow("sky")
 
-#: calib type -> its entry flow, in build order
-BUILD_FLOWS: dict[str, Flow] = {"bias": build_bias, "dark": build_dark, "flat": build_flat,
-                                "fringe": build_fringe, "sky": build_sky}
+#: calib type -> its entry flow, in build order (a type without a named flow above gets one here)
+BUILD_FLOWS: dict[str, Flow] = {t: globals().get(f"build_{t}") or _build_flow(t) for t in dependency_order()}

@@ -29,6 +29,7 @@ from prefect.runtime import flow_run
 from calib_core.atomic import sweep_stale
 from calib_core.background import BackgroundModel
 from calib_core.buildplan import config_hash, plan_build
+from calib_core.calibtypes import CalibTypeName, calib_type as spec_of
 from calib_core.calibs import solve_flat_scales
 from calib_core.camera import Camera, effective_config
 from calib_core.datastore import Datastore, check_identifier
@@ -38,7 +39,7 @@ from calib_core.registry import Registry, resolve_url, retry_transient
 from calib_core.registry.calibs import ValidityRule
 from calib_core.products import write_hdulist
 from calib_core.sky import solve_sky_frames
-from tasks.calib_tasks import (CONFIG_MODELS, BuildContext, build_camera, combine_detector, existing_products,
+from tasks.calib_tasks import (BuildContext, build_camera, combine_detector, existing_products,
                                finish_build_run, process_detectors, sky_rebin, start_build_run)
 
 __all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "resolve_registry_url", "RUNNERS"]
@@ -126,7 +127,7 @@ def _gather(futures, what: str, log) -> list:
 
 
 @flow(name="build-calib", log_prints=True)
-def build_calib(calib_type: Literal["bias", "dark", "flat", "fringe", "sky"], camera: str | None = None,
+def build_calib(calib_type: CalibTypeName, camera: str | None = None,
                 night: str | None = None, exposures: list[str] | None = None, filter: str | None = None,
                 detectors: list[int] | None = None, repo: str = "calibrepo", registry_url: str | None = None,
                 config: dict | None = None, drop_incomplete: bool = False, calib_date: str | None = None,
@@ -162,8 +163,7 @@ def run_build(calib_type: str, *, camera: str | None, night, exposures, filter, 
               artifacts: bool = True, detectors_per_task: int | None = None) -> dict:
     """The body of :func:`build_calib` for any task runner with Prefect's ``submit(task, parameters)``
     interface (the overhead benchmark runs it with a plain thread pool, outside Prefect)."""
-    if calib_type not in CONFIG_MODELS:
-        raise ValueError(f"unknown calib type {calib_type!r}; choose one of {', '.join(CONFIG_MODELS)}")
+    spec = spec_of(calib_type)
     if detectors_per_task is not None and detectors_per_task < 1:
         raise ValueError(f"detectors_per_task must be at least 1, not {detectors_per_task}")
     if on_bad_input not in ("fail", "exclude"):
@@ -176,7 +176,7 @@ def run_build(calib_type: str, *, camera: str | None, night, exposures, filter, 
                           what="resolve the camera")
     camera = check_identifier(cam.name, "camera name") or cam.name   # it names folders this build writes
     # the type's defaults, the camera's ISR defaults over them, the build's own settings over both
-    cfg = effective_config(CONFIG_MODELS[calib_type], cam, config)
+    cfg = effective_config(spec.config_model, cam, config)
     plan = retry_transient(plan_build, registry, calib_type, camera, night=night, exposure_ids=exposures,
                            filter=filter, detectors=detectors, drop_incomplete=drop_incomplete,
                            calib_date=calib_date, what="select the inputs")
@@ -274,7 +274,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
                 ) -> tuple[list[dict], dict[str, str], list[dict]]:
     """process -> scale -> combine; returns the products, every exposure left out (with why) and
     the per-(exposure, detector) results."""
-    calib_type = ctx.calib_type
+    calib_type, spec = ctx.calib_type, ctx.spec
     # process: mapped tasks over (exposure, group of detectors)
     batches = detector_batches(plan.detectors, len(plan.exposures), _parallelism(tr), per_task)
     futures = [tr.submit(process_detectors, {"ctx": ctx, "exposure": e, "detectors": b})
@@ -301,7 +301,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
 
     # scale: the barrier
     exp_scales, ccd_scales = None, {}
-    if calib_type == "flat":
+    if spec.barrier == "flat_scales":
         import numpy as np
 
         levels = np.array([[p["level"] for p in per_det[d]] for d in plan.detectors], dtype=float)
@@ -310,7 +310,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
         scales = solve_flat_scales(levels, iterations=cfg.iterations, weights=weights)
         exp_scales = [float(s) for s in scales.exp_scales]
         ccd_scales = {d: float(c) for d, c in zip(plan.detectors, scales.ccd_scales)}
-    elif calib_type == "sky":
+    elif spec.barrier == "sky_passes":
         per_det = _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task)
 
     # combine + write, one task per detector
@@ -399,7 +399,7 @@ def _mosaic_path(ctx: BuildContext, store: Datastore):
 
 
 def _product_image(path: str, calib_type: str):
-    if calib_type == "sky":
+    if spec_of(calib_type).product_kind == "binned":
         return BackgroundModel.from_fits(path).evaluate()
     return read_product(path)[0]
 

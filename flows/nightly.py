@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from calib_core.buildplan import INPUT_TYPE
+from calib_core.calibtypes import CALIB_TYPES, CalibTypeName, dependency_order
 from calib_core.camera import Camera
 from calib_core.datastore import Datastore
 from calib_core.registry import Registry, retry_transient
@@ -23,16 +23,16 @@ from .build import build_calib, resolve_registry_url
 
 __all__ = ["nightly", "NightlyPolicy", "plan_night", "default_night"]
 
-ORDER = ("bias", "dark", "flat", "fringe", "sky")
+ORDER = tuple(dependency_order())
 
 
 class NightlyPolicy(BaseModel):
     """What the nightly flow builds from a night's exposures."""
 
-    types: list[Literal["bias", "dark", "flat", "fringe", "sky"]] = Field(
+    types: list[CalibTypeName] = Field(
         default_factory=lambda: list(ORDER), description="calib types to consider, built in dependency order")
     min_inputs: dict[str, int] = Field(
-        default_factory=lambda: {"bias": 3, "dark": 3, "flat": 3, "fringe": 3, "sky": 5},
+        default_factory=lambda: {t.name: t.min_inputs for t in CALIB_TYPES.values()},
         description="fewest exposures of the right kind (per filter for flat, fringe and sky) worth a build")
     fringe_filters: list[str] = Field(default_factory=lambda: ["z", "y", "Y"],
                                       description="filters with fringes: a fringe frame is built for these only")
@@ -62,21 +62,22 @@ def plan_night(registry: Registry, camera: str, night: str, policy: NightlyPolic
     for calib_type in ORDER:
         if calib_type not in policy.types:
             continue
-        kind = [r for r in rows if r["obs_type"] == INPUT_TYPE[calib_type]]
-        if calib_type in ("bias", "dark"):
+        spec = CALIB_TYPES[calib_type]
+        kind = [r for r in rows if r["obs_type"] == spec.input_obstype]
+        if not spec.filtered:
             groups = {None: kind} if kind else {}
         else:
             groups = {}
             for r in kind:
                 groups.setdefault(r["filter"], []).append(r)
-            if calib_type == "fringe":
+            if spec.fringing_only:
                 groups = {f: g for f, g in groups.items() if f in policy.fringe_filters}
         need = policy.min_inputs.get(calib_type, 1)
         for filt, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
             ok = len(group) >= need
             steps.append({"type": calib_type, "filter": filt, "n_inputs": len(group),
                           "action": "build" if ok else "skip",
-                          "reason": "" if ok else f"{len(group)} {INPUT_TYPE[calib_type]} exposures < {need}"})
+                          "reason": "" if ok else f"{len(group)} {spec.input_obstype} exposures < {need}"})
     return steps
 
 
@@ -110,8 +111,7 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
         if step["action"] != "build":
             log.info("skip %s %s: %s", step["type"], step["filter"] or "", step["reason"])
             continue
-        blocked = {"dark": {"bias"}, "flat": {"bias", "dark"}, "fringe": {"bias", "dark", "flat"},
-                   "sky": {"bias", "dark", "flat", "fringe"}}.get(step["type"], set()) & failed_types
+        blocked = set(CALIB_TYPES[step["type"]].isr_calibs) & failed_types
         try:
             result = build_calib(step["type"], camera=camera, night=night, filter=step["filter"], repo=str(store.root),
                                  registry_url=registry_url, validity_days_before=policy.validity_days_before,

@@ -22,29 +22,24 @@ from pydantic import BaseModel
 
 from calib_core.atomic import private_name
 from calib_core.background import BackgroundModel
-from calib_core.buildplan import ISR_CALIBS, intermediate_key
-from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias, combine_calib,
-                               combine_dark, combine_flat, process_bias, process_dark)
+from calib_core.buildplan import intermediate_key
+from calib_core.calibs import background_level
+from calib_core.calibtypes import CalibType, calib_type as spec_of
 from calib_core.camera import Camera
 from calib_core.datastore import Datastore, sha256_file, verify_raw
-from calib_core.fringe import FringeBuildConfig, prepare_fringe
 from calib_core.isr import IsrError
 from calib_core.maskedimage import MASK_PLANES
-from calib_core.persistent import clear_persistent_cr
 from calib_core.products import provenance_cards, read_product, write_hdulist, write_product
 from calib_core.rawio import RawReadError, read_raw
 from calib_core.registry import BuildRunRow, Registry, is_transient, note_transient, retry_transient
 from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, find_calib, make_calib_id,
                                         record_calib)
-from calib_core.science import find_isr_calibs, isr_with_calibs
-from calib_core.sky import SkyBuildConfig, bin_detector
+from calib_core.science import find_isr_calibs
+from calib_core.sky import bin_detector
 
-__all__ = ["BuildContext", "CONFIG_MODELS", "process_detectors", "process_exposure_detector", "sky_rebin",
+__all__ = ["BuildContext", "process_detectors", "process_exposure_detector", "sky_rebin",
            "combine_detector", "start_build_run", "finish_build_run", "existing_products"]
 
-CONFIG_MODELS = {"bias": BiasConfig, "dark": DarkConfig, "flat": FlatConfig, "fringe": FringeBuildConfig,
-                 "sky": SkyBuildConfig}
-PRODUCT_EXPTIME = {"bias": 0.0, "dark": 1.0, "flat": 1.0, "fringe": 1.0, "sky": 1.0}
 
 
 class BuildContext(BaseModel):
@@ -65,8 +60,12 @@ class BuildContext(BaseModel):
     on_bad_input: str = "fail"          # or "exclude": drop an unreadable exposure and record why
     verify_raws: str = "auto"           # "always": hash every raw read, not only those whose size or mtime changed
 
+    @property
+    def spec(self) -> CalibType:
+        return spec_of(self.calib_type)
+
     def cfg(self):
-        return CONFIG_MODELS[self.calib_type].model_validate(self.config)
+        return self.spec.config_model.model_validate(self.config)
 
 
 @lru_cache(maxsize=8)
@@ -122,7 +121,7 @@ def _logger():
 
 def _isr_calibs(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict[str, dict]:
     """The certified calibs the type's ISR applies (the registry lookup, as any later reduction)."""
-    return find_isr_calibs(registry, ctx.camera, exposure_id, detector, ctx.cfg().isr, ISR_CALIBS[ctx.calib_type],
+    return find_isr_calibs(registry, ctx.camera, exposure_id, detector, ctx.cfg().isr, ctx.spec.isr_calibs,
                            purpose=f"{ctx.calib_type} build")
 
 
@@ -195,32 +194,16 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
 
 def _process_pixels(ctx: BuildContext, camera, raw, exposure: dict, detector: int, calibs: dict, out, store,
                     result: dict):
-    """The type's ISR and preparation of one raw detector; adds scalars to ``result``."""
-    cfg = ctx.cfg()
-    if ctx.calib_type == "bias":
-        mi = process_bias(raw, cfg)
-    elif ctx.calib_type == "dark":
-        bias = read_product(calibs["bias"]["path"])[0] if "bias" in calibs else None
-        mi = process_dark(raw, bias, exposure["darktime"], cfg)
-    else:
-        mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
-        if ctx.calib_type == "flat":
-            level = background_level(mi, cfg.stats)
-            result.update(level=float(level.mean), npoint=int(level.npoint))
-        elif ctx.calib_type == "fringe":
-            mi, level = prepare_fringe(mi, cfg.fringe)
-            result.update(level=float(level))
-        elif ctx.calib_type == "sky":
-            # first pass of the sky build: the binned model of the masked image (the intermediate
-            # itself stays unmasked, so a later pass can mask it again without the pattern)
-            bins = out.with_name(out.stem + "-bins0.fits")
-            model = bin_detector(camera, detector, mi, cfg.pass_config(0))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_hdulist(bins, model.to_hdulist())
-            result.update(bins=str(bins))
-        else:
-            raise ValueError(f"calib type {ctx.calib_type!r} has no process step")
-    return mi
+    """The type's processing of one raw detector (:attr:`CalibType.process`); adds its scalars to
+    ``result`` and writes its side products next to the intermediate (``<stem>-<name>.fits``)."""
+    done = ctx.spec.process(raw, calibs, exposure, ctx.cfg(), camera, detector)
+    result.update(done.scalars)
+    for key, (suffix, hdulist) in done.sidecars.items():
+        side = out.with_name(f"{out.stem}-{suffix}.fits")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_hdulist(side, hdulist)
+        result[key] = str(side)
+    return done.image
 
 
 @task(name="sky-pass", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
@@ -302,13 +285,13 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     cfg = ctx.cfg()
     paths = [i["path"] for i in items]
     ids = [i["exposure_id"] for i in items]
-    if ctx.calib_type == "sky":            # scales: each exposure's sky level (recorded, already divided out)
+    if ctx.spec.barrier == "sky_passes":   # scales: each exposure's sky level (recorded, already divided out)
         exp_scales = [float(i["scale"]) for i in items]
     calib_id = make_calib_id(ctx.calib_type, ctx.camera, ctx.filter, calib_date, detector, digest)
     dates = [dt.datetime.fromisoformat(by_id[e]["date_obs"]) for e in ids]
     cards = provenance_cards(ctx.calib_type, {"calib_id": calib_id, "detector": detector, "filter": ctx.filter,
                                               "calibDate": ctx.calib_date}, ids, dates,
-                             [by_id[e]["exptime"] for e in ids], exptime=PRODUCT_EXPTIME[ctx.calib_type])
+                             [by_id[e]["exptime"] for e in ids], exptime=ctx.spec.product_exptime)
     cards.update({"CAMERA": ctx.camera, "DETECTOR": detector, "FILTER": ctx.filter,
                   "CFG_HASH": ctx.config_hash, "CF_VERS": ctx.software_version,
                   "CAM_HASH": (ctx.camera_hash[:16], "sha256 of the camera definition (first 16)")})
@@ -325,8 +308,8 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     # run registers the product. A concurrent identical build may register first: its file stays.
     path = private_name(final, "pending")
     try:
-        if ctx.calib_type == "sky":
-            # the frame was solved at the build's barrier over the whole focal plane (surfaces,
+        if ctx.spec.combine is None:
+            # sky: the frame was solved at the build's barrier over the whole focal plane (surfaces,
             # rejection, average, normalisation); here it is written and registered
             frame = BackgroundModel.from_fits(items[0]["frame"])
             write_hdulist(path, frame.to_hdulist(), cards)
@@ -336,15 +319,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                      "noise": float(np.median(frame.errors[finite])) if finite.any() else None,
                      "clipped_fraction": None, "bad_fraction": float(1.0 - finite.mean())}
         else:
-            if ctx.calib_type == "bias":
-                mi = combine_bias(paths, cfg)
-            elif ctx.calib_type == "dark":
-                clear_persistent_cr(paths)      # hot pixels repeat, cosmic rays do not
-                mi = combine_dark(paths, cfg)
-            elif ctx.calib_type == "flat":
-                mi = combine_flat(paths, exp_scales, ccd_scale, cfg)
-            else:                               # fringe: inputs already normalised, no scaling
-                mi = combine_calib(paths, cfg.combine)[0]
+            mi = ctx.spec.combine(paths, cfg, exp_scales, ccd_scale)
             write_product(path, mi, cards)
             level = background_level(mi)
             flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0

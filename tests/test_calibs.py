@@ -10,7 +10,8 @@ import pytest
 
 from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias,
                                combine_dark, combine_flat, process_bias, process_dark, process_flat,
-                               product_cards, solve_flat_scales)
+                               solve_flat_scales)
+from calib_core.calibtypes import product_cards
 from calib_core.camera import load_camera
 from calib_core.cosmicrays import find_cosmic_rays, persistent_pixels
 from calib_core.isr import IsrConfig, run_isr
