@@ -25,7 +25,7 @@ from .products import provenance_cards, read_product
 from .rawio import RawDetector
 from .sky import SkyConfig, bin_detector
 
-__all__ = ["CalibType", "CALIB_TYPES", "Processed", "calib_type", "dependency_order", "isr_with_calibs",
+__all__ = ["CalibType", "CALIB_TYPES", "Combined", "Processed", "calib_type", "dependency_order", "isr_with_calibs",
            "ISR_STEP", "OPTIONAL_IN_ISR", "product_cards", "CalibTypeName"]
 
 Barrier = Literal["none", "flat_scales", "sky_passes"]
@@ -40,6 +40,17 @@ class Processed:
     image: MaskedImage
     scalars: dict[str, Any] = field(default_factory=dict)
     sidecars: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Combined:
+    """One detector's combined product: the image, extra header cards and product stats, and a
+    warning the build should log (None when all went as configured)."""
+
+    image: MaskedImage
+    cards: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    warning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +90,8 @@ class CalibType:
         ``process(raw, calibs, exposure, config, camera, detector) -> Processed``; ``calibs`` maps
         a calib type to its registry row (``path``, ``calib_id``).
     combine : callable or None
-        ``combine(paths, config, exp_scales, ccd_scale) -> MaskedImage``; None where the barrier
-        makes the product (sky).
+        ``combine(paths, config, exp_scales, ccd_scale) -> Combined``; None where the barrier makes
+        the product (sky).
     """
 
     name: str
@@ -91,7 +102,7 @@ class CalibType:
     filtered: bool
     barrier: Barrier
     process: Callable[..., Processed]
-    combine: Callable[..., MaskedImage] | None
+    combine: Callable[..., Combined] | None
     description: str
     product_kind: Literal["image", "binned"] = "image"
     fringing_only: bool = False
@@ -152,21 +163,21 @@ def _process_sky(raw, calibs, exposure, cfg: SkyConfig, camera=None, detector=No
     return Processed(mi, sidecars={"bins": ("bins0", model.to_hdulist())})
 
 
-def _combine_bias(paths: Sequence, cfg: BiasConfig, exp_scales=None, ccd_scale=None) -> MaskedImage:
-    return combine_bias(paths, cfg)
+def _combine_bias(paths: Sequence, cfg: BiasConfig, exp_scales=None, ccd_scale=None) -> Combined:
+    return Combined(combine_bias(paths, cfg))
 
 
-def _combine_dark(paths: Sequence, cfg: DarkConfig, exp_scales=None, ccd_scale=None) -> MaskedImage:
+def _combine_dark(paths: Sequence, cfg: DarkConfig, exp_scales=None, ccd_scale=None) -> Combined:
     clear_persistent_cr(paths)      # hot pixels repeat, cosmic rays do not
-    return combine_dark(paths, cfg)
+    return Combined(combine_dark(paths, cfg))
 
 
-def _combine_flat(paths: Sequence, cfg: FlatConfig, exp_scales=None, ccd_scale=None) -> MaskedImage:
-    return combine_flat(paths, exp_scales, ccd_scale, cfg)
+def _combine_flat(paths: Sequence, cfg: FlatConfig, exp_scales=None, ccd_scale=None) -> Combined:
+    return Combined(combine_flat(paths, exp_scales, ccd_scale, cfg))
 
 
-def _combine_fringe(paths: Sequence, cfg: FringeBuildConfig, exp_scales=None, ccd_scale=None) -> MaskedImage:
-    return combine_calib(paths, cfg.combine)[0]      # inputs already normalised: no scaling
+def _combine_fringe(paths: Sequence, cfg: FringeBuildConfig, exp_scales=None, ccd_scale=None) -> Combined:
+    return Combined(combine_calib(paths, cfg.combine)[0])      # inputs already normalised: no scaling
 
 
 # ---------------------------------------------------------------------------------------------------

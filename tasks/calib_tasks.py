@@ -319,13 +319,16 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                      "noise": float(np.median(frame.errors[finite])) if finite.any() else None,
                      "clipped_fraction": None, "bad_fraction": float(1.0 - finite.mean())}
         else:
-            mi = ctx.spec.combine(paths, cfg, exp_scales, ccd_scale)
-            write_product(path, mi, cards)
+            combined = ctx.spec.combine(paths, cfg, exp_scales, ccd_scale)
+            if combined.warning:
+                _logger().warning("detector %d: %s", detector, combined.warning)
+            mi = combined.image
+            write_product(path, mi, {**cards, **combined.cards})
             level = background_level(mi)
             flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
             stats = {"level": float(level.mean), "noise": float(np.sqrt(max(level.variance, 0.0))),
                      "clipped_fraction": float(1.0 - level.n_used / max(level.npoint, 1)),
-                     "bad_fraction": float(flagged.mean())}
+                     "bad_fraction": float(flagged.mean()), **combined.stats}
         stats.update(n_used=len(items), n_rejected=len(dropped or {}), isr_calibs=sorted(isr_ids))
         inputs = [CalibInput(e, scale=None if exp_scales is None else float(exp_scales[i]))
                   for i, e in enumerate(ids)]
