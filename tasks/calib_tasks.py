@@ -27,7 +27,7 @@ from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_le
                                combine_dark, combine_flat, process_bias, process_dark)
 from calib_core.camera import Camera
 from calib_core.datastore import Datastore, sha256_file, verify_raw
-from calib_core.fringe import FringeBuildConfig, prepare_fringe
+from calib_core.fringe import FringeBuildConfig, prepare_fringe, remove_continuum
 from calib_core.isr import IsrError
 from calib_core.maskedimage import MASK_PLANES
 from calib_core.persistent import clear_persistent_cr
@@ -302,6 +302,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     cfg = ctx.cfg()
     paths = [i["path"] for i in items]
     ids = [i["exposure_id"] for i in items]
+    continuum = None
     if ctx.calib_type == "sky":            # scales: each exposure's sky level (recorded, already divided out)
         exp_scales = [float(i["scale"]) for i in items]
     calib_id = make_calib_id(ctx.calib_type, ctx.camera, ctx.filter, calib_date, detector, digest)
@@ -345,6 +346,12 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                 mi = combine_flat(paths, exp_scales, ccd_scale, cfg)
             else:                               # fringe: inputs already normalised, no scaling
                 mi = combine_calib(paths, cfg.combine)[0]
+                # calibflow, not the reference: the sky continuum's pattern taken out of the stack
+                mi, continuum = remove_continuum(mi, paths, cfg.continuum)
+                cards["FRCONT"] = (bool(continuum["applied"]), "sky continuum's pattern removed")
+                if not continuum["applied"] and continuum.get("reason") != "disabled":
+                    _logger().warning("detector %d: fringe frame keeps the sky continuum's pattern: %s",
+                                      detector, continuum["reason"])
             write_product(path, mi, cards)
             level = background_level(mi)
             flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
@@ -352,6 +359,8 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                      "clipped_fraction": float(1.0 - level.n_used / max(level.npoint, 1)),
                      "bad_fraction": float(flagged.mean())}
         stats.update(n_used=len(items), n_rejected=len(dropped or {}), isr_calibs=sorted(isr_ids))
+        if continuum is not None:
+            stats["continuum"] = continuum
         inputs = [CalibInput(e, scale=None if exp_scales is None else float(exp_scales[i]))
                   for i, e in enumerate(ids)]
         inputs += [CalibInput(e, used=False, reason=why) for e, why in (dropped or {}).items()]
