@@ -50,7 +50,8 @@ Fringe frame
 The simulator adds fringes ``S_j phi_j F`` (``F`` per unit sky, mean 0 per detector) to the continuum
 ``S_j C_j`` (``C_j = G_j P M_j + A_j``; see ``calib_core.simulate``). ``calib_core.fringe`` prepares each
 input by subtracting a binned background and dividing by the input's level ``S_j lvl_j`` (``lvl_j`` =
-mean of ``C_j`` over the detector), then stacks the inputs unweighted (MEANCLIP). The frame of detector d
+mean of ``C_j`` over the detector), then stacks the inputs unweighted (MEANCLIP) and takes the continuum's
+pattern out of the stack (``remove_continuum``; the comparison needs nothing from it). The frame of detector d
 is therefore, by definition, ``c_d F`` with ``c_d = mean_j phi_j / lvl_j`` (truth), up to what the
 preparation subtracts by design. The comparison allows exactly that: one scale ``a`` over the focal
 plane and, per detector, any function in the span of the preparation's background (its Chebyshev
