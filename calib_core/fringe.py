@@ -1,7 +1,7 @@
 """Fringe frames: the preparation of one post-ISR detector image (pipe_drivers ``FringeTask``,
 docs/algorithms.md#fringe-preparation: normalise to the sky level, remove the smooth background, flag
 sources) and, after the stack, the removal of the sky continuum's pattern from the combined frame (a
-departure from the reference, :func:`remove_continuum`).
+departure from the reference, :func:`remove_continuum`, docs/algorithms.md#continuum-removal).
 
 Each prepared input j reads ``y_j = c_j F + K_j + noise``: ``F`` the fringe pattern, ``c_j`` its
 amplitude relative to the input's sky level, and ``K_j`` what the smooth background leaves of the
