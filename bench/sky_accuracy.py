@@ -45,6 +45,41 @@ of the unmasked pixels over the local sky ``rbar S_j G_j``, RMS over blocks less
 noise (pixel spread / sqrt(n)) in quadrature. The reduction is before / after. The fitted scale
 (SKYSCALE) is compared with the true one, ``1 / a`` (the frame carries the pattern at ``a``).
 
+Fringe frame
+------------
+The simulator adds fringes ``S_j phi_j F`` (``F`` per unit sky, mean 0 per detector) to the continuum
+``S_j C_j`` (``C_j = G_j P M_j + A_j``; see ``calib_core.simulate``). ``calib_core.fringe`` prepares each
+input by subtracting a binned background and dividing by the input's level ``S_j lvl_j`` (``lvl_j`` =
+mean of ``C_j`` over the detector), then stacks the inputs unweighted (MEANCLIP) and takes the continuum's
+pattern out of the stack (``remove_continuum``; the comparison needs nothing from it). The frame of detector d
+is therefore, by definition, ``c_d F`` with ``c_d = mean_j phi_j / lvl_j`` (truth), up to what the
+preparation subtracts by design. The comparison allows exactly that: one scale ``a`` over the focal
+plane and, per detector, any function in the span of the preparation's background (its Chebyshev
+polynomial, orders reduced to bins - 1 per axis as afw does: 1 x 3 on a 256 x 512 detector; a spline
+through the bin centres without ``use_approx``), fitted by weighted least squares; ratio = RMS over the
+admitted pixels of ``(frame - a c_d F - T_d) / floor``. Nothing else is free: the continuum's structure
+below the background's scale (the sky pattern's waves, ghost ring, edge glow, ripples; the bad
+exposures' defects) counts as error. ``continuum_leak_sigma`` is how much of it the preparation leaves
+(truth, in floor units), ``continuum_leak_coefficient`` how much of that is in the frame (1 = all of
+it), ``ratio_less_leak`` the ratio once it is taken out.
+
+The floor of pixel x, as a fraction of the sky, from the truth:
+
+* per used input j, ``v_j = (E_j + D t_j + rn^2 + s_os^2) / (Q S_j lvl_j)^2`` with ``E_j = Q S_j (C_j +
+  phi_j F)`` detected electrons, ``Q = R_f g rbar``, ``D`` the truth dark current, ``s_os^2 = (1.2533
+  rn)^2 / n_os`` the noise of a per-row overscan (0 with a scalar one);
+* the stack of the ``n(x)`` inputs the combine admitted there (their masks, read from the build's
+  intermediates in the repository; all N if they are gone): ``c_n sum_j v_j / n^2``, ``c_n`` the
+  MEANCLIP's variance over a plain mean's for n values with the inputs' noise levels (Monte Carlo);
+* the master flat's noise multiplies every input's continuum alike and does not average down:
+  ``c_Nflat <C_j / lvl_j>_j^2 / sum_k L_k Q``;
+* the master bias and dark errors, also common to all inputs: ``k_b^2 var(bias) + k_d^2 var(dark t_dk)``
+  with ``k_b = <(1 - t_j/t_dk) / (rbar R S_j lvl_j)>_j`` (the dark was built with the same bias
+  subtracted) and ``k_d = <(t_j/t_dk) / (rbar R S_j lvl_j)>_j``, the variances as in the masters below.
+
+``floor = sqrt(sum of these)``. Left out: the photon noise of unmasked object wings and the noise of
+each input's level (one number from ~10^5 pixels).
+
 Bias, dark, flat
 ----------------
 Per pixel against truth, RMS of the difference over the floor: bias ``rn/g / sqrt(N)`` (with the
@@ -478,6 +513,203 @@ def _overscan_per_row(run: NightRun) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# Fringe frame
+# --------------------------------------------------------------------------------------------------
+
+
+def _smooth_basis(cfg, ny: int, nx: int):
+    """The span of what the fringe preparation subtracts from each input by design: its binned
+    background (``cfg`` = the ``BackgroundConfig`` of ``FringeConfig.subtract_background``), as
+    separable pairs ``(bx, by)`` of 1-D functions (full term = ``outer(by, bx)``).
+
+    With ``use_approx`` (the default) the background is a 2-D Chebyshev polynomial fitted to the
+    bins, its orders reduced to (bins - 1) per axis and its terms ``i + j <= max(order_x, order_y)``
+    (afw ``ApproximateChebyshev``); otherwise it is an interpolant through the bin centres, whose
+    span a tensor product of cubic-spline interpolants through the same centres stands in for
+    (one function per bin). Written here from the definition, not calling the pipeline."""
+    from numpy.polynomial import chebyshev as C
+    from scipy.interpolate import CubicSpline
+
+    def nbins(size, b):
+        return max(-(-size // b), 1) if cfg.grid == "ceil" else (
+            max(int(size / b + 0.5), 1) if cfg.grid == "round" else size // b + 1)
+
+    bx, by = cfg.bin_size, cfg.bin_size_y or cfg.bin_size
+    nbx, nby = min(nbins(nx, bx), nx), min(nbins(ny, by), ny)
+    if cfg.use_approx:
+        ox = min(cfg.approx_order_x, nbx - 1)
+        oy = min(cfg.approx_order_x if cfg.approx_order_y < 0 else cfg.approx_order_y, nby - 1)
+        tx = C.chebvander(np.linspace(-1, 1, nx), ox).T
+        ty = C.chebvander(np.linspace(-1, 1, ny), oy).T
+        return [(tx[i], ty[j]) for j in range(oy + 1) for i in range(ox + 1) if i + j <= max(ox, oy)]
+
+    def interp_basis(size, nb):
+        i = np.arange(1, nb + 1)
+        edges = np.concatenate([[0], np.minimum((i * size + nb // 2) // nb, size)])
+        centres = edges[:-1] + np.diff(edges) / 2 - 0.5
+        t = np.arange(size, dtype=np.float64)
+        if nb == 1:
+            return np.ones((1, size))
+        if nb == 2:
+            h = centres[1] - centres[0]
+            return np.stack([(centres[1] - t) / h, (t - centres[0]) / h])
+        return CubicSpline(centres, np.eye(nb), axis=0)(t).T
+
+    fx, fy = interp_basis(nx, nbx), interp_basis(ny, nby)
+    return [(fx[i], fy[j]) for j in range(nby) for i in range(nbx)]
+
+
+def _project_out(basis, img, w, ok):
+    """``img`` minus its weighted (``w``) least-squares fit by the separable ``basis`` over ``ok``."""
+    A = np.stack([np.outer(by, bx)[ok] for bx, by in basis], axis=1)
+    coef, *_ = np.linalg.lstsq(A * w[ok][:, None], img[ok] * w[ok], rcond=None)
+    out = np.full(img.shape, np.nan)
+    out[ok] = img[ok] - A @ coef
+    return out
+
+
+def _fringe_inputs(run: NightRun, det, used: list[str], header) -> list[np.ndarray] | None:
+    """Per used input, the pixels the combine admitted (its mask, read from the build's intermediates
+    in the repository's work area: the ones whose ISR calibs are the product's), or None where the
+    intermediates are gone (then every input is taken as admitted)."""
+    from calib_core.products import read_product
+
+    isr = {str(header[k]) for k in header if k.startswith("CALIB_ISR_")}
+    wd = Path(run.repo) / "work" / run.camera / "fringe"
+    out = []
+    for e in used:
+        cands = []
+        for meta in sorted(wd.glob(f"{e}-det{det.id:03d}-*.json")):
+            m = json.loads(meta.read_text())
+            if set(m.get("isr_calibs", {}).values()) == isr and meta.with_suffix(".fits").exists():
+                cands.append(meta.with_suffix(".fits"))
+        if not cands:
+            return None
+        mask = read_product(max(cands, key=lambda p: p.stat().st_mtime))[0].mask
+        out.append(mask)
+    return out
+
+
+def fringe_frame_accuracy(run: NightRun, filt: str = "z") -> dict:
+    """The fringe frame of ``filt`` against the injected fringe pattern, in units of its noise floor
+    (see the module docstring, "Fringe frame")."""
+    from calib_core.fringe import FringeBuildConfig
+    from calib_core.maskedimage import mask_bits
+    from calib_core.products import read_product
+
+    sim, cam = run.sim, load_camera(run.sim.truth_dir / "camera.yaml")
+    prods = products(run, "fringe", filt)
+    if not prods:
+        return {}
+    build = FringeBuildConfig()
+    reject = mask_bits(build.combine.mask + ["BAD", "NO_DATA"])
+    rbar = sim.flat_reference(filt)
+    flats = [e.exposure_id for e in sim.select("flat", filt)]
+    lamp = sum(sim.exposure_truth(e)["lamp_level"] for e in flats)
+    c_flat = clip_variance_ratio(len(flats), trials=20000)
+    biases, darks = sim.select("bias"), sim.select("dark")
+    nb, nd = len(biases), len(darks)
+    c_b, c_d = clip_variance_ratio(nb, trials=20000), clip_variance_ratio(nd, trials=20000)
+    t_dk = darks[0].darktime if darks else 1.0
+    per_row = _overscan_per_row(run)
+    dets, used_all, rejected_all, n_from = [], set(), {}, "intermediates"
+    for d, row in sorted(prods.items()):
+        det = cam.detector(d)
+        mi, header = read_product(row["path"])
+        used, rejected = used_and_rejected(run, row["calib_id"])
+        used_all |= set(used)
+        rejected_all.update(rejected)
+        g, rn = _amp_map(cam, det, "gain"), _amp_map(cam, det, "read_noise")
+        rn_adu, nos = rn / g, _overscan_columns(det)
+        row_e2 = (1.2533 * rn) ** 2 / nos if per_row else 0.0          # a per-row overscan's noise, e-^2
+        R = sim.truth_flat(filt, det.name).astype(np.float64)
+        Q = R * g * rbar                                                  # detected e- per incident e-
+        live = Q > 0.05 * np.median(Q)
+        D = sim.truth_dark(det.name).astype(np.float64) * g              # e-/s
+        F = sim.truth_fringe(filt, det.name).astype(np.float64)
+        masks = _fringe_inputs(run, det, used, header)
+        if masks is None:
+            n_from = "assumed (intermediates gone)"
+        vsum = np.zeros(F.shape)
+        n = np.zeros(F.shape)
+        kb = np.zeros(F.shape)
+        kd = np.zeros(F.shape)
+        cont_mean = np.zeros(F.shape)      # mean_j of the normalised continuum (the flat's noise multiplies it)
+        defect_mean = np.zeros(F.shape)    # the part of it the bad exposures' defects add
+        coef, sig = [], []
+        for k, e in enumerate(used):
+            t = sim.exposure_truth(e)
+            S = t["sky_level"]
+            cont = sim.sky_model(e, det.name, fringe=False).astype(np.float64) / S   # G P M + A
+            lvl = float(np.mean(cont[live]))
+            coef.append(t["fringe_scale"] / lvl)
+            E = Q * S * (cont + t["fringe_scale"] * F)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                v = np.where(live, (E + D * t["darktime"] + rn ** 2 + row_e2) / (Q * S * lvl) ** 2, np.nan)
+            adm = live if masks is None else live & ((masks[k] & reject) == 0)
+            vsum += np.where(adm, v, 0.0)
+            n += adm
+            sig.append(float(np.sqrt(np.nanmedian(v))))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                kb += (1 - t["darktime"] / t_dk) / (rbar * R * S * lvl) / len(used)
+                kd += (t["darktime"] / t_dk) / (rbar * R * S * lvl) / len(used)
+            cont_mean += cont / lvl / len(used)
+            if t.get("defect"):
+                clean = sim.sky_model(e, det.name, fringe=False, defects=False).astype(np.float64) / S
+                defect_mean += (cont / lvl - clean / float(np.mean(clean[live]))) / len(used)
+        var_bias = c_b * (rn_adu ** 2 + ((1.2533 * rn_adu) ** 2 / nos if per_row else 0.0)) / nb
+        var_dark = c_d * (sim.truth_dark(det.name) * t_dk / g + rn_adu ** 2
+                          + ((1.2533 * rn_adu) ** 2 / nos if per_row else 0.0)) / nd
+        cn, c_n_cache = np.zeros(F.shape), {}
+        for m in np.unique(n[n > 0]).astype(int):
+            if m not in c_n_cache:
+                c_n_cache[m] = clip_variance_ratio(
+                    m, sigmas=sig if m == len(sig) else np.quantile(sig, np.linspace(0, 1, m)))
+            cn[n == m] = c_n_cache[m]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = (cn * vsum / n ** 2 + c_flat * cont_mean ** 2 / (lamp * Q)
+                   + kb ** 2 * var_bias + kd ** 2 * var_dark)
+        ok = live & (n > 0) & ((mi.mask & reject) == 0) & np.isfinite(mi.image) & np.isfinite(var)
+        dets.append({"det": det, "Y": mi.image.astype(np.float64), "F": F * float(np.mean(coef)),
+                     "floor": np.sqrt(var), "ok": ok, "cont": cont_mean, "defect": defect_mean})
+    # one scale over the focal plane; per detector, the span of the preparation's background
+    basis_cfg = build.fringe.subtract_background
+    num = den = 0.0
+    for dd in dets:
+        basis = _smooth_basis(basis_cfg, *dd["F"].shape)
+        w = 1.0 / dd["floor"]
+        dd["Yp"] = _project_out(basis, dd["Y"], w, dd["ok"])
+        dd["Fp"] = _project_out(basis, dd["F"], w, dd["ok"])
+        dd["Lp"] = _project_out(basis, dd["cont"], w, dd["ok"])       # what the preparation leaves of it
+        dd["Dp"] = _project_out(basis, dd["defect"], w, dd["ok"])
+        ok = dd["ok"]
+        num += np.sum(dd["Yp"][ok] * dd["Fp"][ok] * w[ok] ** 2)
+        den += np.sum(dd["Fp"][ok] ** 2 * w[ok] ** 2)
+    a = num / den
+    res, lk, dk, per_det = [], [], [], {}
+    for dd in dets:
+        ok, fl = dd["ok"], dd["floor"]
+        r = (dd["Yp"] - a * dd["Fp"])[ok] / fl[ok]
+        res.append(r)
+        lk.append(dd["Lp"][ok] / fl[ok])
+        dk.append(dd["Dp"][ok] / fl[ok])
+        ad = np.sum(dd["Yp"][ok] * dd["Fp"][ok] / fl[ok] ** 2) / np.sum(dd["Fp"][ok] ** 2 / fl[ok] ** 2)
+        per_det[dd["det"].id] = {"ratio": float(np.sqrt(np.mean(r ** 2))), "scale": float(ad),
+                                 "floor_median": float(np.median(fl[ok]))}
+    r, L = np.concatenate(res), np.concatenate(lk)
+    beta = float(np.sum(r * L) / np.sum(L * L))
+    floors = np.concatenate([dd["floor"][dd["ok"]] for dd in dets])
+    return {"filter": filt, "ratio": float(np.sqrt(np.mean(r ** 2))), "a": float(a),
+            "n_pixels": int(r.size), "floor_median": float(np.median(floors)),
+            "continuum_leak_sigma": float(np.sqrt(np.mean(L ** 2))),
+            "continuum_leak_coefficient": beta,
+            "defect_leak_sigma": float(np.sqrt(np.mean(np.concatenate(dk) ** 2))),
+            "ratio_less_leak": float(np.sqrt(np.mean((r - beta * L) ** 2))),
+            "inputs_admitted_from": n_from, "used": sorted(used_all), "rejected": rejected_all,
+            "per_detector": per_det}
+
+
+# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 
@@ -492,13 +724,14 @@ def evaluate(run: NightRun) -> dict:
         acc["bad_missed"] = sorted(e for e in run.bad if e not in acc["rejected"] and run.sim.exposure_truth(e)["filter"] == f)
         acc["good_rejected"] = sorted(e for e in acc["rejected"] if e not in run.bad)
     out["masters"] = master_accuracy(run)
+    out["fringe"] = {f: fringe_frame_accuracy(run, f) for f in run.held if products(run, "fringe", f)}
     return out
 
 
 def markdown(results: list[dict]) -> str:
     lines = ["| camera | filter | sky frame / floor | held-out reduction (min, median) | scale / truth (range) "
-             "| bad rejected | good rejected | bias / floor | dark / floor | flat / floor |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| bad rejected | good rejected | bias / floor | dark / floor | flat / floor | fringe / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r["masters"]
         for f, acc in r["sky"].items():
@@ -510,8 +743,13 @@ def markdown(results: list[dict]) -> str:
                 f"| {r['camera']} | {f} | {acc['ratio']:.2f} | {min(red):.1f}, {np.median(red):.1f} | "
                 f"{min(sc):.3f}-{max(sc):.3f} | {len(acc['bad_rejected'])}/{nbad} | {len(acc['good_rejected'])} | "
                 f"{m.get('bias', {}).get('ratio', float('nan')):.2f} | {m.get('dark', {}).get('ratio', float('nan')):.2f} | "
-                f"{m.get(f'flat_{f}', {}).get('ratio', float('nan')):.2f} |")
+                f"{m.get(f'flat_{f}', {}).get('ratio', float('nan')):.2f} | {_fringe_cell(r, f)} |")
     return "\n".join(lines)
+
+
+def _fringe_cell(result: dict, filt: str) -> str:
+    fr = result.get("fringe", {}).get(filt)
+    return f"{fr['ratio']:.2f}" if fr else "-"
 
 
 def main(argv=None) -> None:
@@ -545,7 +783,8 @@ def main(argv=None) -> None:
                 record.write_bytes(pickle.dumps(run))
             res = evaluate(run)
             results.append(res)
-            print(json.dumps({k: res[k] for k in ("sky", "masters", "held_out")}, indent=1, default=str)[:6000],
+            print(json.dumps({k: res[k] for k in ("sky", "masters", "held_out", "fringe")}, indent=1,
+                             default=str)[:8000],
                   flush=True)
             if not args.keep:
                 shutil.rmtree(Path(args.work) / cam, ignore_errors=True)

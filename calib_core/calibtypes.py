@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from .calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias, combine_calib,
                      combine_dark, combine_flat, process_bias, process_dark)
-from .fringe import FringeBuildConfig, prepare_fringe
+from .fringe import FringeBuildConfig, prepare_fringe, remove_continuum
 from .isr import IsrConfig, run_isr
 from .maskedimage import MaskedImage
 from .persistent import clear_persistent_cr
@@ -177,7 +177,15 @@ def _combine_flat(paths: Sequence, cfg: FlatConfig, exp_scales=None, ccd_scale=N
 
 
 def _combine_fringe(paths: Sequence, cfg: FringeBuildConfig, exp_scales=None, ccd_scale=None) -> Combined:
-    return Combined(combine_calib(paths, cfg.combine)[0])      # inputs already normalised: no scaling
+    mi = combine_calib(paths, cfg.combine)[0]      # inputs already normalised: no scaling
+    # calibflow, not the reference: the sky continuum's pattern taken out of the stack
+    # (docs/algorithms.md#continuum-removal)
+    mi, continuum = remove_continuum(mi, paths, cfg.continuum)
+    warning = None
+    if not continuum["applied"] and continuum.get("reason") != "disabled":
+        warning = f"fringe frame keeps the sky continuum's pattern: {continuum['reason']}"
+    return Combined(mi, {"FRCONT": (bool(continuum["applied"]), "sky continuum's pattern removed")},
+                    {"continuum": continuum}, warning)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,13 +7,11 @@ import json
 import numpy as np
 import pytest
 from astropy.io import fits
-from scipy.ndimage import uniform_filter
 from typer.testing import CliRunner
 
 from calib_core.background import BackgroundModel
 from calib_core.camera import load_camera
-from calib_core.fringe import FringeConfig, prepare_fringe
-from calib_core.maskedimage import MaskedImage, mask_bits
+from calib_core.maskedimage import mask_bits
 from calib_core.products import read_product
 from calib_core.registry.calibs import calib_inputs, list_calibs
 from calib_core.simulate import simulate_night
@@ -65,46 +63,37 @@ def test_second_run_builds_nothing(night):
     assert list_calibs(reg) == before
 
 
-def test_fringe_frame_matches_noiseless_expectation_within_noise(night):
-    """The fringe frame against what the same preparation gives on the simulator's noiseless sky.
+@pytest.fixture(scope="module")
+def fringe_accuracy(night):
+    """bench/sky_accuracy.py's comparison of the z fringe frame with the injected fringe pattern."""
+    from bench.sky_accuracy import NightRun, fringe_frame_accuracy
 
-    The expectation: for each z exposure j, the incident sky S_j (G_j P + phi_j F) without noise or
-    objects (flat-fielded data are proportional to it), prepared exactly as the build does (level,
-    128-px background, normalisation), averaged over j. It is not F alone: the 128-px background
-    leaves the sky pattern's shorter waves (50-300 px) in the frame, as it would in the reference.
-    Tolerance: the difference must be white noise at the level the error budget predicts. Per pixel
-    it has the stack's noise (the product's variance plane, ~sqrt(1/S)/sqrt(N) ~ 0.6 %) and the
-    z flat's (its variance plane, ~0.35 %: the same flat divides every input, so that part does not
-    average down); their quadrature sum is ~0.7 % and the RMS must stay within 1.3x of it (the
-    spread-based variance of a clipped mean of 8 values runs ~5 % low, bias and dark add a little).
-    No structure: smoothed over 16 px the difference must be below 15 % of the fringe RMS (measured
-    5-11 %; white noise alone gives ~4 %).
-    """
     sim, store, reg, _ = night
-    z = [e for e in sim.exposures if e.obs_type == "science" and e.filter == "z"]
-    cfg = FringeConfig()
-    for product in list_calibs(reg, calib_type="fringe"):
-        det = product["detector"]
-        mi, header = read_product(product["path"])
-        assert header["OBSTYPE"] == "fringe" and header["NCOMBINE"] == 8
-        expected = []
-        for e in z:
-            clean = sim.sky_model(e.exposure_id, det).astype(np.float32)
-            m = MaskedImage(clean, np.zeros(clean.shape, np.int32), clean.copy())
-            expected.append(prepare_fringe(m, cfg)[0].image)
-        expected = np.mean(expected, axis=0)
-        flat = read_product(list_calibs(reg, calib_type="flat", filter="z", detector=det)[0]["path"])[0]
-        good = (mi.mask & mask_bits(["BAD", "SAT", "DETECTED", "NO_DATA"])) == 0
-        diff = (mi.image - expected)[good]
-        noise = float(np.hypot(np.median(np.sqrt(mi.variance[good])),
-                               np.median(np.sqrt(flat.variance[good]) / flat.image[good])))
-        assert abs(diff.mean()) < 0.1 * noise
-        assert diff.std() < 1.3 * noise, (det, diff.std(), noise)
-        truth = sim.truth_fringe("z", det)
-        smooth = uniform_filter(np.where(good, mi.image - expected, 0.0), 16)
-        assert smooth[good].std() < 0.15 * truth.std(), (det, smooth[good].std())
-        # and the fringes are there: the frame correlates with the injected pattern F
-        assert np.corrcoef(mi.image[good], truth[good])[0, 1] > 0.5
+    return fringe_frame_accuracy(NightRun(CAMERA, sim, store.root), "z")
+
+
+def test_fringe_frame_matches_injected_fringes(night, fringe_accuracy):
+    """The fringe frame against the simulator's injected fringe pattern F, in units of the noise floor
+    bench/sky_accuracy.py derives from truth (photon + read noise of the inputs, the inputs admitted
+    per pixel, MEANCLIP efficiency, the flat's and the masters' noise), allowing one scale and what
+    the preparation subtracts by design (its background polynomial per detector). The continuum's
+    pattern below that background's scale is not allowed: the reference's frame carries it (2.06x its
+    floor on the benchmark's night, leak coefficient 0.99); calibflow takes it out of the stack
+    (calib_core.fringe.remove_continuum). Measured on this night (8 inputs): 1.08x the floor, scale
+    1.009, leak coefficient 0.10 of a pattern worth 1.67 floors; 14 s."""
+    sim, store, reg, _ = night
+    products = list_calibs(reg, calib_type="fringe")
+    assert len(products) == 9
+    for product in products:
+        header = read_product(product["path"])[1]
+        assert header["OBSTYPE"] == "fringe" and header["NCOMBINE"] == 8 and header["FRCONT"]
+        assert product["stats"]["continuum"]["applied"], product["stats"]["continuum"]
+    acc = fringe_accuracy
+    assert acc["inputs_admitted_from"] == "intermediates"
+    assert acc["a"] == pytest.approx(1.0, abs=0.03), acc           # the fringes at their expected amplitude
+    assert acc["continuum_leak_sigma"] > 1.0, acc                   # the night has a pattern to take out
+    assert abs(acc["continuum_leak_coefficient"]) < 0.3, acc        # and it is out of the frame
+    assert acc["ratio"] < 1.2, acc
 
 
 def _binned_truth(model: BackgroundModel, image: np.ndarray) -> np.ndarray:
