@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from .errors import InputError
 from .calibtypes import CALIB_TYPES as SPECS, calib_type as spec_of
 from .registry import Registry
 
@@ -22,7 +23,7 @@ __all__ = ["CALIB_TYPES", "BuildPlan", "InconsistentInputs", "plan_build", "conf
 CALIB_TYPES = tuple(SPECS)
 
 
-class InconsistentInputs(ValueError):
+class InconsistentInputs(InputError):
     """Exposures of a build do not all have the same detectors (``checkCcdIdLists``)."""
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import DataError
 from .cosmicrays import mask_cosmic_rays
 from .isr import IsrConfig, run_isr
 from .maskedimage import MASK_PLANES, MaskedImage
@@ -113,7 +114,7 @@ def process_dark(raw: RawDetector, bias, darktime: float, config: DarkConfig | N
     """
     config = config or DarkConfig()
     if darktime is None or not math.isfinite(darktime) or darktime <= 0:
-        raise RuntimeError(f"dark exposure of detector {raw.detector.name}: dark time {darktime!r} "
+        raise DataError(f"dark exposure of detector {raw.detector.name}: dark time {darktime!r} "
                            "is not a positive finite number")
     mi = run_isr(raw, config.isr, bias=bias, defects=defects)
     if config.doRepair:
@@ -224,7 +225,7 @@ def solve_flat_scales(B, iterations: int = 10, weights=None) -> FlatScales:
         c = _wmean(Lz - np.nan_to_num(e)[None, :], valid, W, axis=1)
         bad = ~np.isfinite(c)
         if bad.all():
-            raise RuntimeError("Bad CCD scales: no CCD has a valid background measurement")
+            raise DataError("Bad CCD scales: no CCD has a valid background measurement")
         if bad.any():
             # a CCD with no valid measurement (pipe_drivers 68da4f9): the mean of the finite ones
             c[bad] = c[~bad].mean()
@@ -237,7 +238,7 @@ def solve_flat_scales(B, iterations: int = 10, weights=None) -> FlatScales:
             c = c - np.log(norm)
     e = _wmean(Lz - c[:, None], valid, W, axis=0)
     if np.any(~np.isfinite(e)):
-        raise RuntimeError(f"Bad exposure scales: exposures {np.flatnonzero(~np.isfinite(e)).tolist()} "
+        raise DataError(f"Bad exposure scales: exposures {np.flatnonzero(~np.isfinite(e)).tolist()} "
                            "have no valid background measurement")
     return FlatScales(ccd_scales=np.exp(c), exp_scales=np.exp(e))
 
@@ -289,6 +290,6 @@ def combine_flat(inputs: Sequence, exp_scales: Sequence[float], ccd_scale: float
             combined.mask[dead] |= np.int32(MASK_PLANES.bit("BAD"))
             level = background_level(combined, config.stats).mean
     if not (math.isfinite(level) and level != 0):
-        raise RuntimeError(f"flat combine: background level of the stack is {level}")
+        raise DataError(f"flat combine: background level of the stack is {level}")
     combined *= float(ccd_scale) / level
     return combined

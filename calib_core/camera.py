@@ -13,6 +13,8 @@ A reversed range (``[2048:1,1:4096]``) means the axis is flipped. :func:`parse_s
 
 from __future__ import annotations
 
+from .errors import ConfigError
+
 import difflib
 import hashlib
 import json
@@ -52,7 +54,7 @@ OBS_TYPES = ("bias", "dark", "flat", "science", "arc", "fringe", "sky", "focus",
 _SECTION_RE = re.compile(r"^\s*\[\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*\]\s*$")
 
 
-class CameraError(ValueError):
+class CameraError(ConfigError):
     """A camera definition is invalid or cannot be found."""
 
 

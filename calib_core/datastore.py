@@ -23,6 +23,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .errors import InputError
 from .atomic import create_private
 
 __all__ = ["Datastore", "DatastoreError", "TRANSFER_MODES", "sha256_file", "DEFAULT_REPO", "check_identifier",
@@ -83,7 +84,7 @@ def _cached_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
     return sha256_file(path)
 
 
-class DatastoreError(ValueError):
+class DatastoreError(InputError):
     """A path the repository would write lies outside it, or an identifier cannot be a file name."""
 
 

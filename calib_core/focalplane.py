@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
+from .errors import DataError
 from .background import BackgroundModel, bin_centres, bin_edges, interpolate_1d, lookup_max_interp_style
 from .binstats import box_statistics
 from .camera import Camera, Detector
@@ -148,7 +149,7 @@ class FocalPlaneBackground:
     def _check(self, other: "FocalPlaneBackground") -> None:
         if (self.dims != other.dims or self.config.x_size != other.config.x_size
                 or self.config.y_size != other.config.y_size):
-            raise RuntimeError(f"cannot merge focal-plane backgrounds: dims {self.dims} vs {other.dims}, "
+            raise DataError(f"cannot merge focal-plane backgrounds: dims {self.dims} vs {other.dims}, "
                                f"cell {self.config.x_size}x{self.config.y_size} vs "
                                f"{other.config.x_size}x{other.config.y_size}")
 
@@ -300,7 +301,7 @@ def interpolate_bad_cells(values: np.ndarray, bad: np.ndarray, style: str = "AKI
     v = np.array(values, np.float64)
     bad = np.asarray(bad, bool)
     if bad.all():
-        raise RuntimeError("No good pixels")
+        raise DataError("No good pixels")
     idx_x = np.arange(v.shape[1], dtype=np.float64)
     for y in range(v.shape[0]):
         b = bad[y]

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import DataError
 from .maskedimage import MASK_PLANES, MaskedImage
 from .rawio import RawAmp, RawDetector
 from .stats import clipped_mean
@@ -23,7 +24,7 @@ from .stats import clipped_mean
 __all__ = ["IsrConfig", "IsrError", "run_isr", "interpolate_over", "overscan_correction", "fit_fringe_scale"]
 
 
-class IsrError(ValueError):
+class IsrError(DataError):
     """ISR cannot run: a missing calibration, a shape mismatch, a bad overscan."""
 
 

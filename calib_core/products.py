@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from astropy.io import fits
 
+from .errors import InputError
 from .atomic import create_private
 from .maskedimage import MASK_PLANES, MaskedImage
 
@@ -30,7 +31,7 @@ __all__ = ["ProductError", "write_product", "write_hdulist", "read_product", "re
 PLANES = ("IMAGE", "MASK", "VARIANCE")
 
 
-class ProductError(ValueError):
+class ProductError(InputError):
     """A product/intermediate file is missing, unreadable or malformed; the message names the file."""
 
     def __init__(self, path, problem: str):

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from .errors import InputError
 from .camera import Amplifier, Camera, Detector, KeyRule, Section, ValueSource, parse_section
 
 __all__ = ["RawReadError", "ExposureMetadata", "RawAmp", "RawDetector", "RawExposure", "read_raw",
            "read_metadata", "night_of"]
 
 
-class RawReadError(ValueError):
+class RawReadError(InputError):
     """A raw file cannot be read or does not match its camera definition."""
 
     def __init__(self, path: str | Path, problem: str):

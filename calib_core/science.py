@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputError
 from .background import BackgroundModel
 from .calibtypes import ISR_STEP, OPTIONAL_IN_ISR, isr_with_calibs
 from .camera import Camera
@@ -24,7 +25,7 @@ __all__ = ["ISR_STEP", "find_isr_calibs", "isr_with_calibs", "read_sky_frame", "
            "apply_sky"]
 
 
-class MissingCalib(ValueError):
+class MissingCalib(InputError):
     """No certified calib applies where ISR needs one."""
 
 

@@ -54,6 +54,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import DataError
 from .background import BackgroundConfig, BackgroundModel, bin_centres, measure_background
 from .binstats import box_statistics
 from .camera import Camera, Detector
@@ -198,7 +199,7 @@ class SkyConfig(BaseModel):
 SkyBuildConfig = SkyConfig
 
 
-class SkyRejectionError(ValueError):
+class SkyRejectionError(DataError):
     """The exposure cut would reject most of a night: the build refuses instead of building from
     the few exposures left."""
 

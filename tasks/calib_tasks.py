@@ -27,6 +27,7 @@ from calib_core.calibs import background_level
 from calib_core.calibtypes import CalibType, calib_type as spec_of
 from calib_core.camera import Camera
 from calib_core.datastore import Datastore, sha256_file, verify_raw
+from calib_core.errors import is_retryable
 from calib_core.isr import IsrError
 from calib_core.maskedimage import MASK_PLANES
 from calib_core.products import provenance_cards, read_product, write_hdulist, write_product
@@ -91,22 +92,17 @@ def _stored_camera(url: str, name: str, digest: str) -> Camera:
 
 
 def _transient_only(task, task_run, state) -> bool:
-    """Retry I/O errors (a flaky disk or network file system) and transient database errors (a
-    restarting server, a dropped connection), never bad data."""
+    """Retry what :func:`calib_core.errors.is_retryable` says can succeed later (I/O errors, transient
+    database errors, :class:`~calib_core.errors.TransientError`), never bad data."""
     try:
         state.result()
     except Exception as exc:
+        if not is_retryable(exc):
+            return False
         if is_transient(exc):
             note_transient(exc, f"task {task_run.name}", 0)
-            return True
-        return _io_error(exc)
+        return True
     return False
-
-
-def _io_error(exc: BaseException) -> bool:
-    if isinstance(exc, (ValueError, RuntimeError, KeyError, TypeError)):
-        return False           # RawReadError, IsrError, ProductError, ... are ValueErrors: deterministic
-    return isinstance(exc, OSError)
 
 
 def _logger():

@@ -13,6 +13,7 @@ from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_le
                                solve_flat_scales)
 from calib_core.calibtypes import product_cards
 from calib_core.camera import load_camera
+from calib_core.errors import DataError
 from calib_core.cosmicrays import find_cosmic_rays, persistent_pixels
 from calib_core.isr import IsrConfig, run_isr
 from calib_core.maskedimage import MaskedImage, mask_bits
@@ -77,7 +78,7 @@ def test_nan_ccd_gets_mean_scale_and_nan_exposure_raises():
     assert math.log(sol.ccd_scales[3]) == pytest.approx(np.mean(np.log(sol.ccd_scales[good])), rel=1e-9)
     B2 = injected(5, 4, seed=4)[2]
     B2[:, 2] = np.nan
-    with pytest.raises(RuntimeError, match="Bad exposure scales"):
+    with pytest.raises(DataError, match="Bad exposure scales"):
         solve_flat_scales(B2)
     with pytest.raises(ValueError, match="non-empty"):
         solve_flat_scales(np.zeros((0, 3)))
@@ -314,7 +315,7 @@ def test_master_flat_recovers_truth(night, master_biases, tmp_path):
 
 def test_dark_darktime_must_be_positive(night, master_biases):
     e, raw = _raws(night, "dark")[0]
-    with pytest.raises(RuntimeError, match="dark time"):
+    with pytest.raises(DataError, match="dark time"):
         process_dark(raw.detectors[0], master_biases[0], float("nan"))
 
 

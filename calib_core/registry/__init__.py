@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, event, func, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..errors import CalibflowError
 from ..camera import Camera, CameraError, camera_from_definition, is_camera_file, load_camera
 from .models import (Base, BuildRunRow, CalibInputRow, CalibRow, CameraRow, DetectorRow, ExposureRow,
                      RawRow)
@@ -30,7 +31,7 @@ HEAD_REVISION = "0002"
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(CalibflowError, RuntimeError):
     """The registry cannot be opened, is not initialised, or a record conflicts."""
 
 
