@@ -15,67 +15,21 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__, lifeline
+from . import __version__, lifeline, ops
+from .common import RepoOpt, UrlOpt, console, err
+from .common import esc as _esc, fail as _fail, load_camera_or_fail as _load_camera, open_repo as _open_repo
+from .common import prefect_env as _prefect_env
 
 app = typer.Typer(help="Calibration frames (bias, dark, flat, fringe, sky) for mosaic CCD cameras.",
                   no_args_is_help=True, add_completion=False)
 cameras_app = typer.Typer(help="List the cameras calibflow knows, or show one.", invoke_without_command=True)
 app.add_typer(cameras_app, name="cameras")
 
-# Pipes and CI logs get wide tables instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
-RepoOpt = typer.Option(None, "--repo", envvar="CALIBFLOW_REPO",
-                       help="repository folder [default: ./calibrepo]")
-UrlOpt = typer.Option(None, "--registry-url", envvar="CALIBFLOW_REGISTRY_URL",
-                      help="SQLAlchemy URL of the registry [default: SQLite inside the repository]")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    # one line whatever its length (no wrapping), and brackets in it are text, not markup (library
-    # messages hold FITS sections such as [1:10,1:20])
-    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _esc(text) -> str:
-    from rich.markup import escape
-
-    return escape(str(text))
-
-
-def _open_repo(repo: Optional[Path], url: Optional[str], *, create: bool = False):
-    from calib_core.datastore import DEFAULT_REPO, Datastore
-    from calib_core.registry import Registry, RegistryError
-
-    store = Datastore(repo or DEFAULT_REPO)
-    if not create and not store.root.exists() and not url:
-        _fail(f"no repository at {store.root}: run `calibflow init` (or pass --repo)")
-    try:
-        registry = Registry.open(url or store.default_registry_url)
-    except RegistryError as exc:
-        _fail(f"--registry-url: {exc}")
-    if not create:
-        try:
-            registry.check_ready()
-        except RegistryError as exc:
-            _fail(str(exc))
-    return store, registry
-
-
-def _load_camera(name: str):
-    from calib_core.camera import CameraError, load_camera
-
-    try:
-        return load_camera(name)
-    except CameraError as exc:
-        _fail(str(exc))
 
 
 def _resolve_camera(registry, spec: Optional[str], night=None, exposure_ids=None):
@@ -322,16 +276,6 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
     if not rows:
         err.print(f"no certified {calib_type} applies to exposure {exposure}")
         raise typer.Exit(1)
-
-
-def _prefect_env() -> None:
-    """Telemetry off and quiet logs unless the user chose otherwise (docs/prefect.md#telemetry-and-other-settings)."""
-    import os
-
-    for key, value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-                       "PREFECT_TASKS_DEFAULT_NO_CACHE": "true", "DASK_LOGGING__DISTRIBUTED": "warning"}.items():
-        os.environ.setdefault(key, value)
 
 
 REGISTRY_ENV = "CALIBFLOW_REGISTRY_URL"
@@ -784,9 +728,7 @@ def main():  # pragma: no cover
     app()
 
 
-from . import ops as _ops  # noqa: E402  (serve, trigger: the deployments on a Prefect server)
-
-_ops.register(app)
+ops.register(app)      # serve, trigger: the deployments on a Prefect server
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,15 +15,11 @@ from typing import Any, Optional
 
 import typer
 
+from . import common
+
 __all__ = ["register", "parse_params", "check_parameters"]
 
 TERMINAL_OK = "COMPLETED"
-
-
-def _cli():
-    from . import cli  # the CLI module registers these commands, so import it lazily
-
-    return cli
 
 
 def _api_url() -> str:
@@ -31,7 +27,7 @@ def _api_url() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        _cli()._fail("PREFECT_API_URL is not set: start a server (`prefect server start`) and "
+        common.fail("PREFECT_API_URL is not set: start a server (`prefect server start`) and "
                      "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (an embedded Prefect API has no "
                      "scheduler, UI or shared runs)")
     return url
@@ -61,12 +57,10 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
           limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most this many runs at once")):
     """Serve every deployment (one per calib type, plus the nightly schedule) from this process."""
     from pydantic import ValidationError
-
-    cli = _cli()
-    cli._prefect_env()
+    common.prefect_env()
     url = _api_url()
-    store, registry = cli._open_repo(repo, registry_url)
-    cam = _serve_camera(cli, registry, camera)
+    store, registry = common.open_repo(repo, registry_url)
+    cam = _serve_camera(registry, camera)
     from calib_core.registry import mask_url
     from deployments.definitions import DeploymentSettings, make_deployments
 
@@ -76,25 +70,25 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
                                       utc_offset_hours=cam.utc_offset_hours if cam else None,
                                       nightly_cron=nightly_cron or None, timezone=timezone or None)
     except ValidationError as exc:
-        cli._fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+        common.fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
     # the flow runs are child processes of this one: they see the same repository whatever their cwd
     os.environ["CALIBFLOW_REPO"] = str(settings.repo)
     if settings.registry_url:
         os.environ["CALIBFLOW_REGISTRY_URL"] = settings.registry_url
     deployments = make_deployments(settings)
-    cli.console.print(f"serving {len(deployments)} deployments on {url} for repository {settings.repo} "
+    common.console.print(f"serving {len(deployments)} deployments on {url} for repository {settings.repo} "
                       f"(registry {mask_url(settings.registry_url) if settings.registry_url else 'SQLite inside it'}, "
                       f"camera {settings.camera or 'chosen per run'})")
     cron, zone = settings.nightly_schedule()
     for d in deployments:
         when = f"cron {cron!r} in {zone}" if d.schedules else "on demand"
-        cli.console.print(f"  {d.flow_name}/{d.name}: {when}", highlight=False)
+        common.console.print(f"  {d.flow_name}/{d.name}: {when}", highlight=False)
     from prefect import serve as prefect_serve
 
     prefect_serve(*deployments, limit=limit, print_starting_message=False)
 
 
-def _serve_camera(cli, registry, spec: Optional[str]):
+def _serve_camera(registry, spec: Optional[str]):
     """The deployments' default camera (by its registry name, so runs work from any folder): the one
     given (a file need not be ingested yet: its runs find it once it is), else the registry's only
     camera, else none (each run names one or its selection decides)."""
@@ -104,10 +98,10 @@ def _serve_camera(cli, registry, spec: Optional[str]):
         try:
             return registry.resolve_camera(spec)
         except RegistryError as exc:
-            cam = cli._load_camera(spec)         # a YAML file or a built-in camera
+            cam = common.load_camera_or_fail(spec)         # a YAML file or a built-in camera
             if registry.stored_camera(cam.name) is None:
                 return cam                       # not ingested yet: its runs find it once it is
-            cli._fail(str(exc))
+            common.fail(str(exc))
     names = registry.camera_names()
     return registry.stored_camera(names[0]) if len(names) == 1 else None
 
@@ -211,8 +205,6 @@ def check_parameters(params: dict, deployment_parameters: dict, schema: dict | N
 def _find_deployment(client, name: str):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.exceptions import ObjectNotFound
-
-    cli = _cli()
     if "/" in name:
         try:
             return client.read_deployment_by_name(name)
@@ -226,9 +218,9 @@ def _find_deployment(client, name: str):
             return candidates[0]
     known = sorted(f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments())
     if len(candidates) > 1:
-        cli._fail(f"deployment name {name!r} is ambiguous: use one of "
+        common.fail(f"deployment name {name!r} is ambiguous: use one of "
                   f"{', '.join(k for k in known if k.endswith('/' + name))}")
-    cli._fail(f"no deployment {name!r} on this server; deployments: {', '.join(known) or 'none'} "
+    common.fail(f"no deployment {name!r} on this server; deployments: {', '.join(known) or 'none'} "
               "(is `calibflow serve` running?)")
 
 
@@ -246,17 +238,15 @@ def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-c
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.utilities.urls import url_for
-
-    cli = _cli()
     from calib_core.registry import mask_url
 
     for item in params or []:      # a run's parameters are stored by Prefect and shown in its UI
         key, _, value = item.partition("=")
         if key.strip() == "registry_url" and mask_url(value) != value:
-            cli._fail("--param registry_url: a URL with a password would be stored with the run and shown "
+            common.fail("--param registry_url: a URL with a password would be stored with the run and shown "
                       "in the UI; pass it by reference: env:NAME (a variable of the serving process) or "
                       "secret:BLOCK (a Prefect Secret block)")
-    cli._prefect_env()
+    common.prefect_env()
     api = _api_url()
     try:
         with get_client(sync_client=True) as client:
@@ -268,7 +258,7 @@ def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-c
                 given = parse_params(params or [], schema)
                 merged = check_parameters(given, dep.parameters, schema, dep.entrypoint)
             except ValueError as exc:
-                cli._fail(f"invalid parameters for {full}:\n{exc}")
+                common.fail(f"invalid parameters for {full}:\n{exc}")
             try:
                 run = client.create_flow_run_from_deployment(dep.id, parameters=given)
             except httpx.HTTPStatusError as exc:
@@ -276,20 +266,19 @@ def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-c
                     detail = exc.response.json().get("detail", exc.response.text)
                 except ValueError:
                     detail = exc.response.text
-                cli._fail(f"the server refused the run of {full}: {detail}")
+                common.fail(f"the server refused the run of {full}: {detail}")
             link = url_for("flow-run", obj_id=run.id)
-            cli.console.print(f"flow run {run.name} of {full}: {run.id}", highlight=False)
-            cli.console.print(f"  {link}", highlight=False)
-            cli.console.print(f"  parameters: {json.dumps(merged, sort_keys=True)}", highlight=False, soft_wrap=True)
+            common.console.print(f"flow run {run.name} of {full}: {run.id}", highlight=False)
+            common.console.print(f"  {link}", highlight=False)
+            common.console.print(f"  parameters: {json.dumps(merged, sort_keys=True)}", highlight=False, soft_wrap=True)
             if not watch:
                 return
             _watch(client, run.id, interval, timeout)
     except httpx.ConnectError as exc:
-        cli._fail(f"cannot reach the Prefect server at {api}: {exc}")
+        common.fail(f"cannot reach the Prefect server at {api}: {exc}")
 
 
 def _watch(client, run_id, interval: float, timeout: Optional[float]) -> None:
-    cli = _cli()
     t0 = time.monotonic()
     last = None
     while True:
@@ -298,14 +287,14 @@ def _watch(client, run_id, interval: float, timeout: Optional[float]) -> None:
         if state is not None and (state.type, state.name) != last:
             last = (state.type, state.name)
             stamp = state.timestamp.astimezone().strftime("%H:%M:%S") if state.timestamp else ""
-            cli.console.print(f"  {stamp} {state.name}", highlight=False)
+            common.console.print(f"  {stamp} {state.name}", highlight=False)
         if state is not None and state.is_final():
             if state.type.value == TERMINAL_OK:
-                cli.console.print(f"flow run {run.name} completed")
+                common.console.print(f"flow run {run.name} completed")
                 return
-            cli._fail(f"flow run {run.name} ended {state.name}: {state.message or ''}".rstrip(": "))
+            common.fail(f"flow run {run.name} ended {state.name}: {state.message or ''}".rstrip(": "))
         if timeout is not None and time.monotonic() - t0 > timeout:
-            cli.err.print(f"flow run {run.name} is still {state.name if state else 'pending'} after "
+            common.err.print(f"flow run {run.name} is still {state.name if state else 'pending'} after "
                           f"{timeout:g} s; it goes on, not watching any longer")
             raise typer.Exit(2)
         time.sleep(interval)
