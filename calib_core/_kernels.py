@@ -18,13 +18,14 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .stats import IQR_TO_SIGMA   # the one definition (numba reads it as a constant)
+
 __all__ = ["bswap32_inplace", "stack_kernel", "meanclip_blocks", "sorting_network", "sorting_program",
-           "block_width", "STAT_CODES"]
+           "block_width", "STACK_CODES"]
 
 #: statistics with a numba kernel: MEANCLIP -> :func:`meanclip_blocks`, the others -> :func:`stack_kernel`
-STAT_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
+STACK_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
 
-IQR_TO_SIGMA = 0.741301109252802
 
 
 @njit(cache=True, nogil=True)
@@ -122,7 +123,7 @@ def stack_kernel(data, masks, has_mask, variances, use_var, inv_scale, ignore_bi
 
     ``masks`` (int32) and ``variances`` (float32) have the shape of ``data`` when ``has_mask`` /
     ``use_var`` are true (pass any 3-D array of that dtype otherwise). Input i is multiplied by
-    ``inv_scale[i]`` (variance by its square) after admission. ``stat`` is the :data:`STAT_CODES`
+    ``inv_scale[i]`` (variance by its square) after admission. ``stat`` is the :data:`STACK_CODES`
     value of MEAN, MEDIAN or MINMAX (MEANCLIP has its own kernel, :func:`meanclip_blocks`).
     Output variance: from the inputs' variances (sum over used / n**2) when ``use_var``, else
     error**2 from the spread.

@@ -17,12 +17,13 @@ import numpy as np
 
 # one quickselect for the whole core: the stack kernels' (same contract: in place, hi exclusive)
 from ._kernels import _min_range, _select
+from .stats import IQR_TO_SIGMA
 
-__all__ = ["STAT_CODES", "box_statistics", "grid_statistics"]
+__all__ = ["box_statistics", "grid_statistics"]
 
 #: statistic name -> kernel code
-STAT_CODES = {"MEANCLIP": 0, "MEAN": 1, "MEDIAN": 2}
-_IQR_TO_SIGMA = 0.741301109252802
+#: statistic codes of this module's kernels (the stack kernel has its own: _kernels.STACK_CODES)
+_BIN_CODES = {"MEANCLIP": 0, "MEAN": 1, "MEDIAN": 2}
 
 
 @numba.njit(cache=True)
@@ -212,7 +213,7 @@ def _stat_one(x, n, code, nsigma, niter, out, k, tmp):
         out[k, 1] = math.sqrt(math.pi / 2.0 * var / m)
         out[k, 3] = m
         return
-    iqr_width = nsigma * _IQR_TO_SIGMA * (q3 - q1)
+    iqr_width = nsigma * IQR_TO_SIGMA * (q3 - q1)
     if niter < 1:
         mean, var, m = _mean_var_within(x, n, 0.0, math.inf)
     else:
@@ -282,8 +283,8 @@ def box_statistics(image: np.ndarray, mask: np.ndarray | None, ignore_bits: int,
         pixels before clipping), n_used.
     """
     key = str(statistic).upper()
-    if key not in STAT_CODES:
-        raise ValueError(f"unknown binned statistic {statistic!r}; choose one of {list(STAT_CODES)}")
+    if key not in _BIN_CODES:
+        raise ValueError(f"unknown binned statistic {statistic!r}; choose one of {list(_BIN_CODES)}")
     image = np.asarray(image)
     if image.dtype not in (np.float32, np.float64):
         image = image.astype(np.float64)
@@ -292,7 +293,7 @@ def box_statistics(image: np.ndarray, mask: np.ndarray | None, ignore_bits: int,
         ignore_bits = 0
     boxes = np.ascontiguousarray(boxes, dtype=np.int64).reshape(-1, 4)
     return _box_stats_kernel(image, np.asarray(mask, np.int32), np.int32(ignore_bits), boxes,
-                             STAT_CODES[key], float(nsigma), int(niter))
+                             _BIN_CODES[key], float(nsigma), int(niter))
 
 
 def grid_statistics(image, mask, ignore_bits, x_edges, y_edges, statistic="MEANCLIP",

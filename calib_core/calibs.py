@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,7 +33,7 @@ class StatsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    statistic: str = Field("MEANCLIP", description="MEANCLIP, MEAN or MEDIAN")
+    statistic: Literal["MEANCLIP", "MEAN", "MEDIAN"] = Field("MEANCLIP", description="the level's statistic")
     nsigma: float = Field(3.0, gt=0, description="clip (sigma)")
     niter: int = Field(3, ge=1, description="clip passes")
     mask: list[str] = Field(["DETECTED", "BAD", "NO_DATA"], description="planes not used")

@@ -83,7 +83,7 @@ class SkyStatsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    statistic: str = Field("MEANCLIP", description="MEANCLIP, MEAN or MEDIAN; MEANCLIP")
+    statistic: Literal["MEANCLIP", "MEAN", "MEDIAN"] = Field("MEANCLIP", description="box statistic")
     clip: float = Field(3.0, gt=0, description="clip half-width in sigma; 3.0")
     n_iter: int = Field(3, ge=0, description="clip passes; 3")
     mask: list[str] = Field(default_factory=lambda: ["SAT", "DETECTED", "DETECTED_NEGATIVE", "BAD",

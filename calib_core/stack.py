@@ -69,9 +69,9 @@ def rows_per_block(n_inputs: int, nx: int, bytes_per_pixel: int, budget: int) ->
 
 
 def _kernel_stat(config: CombineConfig):
-    from ._kernels import STAT_CODES
+    from ._kernels import STACK_CODES
 
-    return STAT_CODES.get(config.statistic)
+    return STACK_CODES.get(config.statistic)
 
 
 _DRIVER = None
@@ -189,9 +189,9 @@ def _combine_block(config, data, masks, variances, scales, use_var, out: MaskedI
         _apply_scales(data[:, :h], variances[:, :h] if has_var else None, scales)
     no_data = MASK_PLANES.bit(config.no_good_pixels_mask)
     outs = (out.image[y0:y1], out.variance[y0:y1], out.mask[y0:y1], n_out[y0:y1])
-    from ._kernels import STAT_CODES, stack_kernel
+    from ._kernels import STACK_CODES, stack_kernel
 
-    if code == STAT_CODES["MEANCLIP"]:
+    if code == STACK_CODES["MEANCLIP"]:
         _meanclip(data, masks, variances if has_var else None, h, config.ignore_bits,
                   config.nsigma, config.niter, no_data, outs)
         return

@@ -44,3 +44,33 @@ def test_unknown_type_is_refused_with_the_known_ones():
     from flows.nightly import NightlyPolicy
     with pytest.raises(ValueError, match="skyy"):
         NightlyPolicy(types=["skyy"])
+
+
+def _paths(d, key, prefix=()):
+    for k, v in d.items():
+        if k == key:
+            yield (*prefix, k)
+        elif isinstance(v, dict):
+            yield from _paths(v, key, (*prefix, k))
+
+
+@pytest.mark.parametrize("name", list(CALIB_TYPES))
+def test_a_mistyped_choice_is_refused_at_validation(name):
+    """Every statistic, overscan fit and interpolation choice of every type's config is a closed
+    set: a typo fails when the config is read, naming the allowed values, not later inside a task."""
+    from pydantic import ValidationError
+
+    model = CALIB_TYPES[name].config_model
+    dumped = model().model_dump(mode="json")
+    checked = 0
+    for key in ("statistic", "overscanFitType", "algorithm", "undersample_style"):
+        for path in _paths(dumped, key):
+            bad = dumped
+            for p in path[:-1]:
+                bad = bad[p]
+            original, bad[path[-1]] = bad[path[-1]], "MEDAIN"
+            with pytest.raises(ValidationError, match="Input should be"):
+                model.model_validate(dumped)
+            bad[path[-1]] = original
+            checked += 1
+    assert checked >= 2, name
