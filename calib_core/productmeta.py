@@ -1,5 +1,5 @@
 """How calib products describe themselves to astropy and ds9: units, focal-plane WCS, and the sky
-frame's extra HDUs (docs/products.md).
+frame's extra HDUs (docs/algorithms.md#product-files).
 
 * Units (``BUNIT``, FITS unit strings that astropy parses): a bias is in ``adu``; a dark is a rate,
   ``adu/s`` of dark time (its inputs are divided by their dark time); flats, fringe frames and sky

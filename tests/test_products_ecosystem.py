@@ -171,6 +171,7 @@ def test_ccddata_reads_image_products(products, calib_type, det_id):
     np.testing.assert_array_equal(back.mask, mi.mask)
     assert header["OBSTYPE"] == calib_type
     with fits.open(path) as hdul:
+        hdul.verify("exception")                      # standard FITS, whatever astropy had to make of it
         assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "MASK", "UNCERT"]
         assert hdul["UNCERT"].header["UTYPE"] == "VarianceUncertainty"
         assert u.Unit(hdul["UNCERT"].header["BUNIT"]) == ccd.unit ** 2
@@ -244,6 +245,7 @@ def test_ccddata_reads_the_sky_frame(products):
     np.testing.assert_allclose(ccd.uncertainty.array, expected, rtol=1e-5)
     np.testing.assert_array_equal(ccd.mask, ~np.isfinite(frame.values))
     with fits.open(path) as hdul:
+        hdul.verify("exception")
         # the BackgroundModel layout is kept; MASK and UNCERT are added after it
         assert [h.name for h in hdul] == ["PRIMARY", "ERRORS", "NPOINT", "MASK", "UNCERT"]
         np.testing.assert_array_equal(hdul["UNCERT"].data, hdul["ERRORS"].data)
@@ -405,6 +407,9 @@ def flat_mosaic(products):
 def test_ccddata_reads_the_mosaic(products, flat_mosaic):
     cam = products["camera"]
     ccd = CCDData.read(flat_mosaic["fits"])
+    with fits.open(flat_mosaic["fits"]) as hdul:
+        hdul.verify("exception")
+        assert [h.name for h in hdul] == ["PRIMARY", "MASK", "UNCERT"]
     assert ccd.unit == u.dimensionless_unscaled
     assert isinstance(ccd.uncertainty, VarianceUncertainty)
     np.testing.assert_array_equal(ccd.mask, ~np.isfinite(ccd.data))
