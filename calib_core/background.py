@@ -419,13 +419,13 @@ class BackgroundModel:
         hdr = fits.Header()
         for key, val in zip(("MINX", "MINY", "MAXX", "MAXY"), self.bbox):
             hdr[f"BOX{key}"] = (val, f"image bbox {key} (inclusive)")
-            hdr[f"HIERARCH BOX.{key}"] = val
-        hdr["ALGORITHM"] = (self.algorithm, "interpolation style")
+            hdr[f"HIERARCH BOX.{key}"] = (val, "as afw writes it")
+        hdr["HIERARCH ALGORITHM"] = (self.algorithm, "interpolation style")
         hdr["UNDERSMP"] = (self.undersample_style, "undersample style")
         hdr["USEAPPRX"] = (bool(self.use_approx), "Chebyshev approximation")
-        hdr["APPRXOX"] = self.approx_order_x
-        hdr["APPRXOY"] = self.approx_order_y
-        hdr["APPRXWT"] = bool(self.weighting)
+        hdr["APPRXOX"] = (self.approx_order_x, "Chebyshev order in x")
+        hdr["APPRXOY"] = (self.approx_order_y, "Chebyshev order in y (-1: as x)")
+        hdr["APPRXWT"] = (bool(self.weighting), "inverse-variance weights in the fit")
         for k, v in self.meta.items():
             hdr[k if len(k) <= 8 else f"HIERARCH {k}"] = v
         return fits.HDUList([fits.PrimaryHDU(self.values, header=hdr),

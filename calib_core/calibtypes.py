@@ -76,6 +76,9 @@ class CalibType:
     barrier : "none" | "flat_scales" | "sky_passes"
         What the build does between processing and combining: nothing; the flat's CCD x exposure
         scale solve; the sky build's focal-plane passes (which also produce the product).
+    unit, intermediate_unit : str
+        BUNIT of the product and of its inputs' intermediates in the work area (a dark's are
+        already divided by their dark time, a fringe's by their sky level; ``1`` = dimensionless).
     product_kind : "image" | "binned"
         A full-resolution masked image, or a binned model (:class:`~calib_core.background.BackgroundModel`).
     isr_step : str or None
@@ -104,6 +107,8 @@ class CalibType:
     process: Callable[..., Processed]
     combine: Callable[..., Combined] | None
     description: str
+    unit: str = "adu"
+    intermediate_unit: str = "adu"
     product_kind: Literal["image", "binned"] = "image"
     fringing_only: bool = False
     isr_step: str | None = None
@@ -197,21 +202,22 @@ CALIB_TYPES: dict[str, CalibType] = {t.name: t for t in (
               process=_process_bias, combine=_combine_bias, isr_step="doBias",
               description="Build bias frames: ISR without calibs, clipped-mean stack per detector."),
     CalibType("dark", "dark", ("bias",), DarkConfig, 1.0, filtered=False, barrier="none",
-              process=_process_dark, combine=_combine_dark, isr_step="doDark",
+              process=_process_dark, combine=_combine_dark, isr_step="doDark", unit="adu/s",
+              intermediate_unit="adu/s",
               description="Build dark frames (ADU per second of dark time): ISR with the certified bias, "
                           "cosmic rays masked."),
     CalibType("flat", "flat", ("bias", "dark"), FlatConfig, 1.0, filtered=True, barrier="flat_scales",
-              process=_process_flat, combine=_combine_flat, isr_step="doFlat",
+              process=_process_flat, combine=_combine_flat, isr_step="doFlat", unit="1",
               description="Build flat fields for one filter: CCD x exposure scale solve, then a scaled stack "
                           "per detector."),
     CalibType("fringe", "science", ("bias", "dark", "flat"), FringeBuildConfig, 1.0, filtered=True,
               barrier="none", process=_process_fringe, combine=_combine_fringe, isr_step="doFringe",
-              optional_in_isr=True, fringing_only=True,
+              optional_in_isr=True, fringing_only=True, unit="1", intermediate_unit="1",
               description="Build fringe frames for one filter: background-removed, normalised science "
                           "exposures, objects masked."),
     CalibType("sky", "science", ("bias", "dark", "flat", "fringe"), SkyConfig, 1.0, filtered=True,
               barrier="sky_passes", process=_process_sky, combine=None, product_kind="binned",
-              min_inputs=5,
+              min_inputs=5, unit="1",
               description="Build sky frames for one filter: object-masked science exposures divided by each "
                           "one's quadratic focal-plane surface."),
 )}

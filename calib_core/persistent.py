@@ -42,5 +42,8 @@ def clear_persistent_cr(paths: Sequence[str | Path], min_fraction: float = 0.5, 
             mi, header = read_product(p)
             if (mi.mask[persistent] & cr).any():
                 mi.mask[persistent] &= ~np.int32(cr)
-                write_product(p, mi, {k: header[k] for k in ("EXPID", "DETECTOR", "OBSTYPE") if k in header})
+                with fits.open(p, memmap=False) as hdul:       # keep the unit the intermediate declares
+                    unit = hdul["IMAGE"].header.get("BUNIT") if "IMAGE" in hdul else None
+                write_product(p, mi, {k: header[k] for k in ("EXPID", "DETECTOR", "OBSTYPE") if k in header},
+                              unit=unit)
     return n

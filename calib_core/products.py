@@ -1,7 +1,12 @@
-"""Product and intermediate FITS files: IMAGE, MASK and VARIANCE extensions.
+"""Product and intermediate FITS files: IMAGE, MASK and UNCERT (variance) extensions.
 
 Layout: an empty primary HDU holding the header cards (provenance, dates, mask-plane cards), then
-``IMAGE`` (float32), ``MASK`` (int32) and ``VARIANCE`` (float32) image extensions of the same shape.
+``IMAGE`` (float32, ``BUNIT`` when the writer knows the unit), ``MASK`` (int32 bit planes, ``MP_*``
+cards) and ``UNCERT`` (float32, the variance, ``UTYPE = 'VarianceUncertainty'``) image extensions of
+the same shape. That is the layout astropy's ``CCDData.read(path)`` understands with no arguments
+(first HDU with data, ``MASK``, ``UNCERT`` with its ``UTYPE``); files written before the variance
+extension was called ``UNCERT`` (``VARIANCE``) are still read. Every card keeps its whole comment:
+a comment that cannot fit beside its value goes to a ``COMMENT`` card instead of being cut.
 Files are written to a temporary name in the destination folder and renamed into place
 (``os.replace``), so a reader never sees a half-written product.
 
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -26,9 +33,34 @@ from .atomic import create_private
 from .maskedimage import MASK_PLANES, MaskedImage
 
 __all__ = ["ProductError", "write_product", "write_hdulist", "read_product", "read_rows", "RowReader",
-           "provenance_cards", "PLANES"]
+           "provenance_cards", "PLANES", "UNCERT_EXTNAME", "squared_unit"]
 
+#: the planes of a product, by what they hold; the variance is stored in the ``UNCERT`` extension
 PLANES = ("IMAGE", "MASK", "VARIANCE")
+#: extension name of the variance plane (astropy CCDData's default ``hdu_uncertainty``); ``VARIANCE``
+#: in files written before
+UNCERT_EXTNAME = "UNCERT"
+#: uncertainty classes an UNCERT extension may declare in ``UTYPE`` (astropy's names), and how a
+#: stored value becomes a variance
+_UTYPES = {"VarianceUncertainty": None, "StdDevUncertainty": "square"}
+
+#: comments of the cards calibflow writes, for cards given without one (``n`` = any index)
+CARD_COMMENTS = {
+    "OBSTYPE": "product type", "CALIB_ID": "calib identity (key=value pairs)",
+    "CALIB_INPUT_n": "input exposure id", "CALIB_INPUT_SCALE_n": "scale of input CALIB_INPUT_n",
+    "CALIB_CREATION_DATE": "creation date (local)", "CALIB_CREATION_TIME": "creation time (local)",
+    "TIMESYS": "time scale of the DATE-* keywords",
+    "DATE-OBS": "start of the first input exposure", "DATE-AVG": "midpoint of the inputs' time span",
+    "DATE-END": "end of the last input exposure", "NCOMBINE": "number of input exposures combined",
+    "MJD-OBS": "DATE-OBS as MJD", "MJD-AVG": "DATE-AVG as MJD", "MJD-END": "DATE-END as MJD",
+    "EXPTIME": "exposure time the product is scaled to (s)", "DARKTIME": "dark time the product is scaled to (s)",
+    "CAMERA": "camera name", "DETECTOR": "detector id", "FILTER": "filter", "CALIBDATE": "calib date",
+    "CFG_HASH": "hash of the build configuration", "CF_VERS": "calibflow version",
+    "CCDSCALE": "flat scale of this CCD (mean of all CCDs is 1)", "CALIB_ISR_n": "calib applied in the inputs' ISR",
+    "EXPID": "exposure id", "CALIB_ID_n": "calib id of detector n",
+    "BUNIT": "unit of the pixel values", "UTYPE": "astropy uncertainty class",
+    "LONGSTRN": "OGIP long-string convention (CONTINUE cards)",
+}
 
 
 class ProductError(InputError):
@@ -43,6 +75,12 @@ def _fits_date(value: dt.datetime) -> str:
     if value.tzinfo is not None:
         value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
     return value.isoformat(timespec="milliseconds")
+
+
+def _mjd(value: dt.datetime) -> float:
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return round((value - dt.datetime(1858, 11, 17)) / dt.timedelta(days=1), 8)
 
 
 def provenance_cards(obstype: str, calib_id: Mapping[str, object] | str, inputs: Iterable[object],
@@ -97,37 +135,90 @@ def provenance_cards(obstype: str, calib_id: Mapping[str, object] | str, inputs:
         cards["DATE-OBS"] = _fits_date(begin)
         cards["DATE-AVG"] = _fits_date(begin + (end - begin) / 2)
         cards["DATE-END"] = _fits_date(end)
+        # the same instants as MJD: astropy's WCS reader otherwise derives them, with a warning
+        cards["MJD-OBS"] = _mjd(begin)
+        cards["MJD-AVG"] = _mjd(begin + (end - begin) / 2)
+        cards["MJD-END"] = _mjd(end)
     cards["NCOMBINE"] = len(inputs)
     cards["EXPTIME"] = float(exptime)
     cards["DARKTIME"] = float(exptime if darktime is None else darktime)
     return cards
 
 
+def _default_comment(key: str) -> str | None:
+    """calibflow's comment of a card (``KEY_3`` and the family name ``KEY_n`` find ``KEY_n``)."""
+    key = key.removeprefix("HIERARCH ").upper()
+    if key.startswith("MP_"):
+        return f"bit number of mask plane {key[3:]}"
+    return CARD_COMMENTS.get(key) or CARD_COMMENTS.get(re.sub(r"_(\d+|N)$", "_n", key))
+
+
+def _comment_fits(key: str, value, comment: str) -> bool:
+    """Whether astropy writes ``comment`` whole on the card (it cuts a comment that does not fit
+    beside a one-card value; a value continued with CONTINUE cards keeps it on the last one)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        str(fits.Card(key, value, comment))
+    return not any("comment will be truncated" in str(w.message) for w in caught)
+
+
 def _header_with(cards: Mapping[str, object] | fits.Header | None) -> fits.Header:
+    """Cards (``value`` or ``(value, comment)``) as a header: long names become HIERARCH cards, cards
+    given without a comment get calibflow's (:data:`CARD_COMMENTS`), and a comment that does not fit
+    beside its value is written once per key family as ``COMMENT KEY: text`` after the card instead of
+    being cut. ``LONGSTRN`` is declared when a value needs CONTINUE cards."""
     header = fits.Header()
+    explained: set[tuple[str, str]] = set()
+    long_strings = False
     for key, value in (cards or {}).items():
         if isinstance(value, tuple):
             value, comment = value
         else:
-            comment = None
+            comment = _default_comment(key)
         if len(key) > 8 and not key.startswith("HIERARCH "):
             key = "HIERARCH " + key
-        header.set(key, value, comment)
+        if comment and not _comment_fits(key, value, comment):
+            header.set(key, value)
+            family = re.sub(r"\d+$", "n", key.removeprefix("HIERARCH "))
+            text = _default_comment(family) or comment      # one line for CALIB_ISR_0, _1, ...
+            if (family, text) not in explained:
+                explained.add((family, text))
+                header.append(("COMMENT", f"{family}: {text}"), bottom=True)
+        else:
+            header.set(key, value, comment)
+        long_strings |= isinstance(value, str) and len(str(fits.Card(key, value))) > 80
+    if long_strings and "LONGSTRN" not in header:
+        header.insert(0, ("LONGSTRN", "OGIP 1.0", CARD_COMMENTS["LONGSTRN"]))
     return header
 
 
-def write_product(path, masked_image: MaskedImage, header_cards=None) -> Path:
-    """Write a masked image as an IMAGE/MASK/VARIANCE FITS file, atomically.
+def squared_unit(unit: str) -> str:
+    """The FITS unit string of a variance, for a data unit string (``adu`` -> ``adu2``)."""
+    import astropy.units as u
+
+    return (u.Unit(unit) ** 2).to_string("fits") or unit
+
+
+def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str | None = None,
+                  image_cards=None) -> Path:
+    """Write a masked image as an IMAGE/MASK/UNCERT FITS file, atomically.
 
     Parameters
     ----------
     path : str or Path
         Destination; its folder must exist.
     masked_image : MaskedImage
-        Planes of shape (ny, nx); written as float32/int32/float32.
+        Planes of shape (ny, nx); written as float32/int32/float32 (the variance in ``UNCERT``,
+        declared ``UTYPE = 'VarianceUncertainty'``).
     header_cards : mapping, optional
         Cards for the primary header (``value`` or ``(value, comment)``); long names become
         HIERARCH cards. The mask-plane cards (``MP_*``) are added to the primary and MASK headers.
+    unit : str, optional
+        FITS unit string of the image (``adu``, ``adu/s``, ``1`` for dimensionless): ``BUNIT`` of
+        IMAGE, and its square that of UNCERT. Without it no ``BUNIT`` is written.
+    image_cards : mapping, optional
+        Cards for the header of each extension (IMAGE, MASK, UNCERT): a WCS, say, so that any of
+        them opened alone is placed.
 
     Returns
     -------
@@ -140,12 +231,25 @@ def write_product(path, masked_image: MaskedImage, header_cards=None) -> Path:
     primary = fits.PrimaryHDU(header=_header_with(header_cards))
     plane_cards = _header_with(MASK_PLANES.to_header())
     primary.header.extend(plane_cards, update=True)
-    hdus = [primary,
-            fits.ImageHDU(np.ascontiguousarray(masked_image.image, dtype=np.float32), name="IMAGE"),
-            fits.ImageHDU(np.ascontiguousarray(masked_image.mask, dtype=np.int32), name="MASK"),
-            fits.ImageHDU(np.ascontiguousarray(masked_image.variance, dtype=np.float32), name="VARIANCE")]
-    hdus[2].header.extend(plane_cards, update=True)
-    return write_hdulist(path, fits.HDUList(hdus))
+    image = fits.ImageHDU(np.ascontiguousarray(masked_image.image, dtype=np.float32), name="IMAGE")
+    mask = fits.ImageHDU(np.ascontiguousarray(masked_image.mask, dtype=np.int32), name="MASK")
+    uncert = variance_hdu(masked_image.variance, unit)
+    if unit is not None:
+        image.header["BUNIT"] = (unit, _default_comment("BUNIT"))
+    mask.header.extend(plane_cards, update=True)
+    if image_cards:
+        for hdu in (image, mask, uncert):
+            hdu.header.extend(_header_with(image_cards), update=True)
+    return write_hdulist(path, fits.HDUList([primary, image, mask, uncert]))
+
+
+def variance_hdu(variance: np.ndarray, unit: str | None = None) -> fits.ImageHDU:
+    """The ``UNCERT`` extension of a variance plane (float32), as astropy's CCDData reads it."""
+    hdu = fits.ImageHDU(np.ascontiguousarray(variance, dtype=np.float32), name=UNCERT_EXTNAME)
+    hdu.header["UTYPE"] = ("VarianceUncertainty", "the values are variances (astropy class)")
+    if unit is not None:
+        hdu.header["BUNIT"] = (squared_unit(unit), "unit of the variance")
+    return hdu
 
 
 def write_hdulist(path, hdulist: fits.HDUList, header_cards=None) -> Path:
@@ -202,7 +306,10 @@ class RowReader:
     ----------
     path : str or Path
         An uncompressed FITS file with an ``IMAGE`` extension (or image data in the primary HDU),
-        and optionally ``MASK`` (int32) and ``VARIANCE`` (float32) extensions of the same shape.
+        and optionally ``MASK`` (int32) and a float32 variance of the same shape: ``UNCERT``
+        declaring ``UTYPE`` ``VarianceUncertainty`` (or ``StdDevUncertainty``, squared on reading;
+        astropy reads an UNCERT without UTYPE as a standard deviation, and so does this), or
+        ``VARIANCE`` (files written before).
 
     Attributes
     ----------
@@ -229,6 +336,14 @@ class RowReader:
                     names["IMAGE"] = 0
                 if "IMAGE" not in names:
                     raise ProductError(self.path, "no IMAGE extension and no 2-D primary image")
+                self._variance_from = None
+                if UNCERT_EXTNAME in names:
+                    names["VARIANCE"] = names[UNCERT_EXTNAME]
+                    utype = str(hdul[names["VARIANCE"]].header.get("UTYPE", "StdDevUncertainty"))
+                    if utype not in _UTYPES:
+                        raise ProductError(self.path, f"{UNCERT_EXTNAME} holds a {utype}; readable: "
+                                                      f"{', '.join(_UTYPES)}")
+                    self._variance_from = _UTYPES[utype]
                 shape = None
                 for plane in PLANES:
                     if plane not in names:
@@ -285,6 +400,9 @@ class RowReader:
         if got != nbytes:
             raise ProductError(self.path, f"short read of {plane} rows {y0}:{y1} ({got} of {nbytes} bytes)")
         _to_native(out.reshape(-1)[: (y1 - y0) * nx])
+        if plane == "VARIANCE" and self._variance_from == "square":
+            flat = out.reshape(-1)[: (y1 - y0) * nx]
+            np.square(flat, out=flat)
         return out
 
     def rows(self, y0: int, y1: int):

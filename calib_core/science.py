@@ -110,6 +110,7 @@ def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path 
             write_product(target, mi, {"EXPID": eid, "DETECTOR": det_id, "FILTER": exposure["filter"],
                                        "SKYCALIB": ids[det_id], "SKYSCALE": (sol.scale, "fitted sky-frame scale"),
                                        "SKYSCERR": (sol.error, "its standard error"),
-                                       "SKYLEVEL": (sky_level, "sky level at the focal-plane centre, ADU")})
+                                       "SKYLEVEL": (sky_level, "sky level at the focal-plane centre, ADU")},
+                          unit="adu")
             result.outputs[det_id] = target
     return result

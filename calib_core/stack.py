@@ -1,6 +1,6 @@
 """The stacking engine: combine N inputs of one detector per pixel, within a memory budget.
 
-Inputs are intermediate products (IMAGE/MASK/VARIANCE FITS, :mod:`calib_core.products`) or
+Inputs are intermediate products (IMAGE/MASK/UNCERT FITS, :mod:`calib_core.products`) or
 in-memory masked images. Files are opened once each; the engine reads bands of rows of every input
 (``os.preadv`` into reused buffers), so the working memory is set by ``CombineConfig.memory_budget``
 whatever N is, and each byte of each file is read exactly once (ccdproc re-reads whole files per

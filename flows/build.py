@@ -33,8 +33,7 @@ from calib_core.calibtypes import CalibTypeName, calib_type as spec_of
 from calib_core.calibs import solve_flat_scales
 from calib_core.camera import Camera, effective_config
 from calib_core.datastore import Datastore, check_identifier
-from calib_core.mosaic import camera_mosaic, write_mosaic
-from calib_core.products import read_product
+from calib_core.mosaic import write_product_mosaic
 from calib_core.registry import Registry, resolve_url, retry_transient
 from calib_core.registry.calibs import ValidityRule
 from calib_core.products import write_hdulist
@@ -398,12 +397,6 @@ def _mosaic_path(ctx: BuildContext, store: Datastore):
     return store.inside(store.root / "calib" / ctx.camera / ctx.calib_type / f"{stem}-mosaic.png")
 
 
-def _product_image(path: str, calib_type: str):
-    if spec_of(calib_type).product_kind == "binned":
-        return BackgroundModel.from_fits(path).evaluate()
-    return read_product(path)[0]
-
-
 def _fmt(value, digits: int):
     return None if value is None else round(float(value), digits)
 
@@ -411,21 +404,12 @@ def _fmt(value, digits: int):
 def _report(ctx: BuildContext, camera: Camera, products: list[dict], store: Datastore, log,
             artifacts: bool = True) -> str:
     """Camera mosaic (FITS + PNG) and Prefect artifacts: a table per detector and the picture."""
-    images = {p["detector"]: _product_image(p["path"], ctx.calib_type) for p in products}
-    if any(camera.detector(d).nx is None or camera.detector(d).ny is None for d in images):
-        # header-defined geometry and every raw reused (nothing read in this process): the products
-        # give the detector sizes
-        camera = camera.model_copy(deep=True)
-        for d, img in images.items():
-            det = camera.detector(d)
-            if det.nx is None or det.ny is None:
-                det.ny, det.nx = img.shape[-2:]
-    nx = min(camera.detector(d).nx for d in images)
-    binning = max(1, nx // 64)
-    mosaic = camera_mosaic(camera, images, binning=binning)
+    # (with header-defined geometry and every raw reused, the products give the detector sizes)
     png = _mosaic_path(ctx, store)
-    write_mosaic(mosaic, camera, binning, fits_path=png.with_suffix(".fits"), png_path=png,
-                 title=f"{ctx.calib_type} {ctx.filter} {ctx.calib_date}")
+    write_product_mosaic(camera, ctx.calib_type, {p["detector"]: p["path"] for p in products},
+                         fits_path=png.with_suffix(".fits"), png_path=png, filter=ctx.filter,
+                         calib_date=ctx.calib_date, calib_ids={p["detector"]: p["calib_id"] for p in products},
+                         n_inputs={p["detector"]: p["stats"].get("n_used") for p in products})
     rows = [{"detector": p["detector"], "calib_id": p["calib_id"], "inputs used": p["stats"].get("n_used"),
              "rejected": p["stats"].get("n_rejected"), "level": _fmt(p["stats"].get("level"), 5),
              "noise": _fmt(p["stats"].get("noise"), 5),

@@ -30,6 +30,7 @@ from calib_core.datastore import Datastore, sha256_file, verify_raw
 from calib_core.errors import is_retryable
 from calib_core.isr import IsrError
 from calib_core.maskedimage import MASK_PLANES
+from calib_core.productmeta import write_calib_product
 from calib_core.products import provenance_cards, read_product, write_hdulist, write_product
 from calib_core.rawio import RawReadError, read_raw
 from calib_core.registry import BuildRunRow, Registry, is_transient, note_transient, retry_transient
@@ -183,7 +184,8 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
                     "reused": False}
         raise exc from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_product(out, mi, {"EXPID": exposure["exposure_id"], "DETECTOR": detector, "OBSTYPE": "postisr"})
+    write_product(out, mi, {"EXPID": exposure["exposure_id"], "DETECTOR": detector, "OBSTYPE": "postisr"},
+                  unit=ctx.spec.intermediate_unit)
     store.atomic_write_bytes(meta, json.dumps(result).encode())
     return {**result, "reused": False}
 
@@ -288,14 +290,16 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     cards = provenance_cards(ctx.calib_type, {"calib_id": calib_id, "detector": detector, "filter": ctx.filter,
                                               "calibDate": ctx.calib_date}, ids, dates,
                              [by_id[e]["exptime"] for e in ids], exptime=ctx.spec.product_exptime)
-    cards.update({"CAMERA": ctx.camera, "DETECTOR": detector, "FILTER": ctx.filter,
+    cards.update({"CAMERA": ctx.camera, "DETECTOR": detector, "FILTER": ctx.filter, "CALIBDATE": ctx.calib_date,
                   "CFG_HASH": ctx.config_hash, "CF_VERS": ctx.software_version,
                   "CAM_HASH": (ctx.camera_hash[:16], "sha256 of the camera definition (first 16)")})
     for i, c in enumerate(sorted(isr_ids)):
-        cards[f"CALIB_ISR_{i}"] = (c, "calib applied in the inputs' ISR")
+        cards[f"CALIB_ISR_{i}"] = c
     if exp_scales is not None:
-        for i, (e, s) in enumerate(zip(ids, exp_scales)):
-            cards[f"CALIB_INPUT_SCALE_{i}"] = (float(s), f"exposure scale of {e}")
+        # CALIB_INPUT_SCALE_n is the scale of CALIB_INPUT_n (inputs sorted by id, as provenance_cards
+        # numbers them); the exposure's name used to be in the comment, cut by the 80-column card
+        for n, k in enumerate(sorted(range(len(ids)), key=lambda k: str(ids[k]))):
+            cards[f"CALIB_INPUT_SCALE_{n}"] = (float(exp_scales[k]), f"scale of CALIB_INPUT_{n}")
     if ccd_scale is not None:
         cards["CCDSCALE"] = float(ccd_scale)
     final = store.inside(store.root / "calib" / ctx.camera / ctx.calib_type / f"{calib_id}.fits")
@@ -308,7 +312,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
             # sky: the frame was solved at the build's barrier over the whole focal plane (surfaces,
             # rejection, average, normalisation); here it is written and registered
             frame = BackgroundModel.from_fits(items[0]["frame"])
-            write_hdulist(path, frame.to_hdulist(), cards)
+            write_calib_product(path, "sky", frame, cards, build_camera(ctx), detector)
             finite = np.isfinite(frame.values)
             stats = {"warning": items[0].get("warning") or None,
                      "level": float(np.median(frame.values[finite])) if finite.any() else None,
@@ -319,7 +323,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
             if combined.warning:
                 _logger().warning("detector %d: %s", detector, combined.warning)
             mi = combined.image
-            write_product(path, mi, {**cards, **combined.cards})
+            write_calib_product(path, ctx.calib_type, mi, {**cards, **combined.cards}, build_camera(ctx), detector)
             level = background_level(mi)
             flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
             stats = {"level": float(level.mean), "noise": float(np.sqrt(max(level.variance, 0.0))),
