@@ -41,6 +41,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from calib_core.buildplan import BuildRequest  # noqa: E402
 from calib_core.camera import load_camera  # noqa: E402
 from calib_core.datastore import Datastore  # noqa: E402
 from calib_core.ingest import ingest_files  # noqa: E402
@@ -79,11 +80,11 @@ def plain_night(repo: Path, camera: str, workers: int, detectors_per_task: int |
     for step in plan_night(registry, camera, NIGHT, policy):
         if step["action"] != "build":
             continue
-        run_build(step["type"], camera=camera, night=NIGHT, exposures=None, filter=step["filter"], detectors=None,
-                  repo=str(store.root), registry_url=None, config=None, drop_incomplete=False, calib_date=None,
-                  validity_days_before=policy.validity_days_before, validity_days_after=policy.validity_days_after,
-                  on_bad_input=policy.on_bad_input, task_runner=PlainRunner(workers), log=log, artifacts=False,
-                  detectors_per_task=detectors_per_task)
+        request = BuildRequest(calib_type=step["type"], camera=camera, night=NIGHT, filter=step["filter"],
+                               repo=str(store.root), validity_days_before=policy.validity_days_before,
+                               validity_days_after=policy.validity_days_after, on_bad_input=policy.on_bad_input,
+                               detectors_per_task=detectors_per_task)
+        run_build(request, task_runner=PlainRunner(workers), log=log, artifacts=False)
 
 
 def products(repo: Path) -> dict[str, str]:

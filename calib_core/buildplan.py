@@ -10,17 +10,62 @@ import datetime as dt
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .calibtypes import CALIB_TYPES as SPECS, CalibTypeName, calib_type as spec_of
 from .errors import InputError
-from .calibtypes import CALIB_TYPES as SPECS, calib_type as spec_of
 from .registry import Registry
 
-__all__ = ["CALIB_TYPES", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash", "intermediate_key"]
+__all__ = ["CALIB_TYPES", "BuildRequest", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash", "intermediate_key"]
 
 #: the calib types' names (their facts: :mod:`calib_core.calibtypes`)
 CALIB_TYPES = tuple(SPECS)
+
+
+class BuildRequest(BaseModel):
+    """Everything one build is asked to do: the CLI builds it, the ``build-calib`` flow, ``run_build``
+    and the deployments' entry flows take exactly these fields (tests/test_build_request.py checks
+    every signature against this model), so a parameter exists everywhere or nowhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calib_type: CalibTypeName = Field(description="the calib type to build")
+    camera: str | None = Field(None, description="a registered camera's name or its YAML file; None when the "
+                                                 "registry (or the selection) has one camera")
+    night: str | None = Field(None, description="observing night YYYY-MM-DD (the local date of the evening)")
+    exposures: list[str] | None = Field(None, description="explicit exposure ids instead of (or within) the night")
+    filter: str | None = Field(None, description="filter of the exposures; needed where the night has several")
+    detectors: list[int] | None = Field(None, description="detector ids; None means every detector")
+    repo: str = Field("calibrepo", description="repository folder")
+    registry_url: str | None = Field(None, description="SQLAlchemy URL (or env:NAME) of the registry; None "
+                                                       "means SQLite inside the repository")
+    config: dict | None = Field(None, description="settings over the type's and the camera's defaults")
+    drop_incomplete: bool = Field(False, description="drop exposures that lack detectors (recorded) instead of "
+                                                     "failing")
+    calib_date: str | None = Field(None, description="date of the product YYYY-MM-DD; default: the inputs' date")
+    validity_days_before: float = Field(15.0, ge=0, description="validity before the calib date, days")
+    validity_days_after: float = Field(15.0, ge=0, description="validity after the calib date, days")
+    on_bad_input: Literal["fail", "exclude"] = Field(
+        "fail", description="an unreadable raw fails the build, or is excluded and recorded")
+    runner: Literal["threads", "processes", "dask"] = Field("threads", description="where the tasks run")
+    dask_address: str | None = Field(None, description="runner dask: tcp://host:8786 of an existing scheduler; "
+                                                       "None starts a local cluster")
+    dask_workers: int | None = Field(None, ge=1, description="runner dask without an address: worker processes "
+                                                             "of the local cluster (default: one per core)")
+    detectors_per_task: int | None = Field(None, ge=1, description="detectors of one exposure per process task "
+                                                                   "(default: about four tasks per worker)")
+
+    @field_validator("night", "calib_date")
+    @classmethod
+    def _a_real_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                dt.date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a date YYYY-MM-DD") from None
+        return value
 
 
 class InconsistentInputs(InputError):

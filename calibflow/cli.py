@@ -356,8 +356,15 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
           on_bad_input: str = typer.Option("fail", "--on-bad-input",
                                            help="fail | exclude: what an unreadable raw does to the build"),
           calib_date: Optional[str] = typer.Option(None, "--calib-date", help="override the output date"),
+          validity_days_before: float = typer.Option(15.0, "--validity-days-before", min=0,
+                                                     help="the product is valid from its calib date minus this"),
+          validity_days_after: float = typer.Option(15.0, "--validity-days-after", min=0,
+                                                    help="... until its calib date plus this"),
           runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
           dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786"),
+          dask_workers: Optional[int] = typer.Option(
+              None, "--dask-workers", min=1,
+              help="with --runner dask and no address: worker processes of the local cluster (default: one per core)"),
           detectors_per_task: Optional[int] = typer.Option(
               None, "--detectors-per-task", min=1,
               help="detectors of one exposure per process task (default: automatic, ~4 tasks per worker)"),
@@ -365,7 +372,7 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
     """Build a calib through the Prefect flow (an embedded Prefect API unless PREFECT_API_URL is set)."""
     _prefect_env()
     # every user error is found here, cheapest first, before Prefect is imported or a server started
-    from calib_core.buildplan import CALIB_TYPES, plan_build
+    from calib_core.buildplan import CALIB_TYPES, BuildRequest, plan_build
 
     if calib_type not in CALIB_TYPES:
         _fail(f"unknown calib type {calib_type!r}; choose one of {', '.join(CALIB_TYPES)}")
@@ -390,11 +397,14 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
     _quiet_tracebacks()
     try:
         with _registry_by_reference(registry_url) as url_ref:
-            result = build_calib(calib_type, camera=camera, night=night, exposures=exposure or None,
-                                 filter=filter, detectors=detector or None, repo=str(store.root),
-                                 registry_url=url_ref, config=config, drop_incomplete=drop_incomplete,
-                                 calib_date=calib_date, on_bad_input=on_bad_input, runner=runner,
-                                 dask_address=dask_address, detectors_per_task=detectors_per_task)
+            request = BuildRequest(calib_type=calib_type, camera=camera, night=night, exposures=exposure or None,
+                                   filter=filter, detectors=detector or None, repo=str(store.root),
+                                   registry_url=url_ref, config=config, drop_incomplete=drop_incomplete,
+                                   calib_date=calib_date, validity_days_before=validity_days_before,
+                                   validity_days_after=validity_days_after, on_bad_input=on_bad_input,
+                                   runner=runner, dask_address=dask_address, dask_workers=dask_workers,
+                                   detectors_per_task=detectors_per_task)
+            result = build_calib(**request.model_dump())
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     _print_build(result)

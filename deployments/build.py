@@ -47,6 +47,8 @@ Args:
     on_bad_input: an exposure whose raw cannot be read fails the build, or is excluded and recorded
     runner: where the tasks run: threads (default), processes, or dask
     dask_address: with runner dask, tcp://host:8786 of an existing scheduler; empty starts a local cluster
+    dask_workers: with runner dask and no address, worker processes of the local cluster; empty means one per core
+    detectors_per_task: detectors of one exposure per process task; empty means about four tasks per worker
     repo: repository folder; empty means CALIBFLOW_REPO of the process running the flow, else ./calibrepo
     registry_url: SQLAlchemy URL of the registry; empty means CALIBFLOW_REGISTRY_URL, else SQLite inside the repository
 """
@@ -87,6 +89,8 @@ def _build_flow(calib_type: str) -> Flow:
               validity_days_after: Annotated[float, Field(ge=0)] = 15.0,
               on_bad_input: Literal["fail", "exclude"] = "fail",
               runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None,
+              dask_workers: Annotated[int, Field(ge=1)] | None = None,
+              detectors_per_task: Annotated[int, Field(ge=1)] | None = None,
               repo: str | None = None, registry_url: str | None = None) -> dict:
         repo, registry_url = resolve_repo(repo, registry_url)
         return build_calib.fn(calib_type, camera=camera, night=night, exposures=exposures or None,
@@ -95,7 +99,8 @@ def _build_flow(calib_type: str) -> Flow:
                               drop_incomplete=drop_incomplete,
                               calib_date=calib_date, validity_days_before=validity_days_before,
                               validity_days_after=validity_days_after, on_bad_input=on_bad_input,
-                              runner=runner, dask_address=dask_address)
+                              runner=runner, dask_address=dask_address, dask_workers=dask_workers,
+                              detectors_per_task=detectors_per_task)
 
     build.__name__ = build.__qualname__ = f"build_{calib_type}"
     build.__doc__ = spec.description + "\n" + ARGS_DOC.format(calib_type=calib_type)

@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 
 from calib_core.atomic import sweep_stale
 from calib_core.background import BackgroundModel
-from calib_core.buildplan import config_hash, plan_build
+from calib_core.buildplan import BuildRequest, config_hash, plan_build
 from calib_core.calibtypes import CalibTypeName, calib_type as spec_of
 from calib_core.calibs import solve_flat_scales
 from calib_core.camera import Camera, effective_config
@@ -147,26 +147,26 @@ def build_calib(calib_type: CalibTypeName, camera: str | None = None,
     ``detectors_per_task`` sets how many detectors of one exposure a process task handles (default:
     as many as keeps about four tasks per worker busy, see :func:`detector_batches`).
     """
-    return run_build(calib_type, camera=camera, night=night, exposures=exposures, filter=filter, detectors=detectors,
-                     repo=repo, registry_url=registry_url, config=config, drop_incomplete=drop_incomplete,
-                     calib_date=calib_date, validity_days_before=validity_days_before,
-                     validity_days_after=validity_days_after, on_bad_input=on_bad_input,
-                     task_runner=make_task_runner(runner, dask_address, dask_workers), log=get_run_logger(),
-                     flow_run_id=str(flow_run.get_id() or ""), runner_name=runner,
-                     detectors_per_task=detectors_per_task)
+    request = BuildRequest(calib_type=calib_type, camera=camera, night=night, exposures=exposures, filter=filter,
+                           detectors=detectors, repo=repo, registry_url=registry_url, config=config,
+                           drop_incomplete=drop_incomplete, calib_date=calib_date,
+                           validity_days_before=validity_days_before, validity_days_after=validity_days_after,
+                           on_bad_input=on_bad_input, runner=runner, dask_address=dask_address,
+                           dask_workers=dask_workers, detectors_per_task=detectors_per_task)
+    return run_build(request, task_runner=make_task_runner(runner, dask_address, dask_workers),
+                     log=get_run_logger(), flow_run_id=str(flow_run.get_id() or ""), runner_name=runner)
 
 
-def run_build(calib_type: str, *, camera: str | None, night, exposures, filter, detectors, repo: str, registry_url,
-              config, drop_incomplete: bool, calib_date, validity_days_before: float, validity_days_after: float,
-              on_bad_input: str, task_runner, log, flow_run_id: str = "", runner_name: str = "",
-              artifacts: bool = True, detectors_per_task: int | None = None) -> dict:
+def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "", runner_name: str = "",
+              artifacts: bool = True) -> dict:
     """The body of :func:`build_calib` for any task runner with Prefect's ``submit(task, parameters)``
     interface (the overhead benchmark runs it with a plain thread pool, outside Prefect)."""
+    r = request
+    calib_type, camera, night, exposures, filter = r.calib_type, r.camera, r.night, r.exposures, r.filter
+    detectors, repo, registry_url, config, calib_date = r.detectors, r.repo, r.registry_url, r.config, r.calib_date
+    drop_incomplete, on_bad_input, detectors_per_task = r.drop_incomplete, r.on_bad_input, r.detectors_per_task
+    validity_days_before, validity_days_after = r.validity_days_before, r.validity_days_after
     spec = spec_of(calib_type)
-    if detectors_per_task is not None and detectors_per_task < 1:
-        raise ValueError(f"detectors_per_task must be at least 1, not {detectors_per_task}")
-    if on_bad_input not in ("fail", "exclude"):
-        raise ValueError(f"on_bad_input must be 'fail' or 'exclude', not {on_bad_input!r}")
     store = Datastore(repo)
     url = resolve_registry_url(registry_url) or store.default_registry_url
     registry = Registry.open(url)
