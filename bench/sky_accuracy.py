@@ -49,9 +49,12 @@ Bias, dark, flat
 ----------------
 Per pixel against truth, RMS of the difference over the floor: bias ``rn/g / sqrt(N)`` (with the
 row term of a per-row overscan, ``1.2533 rn/g / sqrt(n_os)`` per input); dark
-``sqrt(D t/g + (rn/g)^2 + var(bias)) / t / sqrt(N)`` ADU/s; flat (after one scale) ``R *
-sqrt(1 / sum_k L_k Q)``; each times ``sqrt(c_N)``, the MEANCLIP of N inputs (1.17 for N = 4,
-1.20 for N = 5: with so few values the IQR-based first pass clips good ones).
+``sqrt(c_N (D t/g + (rn/g)^2 + row) / N + var(bias)) / t`` ADU/s, where ``var(bias)`` is the
+master bias's own floor squared: the one master bias is subtracted from every dark, so its error
+is the same in all N inputs, passes through their clipped mean unchanged and does not average
+down (measured against truth: ``t * (dark - D)`` regressed on ``bias - B`` has slope -1.00); flat
+(after one scale) ``R * sqrt(1 / sum_k L_k Q)``; each times ``sqrt(c_N)``, the MEANCLIP of N inputs
+(1.17 for N = 4, 1.20 for N = 5: with so few values the IQR-based first pass clips good ones).
 
 Run: ``python bench/sky_accuracy.py [--cameras democam_mini,minimosaic,democam]``; writes
 ``bench/results/sky_accuracy.md`` and ``.json``.
@@ -423,8 +426,10 @@ def master_accuracy(run: NightRun) -> dict:
         t = sim.select("dark")[0].darktime
         D = sim.truth_dark(det.name).astype(np.float64)      # ADU/s
         nos = _overscan_columns(det)
-        var1 = D * t / g + rn_adu ** 2 + ((1.2533 * rn_adu) ** 2 / nos if per_row else 0.0) + var1_bias(rn_adu, nb, nos, per_row)
-        floor = np.sqrt(c_d * var1) / t / math.sqrt(nd)
+        var1 = D * t / g + rn_adu ** 2 + ((1.2533 * rn_adu) ** 2 / nos if per_row else 0.0)
+        # the master bias's error is common to every dark: it neither averages down with nd nor is
+        # clipped, so it adds its own floor squared (c_b var1_bias / nb), not c_d var1_bias / nd
+        floor = np.sqrt(c_d * var1 / nd + c_b * var1_bias(rn_adu, nb, nos, per_row)) / t
         good = (mi.mask == 0)
         acc["dark"].append(((mi.image - D) / floor)[good].ravel())
     for k, arrs in acc.items():
