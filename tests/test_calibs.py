@@ -14,7 +14,7 @@ from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_le
 from calib_core.calibtypes import product_cards
 from calib_core.camera import load_camera
 from calib_core.errors import DataError
-from calib_core.cosmicrays import find_cosmic_rays, persistent_pixels
+from calib_core.cosmicrays import find_cosmic_rays, mask_cosmic_rays, persistent_pixels
 from calib_core.isr import IsrConfig, run_isr
 from calib_core.maskedimage import MaskedImage, mask_bits
 from calib_core.mosaic import bin_image, camera_mosaic, mosaic_geometry, write_mosaic
@@ -193,6 +193,43 @@ def test_write_mosaic_fits_and_png(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # a simulated night
 # ------------------------------------------------------------------------------------------------
+
+
+def test_persistent_cr_cleared_for_hot_pixels_not_for_coinciding_cosmic_rays(tmp_path):
+    """Four darks through the real finder and the combine-time clearing, against what was injected:
+    a hot pixel (in every input) keeps its signal; two cosmic rays that cross the same pixel in 2 of
+    the 4 inputs (flagged in half of them, like a hot pixel) stay masked, and so does a cosmic ray
+    on a hot pixel's grown flags. On main's count-only rule both cosmic rays entered the stack."""
+    from calib_core.calibs import combine_dark
+    from calib_core.persistent import clear_persistent_cr
+
+    rng = np.random.default_rng(12)
+    ny, nx, rn = 60, 60, 3.0
+    hot, cross, near = (15, 15), (40, 40), (15, 17)
+    paths = []
+    for i in range(4):
+        img = rng.normal(0, rn, (ny, nx)).astype(np.float32)
+        img[hot] += 400.0                                     # hot pixel: in every dark
+        if i == 1:
+            img[cross[0], cross[1] - 1:cross[1] + 2] += 900.0     # horizontal track
+        if i == 2:
+            img[cross[0] - 1:cross[0] + 2, cross[1]] += 300.0     # vertical track, same centre pixel
+        if i == 3:
+            img[near] += 600.0                                # inside the hot pixel's grown flags
+        var = np.maximum(img, 0) + rn ** 2
+        mi = MaskedImage(img, np.zeros((ny, nx), np.int32), var.astype(np.float32))
+        mask_cosmic_rays(mi, grow=2)
+        paths.append(write_product(tmp_path / f"dark{i}.fits", mi, {}))
+    cr = mask_bits(["CR"])
+    assert all(read_product(p)[0].mask[hot] & cr for p in paths)          # the finder flags the hot pixel
+    assert clear_persistent_cr(paths) > 0
+    masks = [read_product(p)[0].mask for p in paths]
+    assert not any(m[hot] & cr for m in masks)
+    assert masks[1][cross] & cr and masks[2][cross] & cr
+    assert masks[3][near] & cr
+    dark = combine_dark(paths)
+    assert dark.image[hot] == pytest.approx(400.0, abs=4 * rn)
+    assert abs(dark.image[cross]) < 5 * rn and abs(dark.image[near]) < 5 * rn
 
 
 @pytest.fixture(scope="module")

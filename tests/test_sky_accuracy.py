@@ -37,9 +37,11 @@ def test_cloud_and_glow_rejected_and_no_good_exposure(result):
     assert {"cloud", "glow"} <= {result["bad"][e] for e in acc["bad_rejected"]}, acc
 
 
-def test_bias_and_flat_at_their_floors(result):
+def test_bias_dark_and_flat_at_their_floors(result):
+    """1.00 each (the dark was 1.22-1.24 while its floor averaged the master bias's noise down with
+    the darks; that noise is the same in every dark: bench/sky_accuracy.py, Bias, dark, flat)."""
     m = result["masters"]
-    for key in ("bias", "flat_r"):
+    for key in ("bias", "dark", "flat_r"):
         assert m[key]["ratio"] < 1.2, (key, m[key])
 
 
@@ -64,8 +66,3 @@ def test_fitted_scales_within_three_percent(result):
                                         "as an object and its wings stay within 2-3 sigma of the bin noise")
 def test_target_every_bad_exposure_rejected(result):
     assert result["sky"]["r"]["bad_missed"] == [], result["sky"]["r"]
-
-
-@pytest.mark.xfail(strict=False, reason="the dark is 1.22-1.24 x its floor, target 1.2")
-def test_target_dark_at_its_floor(result):
-    assert result["masters"]["dark"]["ratio"] < 1.2
