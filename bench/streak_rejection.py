@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pickle
 import shutil
 import sys
@@ -126,11 +127,17 @@ def evaluate(nb: dict, cfg: SkyConfig | None = None) -> dict:
     def rejected(r, k):
         return [e for e in streaks if kind[e] == k and e in r.rejected]
 
+    def eligible(e):
+        """The exposure's best line among those significant on enough detectors to qualify (the
+        statistic the threshold applies to); -inf where no line is."""
+        s = streaks[e]
+        return s.score if s.n_detectors >= cfg.rejection.streak.min_detectors else -math.inf
+
     def top(k):
-        return max((streaks[e].score for e in streaks if kind[e] == k), default=float("nan"))
+        return max((eligible(e) for e in streaks if kind[e] == k), default=float("nan"))
 
     others = [e for e in streaks if kind[e] != "trail"]
-    best_other = max(others, key=lambda e: streaks[e].score)
+    best_other = max(others, key=eligible)
     return {
         "camera": nb["camera"], "seed": nb["seed"], "n_exposures": len(streaks),
         "trail_rejected": bool(trail) and all(e in res.rejected for e in trail),
@@ -155,7 +162,7 @@ def evaluate(nb: dict, cfg: SkyConfig | None = None) -> dict:
         "trail_core_peak": tp["core_peak"] if tp else None, "trail_wing_peak": tp["wing_peak"] if tp else None,
         "max_good_score": float(top("good")), "max_cloud_score": float(top("cloud")),
         "max_glow_score": float(top("glow")),
-        "max_other_score": float(streaks[best_other].score), "max_other_kind": kind[best_other],
+        "max_other_score": float(eligible(best_other)), "max_other_kind": kind[best_other],
         "threshold": cfg.rejection.streak.min_score,
         "seconds_per_exposure_streak": t_streak, "seconds_solve": t_solve,
     }
@@ -163,6 +170,11 @@ def evaluate(nb: dict, cfg: SkyConfig | None = None) -> dict:
 
 def _yn(x) -> str:
     return "yes" if x else "NO"
+
+
+def _margin(r: dict) -> str:
+    other = r["max_other_score"]
+    return f"{r['trail_score'] / other:.1f}x" if math.isfinite(other) and other > 0 else "no rival line"
 
 
 def _refused(r: dict) -> str:
@@ -177,8 +189,10 @@ def markdown(rows: list[dict]) -> str:
         "Exposure rejection of the sky build's barrier against the simulator's truth (bench/streak_rejection.py): "
         "r band, gradients up to +-10 %, one cloud, one trail and one glow exposure per night, ISR with the "
         "truth bias/dark/flat, the build's two passes. 'before': the same barrier with the streak rule off "
-        "(main before it). Scores are the streak statistic (sigma); the rule rejects at "
-        f"{rows[0]['threshold'] if rows else ''}.",
+        "(main before it). Scores are the streak statistic (sigma) of each exposure's best line among those "
+        "significant on at least two detectors (-inf: no such line); the rule rejects at "
+        f"{rows[0]['threshold'] if rows else ''}. 'cut refused': the rules together would reject more than half "
+        "of the night, so by design nothing is rejected.",
         "",
         "| geometry | seed | trail rejected (before) | by the streak rule | rule's own verdict on the trail "
         "| good rejected by the streak rule | good rejected by the other rules (before) | cut refused "
@@ -194,7 +208,7 @@ def markdown(rows: list[dict]) -> str:
             f"({r['cloud_rejected_before']} / {r['glow_rejected_before']}) "
             f"| {r['trail_score']:.1f} | {r['max_good_score']:.1f} "
             f"| {r['max_cloud_score']:.1f} / {r['max_glow_score']:.1f} "
-            f"| {r['trail_score'] / r['max_other_score']:.1f}x "
+            f"| {_margin(r)} "
             f"| {r['trail_angle_found']:.1f} / {r['trail_angle_true']:.1f} "
             f"| {r['seconds_per_exposure_streak']:.2f} |")
     return "\n".join(lines)
