@@ -72,9 +72,9 @@ class StreakConfig(BaseModel):
                                             "is given the camera (the sky build's barrier does)")
     min_score: float = Field(6.0, gt=0, description="reject an exposure whose best line scores at least this "
                                                     "(sigma: the significance of the weakest coherent_fraction "
-                                                    "of its pieces); 6.0. Measured on simulated nights "
-                                                    "(bench/results/streak_rejection.md): trails 8-31, good "
-                                                    "exposures at most 3.6, clouds and glows at most 5.6")
+                                                    "of its pieces); 6.0. On simulated nights "
+                                                    "(bench/results/streak_rejection.md) trails scored 8.2-36, "
+                                                    "good exposures at most 3.3, glows at most 5.6")
     clip: float = Field(3.0, gt=0, description="per-bin significances are clipped at this many sigma, so one "
                                                "bin a galaxy masked weighs no more than a bin the trail "
                                                "crosses; 3.0")
