@@ -62,6 +62,7 @@ from .isr import IsrConfig
 from .maskedimage import MaskedImage, mask_bits
 from .objectmask import MaskObjectsConfig, mask_objects
 from .stats import stack_statistic
+from .streaks import StreakConfig, find_streaks, streak_reason
 
 __all__ = [
     "SkyStatsConfig", "SkyMeasurementConfig", "ExposureRejectionConfig", "LargeScaleConfig", "SkyConfig",
@@ -145,6 +146,10 @@ class ExposureRejectionConfig(BaseModel):
         "warn", description="what such a cut does: 'warn' builds from every exposure and records the refused "
                             "cut with its reasons (logged as a warning, kept in the result and the product's "
                             "stats); 'fail' raises SkyRejectionError")
+    streak: StreakConfig = Field(
+        default_factory=StreakConfig,
+        description="reject an exposure crossed by a straight masked or bright strip that runs across the focal "
+                    "plane (a satellite trail; calib_core/streaks.py); checked before the other rules")
 
 
 class SkyConfig(BaseModel):
@@ -467,13 +472,17 @@ def exposure_structure(models: Mapping[object, Mapping[object, BackgroundModel]]
 
 
 def find_outlier_exposures(models: Mapping[object, Mapping[object, BackgroundModel]],
-                           config: ExposureRejectionConfig | None = None) -> dict[object, str]:
+                           config: ExposureRejectionConfig | None = None, *, camera: Camera | None = None
+                           ) -> dict[object, str]:
     """Exposures whose residual is not the night's pattern plus noise, with the reason.
 
     Parameters
     ----------
     models : {exposure: {detector: BackgroundModel}}
-        The binned residuals ``I/L - 1`` (dimensionless), with errors.
+        The binned residuals ``I/L - 1`` (dimensionless), with errors and NPOINT.
+    camera : optional
+        Places the bins on the focal plane for the satellite-trail rule (``config.streak``); without
+        it that rule does not run.
 
     Returns
     -------
@@ -490,11 +499,15 @@ def find_outlier_exposures(models: Mapping[object, Mapping[object, BackgroundMod
         return {}
     st = exposure_structure(models, cfg.outlier_sigma)
     typical = float(np.median([s.bins for s in st.values()]))
+    # satellite trails (calib_core/streaks.py): a straight strip across the focal plane
+    streaks = find_streaks(camera, models, cfg.streak) if camera is not None and cfg.streak.enabled else {}
     out = {}
     for e in exps:
         s = st[e]
         if not math.isfinite(s.excess):
             out[e] = "no finite bins"
+        elif e in streaks and streaks[e].qualifies:
+            out[e] = streak_reason(streaks[e])
         elif s.bins < (1 - cfg.max_lost_bins) * typical:
             out[e] = (f"object masking left {s.bins} usable bins against the night's median {typical:.0f} "
                       f"(more than {cfg.max_lost_bins:.0%} fewer): something large was detected as objects "
@@ -593,7 +606,7 @@ def solve_sky_frames(camera: Camera, binned: Mapping[object, Mapping[int, Backgr
         rejected = {}
         if it == cfg.n_iter - 1:
             try:
-                rejected = find_outlier_exposures(residuals, cfg.rejection)
+                rejected = find_outlier_exposures(residuals, cfg.rejection, camera=camera)
             except SkyRejectionError as exc:
                 if cfg.rejection.on_mass_rejection == "fail":
                     raise

@@ -1,0 +1,195 @@
+"""The satellite-trail rule of the sky build (calib_core/streaks.py; docs/algorithms.md, "Sky frames").
+
+Unit tests build the barrier's binned residuals of a night by hand on democam_mini's focal plane
+(3 x 3 detectors of 8 x 16 bins of 32 px): every bin loses a random part of its pixels to objects
+and carries noise, and one exposure gets a known feature, placed by its own focal-plane geometry
+(bin centres computed here from the pixel grid): a masked band along a straight line at a known
+angle across the whole focal plane is found at that angle and rejected; a fully masked bleed
+column the height of a detector, blobs masked the size of big galaxies, and a trail-strength strip
+a quarter of the focal plane long are not. The last test runs the simulator (calib_core.simulate),
+ISR with its truth calibrations and the build's two passes, and checks the rejections against the
+truth it wrote (exposures.json ``defect``).
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from calib_core.background import BackgroundModel
+from calib_core.camera import load_camera
+from calib_core.sky import ExposureRejectionConfig, find_outlier_exposures
+from calib_core.streaks import StreakConfig, find_streaks
+
+CAM = load_camera("democam_mini")
+BIN = 32
+N_EXP = 10
+BAD = 3                     # the exposure that gets the feature
+
+
+def _centres(det):
+    """Focal-plane mm of the centres of the 32-px bins of a detector, (ny_bins, nx_bins)."""
+    xs = np.arange(det.nx // BIN) * BIN + (BIN - 1) / 2.0
+    ys = np.arange(det.ny // BIN) * BIN + (BIN - 1) / 2.0
+    gx, gy = np.meshgrid(xs, ys)
+    u, v = CAM.pixel_to_focal_plane(det, gx, gy)
+    return np.asarray(u), np.asarray(v)
+
+
+def _night(extra_masked=None, extra_light=None, seed=1):
+    """{exposure: {detector: BackgroundModel}} of residuals ``I/L - 1``: per bin a static masked
+    fraction (the same in every exposure), objects (an exponential fraction, mean 4 %, and a few
+    galaxies masking 30-90 % of a bin), noise of 0.1 % of the sky per full bin. ``extra_masked``
+    and ``extra_light`` map (u, v) -> masked fraction / residual added to exposure BAD."""
+    rng = np.random.default_rng(seed)
+    static = {d.id: rng.uniform(0, 0.05, (d.ny // BIN, d.nx // BIN)) for d in CAM.detectors}
+    out = {}
+    for e in range(N_EXP):
+        out[e] = {}
+        for det in CAM.detectors:
+            shape = static[det.id].shape
+            f = static[det.id] + rng.exponential(0.04, shape)
+            gal = rng.random(shape) < 0.03
+            f[gal] += rng.uniform(0.3, 0.9, gal.sum())
+            light = np.zeros(shape)
+            if e == BAD:
+                u, v = _centres(det)
+                if extra_masked is not None:
+                    f = f + extra_masked(u, v)
+                if extra_light is not None:
+                    light = extra_light(u, v)
+            npoint = np.round(BIN * BIN * (1 - np.clip(f, 0, 1)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                err = 1e-3 * np.sqrt(BIN * BIN / npoint)
+                val = np.where(npoint > 0, rng.normal(0, 1, shape) * err + light, np.nan)
+            out[e][det.id] = BackgroundModel(val, err, npoint, (0, 0, det.nx - 1, det.ny - 1))
+    return out
+
+
+def _distance(u, v, angle_deg, u0=0.0, v0=0.0):
+    a = math.radians(angle_deg)
+    return -(u - u0) * math.sin(a) + (v - v0) * math.cos(a)
+
+
+def _along(u, v, angle_deg, u0=0.0, v0=0.0):
+    a = math.radians(angle_deg)
+    return (u - u0) * math.cos(a) + (v - v0) * math.sin(a)
+
+
+def _trail(angle_deg, u0=0.0, v0=0.0, masked=0.5, half_width_mm=1.0):
+    """A band ``2 * half_width_mm`` wide along the line, masked by ``masked`` of each bin, and its
+    faint wings (0.1 % of the sky, sigma 1.5 mm) beside it."""
+    def m(u, v):
+        return np.where(np.abs(_distance(u, v, angle_deg, u0, v0)) < half_width_mm, masked, 0.0)
+
+    def light(u, v):
+        return 1e-3 * np.exp(-0.5 * (_distance(u, v, angle_deg, u0, v0) / 1.5) ** 2)
+    return m, light
+
+
+def _angle_error(a, b):
+    return abs((a - b + 90.0) % 180.0 - 90.0)
+
+
+@pytest.mark.parametrize("angle, u0, v0", [(17.0, 1.0, -3.0), (72.0, -2.0, 4.0), (135.0, 0.5, 0.5),
+                                           (90.0, 3.5, 0.0)])
+def test_line_across_the_focal_plane_found_at_its_angle_and_rejected(angle, u0, v0):
+    m, light = _trail(angle, u0, v0)
+    night = _night(m, light)
+    streaks = find_streaks(CAM, night)
+    s = streaks[BAD]
+    assert s.qualifies, s
+    assert _angle_error(s.angle_deg, angle) < 3.0, s
+    # where the line was: its signed distance from the focal-plane origin, within half a band
+    assert abs(s.offset_mm - _distance(u0, v0, s.angle_deg)) < 1.0, s
+    assert not any(streaks[e].qualifies for e in night if e != BAD), {e: streaks[e] for e in night}
+    rejected = find_outlier_exposures(night, ExposureRejectionConfig(), camera=CAM)
+    assert list(rejected) == [BAD], rejected
+    assert "satellite trail" in rejected[BAD] and f"{s.angle_deg:.1f} deg" in rejected[BAD], rejected
+    # the other rules alone do not see this trail (half-masked bins stay usable, the wings are
+    # within the noise): the streak rule is what rejects it, and only given the camera
+    assert find_outlier_exposures(night, ExposureRejectionConfig()) == {}
+    off = ExposureRejectionConfig(streak=StreakConfig(enabled=False))
+    assert find_outlier_exposures(night, off, camera=CAM) == {}
+
+
+def test_trail_seen_only_in_the_residual_is_found():
+    """A trail that object masking missed: no bin loses pixels, the residual rises along the line."""
+    night = _night(None, lambda u, v: np.where(np.abs(_distance(u, v, 40.0)) < 0.5, 4e-3, 0.0))
+    s = find_streaks(CAM, night)[BAD]
+    assert s.qualifies and not s.masked, s
+    assert _angle_error(s.angle_deg, 40.0) < 3.0, s
+
+
+def test_bleed_column_the_height_of_a_detector_is_not_a_trail():
+    """A saturated star's bleed: one column of bins masked from the bottom to the top of the centre
+    detector, and light beside it."""
+    det = CAM.detector(4)
+    x_mm = _centres(det)[0][0, 3]
+
+    def m(u, v):
+        return np.where((np.abs(u - x_mm) < 0.2) & (np.abs(v - det.y_mm) < det.ny * 0.015 / 2), 1.0, 0.0)
+    night = _night(m, lambda u, v: np.where(np.abs(u - x_mm - 0.48) < 0.2, 5e-3, 0.0)
+                   * (np.abs(v - det.y_mm) < 3.8))
+    s = find_streaks(CAM, night)[BAD]
+    assert not s.qualifies, s
+    assert find_outlier_exposures(night, ExposureRejectionConfig(max_lost_bins=0.5), camera=CAM) == {}
+
+
+def test_big_masked_blobs_are_not_a_trail():
+    """Six galaxies, each masking every bin within 1.2 mm (5 x 5 bins), scattered over the plane."""
+    centres = [(-5.0, -10.0), (4.5, -6.0), (-1.0, -1.5), (5.0, 2.5), (-4.5, 7.0), (1.5, 11.0)]
+
+    def m(u, v):
+        return sum(np.where(np.hypot(u - a, v - b) < 1.2, 1.0, 0.0) for a, b in centres)
+    s = find_streaks(CAM, _night(m))[BAD]
+    assert not s.qualifies, s
+
+
+def test_short_strip_across_a_chip_gap_is_not_a_trail():
+    """A trail-strength band a quarter of the focal plane's height long, over two detectors."""
+    m, light = _trail(80.0, 0.0, 4.6)
+
+    def short(f):
+        return lambda u, v: f(u, v) * (np.abs(_along(u, v, 80.0, 0.0, 4.6)) < 3.0)
+    s = find_streaks(CAM, _night(short(m), short(light)))[BAD]
+    assert not s.qualifies, s
+    # the same band across the whole focal plane is a trail
+    assert find_streaks(CAM, _night(m, light))[BAD].qualifies
+
+
+def test_config_refuses_unknown_fields_and_documents_defaults():
+    with pytest.raises(ValueError):
+        StreakConfig(min_scor=5)
+    for name, f in StreakConfig.model_fields.items():
+        assert f.description, name
+    assert isinstance(ExposureRejectionConfig().streak, StreakConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# simulated night, against the simulator's truth
+# ---------------------------------------------------------------------------------------------------
+
+SEED, N_SIM = 0, 8
+
+
+def test_simulated_trail_rejected_and_no_good_exposure(tmp_path):
+    """democam_mini, 8 r-band exposures with a cloud, a trail and a glow, moonlight gradients of up
+    to +-10 %; ISR with the truth calibrations, the build's two passes (bench/streak_rejection.py).
+    Seed 0 is a night where the rules that were there before reject no good exposure."""
+    from bench.streak_rejection import night_binned
+    from calib_core.camera import effective_config
+    from calib_core.sky import SkyConfig, solve_sky_frames
+
+    nb = night_binned("democam_mini", SEED, tmp_path, log=lambda s: None, n_science=N_SIM)
+    cfg = effective_config(SkyConfig, CAM, None)
+    res = solve_sky_frames(CAM, nb["binned"], cfg, nb["guide"])
+    kind = {e: nb["defect"][e] or "good" for e in nb["binned"]}
+    assert sorted(k for k in kind.values() if k != "good") == ["cloud", "glow", "trail"]
+    trail = next(e for e, k in kind.items() if k == "trail")
+    assert res.rejected.get(trail, "").endswith("a satellite trail"), res.rejected
+    truth = math.degrees(nb["defect_params"][trail]["angle"]) % 180.0
+    found = float(res.rejected[trail].split(" at angle ")[1].split(" deg")[0])
+    assert _angle_error(found, truth) < 5.0, (found, truth)
+    assert not [e for e in res.rejected if kind[e] == "good"], {e: (kind[e], r) for e, r in res.rejected.items()}
+    assert {kind[e] for e in res.rejected} == {"cloud", "trail", "glow"}, res.rejected
