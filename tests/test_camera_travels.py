@@ -149,20 +149,19 @@ def test_serve_default_camera_comes_from_the_registry(registry, tmp_path):
     import click
     import typer
 
-    from calibflow import cli
     from calibflow.ops import _serve_camera
 
-    assert _serve_camera(cli, registry, None) is None
+    assert _serve_camera(registry, None) is None
     path = tmp_path / "fieldcam.yaml"
     path.write_text(_camera_text("fieldcam", mirrored_b=True))
-    assert _serve_camera(cli, registry, str(path)).name == "fieldcam"          # not ingested yet
+    assert _serve_camera(registry, str(path)).name == "fieldcam"          # not ingested yet
     with registry.session() as s:
         registry.ensure_camera(s, load_camera(path))
-    assert _serve_camera(cli, registry, None).name == "fieldcam"
-    assert _serve_camera(cli, registry, "fieldcam").content_hash == load_camera(path).content_hash
+    assert _serve_camera(registry, None).name == "fieldcam"
+    assert _serve_camera(registry, "fieldcam").content_hash == load_camera(path).content_hash
     path.write_text(_camera_text("fieldcam", mirrored_b=False))              # differs from the registry's
     with pytest.raises((typer.Exit, click.exceptions.Exit)):
-        _serve_camera(cli, registry, str(path))
+        _serve_camera(registry, str(path))
     with registry.session() as s:
         registry.ensure_camera(s, load_camera("democam_mini"))
-    assert _serve_camera(cli, registry, None) is None
+    assert _serve_camera(registry, None) is None
