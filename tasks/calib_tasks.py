@@ -174,7 +174,7 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
         raw = read_raw(exposure["path"], camera, [detector]).detectors[detector]
         result = {"exposure_id": exposure["exposure_id"], "detector": detector, "path": str(out),
                   "isr_calibs": {t: c["calib_id"] for t, c in calibs.items()}, "pid": os.getpid()}
-        mi = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out, store, result)
+        mi = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out, result)
     except (RawReadError, IsrError) as exc:
         if not isinstance(exc, RawReadError):      # bad pixels (no usable overscan, ...): name file and exposure
             exc = RawReadError(exposure["path"], f"exposure {exposure['exposure_id']} detector {detector}: "
@@ -190,10 +190,10 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
     return {**result, "reused": False}
 
 
-def _process_pixels(ctx: BuildContext, camera, raw, exposure: dict, detector: int, calibs: dict, out, store,
+def _process_pixels(ctx: BuildContext, camera, raw, exposure: dict, detector: int, calibs: dict, out,
                     result: dict):
     """The type's processing of one raw detector (:attr:`CalibType.process`); adds its scalars to
-    ``result`` and writes its side products next to the intermediate (``<stem>-<name>.fits``)."""
+    ``result`` and writes its side products next to the intermediate (``<stem>-<suffix>.fits``)."""
     done = ctx.spec.process(raw, calibs, exposure, ctx.cfg(), camera, detector)
     result.update(done.scalars)
     for key, (suffix, hdulist) in done.sidecars.items():
