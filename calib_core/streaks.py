@@ -74,9 +74,9 @@ class StreakConfig(BaseModel):
                                             "is given the camera (the sky build's barrier does)")
     min_score: float = Field(5.0, gt=0, description="reject an exposure whose best line scores at least this "
                                                     "(sigma: the significance of the weakest coherent_fraction "
-                                                    "of its pieces); 5.0. On simulated nights "
-                                                    "(bench/results/streak_rejection.md) trails scored 6.5 and "
-                                                    "more, good exposures at most 2.9, glows at most 4.0")
+                                                    "of its pieces); 5.0. On 37 simulated nights "
+                                                    "(bench/results/streak_rejection*.md) trails scored "
+                                                    "6.5-27.5, good exposures at most 2.9, glows at most 4.0")
     clip: float = Field(3.0, gt=0, description="per-bin significances are clipped at this many sigma, so one "
                                                "bin a galaxy masked weighs no more than a bin the trail "
                                                "crosses; 3.0")
