@@ -21,15 +21,17 @@ Hough (Radon) transform of a per-bin anomaly over the whole focal plane:
    the two, ranked again the same way, is the bin's anomaly ``q`` (about N(0, 1) on a clean night);
 3. for every angle (steps that move the strip by a quarter of its width over the focal plane's
    radius) and offset (half-width steps), the bins whose centres lie within ``width_bins / 2`` of
-   the line are cut into pieces ``segment_bins`` long; each piece's ``sum(q)`` less what the same
-   stretch of the parallel strips ``flank_bins`` to either side holds (a cloud or a glow is as high
-   there; a trail is not), over its standard deviation, is the piece's significance;
+   the line are cut into pieces ``segment_bins`` long; a piece's significance is how far its
+   ``sum(q)`` rises above the higher of the two parallel strips ``flank_bins`` to either side,
+   along the same stretch, over its standard deviation (a glow, a cloud or a gradient is as high
+   on one side at least; a trail is above both). Pieces without bins on both sides do not count:
+   along the focal plane's edge a broad feature would look like a strip;
 4. the line's score is the significance of its weakest ``coherent_fraction`` of pieces, ``sum /
    sqrt(m)`` over the m lowest: signal in a few pieces (a bleed column, a galaxy, a ghost) goes
    with the strongest third, while a trail carries every piece. The line must also be significant
    (``min_detector_score``) on at least ``min_detectors`` detectors, which nothing confined to one
    detector can be. The best line's direction is then refined from the principal axis of the
-   anomalous bins around it.
+   anomalous bins around it and a finer matched-strip search.
 
 Peers: LSST's ``MaskStreaksTask`` (meas_algorithms) finds trails on one detector at full
 resolution: Canny edges of the detection mask, a kernel Hough transform, then a Moffat profile fit.
@@ -70,11 +72,11 @@ class StreakConfig(BaseModel):
 
     enabled: bool = Field(True, description="look for satellite trails; True. Runs where find_outlier_exposures "
                                             "is given the camera (the sky build's barrier does)")
-    min_score: float = Field(6.0, gt=0, description="reject an exposure whose best line scores at least this "
+    min_score: float = Field(5.0, gt=0, description="reject an exposure whose best line scores at least this "
                                                     "(sigma: the significance of the weakest coherent_fraction "
-                                                    "of its pieces); 6.0. On simulated nights "
-                                                    "(bench/results/streak_rejection.md) trails scored 8.2-36, "
-                                                    "good exposures at most 3.3, glows at most 5.6")
+                                                    "of its pieces); 5.0. On 37 simulated nights "
+                                                    "(bench/results/streak_rejection*.md) trails scored "
+                                                    "6.5-27.5, good exposures at most 2.9, glows at most 4.0")
     clip: float = Field(3.0, gt=0, description="per-bin significances are clipped at this many sigma, so one "
                                                "bin a galaxy masked weighs no more than a bin the trail "
                                                "crosses; 3.0")
@@ -82,11 +84,12 @@ class StreakConfig(BaseModel):
         [2.0, 4.0], min_length=1, description="widths of the strip tried (bin pitches): the bins whose centres "
                                               "lie within half of one from the line; [2, 4] (a trail's masked "
                                               "band is 1-8 bins wide)")
-    flank_bins: float | None = Field(8.0, gt=0, description="each piece is compared with the strips this far (bin "
-                                                           "pitches, centre to centre) to either side; 8.0, "
+    flank_bins: float | None = Field(8.0, gt=0, description="each piece is compared with the higher of the strips "
+                                                           "this far (bin pitches, centre to centre) to either "
+                                                           "side, and counts only where both hold bins; 8.0, "
                                                            "beyond the masked band of a trail with bright "
                                                            "wings. None: no comparison")
-    segment_bins: float = Field(4.0, gt=0, description="length of a piece of the strip (bin pitches); 4.0")
+    segment_bins: float = Field(6.0, gt=0, description="length of a piece of the strip (bin pitches); 6.0")
     coherent_fraction: float = Field(0.67, gt=0, le=1, description="the score sums the weakest this fraction "
                                                                    "of the line's pieces, so the signal must "
                                                                    "run along about this much of its chord "
@@ -305,19 +308,26 @@ def _find_line(fp: BinnedFocalPlane, cfg: StreakConfig, width_bins: float) -> St
                          minlength=n_a * n_rho * n_seg).reshape(n_a, n_rho, n_seg)
         nn = np.bincount(key, minlength=n_a * n_rho * n_seg).reshape(n_a, n_rho, n_seg).astype(np.float64)
         sq, nn = sq[:, :-1] + sq[:, 1:], nn[:, :-1] + nn[:, 1:]        # strip j: cells j and j + 1
+        use = nn > 0
         if g:
-            # the strips g cells to either side: what the bins beside the line look like along the
-            # same stretch of it (a glow or a cloud is as high there, a trail is not)
-            fs, fn = (np.pad(a, ((0, 0), (g, g), (0, 0))) for a in (sq, nn))
-            fs, fn = fs[:, :-2 * g] + fs[:, 2 * g:], fn[:, :-2 * g] + fn[:, 2 * g:]
+            # the strips g cells to either side, along the same stretch of the line: a piece counts
+            # by how far it rises above the higher of the two (a glow, a cloud or a gradient is as
+            # high on one side at least; a trail is above both), and only where both sides hold
+            # bins (along the focal plane's edge a broad feature would look like a strip)
+            ps, pn = (np.pad(a, ((0, 0), (g, g), (0, 0))) for a in (sq, nn))
             with np.errstate(invalid="ignore", divide="ignore"):
-                sq = sq - nn * np.where(fn > 0, fs / fn, 0.0)
-                var = nn * (1.0 + np.where(fn > 0, nn / fn, 0.0))
+                ml, mr = ps[:, :-2 * g] / pn[:, :-2 * g], ps[:, 2 * g:] / pn[:, 2 * g:]
+            left = ml >= mr
+            use &= (pn[:, :-2 * g] > 0) & (pn[:, 2 * g:] > 0)
+            fn = np.where(left, pn[:, :-2 * g], pn[:, 2 * g:])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sq = sq - nn * np.where(use, np.where(left, ml, mr), 0.0)
+                var = nn * (1.0 + np.where(use, nn / fn, 0.0))
         else:
             var = nn
         with np.errstate(invalid="ignore", divide="ignore"):
-            sig = np.where(nn > 0, sq / np.sqrt(var), np.inf)
-        n_piece = np.sum(nn > 0, axis=2)
+            sig = np.where(use, sq / np.sqrt(var), np.inf)
+        n_piece = np.sum(use, axis=2)
         m = np.maximum(np.floor(cfg.coherent_fraction * n_piece + 1e-9).astype(np.int64), 1)
         srt = np.sort(sig, axis=2)                                        # empty pieces last
         csum = np.cumsum(np.where(np.isfinite(srt), srt, 0.0), axis=2)
@@ -337,36 +347,49 @@ def _find_line(fp: BinnedFocalPlane, cfg: StreakConfig, width_bins: float) -> St
         a, j = np.unravel_index(int(np.argmax(flat)), flat.shape)
         if best is None or (ok[a, j], score[a, j]) > (best["ok"], best["score"]):
             best = {"ok": bool(ok[a, j]), "score": float(score[a, j]), "theta": float(th[a]),
-                    "rho": (j + 1) * cell - radius, "seg_sig": np.where(nn[a, j] > 0, sig[a, j], np.nan),
+                    "rho": (j + 1) * cell - radius, "seg_sig": np.where(use[a, j], sig[a, j], np.nan),
                     "n_sig": int(n_sig[a, j])}
     if best is None or not math.isfinite(best["score"]):
         return Streak(-math.inf, math.nan, math.nan, 0.0, 0, True, False)
     hit = np.flatnonzero(best["seg_sig"] >= 2.0)
     length = float((hit[-1] - hit[0] + 1) * seg) if hit.size else 0.0
-    th, rho = _refine(fp, best["theta"], best["rho"], max(cfg.flank_bins or 0.0, width_bins) * fp.pitch / 2)
+    th, rho = _refine(fp, best["theta"], best["rho"], width_bins * fp.pitch, step,
+                      (cfg.flank_bins or 2 * width_bins) * fp.pitch / 2)
     on = np.abs(-u * math.sin(th) + v * math.cos(th) - rho) <= cell
     masked = bool(np.sum(fp.masked[on]) >= np.sum(fp.resid[on]))
     return Streak(best["score"], math.degrees(th) % 180.0, rho, length, best["n_sig"], masked,
                   best["ok"] and best["score"] >= cfg.min_score)
 
 
-def _refine(fp: BinnedFocalPlane, theta: float, rho: float, half: float) -> tuple[float, float]:
-    """The line's direction and offset from the principal axis of the bins within ``half`` mm of
-    it, weighted by their positive anomaly (the Hough grid's angle step is set by the strip width,
-    coarse on a small focal plane)."""
+def _refine(fp: BinnedFocalPlane, theta: float, rho: float, width: float, step: float,
+            half: float) -> tuple[float, float]:
+    """The line's direction and offset, finer than the Hough grid (whose angle step is set by the
+    strip width, coarse on a small focal plane): first the principal axis of the anomalous bins
+    (``q > 1``) within ``half`` mm of the line, weighted by ``q``; then, around it, the strip of the
+    same width whose bins hold the most anomaly, ``sum(q) / sqrt(n)``, over angles within two
+    steps and offsets within a width, at an eighth of both."""
     c, s = math.cos(theta), math.sin(theta)
-    sel = (np.abs(-fp.u * s + fp.v * c - rho) <= half) & (fp.q > 0)
-    if sel.sum() < 3:
-        return theta, rho
-    w = fp.q[sel] ** 2
-    uc, vc = np.average(fp.u[sel], weights=w), np.average(fp.v[sel], weights=w)
-    du, dv = fp.u[sel] - uc, fp.v[sel] - vc
-    cov = np.array([[np.sum(w * du * du), np.sum(w * du * dv)], [np.sum(w * du * dv), np.sum(w * dv * dv)]])
-    _, evecs = np.linalg.eigh(cov)
-    a = math.atan2(evecs[1, 1], evecs[0, 1]) % math.pi
-    if abs((a - theta + math.pi / 2) % math.pi - math.pi / 2) > math.radians(20):
-        return theta, rho          # the strip's bins do not define a direction near the Hough one
-    return a, -uc * math.sin(a) + vc * math.cos(a)
+    sel = (np.abs(-fp.u * s + fp.v * c - rho) <= half) & (fp.q > 1.0)
+    if sel.sum() >= 3:
+        w = fp.q[sel]
+        uc, vc = np.average(fp.u[sel], weights=w), np.average(fp.v[sel], weights=w)
+        du, dv = fp.u[sel] - uc, fp.v[sel] - vc
+        cov = np.array([[np.sum(w * du * du), np.sum(w * du * dv)], [np.sum(w * du * dv), np.sum(w * dv * dv)]])
+        a = math.atan2(*np.linalg.eigh(cov)[1][::-1, 1]) % math.pi
+        if abs((a - theta + math.pi / 2) % math.pi - math.pi / 2) <= math.radians(20):
+            theta, rho = a, -uc * math.sin(a) + vc * math.cos(a)
+    thetas = theta + np.linspace(-2 * step, 2 * step, 33)
+    d = -fp.u[None, :] * np.sin(thetas)[:, None] + fp.v[None, :] * np.cos(thetas)[:, None]     # (angle, bin)
+    best, out = -np.inf, (theta % math.pi, rho)
+    for r in rho + np.linspace(-width, width, 17):
+        on = np.abs(d - r) <= width / 2
+        n = on.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.where(n > 0, (on * fp.q).sum(axis=1) / np.sqrt(n), -np.inf)
+        k = int(np.argmax(z))
+        if z[k] > best:
+            best, out = z[k], (float(thetas[k]) % math.pi, float(r))
+    return out
 
 
 def find_streaks(camera: Camera, residuals: Mapping[object, Mapping[object, BackgroundModel]],

@@ -76,7 +76,7 @@ def _along(u, v, angle_deg, u0=0.0, v0=0.0):
     return (u - u0) * math.cos(a) + (v - v0) * math.sin(a)
 
 
-def _trail(angle_deg, u0=0.0, v0=0.0, masked=0.5, half_width_mm=1.0):
+def _trail(angle_deg, u0=0.0, v0=0.0, masked=0.7, half_width_mm=1.0):
     """A band ``2 * half_width_mm`` wide along the line, masked by ``masked`` of each bin, and its
     faint wings (0.1 % of the sky, sigma 1.5 mm) beside it."""
     def m(u, v):
