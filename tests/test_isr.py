@@ -210,3 +210,28 @@ def test_defects_and_unassembled_output():
     un = run_isr(raw, IsrConfig(doAssemble=False, **ONLY_OVERSCAN))
     assert un.shape == raw.amps[0].raw.shape
     np.testing.assert_allclose(un.image[:, :NXA], truth[:, :NXA], atol=1e-3)
+
+
+def test_fit_fringe_scale_ignores_stars_and_the_sky_pattern():
+    """Against the injected amplitude, within 4 sigma of the fit's statistical error: a 256-px image
+    with 30-50 px fringes, a sky pattern whose bumps share the fringes' scales, and unmasked bright
+    stars (ISR runs before object detection)."""
+    rng = np.random.default_rng(21)
+    ny = nx = 256
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    fr = sum(np.cos(2 * np.pi * (x * np.cos(a) + y * np.sin(a)) / lam + ph)
+             for a, lam, ph in zip(rng.uniform(0, np.pi, 4), rng.uniform(30, 50, 4), rng.uniform(0, 6.3, 4)))
+    fr = (fr - fr.mean()) / fr.std() * 0.015                          # rms 1.5 % of the sky
+    sky = 2000.0
+    pattern = 0.05 * np.exp(-((x - 90) ** 2 + (y - 160) ** 2) / (2 * 35.0 ** 2))   # a 5 % bump
+    true_scale = sky * 1.1
+    img = sky * (1 + pattern + 0.02 * x / nx) + true_scale * fr
+    for _ in range(12):                                               # bright stars, sigma 1.5 px
+        cx, cy = rng.uniform(10, nx - 10, 2)
+        img += rng.uniform(2e4, 2e5) / (2 * np.pi * 1.5 ** 2) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 4.5)
+    noise_sigma = np.sqrt(sky)
+    mi = MaskedImage.from_image((img + rng.normal(0, noise_sigma, img.shape)).astype(np.float32))
+    mi.variance[:] = np.float32(sky)
+    error = noise_sigma / np.sqrt(np.sum((fr - fr.mean()) ** 2))     # the fit's statistical error
+    s = fit_fringe_scale(mi, fr.astype(np.float32), BAD)
+    assert abs(s - true_scale) < 4 * error, (s, true_scale, error)
