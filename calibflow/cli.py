@@ -503,8 +503,12 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     from pydantic import ValidationError
 
     _prefect_env()
-    store, registry = _open_repo(repo, registry_url)
+    for name in (types or "").split(","):
+        check_calib_type(name.strip() or None, "--types")
+    if runner not in ("threads", "processes", "dask"):
+        _fail(f"--runner must be threads, processes or dask, not {runner!r}")
     _check_date(night, "--night")
+    store, registry = _open_repo(repo, registry_url)
     camera = _resolve_camera(registry, camera, night=night).name
     if night and not registry.query_exposures(camera=camera, night=night):   # before Prefect is imported
         _fail(f"night {night}: no exposures of camera {camera} in the registry (see `calibflow exposures`); "
@@ -515,9 +519,7 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     try:
         policy = NightlyPolicy(**({"types": [t.strip() for t in types.split(",") if t.strip()]} if types else {}))
     except ValidationError as exc:
-        _fail(f"invalid --types: {exc}")
-    if runner not in ("threads", "processes", "dask"):
-        _fail(f"--runner must be threads, processes or dask, not {runner!r}")
+        _fail("invalid --types: " + "; ".join(e["msg"] for e in exc.errors()))
     if not plan_night(registry, camera, night or default_night(registry.stored_camera(camera)), policy):
         _fail(f"night {night or default_night(registry.stored_camera(camera))}: no exposures of camera {camera} "
               "in the registry (see `calibflow exposures`); nothing to build")

@@ -152,6 +152,7 @@ def test_strict_json_helper():
     (["lookup", "--exposure", "b0", "--type", "skyy"], "--type: unknown calib type 'skyy'"),
     (["exposures", "--type", "sciense"], "--type: unknown observation type 'sciense'; choose one of bias"),
     (["build", "skyy"], "unknown calib type 'skyy'"),
+    (["nightly", "--types", "bias,skyy"], "--types: unknown calib type 'skyy'"),
     (["calibs", "--detector", "99"], "--detector: no detector 99 in camera democam_mini (detectors 0-8)"),
     (["lookup", "--exposure", "b0", "--type", "bias", "--detector", "42"], "no detector 42 in camera democam_mini"),
     (["build", "bias", "--detector", "3", "--detector", "99"], "--detector: no detector 99 in camera democam_mini"),
