@@ -7,7 +7,6 @@ another SQLAlchemy URL (``postgresql://user@host/db``).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -20,12 +19,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, lifeline, ops
-from .common import RepoOpt, UrlOpt, console, err
+from .common import HelpGroup, RepoOpt, UrlOpt, VerboseOpt, console, err, print_json
+from .common import check_calib_type, check_detectors, check_obs_type, quiet_prefect, refuse_inside_checkout
 from .common import esc as _esc, fail as _fail, load_camera_or_fail as _load_camera, open_repo as _open_repo
 from .common import prefect_env as _prefect_env
 
 app = typer.Typer(help="Calibration frames (bias, dark, flat, fringe, sky) for mosaic CCD cameras.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, cls=HelpGroup)
 cameras_app = typer.Typer(help="List the cameras calibflow knows, or show one.", invoke_without_command=True)
 app.add_typer(cameras_app, name="cameras")
 
@@ -146,11 +146,13 @@ def _ingest_update(registry, cam, paths) -> None:
 
 
 @app.command()
-def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON"),
-              obs_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, science, ..."),
-              filter: Optional[str] = typer.Option(None, "--filter"),
-              night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD"),
-              camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or YAML file"),
+def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON (null where a value is missing)"),
+              obs_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, science, ... "
+                                                     "[default: every type]"),
+              filter: Optional[str] = typer.Option(None, "--filter", help="[default: every filter]"),
+              night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD [default: every night]"),
+              camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or "
+                                                   "YAML file [default: every camera]"),
               repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """List registered exposures."""
     import datetime as dt
@@ -160,6 +162,7 @@ def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON"),
             dt.date.fromisoformat(night)
         except ValueError:
             _fail(f"--night must be YYYY-MM-DD, not {night!r}")
+    check_obs_type(obs_type)
     _, registry = _open_repo(repo, registry_url)
     if camera:
         camera = _resolve_camera(registry, camera).name
@@ -167,7 +170,7 @@ def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON"),
     if as_json:
         for r in rows:
             r.pop("path", None)
-        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        print_json(rows)
         return
     table = Table(title=f"{len(rows)} exposures")
     for col in ("exposure_id", "camera", "obs_type", "filter", "exptime", "date_obs", "night", "n_det", "object"):
@@ -201,20 +204,24 @@ def _parse_when(text: str, what: str):
 
 
 @app.command()
-def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON"),
-           calib_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, fringe, sky"),
-           camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or YAML file"),
-           detector: Optional[int] = typer.Option(None, "--detector"),
+def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON (null where a value is missing)"),
+           calib_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, fringe, sky "
+                                                    "[default: every type]"),
+           camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or "
+                                                "YAML file [default: every camera]"),
+           detector: Optional[int] = typer.Option(None, "--detector", help="[default: every detector]"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """List products (calibs) in the registry."""
     from calib_core.registry.calibs import list_calibs
 
+    check_calib_type(calib_type)
     _, registry = _open_repo(repo, registry_url)
-    if camera:
-        camera = _resolve_camera(registry, camera).name
+    cam = _resolve_camera(registry, camera) if camera else None
+    camera = cam.name if cam else None
+    check_detectors([cam] if cam else [registry.stored_camera(n) for n in registry.camera_names()], detector)
     rows = list_calibs(registry, calib_type=calib_type, camera=camera, detector=detector)
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        print_json(rows)
         return
     table = Table(title=f"{len(rows)} calibs")
     for col in ("calib_id", "type", "filter", "det", "calib_date", "valid_begin", "valid_end", "n_inputs"):
@@ -228,7 +235,7 @@ def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON"),
 @app.command()
 def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow calibs`"),
             begin: str = typer.Option(..., "--begin", help="YYYY-MM-DD[THH:MM:SS], UTC"),
-            end: Optional[str] = typer.Option(None, "--end", help="exclusive; omit for open-ended"),
+            end: Optional[str] = typer.Option(None, "--end", help="exclusive [default: open-ended]"),
             repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Set the validity range of a product."""
     from calib_core.registry import RegistryError
@@ -246,14 +253,16 @@ def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow
 @app.command()
 def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
            calib_type: str = typer.Option(..., "--type", help="bias, dark, flat, fringe, sky"),
-           detector: Optional[int] = typer.Option(None, "--detector"),
-           camera: Optional[str] = typer.Option(None, "--camera", help="needed only if several cameras"),
-           as_json: bool = typer.Option(False, "--json"),
+           detector: Optional[int] = typer.Option(None, "--detector", help="[default: every detector]"),
+           camera: Optional[str] = typer.Option(None, "--camera", help="needed only if several cameras have "
+                                                "this exposure id [default: the exposure's camera]"),
+           as_json: bool = typer.Option(False, "--json", help="print JSON (null where a value is missing)"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Which certified calib applies to an exposure (per detector)."""
     from calib_core.registry import RegistryError
     from calib_core.registry.calibs import lookup as do_lookup
 
+    check_calib_type(calib_type)
     _, registry = _open_repo(repo, registry_url)
     cams = sorted({r["camera"] for r in registry.query_exposures(exposure_ids=[exposure])})
     if camera is not None:
@@ -264,12 +273,13 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
         if len(cams) > 1:
             _fail(f"exposure {exposure!r} exists for cameras {', '.join(cams)}: pass --camera")
         camera = cams[0]
+    check_detectors([registry.stored_camera(camera)], detector)
     try:
         rows = do_lookup(registry, camera=camera, exposure_id=exposure, calib_type=calib_type, detector=detector)
     except RegistryError as exc:
         _fail(str(exc))
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        print_json(rows)
     else:
         for r in rows:
             console.print(f"detector {r['detector']}: {r['calib_id']}  {r['path']}")
@@ -345,31 +355,38 @@ def _apply_sets(config: dict, sets: list[str]) -> dict:
 @app.command()
 def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe or sky"),
           camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry by name, or its YAML file [default: the only camera the registry (or the selection) has]"),
-          night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD"),
-          exposure: Optional[list[str]] = typer.Option(None, "--exposure", help="explicit exposure ids (repeat)"),
-          filter: Optional[str] = typer.Option(None, "--filter"),
-          detector: Optional[list[int]] = typer.Option(None, "--detector", help="detectors (repeat); default all"),
-          config_file: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON config of the calib type"),
+          night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD [default: every night]"),
+          exposure: Optional[list[str]] = typer.Option(None, "--exposure", help="explicit exposure ids (repeat) "
+                                                       "[default: every exposure of the night]"),
+          filter: Optional[str] = typer.Option(None, "--filter", help="[default: the inputs' only filter]"),
+          detector: Optional[list[int]] = typer.Option(None, "--detector", help="detectors (repeat) "
+                                                       "[default: every detector]"),
+          config_file: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON config of the calib type "
+                                                     "[default: the type's defaults, then the camera's]"),
           sets: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value, dotted keys"),
           drop_incomplete: bool = typer.Option(False, "--drop-incomplete",
                                                help="drop exposures that lack detectors (recorded)"),
           on_bad_input: str = typer.Option("fail", "--on-bad-input",
                                            help="fail | exclude: what an unreadable raw does to the build"),
-          calib_date: Optional[str] = typer.Option(None, "--calib-date", help="override the output date"),
+          calib_date: Optional[str] = typer.Option(None, "--calib-date", help="the products' date YYYY-MM-DD "
+                                                   "[default: the inputs' mean date]"),
           validity_days_before: float = typer.Option(15.0, "--validity-days-before", min=0,
                                                      help="the product is valid from its calib date minus this"),
           validity_days_after: float = typer.Option(15.0, "--validity-days-after", min=0,
                                                     help="... until its calib date plus this"),
           runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
-          dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786"),
+          dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786 of a running "
+                                                     "scheduler [default: a local cluster]"),
           dask_workers: Optional[int] = typer.Option(
               None, "--dask-workers", min=1,
-              help="with --runner dask and no address: worker processes of the local cluster (default: one per core)"),
+              help="with --runner dask and no address: worker processes of the local cluster [default: one per core]"),
           detectors_per_task: Optional[int] = typer.Option(
               None, "--detectors-per-task", min=1,
-              help="detectors of one exposure per process task (default: automatic, ~4 tasks per worker)"),
+              help="detectors of one exposure per process task [default: automatic, ~4 tasks per worker]"),
+          verbose: bool = VerboseOpt,
           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
-    """Build a calib through the Prefect flow (an embedded Prefect API unless PREFECT_API_URL is set)."""
+    """Build a calib through the Prefect flow (an embedded Prefect API unless PREFECT_API_URL is set):
+    a progress bar per stage, then the products."""
     _prefect_env()
     # every user error is found here, cheapest first, before Prefect is imported or a server started
     from calib_core.buildplan import CALIB_TYPES, BuildRequest, plan_build
@@ -384,7 +401,9 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
     _check_date(calib_date, "--calib-date")
     raw_config = _read_config(config_file, sets)
     store, registry = _open_repo(repo, registry_url)
-    camera = _resolve_camera(registry, camera, night=night, exposure_ids=exposure or None).name
+    cam = _resolve_camera(registry, camera, night=night, exposure_ids=exposure or None)
+    camera = cam.name
+    check_detectors([cam], detector)
     try:
         plan_build(registry, calib_type, camera, night=night, exposure_ids=exposure or None, filter=filter,
                    detectors=detector or None, drop_incomplete=drop_incomplete, calib_date=calib_date)
@@ -395,8 +414,9 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
 
     lifeline.start()      # the embedded server and pool workers end with this process, even on SIGKILL
     _quiet_tracebacks()
+    quiet_prefect(verbose)
     try:
-        with _registry_by_reference(registry_url) as url_ref:
+        with _registry_by_reference(registry_url) as url_ref, _stage_bars(per_build=False):
             request = BuildRequest(calib_type=calib_type, camera=camera, night=night, exposures=exposure or None,
                                    filter=filter, detectors=detector or None, repo=str(store.root),
                                    registry_url=url_ref, config=config, drop_incomplete=drop_incomplete,
@@ -472,16 +492,23 @@ def _print_build(result: dict) -> None:
 def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD [default: last night at the site]"),
             camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry by name, or its YAML file [default: the only camera the registry (or the selection) has]"),
             types: Optional[str] = typer.Option(None, "--types", help="comma-separated subset of "
-                                                "bias,dark,flat,fringe,sky"),
+                                                "bias,dark,flat,fringe,sky [default: every type]"),
             runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
-            dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786"),
+            dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786 of a running "
+                                                       "scheduler [default: a local cluster]"),
+            verbose: bool = VerboseOpt,
             repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
-    """Build, in dependency order, every calib a night's ingested exposures allow, and report it."""
+    """Build, in dependency order, every calib a night's ingested exposures allow, and report it
+    (a progress bar per build)."""
     from pydantic import ValidationError
 
     _prefect_env()
-    store, registry = _open_repo(repo, registry_url)
+    for name in (types or "").split(","):
+        check_calib_type(name.strip() or None, "--types")
+    if runner not in ("threads", "processes", "dask"):
+        _fail(f"--runner must be threads, processes or dask, not {runner!r}")
     _check_date(night, "--night")
+    store, registry = _open_repo(repo, registry_url)
     camera = _resolve_camera(registry, camera, night=night).name
     if night and not registry.query_exposures(camera=camera, night=night):   # before Prefect is imported
         _fail(f"night {night}: no exposures of camera {camera} in the registry (see `calibflow exposures`); "
@@ -492,16 +519,15 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     try:
         policy = NightlyPolicy(**({"types": [t.strip() for t in types.split(",") if t.strip()]} if types else {}))
     except ValidationError as exc:
-        _fail(f"invalid --types: {exc}")
-    if runner not in ("threads", "processes", "dask"):
-        _fail(f"--runner must be threads, processes or dask, not {runner!r}")
+        _fail("invalid --types: " + "; ".join(e["msg"] for e in exc.errors()))
     if not plan_night(registry, camera, night or default_night(registry.stored_camera(camera)), policy):
         _fail(f"night {night or default_night(registry.stored_camera(camera))}: no exposures of camera {camera} "
               "in the registry (see `calibflow exposures`); nothing to build")
     lifeline.start()
     _quiet_tracebacks()
+    quiet_prefect(verbose)
     try:
-        with _registry_by_reference(registry_url) as url_ref:
+        with _registry_by_reference(registry_url) as url_ref, _stage_bars(per_build=True):
             summary = nightly_flow(night=night, camera=camera, repo=str(store.root), registry_url=url_ref,
                                    policy=policy, runner=runner, dask_address=dask_address)
     except (ValueError, RuntimeError) as exc:
@@ -525,13 +551,15 @@ def _print_night(summary: dict) -> None:
 
 @app.command("apply-sky")
 def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (see `calibflow exposures`)"),
-              out: Optional[Path] = typer.Option(None, "--out", help="folder for the corrected images "
-                                                 "[default: <repo>/skysub/<exposure>]"),
-              config_file: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON sky config"),
+              out: Optional[Path] = typer.Option(None, "--out", help="folder for the corrected images, relative "
+                                                 "to the current folder [default: <repo>/skysub/<exposure>]"),
+              config_file: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON sky config "
+                                                         "[default: the sky defaults, then the camera's]"),
               sets: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value, dotted keys"),
-              as_json: bool = typer.Option(False, "--json", help="print JSON"),
+              as_json: bool = typer.Option(False, "--json", help="print JSON (null where a value is missing)"),
               camera: Optional[str] = typer.Option(None, "--camera", help="the exposure's camera (name or YAML "
-                                                   "file) where several cameras have this exposure id"),
+                                                   "file) where several cameras have this exposure id "
+                                                   "[default: the exposure's camera]"),
               repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Sky-correct one exposure: ISR with the certified calibs, objects masked, then the exposure's
     large-scale surface and the certified sky frame's scale fitted together and both subtracted;
@@ -541,6 +569,8 @@ def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (s
     from calib_core.science import apply_sky as run_apply_sky
     from calib_core.sky import SkyBuildConfig
 
+    if out is not None:
+        refuse_inside_checkout(out, "--out")
     store, registry = _open_repo(repo, registry_url)
     overrides = _load_config("sky", config_file, sets)
     cam = _resolve_camera(registry, camera, exposure_ids=[exposure])
@@ -562,7 +592,7 @@ def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (s
                "n_used": res.n_used, "n_total": res.n_total, "sky_calibs": res.sky_calibs,
                "outputs": {d: str(p) for d, p in res.outputs.items()}}
     if as_json:
-        sys.stdout.write(json.dumps(payload, indent=1) + "\n")
+        print_json(payload)
         return
     console.print(f"{exposure}: sky-frame scale {res.scale:.5g} +- {res.error:.2g} "
                   f"({res.n_used}/{res.n_total} samples; focal-plane sky level {res.sky_level:.5g}, "
@@ -619,18 +649,18 @@ def cameras_show(name: str = typer.Argument(..., help="camera name or YAML file"
 
 
 @app.command()
-def simulate(camera: str = typer.Option("democam", "--camera"),
-             out: Path = typer.Option(..., "--out", help="output folder"),
+def simulate(camera: str = typer.Option("democam", "--camera", help="a built-in camera or a YAML file"),
+             out: Path = typer.Option(..., "--out", help="output folder, relative to the current folder"),
              seed: int = typer.Option(0, "--seed"),
              night: str = typer.Option("2026-11-20", "--night", help="YYYY-MM-DD"),
              n_bias: int = typer.Option(5, "--n-bias"), n_dark: int = typer.Option(5, "--n-dark"),
              n_flat: int = typer.Option(5, "--n-flat", help="per filter"),
              n_science: int = typer.Option(12, "--n-science", help="per filter"),
              filters: str = typer.Option("r,z", "--filters", help="comma-separated"),
-             compress: Optional[str] = typer.Option(None, "--compress", help="gzip | rice"),
+             compress: Optional[str] = typer.Option(None, "--compress", help="gzip | rice [default: none]"),
              gradient_amplitude: Optional[float] = typer.Option(
                  None, "--gradient-amplitude",
-                 help="bound on the large-scale gradient |G-1| (e.g. 0.10); default: the legacy ranges"),
+                 help="bound on the large-scale gradient |G-1| (e.g. 0.10) [default: the legacy ranges]"),
              bad_exposures: str = typer.Option(
                  "", "--bad-exposures", help="comma-separated defects (cloud,trail,glow): one science "
                                              "exposure per entry and filter gets it"),
@@ -640,6 +670,7 @@ def simulate(camera: str = typer.Option("democam", "--camera"),
     """Simulate a night of raw exposures with known truth (raw/ and truth/ under --out)."""
     from calib_core.simulate import simulate_night
 
+    refuse_inside_checkout(out, "--out")
     cam = _load_camera(camera)
     bad = tuple(b.strip() for b in bad_exposures.split(",") if b.strip())
     with _progress() as progress:
@@ -661,12 +692,18 @@ def simulate(camera: str = typer.Option("democam", "--camera"),
 
 
 @app.command()
-def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repository to create"),
-         camera: str = typer.Option("democam", "--camera"), seed: int = typer.Option(1, "--seed"),
-         night: str = typer.Option("2026-11-20", "--night"),
-         fresh: bool = typer.Option(True, "--fresh/--keep", help="start from an empty repository"),
+def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repository to create, relative to "
+                                    "the current folder (the simulated raws go beside it)"),
+         camera: str = typer.Option("democam", "--camera", help="a built-in camera or a YAML file"),
+         seed: int = typer.Option(1, "--seed"),
+         night: str = typer.Option("2026-11-20", "--night", help="YYYY-MM-DD"),
+         fresh: bool = typer.Option(True, "--fresh/--keep", help="start from an empty repository (an existing "
+                                    "one is deleted only with --force or after a yes) or keep it"),
+         force: bool = typer.Option(False, "--force", help="with --fresh: delete an existing repository "
+                                    "without asking"),
          build: bool = typer.Option(True, "--build/--no-build", help="run the nightly flow after ingest"),
-         n_science: int = typer.Option(8, "--n-science", help="science exposures per filter (r, z)")):
+         n_science: int = typer.Option(8, "--n-science", help="science exposures per filter (r, z)"),
+         verbose: bool = VerboseOpt):
     """The main job: simulate a night of the demo camera, ingest it, run the nightly flow (bias, dark,
     flats, fringe, sky frames) and print what it built."""
     import shutil
@@ -677,10 +714,12 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     from calib_core.simulate import simulate_night
 
     t0 = time.perf_counter()
+    _check_date(night, "--night")
+    refuse_inside_checkout(repo, "--repo")
     cam = _load_camera(camera)
     store = Datastore(repo)
     sim_dir = store.root.parent / f"sim-{camera}-{night}-seed{seed}-n{n_science}"
-    if fresh:
+    if fresh and _may_delete(store.root, force):
         shutil.rmtree(store.root, ignore_errors=True)
     if not sim_dir.exists():
         with _progress() as progress:
@@ -719,14 +758,63 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     from flows.nightly import nightly as nightly_flow
 
     lifeline.start()
+    _quiet_tracebacks()
+    quiet_prefect(verbose)
     t1 = time.perf_counter()
     try:
-        summary = nightly_flow(night=night, camera=cam.name, repo=str(store.root))
+        with _stage_bars(per_build=True):
+            summary = nightly_flow(night=night, camera=cam.name, repo=str(store.root))
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     _print_night(summary)
     console.print(f"nightly flow: {summary['created']} products in {time.perf_counter() - t1:.0f} s; "
                   f"list them with `calibflow calibs --repo {store.root}`; mosaics (PNG) in {store.root / 'calib'}")
+
+
+def _interactive() -> bool:
+    """Whether there is a person to ask (a terminal on stdin)."""
+    return sys.stdin.isatty()
+
+
+def _may_delete(root: Path, force: bool) -> bool:
+    """Whether ``demo --fresh`` may delete the repository at ``root``: nothing there (True), --force,
+    or a yes to the question; without a terminal to ask on, a one-line refusal naming the folder."""
+    try:
+        if not any(root.iterdir()):
+            return True
+    except FileNotFoundError:
+        return False            # nothing to delete
+    except NotADirectoryError:
+        _fail(f"--repo {root} is a file, not a repository folder")
+    if force:
+        return True
+    what = "a calibflow repository" if (root / "registry.sqlite3").exists() else "a folder with files"
+    if not _interactive():
+        _fail(f"{root} already holds {what}; starting afresh would delete it: pass --force to delete it, "
+              "--keep to add to it, or another --repo")
+    if not typer.confirm(f"{root} already holds {what}. Delete it and start afresh?", default=False, err=True):
+        _fail(f"{root} left as it was (pass --keep to add to it, or another --repo)")
+    return True
+
+
+@contextmanager
+def _stage_bars(per_build: bool):
+    """Progress bars of the builds the flows run in this process: one per stage (``per_build``
+    False: ``bias process``, ``bias combine``), or one per build showing its current stage."""
+    from flows.build import progress_listener
+
+    with _progress() as progress:
+        bars: dict = {}
+
+        def update(build: str, stage: str, done: int, total: int) -> None:
+            key = build if per_build else (build, stage)
+            label = f"{build} {stage}"
+            if key not in bars:
+                bars[key] = progress.add_task(label, total=total)
+            progress.update(bars[key], description=label, completed=done, total=total)
+
+        with progress_listener(update):
+            yield
 
 
 def _progress() -> Progress:

@@ -54,7 +54,8 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
           timezone: Optional[str] = typer.Option(None, "--timezone", envvar="CALIBFLOW_TIMEZONE",
                                                  help="IANA time zone the cron is read in [default: UTC, the "
                                                       "cron derived from the camera's utc_offset_hours]"),
-          limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most this many runs at once")):
+          limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most this many runs at once "
+                                                                          "[default: no limit]")):
     """Serve every deployment (one per calib type, plus the nightly schedule) from this process."""
     from pydantic import ValidationError
     common.prefect_env()
@@ -179,6 +180,8 @@ def check_parameters(params: dict, deployment_parameters: dict, schema: dict | N
             e = best_match([e])  # the failing branch of an anyOf (say a pattern), not "not valid under any"
             where = ".".join(str(p) for p in e.absolute_path) or "(parameters)"
             problems.append(f"{where}: {e.message}")
+    if schema and not problems:
+        problems += _calendar_problems(merged, schema)
     if entrypoint and not problems:
         from pydantic import ValidationError
 
@@ -189,17 +192,55 @@ def check_parameters(params: dict, deployment_parameters: dict, schema: dict | N
         except Exception:  # the flow's code is not installed here: the server's check is what we have
             flow = None
         if flow is not None:
+            import logging
+
             from prefect.exceptions import ParameterTypeError
 
+            flows_log = logging.getLogger("prefect.flows")    # it logs the refusal again, as a dict dump
+            was_disabled, flows_log.disabled = flows_log.disabled, True
             try:
                 flow.validate_parameters(merged)
             except (ParameterTypeError, ValidationError) as exc:
-                problems.append(str(exc))
+                problems += _pydantic_problems(str(exc))
             except Exception as exc:  # a validator that raised something other than ValueError
                 problems.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                flows_log.disabled = was_disabled
     if problems:
         raise ValueError("\n".join(problems))
     return merged
+
+
+_DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}"
+
+
+def _calendar_problems(params: dict, schema: dict) -> list[str]:
+    """Dates the schema's pattern accepts and the calendar does not (``night=2026-13-45``): found
+    from the schema alone, so a run is refused even where the flow's code is not installed."""
+    import datetime as dt
+
+    definitions = schema.get("definitions", {})
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        value = params.get(name)
+        if not isinstance(value, str):
+            continue
+        if "$ref" in prop:
+            prop = definitions.get(prop["$ref"].rsplit("/", 1)[-1], {})
+        if not any(str(o.get("pattern", "")).startswith(_DATE_PATTERN) for o in prop.get("anyOf", [prop])):
+            continue
+        try:
+            dt.datetime.fromisoformat(value) if "T" in value else dt.date.fromisoformat(value)
+        except ValueError as exc:
+            out.append(f"{name}: {value!r} is not a real date ({exc})")
+    return out
+
+
+def _pydantic_problems(text: str) -> list[str]:
+    """Prefect's "Flow run received invalid parameters:\n - night: Value error, ..." as one problem a line."""
+    lines = [ln.strip().removeprefix("- ") for ln in text.splitlines()]
+    lines = [ln.replace(": Value error, ", ": ") for ln in lines if ln and not ln.endswith("invalid parameters:")]
+    return lines or [text]
 
 
 def _find_deployment(client, name: str):
@@ -229,12 +270,13 @@ def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-c
             params: Optional[list[str]] = typer.Option(None, "--param", "-p",
                                                        help="key=value (repeat); JSON values, dotted keys "
                                                             "for nested config: config.combine.statistic=MEDIAN"),
-            watch: bool = typer.Option(False, "--watch", help="follow the run to its end; exit 1 unless "
-                                                              "it completed"),
+            watch: bool = typer.Option(False, "--watch", help="follow the run to its end (a progress bar per "
+                                       "stage, then the products it built); exit 1 unless it completed"),
             interval: float = typer.Option(2.0, "--interval", min=0.1, help="seconds between polls with --watch"),
             timeout: Optional[float] = typer.Option(None, "--timeout", help="with --watch: give up after this "
-                                                                            "many seconds (exit 2)")):
-    """Start a run of a deployment on the Prefect server; print its id and link."""
+                                                    "many seconds (exit 2) [default: wait for the end]")):
+    """Start a run of a deployment on the Prefect server (its parameters checked first: a bad one
+    creates no run); print its id and link."""
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.utilities.urls import url_for
@@ -257,8 +299,9 @@ def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-c
             try:
                 given = parse_params(params or [], schema)
                 merged = check_parameters(given, dep.parameters, schema, dep.entrypoint)
-            except ValueError as exc:
-                common.fail(f"invalid parameters for {full}:\n{exc}")
+            except ValueError as exc:      # one line, every problem: nothing was created
+                common.fail(f"invalid parameters for {full}: {'; '.join(str(exc).splitlines())}; no run was "
+                            "created")
             try:
                 run = client.create_flow_run_from_deployment(dep.id, parameters=given)
             except httpx.HTTPStatusError as exc:
@@ -273,31 +316,125 @@ def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-c
             common.console.print(f"  parameters: {json.dumps(merged, sort_keys=True)}", highlight=False, soft_wrap=True)
             if not watch:
                 return
-            _watch(client, run.id, interval, timeout)
+            _watch(client, run.id, interval, timeout,
+                   label=f"{dep.name} {merged['filter']}" if merged.get("filter") else dep.name)
     except httpx.ConnectError as exc:
         common.fail(f"cannot reach the Prefect server at {api}: {exc}")
 
 
-def _watch(client, run_id, interval: float, timeout: Optional[float]) -> None:
+def _watch(client, run_id, interval: float, timeout: Optional[float], label: str = "") -> None:
+    """Follow a flow run: its state changes, a progress bar per stage of each build (from its task
+    runs), and at the end the products it built (its table artifacts) or why it failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     t0 = time.monotonic()
     last = None
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=common.err, transient=False)
+    bars: dict = {}
+    with progress:
+        while True:
+            run = client.read_flow_run(run_id)
+            state = run.state
+            if state is not None and (state.type, state.name) != last:
+                last = (state.type, state.name)
+                stamp = state.timestamp.astimezone().strftime("%H:%M:%S") if state.timestamp else ""
+                common.console.print(f"  {stamp} {state.name}", highlight=False)
+            try:
+                _update_bars(client, run_id, label, progress, bars)
+            except Exception:   # progress is a convenience: a failed poll is not the run's failure
+                pass
+            if state is not None and state.is_final():
+                break
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                progress.stop()
+                common.err.print(f"flow run {run.name} is still {state.name if state else 'pending'} after "
+                                 f"{timeout:g} s; it goes on, not watching any longer")
+                raise typer.Exit(2)
+            time.sleep(interval)
+    if state.type.value != TERMINAL_OK:
+        common.fail(f"flow run {run.name} ended {state.name}: {state.message or ''}".rstrip(": "))
+    common.console.print(f"flow run {run.name} completed")
+    _print_products(client, run_id)
+
+
+def _child_runs(client, run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+
+
+def _stage(task_name: str) -> str:
+    """A task run's stage as the in-process progress bars name it (flows/build.py)."""
+    import re
+
+    hit = re.match(r"sky-pass(\d+)", task_name)
+    if hit:
+        return f"pass {int(hit.group(1)) + 1}"
+    return task_name.split("-", 1)[0]
+
+
+def _update_bars(client, run_id, label: str, progress, bars: dict) -> None:
+    """One bar per (build, stage): task runs completed of those created so far."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = {run_id: label}
+    for child in _child_runs(client, run_id):          # the nightly flow's builds are subflows
+        p = child.parameters or {}
+        build = p.get("calib_type") or child.name
+        runs[child.id] = build if p.get("filter") in (None, "", "NONE") else f"{build} {p['filter']}"
+    counts: dict[tuple, list[int]] = {}
+    offset = 0
     while True:
-        run = client.read_flow_run(run_id)
-        state = run.state
-        if state is not None and (state.type, state.name) != last:
-            last = (state.type, state.name)
-            stamp = state.timestamp.astimezone().strftime("%H:%M:%S") if state.timestamp else ""
-            common.console.print(f"  {stamp} {state.name}", highlight=False)
-        if state is not None and state.is_final():
-            if state.type.value == TERMINAL_OK:
-                common.console.print(f"flow run {run.name} completed")
-                return
-            common.fail(f"flow run {run.name} ended {state.name}: {state.message or ''}".rstrip(": "))
-        if timeout is not None and time.monotonic() - t0 > timeout:
-            common.err.print(f"flow run {run.name} is still {state.name if state else 'pending'} after "
-                          f"{timeout:g} s; it goes on, not watching any longer")
-            raise typer.Exit(2)
-        time.sleep(interval)
+        page = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(runs))),
+                                     limit=200, offset=offset)
+        for tr in page:
+            if tr.flow_run_id not in runs:
+                continue
+            key = (runs[tr.flow_run_id], _stage(tr.name))
+            done_total = counts.setdefault(key, [0, 0])
+            done_total[1] += 1
+            done_total[0] += bool(tr.state and tr.state.is_completed())
+        if len(page) < 200:
+            break
+        offset += len(page)
+    for (build, stage), (done, total) in counts.items():
+        desc = f"{build} {stage}".strip()
+        if (build, stage) not in bars:
+            bars[(build, stage)] = progress.add_task(desc, total=total)
+        progress.update(bars[(build, stage)], completed=done, total=total)
+
+
+def _print_products(client, run_id) -> None:
+    """The products a completed run built or found built, from the table artifacts its builds left
+    (flows/build.py): a table per detector for one build, a line per build for a night."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType, FlowRunFilter, FlowRunFilterId
+    from rich.table import Table
+
+    from flows.build import PRODUCTS_ARTIFACT
+
+    ids = [run_id] + [c.id for c in _child_runs(client, run_id)]
+    arts = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])),
+                                             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            if (a.description or "").startswith(PRODUCTS_ARTIFACT)]
+    if not arts:
+        common.console.print("no products recorded by this run (see its logs in the UI)")
+        return
+    arts.sort(key=lambda a: str(a.created))
+    if len(arts) > 1:
+        for a in arts:
+            common.console.print(a.description.removeprefix(PRODUCTS_ARTIFACT).strip(), highlight=False)
+        return
+    art = arts[0]
+    rows = json.loads(art.data) if isinstance(art.data, str) else (art.data or [])
+    table = Table(title=art.description.removeprefix(PRODUCTS_ARTIFACT).strip())
+    for col in ("detector", "calib_id", "new", "level", "noise", "inputs used"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*("-" if r.get(c) is None else str(r.get(c)) for c in
+                        ("detector", "calib_id", "new", "level", "noise", "inputs used")))
+    common.console.print(table)
 
 
 def register(app: typer.Typer) -> None:

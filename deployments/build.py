@@ -17,10 +17,11 @@ directory. ``calibflow serve`` pins both as absolute parameter defaults of its d
 # No ``from __future__ import annotations``: the flow signatures below must carry real types
 # (the config model of each calib type) for Prefect's parameter schema.
 
+import datetime as dt
 import os
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from prefect import Flow, flow
 
 from flows.build import build_calib
@@ -29,8 +30,21 @@ from calib_core.calibtypes import CALIB_TYPES, dependency_order
 __all__ = ["BUILD_FLOWS", "build_bias", "build_dark", "build_flat", "build_fringe", "build_sky", "resolve_repo",
            "NightStr", "ARGS_DOC"]
 
-NightStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
-DateStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?)?$")]
+def _a_real_date(value: str) -> str:
+    """The pattern lets 2026-13-45 through; the calendar does not (a run is refused before it starts)."""
+    try:
+        if "T" in value:
+            dt.datetime.fromisoformat(value)
+        else:
+            dt.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a date YYYY-MM-DD") from None
+    return value
+
+
+NightStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$"), AfterValidator(_a_real_date)]
+DateStr = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?)?$"),
+                    AfterValidator(_a_real_date)]
 
 ARGS_DOC = """
 Args:

@@ -19,7 +19,8 @@ import hashlib
 import math
 import os
 import pickle
-from typing import Literal
+from contextlib import contextmanager
+from typing import Callable, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -41,7 +42,8 @@ from calib_core.sky import solve_sky_frames
 from tasks.calib_tasks import (BuildContext, build_camera, combine_detector, existing_products,
                                finish_build_run, process_detectors, sky_rebin, start_build_run)
 
-__all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "resolve_registry_url", "RUNNERS"]
+__all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "resolve_registry_url", "RUNNERS",
+           "progress_listener"]
 
 RUNNERS = ("threads", "processes", "dask")
 
@@ -111,17 +113,48 @@ def make_task_runner(runner: str = "threads", dask_address: str | None = None, d
     raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {runner!r}")
 
 
-def _gather(futures, what: str, log) -> list:
-    """Results in submission order, logging progress as tasks finish."""
+_PROGRESS_LISTENERS: list[Callable[[str, str, int, int], None]] = []
+
+
+@contextmanager
+def progress_listener(callback: Callable[[str, str, int, int], None]):
+    """Within the block, ``callback(build, stage, done, total)`` is called in this process as each
+    task of a build's stage finishes (and with ``done=0`` when the stage starts): ``build`` names the
+    build (``"bias"``, ``"flat r"``), ``stage`` its step (``"process"``, ``"sky pass 2"``,
+    ``"combine"``). The CLI draws its progress bars from it; a callback's error is ignored."""
+    _PROGRESS_LISTENERS.append(callback)
+    try:
+        yield callback
+    finally:
+        _PROGRESS_LISTENERS.remove(callback)
+
+
+def _tell(build: str, stage: str, done: int, total: int) -> None:
+    for callback in list(_PROGRESS_LISTENERS):
+        try:
+            callback(build, stage, done, total)
+        except Exception:  # a progress bar must never fail a build
+            pass
+
+
+def _build_label(ctx: BuildContext) -> str:
+    return ctx.calib_type if ctx.filter in ("NONE", "", None) else f"{ctx.calib_type} {ctx.filter}"
+
+
+def _gather(futures, ctx: BuildContext, stage: str, log) -> list:
+    """Results in submission order, logging progress as tasks finish (and telling the listeners)."""
+    build = _build_label(ctx)
     total = len(futures)
     step = max(1, total // 10)
+    _tell(build, stage, 0, total)
     if futures and isinstance(futures[0], concurrent.futures.Future):
         finished = concurrent.futures.as_completed(futures)
     else:
         finished = as_completed(futures)
     for done, _ in enumerate(finished, 1):
+        _tell(build, stage, done, total)
         if done % step == 0 or done == total:
-            log.info("%s: %d/%d done", what, done, total)
+            log.info("%s %s: %d/%d done", build, stage, done, total)
     return [f.result() for f in futures]
 
 
@@ -203,6 +236,8 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
             # a build killed after registering its products never wrote them: do it now
             log.info("%s build: writing the missing mosaic %s", calib_type, png)
             png = _report(ctx, cam, products, store, log, artifacts)
+        elif artifacts:
+            _table_artifact(ctx, products, log)
         return {"calib_type": calib_type, "products": products, "created": 0, "calib_date": ctx.calib_date,
                 "filter": plan.filter, "dropped": plan.dropped, "mosaic_png": str(png),
                 "processed": []}
@@ -280,7 +315,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
                for e in plan.exposures for b in batches]
     log.info("%s process: %d tasks of %s detectors each", calib_type, len(futures),
              "/".join(sorted({str(len(b)) for b in batches}, key=int)))
-    processed = [r for rs in _gather(futures, f"{calib_type} process", log) for r in rs]
+    processed = [r for rs in _gather(futures, ctx, "process", log) for r in rs]
     log.info("processed %d (exposure, detector) pairs, %d reused from an earlier run", len(processed),
              sum(p["reused"] for p in processed))
     dropped = dict(plan.dropped)
@@ -317,7 +352,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
                                            "exp_scales": exp_scales, "ccd_scale": ccd_scales.get(d),
                                            "dropped": dropped, "excluded": excluded})
               for d in plan.detectors]
-    return _gather(combos, f"{calib_type} combine", log), dropped, processed
+    return _gather(combos, ctx, "combine", log), dropped, processed
 
 
 def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=None) -> dict:
@@ -338,7 +373,7 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
             futures = [tr.submit(sky_rebin, {"ctx": ctx, "items": [index[(e, d)] for d in b], "k": k,
                                              "model": models[e]})
                        for e in order for b in batches]
-            for it in (r for rs in _gather(futures, f"sky pass {k + 1}", log) for r in rs):
+            for it in (r for rs in _gather(futures, ctx, f"pass {k + 1}", log) for r in rs):
                 index[(it["exposure_id"], it["detector"])] = it
         binned = {e: {d: BackgroundModel.from_fits(index[(e, d)]["bins"]) for d in plan.detectors} for e in order}
         result = solve_sky_frames(camera, binned, cfg.pass_config(k), result and result.frames)
@@ -398,7 +433,7 @@ def _mosaic_path(ctx: BuildContext, store: Datastore):
 
 
 def _fmt(value, digits: int):
-    return None if value is None else round(float(value), digits)
+    return None if value is None or not math.isfinite(float(value)) else round(float(value), digits)
 
 
 def _report(ctx: BuildContext, camera: Camera, products: list[dict], store: Datastore, log,
@@ -410,17 +445,38 @@ def _report(ctx: BuildContext, camera: Camera, products: list[dict], store: Data
                          fits_path=png.with_suffix(".fits"), png_path=png, filter=ctx.filter,
                          calib_date=ctx.calib_date, calib_ids={p["detector"]: p["calib_id"] for p in products},
                          n_inputs={p["detector"]: p["stats"].get("n_used") for p in products})
-    rows = [{"detector": p["detector"], "calib_id": p["calib_id"], "inputs used": p["stats"].get("n_used"),
-             "rejected": p["stats"].get("n_rejected"), "level": _fmt(p["stats"].get("level"), 5),
-             "noise": _fmt(p["stats"].get("noise"), 5),
-             "clipped fraction": _fmt(p["stats"].get("clipped_fraction"), 4)} for p in products]
     if not artifacts:
         return str(png)
-    key = f"{ctx.calib_type}-{ctx.camera}-{ctx.calib_date}".lower().replace("_", "-").replace("/", "-")
+    _table_artifact(ctx, products, log)
     try:
-        create_table_artifact(rows, key=key[:100], description=f"{ctx.calib_type} build {ctx.calib_date}")
         create_markdown_artifact(f"## {ctx.calib_type} {ctx.filter} {ctx.calib_date}\n\n![mosaic]({png.as_uri()})\n\n"
-                                 f"Mosaic FITS and PNG: `{png.parent}`", key=f"{key}-mosaic"[:100])
+                                 f"Mosaic FITS and PNG: `{png.parent}`", key=f"{_artifact_key(ctx)}-mosaic"[:100])
     except Exception as exc:  # artifacts are a convenience; never fail a build on them
         log.warning("could not create artifacts: %s", exc)
     return str(png)
+
+
+def _artifact_key(ctx: BuildContext) -> str:
+    return f"{ctx.calib_type}-{ctx.camera}-{ctx.calib_date}".lower().replace("_", "-").replace("/", "-")
+
+
+#: the table artifact's description starts with this (``calibflow trigger --watch`` lists the products from it)
+PRODUCTS_ARTIFACT = "products of"
+
+
+def _table_artifact(ctx: BuildContext, products: list[dict], log) -> None:
+    """A table per detector on the flow run (the UI's Artifacts tab; ``trigger --watch`` prints it):
+    the product, whether this run made it (``new``) or found it built, its inputs and statistics."""
+    rows = [{"detector": p["detector"], "calib_id": p["calib_id"], "new": bool(p.get("created")),
+             "inputs used": p["stats"].get("n_used"),
+             "rejected": p["stats"].get("n_rejected"), "level": _fmt(p["stats"].get("level"), 5),
+             "noise": _fmt(p["stats"].get("noise"), 5),
+             "clipped fraction": _fmt(p["stats"].get("clipped_fraction"), 4)} for p in products]
+    created = sum(r["new"] for r in rows)
+    label = _build_label(ctx)
+    try:
+        create_table_artifact(rows, key=_artifact_key(ctx)[:100],
+                              description=f"{PRODUCTS_ARTIFACT} {label} {ctx.calib_date}: {created} new, "
+                                          f"{len(rows) - created} already built")
+    except Exception as exc:  # artifacts are a convenience; never fail a build on them
+        log.warning("could not create artifacts: %s", exc)

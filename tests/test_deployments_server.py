@@ -249,7 +249,11 @@ def test_trigger_watch_builds_and_registers(prefect_server, night_repo, cli_bias
     assert res.returncode == 0, res.stdout + res.stderr
     run_id = re.search(rf"build-calib/bias: ({UUID_RE})", res.stdout).group(1)
     assert f"{prefect_server.url}/runs/flow-run/{run_id}" in res.stdout
-    assert "Running" in res.stdout and res.stdout.rstrip().endswith("completed")
+    assert "Running" in res.stdout and f"flow run {prefect_server.flow_run(run_id)['name']} completed" in res.stdout
+    # progress while it ran (a bar per stage, from the run's task runs), then what it built
+    assert re.search(r"^bias process +━+ \d+/\d+", res.stderr, re.M), res.stderr
+    assert re.search(r"^bias combine +━+ 9/9", res.stderr, re.M), res.stderr
+    assert "bias 2026-11-20: 9 new, 0 already built" in res.stdout
     run = prefect_server.flow_run(run_id)
     assert run["state"]["type"] == "COMPLETED"
     assert run["parameters"] == {"camera": CAMERA, "repo": str(store.root), "night": NIGHT}
@@ -266,6 +270,7 @@ def test_trigger_watch_builds_and_registers(prefect_server, night_repo, cli_bias
     listed = _calibflow(_client_env(prefect_server, store), "calibs", "--type", "bias", "--json")
     assert listed.returncode == 0, listed.stderr
     assert sorted(r["calib_id"] for r in json.loads(listed.stdout)) == sorted(p["calib_id"] for p in products)
+    assert all(p["calib_id"] in res.stdout for p in products)        # --watch listed every product
 
 
 def test_trigger_refuses_bad_parameters(prefect_server, night_repo, served):
@@ -280,6 +285,15 @@ def test_trigger_refuses_bad_parameters(prefect_server, night_repo, served):
     assert "night: '20261120' does not match" in res.stderr
     res = _calibflow(env, "trigger", "flat", "-p", "calib_type=bias")
     assert res.returncode == 1 and "unknown parameter(s) calib_type" in res.stderr
+    # a date the pattern lets through and the calendar does not: one line, before any run exists
+    for dep_name, bad in (("flat", "night=2026-13-45"), ("flat", "calib_date=2026-02-30"),
+                          ("nightly-calibs/nightly", "night=2026-13-45")):
+        res = _calibflow(env, "trigger", dep_name, "-p", bad, "--watch")
+        key, value = bad.split("=")
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: invalid parameters for "), res.stderr
+        assert f"{key}: '{value}' is not a real date" in res.stderr and "no run was created" in res.stderr
+        assert "flow run" not in res.stdout
     res = _calibflow(env, "trigger", "no-such-deployment")
     assert res.returncode == 1 and "no deployment 'no-such-deployment'" in res.stderr
     assert "build-calib/flat" in res.stderr
@@ -288,6 +302,8 @@ def test_trigger_refuses_bad_parameters(prefect_server, night_repo, served):
                                  json={"parameters": {"config": {"combine": {"statistic": "MODE"}}}})
     assert r.status_code == 409 and "MODE" in r.text
     assert len(prefect_server.flow_runs(dep["id"])) == before
+    nightly = prefect_server.deployment("nightly-calibs/nightly")
+    assert not [r for r in prefect_server.flow_runs(nightly["id"]) if r["parameters"].get("night") == "2026-13-45"]
 
 
 def test_trigger_watch_exits_nonzero_when_the_run_fails(prefect_server, night_repo, served):
@@ -409,6 +425,17 @@ def test_ui_custom_run_with_a_form_parameter(prefect_server, night_repo, cli_bia
     assert run["parameters"]["night"] == NIGHT and run["parameters"]["camera"] == CAMERA
     darks = list_calibs(reg, calib_type="dark")
     assert len(darks) == 9
+
+
+def test_trigger_watch_nightly_reports_each_build(prefect_server, night_repo, served, cli_bias_run):
+    """The nightly deployment's builds are child flow runs: --watch finds them and reports what each
+    built (here the bias the CLI test built: found, not rebuilt)."""
+    assert cli_bias_run.returncode == 0, "the night's bias comes from the CLI test"
+    store, _ = night_repo
+    res = _calibflow(_client_env(prefect_server, store), "trigger", "nightly-calibs/nightly", "-p", f"night={NIGHT}",
+                     "-p", 'policy={"types": ["bias"]}', "--watch", "--interval", "1", "--timeout", "300")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "bias 2026-11-20: 0 new, 9 already built" in res.stdout, res.stdout
 
 
 def test_prefect_yaml_deploy_and_process_worker(prefect_server, night_repo, served, camera_file, tmp_path):

@@ -257,3 +257,34 @@ def test_failed_combine_leaves_nothing_behind(prefect_api, night_repo, monkeypat
                     config={"combine": {"nsigma": 2.75}})
     assert list_calibs(reg) == before
     assert [p for p in (store.root / "calib").rglob(".*") if p.is_file()] == []
+
+
+def test_cli_build_is_quiet_with_a_bar_per_stage(prefect_api, tmp_path):
+    """`calibflow build` prints a progress bar per stage and the summary, not Prefect's INFO log
+    (about 45 lines for this small build, ~340 for a democam night), even where Prefect logs at
+    INFO; `-v` brings that log back. A subprocess: Prefect's console handler is set up at import."""
+    import re
+    import subprocess
+    import sys
+
+    cam = load_camera("democam_mini")
+    simulate_night(cam, tmp_path / "sim", seed=4, night=NIGHT, n_bias=3, n_dark=0, n_flat=0, n_science=0,
+                   filters=("r",))
+    store, _ = ingested_repo(tmp_path / "repo", tmp_path / "sim" / "raw", "democam_mini")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "INFO",
+           "CALIBFLOW_REPO": str(store.root), "COLUMNS": "120"}
+    env.pop("CALIBFLOW_REGISTRY_URL", None)
+    args = [sys.executable, "-m", "calibflow", "build", "bias", "--camera", "democam_mini", "--night", NIGHT]
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "INFO" not in res.stderr and "Finished in state" not in res.stderr, res.stderr
+    assert re.search(r"^bias process +━+ \d+/\d+", res.stderr, re.M), res.stderr
+    assert re.search(r"^bias combine +━+ 9/9", res.stderr, re.M), res.stderr
+    assert "bias NONE 2026-11-20: 9 new, 0 already built" in res.stdout
+    lines = (res.stdout + res.stderr).splitlines()
+    assert len(lines) <= 30, "\n".join(lines)            # one screen
+    verbose = subprocess.run(args + ["-v"], env=env, capture_output=True, text=True, timeout=600,
+                             stdin=subprocess.DEVNULL)
+    assert verbose.returncode == 0, verbose.stdout + verbose.stderr
+    assert "INFO" in verbose.stderr and "Beginning flow run" in verbose.stderr, verbose.stderr
+    assert "0 new, 9 already built" in verbose.stdout
