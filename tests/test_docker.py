@@ -490,6 +490,7 @@ def test_image_install_from_the_copied_files_works(tmp_path):
     installed package from outside the source tree: the camera files, the registry migrations and the
     flows must all have been installed."""
     ctx = _emulated_context(tmp_path / "opt-calibflow")
+    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert not list(ctx.rglob("__pycache__"))
     target = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
@@ -511,6 +512,11 @@ def test_image_install_from_the_copied_files_works(tmp_path):
     res = subprocess.run([sys.executable, "-c", smoke], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stdout + res.stderr
+    # the Dockerfile's last build step
+    assert "calibflow --version" in _run_lines(_dockerfile())
+    res = subprocess.run([sys.executable, str(target / "bin" / "calibflow"), "--version"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == f"calibflow {version}", res.stdout + res.stderr
 
 
 # -- the services' commands, run here with the compose file's environment ---------------------------
@@ -584,7 +590,9 @@ def test_stack_commands_run_with_the_compose_environment(postgres_server, tmp_pa
         return value.replace("/data/", f"{tmp_path}/data/")
 
     base = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
-            "PREFECT_HOME": str(tmp_path / "prefect-home"), "LANG": "C.UTF-8"}
+            "PREFECT_HOME": str(tmp_path / "prefect-home"), "LANG": "C.UTF-8",
+            # a checkout run with PYTHONPATH (another worktree than the venv's editable install)
+            **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}
 
     def env_of(name: str) -> dict[str, str]:
         return {**base, **{k: local(str(v)) for k, v in services[name]["environment"].items()}}
