@@ -23,6 +23,7 @@ These machines have no Docker daemon, so nothing is built or run by Docker here.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.request
@@ -59,7 +61,9 @@ def _write_secrets(folder: Path, values: dict[str, str] = SECRETS) -> Path:
     return folder
 
 
-SECRETS_DIR = _write_secrets(Path(__import__("tempfile").mkdtemp(prefix="calibflow-secrets-")))
+# the folder compose's secrets: point at (the loader records the paths; a test writes its own copies)
+SECRETS_DIR = _write_secrets(Path(tempfile.mkdtemp(prefix="calibflow-secrets-")))
+atexit.register(shutil.rmtree, SECRETS_DIR, True)
 TEST_ENV = {"CALIBFLOW_SECRETS_DIR": str(SECRETS_DIR)}
 
 
