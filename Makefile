@@ -4,15 +4,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install lock clean
 
-$(BIN)/.installed: pyproject.toml
+# The dependencies come from docker/requirements.lock (the image's exact versions and file hashes), so
+# the tests run on what the image installs (--no-deps: the lock is the whole set, and a new venv's old
+# pip has no resolution to get wrong); then the project, editable, with its test extras.
+$(BIN)/.installed: pyproject.toml docker/requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r docker/requirements.lock
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 install: $(BIN)/.installed
+
+# after changing pyproject.toml's dependencies: install them, then pin what is installed
+lock: $(BIN)/.installed
+	$(BIN)/python docker/lock.py
 
 demo: $(BIN)/.installed
 	$(BIN)/calibflow demo

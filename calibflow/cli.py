@@ -58,11 +58,18 @@ def _camera_for_ingest(registry, spec: str):
     return _load_camera(spec)
 
 
-@app.callback()
-def _main(version: bool = typer.Option(False, "--version", help="print the version and exit")):
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         console.print(f"calibflow {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")):
+    # eager: handled while the options are parsed, before typer asks for a command (without it
+    # `calibflow --version` only said "Missing command", and the image's build step failed)
+    pass
 
 
 @app.command()

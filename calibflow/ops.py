@@ -1,4 +1,5 @@
-"""``calibflow serve`` and ``calibflow trigger``: the deployments on a running Prefect server.
+"""``calibflow serve``, ``calibflow deploy`` and ``calibflow trigger``: the deployments on a running
+Prefect server.
 
 Both need a long-running ``prefect server start`` and ``PREFECT_API_URL`` pointing at it: an
 embedded (ephemeral) Prefect API has no scheduler, no UI and does not see runs of other processes
@@ -17,7 +18,7 @@ import typer
 
 from . import common
 
-__all__ = ["register", "parse_params", "check_parameters"]
+__all__ = ["register", "parse_params", "check_parameters", "deploy_environment"]
 
 TERMINAL_OK = "COMPLETED"
 
@@ -87,6 +88,77 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
     from prefect import serve as prefect_serve
 
     prefect_serve(*deployments, limit=limit, print_starting_message=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# deploy (prefect.yaml, for a process work pool)
+# ------------------------------------------------------------------------------------------------
+
+#: the variables prefect.yaml's placeholders read ({{ $NAME }}), which `calibflow deploy` sets
+DEPLOY_VARIABLES = ("CALIBFLOW_CAMERA", "CALIBFLOW_NIGHTLY_CRON", "CALIBFLOW_TIMEZONE")
+
+
+def deploy_environment(settings) -> dict[str, str]:
+    """The values of prefect.yaml's placeholders for ``settings`` (a ``DeploymentSettings``): the
+    deployments' default camera ("" when each run's registry or selection decides) and the nightly
+    schedule, with the defaults of ``calibflow serve``."""
+    cron, zone = settings.nightly_schedule()
+    return {"CALIBFLOW_CAMERA": settings.camera or "", "CALIBFLOW_NIGHTLY_CRON": cron, "CALIBFLOW_TIMEZONE": zone}
+
+
+def deploy(camera: Optional[str] = typer.Option(None, "--camera", envvar="CALIBFLOW_CAMERA",
+                                                help="default camera of the deployments: a name or YAML file "
+                                                     "[default: the registry's only camera, else each run's "
+                                                     "parameter]"),
+           nightly_cron: Optional[str] = typer.Option(None, "--nightly-cron", envvar="CALIBFLOW_NIGHTLY_CRON",
+                                                      help="cron of the nightly deployment [default: 09:00 at "
+                                                           "the site, the morning after the night]"),
+           timezone: Optional[str] = typer.Option(None, "--timezone", envvar="CALIBFLOW_TIMEZONE",
+                                                  help="IANA time zone the cron is read in [default: UTC, the "
+                                                       "cron derived from the camera's utc_offset_hours]"),
+           prefect_file: Path = typer.Option(Path("prefect.yaml"), "--prefect-file",
+                                             help="the deployments to register; the worker runs their flows "
+                                                  "from this file's folder"),
+           repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_REPO",
+                                               help="repository whose registry knows the camera [default: "
+                                                    "./calibrepo]; the runs use the worker's CALIBFLOW_REPO"),
+           registry_url: Optional[str] = typer.Option(None, "--registry-url", envvar="CALIBFLOW_REGISTRY_URL",
+                                                      help="SQLAlchemy URL of that registry")):
+    """Register prefect.yaml's deployments (for the work pool it names) with this camera and schedule.
+
+    The same settings, defaults and checks as `calibflow serve`, given to `prefect deploy --all` through
+    the placeholders of prefect.yaml; run it again after changing them (nothing is rebuilt).
+    """
+    import subprocess
+    import sys
+
+    from pydantic import ValidationError
+
+    common.prefect_env()
+    _api_url()
+    prefect_file = prefect_file.resolve()
+    if not prefect_file.is_file():
+        common.fail(f"--prefect-file: no {prefect_file}")
+    store, registry = common.open_repo(repo, registry_url)
+    cam = _serve_camera(registry, camera)
+    from deployments.definitions import DeploymentSettings
+
+    try:
+        settings = DeploymentSettings(repo=store.root, camera=cam.name if cam else None,
+                                      utc_offset_hours=cam.utc_offset_hours if cam else None,
+                                      nightly_cron=nightly_cron or None, timezone=timezone or None)
+    except ValidationError as exc:
+        common.fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+    values = deploy_environment(settings)
+    common.console.print(f"deploying {prefect_file} (camera {values['CALIBFLOW_CAMERA'] or 'chosen per run'}, "
+                         f"nightly cron {values['CALIBFLOW_NIGHTLY_CRON']!r} in {values['CALIBFLOW_TIMEZONE']})",
+                         highlight=False)
+    prefect = Path(sys.executable).parent / "prefect"
+    res = subprocess.run([str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all",
+                          "--prefect-file", str(prefect_file)], cwd=prefect_file.parent,
+                         env={**os.environ, **values}, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        common.fail(f"prefect deploy --all exited with {res.returncode}", code=res.returncode)
 
 
 def _serve_camera(registry, spec: Optional[str]):
@@ -439,4 +511,5 @@ def _print_products(client, run_id) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command()(serve)
+    app.command()(deploy)
     app.command()(trigger)

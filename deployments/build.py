@@ -107,7 +107,8 @@ def _build_flow(calib_type: str) -> Flow:
               detectors_per_task: Annotated[int, Field(ge=1)] | None = None,
               repo: str | None = None, registry_url: str | None = None) -> dict:
         repo, registry_url = resolve_repo(repo, registry_url)
-        return build_calib.fn(calib_type, camera=camera, night=night, exposures=exposures or None,
+        # "": no default camera (prefect.yaml's placeholder filled with nothing)
+        return build_calib.fn(calib_type, camera=camera or None, night=night, exposures=exposures or None,
                               filter=filter, detectors=detectors or None, repo=repo, registry_url=registry_url,
                               config=_changed(config.model_dump(mode="json"), model().model_dump(mode="json")),
                               drop_incomplete=drop_incomplete,

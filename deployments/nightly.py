@@ -34,5 +34,5 @@ def nightly_calibs(night: NightStr | None = None, camera: str | None = None, pol
         registry_url: SQLAlchemy URL of the registry; empty means CALIBFLOW_REGISTRY_URL, else SQLite inside the repository
     """
     repo, registry_url = resolve_repo(repo, registry_url)
-    return nightly.fn(night=night, camera=camera, repo=repo, registry_url=registry_url, policy=policy,
+    return nightly.fn(night=night, camera=camera or None, repo=repo, registry_url=registry_url, policy=policy,
                       runner=runner, dask_address=dask_address)

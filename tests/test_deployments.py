@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -144,23 +145,79 @@ def test_check_parameters_reports_every_problem():
         check_parameters({"config": {"combine": {"mask": ["FOO"]}}}, {}, schema, entry)
 
 
-def test_prefect_yaml_matches_the_served_deployments():
-    """prefect.yaml (prefect deploy --all) describes the same deployments, entry flows, tags and default
-    nightly schedule as `calibflow serve`."""
+def _rendered_prefect_yaml(values: dict[str, str], monkeypatch) -> list[dict]:
+    """prefect.yaml's deployments with its {{ $NAME }} placeholders filled from ``values`` the way
+    `prefect deploy` fills them (Prefect's own templating, from the environment)."""
+    from prefect.utilities.templating import apply_values
+
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    served = make_deployments(DeploymentSettings(repo=Path("/r"), camera="democam"))
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return apply_values(spec["deployments"], dict(os.environ), remove_notset=False)
+
+
+@pytest.mark.parametrize("site", [
+    dict(camera="democam"),                                                    # the defaults: democam's site
+    dict(camera="democam_mini", nightly_cron="15 8 * * 1-5", timezone="Europe/Madrid"),
+    dict(timezone="America/Santiago"),                                         # no camera; 09:00 in that zone
+])
+def test_prefect_yaml_matches_the_served_deployments(site, monkeypatch):
+    """prefect.yaml (`calibflow deploy`: prefect deploy --all with the site's settings filled in)
+    describes the same deployments, entry flows, tags, camera and nightly schedule as `calibflow serve`
+    with the same settings."""
+    from calibflow.ops import DEPLOY_VARIABLES, deploy_environment
+
+    settings = DeploymentSettings(repo=Path("/r"), **site)
+    served = make_deployments(settings)
+    values = deploy_environment(settings)
+    assert set(values) == set(DEPLOY_VARIABLES)
+    spec = _rendered_prefect_yaml(values, monkeypatch)
+    assert "{{" not in json.dumps(spec)                       # every placeholder is one deploy fills
     from prefect.flows import load_flow_from_entrypoint
 
-    assert [d["name"] for d in spec["deployments"]] == [d.name for d in served]
-    for entry, dep in zip(spec["deployments"], served):
+    assert [d["name"] for d in spec] == [d.name for d in served]
+    for entry, dep in zip(spec, served):
         path, name = entry["entrypoint"].split(":")
         loaded = load_flow_from_entrypoint(str(REPO_ROOT / entry["entrypoint"]), use_placeholder_flow=False)
         assert loaded.name == dep.flow_name and loaded.fn.__name__ == dep.entrypoint.rsplit(".", 1)[1]
         assert path == dep.entrypoint.rsplit(".", 1)[0].replace(".", "/") + ".py"
         assert sorted(entry["tags"]) == sorted(dep.tags)
         assert entry["work_pool"]["name"] == "calibflow"
+        # the camera parameter: serve's ("" for none, which the entry flows read as none)
+        assert entry["parameters"] == {"camera": dep.parameters.get("camera", "")}
         schedules = [(s["cron"], s["timezone"]) for s in entry.get("schedules") or []]
         assert schedules == [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules]
+    want = {"democam": ("42 13 * * *", "UTC"), "democam_mini": ("15 8 * * 1-5", "Europe/Madrid"),
+            None: ("0 9 * * *", "America/Santiago")}[site.get("camera")]
+    assert (values["CALIBFLOW_NIGHTLY_CRON"], values["CALIBFLOW_TIMEZONE"]) == want
+
+
+def test_deploy_refuses_bad_settings_before_prefect(tmp_path):
+    """`calibflow deploy` checks the site's settings as serve does (one line, exit 1)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "CALIBFLOW_"))}
+    env.update({"PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": "http://127.0.0.1:9/api",
+                "CALIBFLOW_REPO": str(tmp_path / "repo")})
+    exe = str(Path(sys.executable).parent / "calibflow")
+    subprocess.run([exe, "init"], env=env, capture_output=True, timeout=120, check=True)
+    for extra, message in (({"CALIBFLOW_TIMEZONE": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+                           ({"CALIBFLOW_NIGHTLY_CRON": "61 25 * *"}, "invalid cron"),
+                           ({"CALIBFLOW_CAMERA": "no-such-camera"}, "no-such-camera")):
+        res = subprocess.run([exe, "deploy", "--prefect-file", str(REPO_ROOT / "prefect.yaml")],
+                             env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1 and message in res.stderr, res.stdout + res.stderr
+
+
+def test_entry_flows_read_an_empty_camera_as_none(monkeypatch):
+    """prefect.yaml's camera placeholder filled with nothing gives camera="": no default camera."""
+    seen = {}
+    import deployments.build as build_module
+    import deployments.nightly as nightly_module
+
+    monkeypatch.setattr(build_module.build_calib, "fn", lambda *a, **k: seen.setdefault("build", k["camera"]))
+    monkeypatch.setattr(nightly_module.nightly, "fn", lambda **k: seen.setdefault("nightly", k["camera"]))
+    BUILD_FLOWS["bias"].fn(camera="")
+    nightly_module.nightly_calibs.fn(camera="")
+    assert seen == {"build": None, "nightly": None}
 
 
 def test_serve_and_trigger_need_a_server(tmp_path):

@@ -439,7 +439,7 @@ def test_trigger_watch_nightly_reports_each_build(prefect_server, night_repo, se
 
 
 def test_prefect_yaml_deploy_and_process_worker(prefect_server, night_repo, served, camera_file, tmp_path):
-    """The second way: `prefect deploy --all` from prefect.yaml, a process work pool and a worker."""
+    """The second way: prefect.yaml's deployments (`calibflow deploy`), a process work pool and a worker."""
     store, reg = night_repo
     served.stop()                      # the worker takes over the same deployment names
     env = _client_env(prefect_server, store)
@@ -447,16 +447,19 @@ def test_prefect_yaml_deploy_and_process_worker(prefect_server, night_repo, serv
     res = subprocess.run([prefect, "work-pool", "create", "calibflow", "--type", "process"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
-    res = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=300)
+    # `calibflow deploy` (prefect deploy --all, from another folder) with the site's settings from the
+    # environment, as the compose stack's deployments service gives them: camera by its file, a time zone
+    res = _calibflow({**env, "CALIBFLOW_CAMERA": str(camera_file), "CALIBFLOW_TIMEZONE": "Europe/Madrid"},
+                     "deploy", "--prefect-file", str(REPO_ROOT / "prefect.yaml"), timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     bias = prefect_server.deployment("build-calib/bias")
     assert bias["work_pool_name"] == "calibflow" and bias["entrypoint"] == "deployments/build.py:build_bias"
     assert bias["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
                                    {"directory": str(REPO_ROOT)}}]
     assert bias["parameter_openapi_schema"]["properties"]["config"]["$ref"] == "#/definitions/BiasConfig"
+    assert bias["parameters"] == {"camera": CAMERA}                  # by its registry name
     (sched,) = prefect_server.deployment("nightly-calibs/nightly")["schedules"]
-    assert (sched["schedule"]["cron"], sched["schedule"]["timezone"]) == ("42 13 * * *", "UTC")
+    assert (sched["schedule"]["cron"], sched["schedule"]["timezone"]) == ("0 9 * * *", "Europe/Madrid")
     worker = Proc([prefect, "worker", "start", "--pool", "calibflow"], env, tmp_path / "worker.log", cwd=tmp_path)
     try:
         _wait_for("worker start", lambda: "started" in worker.tail(), 120, worker)

