@@ -123,7 +123,8 @@ def deploy(camera: Optional[str] = typer.Option(None, "--camera", envvar="CALIBF
                                                help="repository whose registry knows the camera [default: "
                                                     "./calibrepo]; the runs use the worker's CALIBFLOW_REPO"),
            registry_url: Optional[str] = typer.Option(None, "--registry-url", envvar="CALIBFLOW_REGISTRY_URL",
-                                                      help="SQLAlchemy URL of that registry")):
+                                                      help="SQLAlchemy URL of that registry [default: SQLite "
+                                                           "inside the repository]")):
     """Register prefect.yaml's deployments (for the work pool it names) with this camera and schedule.
 
     The same settings, defaults and checks as `calibflow serve`, given to `prefect deploy --all` through
