@@ -636,7 +636,14 @@ def simulate(camera: str = typer.Option("democam", "--camera"),
                                              "exposure per entry and filter gets it"),
              first_sequence: int = typer.Option(
                  0, "--first-sequence", help="number exposures from this + 1 (held-out nights: same "
-                                             "seed, another --night, e.g. 1000)")):
+                                             "seed, another --night, e.g. 1000)"),
+             gain_error: Optional[float] = typer.Option(
+                 None, "--gain-error", help="true gains differ from the camera file's by this fraction "
+                                            "(x U(0.75, 1.25), either sign; e.g. 0.04); default: none"),
+             pixel_defects: bool = typer.Option(False, "--pixel-defects/--no-pixel-defects",
+                                                help="also inject cold pixels and hot columns"),
+             ptc_exptimes: str = typer.Option("", "--ptc-exptimes", help="comma-separated exposure times of "
+                                                                         "extra flat pairs for a PTC")):
     """Simulate a night of raw exposures with known truth (raw/ and truth/ under --out)."""
     from calib_core.simulate import simulate_night
 
@@ -653,7 +660,9 @@ def simulate(camera: str = typer.Option("democam", "--camera"),
                                     n_flat=n_flat, n_science=n_science,
                                     filters=tuple(f for f in filters.split(",") if f),
                                     compress=compress, progress=tick, gradient_amplitude=gradient_amplitude,
-                                    bad_exposures=bad, first_sequence=first_sequence)
+                                    bad_exposures=bad, first_sequence=first_sequence, gain_error=gain_error,
+                                    pixel_defects=pixel_defects,
+                                    ptc_exptimes=[float(t) for t in ptc_exptimes.split(",") if t.strip()])
         except ValueError as exc:
             _fail(str(exc))
     console.print(f"wrote {len(result.exposures)} raw files to {Path(out) / 'raw'} and truth to "
