@@ -196,7 +196,10 @@ def squared_unit(unit: str) -> str:
     """The FITS unit string of a variance, for a data unit string (``adu`` -> ``adu2``)."""
     import astropy.units as u
 
-    return (u.Unit(unit) ** 2).to_string("fits") or unit
+    try:
+        return (u.Unit(unit) ** 2).to_string("fits") or unit
+    except ValueError:          # a unit the FITS standard lacks (electron/adu): astropy's generic form
+        return (u.Unit(unit) ** 2).to_string()
 
 
 def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str | None = None,

@@ -90,8 +90,10 @@ class AmpPtc:
     amp: str
     gain: float                      # e-/ADU
     gain_err: float
-    noise_fit: float                 # e- (NaN for SINGLE: fixed to the overscan's)
-    noise_fit_err: float
+    noise_fit: float                 # e-: sqrt of the fitted read-noise variance (0 if it is negative;
+    noise_fit_err: float             #     NaN for SINGLE, where it is fixed to the overscan's)
+    noise_var_fit: float             # e-**2: the fitted read-noise variance, may be negative within errors
+    noise_var_fit_err: float
     noise_overscan: float            # e-: the overscan noise (ADU) times the gain
     turnoff: float                   # ADU: the highest mean used
     a00: float                       # 1/e- (EXPAPPROXIMATION), 0 otherwise
@@ -221,7 +223,7 @@ def fit_ptc(points: Sequence[PairStats], overscan_noise_adu: float, config: PtcC
     n_os = overscan_noise_adu ** 2 if np.isfinite(overscan_noise_adu) else 0.0
     w = 1.0 / err ** 2
     a00 = 0.0
-    noise_fit = noise_err = math.nan
+    noise_var = noise_var_err = math.nan
     if fit == "SINGLE":
         y = var - n_os
         inv_g = float(np.sum(w * mu * y) / np.sum(w * mu * mu))
@@ -239,11 +241,10 @@ def fit_ptc(points: Sequence[PairStats], overscan_noise_adu: float, config: PtcC
         npar = 2
         gain = 1.0 / inv_g
         cov_g = cov[0, 0] / inv_g ** 4
-        # read noise (e-) = sqrt(n) * g: first-order propagation of (1/g, n)
-        if n_adu > 0:
-            noise_fit = math.sqrt(n_adu) * gain
-            jac = np.array([-math.sqrt(n_adu) / inv_g ** 2, 0.5 / (math.sqrt(n_adu) * inv_g)])
-            noise_err = float(math.sqrt(jac @ cov @ jac))
+        # read-noise variance (e-**2) = n * g**2: first-order propagation of (1/g, n)
+        noise_var = float(n_adu / inv_g ** 2)
+        jac = np.array([-2.0 * n_adu / inv_g ** 3, 1.0 / inv_g ** 2])
+        noise_var_err = float(math.sqrt(jac @ cov @ jac))
     else:
         from scipy.optimize import curve_fit
 
@@ -263,24 +264,26 @@ def fit_ptc(points: Sequence[PairStats], overscan_noise_adu: float, config: PtcC
         model = f(mu, *popt)
         npar = 3
         cov_g = float(cov[1, 1])
-        if n_e > 0:
-            noise_fit = math.sqrt(n_e)
-            noise_err = float(math.sqrt(cov[2, 2]) / (2 * noise_fit))
+        noise_var, noise_var_err = n_e, float(math.sqrt(cov[2, 2]))
     resid = (var - model) / err
     dof = len(u) - npar
     chi2_dof = float(np.sum(resid ** 2) / dof) if dof > 0 else math.nan
     # a fit worse than its weights say (chi2/dof > 1) widens its errors
     inflate = math.sqrt(chi2_dof) if dof > 0 and chi2_dof > 1 else 1.0
     gain_err = float(math.sqrt(max(cov_g, 0.0))) * inflate
-    if np.isfinite(noise_err):
-        noise_err *= inflate
+    noise_var_err *= inflate
+    noise_fit = math.sqrt(max(noise_var, 0.0)) if np.isfinite(noise_var) else math.nan
+    # the error of sqrt(n) (first order; where n <= its error, the upper bound sqrt(err))
+    noise_err = (noise_var_err / (2 * noise_fit) if noise_fit > 0 and noise_var > noise_var_err
+                 else math.sqrt(noise_var_err)) if np.isfinite(noise_var) else math.nan
     full_model = []
     k = 0
     for keep in used:
         full_model.append(float(model[k]) if keep else math.nan)
         k += keep
     return AmpPtc(amp=amp, gain=float(gain), gain_err=gain_err, noise_fit=float(noise_fit),
-                  noise_fit_err=float(noise_err), noise_overscan=float(math.sqrt(n_os) * gain),
+                  noise_fit_err=float(noise_err), noise_var_fit=float(noise_var),
+                  noise_var_fit_err=float(noise_var_err), noise_overscan=float(math.sqrt(n_os) * gain),
                   turnoff=float(max(p.mu for p in u)), a00=float(a00), fit_type=fit, n_points=len(pts),
                   n_used=len(u), chi2_dof=chi2_dof, points=pts, used=used, model=full_model)
 
@@ -313,6 +316,8 @@ def ptc_table_hdus(fits_: Mapping[str, AmpPtc]):
     rows = list(fits_.values())
     t = Table({"AMP": [r.amp for r in rows], "GAIN": [r.gain for r in rows], "GAIN_ERR": [r.gain_err for r in rows],
                "NOISE_FIT": [r.noise_fit for r in rows], "NOISE_FIT_ERR": [r.noise_fit_err for r in rows],
+               "NOISE_VAR_FIT": [r.noise_var_fit for r in rows],
+               "NOISE_VAR_FIT_ERR": [r.noise_var_fit_err for r in rows],
                "NOISE_OVERSCAN": [r.noise_overscan for r in rows], "TURNOFF": [r.turnoff for r in rows],
                "A00": [r.a00 for r in rows], "FIT_TYPE": [r.fit_type for r in rows],
                "N_POINTS": [r.n_points for r in rows], "N_USED": [r.n_used for r in rows],

@@ -952,8 +952,8 @@ def _plan(night: dt.date, utc_offset: float, n_bias: int, n_dark: int, n_flat: i
     items += [("dark", "NONE", dark_exptime)] * n_dark
     for f in filters:
         items += [("flat", f, flat_exptime)] * n_flat
-    for t in ptc_exptimes:                    # PTC pairs: two flats of each exposure time, first filter
-        items += [("flat", filters[0], float(t))] * 2
+    for t_ptc in ptc_exptimes:                # PTC pairs: two flats of each exposure time, first filter
+        items += [("flat", filters[0], float(t_ptc))] * 2
     science = [("science", f, science_exptime) for f in filters for _ in range(n_science)]
     out: list[_Planned] = []
     seq = int(first_sequence)

@@ -36,6 +36,9 @@ def test_specs_are_complete_and_consistent():
         on = {t for t, step in ISR_STEP.items() if getattr(isr, step)}
         assert on == set(spec.isr_calibs), (name, on)
     assert product_cards("bias", "x", ["a"])["EXPTIME"] == 0.0
+    # the registry's lookup knows which types are one product for all filters
+    from calib_core.registry.calibs import FILTERLESS_TYPES
+    assert set(FILTERLESS_TYPES) == {n for n, t in CALIB_TYPES.items() if not t.filtered}
 
 
 def test_unknown_type_is_refused_with_the_known_ones():
