@@ -16,7 +16,7 @@ and ``n`` the read noise variance (ADU**2). The fit over the pairs gives ``g`` a
   the brighter-fatter term, ``n_e`` the read noise variance in e-**2).
 
 Each point's weight is its sample-variance error ``var * sqrt(2 / npix)``. Points above the
-turnoff -- the mean after which the variance first falls (saturation, full well) -- are left out.
+turnoff -- where the variance per unit mean collapses (full well, saturation) -- are left out.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ class PtcConfig(BaseModel):
         "auto", description="auto: SINGLE for one exposure time, LINEAR for two or three, EXPAPPROXIMATION "
                             "(cp_pipe default) for four or more")
     maskPlanes: list[str] = Field(["SAT", "BAD", "NO_DATA"], description="pixels not used")
+    turnoffDrop: float = Field(0.25, gt=0, lt=1, description="the turnoff: the first mean whose (variance - "
+                               "read noise) / mean falls this fraction below that of the lower half of the points "
+                               "(calibflow's rule, docs/algorithms.md#photon-transfer-curve)")
     maxSaturatedFraction: float = Field(0.001, ge=0, le=1, description="a pair where more of an amp's pixels "
                                         "are saturated is above the turnoff for that amp")
 
@@ -173,18 +176,20 @@ def overscan_noise(overscan: np.ndarray, axis: int = 1, nsigma: float = 5.5) -> 
     return float(math.sqrt(max(st.variance, 0.0) * n / (n - 1)))
 
 
-def _turnoff(points: list[PairStats]) -> list[bool]:
-    """Which points (sorted by mean) lie at or below the turnoff: up to the first point whose
-    variance falls below the largest before it by more than 3 sigma."""
-    used = []
-    top = -math.inf
-    stopped = False
-    for p in points:
-        if not stopped and p.var < top - 3 * p.var_err:
-            stopped = True
+def _turnoff(points: list[PairStats], noise_var: float, drop: float) -> list[bool]:
+    """Which points (sorted by mean) lie below the turnoff: up to the first point whose shot-noise
+    ratio ``(var - n) / mu`` falls more than ``drop`` below the median ratio of the lower half of
+    the points. The variance collapses at full well and saturation, while a point's own noise is far
+    smaller. (cp_pipe ``_getInitialGoodPoints`` cuts where the variance decreases over consecutive
+    points; with many pairs at nearly one level, noise alone does that.)"""
+    if not points:
+        return []
+    ratio = np.array([(p.var - noise_var) / p.mu for p in points])
+    ref = float(np.median(ratio[:max(1, (len(points) + 1) // 2)]))
+    used, stopped = [], False
+    for r in ratio:
+        stopped = stopped or r < ref * (1.0 - drop)
         used.append(not stopped)
-        if not stopped:
-            top = max(top, p.var)
     return used
 
 
@@ -203,7 +208,8 @@ def fit_ptc(points: Sequence[PairStats], overscan_noise_adu: float, config: PtcC
         amp = points[0].amp if points else "?"
         raise DataError(f"PTC amplifier {amp}: no flat pair with {config.minNumberGoodPixels} good pixels")
     amp = pts[0].amp
-    used = _turnoff(pts)
+    n_os = overscan_noise_adu ** 2 if np.isfinite(overscan_noise_adu) else 0.0
+    used = _turnoff(pts, n_os, config.turnoffDrop)
     for i, p in enumerate(pts):
         if p.saturated > config.maxSaturatedFraction:
             used[i:] = [False] * (len(pts) - i)
@@ -220,7 +226,6 @@ def fit_ptc(points: Sequence[PairStats], overscan_noise_adu: float, config: PtcC
         fit = "SINGLE" if levels == 1 else ("LINEAR" if levels < 4 else "EXPAPPROXIMATION")
     if fit in ("LINEAR", "EXPAPPROXIMATION") and len(u) < (2 if fit == "LINEAR" else 3):
         raise DataError(f"PTC amplifier {amp}: {fit} needs more pairs than {len(u)}")
-    n_os = overscan_noise_adu ** 2 if np.isfinite(overscan_noise_adu) else 0.0
     w = 1.0 / err ** 2
     a00 = 0.0
     noise_var = noise_var_err = math.nan
