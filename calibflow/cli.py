@@ -202,7 +202,7 @@ def _parse_when(text: str, what: str):
 
 @app.command()
 def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON"),
-           calib_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, fringe, sky"),
+           calib_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, defects, ptc, flat, fringe, sky"),
            camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or YAML file"),
            detector: Optional[int] = typer.Option(None, "--detector"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
@@ -245,7 +245,7 @@ def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow
 
 @app.command()
 def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
-           calib_type: str = typer.Option(..., "--type", help="bias, dark, flat, fringe, sky"),
+           calib_type: str = typer.Option(..., "--type", help="bias, dark, defects, ptc, flat, fringe, sky"),
            detector: Optional[int] = typer.Option(None, "--detector"),
            camera: Optional[str] = typer.Option(None, "--camera", help="needed only if several cameras"),
            as_json: bool = typer.Option(False, "--json"),
@@ -343,7 +343,7 @@ def _apply_sets(config: dict, sets: list[str]) -> dict:
 
 
 @app.command()
-def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe or sky"),
+def build(calib_type: str = typer.Argument(..., help="bias, dark, defects, ptc, flat, fringe or sky"),
           camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry by name, or its YAML file [default: the only camera the registry (or the selection) has]"),
           night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD"),
           exposure: Optional[list[str]] = typer.Option(None, "--exposure", help="explicit exposure ids (repeat)"),
