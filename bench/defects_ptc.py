@@ -9,8 +9,8 @@ science exposures in r. Scores:
 * defects: the fraction of injected bad pixels masked, and of good pixels masked (false positives);
 * gains: each amplifier's measured gain against its true gain, in units of the measured error;
 * amplifier steps: across each detector's amplifier boundary (x = 128), the step of flat / truth
-  flat (16 columns either side) and of the sky frame's ``(1 + F) / P`` (one 32-px bin column either
-  side), each in units of its noise.
+  flat (16-column strips) and of the sky frame's ``(1 + F) / P`` (32-px bin columns) less the mean
+  of the steps beside it (a smooth slope is no step), in units of its noise.
 
 ``python -m bench.defects_ptc`` writes bench/results/defects_ptc.md.
 """
@@ -53,6 +53,15 @@ def _products(reg, calib_type: str) -> dict[int, dict]:
     return {c["detector"]: c for c in list_calibs(reg, calib_type=calib_type)}
 
 
+def _step(vals: list[float], errs: list[float]) -> float:
+    """The step between columns 1 and 2 of four adjacent column means, less the mean of the steps
+    beside it (a smooth slope is not a step), in units of its noise."""
+    a, b, c, d = vals
+    excess = (c - b) - 0.5 * ((b - a) + (d - c))          # = 0.5 a - 1.5 b + 1.5 c - 0.5 d
+    noise = math.sqrt(0.25 * errs[0] ** 2 + 2.25 * errs[1] ** 2 + 2.25 * errs[2] ** 2 + 0.25 * errs[3] ** 2)
+    return excess / noise
+
+
 def _flat_steps(sim, reg) -> list[float]:
     from calib_core.products import read_product
 
@@ -61,9 +70,12 @@ def _flat_steps(sim, reg) -> list[float]:
         flat = read_product(row["path"])[0]
         ratio = flat.image / sim.truth_flat("r", det)
         ok = (flat.mask == 0) & (sim.truth_defects(det) == 0)
-        left, right = ratio[:, 112:128][ok[:, 112:128]], ratio[:, 128:144][ok[:, 128:144]]
-        noise = math.hypot(left.std() / math.sqrt(left.size), right.std() / math.sqrt(right.size))
-        out.append((right.mean() - left.mean()) / noise)
+        vals, errs = [], []
+        for x0 in (96, 112, 128, 144):          # 16-column strips, the boundary between the middle two
+            v = ratio[:, x0:x0 + 16][ok[:, x0:x0 + 16]]
+            vals.append(v.mean())
+            errs.append(v.std() / math.sqrt(v.size))
+        out.append(_step(vals, errs))
     return out
 
 
@@ -76,10 +88,10 @@ def _sky_steps(sim, reg) -> list[float]:
         p = sim.truth_sky("r", det)
         xe, ye = frame.x_edges, frame.y_edges
         k = int(np.searchsorted(xe, 128))
-        if xe[k] != 128:
+        if xe[k] != 128 or k < 2 or k + 2 >= len(xe):
             continue
         vals, errs = [], []
-        for j in (k - 1, k):
+        for j in (k - 2, k - 1, k, k + 1):       # bin columns, the boundary between the middle two
             cols = slice(xe[j], xe[j + 1])
             ratios, e = [], []
             for i in range(len(ye) - 1):
@@ -87,9 +99,9 @@ def _sky_steps(sim, reg) -> list[float]:
                 if np.isfinite(v):
                     ratios.append((1 + v) / p[ye[i]:ye[i + 1], cols].mean())
                     e.append(frame.errors[i, j] / p[ye[i]:ye[i + 1], cols].mean())
-            vals.append(np.mean(ratios))
+            vals.append(float(np.mean(ratios)))
             errs.append(math.sqrt(np.sum(np.square(e))) / len(e))
-        out.append((vals[1] / vals[0] - 1) / (math.hypot(*errs) / vals[0]))
+        out.append(_step(vals, errs))
     return out
 
 

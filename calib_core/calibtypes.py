@@ -104,6 +104,10 @@ class CalibType:
     combine : callable or None
         ``combine(paths, config, exp_scales, ccd_scale) -> Combined``; None where the barrier makes
         the product (sky).
+    skip_reason : callable or None
+        ``skip_reason(rows) -> str``: given the registry rows of a night's inputs, why a nightly
+        build would fail for want of usable inputs ("" when it would not): the PTC needs two flats
+        of one exposure time.
     combine_context : bool
         The combine also gets ``items`` (each input's process result: its scalars), ``camera``,
         ``detector`` and ``calib_date`` as keywords (defects, PTC: they pair inputs or read the
@@ -128,6 +132,7 @@ class CalibType:
     optional_in_isr: bool = False
     min_inputs: int = 3
     combine_context: bool = False
+    skip_reason: Callable[[Sequence[Mapping]], str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,6 +283,13 @@ def _combine_ptc(paths: Sequence, cfg: PtcConfig, exp_scales=None, ccd_scale=Non
                     pictures={"ptc": lambda path: plot_ptc(fits, path, title)})
 
 
+def _ptc_skip_reason(rows: Sequence[Mapping]) -> str:
+    if make_pairs(rows):
+        return ""
+    return (f"no two of the {len(rows)} flats share an exposure time and filter "
+            f"(exposure times {sorted({float(r['exptime']) for r in rows})})")
+
+
 def _combine_bias(paths: Sequence, cfg: BiasConfig, exp_scales=None, ccd_scale=None) -> Combined:
     return Combined(combine_bias(paths, cfg))
 
@@ -321,9 +333,9 @@ CALIB_TYPES: dict[str, CalibType] = {t.name: t for t in (
               unit="1", intermediate_unit="1", combine_context=True,
               description="Build defect masks: hot, cold, noisy and dead pixels per amplifier from the certified "
                           "bias and dark and the night's flats; the origin of each defect kept."),
-    CalibType("ptc", "flat", ("bias",), PtcConfig, 1.0, filtered=False, barrier="none",
+    CalibType("ptc", "flat", ("bias", "defects"), PtcConfig, 1.0, filtered=False, barrier="none",
               process=_process_ptc, combine=_combine_ptc, isr_step="usePtcGains", optional_in_isr=True,
-              unit="electron/adu", combine_context=True, min_inputs=2,
+              unit="electron/adu", combine_context=True, min_inputs=2, skip_reason=_ptc_skip_reason,
               description="Measure gains and read noise per amplifier from pairs of flats of the same exposure "
                           "time (photon transfer curve)."),
     CalibType("flat", "flat", ("bias", "dark", "defects", "ptc"), FlatConfig, 1.0, filtered=True, barrier="flat_scales",

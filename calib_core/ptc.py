@@ -44,8 +44,10 @@ class PtcConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # the certified defects are masked where one exists: a dead or low column has less variance than
+    # its mean implies and would bias the gain high (by its share of the pixels)
     isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doDark=False, doFlat=False, doFringe=False,
-                                                             doDefect=False, usePtcGains=False))
+                                                             usePtcGains=False))
     nSigmaClipPtc: float = Field(5.5, gt=0, description="clip of the means and of the difference's variance "
                                  "(cp_pipe 5.5)")
     nIterSigmaClipPtc: int = Field(3, ge=1, description="clip passes (cp_pipe 3)")

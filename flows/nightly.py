@@ -75,10 +75,11 @@ def plan_night(registry: Registry, camera: str, night: str, policy: NightlyPolic
                 groups = {f: g for f, g in groups.items() if f in policy.fringe_filters}
         need = policy.min_inputs.get(calib_type, 1)
         for filt, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            ok = len(group) >= need
+            reason = "" if len(group) >= need else f"{len(group)} {spec.input_obstype} exposures < {need}"
+            if not reason and spec.skip_reason is not None:
+                reason = spec.skip_reason(group)
             steps.append({"type": calib_type, "filter": filt, "n_inputs": len(group),
-                          "action": "build" if ok else "skip",
-                          "reason": "" if ok else f"{len(group)} {spec.input_obstype} exposures < {need}"})
+                          "action": "skip" if reason else "build", "reason": reason})
     return steps
 
 

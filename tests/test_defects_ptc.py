@@ -399,3 +399,18 @@ def test_kast_gain_agrees_with_a_brute_force_estimate(kast_ptc):
     est = np.array(est)
     err = est.std(ddof=1) / math.sqrt(len(est))
     assert abs(est.mean() - fits_["B"].gain) < 3 * math.hypot(err, fits_["B"].gain_err), (est, fits_["B"].gain)
+
+
+def test_nightly_skips_a_ptc_without_pairs(tmp_path):
+    """A night whose flats all differ in exposure time plans no PTC (the build could not pair them)
+    and still plans the defects and flats."""
+    from flows.nightly import NightlyPolicy, plan_night
+
+    class Rows:
+        def query_exposures(self, camera, night):
+            flats = [{"obs_type": "flat", "filter": "r", "exptime": t, "exposure_id": str(t)} for t in (1, 2, 3)]
+            return [{"obs_type": "bias", "filter": "NONE", "exptime": 0.0}] * 5 + flats
+
+    steps = {s["type"]: s for s in plan_night(Rows(), "cam", "2026-11-20", NightlyPolicy())}
+    assert steps["ptc"]["action"] == "skip" and "share an exposure time" in steps["ptc"]["reason"]
+    assert steps["defects"]["action"] == "build" and steps["flat"]["action"] == "build"
