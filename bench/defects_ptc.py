@@ -68,7 +68,8 @@ def _flat_steps(sim, reg) -> list[float]:
     out = []
     for det, row in sorted(_products(reg, "flat").items()):
         flat = read_product(row["path"])[0]
-        ratio = flat.image / sim.truth_flat("r", det)
+        with np.errstate(divide="ignore", invalid="ignore"):      # dead pixels: truth 0, masked below
+            ratio = flat.image / sim.truth_flat("r", det)
         ok = (flat.mask == 0) & (sim.truth_defects(det) == 0)
         vals, errs = [], []
         for x0 in (96, 112, 128, 144):          # 16-column strips, the boundary between the middle two

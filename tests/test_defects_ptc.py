@@ -185,37 +185,47 @@ def test_overscan_noise_removes_row_offsets():
 # ---------------------------------------------------------------------------------------------------
 
 NIGHT = "2026-11-20"
-DETS = (0, 1)
+DETS = tuple(range(9))
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, prefect_api):
+    """The nightly flow (default policy) on the night of the issue: gains 3-5 % off the camera file,
+    every kind of injected bad pixel, four 5 s flats plus PTC pairs at 2 and 12 s, six r exposures."""
+    from calib_core.registry.calibs import list_calibs
     from calib_core.simulate import simulate_night
-    from flows.build import build_calib
+    from flows.nightly import nightly
     from tests._repos import ingested_repo
 
     root = tmp_path_factory.mktemp("defects")
     sim = simulate_night("democam_mini", root / "sim", seed=11, night=NIGHT, n_bias=5, n_dark=4, n_flat=4,
-                         n_science=0, filters=("r",), gain_error=0.04, pixel_defects=True,
+                         n_science=6, filters=("r",), gain_error=0.04, pixel_defects=True,
                          ptc_exptimes=(2.0, 12.0))
     store, reg = ingested_repo(root / "repo", root / "sim" / "raw", "democam_mini")
-    common = dict(camera="democam_mini", night=NIGHT, repo=str(store.root), detectors=list(DETS))
-    out = {t: build_calib(t, **common) for t in ("bias", "dark", "defects", "ptc")}
-    out["flat"] = build_calib("flat", filter="r", **common)
-    return sim, store, reg, out
+    summary = nightly(night=NIGHT, camera="democam_mini", repo=str(store.root))
+    out = {}
+    for row in list_calibs(reg):
+        out.setdefault(row["type"], {})[row["detector"]] = row
+    return sim, store, reg, out, summary
 
 
-def _product(result, det):
+def _product(rows, det):
     from calib_core.products import read_product
 
-    p = next(p for p in result["products"] if p["detector"] == det)
-    return (*read_product(p["path"]), p)
+    return (*read_product(rows[det]["path"]), rows[det])
+
+
+def test_nightly_builds_defects_and_gains_before_the_flats(built):
+    sim, store, reg, out, summary = built
+    steps = [(s["type"], s["action"]) for s in summary["steps"]]
+    assert steps == [("bias", "built"), ("dark", "built"), ("defects", "built"), ("ptc", "built"),
+                     ("flat", "built"), ("sky", "built")]
 
 
 def test_defects_recover_the_injected_bad_pixels(built):
     """At least 99 % of the injected bad pixels (hot pixels 0.5-5 e-/s, hot and dead/low columns,
     cold pixels at 30-70 % response) are masked, and fewer than 0.1 % of the good pixels."""
-    sim, store, reg, out = built
+    sim, store, reg, out, _ = built
     found_total = injected_total = false_total = good_total = 0
     for det in DETS:
         mi, header, row = _product(out["defects"], det)
@@ -245,11 +255,12 @@ def test_defects_recover_the_injected_bad_pixels(built):
 
 
 def test_ptc_gains_within_their_errors_of_the_truth(built):
-    """Gains 3-5 % off the camera file's are recovered within 3.5 of their errors (which are
-    ~0.3 %: each pair measures the variance of ~6.5e4 pixels to sqrt(2/6.5e4) = 0.55 %)."""
+    """Gains 3-5 % off the camera file's are recovered within 3.5 of their errors, each, and with
+    an rms of the 18 pulls below 1.6. The errors are 0.5-0.9 %: each pair measures the variance of
+    ~6.5e4 pixels to sqrt(2/6.5e4) = 0.55 %, four pairs, and the LINEAR fit's free intercept."""
     from calib_core.ptc import read_ptc
 
-    sim, store, reg, out = built
+    sim, store, reg, out, _ = built
     pulls = []
     for det in DETS:
         mi, header, row = _product(out["ptc"], det)
@@ -268,9 +279,12 @@ def test_ptc_gains_within_their_errors_of_the_truth(built):
             assert m["fit_type"] == "LINEAR" and m["n_used"] == 4     # 2 s, 5 s (2 pairs), 12 s
         # the gain map and the curve's picture
         assert np.isfinite(mi.image).all() and header["OBSTYPE"] == "ptc"
+        # the PTC's flats had the certified defects masked (dead columns would bias the gain high)
+        assert {i.split("-")[0] for i in row["stats"]["isr_calibs"]} == {"bias", "defects"}
         png = row["stats"]["ptc_png"]
         assert open(png, "rb").read(4) == b"\x89PNG"
-    assert np.mean(np.abs(pulls)) < 2.0
+    print(f"gains: measured - true = rms {np.sqrt(np.mean(np.square(pulls))):.2f} sigma over {len(pulls)} amps")
+    assert np.sqrt(np.mean(np.square(pulls))) < 1.6          # 18 amps: unbiased, errors the right size
 
 
 def test_flat_isr_used_the_certified_defects_and_gains(built):
@@ -283,7 +297,7 @@ def test_flat_isr_used_the_certified_defects_and_gains(built):
     from calib_core.rawio import read_raw
     from calib_core.science import find_isr_calibs
 
-    sim, store, reg, out = built
+    sim, store, reg, out, _ = built
     for det in DETS:
         flat, _, row = _product(out["flat"], det)
         ids = row["stats"]["isr_calibs"]
@@ -314,19 +328,18 @@ def test_flat_isr_used_the_certified_defects_and_gains(built):
         assert abs(nominal / true[name] - 1) * predicted > 5 * err     # the camera file's gain would fail
 
 
-def test_flat_shows_no_amplifier_step(built):
-    """Across each detector's amplifier boundary the flat / truth ratio has no step beyond the
-    noise of the 16-column means either side (the flat is in ADU: it carries the true gains)."""
-    sim, store, reg, out = built
-    for det in DETS:
-        flat, _, _ = _product(out["flat"], det)
-        truth = sim.truth_flat("r", det)
-        ratio = flat.image / truth
-        ok = (flat.mask == 0) & (sim.truth_defects(det) == 0)
-        left, right = ratio[:, 112:128][ok[:, 112:128]], ratio[:, 128:144][ok[:, 128:144]]
-        step = right.mean() - left.mean()
-        noise = math.hypot(left.std() / math.sqrt(left.size), right.std() / math.sqrt(right.size))
-        assert abs(step) < 4 * noise + 1e-4 * abs(left.mean()), (det, step, noise)
+def test_flat_and_sky_frame_show_no_amplifier_step(built):
+    """Across each detector's amplifier boundary, the step of flat / truth flat and of the sky
+    frame's (1 + F) / P (less the mean of the steps beside it: a slope is no step) is within 4 of its
+    noise (bench/defects_ptc.py; measured at most 1.4 and 2.1). The flat is in ADU, so it carries
+    each amplifier's true gain whatever the camera file says."""
+    from bench.defects_ptc import _flat_steps, _sky_steps
+
+    sim, store, reg, out, _ = built
+    flat, sky = _flat_steps(sim, reg), _sky_steps(sim, reg)
+    print(f"amplifier steps (sigma): flat {np.round(flat, 1)}, sky frame {np.round(sky, 1)}")
+    assert len(flat) == len(sky) == 9
+    assert max(map(abs, flat)) < 4 and max(map(abs, sky)) < 4
 
 
 # ---------------------------------------------------------------------------------------------------
