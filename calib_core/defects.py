@@ -191,7 +191,9 @@ def edge_border(shape: tuple[int, int], amps: Sequence[AmpBox], up_down: int, le
 
 
 def load_manual_defects(path) -> list[ManualDefect]:
-    """Boxes from a YAML or JSON file: a list of :class:`ManualDefect` fields, or ``{defects: [...]}``."""
+    """Boxes from a YAML or JSON file: a list of :class:`ManualDefect` fields, or ``{defects: [...]}``
+    with optional file-wide ``valid_from`` / ``valid_to`` (and ``detector``) that boxes without
+    their own take."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -206,10 +208,13 @@ def load_manual_defects(path) -> list[ManualDefect]:
             data = yaml.safe_load(text)
     except Exception as exc:
         raise InputError(f"manual defects file {path}: not valid YAML/JSON: {exc}") from None
+    defaults = {}
     if isinstance(data, dict):
+        defaults = {k: data[k] for k in ("valid_from", "valid_to", "detector") if k in data}
         data = data.get("defects", [])
+    data = [{**defaults, **d} if isinstance(d, dict) else d for d in data or []]
     try:
-        return [ManualDefect.model_validate(d) for d in data or []]
+        return [ManualDefect.model_validate(d) for d in data]
     except Exception as exc:
         raise InputError(f"manual defects file {path}: {exc}") from None
 

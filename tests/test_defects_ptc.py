@@ -94,6 +94,11 @@ def test_measure_defects_keeps_every_origin_and_applies_manual_boxes_by_date(tmp
                             manual=manual)
     assert not (other & ORIGINS["MANUAL"]).any()                   # another detector's box
     assert ManualDefect(x0=1, y0=1).applies(0, None)
+    # a file-wide validity applies to the boxes that have none of their own
+    box.write_text('{"valid_to": "2026-01-31", "defects": [{"x0": 3, "y0": 3}, {"x0": 4, "y0": 4, '
+                   '"valid_to": "2026-12-31"}]}')
+    whole = load_manual_defects(box.rename(tmp_path / "manual.json"))
+    assert [b.applies(0, dt.date(2026, 6, 1)) for b in whole] == [False, True]
 
 
 def test_interpolation_bridges_a_bad_row_along_columns_when_asked():
