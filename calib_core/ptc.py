@@ -363,9 +363,21 @@ def read_ptc(path) -> dict[str, dict]:
     return out
 
 
+def _model_curve(r: AmpPtc, mu: np.ndarray) -> np.ndarray:
+    """The fitted variance (ADU**2) at means ``mu`` (ADU)."""
+    g = r.gain
+    if r.fit_type == "SINGLE":
+        return mu / g + (r.noise_overscan / g) ** 2
+    n = r.noise_var_fit / g ** 2
+    if r.fit_type == "LINEAR" or r.a00 == 0:
+        return mu / g + n
+    return np.expm1(2 * r.a00 * g * mu) / (2 * r.a00 * g * g) + n
+
+
 def plot_ptc(fits_: Mapping[str, AmpPtc], path, title: str = "") -> None:
     """A PNG of each amplifier's curve (variance against mean, the fit) and its residuals."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -383,8 +395,7 @@ def plot_ptc(fits_: Mapping[str, AmpPtc], path, title: str = "") -> None:
         if (~used).any():
             ax.plot(mu[~used], var[~used], "x", color="0.5", label="above turnoff")
         xs = np.linspace(0, max(mu.max(), 1.0), 100)
-        ax.plot(xs, xs / r.gain + (r.noise_overscan / r.gain) ** 2, "-", lw=1,
-                label=f"g = {r.gain:.4f} ± {r.gain_err:.4f} e-/ADU")
+        ax.plot(xs, _model_curve(r, xs), "-", lw=1, label=f"g = {r.gain:.4f} ± {r.gain_err:.4f} e-/ADU")
         ax.set_title(f"amp {r.amp} ({r.fit_type})", fontsize=9)
         ax.set_ylabel("variance (ADU²)")
         ax.legend(fontsize=7)
@@ -393,6 +404,7 @@ def plot_ptc(fits_: Mapping[str, AmpPtc], path, title: str = "") -> None:
         ar.plot(mu[used], (var[used] - model[used]) / err[used], "o", ms=3)
         ar.set_xlabel("mean (ADU)")
         ar.set_ylabel("resid. (σ)")
+        ar.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
