@@ -45,7 +45,7 @@ class BiasConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doBias=False, doDark=False, doFlat=False,
-                                                             doFringe=False))
+                                                             doFringe=False, doDefect=False, usePtcGains=False))
     combine: CombineConfig = Field(default_factory=CombineConfig)
 
 
@@ -55,7 +55,8 @@ class DarkConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doDark=False, doFlat=False, doFringe=False))
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doDark=False, doFlat=False, doFringe=False,
+                                                             doDefect=False, usePtcGains=False))
     combine: CombineConfig = Field(default_factory=lambda: CombineConfig(mask=["SAT", "DETECTED", "INTRP", "CR"]))
     doRepair: bool = Field(True, description="find and mask cosmic rays")
     crNumSigma: float = Field(6.0, gt=0, description="CR threshold, sigma of the variance plane")

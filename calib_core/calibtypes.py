@@ -10,6 +10,7 @@ No Prefect here: this is the numeric core's table of contents.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -17,10 +18,15 @@ from pydantic import BaseModel
 
 from .calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias, combine_calib,
                      combine_dark, combine_flat, process_bias, process_dark)
+from .defects import DefectsConfig, defect_mask, defects_product, load_manual_defects, measure_defects, \
+    origin_cards, origin_counts
+from .errors import DataError
 from .fringe import FringeBuildConfig, prepare_fringe, remove_continuum
 from .isr import IsrConfig, run_isr
 from .maskedimage import MaskedImage
 from .persistent import clear_persistent_cr
+from .ptc import PtcConfig, fit_ptc, gain_map, make_pairs, overscan_noise, pair_stats, plot_ptc, ptc_table_hdus, \
+    read_ptc
 from .products import provenance_cards, read_product
 from .rawio import RawDetector
 from .sky import SkyConfig, bin_detector
@@ -44,13 +50,16 @@ class Processed:
 
 @dataclass
 class Combined:
-    """One detector's combined product: the image, extra header cards and product stats, and a
-    warning the build should log (None when all went as configured)."""
+    """One detector's combined product: the image, extra header cards and product stats, a
+    warning the build should log (None when all went as configured), HDUs appended to the product
+    file (tables), and pictures written beside it (``{suffix: write(path)}``: ``<calib_id>-<suffix>.png``)."""
 
     image: MaskedImage
     cards: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     warning: str | None = None
+    extra_hdus: list = field(default_factory=list)
+    pictures: dict[str, Callable[[Any], None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,14 @@ class CalibType:
     combine : callable or None
         ``combine(paths, config, exp_scales, ccd_scale) -> Combined``; None where the barrier makes
         the product (sky).
+    skip_reason : callable or None
+        ``skip_reason(rows) -> str``: given the registry rows of a night's inputs, why a nightly
+        build would fail for want of usable inputs ("" when it would not): the PTC needs two flats
+        of one exposure time.
+    combine_context : bool
+        The combine also gets ``items`` (each input's process result: its scalars), ``camera``,
+        ``detector`` and ``calib_date`` as keywords (defects, PTC: they pair inputs or read the
+        calibs their inputs used).
     """
 
     name: str
@@ -114,6 +131,8 @@ class CalibType:
     isr_step: str | None = None
     optional_in_isr: bool = False
     min_inputs: int = 3
+    combine_context: bool = False
+    skip_reason: Callable[[Sequence[Mapping]], str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,14 +143,23 @@ class CalibType:
 def isr_with_calibs(raw: RawDetector, isr: IsrConfig, calibs: Mapping[str, dict], darktime: float | None,
                     path: str = "") -> MaskedImage:
     """Run ISR with the calib products in ``calibs`` (rows from the registry); a step whose calib
-    is absent and optional (fringe) is switched off."""
-    images = {t: read_product(c["path"])[0] for t, c in calibs.items()}
+    is absent and optional (fringe, defects, ptc) is switched off. A certified defects mask flags
+    BAD; a certified PTC's gains and read noises replace the camera file's in the variance
+    (docs/algorithms.md#defects, docs/algorithms.md#photon-transfer-curve)."""
+    images = {t: read_product(c["path"])[0] for t, c in calibs.items() if t != "ptc"}
     for t in OPTIONAL_IN_ISR:
         step = ISR_STEP[t]
-        if getattr(isr, step) and t not in images:
+        if getattr(isr, step) and t not in calibs:
             isr = isr.model_copy(update={step: False})
+    defects = defect_mask(images["defects"]) if isr.doDefect and "defects" in images else None
+    gains = read_noises = None
+    if isr.usePtcGains and "ptc" in calibs:
+        rows = read_ptc(calibs["ptc"]["path"])
+        gains = {a: r["gain"] for a, r in rows.items() if math.isfinite(r["gain"]) and r["gain"] > 0}
+        read_noises = {a: r["read_noise"] for a, r in rows.items() if math.isfinite(r["read_noise"])}
     return run_isr(raw, isr, bias=images.get("bias"), dark=images.get("dark"), flat=images.get("flat"),
-                   fringe=images.get("fringe"), darktime=darktime, path=path)
+                   fringe=images.get("fringe"), darktime=darktime, defects=defects, gains=gains,
+                   read_noises=read_noises, path=path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,6 +194,100 @@ def _process_sky(raw, calibs, exposure, cfg: SkyConfig, camera=None, detector=No
     mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
     model = bin_detector(camera, detector, mi, cfg.pass_config(0))
     return Processed(mi, sidecars={"bins": ("bins0", model.to_hdulist())})
+
+
+def _amp_boxes(raw) -> list[list]:
+    """The amplifiers' boxes in the assembled detector: [name, y0, y1, x0, x1] (end-exclusive)."""
+    out = []
+    for a in raw.amps:
+        ys, xs = a.det_slices
+        out.append([a.name, int(ys.start or 0), int(ys.stop), int(xs.start or 0), int(xs.stop)])
+    return out
+
+
+def _process_defects(raw, calibs, exposure, cfg: DefectsConfig, camera=None, detector=None) -> Processed:
+    # a flat ISR'd with the certified bias and dark, divided by its own level: the stack of these is
+    # the flat the defects are found in; the bias and dark it used are the ones tested
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    level = background_level(mi)
+    if not (math.isfinite(level.mean) and level.mean > 0):
+        raise DataError(f"{exposure['path']}: flat level {level.mean} is not positive; cannot normalise it")
+    mi /= float(level.mean)
+    scalars = {"level": float(level.mean), "amps": _amp_boxes(raw)}
+    for t in ("bias", "dark"):
+        if t in calibs:
+            scalars[f"{t}_path"] = str(calibs[t]["path"])
+    return Processed(mi, scalars)
+
+
+def _process_ptc(raw, calibs, exposure, cfg: PtcConfig, camera=None, detector=None) -> Processed:
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    noise = {a.name: overscan_noise(a.overscan, a.overscan_axis) if a.overscan is not None else float("nan")
+             for a in raw.amps}
+    return Processed(mi, {"exptime": float(exposure["exptime"]), "filter": exposure.get("filter"),
+                          "amps": _amp_boxes(raw), "overscan_noise": noise})
+
+
+def _combine_defects(paths: Sequence, cfg: DefectsConfig, exp_scales=None, ccd_scale=None, *, items=(),
+                     camera=None, detector=0, calib_date=None) -> Combined:
+    flat = combine_calib(paths, cfg.combine)[0] if cfg.use_flat else None
+    first = items[0] if items else {}
+    bias = read_product(first["bias_path"])[0] if cfg.use_bias and first.get("bias_path") else None
+    dark = read_product(first["dark_path"])[0] if cfg.use_dark and first.get("dark_path") else None
+    manual = load_manual_defects(cfg.manual_file) if cfg.manual_file else []
+    amps = [tuple(a) for a in first["amps"]]
+    origin = measure_defects(amps, bias=bias, dark=dark, flat=flat, config=cfg, detector=detector,
+                             calib_date=calib_date, manual=manual)
+    counts = origin_counts(origin)
+    cards = dict(origin_cards())
+    cards.update({f"HIERARCH NDEFECT {k.upper()}": (v, "pixels flagged by this test") for k, v in counts.items()})
+    cards["DEFBIAS"] = (bias is not None, "master bias tested")
+    cards["DEFDARK"] = (dark is not None, "master dark tested")
+    if cfg.manual_file:
+        cards["HIERARCH DEFECTS MANUAL FILE"] = str(cfg.manual_file)[-60:]
+        cards["HIERARCH DEFECTS MANUAL BOXES"] = len(manual)
+    return Combined(defects_product(origin), cards, {"defects": counts})
+
+
+def _combine_ptc(paths: Sequence, cfg: PtcConfig, exp_scales=None, ccd_scale=None, *, items=(),
+                 camera=None, detector=0, calib_date=None) -> Combined:
+    pairs = make_pairs(items)
+    if not pairs:
+        raise DataError(f"PTC of detector {detector}: no two flats share an exposure time and filter "
+                        f"(exposure times {sorted({float(i['exptime']) for i in items})})")
+    amps = [tuple(a) for a in items[0]["amps"]]
+    points: dict[str, list] = {a[0]: [] for a in amps}
+    for i, j in pairs:
+        im1, im2 = read_product(paths[i])[0], read_product(paths[j])[0]
+        for st in pair_stats(im1, im2, amps, float(items[i]["exptime"]), cfg,
+                             (items[i]["exposure_id"], items[j]["exposure_id"])):
+            points[st.amp].append(st)
+    fits = {}
+    for name, pts in points.items():
+        noises = [float(it["overscan_noise"].get(name, float("nan"))) for it in items]
+        noises = [n for n in noises if math.isfinite(n)]
+        os_noise = float(sorted(noises)[len(noises) // 2]) if noises else float("nan")
+        fits[name] = fit_ptc(pts, os_noise, cfg)
+    shape = read_product(paths[0])[0].shape
+    cards = {}
+    for k, (name, f) in enumerate(fits.items()):
+        cards[f"HIERARCH PTC GAIN {name}"] = (round(f.gain, 6), f"e-/ADU +- {f.gain_err:.2g}")
+        cards[f"HIERARCH PTC NOISE {name}"] = (round(f.read_noise, 4), "e-, overscan")
+    stats = {"gains": {n: f.gain for n, f in fits.items()}, "gain_errors": {n: f.gain_err for n, f in fits.items()},
+             "read_noise": {n: f.read_noise for n, f in fits.items()},
+             "read_noise_fit": {n: f.noise_fit for n, f in fits.items()},
+             "turnoff": {n: f.turnoff for n, f in fits.items()}, "n_pairs": len(pairs),
+             "fit_type": sorted({f.fit_type for f in fits.values()})}
+    title = f"PTC detector {detector} ({calib_date})"
+    return Combined(gain_map(shape, amps, fits), cards, stats, extra_hdus=ptc_table_hdus(fits),
+                    pictures={"ptc": lambda path: plot_ptc(fits, path, title)})
+
+
+def _ptc_skip_reason(rows: Sequence[Mapping]) -> str:
+    if make_pairs(rows):
+        return ""
+    return (f"no two of the {len(rows)} flats share an exposure time and filter "
+            f"(exposure times {sorted({float(r['exptime']) for r in rows})})")
 
 
 def _combine_bias(paths: Sequence, cfg: BiasConfig, exp_scales=None, ccd_scale=None) -> Combined:
@@ -206,16 +328,26 @@ CALIB_TYPES: dict[str, CalibType] = {t.name: t for t in (
               intermediate_unit="adu/s",
               description="Build dark frames (ADU per second of dark time): ISR with the certified bias, "
                           "cosmic rays masked."),
-    CalibType("flat", "flat", ("bias", "dark"), FlatConfig, 1.0, filtered=True, barrier="flat_scales",
+    CalibType("defects", "flat", ("bias", "dark"), DefectsConfig, 1.0, filtered=False, barrier="none",
+              process=_process_defects, combine=_combine_defects, isr_step="doDefect", optional_in_isr=True,
+              unit="1", intermediate_unit="1", combine_context=True,
+              description="Build defect masks: hot, cold, noisy and dead pixels per amplifier from the certified "
+                          "bias and dark and the night's flats; the origin of each defect kept."),
+    CalibType("ptc", "flat", ("bias", "defects"), PtcConfig, 1.0, filtered=False, barrier="none",
+              process=_process_ptc, combine=_combine_ptc, isr_step="usePtcGains", optional_in_isr=True,
+              unit="electron/adu", combine_context=True, min_inputs=2, skip_reason=_ptc_skip_reason,
+              description="Measure gains and read noise per amplifier from pairs of flats of the same exposure "
+                          "time (photon transfer curve)."),
+    CalibType("flat", "flat", ("bias", "dark", "defects", "ptc"), FlatConfig, 1.0, filtered=True, barrier="flat_scales",
               process=_process_flat, combine=_combine_flat, isr_step="doFlat", unit="1",
               description="Build flat fields for one filter: CCD x exposure scale solve, then a scaled stack "
                           "per detector."),
-    CalibType("fringe", "science", ("bias", "dark", "flat"), FringeBuildConfig, 1.0, filtered=True,
+    CalibType("fringe", "science", ("bias", "dark", "defects", "ptc", "flat"), FringeBuildConfig, 1.0, filtered=True,
               barrier="none", process=_process_fringe, combine=_combine_fringe, isr_step="doFringe",
               optional_in_isr=True, fringing_only=True, unit="1", intermediate_unit="1",
               description="Build fringe frames for one filter: background-removed, normalised science "
                           "exposures, objects masked."),
-    CalibType("sky", "science", ("bias", "dark", "flat", "fringe"), SkyConfig, 1.0, filtered=True,
+    CalibType("sky", "science", ("bias", "dark", "defects", "ptc", "flat", "fringe"), SkyConfig, 1.0, filtered=True,
               barrier="sky_passes", process=_process_sky, combine=None, product_kind="binned",
               min_inputs=5, unit="1",
               description="Build sky frames for one filter: object-masked science exposures divided by each "

@@ -38,7 +38,9 @@ class IsrConfig(BaseModel):
     doAssemble: bool = Field(True, description="trim and assemble the amplifiers into the detector; "
                              "if False the output keeps the raw HDU geometry (one HDU per detector only)")
     doSaturation: bool = Field(True, description="flag SAT where the raw ADU >= the amp's saturation")
-    doDefect: bool = Field(True, description="flag BAD where the defect mask (if given) is set")
+    doDefect: bool = Field(True, description="flag BAD where the certified defects mask (if one exists) is set")
+    usePtcGains: bool = Field(True, description="gains and read noises of the certified PTC product (where one "
+                              "exists) instead of the camera file's, for the variance plane")
     doBias: bool = Field(True, description="subtract the master bias (MaskedImage subtraction)")
     doVariance: bool = Field(True, description="variance = max(image,0)/gain + (read_noise/gain)**2, ADU**2")
     doDark: bool = Field(True, description="subtract the dark scaled by darktime / dark's darktime")
@@ -60,6 +62,9 @@ class IsrConfig(BaseModel):
                                 "the sky build and apply-sky switch it on")
     maskListToInterpolate: list[str] = Field(["BAD"], description="planes interpolated over; SAT is "
                                              "left alone so saturated stars stay bright for detection")
+    interpolateAlong: Literal["row", "column", "shorter"] = Field(
+        "row", description="bridge a bad pixel along its row (ip_isr's default), its column, or whichever "
+                           "of the two crosses the shorter run of bad pixels (a bad row along columns)")
 
 
 def _overscan_profile(amp: RawAmp, config: IsrConfig, path: str) -> np.ndarray:
@@ -216,6 +221,7 @@ def _calib_image(calib, shape, what, path):
 def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=None, dark=None,
             flat=None, fringe=None, darktime: float | None = None, defects=None, *,
             dark_darktime: float = 1.0, fringe_scale: float | None = None,
+            gains: dict[str, float] | None = None, read_noises: dict[str, float] | None = None,
             path: str = "") -> MaskedImage:
     """Run ISR on one raw detector.
 
@@ -236,6 +242,9 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
         Dark time the dark frame is normalised to (products of this package: 1.0).
     fringe_scale : float, optional
         Amplitude of the fringe frame; fitted by least squares when None (:func:`fit_fringe_scale`).
+    gains, read_noises : dict amplifier name -> float, optional
+        Measured gains (e-/ADU) and read noises (e-) (a PTC product) that replace the camera file's
+        in the variance plane, amplifier by amplifier (docs/algorithms.md#photon-transfer-curve).
     path : str
         Raw file name for error messages.
 
@@ -282,8 +291,8 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
         placed[dest] = True
         if sat is not None:
             mask[dest] |= np.where(sat, np.int32(sat_bit), np.int32(0))
-        gain[dest] = amp.gain
-        rn[dest] = amp.read_noise
+        gain[dest] = (gains or {}).get(amp.name, amp.gain)
+        rn[dest] = (read_noises or {}).get(amp.name, amp.read_noise)
     if config.doAssemble and not placed.all():
         mask[~placed] |= np.int32(MASK_PLANES.bit("NO_DATA"))
     mi = MaskedImage(image, mask, np.zeros(shape, np.float32))
@@ -331,14 +340,28 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
     if config.doFringe and config.fringeAfterFlat:
         defringe()
     if config.doInterpolate:
-        interpolate_over(mi, MASK_PLANES.bits(config.maskListToInterpolate))
+        interpolate_over(mi, MASK_PLANES.bits(config.maskListToInterpolate), config.interpolateAlong)
     return mi
 
 
-def interpolate_over(mi: MaskedImage, bits: int) -> int:
+def _runs(bad: np.ndarray) -> np.ndarray:
+    """Length of the run of consecutive True values along axis 1 that each pixel belongs to (0 where False)."""
+    out = np.zeros(bad.shape, np.int32)
+    for y in np.flatnonzero(bad.any(axis=1)):
+        b = np.concatenate(([False], bad[y], [False])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(b))
+        for a, e in zip(edges[::2], edges[1::2]):
+            out[y, a:e] = e - a
+    return out
+
+
+def interpolate_over(mi: MaskedImage, bits: int, along: str = "row") -> int:
     """Replace the pixels whose mask has any of ``bits``, and every non-finite pixel, by linear
-    interpolation between the nearest good pixels of the same row (constant beyond the last good
-    one); non-finite pixels are flagged BAD, replaced pixels INTRP. In place; returns the count.
+    interpolation between the nearest good pixels of the same row (``along="row"``; constant beyond
+    the last good one), of the same column (``"column"``), or of whichever of the two crosses the
+    shorter run of bad pixels through it (``"shorter"``: a bad column is bridged along rows, a bad
+    row along columns); non-finite pixels are flagged BAD, replaced pixels INTRP. In place; returns
+    the count.
 
     A bad column (the common CCD defect) is bridged by its row neighbours. The reference
     (ip_isr ``interpolateOverDefects``) fits a Gaussian-PSF-sized neighbourhood instead; a linear
@@ -354,13 +377,36 @@ def interpolate_over(mi: MaskedImage, bits: int) -> int:
     n = int(bad.sum())
     if n == 0:
         return 0
-    x = np.arange(mi.shape[1])
-    for y in np.flatnonzero(bad.any(axis=1)):
-        b = bad[y]
-        if b.all():
-            continue
-        good = ~b
-        for plane in (mi.image, mi.variance):
-            plane[y, b] = np.interp(x[b], x[good], plane[y, good])
+    if along not in ("row", "column", "shorter"):
+        raise ValueError(f"interpolate along 'row', 'column' or 'shorter', not {along!r}")
+    if along == "row":
+        by_row = bad
+    elif along == "column":
+        by_row = np.zeros(bad.shape, bool)
+    else:
+        by_row = bad & (_runs(bad) <= _runs(bad.T).T)
+    by_col = bad & ~by_row
+    if by_row.any():
+        # a pixel bridged along its column must not feed a row bridge, and vice versa: each pass
+        # treats every bad pixel as bad, and bridges only its own
+        _bridge_only(mi, bad, by_row)
+    if by_col.any():
+        t_image, t_var = mi.image.T.copy(), mi.variance.T.copy()
+        tmp = MaskedImage(t_image, mi.mask.T.copy(), t_var)
+        _bridge_only(tmp, bad.T, by_col.T)
+        mi.image[by_col] = tmp.image.T[by_col]
+        mi.variance[by_col] = tmp.variance.T[by_col]
     mi.mask[bad] |= np.int32(MASK_PLANES.bit("INTRP"))
     return n
+
+
+def _bridge_only(mi: MaskedImage, bad: np.ndarray, target: np.ndarray) -> None:
+    """Row bridges between pixels not in ``bad``, written to the ``target`` pixels only."""
+    x = np.arange(bad.shape[1])
+    for y in np.flatnonzero(target.any(axis=1)):
+        good = ~bad[y]
+        if not good.any():
+            continue
+        t = target[y]
+        for plane in (mi.image, mi.variance):
+            plane[y, t] = np.interp(x[t], x[good], plane[y, good])

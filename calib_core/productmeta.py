@@ -161,10 +161,11 @@ def sky_frame_hdulist(frame: BackgroundModel, camera: Camera | None = None, det:
 
 def write_calib_product(path, calib_type: str, product: MaskedImage | BackgroundModel,
                         header_cards: Mapping[str, object] | None = None, camera: Camera | None = None,
-                        detector: int | None = None) -> Path:
-    """Write a calib product as the build does: a MaskedImage (bias, dark, flat, fringe) as
-    IMAGE/MASK/UNCERT, a sky frame's BackgroundModel as :func:`sky_frame_hdulist`; ``BUNIT`` of its
-    type, and the focal-plane WCS when the camera and detector are given."""
+                        detector: int | None = None, extra_hdus=()) -> Path:
+    """Write a calib product as the build does: a MaskedImage (bias, dark, flat, fringe, defects,
+    ptc) as IMAGE/MASK/UNCERT (then ``extra_hdus``: the PTC's tables), a sky frame's
+    BackgroundModel as :func:`sky_frame_hdulist`; ``BUNIT`` of its type, and the focal-plane WCS
+    when the camera and detector are given."""
     det = camera.detector(detector) if camera is not None and detector is not None else None
     if calib_type == "sky":
         if not isinstance(product, BackgroundModel):
@@ -173,4 +174,5 @@ def write_calib_product(path, calib_type: str, product: MaskedImage | Background
     if not isinstance(product, MaskedImage):
         raise TypeError(f"a {calib_type} product is a MaskedImage, not {type(product).__name__}")
     wcs = focal_plane_wcs(camera, det, product.shape) if det is not None else None
-    return write_product(path, product, header_cards, unit=product_unit(calib_type), image_cards=wcs)
+    return write_product(path, product, header_cards, unit=product_unit(calib_type), image_cards=wcs,
+                         extra_hdus=extra_hdus)

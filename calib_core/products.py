@@ -196,11 +196,14 @@ def squared_unit(unit: str) -> str:
     """The FITS unit string of a variance, for a data unit string (``adu`` -> ``adu2``)."""
     import astropy.units as u
 
-    return (u.Unit(unit) ** 2).to_string("fits") or unit
+    try:
+        return (u.Unit(unit) ** 2).to_string("fits") or unit
+    except ValueError:          # a unit the FITS standard lacks (electron/adu): astropy's generic form
+        return (u.Unit(unit) ** 2).to_string()
 
 
 def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str | None = None,
-                  image_cards=None) -> Path:
+                  image_cards=None, extra_hdus=()) -> Path:
     """Write a masked image as an IMAGE/MASK/UNCERT FITS file, atomically.
 
     Parameters
@@ -219,6 +222,8 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
     image_cards : mapping, optional
         Cards for the header of each extension (IMAGE, MASK, UNCERT): a WCS, say, so that any of
         them opened alone is placed.
+    extra_hdus : sequence of HDUs, optional
+        Appended after UNCERT (a PTC product's tables).
 
     Returns
     -------
@@ -240,7 +245,7 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
     if image_cards:
         for hdu in (image, mask, uncert):
             hdu.header.extend(_header_with(image_cards), update=True)
-    return write_hdulist(path, fits.HDUList([primary, image, mask, uncert]))
+    return write_hdulist(path, fits.HDUList([primary, image, mask, uncert, *extra_hdus]))
 
 
 def variance_hdu(variance: np.ndarray, unit: str | None = None) -> fits.ImageHDU:

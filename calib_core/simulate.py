@@ -26,7 +26,9 @@ Files
 The model, exactly
 ------------------
 Notation: ``(x, y)`` a pixel of the assembled detector; ``a(x, y)`` its amplifier with gain ``g_a``
-[e-/ADU], read noise ``rn_a`` [e-] and saturation ``sat_a`` [ADU] from the camera file;
+[e-/ADU], read noise ``rn_a`` [e-] and saturation ``sat_a`` [ADU] from the camera file (with
+``gain_error=A``, opt-in, the true ``g_a`` is the file's times ``1 +- A * U(0.75, 1.25)``; ``static.json``
+lists ``gains`` (true) and ``nominal_gains``);
 ``(u, v) = camera.pixel_to_focal_plane(det, x, y)`` in mm; ``rho = sqrt(u**2 + v**2)``;
 ``R_fp`` [mm] = the largest distance of any detector corner from the focal-plane origin;
 ``t`` = EXPTIME [s]; ``t_d`` = DARKTIME [s] (0 for bias, EXPTIME otherwise).
@@ -49,7 +51,9 @@ Expected detected electrons in the data section, per exposure type::
   ``= q_{det,f} * V(rho) * (1 + 0.005 * n(x, y)) * C(x, y)`` with ``q_{det,f}`` uniform in 0.95..1.05,
   vignetting ``V = 1 - VIGNETTING * (rho / R_fp)**2``, ``n`` unit Gaussian pixel noise, ``C`` the bad
   column factor (0.2..0.4, or 0 for a dead column, from a start row to the top of the detector; 1
-  elsewhere). Bad columns are the same in every filter.
+  elsewhere). Bad columns are the same in every filter. With ``pixel_defects=True`` (opt-in), ``C``
+  also holds cold pixels (a fraction :data:`COLD_PIXEL_FRACTION`, factor 0.3..0.7) and ``D`` a hot
+  column segment per detector (0.3..1 e-/s from a start row to the top).
 * ``L_j`` dome lamp level [incident e-] = ``FLAT_LEVEL * flat_exptime / 5 * (1 + U(-0.03, 0.03))``.
 * ``S_j`` sky level [incident e- per pixel per exposure], drawn per exposure uniformly in the
   range :data:`SKY_LEVELS` gives for the filter (800..3000 in r, 1500..5000 in z), times
@@ -133,6 +137,8 @@ Truth files (all float32, shape (ny, nx) of the assembled detector)
 -------------------------------------------------------------------
 ``bias_<det>``   ``B(x, y)`` [ADU]: the master bias of overscan-corrected biases (level and drift gone).
 ``dark_<det>``   ``D(x, y) / g_a`` [ADU per second of DARKTIME], hot pixels included.
+``defects_<det>`` int16: every injected bad pixel, OR of :data:`DEFECT_BITS` (1 hot pixel, 2 bad
+                 column, 4 cold pixel, 8 hot column; 0 = good).
 ``qe_<f>_<det>`` ``Q_f(x, y) / Qbar_f``: the response in electrons, mean 1 over the focal plane.
 ``flat_<f>_<det>`` ``R_f(x, y) = (Q_f / g_a) / rbar_f`` [dimensionless], ``rbar_f`` = the mean of
                  ``Q_f / g_a`` over every pixel of the focal plane (header REFRESP, ADU per incident
@@ -216,6 +222,15 @@ QE_CCD_SPREAD = 0.05           # CCD-to-CCD QE differences, uniform +- this
 QE_PIXEL_RMS = 0.005           # pixel-scale QE noise
 VIGNETTING = 0.12              # fractional loss at rho = R_fp
 N_BAD_COLUMNS = 2              # per detector
+# opt-in (pixel_defects=True): more kinds of bad pixel, from their own random nodes
+COLD_PIXEL_FRACTION = 2e-4     # fraction of pixels with a low response
+COLD_PIXEL_FACTOR = (0.3, 0.7)  # their QE factor, uniform
+N_HOT_COLUMNS = 1              # per detector: a column segment with extra dark current
+HOT_COLUMN_RATE = (0.3, 1.0)   # e-/s per pixel, uniform
+# opt-in (gain_error=A): true gains differ from the camera file's by A * U(0.75, 1.25), either sign
+GAIN_ERROR_SPREAD = (0.75, 1.25)
+#: bits of the truth defects map (truth/defects_<det>.fits)
+DEFECT_BITS = {"hot_pixel": 1, "bad_column": 2, "cold_pixel": 4, "hot_column": 8}
 FLAT_LEVEL = 20000.0           # incident e- per pixel for a 5 s dome flat
 FLAT_LAMP_JITTER = 0.03        # lamp level uniform within +- this
 SKY_LEVELS = {"u": (200.0, 800.0), "g": (400.0, 1500.0), "r": (800.0, 3000.0), "i": (1200.0, 4000.0),
@@ -310,7 +325,7 @@ class _AmpLayout:
         return sub
 
 
-def _layouts(camera: Camera, det: Detector) -> list[_AmpLayout]:
+def _layouts(camera: Camera, det: Detector, gain_factors: dict[str, float] | None = None) -> list[_AmpLayout]:
     if camera.sections_from_header:
         raise ValueError(f"camera {camera.name}: the simulator writes only cameras whose sections are "
                          "listed in the camera file (sections_from_header: false)")
@@ -321,7 +336,8 @@ def _layouts(camera: Camera, det: Detector) -> list[_AmpLayout]:
             raise ValueError(f"camera {camera.name} detector {det.name} amplifier {amp.name}: the simulator "
                              "needs numeric gain and read_noise in the camera file")
         data, dsec = parse_section(amp.data_section), parse_section(amp.detector_section)
-        out.append(_AmpLayout(amp=amp, gain=float(amp.gain), rn_adu=float(amp.read_noise) / float(amp.gain),
+        gain = float(amp.gain) * (gain_factors or {}).get(amp.name, 1.0)     # the true gain
+        out.append(_AmpLayout(amp=amp, gain=gain, rn_adu=float(amp.read_noise) / gain,
                               data=data, det=dsec,
                               overscan=parse_section(amp.overscan_section) if amp.overscan_section else None,
                               prescan=parse_section(amp.prescan_section) if amp.prescan_section else None,
@@ -396,12 +412,20 @@ class InstrumentTruth:
         The camera.
     seed
         Non-negative integer seed.
+    gain_error
+        None (default): the true gains are the camera file's. ``A``: each amplifier's true gain is
+        the file's times ``1 + s * A * U(0.75, 1.25)``, ``s = +-1``, from the node ``(1, det, 4)``.
+    pixel_defects
+        Also cold pixels and hot columns (nodes ``(1, det, 3)``); default False.
     """
 
-    def __init__(self, camera: Camera, seed: int):
+    def __init__(self, camera: Camera, seed: int, gain_error: float | None = None, pixel_defects: bool = False):
         self.camera = camera
         self.seed = int(seed)
-        self.layouts = {d.id: _layouts(camera, d) for d in camera.detectors}
+        self.gain_error = None if not gain_error else float(gain_error)
+        self.pixel_defects = bool(pixel_defects)
+        self.gain_factors = {d.id: self._draw_gain_factors(d) for d in camera.detectors} if self.gain_error else {}
+        self.layouts = {d.id: _layouts(camera, d, self.gain_factors.get(d.id)) for d in camera.detectors}
         corners = [camera.detector_corners_mm(d) for d in camera.detectors]
         self.r_fp = float(max(math.hypot(x, y) for c in corners for x in c[:2] for y in c[2:]))
         self.bbox = _fp_bbox(camera)
@@ -411,6 +435,27 @@ class InstrumentTruth:
         self._static = {d.id: self._draw_static(d) for d in camera.detectors}
 
     # -- per-detector fixed parameters ------------------------------------------------------------
+
+    def _draw_gain_factors(self, det: Detector) -> dict[str, float]:
+        rng = _rng(self.seed, 1, det.id, 4)
+        out = {}
+        for amp in det.amplifiers:
+            size = self.gain_error * rng.uniform(*GAIN_ERROR_SPREAD)
+            sign = 1.0 if rng.uniform() < 0.5 else -1.0
+            out[amp.name] = 1.0 + sign * size
+        return out
+
+    def _draw_pixel_defects(self, det: Detector) -> dict[str, Any]:
+        rng = _rng(self.seed, 1, det.id, 3)
+        npix = det.nx * det.ny
+        n_cold = int(round(COLD_PIXEL_FRACTION * npix))
+        cold = np.sort(rng.choice(npix, size=n_cold, replace=False))
+        factor = rng.uniform(*COLD_PIXEL_FACTOR, n_cold)
+        hot_cols = []
+        for _ in range(N_HOT_COLUMNS):
+            hot_cols.append({"x": int(rng.integers(8, det.nx - 8)), "y_start": int(rng.integers(0, det.ny // 2)),
+                             "rate": float(rng.uniform(*HOT_COLUMN_RATE))})
+        return {"cold_index": cold, "cold_factor": factor, "hot_columns": hot_cols}
 
     def _draw_static(self, det: Detector) -> dict[str, Any]:
         rng = _rng(self.seed, 1, det.id, 0)
@@ -431,8 +476,11 @@ class InstrumentTruth:
             start = int(rng.integers(0, det.ny // 2))
             factor = 0.0 if rng.uniform() < 0.5 else float(rng.uniform(0.2, 0.4))
             bad.append({"x": col, "y_start": start, "factor": factor})
-        return {"bias_levels": levels, "bias_gradient": (float(gx), float(gy)), "bias_columns": columns,
-                "dark_mean": d0, "hot_index": hot, "hot_rate": hot_rate, "bad_columns": bad}
+        out = {"bias_levels": levels, "bias_gradient": (float(gx), float(gy)), "bias_columns": columns,
+               "dark_mean": d0, "hot_index": hot, "hot_rate": hot_rate, "bad_columns": bad}
+        if self.pixel_defects:
+            out.update(self._draw_pixel_defects(det))
+        return out
 
     def bias_level(self, det: Detector, amp: str) -> float:
         """Bias level b_a [ADU] of an amplifier."""
@@ -452,7 +500,10 @@ class InstrumentTruth:
         s = self._static[det.id]
         d = np.full(det.ny * det.nx, s["dark_mean"], dtype=np.float32)
         d[s["hot_index"]] += s["hot_rate"].astype(np.float32)
-        return d.reshape(det.ny, det.nx)
+        d = d.reshape(det.ny, det.nx)
+        for h in s.get("hot_columns", ()):
+            d[h["y_start"]:, h["x"]] += np.float32(h["rate"])
+        return d
 
     def gain_map(self, det: Detector) -> np.ndarray:
         """g_a(x, y) [e-/ADU] on the assembled detector."""
@@ -466,10 +517,28 @@ class InstrumentTruth:
         return self.dark_electrons(det) / self.gain_map(det)
 
     def bad_column_factor(self, det: Detector) -> np.ndarray:
+        """C(x, y): the response factor of bad columns (and, with ``pixel_defects``, cold pixels)."""
+        s = self._static[det.id]
         c = np.ones((det.ny, det.nx), dtype=np.float32)
-        for b in self._static[det.id]["bad_columns"]:
+        for b in s["bad_columns"]:
             c[b["y_start"]:, b["x"]] = b["factor"]
+        if "cold_index" in s:
+            c.flat[s["cold_index"]] *= s["cold_factor"].astype(np.float32)
         return c
+
+    def defects(self, det: Detector) -> np.ndarray:
+        """The truth defects map (int16, OR of :data:`DEFECT_BITS`): every injected bad pixel."""
+        s = self._static[det.id]
+        m = np.zeros(det.ny * det.nx, np.int16)
+        m[s["hot_index"]] |= DEFECT_BITS["hot_pixel"]
+        if "cold_index" in s:
+            m[s["cold_index"]] |= DEFECT_BITS["cold_pixel"]
+        m = m.reshape(det.ny, det.nx)
+        for b in s["bad_columns"]:
+            m[b["y_start"]:, b["x"]] |= DEFECT_BITS["bad_column"]
+        for h in s.get("hot_columns", ()):
+            m[h["y_start"]:, h["x"]] |= DEFECT_BITS["hot_column"]
+        return m
 
     # -- per-filter maps ----------------------------------------------------------------------------
 
@@ -636,14 +705,21 @@ class InstrumentTruth:
                 "dark_mean_e_per_s": s["dark_mean"], "n_hot_pixels": int(len(s["hot_index"])),
                 "bad_columns": s["bad_columns"],
                 "gains": {lay.amp.name: lay.gain for lay in self.layouts[d.id]},
+                "nominal_gains": {lay.amp.name: float(lay.amp.gain) for lay in self.layouts[d.id]},
+                "read_noise_e": {lay.amp.name: float(lay.amp.read_noise) for lay in self.layouts[d.id]},
             }
+            if "cold_index" in s:
+                dets[d.name]["n_cold_pixels"] = int(len(s["cold_index"]))
+                dets[d.name]["hot_columns"] = s["hot_columns"]
         sky = {}
         for f in filters:
             par = self.sky_pattern_params(f)
             sky[f] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in par.items()}
             sky[f]["model"] = ("P = (1 + waves(amp, ku, kv, phase) + ghost + ripples(ripple_*) + peaks "
                                "+ edge_glow) / sky_norm")
-        return {"camera": self.camera.name, "seed": self.seed, "r_fp_mm": self.r_fp, "vignetting": VIGNETTING,
+        return {"camera": self.camera.name, "seed": self.seed, "gain_error": self.gain_error,
+                "pixel_defects": self.pixel_defects, "defect_bits": DEFECT_BITS, "r_fp_mm": self.r_fp,
+                "vignetting": VIGNETTING,
                 "focal_plane_bbox_mm": list(self.bbox), "detectors": dets, "sky_pattern": sky,
                 "fringe_filters": [f for f in filters if f in FRINGE_FILTERS]}
 
@@ -734,6 +810,14 @@ class SimulatedNight:
             det = self.camera.detector(self._det_name(detector))
             return np.zeros((det.ny, det.nx), dtype=np.float32)
         return fits.getdata(path).astype(np.float32)
+
+    def truth_defects(self, detector) -> np.ndarray:
+        """Injected bad pixels (int16, OR of :data:`DEFECT_BITS`; 0 = good)."""
+        return fits.getdata(self.truth_dir / f"defects_{self._det_name(detector)}.fits").astype(np.int16)
+
+    def true_gains(self, detector) -> dict[str, float]:
+        """{amplifier: true gain (e-/ADU)} (the camera file's unless ``gain_error``)."""
+        return dict(self.static_truth["detectors"][self._det_name(detector)]["gains"])
 
     def truth_bias(self, detector) -> np.ndarray:
         """B [ADU], shape (ny, nx)."""
@@ -858,7 +942,7 @@ class _Planned:
 
 def _plan(night: dt.date, utc_offset: float, n_bias: int, n_dark: int, n_flat: int, n_science: int,
           filters: Sequence[str], dark_exptime: float, flat_exptime: float,
-          science_exptime: float, first_sequence: int = 0) -> list[_Planned]:
+          science_exptime: float, first_sequence: int = 0, ptc_exptimes: Sequence[float] = ()) -> list[_Planned]:
     """Calibrations from 14:30 local time, science from 19:00 to 05:30 local time; sequence numbers
     ``first_sequence + 1, first_sequence + 2, ...``."""
     tz_local = dt.timedelta(hours=utc_offset)
@@ -868,6 +952,8 @@ def _plan(night: dt.date, utc_offset: float, n_bias: int, n_dark: int, n_flat: i
     items += [("dark", "NONE", dark_exptime)] * n_dark
     for f in filters:
         items += [("flat", f, flat_exptime)] * n_flat
+    for t_ptc in ptc_exptimes:                # PTC pairs: two flats of each exposure time, first filter
+        items += [("flat", filters[0], float(t_ptc))] * 2
     science = [("science", f, science_exptime) for f in filters for _ in range(n_science)]
     out: list[_Planned] = []
     seq = int(first_sequence)
@@ -1001,7 +1087,8 @@ def _exposure_draws(inst: InstrumentTruth, p: _Planned, seed: int, flat_exptime:
     camera = inst.camera
     out: dict[str, Any] = {}
     if p.obs_type == "flat":
-        out["lamp_level"] = float(FLAT_LEVEL * flat_exptime / 5.0 * (1 + rng.uniform(-FLAT_LAMP_JITTER, FLAT_LAMP_JITTER)))
+        # the lamp level follows the flat's own exposure time (PTC pairs differ from flat_exptime)
+        out["lamp_level"] = float(FLAT_LEVEL * p.exptime / 5.0 * (1 + rng.uniform(-FLAT_LAMP_JITTER, FLAT_LAMP_JITTER)))
     if p.obs_type != "science":
         return out
     lo, hi = SKY_LEVELS.get(p.filter, DEFAULT_SKY_LEVEL)
@@ -1282,7 +1369,7 @@ def _image_hdu(data: np.ndarray, det: Detector, compress: str | None, name: int 
 def _write_truth(inst: InstrumentTruth, dets: list[Detector], filters: Sequence[str], truth_dir: Path) -> dict:
     truth_dir.mkdir(parents=True, exist_ok=True)
 
-    def put(name: str, arr: np.ndarray, det: Detector, unit: str, what: str, **keys) -> None:
+    def put(name: str, arr: np.ndarray, det: Detector, unit: str, what: str, dtype=np.float32, **keys) -> None:
         h = fits.Header()
         h["DETNAME"] = det.name
         h["DETID"] = det.id
@@ -1291,12 +1378,14 @@ def _write_truth(inst: InstrumentTruth, dets: list[Detector], filters: Sequence[
         for k, v in keys.items():
             h[k] = v
         path = truth_dir / name
-        fits.PrimaryHDU(data=np.asarray(arr, dtype=np.float32), header=h).writeto(path.with_suffix(".part"), overwrite=True)
+        fits.PrimaryHDU(data=np.asarray(arr, dtype=dtype), header=h).writeto(path.with_suffix(".part"), overwrite=True)
         os.replace(path.with_suffix(".part"), path)
 
     for det in dets:
         put(f"bias_{det.name}.fits", inst.bias(det), det, "adu", "bias structure B")
         put(f"dark_{det.name}.fits", inst.dark(det), det, "adu/s", "dark rate D/g")
+        put(f"defects_{det.name}.fits", inst.defects(det), det, "", "injected bad pixels (DEFECT_BITS)",
+            dtype=np.int16)
     refs, qmeans, sky_norms = {}, {}, {}
     for f in filters:
         refs[f], qmeans[f] = inst.flat_reference(f), inst.qe_mean(f)
@@ -1353,7 +1442,8 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
                    compress: str | None = None, progress: Callable[[int, int], Any] | None = None,
                    poisson_gaussian_above: float | None = POISSON_GAUSSIAN_ABOVE,
                    gradient_amplitude: float | None = None, bad_exposures: Sequence[str] | str = (),
-                   first_sequence: int = 0) -> SimulatedNight:
+                   first_sequence: int = 0, gain_error: float | None = None, pixel_defects: bool = False,
+                   ptc_exptimes: Sequence[float] = ()) -> SimulatedNight:
     """Simulate one night of raw exposures of a camera, and write them with their truth.
 
     Parameters
@@ -1404,6 +1494,19 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
         fringe) by the seed only: a second call with the same seed, another ``out_dir``, another
         ``night`` and a ``first_sequence`` at least the first call's number of exposures (e.g. 1000)
         gives held-out exposures of the same instrument.
+    gain_error
+        None (default): the camera file's gains are the true gains. ``A`` (e.g. 0.04): each
+        amplifier's true gain differs from the file's by ``A * U(0.75, 1.25)`` of either sign (3-5 %
+        for 0.04); the raw pixels follow the true gains, the camera file written to the truth keeps
+        the nominal ones, ``static.json`` lists both (``gains``, ``nominal_gains``).
+    pixel_defects
+        False (default): bad pixels are the hot pixels and bad columns above. True: also cold
+        pixels (a fraction :data:`COLD_PIXEL_FRACTION`, response 0.3..0.7) and a hot column segment
+        per detector (0.3..1 e-/s). Every injected bad pixel is in ``truth/defects_<det>.fits``
+        (:data:`DEFECT_BITS`) either way.
+    ptc_exptimes
+        Exposure times of extra flat pairs for a photon transfer curve: two flats of each, in the
+        first filter, after the other flats (default none). The lamp level scales with exposure time.
 
     Returns
     -------
@@ -1441,6 +1544,13 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     if int(first_sequence) < 0:
         raise ValueError(f"first_sequence must be >= 0, got {first_sequence}")
     first_sequence = int(first_sequence)
+    if gain_error is not None and not 0.0 <= float(gain_error) <= 0.3:
+        raise ValueError(f"gain_error must lie in 0..0.3, got {gain_error}")
+    ptc_exptimes = [float(t) for t in ptc_exptimes]
+    if any(t <= 0 for t in ptc_exptimes):
+        raise ValueError(f"ptc_exptimes must be positive, got {ptc_exptimes}")
+    if ptc_exptimes and not filters:
+        raise ValueError("PTC flat pairs need at least one filter")
     night = dt.date.fromisoformat(night) if isinstance(night, str) else night
     seed = int(seed)
     dets = camera.detectors if detectors is None else [camera.detector(d) for d in detectors]
@@ -1450,12 +1560,12 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     suffix = {None: ".fits", "gzip": ".fits.gz", "rice": ".fits.fz"}[compress]
 
     _remove_previous(out_dir)
-    inst = InstrumentTruth(camera, seed)
+    inst = InstrumentTruth(camera, seed, gain_error=gain_error, pixel_defects=pixel_defects)
     static = _write_truth(inst, dets, filters, truth_dir)
     (truth_dir / "camera.yaml").write_text(camera.to_yaml())
     (truth_dir / "README.txt").write_text(__doc__ or "")
     plan = _plan(night, camera.utc_offset_hours, n_bias, n_dark, n_flat, n_science, filters, dark_exptime,
-                 flat_exptime, science_exptime, first_sequence)
+                 flat_exptime, science_exptime, first_sequence, ptc_exptimes)
     defects = _choose_defects(plan, filters, bad_exposures, seed, first_sequence)
     moon = float(_rng(seed, 5).uniform(0.0, 1.0))
     exposures: list[SimulatedExposure] = []
@@ -1496,6 +1606,7 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     _json_dump({"camera": camera.name, "seed": seed, "night": night.isoformat(), "filters": filters,
                 "detectors": [d.name for d in dets], "compress": compress, "first_sequence": first_sequence,
                 "gradient_amplitude": gradient_amplitude, "bad_exposures": bad_exposures,
+                "gain_error": inst.gain_error, "pixel_defects": inst.pixel_defects, "ptc_exptimes": ptc_exptimes,
                 "exposures": [{k: r[k] for k in ("exposure_id", "obs_type", "filter", "exptime", "darktime",
                                                   "date_obs", "path")} for r in records]},
                truth_dir / "night.json")
@@ -1521,6 +1632,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--gradient-amplitude", type=float, default=None)
     ap.add_argument("--bad-exposures", default="", help="comma-separated: cloud,trail,glow")
     ap.add_argument("--first-sequence", type=int, default=0)
+    ap.add_argument("--gain-error", type=float, default=None)
+    ap.add_argument("--pixel-defects", action="store_true")
+    ap.add_argument("--ptc-exptimes", default="", help="comma-separated exposure times of PTC flat pairs")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -1531,7 +1645,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
                            n_flat=a.n_flat, n_science=a.n_science, filters=[f for f in a.filters.split(",") if f],
                            detectors=a.detectors.split(",") if a.detectors else None, compress=a.compress,
                            progress=progress, gradient_amplitude=a.gradient_amplitude,
-                           bad_exposures=a.bad_exposures, first_sequence=a.first_sequence)
+                           bad_exposures=a.bad_exposures, first_sequence=a.first_sequence,
+                           gain_error=a.gain_error, pixel_defects=a.pixel_defects,
+                           ptc_exptimes=[float(t) for t in a.ptc_exptimes.split(",") if t])
     print(f"\n{night} in {time.perf_counter() - t0:.1f} s")
 
 

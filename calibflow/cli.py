@@ -212,7 +212,7 @@ def _parse_when(text: str, what: str):
 
 @app.command()
 def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON (null where a value is missing)"),
-           calib_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, flat, fringe, sky "
+           calib_type: Optional[str] = typer.Option(None, "--type", help="bias, dark, defects, ptc, flat, fringe, sky "
                                                     "[default: every type]"),
            camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or "
                                                 "YAML file [default: every camera]"),
@@ -259,7 +259,7 @@ def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow
 
 @app.command()
 def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
-           calib_type: str = typer.Option(..., "--type", help="bias, dark, flat, fringe, sky"),
+           calib_type: str = typer.Option(..., "--type", help="bias, dark, defects, ptc, flat, fringe, sky"),
            detector: Optional[int] = typer.Option(None, "--detector", help="[default: every detector]"),
            camera: Optional[str] = typer.Option(None, "--camera", help="needed only if several cameras have "
                                                 "this exposure id [default: the exposure's camera]"),
@@ -360,7 +360,7 @@ def _apply_sets(config: dict, sets: list[str]) -> dict:
 
 
 @app.command()
-def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe or sky"),
+def build(calib_type: str = typer.Argument(..., help="bias, dark, defects, ptc, flat, fringe or sky"),
           camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry by name, or its YAML file [default: the only camera the registry (or the selection) has]"),
           night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD [default: every night]"),
           exposure: Optional[list[str]] = typer.Option(None, "--exposure", help="explicit exposure ids (repeat) "
@@ -673,7 +673,14 @@ def simulate(camera: str = typer.Option("democam", "--camera", help="a built-in 
                                              "exposure per entry and filter gets it"),
              first_sequence: int = typer.Option(
                  0, "--first-sequence", help="number exposures from this + 1 (held-out nights: same "
-                                             "seed, another --night, e.g. 1000)")):
+                                             "seed, another --night, e.g. 1000)"),
+             gain_error: Optional[float] = typer.Option(
+                 None, "--gain-error", help="true gains differ from the camera file's by this fraction "
+                                            "(x U(0.75, 1.25), either sign; e.g. 0.04); default: none"),
+             pixel_defects: bool = typer.Option(False, "--pixel-defects/--no-pixel-defects",
+                                                help="also inject cold pixels and hot columns"),
+             ptc_exptimes: str = typer.Option("", "--ptc-exptimes", help="comma-separated exposure times of "
+                                                                         "extra flat pairs for a PTC")):
     """Simulate a night of raw exposures with known truth (raw/ and truth/ under --out)."""
     from calib_core.simulate import simulate_night
 
@@ -691,7 +698,9 @@ def simulate(camera: str = typer.Option("democam", "--camera", help="a built-in 
                                     n_flat=n_flat, n_science=n_science,
                                     filters=tuple(f for f in filters.split(",") if f),
                                     compress=compress, progress=tick, gradient_amplitude=gradient_amplitude,
-                                    bad_exposures=bad, first_sequence=first_sequence)
+                                    bad_exposures=bad, first_sequence=first_sequence, gain_error=gain_error,
+                                    pixel_defects=pixel_defects,
+                                    ptc_exptimes=[float(t) for t in ptc_exptimes.split(",") if t.strip()])
         except ValueError as exc:
             _fail(str(exc))
     console.print(f"wrote {len(result.exposures)} raw files to {Path(out) / 'raw'} and truth to "

@@ -27,7 +27,8 @@ from prefect import Flow, flow
 from flows.build import build_calib
 from calib_core.calibtypes import CALIB_TYPES, dependency_order
 
-__all__ = ["BUILD_FLOWS", "build_bias", "build_dark", "build_flat", "build_fringe", "build_sky", "resolve_repo",
+__all__ = ["BUILD_FLOWS", "build_bias", "build_dark", "build_defects", "build_ptc", "build_flat", "build_fringe",
+           "build_sky", "resolve_repo",
            "NightStr", "ARGS_DOC"]
 
 def _a_real_date(value: str) -> str:
@@ -124,6 +125,8 @@ def _build_flow(calib_type: str) -> Flow:
 
 build_bias = _build_flow("bias")
 build_dark = _build_flow("dark")
+build_defects = _build_flow("defects")
+build_ptc = _build_flow("ptc")
 build_flat = _build_flow("flat")
 build_fringe = _build_flow("fringe")
 build_sky = _build_flow("sky")

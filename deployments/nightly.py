@@ -17,8 +17,8 @@ __all__ = ["nightly_calibs"]
 
 
 @flow(name="nightly-calibs", log_prints=True,
-      description="Build every calib the night's exposures allow (bias, dark, flat, fringe, sky), in "
-                  "dependency order, each build using the products certified before it.")
+      description="Build every calib the night's exposures allow (bias, dark, defects, ptc, flat, fringe, "
+                  "sky), in dependency order, each build using the products certified before it.")
 def nightly_calibs(night: NightStr | None = None, camera: str | None = None, policy: NightlyPolicy = NightlyPolicy(),
                    runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None,
                    repo: str | None = None, registry_url: str | None = None) -> dict:

@@ -1,6 +1,7 @@
 """The nightly flow: for one night, find what was ingested, decide what to build, and build it in
-dependency order - bias, then dark, then flat (per filter), then fringe (fringing filters) and sky
-(per filter) - each build's ISR using what was certified before it. Products are certified as they
+dependency order - bias, then dark, then the defects mask and the photon transfer curve (gains),
+then flat (per filter), then fringe (fringing filters) and sky (per filter) - each build's ISR
+using what was certified before it. Products are certified as they
 are recorded (validity: calib date -N/+M days). Rerunning a night builds nothing new: each build
 finds its identical earlier products (same inputs, same config) and returns them.
 """
@@ -74,10 +75,11 @@ def plan_night(registry: Registry, camera: str, night: str, policy: NightlyPolic
                 groups = {f: g for f, g in groups.items() if f in policy.fringe_filters}
         need = policy.min_inputs.get(calib_type, 1)
         for filt, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            ok = len(group) >= need
+            reason = "" if len(group) >= need else f"{len(group)} {spec.input_obstype} exposures < {need}"
+            if not reason and spec.skip_reason is not None:
+                reason = spec.skip_reason(group)
             steps.append({"type": calib_type, "filter": filt, "n_inputs": len(group),
-                          "action": "build" if ok else "skip",
-                          "reason": "" if ok else f"{len(group)} {spec.input_obstype} exposures < {need}"})
+                          "action": "skip" if reason else "build", "reason": reason})
     return steps
 
 

@@ -319,11 +319,23 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                      "noise": float(np.median(frame.errors[finite])) if finite.any() else None,
                      "clipped_fraction": None, "bad_fraction": float(1.0 - finite.mean())}
         else:
-            combined = ctx.spec.combine(paths, cfg, exp_scales, ccd_scale)
+            context = {}
+            if ctx.spec.combine_context:
+                context = {"items": items, "camera": build_camera(ctx), "detector": detector,
+                           "calib_date": calib_date}
+            combined = ctx.spec.combine(paths, cfg, exp_scales, ccd_scale, **context)
             if combined.warning:
                 _logger().warning("detector %d: %s", detector, combined.warning)
             mi = combined.image
-            write_calib_product(path, ctx.calib_type, mi, {**cards, **combined.cards}, build_camera(ctx), detector)
+            write_calib_product(path, ctx.calib_type, mi, {**cards, **combined.cards}, build_camera(ctx), detector,
+                                extra_hdus=combined.extra_hdus)
+            for suffix, draw in combined.pictures.items():
+                # beside the product, named after it; an identical concurrent build draws the same
+                picture = final.with_name(f"{calib_id}-{suffix}.png")
+                tmp_png = private_name(picture, "tmp", ".png")
+                draw(tmp_png)
+                os.replace(tmp_png, picture)
+                combined.stats[f"{suffix}_png"] = str(picture)
             level = background_level(mi)
             flagged = (mi.mask & MASK_PLANES.bits(["BAD", "NO_DATA"])) != 0
             stats = {"level": float(level.mean), "noise": float(np.sqrt(max(level.variance, 0.0))),

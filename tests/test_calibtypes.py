@@ -36,10 +36,13 @@ def test_specs_are_complete_and_consistent():
         on = {t for t, step in ISR_STEP.items() if getattr(isr, step)}
         assert on == set(spec.isr_calibs), (name, on)
     assert product_cards("bias", "x", ["a"])["EXPTIME"] == 0.0
+    # the registry's lookup knows which types are one product for all filters
+    from calib_core.registry.calibs import FILTERLESS_TYPES
+    assert set(FILTERLESS_TYPES) == {n for n, t in CALIB_TYPES.items() if not t.filtered}
 
 
 def test_unknown_type_is_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match="unknown calib type 'skyy'; choose one of bias, dark, flat"):
+    with pytest.raises(ValueError, match="unknown calib type 'skyy'; choose one of bias, dark, defects, ptc, flat"):
         calib_type("skyy")
     from flows.nightly import NightlyPolicy
     with pytest.raises(ValueError, match="skyy"):
@@ -63,7 +66,7 @@ def test_a_mistyped_choice_is_refused_at_validation(name):
     model = CALIB_TYPES[name].config_model
     dumped = model().model_dump(mode="json")
     checked = 0
-    for key in ("statistic", "overscanFitType", "algorithm", "undersample_style"):
+    for key in ("statistic", "overscanFitType", "algorithm", "undersample_style", "ptcFitType"):
         for path in _paths(dumped, key):
             bad = dumped
             for p in path[:-1]:

@@ -102,7 +102,7 @@ def test_file_only_camera_end_to_end_and_fix_and_rerun(fieldcam, monkeypatch):
         fixed[3]["calib_id"]
 
     # the other types by file path, then nightly (nothing left to build) and apply-sky
-    for calib_type in ("dark", "flat", "fringe", "sky"):
+    for calib_type in ("dark", "defects", "ptc", "flat", "fringe", "sky"):
         res = _run(runner, env, "build", calib_type, "--camera", str(path), "--night", NIGHT)
         assert res.exit_code == 0 and "2 new" in res.output, (calib_type, res.output)
     res = _run(runner, env, "nightly", "--camera", str(path), "--night", NIGHT)
@@ -117,7 +117,8 @@ def test_file_only_camera_end_to_end_and_fix_and_rerun(fieldcam, monkeypatch):
     kinds = sorted(r["obs_type"] for r in json.loads(res.output))
     assert kinds == ["bias"] * 3 + ["dark"] * 3 + ["flat"] * 3 + ["science"] * 5, res.output
     res = _run(runner, env, "calibs", "--camera", str(path), "--json")
-    assert sorted({r["type"] for r in json.loads(res.output)}) == ["bias", "dark", "flat", "fringe", "sky"]
+    assert sorted({r["type"] for r in json.loads(res.output)}) == ["bias", "dark", "defects", "flat", "fringe", "ptc",
+                                                                  "sky"]
     res = _run(runner, env, "lookup", "--exposure", exp, "--type", "bias", "--detector", "3", "--camera", str(path))
     assert res.exit_code == 0 and fixed[3]["calib_id"] in res.output, res.output
 

@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from calib_core.calibs import BiasConfig, DarkConfig, FlatConfig
+from calib_core.defects import DefectsConfig
+from calib_core.ptc import PtcConfig
 from calib_core.fringe import FringeBuildConfig
 from calib_core.sky import SkyBuildConfig
 from calibflow.ops import check_parameters, parse_params
@@ -20,8 +22,8 @@ from deployments.build import BUILD_FLOWS, resolve_repo
 from deployments.definitions import DeploymentSettings, make_deployments, site_morning_cron
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"bias": BiasConfig, "dark": DarkConfig, "flat": FlatConfig, "fringe": FringeBuildConfig,
-          "sky": SkyBuildConfig}
+MODELS = {"bias": BiasConfig, "dark": DarkConfig, "defects": DefectsConfig, "ptc": PtcConfig, "flat": FlatConfig,
+          "fringe": FringeBuildConfig, "sky": SkyBuildConfig}
 
 
 def _schema(flow) -> dict:

@@ -38,12 +38,14 @@ def night(tmp_path_factory, prefect_api):
 def test_nightly_builds_everything_in_dependency_order(night):
     sim, store, reg, summary = night
     steps = [(s["type"], s["filter"], s["action"]) for s in summary["steps"]]
-    assert steps == [("bias", None, "built"), ("dark", None, "built"), ("flat", "r", "built"), ("flat", "z", "built"),
+    # defects and gains (PTC) come before the flats, whose ISR applies them
+    assert steps == [("bias", None, "built"), ("dark", None, "built"), ("defects", None, "built"),
+                     ("ptc", None, "built"), ("flat", "r", "built"), ("flat", "z", "built"),
                      ("fringe", "z", "built"), ("sky", "r", "built"), ("sky", "z", "built")]
-    assert summary["created"] == 7 * 9
+    assert summary["created"] == 9 * 9
     # each build's ISR used the products certified before it (the registry lookup)
     flat_meta = json.loads(next(store.root.glob("work/democam_mini/flat/*-det004-*.json")).read_text())
-    assert set(flat_meta["isr_calibs"]) == {"bias", "dark"}
+    assert set(flat_meta["isr_calibs"]) == {"bias", "dark", "defects", "ptc"}
     dark_ids = {c["calib_id"] for c in list_calibs(reg, calib_type="dark")}
     assert flat_meta["isr_calibs"]["dark"] in dark_ids
     z_sky = [json.loads(p.read_text()) for p in store.root.glob("work/democam_mini/sky/*-det004-*.json")]

@@ -35,7 +35,7 @@ from . import CalibInputRow, CalibRow, CameraRow, ExposureRow, Registry, Registr
 __all__ = ["ValidityRule", "CalibInput", "calib_digest", "record_calib", "find_calib", "list_calibs",
            "certify", "lookup", "make_calib_id", "FILTERLESS_TYPES"]
 
-FILTERLESS_TYPES = ("bias", "dark")
+FILTERLESS_TYPES = ("bias", "dark", "defects", "ptc")   # the calib types with CalibType.filtered False
 
 
 class ValidityRule(BaseModel):
