@@ -24,6 +24,7 @@ from .persistent import clear_persistent_cr
 from .products import provenance_cards, read_product
 from .rawio import RawDetector
 from .sky import SkyConfig, bin_detector
+from .verify import against_own_kind, flagged_pixels, sky_bins
 
 __all__ = ["CalibType", "CALIB_TYPES", "Combined", "Processed", "calib_type", "dependency_order", "isr_with_calibs",
            "ISR_STEP", "OPTIONAL_IN_ISR", "product_cards", "CalibTypeName"]
@@ -95,6 +96,13 @@ class CalibType:
     combine : callable or None
         ``combine(paths, config, exp_scales, ccd_scale) -> Combined``; None where the barrier makes
         the product (sky).
+    verify : callable or None
+        ``verify(product, inputs: calib_core.verify.VerifyInputs) -> Verification``: the checks a
+        new product must pass to be certified (docs/algorithms.md#verification-before-certification);
+        None: certified as built.
+    screen_inputs : bool
+        Inputs are screened against the last good master before stacking
+        (docs/algorithms.md#input-screening).
     """
 
     name: str
@@ -114,6 +122,8 @@ class CalibType:
     isr_step: str | None = None
     optional_in_isr: bool = False
     min_inputs: int = 3
+    verify: Callable[..., Any] | None = None
+    screen_inputs: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,24 +210,26 @@ def _combine_fringe(paths: Sequence, cfg: FringeBuildConfig, exp_scales=None, cc
 CALIB_TYPES: dict[str, CalibType] = {t.name: t for t in (
     CalibType("bias", "bias", (), BiasConfig, 0.0, filtered=False, barrier="none",
               process=_process_bias, combine=_combine_bias, isr_step="doBias",
+              verify=against_own_kind("bias"), screen_inputs=True,
               description="Build bias frames: ISR without calibs, clipped-mean stack per detector."),
     CalibType("dark", "dark", ("bias",), DarkConfig, 1.0, filtered=False, barrier="none",
               process=_process_dark, combine=_combine_dark, isr_step="doDark", unit="adu/s",
-              intermediate_unit="adu/s",
+              intermediate_unit="adu/s", verify=against_own_kind("dark"), screen_inputs=True,
               description="Build dark frames (ADU per second of dark time): ISR with the certified bias, "
                           "cosmic rays masked."),
     CalibType("flat", "flat", ("bias", "dark"), FlatConfig, 1.0, filtered=True, barrier="flat_scales",
               process=_process_flat, combine=_combine_flat, isr_step="doFlat", unit="1",
+              verify=against_own_kind("flat"), screen_inputs=True,
               description="Build flat fields for one filter: CCD x exposure scale solve, then a scaled stack "
                           "per detector."),
     CalibType("fringe", "science", ("bias", "dark", "flat"), FringeBuildConfig, 1.0, filtered=True,
               barrier="none", process=_process_fringe, combine=_combine_fringe, isr_step="doFringe",
-              optional_in_isr=True, fringing_only=True, unit="1", intermediate_unit="1",
+              optional_in_isr=True, fringing_only=True, unit="1", intermediate_unit="1", verify=flagged_pixels,
               description="Build fringe frames for one filter: background-removed, normalised science "
                           "exposures, objects masked."),
     CalibType("sky", "science", ("bias", "dark", "flat", "fringe"), SkyConfig, 1.0, filtered=True,
               barrier="sky_passes", process=_process_sky, combine=None, product_kind="binned",
-              min_inputs=5, unit="1",
+              min_inputs=5, unit="1", verify=sky_bins,
               description="Build sky frames for one filter: object-masked science exposures divided by each "
                           "one's quadratic focal-plane surface."),
 )}

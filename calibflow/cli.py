@@ -383,6 +383,8 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
           detectors_per_task: Optional[int] = typer.Option(
               None, "--detectors-per-task", min=1,
               help="detectors of one exposure per process task [default: automatic, ~4 tasks per worker]"),
+          verify: bool = typer.Option(True, "--verify/--no-verify",
+                                      help="verify each product before certifying it; --no-verify certifies as built"),
           verbose: bool = VerboseOpt,
           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Build a calib through the Prefect flow (an embedded Prefect API unless PREFECT_API_URL is set):
@@ -423,7 +425,8 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, flat, fringe o
                                    calib_date=calib_date, validity_days_before=validity_days_before,
                                    validity_days_after=validity_days_after, on_bad_input=on_bad_input,
                                    runner=runner, dask_address=dask_address, dask_workers=dask_workers,
-                                   detectors_per_task=detectors_per_task)
+                                   detectors_per_task=detectors_per_task,
+                                   verify=None if verify else {"enabled": False})
             result = build_calib(**request.model_dump())
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))

@@ -39,6 +39,7 @@ from calib_core.registry import Registry, resolve_url, retry_transient
 from calib_core.registry.calibs import ValidityRule
 from calib_core.products import write_hdulist
 from calib_core.sky import solve_sky_frames
+from calib_core.verify import VerifyConfig
 from tasks.calib_tasks import (BuildContext, build_camera, combine_detector, existing_products,
                                finish_build_run, process_detectors, sky_rebin, start_build_run)
 
@@ -167,7 +168,7 @@ def build_calib(calib_type: CalibTypeName, camera: str | None = None,
                 on_bad_input: Literal["fail", "exclude"] = "fail",
                 runner: Literal["threads", "processes", "dask"] = "threads",
                 dask_address: str | None = None, dask_workers: int | None = None,
-                detectors_per_task: int | None = None) -> dict:
+                detectors_per_task: int | None = None, verify: VerifyConfig | None = None) -> dict:
     """Build one calib type for every selected detector and register the products.
 
     Inputs: the ingested exposures of the type's raw kind (bias, dark, flat; science for fringe and
@@ -179,13 +180,15 @@ def build_calib(calib_type: CalibTypeName, camera: str | None = None,
     nothing is redone.
     ``detectors_per_task`` sets how many detectors of one exposure a process task handles (default:
     as many as keeps about four tasks per worker busy, see :func:`detector_batches`).
+    ``verify``: the verification gate's thresholds and input screening (docs/algorithms.md#verification-thresholds);
+    products that pass are certified, the others stay candidates with their failed checks.
     """
     request = BuildRequest(calib_type=calib_type, camera=camera, night=night, exposures=exposures, filter=filter,
                            detectors=detectors, repo=repo, registry_url=registry_url, config=config,
                            drop_incomplete=drop_incomplete, calib_date=calib_date,
                            validity_days_before=validity_days_before, validity_days_after=validity_days_after,
                            on_bad_input=on_bad_input, runner=runner, dask_address=dask_address,
-                           dask_workers=dask_workers, detectors_per_task=detectors_per_task)
+                           dask_workers=dask_workers, detectors_per_task=detectors_per_task, verify=verify)
     return run_build(request, task_runner=make_task_runner(runner, dask_address, dask_workers),
                      log=get_run_logger(), flow_run_id=str(flow_run.get_id() or ""), runner_name=runner)
 
@@ -220,7 +223,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
                        config=cfg.model_dump(mode="json"), config_hash=config_hash(cfg),
                        calib_date=plan.calib_date.isoformat(), filter=plan.filter, software_version=_version(),
                        validity=ValidityRule(days_before=validity_days_before, days_after=validity_days_after),
-                       on_bad_input=on_bad_input,
+                       on_bad_input=on_bad_input, verify=(r.verify or VerifyConfig()).model_dump(mode="json"),
                        verify_raws="always" if os.environ.get("CALIBFLOW_VERIFY_RAWS") == "always" else "auto")
     done = retry_transient(existing_products, registry, ctx, plan.exposures, plan.detectors,
                            what="look up earlier products")
@@ -230,7 +233,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
                                                                      "filter": filter, "detectors": detectors})
         finish_build_run(registry, run_id, "completed", f"0 new products: all {len(done)} already built by an "
                          "identical earlier build")
-        products = [{**done[d], "created": False} for d in plan.detectors]
+        products = _settle(registry, ctx, [{**done[d], "created": False} for d in plan.detectors], log)
         png = _mosaic_path(ctx, store)
         if not (png.exists() and png.with_suffix(".fits").exists()):
             # a build killed after registering its products never wrote them: do it now
@@ -257,6 +260,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
         finish_build_run(registry, run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
     created = sum(p["created"] for p in products)
+    products = _settle(registry, ctx, products, log)
     summary = _report(ctx, cam, products, store, log, artifacts)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
@@ -322,9 +326,13 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
     for p in processed:
         if "error" in p:
             dropped.setdefault(p["exposure_id"], f"unreadable raw: {p['error']}")
-    # inputs left out as bad input are part of the products' identity (outlier rejection is not: it
-    # follows from the inputs); a repaired raw then makes a new, full product
-    excluded = sorted({p["exposure_id"] for p in processed if "error" in p})
+    for p in processed:
+        if p.get("screened"):     # docs/algorithms.md#input-screening: the whole exposure is left out
+            dropped.setdefault(p["exposure_id"], f"screened out: {p['screened']}")
+    # inputs left out as bad input (unreadable, or screened out against an earlier night's master)
+    # are part of the products' identity (outlier rejection is not: it follows from the inputs); a
+    # repaired raw then makes a new, full product
+    excluded = sorted({p["exposure_id"] for p in processed if "error" in p or p.get("screened")})
     if len(dropped) > len(plan.dropped):
         log.warning("excluded exposures: %s", {e: r for e, r in dropped.items() if e not in plan.dropped})
     order = [e for e in plan.exposure_ids if e not in dropped]
@@ -394,6 +402,35 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
             write_hdulist(resid, result.residuals[e][d].to_hdulist())
             out[d].append({**it, "residual": str(resid), "scale": result.scales[e], "frame": str(frames[d]),
                            "warning": result.warning})
+    return out
+
+
+def _settle(registry, ctx: BuildContext, products: list[dict], log) -> list[dict]:
+    """The verification gate's decision (docs/architecture.md#verification-and-certification): the
+    checks across detectors (a flat's detector-to-detector scatter) join each product's own, and the
+    candidates that passed everything are certified; returns the products as now registered."""
+    from calib_core.registry.calibs import settle_candidates
+    from calib_core.verify import detector_scatter_checks
+
+    extra = {}
+    if ctx.calib_type == "flat":
+        means = {}
+        for p in products:
+            metrics = (p.get("verification") or {}).get("metrics") or {}
+            if metrics.get("*", {}).get("mean") is not None:
+                means[p["calib_id"]] = metrics["*"]["mean"]
+        cfg = VerifyConfig.model_validate(ctx.verify)
+        extra = {cid: [c.to_dict()] for cid, c in detector_scatter_checks(means, cfg).items()}
+    rows = retry_transient(settle_candidates, registry, [p["calib_id"] for p in products], extra,
+                           what="certify the products")
+    by_id = {r["calib_id"]: r for r in rows}
+    out = [{**p, **by_id[p["calib_id"]]} for p in products]
+    held = [p for p in out if p["status"] != "certified"]
+    if held:
+        log.warning("%s: %d of %d products held back (not certified): %s", _build_label(ctx), len(held), len(out),
+                    "; ".join(f"detector {p['detector']}: {p['status']}"
+                              + (f" ({'; '.join((p.get('verification') or {}).get('failed') or [])})"
+                                 if (p.get("verification") or {}).get("failed") else "") for p in held))
     return out
 
 
