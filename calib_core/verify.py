@@ -227,8 +227,15 @@ def verify_product(calib_type: str, product: MaskedImage, raw: RawDetector, test
         r = resid[sl][good[sl]]
         mean, noise = _clip(r, cfg)
         level, _ = _clip(np.asarray(product.image[sl], np.float64)[good[sl]], cfg)
-        m = {"mean": mean * g, "noise": noise * g, "read_noise_nominal": rn, "gain": g,
-             "level": level * (g if calib_type in ("bias", "dark") else 1.0)}
+        # metric names per type (the trends' vocabulary, docs/algorithms.md#verification-metrics)
+        m = {"mean": mean * g, "read_noise_nominal": rn, "gain": g}
+        if calib_type == "bias":
+            m.update(read_noise=noise * g, residual_level=level * g,
+                     bias_level=float(np.median(amp.overscan)) if amp.overscan is not None else math.nan)
+        elif calib_type == "dark":
+            m.update(read_noise=noise * g, dark_current=level * g)
+        else:
+            m.update(noise=noise * g, flat_level=level)
         if calib_type in ("bias", "dark"):
             out.checks.append(Check("MEAN", bool(abs(mean) < noise), abs(mean), noise, "<", amp.name,
                                     "ADU, |clipped mean| against clipped noise"))

@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Literal
 
 from prefect import flow, get_run_logger
@@ -486,19 +487,70 @@ def _report(ctx: BuildContext, camera: Camera, products: list[dict], store: Data
         return str(png)
     _table_artifact(ctx, products, log)
     try:
-        create_markdown_artifact(f"## {ctx.calib_type} {ctx.filter} {ctx.calib_date}\n\n![mosaic]({png.as_uri()})\n\n"
-                                 f"Mosaic FITS and PNG: `{png.parent}`", key=f"{_artifact_key(ctx)}-mosaic"[:100])
+        create_markdown_artifact(mosaic_markdown(ctx, png, products), key=f"{_artifact_key(ctx)}-mosaic"[:100],
+                                 description=f"mosaic of {_build_label(ctx)} {ctx.calib_date}")
     except Exception as exc:  # artifacts are a convenience; never fail a build on them
         log.warning("could not create artifacts: %s", exc)
     return str(png)
 
 
+#: a PNG larger than this is not embedded in an artifact (the path is given instead)
+MAX_INLINE_PNG = 3_000_000
+
+
+def png_data_uri(png) -> str | None:
+    """The PNG as a ``data:`` URI, which Prefect's UI renders inline in a markdown artifact (a
+    ``file://`` link is refused by browsers and meaningless off the machine; docs/prefect.md#artifacts),
+    or None if it is missing or too large."""
+    import base64
+    from pathlib import Path
+
+    try:
+        data = Path(png).read_bytes()
+    except OSError:
+        return None
+    if len(data) > MAX_INLINE_PNG or not data.startswith(b"\x89PNG"):
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def mosaic_markdown(ctx: BuildContext, png, products: list[dict]) -> str:
+    """The mosaic artifact: the picture inline, what was certified or held back, and where the
+    files and the night report are."""
+    from calib_core.verify import summarise_checks
+
+    uri = png_data_uri(png)
+    lines = [f"## {_build_label(ctx)} {ctx.calib_date} ({ctx.camera})", ""]
+    lines.append(f"![mosaic of {_build_label(ctx)}]({uri})" if uri else f"(mosaic too large to show inline: `{png}`)")
+    certified = sum(p.get("status") == "certified" for p in products)
+    lines += ["", f"**{certified} of {len(products)} products certified.**"]
+    for p in products:
+        if p.get("status") != "certified":
+            lines.append(f"- held back: detector {p['detector']} `{p['calib_id']}` ({p.get('status')}): "
+                         f"{summarise_checks(p.get('verification'))}")
+    lines += ["", f"Mosaic FITS and PNG: `{png.with_suffix('.fits')}`, `{png}`",
+              f"Night reports: `{Path(ctx.repo) / 'reports'}` (`calibflow report --night NIGHT`)"]
+    return "\n".join(lines)
+
+
 def _artifact_key(ctx: BuildContext) -> str:
-    return f"{ctx.calib_type}-{ctx.camera}-{ctx.calib_date}".lower().replace("_", "-").replace("/", "-")
+    """``<type>[-<filter>]-<camera>-<calib date>``: the filter keeps the r and z builds of one night
+    apart on the Artifacts page (Prefect keys: lower-case letters, digits and dashes)."""
+    import re
+
+    parts = [ctx.calib_type] + ([ctx.filter] if ctx.filter not in ("NONE", "", None) else []) + [ctx.camera,
+                                                                                                  ctx.calib_date]
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
 #: the table artifact's description starts with this (``calibflow trigger --watch`` lists the products from it)
 PRODUCTS_ARTIFACT = "products of"
+
+
+def _summary(p: dict) -> str:
+    from calib_core.verify import summarise_checks
+
+    return summarise_checks(p.get("verification"))
 
 
 def _table_artifact(ctx: BuildContext, products: list[dict], log) -> None:
@@ -508,7 +560,8 @@ def _table_artifact(ctx: BuildContext, products: list[dict], log) -> None:
              "inputs used": p["stats"].get("n_used"),
              "rejected": p["stats"].get("n_rejected"), "level": _fmt(p["stats"].get("level"), 5),
              "noise": _fmt(p["stats"].get("noise"), 5),
-             "clipped fraction": _fmt(p["stats"].get("clipped_fraction"), 4)} for p in products]
+             "clipped fraction": _fmt(p["stats"].get("clipped_fraction"), 4),
+             "status": p.get("status"), "verification": _summary(p)} for p in products]
     created = sum(r["new"] for r in rows)
     label = _build_label(ctx)
     try:
