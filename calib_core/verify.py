@@ -92,8 +92,8 @@ class Check:
     def describe(self) -> str:
         where = f" amp {self.amp}" if self.amp else ""
         val = "n/a" if self.value is None else f"{self.value:.4g}"
-        lim = "" if self.limit is None else f" {self.op} {self.limit:.4g}"
-        return f"{self.name}{where}: {val}{lim}" + (f" ({self.note})" if self.note else "")
+        lim = "" if self.limit is None else f" (limit {self.op} {self.limit:.4g})"
+        return f"{self.name}{where}: {val}{lim}" + (f"; {self.note}" if self.note else "")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "passed": bool(self.passed), "value": _num(self.value),

@@ -331,8 +331,8 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
                           "last certified", highlight=False)
             for r in listing:
                 mark = "chosen " if r["chosen"] else ("eligible" if r["eligible"] else "no     ")
-                console.print(f"detector {r['detector']}: {mark} {r['calib_id']} [{r['status']}]: "
-                              + _esc("; ".join(r["reasons"])), highlight=False)
+                console.print(_esc(f"detector {r['detector']}: {mark} {r['calib_id']} [{r['status']}]: "
+                                   + "; ".join(r["reasons"])), highlight=False)
     elif as_json:
         print_json(rows)
     else:

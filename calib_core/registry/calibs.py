@@ -304,8 +304,8 @@ def settle_candidates(registry: Registry, calib_ids: list[str], extra_checks: di
 def _describe(c: dict) -> str:
     where = f" amp {c['amp']}" if c.get("amp") else ""
     val = "n/a" if c.get("value") is None else f"{c['value']:.4g}"
-    lim = "" if c.get("limit") is None else f" {c.get('op', '<=')} {c['limit']:.4g}"
-    return f"{c['name']}{where}: {val}{lim}" + (f" ({c['note']})" if c.get("note") else "")
+    lim = "" if c.get("limit") is None else f" (limit {c.get('op', '<=')} {c['limit']:.4g})"
+    return f"{c['name']}{where}: {val}{lim}" + (f"; {c['note']}" if c.get("note") else "")
 
 
 def calib_metrics(registry: Registry, *, camera: str | None = None, calib_type: str | None = None,
