@@ -265,7 +265,8 @@ def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow
     except RegistryError as exc:
         _fail(str(exc))
     console.print(f"{row['calib_id']} certified, valid {row['valid_begin']} .. {row['valid_end'] or 'open'}"
-                  + (f" ({_esc(row['status_note'])})" if row.get("status_note") else ""), highlight=False)
+                  + (f" ({_esc(row['status_note'])})" if row.get("status_note") else ""), highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
@@ -283,7 +284,7 @@ def decertify(calib_id: str = typer.Argument(..., help="a calib_id from `calibfl
         row = do_decertify(registry, calib_id, reason.strip())
     except RegistryError as exc:
         _fail(str(exc))
-    console.print(f"{row['calib_id']} decertified: {_esc(row['status_note'])}", highlight=False)
+    console.print(f"{row['calib_id']} decertified: {_esc(row['status_note'])}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -259,3 +259,34 @@ def test_artifact_keys_carry_the_filter_and_embed_the_mosaic(nights, prefect_api
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["status"] for r in rows} == {"certified", "candidate"}
     assert all(r["noise"] is not None and r["clipped fraction"] is not None for r in rows)
+
+
+def test_the_night_report_in_a_real_browser(nights, tmp_path):
+    """The report served on 127.0.0.1 (as `calibflow report --serve` does), in headless Chromium:
+    every picture - the three mosaics, the focal-plane maps and the trends over three nights - has
+    loaded (natural width > 0)."""
+    import functools
+    import http.server
+    import threading
+
+    from tests.test_deployments_server import _browser, _loaded_images
+
+    store, reg, summaries, _ = nights
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(store.root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    driver = _browser()
+    try:
+        driver.get(f"http://127.0.0.1:{httpd.server_address[1]}/reports/{CAMERA}/{NIGHTS[2]}/index.html")
+        imgs = _loaded_images(driver, timeout=60)
+        driver.save_screenshot(str(tmp_path / "night3.png"))
+        driver.get(f"http://127.0.0.1:{httpd.server_address[1]}/reports/{CAMERA}/{NIGHTS[1]}/index.html")
+        imgs2 = _loaded_images(driver, timeout=60)
+        driver.save_screenshot(str(tmp_path / "night2.png"))
+    finally:
+        driver.quit()
+        httpd.shutdown()
+    assert len(imgs) == 3 and all(w > 0 for _, w in imgs), imgs          # bias: mosaic, map, trend
+    assert len(imgs2) == 9 and all(w > 0 for _, w in imgs2), imgs2       # bias, dark, flat: 3 each
+    trend = json.loads((store.root / "reports" / CAMERA / NIGHTS[2] / "trend-bias-read_noise.json").read_text())
+    assert sorted({p["calib_date"] for p in trend["points"]}) == list(NIGHTS)
