@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .calibtypes import CALIB_TYPES as SPECS, CalibTypeName, calib_type as spec_of
 from .errors import InputError
 from .registry import Registry
+from .verify import VerifyConfig
 
 __all__ = ["CALIB_TYPES", "BuildRequest", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash", "intermediate_key"]
 
@@ -56,6 +57,9 @@ class BuildRequest(BaseModel):
                                                              "of the local cluster (default: one per core)")
     detectors_per_task: int | None = Field(None, ge=1, description="detectors of one exposure per process task "
                                                                    "(default: about four tasks per worker)")
+    verify: VerifyConfig | None = Field(None, description="the verification gate's thresholds and input "
+                                                          "screening (default: the reference's); not part of a "
+                                                          "product's identity")
 
     @field_validator("night", "calib_date")
     @classmethod

@@ -30,6 +30,7 @@ from .ptc import PtcConfig, fit_ptc, gain_map, make_pairs, overscan_noise, pair_
 from .products import provenance_cards, read_product
 from .rawio import RawDetector
 from .sky import SkyConfig, bin_detector
+from .verify import against_own_kind, flagged_pixels, sky_bins
 
 __all__ = ["CalibType", "CALIB_TYPES", "Combined", "Processed", "calib_type", "dependency_order", "isr_with_calibs",
            "ISR_STEP", "OPTIONAL_IN_ISR", "product_cards", "CalibTypeName"]
@@ -112,6 +113,13 @@ class CalibType:
         The combine also gets ``items`` (each input's process result: its scalars), ``camera``,
         ``detector`` and ``calib_date`` as keywords (defects, PTC: they pair inputs or read the
         calibs their inputs used).
+    verify : callable or None
+        ``verify(product, inputs: calib_core.verify.VerifyInputs) -> Verification``: the checks a
+        new product must pass to be certified (docs/algorithms.md#verification-before-certification);
+        None: certified as built.
+    screen_inputs : bool
+        Inputs are screened against the last good master before stacking
+        (docs/algorithms.md#input-screening).
     """
 
     name: str
@@ -133,6 +141,8 @@ class CalibType:
     min_inputs: int = 3
     combine_context: bool = False
     skip_reason: Callable[[Sequence[Mapping]], str] | None = None
+    verify: Callable[..., Any] | None = None
+    screen_inputs: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -322,10 +332,11 @@ def _combine_fringe(paths: Sequence, cfg: FringeBuildConfig, exp_scales=None, cc
 CALIB_TYPES: dict[str, CalibType] = {t.name: t for t in (
     CalibType("bias", "bias", (), BiasConfig, 0.0, filtered=False, barrier="none",
               process=_process_bias, combine=_combine_bias, isr_step="doBias",
+              verify=against_own_kind("bias"), screen_inputs=True,
               description="Build bias frames: ISR without calibs, clipped-mean stack per detector."),
     CalibType("dark", "dark", ("bias",), DarkConfig, 1.0, filtered=False, barrier="none",
               process=_process_dark, combine=_combine_dark, isr_step="doDark", unit="adu/s",
-              intermediate_unit="adu/s",
+              intermediate_unit="adu/s", verify=against_own_kind("dark"), screen_inputs=True,
               description="Build dark frames (ADU per second of dark time): ISR with the certified bias, "
                           "cosmic rays masked."),
     CalibType("defects", "flat", ("bias", "dark"), DefectsConfig, 1.0, filtered=False, barrier="none",
@@ -340,16 +351,17 @@ CALIB_TYPES: dict[str, CalibType] = {t.name: t for t in (
                           "time (photon transfer curve)."),
     CalibType("flat", "flat", ("bias", "dark", "defects", "ptc"), FlatConfig, 1.0, filtered=True, barrier="flat_scales",
               process=_process_flat, combine=_combine_flat, isr_step="doFlat", unit="1",
+              verify=against_own_kind("flat"), screen_inputs=True,
               description="Build flat fields for one filter: CCD x exposure scale solve, then a scaled stack "
                           "per detector."),
     CalibType("fringe", "science", ("bias", "dark", "defects", "ptc", "flat"), FringeBuildConfig, 1.0, filtered=True,
               barrier="none", process=_process_fringe, combine=_combine_fringe, isr_step="doFringe",
-              optional_in_isr=True, fringing_only=True, unit="1", intermediate_unit="1",
+              optional_in_isr=True, fringing_only=True, unit="1", intermediate_unit="1", verify=flagged_pixels,
               description="Build fringe frames for one filter: background-removed, normalised science "
                           "exposures, objects masked."),
     CalibType("sky", "science", ("bias", "dark", "defects", "ptc", "flat", "fringe"), SkyConfig, 1.0, filtered=True,
               barrier="sky_passes", process=_process_sky, combine=None, product_kind="binned",
-              min_inputs=5, unit="1",
+              min_inputs=5, unit="1", verify=sky_bins,
               description="Build sky frames for one filter: object-masked science exposures divided by each "
                           "one's quadratic focal-plane surface."),
 )}

@@ -21,7 +21,7 @@ from .registry import Registry
 from .registry.calibs import lookup
 from .sky import SkyBuildConfig, apply_sky_frame
 
-__all__ = ["ISR_STEP", "find_isr_calibs", "isr_with_calibs", "read_sky_frame", "SkyApplication",
+__all__ = ["ISR_STEP", "find_isr_calibs", "readout_keys", "isr_with_calibs", "read_sky_frame", "SkyApplication",
            "apply_sky"]
 
 
@@ -29,8 +29,21 @@ class MissingCalib(InputError):
     """No certified calib applies where ISR needs one."""
 
 
+def readout_keys(camera: Camera) -> tuple[str, ...]:
+    """The readout settings a calib must share with an exposure it applies to: the camera's
+    binning key and the header keys its gain and read-noise tables are chosen by, as far as the
+    registry records them (``extra_keys``) (docs/architecture.md#lookup-rules)."""
+    keys = {camera.binning_key} if camera.binning_key else set()
+    for det in camera.detectors:
+        for amp in det.amplifiers:
+            for table in (amp.gain_table, amp.read_noise_table):
+                if table is not None:
+                    keys.add(table.key)
+    return tuple(sorted(k for k in keys if k in camera.extra_keys))
+
+
 def find_isr_calibs(registry: Registry, camera: str, exposure_id: str, detector: int, isr: IsrConfig,
-                    types=tuple(ISR_STEP), purpose: str = "ISR") -> dict[str, dict]:
+                    types=tuple(ISR_STEP), purpose: str = "ISR", readout: tuple[str, ...] = ()) -> dict[str, dict]:
     """The certified calib of each type ISR switches on, for one (exposure, detector).
 
     Raises
@@ -42,7 +55,8 @@ def find_isr_calibs(registry: Registry, camera: str, exposure_id: str, detector:
     for calib_type in types:
         if not getattr(isr, ISR_STEP[calib_type]):
             continue
-        hit = lookup(registry, camera=camera, exposure_id=exposure_id, calib_type=calib_type, detector=detector)
+        hit = lookup(registry, camera=camera, exposure_id=exposure_id, calib_type=calib_type, detector=detector,
+                     readout_keys=readout)
         if hit:
             found[calib_type] = hit[0]
         elif calib_type not in OPTIONAL_IN_ISR:
@@ -90,11 +104,13 @@ def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path 
     raw = read_raw(exposure["path"], camera)
     images, frames, ids = {}, {}, {}
     for det_id, rd in sorted(raw.detectors.items()):
-        sky = lookup(registry, camera=camera.name, exposure_id=eid, calib_type="sky", detector=det_id)
+        sky = lookup(registry, camera=camera.name, exposure_id=eid, calib_type="sky", detector=det_id,
+                     readout_keys=readout_keys(camera))
         if not sky:
             raise MissingCalib(f"apply-sky: no certified sky frame applies to exposure {eid} detector {det_id} "
                                f"(filter {exposure['filter']}); build one first (calibflow build sky)")
-        calibs = find_isr_calibs(registry, camera.name, eid, det_id, cfg.isr, purpose="apply-sky")
+        calibs = find_isr_calibs(registry, camera.name, eid, det_id, cfg.isr, purpose="apply-sky",
+                                 readout=readout_keys(camera))
         images[det_id] = isr_with_calibs(rd, cfg.isr, calibs, exposure.get("darktime"), path=exposure["path"])
         frames[det_id] = read_sky_frame(sky[0]["path"])
         ids[det_id] = sky[0]["calib_id"]

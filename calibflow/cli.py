@@ -217,44 +217,81 @@ def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON (null 
            camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry, by name or "
                                                 "YAML file [default: every camera]"),
            detector: Optional[int] = typer.Option(None, "--detector", help="[default: every detector]"),
+           status: Optional[str] = typer.Option(None, "--status", help="candidate, certified or decertified "
+                                                "[default: every status]"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
-    """List products (calibs) in the registry."""
-    from calib_core.registry.calibs import list_calibs
+    """List products (calibs) in the registry: status, verification, and the certified products
+    whose validity overlaps (lookup then takes the nearest calib date, see `lookup --explain`)."""
+    from calib_core.registry.calibs import STATUSES, list_calibs, overlapping
+    from calib_core.verify import summarise_checks
 
     check_calib_type(calib_type)
+    if status is not None and status not in STATUSES:
+        _fail(f"--status must be one of {', '.join(STATUSES)}, not {status!r}")
     _, registry = _open_repo(repo, registry_url)
     cam = _resolve_camera(registry, camera) if camera else None
     camera = cam.name if cam else None
     check_detectors([cam] if cam else [registry.stored_camera(n) for n in registry.camera_names()], detector)
-    rows = list_calibs(registry, calib_type=calib_type, camera=camera, detector=detector)
+    every = list_calibs(registry, calib_type=calib_type, camera=camera, detector=detector)
+    overlaps = overlapping(every)
+    rows = [dict(r, overlaps=overlaps.get(r["calib_id"], []), verified=summarise_checks(r.get("verification")))
+            for r in every if status is None or r["status"] == status]
     if as_json:
         print_json(rows)
         return
     table = Table(title=f"{len(rows)} calibs")
-    for col in ("calib_id", "type", "filter", "det", "calib_date", "valid_begin", "valid_end", "n_inputs"):
+    for col in ("calib_id", "type", "filter", "det", "calib_date", "valid_begin", "valid_end", "n_inputs", "status",
+                "verification", "overlaps"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["calib_id"], r["type"], r["filter"], str(r["detector"]), r["calib_date"],
-                      (r["valid_begin"] or "")[:16], (r["valid_end"] or "open")[:16], str(r["n_inputs"]))
+                      (r["valid_begin"] or "")[:16], (r["valid_end"] or "open")[:16], str(r["n_inputs"]),
+                      r["status"] + (f" ({r['status_note']})" if r.get("status_note") else ""),
+                      _esc(r["verified"]), ", ".join(r["overlaps"]) or "-")
     console.print(table)
 
 
 @app.command()
 def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow calibs`"),
-            begin: str = typer.Option(..., "--begin", help="YYYY-MM-DD[THH:MM:SS], UTC"),
-            end: Optional[str] = typer.Option(None, "--end", help="exclusive [default: open-ended]"),
+            begin: Optional[str] = typer.Option(None, "--begin", help="YYYY-MM-DD[THH:MM:SS], UTC [default: the "
+                                                "recorded validity]"),
+            end: Optional[str] = typer.Option(None, "--end", help="exclusive [default: open-ended with --begin, "
+                                              "else the recorded end]"),
+            force: bool = typer.Option(False, "--force", help="certify a product that failed verification or was "
+                                       "decertified (the failed checks stay recorded)"),
+            note: str = typer.Option("", "--note", help="why (recorded with the status)"),
             repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
-    """Set the validity range of a product."""
+    """Certify a product (lookup may then return it) and set its validity range."""
     from calib_core.registry import RegistryError
     from calib_core.registry.calibs import certify as do_certify
 
     _, registry = _open_repo(repo, registry_url)
     try:
-        row = do_certify(registry, calib_id, _parse_when(begin, "--begin"),
-                         _parse_when(end, "--end") if end else None)
+        row = do_certify(registry, calib_id, _parse_when(begin, "--begin") if begin else None,
+                         _parse_when(end, "--end") if end else None, force=force, note=note)
     except RegistryError as exc:
         _fail(str(exc))
-    console.print(f"{row['calib_id']} valid {row['valid_begin']} .. {row['valid_end'] or 'open'}")
+    console.print(f"{row['calib_id']} certified, valid {row['valid_begin']} .. {row['valid_end'] or 'open'}"
+                  + (f" ({_esc(row['status_note'])})" if row.get("status_note") else ""), highlight=False,
+                  soft_wrap=True)
+
+
+@app.command()
+def decertify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow calibs`"),
+              reason: str = typer.Option(..., "--reason", help="why it is withdrawn (recorded and shown)"),
+              repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """Withdraw a certified product: lookup no longer returns it (the file and record stay)."""
+    from calib_core.registry import RegistryError
+    from calib_core.registry.calibs import decertify as do_decertify
+
+    if not reason.strip():
+        _fail("--reason must say why the product is withdrawn")
+    _, registry = _open_repo(repo, registry_url)
+    try:
+        row = do_decertify(registry, calib_id, reason.strip())
+    except RegistryError as exc:
+        _fail(str(exc))
+    console.print(f"{row['calib_id']} decertified: {_esc(row['status_note'])}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -263,11 +300,15 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
            detector: Optional[int] = typer.Option(None, "--detector", help="[default: every detector]"),
            camera: Optional[str] = typer.Option(None, "--camera", help="needed only if several cameras have "
                                                 "this exposure id [default: the exposure's camera]"),
+           explain: bool = typer.Option(False, "--explain", help="list every product of the type and why it was "
+                                        "or was not chosen"),
            as_json: bool = typer.Option(False, "--json", help="print JSON (null where a value is missing)"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
-    """Which certified calib applies to an exposure (per detector)."""
+    """Which certified calib applies to an exposure (per detector), by the rules of
+    docs/architecture.md#lookup-rules; --explain says why for every candidate."""
     from calib_core.registry import RegistryError
-    from calib_core.registry.calibs import lookup as do_lookup
+    from calib_core.registry.calibs import explain_lookup
+    from calib_core.science import readout_keys
 
     check_calib_type(calib_type)
     _, registry = _open_repo(repo, registry_url)
@@ -280,12 +321,27 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
         if len(cams) > 1:
             _fail(f"exposure {exposure!r} exists for cameras {', '.join(cams)}: pass --camera")
         camera = cams[0]
-    check_detectors([registry.stored_camera(camera)], detector)
+    cam = registry.stored_camera(camera)
+    check_detectors([cam], detector)
     try:
-        rows = do_lookup(registry, camera=camera, exposure_id=exposure, calib_type=calib_type, detector=detector)
+        every = explain_lookup(registry, camera=camera, exposure_id=exposure, calib_type=calib_type,
+                               detector=detector, readout_keys=readout_keys(cam))
     except RegistryError as exc:
         _fail(str(exc))
-    if as_json:
+    rows = [r["_row"] for r in every if r["chosen"]]
+    if explain:
+        listing = [{k: v for k, v in r.items() if not k.startswith("_")} for r in every]
+        if as_json:
+            print_json(listing)
+        else:
+            console.print(f"{calib_type} for exposure {exposure}: rules: detector, filter, readout settings, "
+                          "certified, validity contains the exposure; then the nearest calib date, then the "
+                          "last certified", highlight=False)
+            for r in listing:
+                mark = "chosen " if r["chosen"] else ("eligible" if r["eligible"] else "no     ")
+                console.print(_esc(f"detector {r['detector']}: {mark} {r['calib_id']} [{r['status']}]: "
+                                   + "; ".join(r["reasons"])), highlight=False)
+    elif as_json:
         print_json(rows)
     else:
         for r in rows:
@@ -390,6 +446,8 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, defects, ptc, 
           detectors_per_task: Optional[int] = typer.Option(
               None, "--detectors-per-task", min=1,
               help="detectors of one exposure per process task [default: automatic, ~4 tasks per worker]"),
+          verify: bool = typer.Option(True, "--verify/--no-verify",
+                                      help="verify each product before certifying it; --no-verify certifies as built"),
           verbose: bool = VerboseOpt,
           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Build a calib through the Prefect flow (an embedded Prefect API unless PREFECT_API_URL is set):
@@ -430,7 +488,8 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, defects, ptc, 
                                    calib_date=calib_date, validity_days_before=validity_days_before,
                                    validity_days_after=validity_days_after, on_bad_input=on_bad_input,
                                    runner=runner, dask_address=dask_address, dask_workers=dask_workers,
-                                   detectors_per_task=detectors_per_task)
+                                   detectors_per_task=detectors_per_task,
+                                   verify=None if verify else {"enabled": False})
             result = build_calib(**request.model_dump())
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
@@ -483,12 +542,16 @@ def _print_build(result: dict) -> None:
 
     table = Table(title=f"{result['calib_type']} {result['filter']} {result['calib_date']}: "
                         f"{result['created']} new, {len(result['products']) - result['created']} already built")
-    for col in ("detector", "calib_id", "level", "noise", "inputs"):
+    for col in ("detector", "calib_id", "level", "noise", "inputs", "status"):
         table.add_column(col)
     for p in result["products"]:
         table.add_row(str(p["detector"]), p["calib_id"], num(p["stats"].get("level"), ".4g"),
-                      num(p["stats"].get("noise"), ".3g"), str(p["n_inputs"]))
+                      num(p["stats"].get("noise"), ".3g"), str(p["n_inputs"]), p.get("status", "-"))
     console.print(table)
+    for p in result["products"]:
+        failed = (p.get("verification") or {}).get("failed")
+        if p.get("status") != "certified" and failed:
+            console.print(f"held back {p['calib_id']}: {'; '.join(failed)}", highlight=False)
     if result.get("dropped"):
         for e, why in result["dropped"].items():
             console.print(f"excluded {e}: {why}", highlight=False)
@@ -500,6 +563,8 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
             camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry by name, or its YAML file [default: the only camera the registry (or the selection) has]"),
             types: Optional[str] = typer.Option(None, "--types", help="comma-separated subset of "
                                                 "bias,dark,flat,fringe,sky [default: every type]"),
+            allow_empty: bool = typer.Option(False, "--allow-empty", help="a night without exposures is not an "
+                                             "error (cameras that do not observe every night)"),
             runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
             dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786 of a running "
                                                        "scheduler [default: a local cluster]"),
@@ -517,17 +582,19 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     _check_date(night, "--night")
     store, registry = _open_repo(repo, registry_url)
     camera = _resolve_camera(registry, camera, night=night).name
-    if night and not registry.query_exposures(camera=camera, night=night):   # before Prefect is imported
+    if night and not registry.query_exposures(camera=camera, night=night) and not allow_empty:
         _fail(f"night {night}: no exposures of camera {camera} in the registry (see `calibflow exposures`); "
               "nothing to build")
     from flows.nightly import NightlyPolicy, default_night, plan_night
     from flows.nightly import nightly as nightly_flow
 
     try:
-        policy = NightlyPolicy(**({"types": [t.strip() for t in types.split(",") if t.strip()]} if types else {}))
+        policy = NightlyPolicy(allow_empty=allow_empty,
+                               **({"types": [t.strip() for t in types.split(",") if t.strip()]} if types else {}))
     except ValidationError as exc:
         _fail("invalid --types: " + "; ".join(e["msg"] for e in exc.errors()))
-    if not plan_night(registry, camera, night or default_night(registry.stored_camera(camera)), policy):
+    if not plan_night(registry, camera, night or default_night(registry.stored_camera(camera)), policy) \
+            and not allow_empty:
         _fail(f"night {night or default_night(registry.stored_camera(camera))}: no exposures of camera {camera} "
               "in the registry (see `calibflow exposures`); nothing to build")
     lifeline.start()
@@ -543,17 +610,104 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
 
 
 def _print_night(summary: dict) -> None:
-    table = Table(title=f"night {summary['night']} of {summary['camera']}: {summary['created']} new products")
-    for col in ("type", "filter", "inputs", "action", "new", "note"):
+    table = Table(title=f"night {summary['night']} of {summary['camera']}: {summary['created']} new products"
+                        + (f" ({summary['state']})" if summary.get("state") else ""))
+    for col in ("type", "filter", "inputs", "action", "new", "certified", "note"):
         table.add_column(col)
     for st in summary["steps"]:
         note = st.get("reason") or (f"valid {st['valid'][0][:10]} .. {(st['valid'][1] or 'open')[:10]}"
                                     if st.get("valid") else "")
         if st.get("dropped"):
-            note += f"; excluded {len(st['dropped'])}: " + ", ".join(st["dropped"])
+            note += f"; excluded {len(st['dropped'])}"
+        if st.get("held"):
+            note += f"; held back {len(st['held'])}"
         table.add_row(st["type"], st["filter"] or "-", str(st["n_inputs"]), st["action"],
-                      str(st.get("created", 0)), note)
+                      str(st.get("created", 0)), "-" if "certified" not in st else str(st["certified"]), note)
     console.print(table)
+    for st in summary["steps"]:       # every exclusion and every held-back product, with its reason
+        label = st["type"] + (f" {st['filter']}" if st.get("filter") else "")
+        for e, why in (st.get("dropped") or {}).items():
+            console.print(f"{label}: excluded {e}: {_esc(why)}", highlight=False)
+        for h in st.get("held") or []:
+            console.print(f"{label}: held back {h['calib_id']} ({h['status']}): "
+                          + _esc("; ".join(h["failed"]) or "not verified"), highlight=False)
+    if summary.get("report"):
+        console.print(f"night report: {summary['report']}", highlight=False)
+
+
+@app.command()
+def report(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD [default: the index of nights]"),
+           camera: Optional[str] = typer.Option(None, "--camera", help="a camera in the registry [default: the "
+                                                "only camera the registry has]"),
+           serve: bool = typer.Option(False, "--serve", help="serve the repository's reports on 127.0.0.1 until "
+                                      "Ctrl-C instead of printing the path"),
+           port: int = typer.Option(0, "--port", min=0, max=65535, help="with --serve [default: a free port]"),
+           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """The night report the nightly flow wrote (its path, or served locally)."""
+    from calib_core.report import report_dir
+
+    _check_date(night, "--night")
+    store, registry = _open_repo(repo, registry_url)
+    cam = _resolve_camera(registry, camera)
+    folder = report_dir(store.root, cam.name)
+    page = folder / night / "index.html" if night else folder / "index.html"
+    if not page.exists():
+        have = sorted(p.parent.name for p in folder.glob("*/index.html"))
+        _fail(f"no report {page}" + (f"; nights with a report: {', '.join(have)}" if have else
+                                     f"; run `calibflow nightly{' --night ' + night if night else ''}` first"))
+    if not serve:
+        console.print(str(page), highlight=False, soft_wrap=True)
+        return
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(store.root))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as httpd:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/{page.relative_to(store.root).as_posix()}"
+        console.print(f"serving {url} (Ctrl-C stops)", highlight=False, soft_wrap=True)
+        try:
+            httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def trend(calib_type: str = typer.Option(..., "--type", help="bias, dark, flat, fringe, sky"),
+          metric: str = typer.Option(..., "--metric", help="read_noise, bias_level, dark_current, flat_level, noise, "
+                                     "overscan_noise, ... (see docs/algorithms.md#verification-metrics)"),
+          detector: Optional[int] = typer.Option(None, "--detector", help="[default: every detector]"),
+          filter: Optional[str] = typer.Option(None, "--filter", help="[default: every filter]"),
+          camera: Optional[str] = typer.Option(None, "--camera", help="[default: the only camera the registry has]"),
+          out: Optional[Path] = typer.Option(None, "--out", help="PNG to write [default: "
+                                             "<repo>/reports/<camera>/trend-<type>-<metric>[-det<D>].png]"),
+          as_json: bool = typer.Option(False, "--json", help="print the points and limits as JSON as well"),
+          repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """A metric of every verified product against date, with the verification limits marked (PNG and JSON)."""
+    from calib_core.report import TREND_METRICS, report_dir, trend as get_trend, write_trend
+
+    check_calib_type(calib_type)
+    store, registry = _open_repo(repo, registry_url)
+    cam = _resolve_camera(registry, camera)
+    check_detectors([cam], detector)
+    data = get_trend(registry, cam.name, calib_type, metric, detector=detector, filter=filter)
+    if not data["points"]:
+        from calib_core.registry.calibs import calib_metrics
+
+        have = sorted({r["metric"] for r in calib_metrics(registry, camera=cam.name, calib_type=calib_type)})
+        _fail(f"no {metric!r} metric for {calib_type} products of {cam.name}"
+              + (f"; metrics recorded: {', '.join(have)}" if have else "; no verified products yet")
+              + ("" if metric in TREND_METRICS or metric in have else f" (known metrics: {', '.join(TREND_METRICS)})"))
+    if out is None:
+        out = report_dir(store.root, cam.name) / (f"trend-{calib_type}-{metric}"
+                                                  + (f"-det{detector}" if detector is not None else "") + ".png")
+    else:
+        refuse_inside_checkout(out, "--out")
+    write_trend(data, out, out.with_suffix(".json"))
+    if as_json:
+        print_json(data)
+    else:
+        console.print(f"{len(data['points'])} points; {out} and {out.with_suffix('.json')}", highlight=False,
+                      soft_wrap=True)
 
 
 @app.command("apply-sky")

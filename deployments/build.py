@@ -26,6 +26,7 @@ from prefect import Flow, flow
 
 from flows.build import build_calib
 from calib_core.calibtypes import CALIB_TYPES, dependency_order
+from calib_core.verify import VerifyConfig
 
 __all__ = ["BUILD_FLOWS", "build_bias", "build_dark", "build_defects", "build_ptc", "build_flat", "build_fringe",
            "build_sky", "resolve_repo",
@@ -64,6 +65,7 @@ Args:
     dask_address: with runner dask, tcp://host:8786 of an existing scheduler; empty starts a local cluster
     dask_workers: with runner dask and no address, worker processes of the local cluster; empty means one per core
     detectors_per_task: detectors of one exposure per process task; empty means about four tasks per worker
+    verify: the verification gate's thresholds and input screening; every field has the reference default
     repo: repository folder; empty means CALIBFLOW_REPO of the process running the flow, else ./calibrepo
     registry_url: SQLAlchemy URL of the registry; empty means CALIBFLOW_REGISTRY_URL, else SQLite inside the repository
 """
@@ -106,7 +108,8 @@ def _build_flow(calib_type: str) -> Flow:
               runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None,
               dask_workers: Annotated[int, Field(ge=1)] | None = None,
               detectors_per_task: Annotated[int, Field(ge=1)] | None = None,
-              repo: str | None = None, registry_url: str | None = None) -> dict:
+              repo: str | None = None, registry_url: str | None = None,
+              verify: VerifyConfig = VerifyConfig()) -> dict:
         repo, registry_url = resolve_repo(repo, registry_url)
         # "": no default camera (prefect.yaml's placeholder filled with nothing)
         return build_calib.fn(calib_type, camera=camera or None, night=night, exposures=exposures or None,
@@ -116,7 +119,7 @@ def _build_flow(calib_type: str) -> Flow:
                               calib_date=calib_date, validity_days_before=validity_days_before,
                               validity_days_after=validity_days_after, on_bad_input=on_bad_input,
                               runner=runner, dask_address=dask_address, dask_workers=dask_workers,
-                              detectors_per_task=detectors_per_task)
+                              detectors_per_task=detectors_per_task, verify=verify)
 
     build.__name__ = build.__qualname__ = f"build_{calib_type}"
     build.__doc__ = spec.description + "\n" + ARGS_DOC.format(calib_type=calib_type)

@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Literal
 
 from prefect import flow, get_run_logger
@@ -39,6 +40,7 @@ from calib_core.registry import Registry, resolve_url, retry_transient
 from calib_core.registry.calibs import ValidityRule
 from calib_core.products import write_hdulist
 from calib_core.sky import solve_sky_frames
+from calib_core.verify import VerifyConfig
 from tasks.calib_tasks import (BuildContext, build_camera, combine_detector, existing_products,
                                finish_build_run, process_detectors, sky_rebin, start_build_run)
 
@@ -167,7 +169,7 @@ def build_calib(calib_type: CalibTypeName, camera: str | None = None,
                 on_bad_input: Literal["fail", "exclude"] = "fail",
                 runner: Literal["threads", "processes", "dask"] = "threads",
                 dask_address: str | None = None, dask_workers: int | None = None,
-                detectors_per_task: int | None = None) -> dict:
+                detectors_per_task: int | None = None, verify: VerifyConfig | None = None) -> dict:
     """Build one calib type for every selected detector and register the products.
 
     Inputs: the ingested exposures of the type's raw kind (bias, dark, flat; science for fringe and
@@ -179,13 +181,15 @@ def build_calib(calib_type: CalibTypeName, camera: str | None = None,
     nothing is redone.
     ``detectors_per_task`` sets how many detectors of one exposure a process task handles (default:
     as many as keeps about four tasks per worker busy, see :func:`detector_batches`).
+    ``verify``: the verification gate's thresholds and input screening (docs/algorithms.md#verification-thresholds);
+    products that pass are certified, the others stay candidates with their failed checks.
     """
     request = BuildRequest(calib_type=calib_type, camera=camera, night=night, exposures=exposures, filter=filter,
                            detectors=detectors, repo=repo, registry_url=registry_url, config=config,
                            drop_incomplete=drop_incomplete, calib_date=calib_date,
                            validity_days_before=validity_days_before, validity_days_after=validity_days_after,
                            on_bad_input=on_bad_input, runner=runner, dask_address=dask_address,
-                           dask_workers=dask_workers, detectors_per_task=detectors_per_task)
+                           dask_workers=dask_workers, detectors_per_task=detectors_per_task, verify=verify)
     return run_build(request, task_runner=make_task_runner(runner, dask_address, dask_workers),
                      log=get_run_logger(), flow_run_id=str(flow_run.get_id() or ""), runner_name=runner)
 
@@ -220,7 +224,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
                        config=cfg.model_dump(mode="json"), config_hash=config_hash(cfg),
                        calib_date=plan.calib_date.isoformat(), filter=plan.filter, software_version=_version(),
                        validity=ValidityRule(days_before=validity_days_before, days_after=validity_days_after),
-                       on_bad_input=on_bad_input,
+                       on_bad_input=on_bad_input, verify=(r.verify or VerifyConfig()).model_dump(mode="json"),
                        verify_raws="always" if os.environ.get("CALIBFLOW_VERIFY_RAWS") == "always" else "auto")
     done = retry_transient(existing_products, registry, ctx, plan.exposures, plan.detectors,
                            what="look up earlier products")
@@ -230,7 +234,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
                                                                      "filter": filter, "detectors": detectors})
         finish_build_run(registry, run_id, "completed", f"0 new products: all {len(done)} already built by an "
                          "identical earlier build")
-        products = [{**done[d], "created": False} for d in plan.detectors]
+        products = _settle(registry, ctx, [{**done[d], "created": False} for d in plan.detectors], log)
         png = _mosaic_path(ctx, store)
         if not (png.exists() and png.with_suffix(".fits").exists()):
             # a build killed after registering its products never wrote them: do it now
@@ -257,6 +261,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
         finish_build_run(registry, run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
     created = sum(p["created"] for p in products)
+    products = _settle(registry, ctx, products, log)
     summary = _report(ctx, cam, products, store, log, artifacts)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
@@ -322,9 +327,13 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
     for p in processed:
         if "error" in p:
             dropped.setdefault(p["exposure_id"], f"unreadable raw: {p['error']}")
-    # inputs left out as bad input are part of the products' identity (outlier rejection is not: it
-    # follows from the inputs); a repaired raw then makes a new, full product
-    excluded = sorted({p["exposure_id"] for p in processed if "error" in p})
+    for p in processed:
+        if p.get("screened"):     # docs/algorithms.md#input-screening: the whole exposure is left out
+            dropped.setdefault(p["exposure_id"], f"screened out: {p['screened']}")
+    # inputs left out as bad input (unreadable, or screened out against an earlier night's master)
+    # are part of the products' identity (outlier rejection is not: it follows from the inputs); a
+    # repaired raw then makes a new, full product
+    excluded = sorted({p["exposure_id"] for p in processed if "error" in p or p.get("screened")})
     if len(dropped) > len(plan.dropped):
         log.warning("excluded exposures: %s", {e: r for e, r in dropped.items() if e not in plan.dropped})
     order = [e for e in plan.exposure_ids if e not in dropped]
@@ -397,6 +406,35 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
     return out
 
 
+def _settle(registry, ctx: BuildContext, products: list[dict], log) -> list[dict]:
+    """The verification gate's decision (docs/architecture.md#verification-and-certification): the
+    checks across detectors (a flat's detector-to-detector scatter) join each product's own, and the
+    candidates that passed everything are certified; returns the products as now registered."""
+    from calib_core.registry.calibs import settle_candidates
+    from calib_core.verify import detector_scatter_checks
+
+    extra = {}
+    if ctx.calib_type == "flat":
+        means = {}
+        for p in products:
+            metrics = (p.get("verification") or {}).get("metrics") or {}
+            if metrics.get("*", {}).get("mean") is not None:
+                means[p["calib_id"]] = metrics["*"]["mean"]
+        cfg = VerifyConfig.model_validate(ctx.verify)
+        extra = {cid: [c.to_dict()] for cid, c in detector_scatter_checks(means, cfg).items()}
+    rows = retry_transient(settle_candidates, registry, [p["calib_id"] for p in products], extra,
+                           what="certify the products")
+    by_id = {r["calib_id"]: r for r in rows}
+    out = [{**p, **by_id[p["calib_id"]]} for p in products]
+    held = [p for p in out if p["status"] != "certified"]
+    if held:
+        log.warning("%s: %d of %d products held back (not certified): %s", _build_label(ctx), len(held), len(out),
+                    "; ".join(f"detector {p['detector']}: {p['status']}"
+                              + (f" ({'; '.join((p.get('verification') or {}).get('failed') or [])})"
+                                 if (p.get("verification") or {}).get("failed") else "") for p in held))
+    return out
+
+
 def _frames_digest(result) -> str:
     h = hashlib.sha256()
     for d in sorted(result.frames):
@@ -449,19 +487,70 @@ def _report(ctx: BuildContext, camera: Camera, products: list[dict], store: Data
         return str(png)
     _table_artifact(ctx, products, log)
     try:
-        create_markdown_artifact(f"## {ctx.calib_type} {ctx.filter} {ctx.calib_date}\n\n![mosaic]({png.as_uri()})\n\n"
-                                 f"Mosaic FITS and PNG: `{png.parent}`", key=f"{_artifact_key(ctx)}-mosaic"[:100])
+        create_markdown_artifact(mosaic_markdown(ctx, png, products), key=f"{_artifact_key(ctx)}-mosaic"[:100],
+                                 description=f"mosaic of {_build_label(ctx)} {ctx.calib_date}")
     except Exception as exc:  # artifacts are a convenience; never fail a build on them
         log.warning("could not create artifacts: %s", exc)
     return str(png)
 
 
+#: a PNG larger than this is not embedded in an artifact (the path is given instead)
+MAX_INLINE_PNG = 3_000_000
+
+
+def png_data_uri(png) -> str | None:
+    """The PNG as a ``data:`` URI, which Prefect's UI renders inline in a markdown artifact (a
+    ``file://`` link is refused by browsers and meaningless off the machine; docs/prefect.md#artifacts),
+    or None if it is missing or too large."""
+    import base64
+    from pathlib import Path
+
+    try:
+        data = Path(png).read_bytes()
+    except OSError:
+        return None
+    if len(data) > MAX_INLINE_PNG or not data.startswith(b"\x89PNG"):
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def mosaic_markdown(ctx: BuildContext, png, products: list[dict]) -> str:
+    """The mosaic artifact: the picture inline, what was certified or held back, and where the
+    files and the night report are."""
+    from calib_core.verify import summarise_checks
+
+    uri = png_data_uri(png)
+    lines = [f"## {_build_label(ctx)} {ctx.calib_date} ({ctx.camera})", ""]
+    lines.append(f"![mosaic of {_build_label(ctx)}]({uri})" if uri else f"(mosaic too large to show inline: `{png}`)")
+    certified = sum(p.get("status") == "certified" for p in products)
+    lines += ["", f"**{certified} of {len(products)} products certified.**"]
+    for p in products:
+        if p.get("status") != "certified":
+            lines.append(f"- held back: detector {p['detector']} `{p['calib_id']}` ({p.get('status')}): "
+                         f"{summarise_checks(p.get('verification'))}")
+    lines += ["", f"Mosaic FITS and PNG: `{png.with_suffix('.fits')}`, `{png}`",
+              f"Night reports: `{Path(ctx.repo) / 'reports'}` (`calibflow report --night NIGHT`)"]
+    return "\n".join(lines)
+
+
 def _artifact_key(ctx: BuildContext) -> str:
-    return f"{ctx.calib_type}-{ctx.camera}-{ctx.calib_date}".lower().replace("_", "-").replace("/", "-")
+    """``<type>[-<filter>]-<camera>-<calib date>``: the filter keeps the r and z builds of one night
+    apart on the Artifacts page (Prefect keys: lower-case letters, digits and dashes)."""
+    import re
+
+    parts = [ctx.calib_type] + ([ctx.filter] if ctx.filter not in ("NONE", "", None) else []) + [ctx.camera,
+                                                                                                  ctx.calib_date]
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
 #: the table artifact's description starts with this (``calibflow trigger --watch`` lists the products from it)
 PRODUCTS_ARTIFACT = "products of"
+
+
+def _summary(p: dict) -> str:
+    from calib_core.verify import summarise_checks
+
+    return summarise_checks(p.get("verification"))
 
 
 def _table_artifact(ctx: BuildContext, products: list[dict], log) -> None:
@@ -471,7 +560,8 @@ def _table_artifact(ctx: BuildContext, products: list[dict], log) -> None:
              "inputs used": p["stats"].get("n_used"),
              "rejected": p["stats"].get("n_rejected"), "level": _fmt(p["stats"].get("level"), 5),
              "noise": _fmt(p["stats"].get("noise"), 5),
-             "clipped fraction": _fmt(p["stats"].get("clipped_fraction"), 4)} for p in products]
+             "clipped fraction": _fmt(p["stats"].get("clipped_fraction"), 4),
+             "status": p.get("status"), "verification": _summary(p)} for p in products]
     created = sum(r["new"] for r in rows)
     label = _build_label(ctx)
     try:

@@ -19,6 +19,7 @@ from calib_core.calibtypes import CALIB_TYPES, CalibTypeName, dependency_order
 from calib_core.camera import Camera
 from calib_core.datastore import Datastore
 from calib_core.registry import Registry, retry_transient
+from calib_core.verify import VerifyConfig
 
 from .build import build_calib, resolve_registry_url
 
@@ -41,6 +42,10 @@ class NightlyPolicy(BaseModel):
     validity_days_after: float = Field(15.0, ge=0, description="... until calib date plus this")
     on_bad_input: Literal["fail", "exclude"] = Field(
         "exclude", description="an unreadable raw is excluded and recorded (unattended runs), or fails its build")
+    allow_empty: bool = Field(False, description="a night without exposures completes (for cameras that do not "
+                                                 "observe every night) instead of failing")
+    verify: VerifyConfig = Field(default_factory=VerifyConfig,
+                                 description="the verification gate's thresholds and input screening")
 
 
 def default_night(cam: Camera, now: dt.datetime | None = None) -> str:
@@ -106,8 +111,13 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
     camera = cam.name
     night = night or default_night(cam)
     steps = retry_transient(plan_night, registry, camera, night, policy, what="plan the night")
-    if not steps:      # an empty or mistyped night is not a success
-        raise ValueError(f"night {night}: no exposures of camera {camera} in the registry; nothing to build")
+    if not steps:      # an empty or mistyped night is not a success, unless the policy says so
+        message = f"night {night}: no exposures of camera {camera} in the registry; nothing to build"
+        if not policy.allow_empty:
+            raise ValueError(message + " (NightlyPolicy.allow_empty accepts empty nights)")
+        log.warning("%s (accepted: allow_empty)", message)
+        return {"night": night, "camera": camera, "steps": [], "created": 0, "state": "empty night (accepted)",
+                "report": None}
     failed_types = set()
     for step in steps:
         if step["action"] != "build":
@@ -118,38 +128,71 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
             result = build_calib(step["type"], camera=camera, night=night, filter=step["filter"], repo=str(store.root),
                                  registry_url=registry_url, validity_days_before=policy.validity_days_before,
                                  validity_days_after=policy.validity_days_after, on_bad_input=policy.on_bad_input,
-                                 runner=runner, dask_address=dask_address, detectors_per_task=detectors_per_task)
+                                 verify=policy.verify, runner=runner, dask_address=dask_address, detectors_per_task=detectors_per_task)
         except Exception as exc:
             failed_types.add(step["type"])
             step.update(action="failed", reason=f"{type(exc).__name__}: {exc}"
                         + (f" (after failed {', '.join(sorted(blocked))})" if blocked else ""))
             log.error("%s %s failed: %s", step["type"], step["filter"] or "", exc)
             continue
+        held = [p for p in result["products"] if p.get("status") != "certified"]
         step.update(action="built" if result["created"] else "existing", created=result["created"],
                     products=[p["calib_id"] for p in result["products"]], dropped=result["dropped"],
+                    certified=len(result["products"]) - len(held),
+                    held=[{"calib_id": p["calib_id"], "detector": p["detector"], "status": p.get("status"),
+                           "failed": (p.get("verification") or {}).get("failed") or []} for p in held],
                     valid=[result["products"][0]["valid_begin"], result["products"][0]["valid_end"]],
                     mosaic=result["mosaic_png"])
         log.info("%s %s: %d new products, %d already built", step["type"], step["filter"] or "",
                  result["created"], len(result["products"]) - result["created"])
     summary = {"night": night, "camera": camera, "steps": steps,
                "created": sum(s.get("created", 0) for s in steps)}
-    _artifact(summary)
     failed = [s for s in steps if s["action"] == "failed"]
+    n_held = sum(len(s.get("held") or []) for s in steps)
+    summary["state"] = (f"FAILED: {len(failed)} build(s) failed" if failed else
+                        f"completed with {n_held} product(s) held back" if n_held else "completed")
+    summary["report"] = _night_report(registry, store, cam, night, summary, policy, log)
+    _artifact(summary)
     if failed:
         raise RuntimeError(f"night {night}: {len(failed)} build(s) failed: "
                            + "; ".join(f"{s['type']} {s['filter'] or ''}: {s['reason']}" for s in failed))
     return summary
 
 
+def _night_report(registry, store, cam, night, summary, policy, log) -> str | None:
+    """The night's HTML page (docs/architecture.md#the-night-report); a failure to write it is logged,
+    never fails the night."""
+    from calib_core.report import write_night_report
+
+    try:
+        path = write_night_report(registry, store.root, cam, night, summary, policy.verify)
+    except Exception as exc:
+        log.warning("could not write the night report: %s: %s", type(exc).__name__, exc)
+        return None
+    log.info("night report: %s", path)
+    return str(path)
+
+
 def _artifact(summary: dict) -> None:
-    lines = [f"## Nightly calibs, {summary['camera']}, night {summary['night']}", "",
+    from .build import png_data_uri
+
+    lines = [f"## Nightly calibs, {summary['camera']}, night {summary['night']}: {summary.get('state', '')}", "",
              "| type | filter | inputs | action | new products | note |", "|---|---|---|---|---|---|"]
     for s in summary["steps"]:
         note = s.get("reason") or (f"valid {s['valid'][0]} .. {s['valid'][1]}" if s.get("valid") else "")
         if s.get("dropped"):
-            note += f"; excluded {', '.join(s['dropped'])}"
+            note += "; excluded " + "; ".join(f"{e}: {why}" for e, why in s["dropped"].items())
+        if s.get("held"):
+            note += "; held back " + "; ".join(f"det {h['detector']}: {', '.join(h['failed']) or h['status']}"
+                                               for h in s["held"])
         lines.append(f"| {s['type']} | {s['filter'] or '-'} | {s['n_inputs']} | {s['action']} | "
-                     f"{s.get('created', 0)} | {note} |")
+                     f"{s.get('created', 0)} | {note.replace('|', '/')} |")
+    if summary.get("report"):
+        lines += ["", f"Night report: `{summary['report']}` (`calibflow report --night {summary['night']}`)"]
+    for s in summary["steps"]:
+        uri = png_data_uri(s["mosaic"]) if s.get("mosaic") else None
+        if uri:
+            lines += ["", f"### {s['type']} {s['filter'] or ''}", "", f"![mosaic]({uri})"]
     try:
         key = f"nightly-{summary['camera']}-{summary['night']}".lower().replace("_", "-")
         create_markdown_artifact("\n".join(lines), key=key[:100], description="what the nightly flow built")

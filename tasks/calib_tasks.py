@@ -34,10 +34,11 @@ from calib_core.productmeta import write_calib_product
 from calib_core.products import provenance_cards, read_product, write_hdulist, write_product
 from calib_core.rawio import RawReadError, read_raw
 from calib_core.registry import BuildRunRow, Registry, is_transient, note_transient, retry_transient
-from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, find_calib, make_calib_id,
-                                        record_calib)
-from calib_core.science import find_isr_calibs
+from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, explain_lookup, find_calib,
+                                        make_calib_id, record_calib)
+from calib_core.science import find_isr_calibs, readout_keys
 from calib_core.sky import bin_detector
+from calib_core.verify import ScreenConfig, TestFrame, VerifyConfig, VerifyInputs, screen_input
 
 __all__ = ["BuildContext", "process_detectors", "process_exposure_detector", "sky_rebin",
            "combine_detector", "start_build_run", "finish_build_run", "existing_products"]
@@ -61,6 +62,7 @@ class BuildContext(BaseModel):
     build_run_id: int | None = None
     on_bad_input: str = "fail"          # or "exclude": drop an unreadable exposure and record why
     verify_raws: str = "auto"           # "always": hash every raw read, not only those whose size or mtime changed
+    verify: dict = {}                   # VerifyConfig: the gate's thresholds and the screening (not part of identity)
 
     @property
     def spec(self) -> CalibType:
@@ -68,6 +70,12 @@ class BuildContext(BaseModel):
 
     def cfg(self):
         return self.spec.config_model.model_validate(self.config)
+
+    def verify_cfg(self) -> VerifyConfig:
+        return VerifyConfig.model_validate(self.verify)
+
+    def screen_cfg(self) -> ScreenConfig:
+        return self.verify_cfg().screen
 
 
 @lru_cache(maxsize=8)
@@ -119,6 +127,7 @@ def _logger():
 def _isr_calibs(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict[str, dict]:
     """The certified calibs the type's ISR applies (the registry lookup, as any later reduction)."""
     return find_isr_calibs(registry, ctx.camera, exposure_id, detector, ctx.cfg().isr, ctx.spec.isr_calibs,
+                           readout=readout_keys(build_camera(ctx)),
                            purpose=f"{ctx.calib_type} build")
 
 
@@ -164,7 +173,7 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
                        / f"{exposure['exposure_id']}-det{detector:03d}-{key}.fits")
     meta = out.with_suffix(".json")
     if out.exists() and meta.exists():
-        return {**json.loads(meta.read_text()), "reused": True}
+        return _screened(ctx, registry, exposure, detector, {**json.loads(meta.read_text()), "reused": True})
 
     camera = build_camera(ctx)
     try:
@@ -187,7 +196,33 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
     write_product(out, mi, {"EXPID": exposure["exposure_id"], "DETECTOR": detector, "OBSTYPE": "postisr"},
                   unit=ctx.spec.intermediate_unit)
     store.atomic_write_bytes(meta, json.dumps(result).encode())
-    return {**result, "reused": False}
+    return _screened(ctx, registry, exposure, detector, {**result, "reused": False}, mi)
+
+
+def last_good_master(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict | None:
+    """The certified product of the build's own type that applies to the exposure and was made
+    before this build's calib date (never one of this night's: a rerun then screens and judges as
+    the first run did), by the lookup rules."""
+    rows = explain_lookup(registry, camera=ctx.camera, exposure_id=exposure_id, calib_type=ctx.calib_type,
+                          detector=detector, readout_keys=readout_keys(build_camera(ctx)))
+    before = [r for r in rows if r["eligible"] and r["calib_date"] < ctx.calib_date]
+    before.sort(key=lambda r: r["_key"])
+    return before[0]["_row"] if before else None
+
+
+def _screened(ctx: BuildContext, registry: Registry, exposure: dict, detector: int, result: dict, mi=None) -> dict:
+    """``result`` with ``screened`` (why the input must not be stacked) when it fails the input
+    screening against the last good master (docs/algorithms.md#input-screening)."""
+    if not ctx.spec.screen_inputs or not ctx.screen_cfg().enabled:
+        return result
+    master = last_good_master(ctx, registry, exposure["exposure_id"], detector)
+    if mi is None:
+        mi = read_product(result["path"])[0]
+    why = screen_input(ctx.calib_type, mi, read_product(master["path"])[0] if master else None, ctx.screen_cfg())
+    if why:
+        return {**result, "screened": f"detector {detector}: {why}"
+                + (f" (master {master['calib_id']})" if master and "master" in why else "")}
+    return result
 
 
 def _process_pixels(ctx: BuildContext, camera, raw, exposure: dict, detector: int, calibs: dict, out,
@@ -314,10 +349,8 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
             frame = BackgroundModel.from_fits(items[0]["frame"])
             write_calib_product(path, "sky", frame, cards, build_camera(ctx), detector)
             finite = np.isfinite(frame.values)
-            stats = {"warning": items[0].get("warning") or None,
-                     "level": float(np.median(frame.values[finite])) if finite.any() else None,
-                     "noise": float(np.median(frame.errors[finite])) if finite.any() else None,
-                     "clipped_fraction": None, "bad_fraction": float(1.0 - finite.mean())}
+            stats = {"warning": items[0].get("warning") or None, **_sky_stats(frame, len(items), len(dropped or {}))}
+            verification = _verify(ctx, registry, detector, frame, items, by_id)
         else:
             context = {}
             if ctx.spec.combine_context:
@@ -341,7 +374,11 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
             stats = {"level": float(level.mean), "noise": float(np.sqrt(max(level.variance, 0.0))),
                      "clipped_fraction": float(1.0 - level.n_used / max(level.npoint, 1)),
                      "bad_fraction": float(flagged.mean()), **combined.stats}
+            verification = _verify(ctx, registry, detector, mi, items, by_id)
         stats.update(n_used=len(items), n_rejected=len(dropped or {}), isr_calibs=sorted(isr_ids))
+        readout = _readout(ctx, [by_id[e] for e in ids])
+        if readout:
+            stats["readout"] = readout
         inputs = [CalibInput(e, scale=None if exp_scales is None else float(exp_scales[i]))
                   for i, e in enumerate(ids)]
         inputs += [CalibInput(e, used=False, reason=why) for e, why in (dropped or {}).items()]
@@ -350,7 +387,10 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                                     checksum=sha256_file(path), config_hash=ctx.config_hash, digest=digest,
                                     software_version=ctx.software_version, inputs=inputs, validity=ctx.validity,
                                     build_run_id=ctx.build_run_id, stats=stats,
-                                    publish=lambda: os.replace(path, final), camera_checksum=ctx.camera_hash or None)
+                                    publish=lambda: os.replace(path, final), camera_checksum=ctx.camera_hash or None,
+                                    status="certified" if verification is None else "candidate",
+                                    verification=None if verification is None else verification.to_dict(),
+                                    metrics=None if verification is None else verification.metrics)
     finally:
         path.unlink(missing_ok=True)      # left when a concurrent identical build registered first, or on any error
     if not created:
@@ -358,6 +398,56 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
                           "one was combining; keeping %s, discarding this copy", detector, ctx.calib_type,
                           row["calib_id"])
     return {**row, "created": created}
+
+
+def _sky_stats(frame: BackgroundModel, n_used: int, n_rejected: int) -> dict:
+    """A sky frame's row of statistics: median and robust scatter of its bins (the frame's noise:
+    its bins' spread, as a bias's is its pixels'), the median error of a bin, and the share of its
+    exposures the build rejected (a sky frame's clipped fraction)."""
+    values = np.asarray(frame.values, np.float64)
+    finite = np.isfinite(values)
+    errors = np.asarray(frame.errors, np.float64) if frame.errors is not None else np.full(values.shape, np.nan)
+    ok_err = finite & np.isfinite(errors)
+    v = values[finite]
+    return {"level": float(np.median(v)) if v.size else None,
+            "noise": float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else None,
+            "bin_error": float(np.median(errors[ok_err])) if ok_err.any() else None,
+            "clipped_fraction": float(n_rejected / max(n_used + n_rejected, 1)),
+            "bad_fraction": float(1.0 - finite.mean()) if finite.size else 1.0}
+
+
+def _readout(ctx: BuildContext, exposures: list[dict]) -> dict:
+    """The readout settings (docs/architecture.md#lookup-rules) the inputs share."""
+    out = {}
+    for k in readout_keys(build_camera(ctx)):
+        values = {json.dumps((e.get("extra") or {}).get(k)) for e in exposures}
+        if len(values) == 1:
+            out[k] = (exposures[0].get("extra") or {}).get(k)
+    return out
+
+
+def _verify(ctx: BuildContext, registry: Registry, detector: int, product, items: list[dict], by_id: dict):
+    """The type's verification of a new product (docs/algorithms.md#verification-before-certification),
+    or None when the type has none or the gate is off. The test frame is the first input used."""
+    cfg = ctx.verify_cfg()
+    if ctx.spec.verify is None or not cfg.enabled:
+        return None
+    first = items[0]
+    exposure = by_id[first["exposure_id"]]
+
+    def test():
+        raw = read_raw(exposure["path"], build_camera(ctx), [detector]).detectors[detector]
+        return TestFrame(read_product(first["path"])[0], raw, exposure.get("darktime"), exposure["exposure_id"])
+
+    def incumbent():
+        master = last_good_master(ctx, registry, exposure["exposure_id"], detector)
+        return (read_product(master["path"])[0], master["calib_id"]) if master else None
+
+    result = ctx.spec.verify(product, VerifyInputs(cfg, test, incumbent))
+    if not result.passed:
+        _logger().warning("detector %d: the new %s fails verification: %s", detector, ctx.calib_type,
+                          "; ".join(c.describe() for c in result.checks if not c.passed))
+    return result
 
 
 def _start_ticks(pid: int) -> int | None:

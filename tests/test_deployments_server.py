@@ -427,6 +427,36 @@ def test_ui_custom_run_with_a_form_parameter(prefect_server, night_repo, cli_bia
     assert len(darks) == 9
 
 
+def _loaded_images(driver, timeout: float = 120, prefix: str = "") -> list:
+    """[src prefix, naturalWidth] of the page's images whose src starts with ``prefix``, once at
+    least one exists and all of them have finished loading."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    script = ("return Array.from(document.images).filter(i => i.src.startsWith(arguments[0]))"
+              ".map(i => [i.src.slice(0, 40), i.complete ? i.naturalWidth : -1])")
+    return WebDriverWait(driver, timeout, poll_frequency=1).until(
+        lambda d: (lambda imgs: imgs if imgs and all(w >= 0 for _, w in imgs) else False)(
+            d.execute_script(script, prefix)))
+
+
+def test_ui_shows_the_mosaic_inline(prefect_server, cli_bias_run, tmp_path):
+    """The build's mosaic artifact, opened in the Prefect UI in Chromium, shows the picture: the
+    data: URI image has loaded (natural width > 0); docs/prefect.md#artifacts."""
+    assert cli_bias_run.returncode == 0, cli_bias_run.stdout + cli_bias_run.stderr
+    key = f"bias-{CAMERA}-{NIGHT}-mosaic"
+    arts = prefect_server.http.post("/artifacts/filter", json={"artifacts": {"key": {"any_": [key]}}}).json()
+    assert arts, f"no artifact {key}"
+    assert "data:image/png;base64," in arts[0]["data"] and "file://" not in arts[0]["data"]
+    driver = _browser()
+    try:
+        driver.get(f"{prefect_server.url}/artifacts/artifact/{arts[0]['id']}")
+        imgs = _loaded_images(driver, prefix="data:image/png")
+        driver.save_screenshot(str(tmp_path / "mosaic-artifact.png"))
+    finally:
+        driver.quit()
+    assert all(w > 0 for _, w in imgs), imgs
+
+
 def test_trigger_watch_nightly_reports_each_build(prefect_server, night_repo, served, cli_bias_run):
     """The nightly deployment's builds are child flow runs: --watch finds them and reports what each
     built (here the bias the CLI test built: found, not rebuilt)."""

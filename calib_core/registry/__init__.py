@@ -20,14 +20,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import CalibflowError
 from ..camera import Camera, CameraError, camera_from_definition, is_camera_file, load_camera
-from .models import (Base, BuildRunRow, CalibInputRow, CalibRow, CameraRow, DetectorRow, ExposureRow,
-                     RawRow)
+from .models import (Base, BuildRunRow, CalibInputRow, CalibMetricRow, CalibRow, CameraRow, DetectorRow,
+                     ExposureRow, RawRow)
 
 __all__ = ["Registry", "RegistryError", "CameraMismatch", "mask_url", "resolve_url", "is_transient", "retry_transient",
            "TRANSIENT_BACKOFF_S", "Base", "CameraRow", "DetectorRow", "ExposureRow", "RawRow",
-           "CalibRow", "CalibInputRow", "BuildRunRow", "HEAD_REVISION"]
+           "CalibRow", "CalibInputRow", "CalibMetricRow", "BuildRunRow", "HEAD_REVISION"]
 
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -357,7 +357,7 @@ class Registry:
     def snapshot(self) -> dict[str, int]:
         """Row counts of every table (used by tests to prove nothing changed)."""
         return {m.__tablename__: self.count(m) for m in (CameraRow, DetectorRow, ExposureRow, RawRow,
-                                                          CalibRow, CalibInputRow, BuildRunRow)}
+                                                          CalibRow, CalibInputRow, CalibMetricRow, BuildRunRow)}
 
 
 def _mismatch_message(name: str, what: str, path: str = "FILE") -> str:
@@ -387,4 +387,5 @@ def _exposure_dict(row: ExposureRow, camera: str) -> dict:
         "checksum": row.checksum,
         "size_bytes": row.size_bytes,
         "ingested_at": _utc(row.ingested_at).isoformat(),
+        "extra": dict(row.extra or {}),
     }

@@ -114,12 +114,31 @@ class CalibRow(Base):
     camera_checksum: Mapped[str | None] = mapped_column(String(64))     # camera definition built with
     software_version: Mapped[str] = mapped_column(String(32), nullable=False)
     build_run_id: Mapped[int | None] = mapped_column(ForeignKey("build_run.id"))
-    status: Mapped[str] = mapped_column(String(16), nullable=False, default="certified")
+    # candidate (registered, not used by lookup) | certified | decertified
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="candidate")
     n_inputs: Mapped[int] = mapped_column(Integer, nullable=False)
     stats: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # the verification gate's checks ({"passed", "checks", "failed", ...}); None: not verified
+    verification: Mapped[dict | None] = mapped_column(JSON)
+    status_note: Mapped[str] = mapped_column(Text, nullable=False, default="", server_default="")
+    status_changed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     inputs: Mapped[list["CalibInputRow"]] = relationship(back_populates="calib", cascade="all, delete-orphan")
+
+
+class CalibMetricRow(Base):
+    """One metric of one amplifier (``*``: the detector) of a verified product, for trends."""
+
+    __tablename__ = "calib_metric"
+    __table_args__ = (UniqueConstraint("calib_pk", "amp", "metric", name="uq_calib_metric"),
+                      Index("ix_calib_metric_metric", "metric"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calib_pk: Mapped[int] = mapped_column(ForeignKey("calib.id", ondelete="CASCADE"), nullable=False)
+    amp: Mapped[str] = mapped_column(String(32), nullable=False)
+    metric: Mapped[str] = mapped_column(String(64), nullable=False)
+    value: Mapped[float | None] = mapped_column(Float)
 
 
 class CalibInputRow(Base):
