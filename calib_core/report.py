@@ -174,7 +174,10 @@ def focal_plane_map(camera: Camera, values: Mapping[tuple[int, str], float], tit
     cmap = plt.get_cmap("viridis")
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
     for d, a, (x0, x1, y0, y1) in boxes:
-        v = values.get((d, a), values.get((d, "*")))
+        v = values.get((d, a))
+        if v is None and a == "*":      # a detector drawn whole: the mean of its amplifiers' values
+            amps = [x for (dd, aa), x in values.items() if dd == d and x is not None and math.isfinite(x)]
+            v = float(sum(amps) / len(amps)) if amps else None
         colour = cmap(norm(v)) if v is not None and math.isfinite(v) else (0.75, 0.75, 0.75, 1)
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=colour, edgecolor="white", lw=0.5))
         if v is not None and math.isfinite(v):
