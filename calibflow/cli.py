@@ -830,11 +830,12 @@ def simulate(camera: str = typer.Option("democam", "--camera", help="a built-in 
                                              "seed, another --night, e.g. 1000)"),
              gain_error: Optional[float] = typer.Option(
                  None, "--gain-error", help="true gains differ from the camera file's by this fraction "
-                                            "(x U(0.75, 1.25), either sign; e.g. 0.04); default: none"),
+                                            "(x U(0.75, 1.25), either sign; e.g. 0.04) [default: none, the camera "
+                                            "file's gains are the true ones]"),
              pixel_defects: bool = typer.Option(False, "--pixel-defects/--no-pixel-defects",
                                                 help="also inject cold pixels and hot columns"),
              ptc_exptimes: str = typer.Option("", "--ptc-exptimes", help="comma-separated exposure times of "
-                                                                         "extra flat pairs for a PTC")):
+                                                                         "extra flat pairs for a PTC [default: none]")):
     """Simulate a night of raw exposures with known truth (raw/ and truth/ under --out)."""
     from calib_core.simulate import simulate_night
 
