@@ -431,3 +431,19 @@ def test_nightly_skips_a_ptc_without_pairs(tmp_path):
     steps = {s["type"]: s for s in plan_night(Rows(), "cam", "2026-11-20", NightlyPolicy())}
     assert steps["ptc"]["action"] == "skip" and "share an exposure time" in steps["ptc"]["reason"]
     assert steps["defects"]["action"] == "build" and steps["flat"]["action"] == "build"
+
+
+def test_defects_and_ptc_products_open_with_ccddata(built):
+    """Like every other product (tests/test_products_ecosystem.py): astropy's CCDData.read opens the
+    defects mask and the gain map with no arguments, with their unit, uncertainty and mask."""
+    from astropy.nddata import CCDData, VarianceUncertainty
+
+    sim, store, reg, out, _ = built
+    for kind, unit in (("defects", "1"), ("ptc", "electron / adu")):
+        mi, header, row = _product(out[kind], DETS[0])
+        ccd = CCDData.read(row["path"])
+        assert ccd.unit.to_string() in {unit, ""} or str(ccd.unit) == unit, (kind, ccd.unit)
+        assert isinstance(ccd.uncertainty, VarianceUncertainty), kind
+        assert ccd.mask is not None and ccd.mask.shape == mi.shape, kind
+        np.testing.assert_array_equal(np.asarray(ccd.data), mi.image)
+        np.testing.assert_array_equal(np.asarray(ccd.uncertainty.array), mi.variance)
