@@ -585,6 +585,9 @@ def test_password_never_reaches_prefect_or_the_output(tmp_path, raws, prefect_ap
         printed.append(res.output)
     assert "postgres:***@" in printed[0]
 
+    from calib_core.calibtypes import CALIB_TYPES
+
+    n_deployments = len(CALIB_TYPES) + 1        # one per calib type, and the nightly
     serve = subprocess.Popen([sys.executable, "-m", "calibflow", "serve", "--camera", CAMERA],
                              env={**os.environ, **env, "PREFECT_API_URL": prefect_api}, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -600,7 +603,7 @@ def test_password_never_reaches_prefect_or_the_output(tmp_path, raws, prefect_ap
         with get_client(sync_client=True) as client:       # serve registers them after printing
             while time.monotonic() < deadline:
                 deployments = [d for d in client.read_deployments() if d.parameters.get("repo") == str(repo)]
-                if len(deployments) == 6 or serve.poll() is not None:
+                if len(deployments) == n_deployments or serve.poll() is not None:
                     break
                 time.sleep(0.5)
             runs = client.read_flow_runs()
@@ -611,8 +614,8 @@ def test_password_never_reaches_prefect_or_the_output(tmp_path, raws, prefect_ap
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, 9)
             serve.wait()
-    assert any("serving 6 deployments" in line for line in printed), printed
-    assert len(deployments) == 6
+    assert any(f"serving {n_deployments} deployments" in line for line in printed), printed
+    assert len(deployments) == n_deployments
     assert all(d.parameters["registry_url"] == "env:CALIBFLOW_REGISTRY_URL" for d in deployments)
     ours = [r for r in runs if r.parameters.get("repo") == str(repo.absolute())]
     assert ours and all(r.parameters.get("registry_url") == "env:CALIBFLOW_REGISTRY_URL" for r in ours)
