@@ -876,7 +876,8 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
          n_science: int = typer.Option(8, "--n-science", help="science exposures per filter (r, z)"),
          verbose: bool = VerboseOpt):
     """The main job: simulate a night of the demo camera, ingest it, run the nightly flow (bias, dark,
-    flats, fringe, sky frames) and print what it built."""
+    defects, gains, flats, fringe, sky frames; each verified before it is certified) and print what it
+    built."""
     import shutil
 
     from calib_core.datastore import Datastore
