@@ -39,40 +39,54 @@ def _api_url() -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+# the site's settings, shared by serve and deploy
+_CAMERA_OPT = typer.Option(None, "--camera", envvar="CALIBFLOW_CAMERA",
+                           help="default camera of the deployments: a name or YAML file [default: the registry's "
+                                "only camera, else each run's parameter]")
+_CRON_OPT = typer.Option(None, "--nightly-cron", envvar="CALIBFLOW_NIGHTLY_CRON",
+                         help="cron of the nightly deployment [default: 09:00 at the site, the morning after "
+                              "the night]")
+_TIMEZONE_OPT = typer.Option(None, "--timezone", envvar="CALIBFLOW_TIMEZONE",
+                             help="IANA time zone the cron is read in [default: UTC, the cron derived from the "
+                                  "camera's utc_offset_hours]")
+
+
+def _site_settings(repo, registry_url, camera, nightly_cron, timezone, *, keep_registry_url: bool):
+    """The ``DeploymentSettings`` of serve and deploy: the repository, the camera (:func:`_serve_camera`)
+    and the nightly schedule, validated (one-line error). ``keep_registry_url``: the runs get the
+    registry URL (serve passes it to its child runs; deploy's runs use the worker's)."""
+    from pydantic import ValidationError
+
+    from deployments.definitions import DeploymentSettings
+
+    store, registry = common.open_repo(repo, registry_url)
+    cam = _serve_camera(registry, camera)
+    try:
+        return DeploymentSettings(repo=store.root, registry_url=(registry_url or None) if keep_registry_url else None,
+                                  camera=cam.name if cam else None,
+                                  utc_offset_hours=cam.utc_offset_hours if cam else None,
+                                  nightly_cron=nightly_cron or None, timezone=timezone or None)
+    except ValidationError as exc:
+        common.fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+
+
 def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_REPO",
                                               help="repository folder the runs use [default: ./calibrepo]; "
                                                    "made absolute here"),
           registry_url: Optional[str] = typer.Option(None, "--registry-url", envvar="CALIBFLOW_REGISTRY_URL",
                                                      help="SQLAlchemy URL of the registry [default: SQLite "
                                                           "inside the repository]"),
-          camera: Optional[str] = typer.Option(None, "--camera", envvar="CALIBFLOW_CAMERA",
-                                               help="default camera of the deployments: a name or YAML file "
-                                                    "[default: the registry's only camera, else each run's "
-                                                    "parameter]"),
-          nightly_cron: Optional[str] = typer.Option(None, "--nightly-cron", envvar="CALIBFLOW_NIGHTLY_CRON",
-                                                     help="cron of the nightly deployment [default: 09:00 at the "
-                                                          "site, the morning after the night]"),
-          timezone: Optional[str] = typer.Option(None, "--timezone", envvar="CALIBFLOW_TIMEZONE",
-                                                 help="IANA time zone the cron is read in [default: UTC, the "
-                                                      "cron derived from the camera's utc_offset_hours]"),
+          camera: Optional[str] = _CAMERA_OPT, nightly_cron: Optional[str] = _CRON_OPT,
+          timezone: Optional[str] = _TIMEZONE_OPT,
           limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most this many runs at once "
                                                                           "[default: no limit]")):
     """Serve every deployment (one per calib type, plus the nightly schedule) from this process."""
-    from pydantic import ValidationError
     common.prefect_env()
     url = _api_url()
-    store, registry = common.open_repo(repo, registry_url)
-    cam = _serve_camera(registry, camera)
+    settings = _site_settings(repo, registry_url, camera, nightly_cron, timezone, keep_registry_url=True)
     from calib_core.registry import mask_url
-    from deployments.definitions import DeploymentSettings, make_deployments
+    from deployments.definitions import make_deployments
 
-    try:
-        settings = DeploymentSettings(repo=store.root, registry_url=registry_url or None,
-                                      camera=cam.name if cam else None,
-                                      utc_offset_hours=cam.utc_offset_hours if cam else None,
-                                      nightly_cron=nightly_cron or None, timezone=timezone or None)
-    except ValidationError as exc:
-        common.fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
     # the flow runs are child processes of this one: they see the same repository whatever their cwd
     os.environ["CALIBFLOW_REPO"] = str(settings.repo)
     if settings.registry_url:
@@ -106,16 +120,8 @@ def deploy_environment(settings) -> dict[str, str]:
     return {"CALIBFLOW_CAMERA": settings.camera or "", "CALIBFLOW_NIGHTLY_CRON": cron, "CALIBFLOW_TIMEZONE": zone}
 
 
-def deploy(camera: Optional[str] = typer.Option(None, "--camera", envvar="CALIBFLOW_CAMERA",
-                                                help="default camera of the deployments: a name or YAML file "
-                                                     "[default: the registry's only camera, else each run's "
-                                                     "parameter]"),
-           nightly_cron: Optional[str] = typer.Option(None, "--nightly-cron", envvar="CALIBFLOW_NIGHTLY_CRON",
-                                                      help="cron of the nightly deployment [default: 09:00 at "
-                                                           "the site, the morning after the night]"),
-           timezone: Optional[str] = typer.Option(None, "--timezone", envvar="CALIBFLOW_TIMEZONE",
-                                                  help="IANA time zone the cron is read in [default: UTC, the "
-                                                       "cron derived from the camera's utc_offset_hours]"),
+def deploy(camera: Optional[str] = _CAMERA_OPT, nightly_cron: Optional[str] = _CRON_OPT,
+           timezone: Optional[str] = _TIMEZONE_OPT,
            prefect_file: Path = typer.Option(Path("prefect.yaml"), "--prefect-file",
                                              help="the deployments to register; the worker runs their flows "
                                                   "from this file's folder"),
@@ -133,23 +139,12 @@ def deploy(camera: Optional[str] = typer.Option(None, "--camera", envvar="CALIBF
     import subprocess
     import sys
 
-    from pydantic import ValidationError
-
     common.prefect_env()
     _api_url()
     prefect_file = prefect_file.resolve()
     if not prefect_file.is_file():
         common.fail(f"--prefect-file: no {prefect_file}")
-    store, registry = common.open_repo(repo, registry_url)
-    cam = _serve_camera(registry, camera)
-    from deployments.definitions import DeploymentSettings
-
-    try:
-        settings = DeploymentSettings(repo=store.root, camera=cam.name if cam else None,
-                                      utc_offset_hours=cam.utc_offset_hours if cam else None,
-                                      nightly_cron=nightly_cron or None, timezone=timezone or None)
-    except ValidationError as exc:
-        common.fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+    settings = _site_settings(repo, registry_url, camera, nightly_cron, timezone, keep_registry_url=False)
     values = deploy_environment(settings)
     common.console.print(f"deploying {prefect_file} (camera {values['CALIBFLOW_CAMERA'] or 'chosen per run'}, "
                          f"nightly cron {values['CALIBFLOW_NIGHTLY_CRON']!r} in {values['CALIBFLOW_TIMEZONE']})",

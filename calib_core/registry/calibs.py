@@ -191,18 +191,24 @@ def _add_metrics(s, calib_pk: int, metrics: dict | None) -> None:
             s.add(CalibMetricRow(calib_pk=calib_pk, amp=str(amp)[:32], metric=str(name)[:64], value=v))
 
 
+def _where_calib(q, calib_type, camera, detector, filter):
+    """``q`` (joined to CalibRow and CameraRow) narrowed to the given type, camera, detector, filter."""
+    if calib_type:
+        q = q.where(CalibRow.calib_type == calib_type)
+    if camera:
+        q = q.where(CameraRow.name == camera)
+    if detector is not None:
+        q = q.where(CalibRow.detector_number == detector)
+    if filter:
+        q = q.where(CalibRow.filter == filter)
+    return q
+
+
 def list_calibs(registry: Registry, *, calib_type: str | None = None, camera: str | None = None,
                 detector: int | None = None, filter: str | None = None, status: str | None = None) -> list[dict]:
     with registry.session() as s:
-        q = select(CalibRow, CameraRow.name).join(CameraRow, CalibRow.camera_id == CameraRow.id)
-        if calib_type:
-            q = q.where(CalibRow.calib_type == calib_type)
-        if camera:
-            q = q.where(CameraRow.name == camera)
-        if detector is not None:
-            q = q.where(CalibRow.detector_number == detector)
-        if filter:
-            q = q.where(CalibRow.filter == filter)
+        q = _where_calib(select(CalibRow, CameraRow.name).join(CameraRow, CalibRow.camera_id == CameraRow.id),
+                         calib_type, camera, detector, filter)
         if status:
             q = q.where(CalibRow.status == status)
         q = q.order_by(CalibRow.calib_type, CalibRow.calib_date, CalibRow.detector_number, CalibRow.id)
@@ -313,18 +319,11 @@ def calib_metrics(registry: Registry, *, camera: str | None = None, calib_type: 
     """Per-amplifier metrics of verified products: ``{calib_id, type, filter, detector, calib_date,
     status, amp, metric, value}``, ordered by calib date."""
     with registry.session() as s:
-        q = (select(CalibMetricRow, CalibRow, CameraRow.name).join(CalibRow, CalibMetricRow.calib_pk == CalibRow.id)
-             .join(CameraRow, CalibRow.camera_id == CameraRow.id))
-        if camera:
-            q = q.where(CameraRow.name == camera)
-        if calib_type:
-            q = q.where(CalibRow.calib_type == calib_type)
+        q = _where_calib(select(CalibMetricRow, CalibRow, CameraRow.name)
+                         .join(CalibRow, CalibMetricRow.calib_pk == CalibRow.id)
+                         .join(CameraRow, CalibRow.camera_id == CameraRow.id), calib_type, camera, detector, filter)
         if metric:
             q = q.where(CalibMetricRow.metric == metric)
-        if detector is not None:
-            q = q.where(CalibRow.detector_number == detector)
-        if filter:
-            q = q.where(CalibRow.filter == filter)
         q = q.order_by(CalibRow.calib_date, CalibRow.detector_number, CalibMetricRow.amp, CalibRow.id)
         return [{"calib_id": c.calib_id, "camera": cam, "type": c.calib_type, "filter": c.filter,
                  "detector": c.detector_number, "calib_date": c.calib_date.isoformat(), "status": c.status,
