@@ -20,7 +20,7 @@ Per finder, over every dark and detector:
 * found: cosmic rays with at least one pixel flagged; whole: every pixel of the track flagged;
 * false: flagged 8-connected groups with no cosmic-ray pixel within 1 px (how many sit on a hot
   pixel, a truth dark rate above 10 read noise per dark time, in brackets);
-* as the pipeline uses a mask: flags grown by ``crGrow`` (2 px disk), written with the input, then
+* as the pipeline uses a mask: flags grown by ``cr_grow`` (2 px disk), written with the input, then
   cleared by the combine's ``calib_core.persistent.clear_persistent_cr`` (hot pixels repeat, cosmic
   rays do not); "e- left" is the cosmic-ray charge outside that mask (it reaches the stack), "masked,
   no CR" the masked pixels with no cosmic ray within 3 px (each costs the stack an input there);
@@ -102,7 +102,7 @@ def finders(cfg: DarkConfig):
     ignore = MASK_PLANES.bits(["SAT", "BAD", "NO_DATA"])
 
     def calibflow(mi, gain, rn):
-        return find_cosmic_rays(mi, nsigma=cfg.crNumSigma, min_dn=cfg.crMinDn, grow=0)
+        return find_cosmic_rays(mi, nsigma=cfg.cr_nsigma, min_dn=cfg.cr_min_dn, grow=0)
 
     def scrappy(mi, gain, rn, pad=0, **kw):
         e = np.asarray(mi.image, np.float64) * gain
@@ -118,8 +118,8 @@ def finders(cfg: DarkConfig):
         "calibflow find_cosmic_rays (6 sigma, 50 ADU)": calibflow,
         "astroscrappy, defaults (sigclip 4.5)": lambda mi, g, rn: scrappy(mi, g, rn),
         "astroscrappy, padded 4 px, sigclip 4.5": lambda mi, g, rn: scrappy(mi, g, rn, pad=4),
-        f"astroscrappy, padded 4 px, sigclip {cfg.crNumSigma:g}":
-            lambda mi, g, rn: scrappy(mi, g, rn, pad=4, sigclip=cfg.crNumSigma),
+        f"astroscrappy, padded 4 px, sigclip {cfg.cr_nsigma:g}":
+            lambda mi, g, rn: scrappy(mi, g, rn, pad=4, sigclip=cfg.cr_nsigma),
     }
 
 
@@ -160,7 +160,7 @@ def run_camera(camera: str, n_dark: int, seed: int, work: Path) -> dict:
                 on_hot[np.unique(groups[m & hot])] = True
                 s["false"] += np.count_nonzero(~real[1:])
                 s["false_hot"] += np.count_nonzero(~real[1:] & on_hot[1:])
-                grown.append(ndimage.binary_dilation(m, structure=disk(dcfg.crGrow)) if dcfg.crGrow else m)
+                grown.append(ndimage.binary_dilation(m, structure=disk(dcfg.cr_grow)) if dcfg.cr_grow else m)
             with tempfile.TemporaryDirectory(prefix="crbench-") as tmp:
                 paths = []
                 for i, ((e, mi), g) in enumerate(zip(post, grown)):

@@ -541,7 +541,7 @@ def _overscan_per_row(run: NightRun) -> bool:
     from calib_core.camera import effective_config
 
     cam = load_camera(run.sim.truth_dir / "camera.yaml")
-    return effective_config(BiasConfig, cam, {}).isr.overscanFitType.endswith("PER_ROW")
+    return effective_config(BiasConfig, cam, {}).isr.overscan_fit_type.endswith("PER_ROW")
 
 
 # --------------------------------------------------------------------------------------------------

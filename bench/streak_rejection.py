@@ -50,7 +50,7 @@ N_SCIENCE = {"democam_mini": 12, "minimosaic": 12, "democam": 10}
 
 def _isr(camera, night: SimulatedNight, path, cfg: SkyConfig) -> dict:
     raw = read_raw(path, camera)
-    isr = cfg.isr.model_copy(update={"doFringe": False})      # r does not fringe (as isr_with_calibs)
+    isr = cfg.isr.model_copy(update={"do_fringe": False})      # r does not fringe (as isr_with_calibs)
     return {d: run_isr(rd, isr, bias=night.truth_bias(d), dark=night.truth_dark(d),
                        flat=night.truth_flat("r", d), darktime=raw.metadata.darktime, path=str(path))
             for d, rd in raw.detectors.items()}

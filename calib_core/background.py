@@ -18,11 +18,13 @@ own derivatives there; CONSTANT is piecewise constant (nearest bin centre).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numba
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from .configmodel import ClipConfig
 from scipy.interpolate import Akima1DInterpolator, CubicSpline, make_interp_spline
 
 from .binstats import grid_statistics
@@ -42,37 +44,36 @@ MIN_POINTS = {"CONSTANT": 1, "LINEAR": 2, "NATURAL_SPLINE": 3, "CUBIC_SPLINE": 3
 DEFAULT_IGNORED = ["BAD", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "NO_DATA"]
 
 
-class BackgroundConfig(BaseModel):
+class BackgroundConfig(ClipConfig):
     """How a binned background is measured and evaluated.
 
     The defaults are meas_algorithms ``SubtractBackgroundConfig`` (docs/algorithms.md#binned-background-defaults).
     """
 
     model_config = ConfigDict(extra="forbid")
+    renamed_keys: ClassVar[dict[str, str]] = {"nsigma_clip": "nsigma", "n_iter": "niter"}
 
     statistic: Literal["MEANCLIP", "MEAN", "MEDIAN"] = Field(
-        "MEANCLIP", description="per-bin statistic (afw statisticsProperty); default MEANCLIP")
+        "MEANCLIP", description="per-bin statistic (afw statisticsProperty)")
     bin_size: int = Field(128, ge=1, description="bin size in pixels along x (and y unless "
-                                                 "bin_size_y is given); default 128")
+                                                 "bin_size_y is given)")
     bin_size_y: int | None = Field(None, ge=1, description="bin size along y; None = bin_size")
     grid: Literal["ceil", "round", "floor_plus_one"] = Field(
         "ceil", description="number of bins from the image size: ceil(W/b) (meas_algorithms HEAD, "
                             "default), round = max(int(W/b + 0.5), 1) (SkyMeasurement), "
                             "floor_plus_one = W//b + 1 (meas_algorithms 2020)")
-    algorithm: InterpStyle = Field("AKIMA_SPLINE", description="interpolation style; AKIMA_SPLINE")
+    algorithm: InterpStyle = Field("AKIMA_SPLINE", description="interpolation style")
     undersample_style: Literal["REDUCE_INTERP_ORDER", "THROW_EXCEPTION"] = Field(
         "REDUCE_INTERP_ORDER", description="what to do with too few bins for the style")
     ignored_mask_planes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_IGNORED),
         description="pixels with these planes are not admitted (BAD, EDGE, DETECTED, "
                     "DETECTED_NEGATIVE, NO_DATA)")
-    nsigma_clip: float = Field(3.0, gt=0, description="MEANCLIP half-width in sigma; 3.0")
-    n_iter: int = Field(3, ge=0, description="MEANCLIP passes; 3")
     use_approx: bool = Field(True, description="fit a 2-D Chebyshev to the bins instead of "
-                                               "interpolating; True")
-    approx_order_x: int = Field(6, ge=0, description="Chebyshev order; 6")
+                                               "interpolating")
+    approx_order_x: int = Field(6, ge=0, description="Chebyshev order")
     approx_order_y: int = Field(-1, description="Chebyshev order in y; -1 = approx_order_x")
-    weighting: bool = Field(True, description="inverse-variance weights in the Chebyshev fit; True")
+    weighting: bool = Field(True, description="inverse-variance weights in the Chebyshev fit")
 
     @property
     def ignore_bits(self) -> int:
@@ -487,7 +488,7 @@ def measure_background(masked_image: MaskedImage, config: BackgroundConfig | Non
     ny = ny or min(n_bins(h, bsy, cfg.grid), h)
     xe, ye = bin_edges(w, nx), bin_edges(h, ny)
     val, err, npt, _ = grid_statistics(masked_image.image, masked_image.mask, cfg.ignore_bits, xe, ye,
-                                       cfg.statistic, cfg.nsigma_clip, cfg.n_iter)
+                                       cfg.statistic, cfg.nsigma, cfg.niter)
     return BackgroundModel(val, err, npt, (0, 0, w - 1, h - 1), cfg.algorithm, cfg.undersample_style,
                            cfg.use_approx, cfg.approx_order_x, cfg.approx_order_y, cfg.weighting)
 

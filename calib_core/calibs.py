@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .configmodel import ClipConfig, ConfigModel
 from .errors import DataError
 from .cosmicrays import mask_cosmic_rays
 from .isr import IsrConfig, run_isr
@@ -28,14 +29,12 @@ __all__ = ["StatsConfig", "BiasConfig", "DarkConfig", "FlatConfig", "FlatScales"
            "process_dark", "process_flat", "background_level", "solve_flat_scales", "combine_calib",
            "combine_bias", "combine_dark", "combine_flat"]
 
-class StatsConfig(BaseModel):
+class StatsConfig(ClipConfig):
     """``CalibStatsConfig``: the background level of a CCD (docs/algorithms.md#background-level)."""
 
     model_config = ConfigDict(extra="forbid")
 
     statistic: Literal["MEANCLIP", "MEAN", "MEDIAN"] = Field("MEANCLIP", description="the level's statistic")
-    nsigma: float = Field(3.0, gt=0, description="clip (sigma)")
-    niter: int = Field(3, ge=1, description="clip passes")
     mask: list[str] = Field(["DETECTED", "BAD", "NO_DATA"], description="planes not used")
 
 
@@ -44,24 +43,25 @@ class BiasConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doBias=False, doDark=False, doFlat=False,
-                                                             doFringe=False, doDefect=False, usePtcGains=False))
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(do_bias=False, do_dark=False, do_flat=False,
+                                                             do_fringe=False, do_defect=False, use_ptc_gains=False))
     combine: CombineConfig = Field(default_factory=CombineConfig)
 
 
-class DarkConfig(BaseModel):
+class DarkConfig(ConfigModel):
     """Dark build (docs/algorithms.md#dark-build): ISR with bias, CR masking, normalisation by dark time,
     CR added to the combine's ignored planes. The product is ADU per second of dark time."""
 
     model_config = ConfigDict(extra="forbid")
+    reference_names: ClassVar[dict[str, str]] = {"do_repair": "doRepair", "cr_nsigma": "crNumSigma", "cr_min_dn": "crMinDn", "cr_grow": "crGrow"}
 
-    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doDark=False, doFlat=False, doFringe=False,
-                                                             doDefect=False, usePtcGains=False))
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(do_dark=False, do_flat=False, do_fringe=False,
+                                                             do_defect=False, use_ptc_gains=False))
     combine: CombineConfig = Field(default_factory=lambda: CombineConfig(mask=["SAT", "DETECTED", "INTRP", "CR"]))
-    doRepair: bool = Field(True, description="find and mask cosmic rays")
-    crNumSigma: float = Field(6.0, gt=0, description="CR threshold, sigma of the variance plane")
-    crMinDn: float = Field(50.0, ge=0, description="CR minimum excess, ADU")
-    crGrow: int = Field(2, ge=0, description="CR mask growth radius, px")
+    do_repair: bool = Field(True, description="find and mask cosmic rays")
+    cr_nsigma: float = Field(6.0, gt=0, description="CR threshold, sigma of the variance plane")
+    cr_min_dn: float = Field(50.0, ge=0, description="CR minimum excess, ADU")
+    cr_grow: int = Field(2, ge=0, description="CR mask growth radius, px")
 
 
 class FlatConfig(BaseModel):
@@ -70,7 +70,7 @@ class FlatConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doFlat=False, doFringe=False))
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(do_flat=False, do_fringe=False))
     combine: CombineConfig = Field(default_factory=CombineConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     iterations: int = Field(10, ge=1, description="scale-solve iterations (no convergence test)")
@@ -118,8 +118,8 @@ def process_dark(raw: RawDetector, bias, darktime: float, config: DarkConfig | N
         raise DataError(f"dark exposure of detector {raw.detector.name}: dark time {darktime!r} "
                            "is not a positive finite number")
     mi = run_isr(raw, config.isr, bias=bias, defects=defects)
-    if config.doRepair:
-        mask_cosmic_rays(mi, nsigma=config.crNumSigma, min_dn=config.crMinDn, grow=config.crGrow,
+    if config.do_repair:
+        mask_cosmic_rays(mi, nsigma=config.cr_nsigma, min_dn=config.cr_min_dn, grow=config.cr_grow,
                          exclude=exclude)
     mi /= darktime
     return mi

@@ -161,9 +161,9 @@ def isr_with_calibs(raw: RawDetector, isr: IsrConfig, calibs: Mapping[str, dict]
         step = ISR_STEP[t]
         if getattr(isr, step) and t not in calibs:
             isr = isr.model_copy(update={step: False})
-    defects = defect_mask(images["defects"]) if isr.doDefect and "defects" in images else None
+    defects = defect_mask(images["defects"]) if isr.do_defect and "defects" in images else None
     gains = read_noises = None
-    if isr.usePtcGains and "ptc" in calibs:
+    if isr.use_ptc_gains and "ptc" in calibs:
         rows = read_ptc(calibs["ptc"]["path"])
         gains = {a: r["gain"] for a, r in rows.items() if math.isfinite(r["gain"]) and r["gain"] > 0}
         read_noises = {a: r["read_noise"] for a, r in rows.items() if math.isfinite(r["read_noise"])}
@@ -331,31 +331,31 @@ def _combine_fringe(paths: Sequence, cfg: FringeBuildConfig, exp_scales=None, cc
 
 CALIB_TYPES: dict[str, CalibType] = {t.name: t for t in (
     CalibType("bias", "bias", (), BiasConfig, 0.0, filtered=False, barrier="none",
-              process=_process_bias, combine=_combine_bias, isr_step="doBias",
+              process=_process_bias, combine=_combine_bias, isr_step="do_bias",
               verify=against_own_kind("bias"), screen_inputs=True,
               description="Build bias frames: ISR without calibs, clipped-mean stack per detector."),
     CalibType("dark", "dark", ("bias",), DarkConfig, 1.0, filtered=False, barrier="none",
-              process=_process_dark, combine=_combine_dark, isr_step="doDark", unit="adu/s",
+              process=_process_dark, combine=_combine_dark, isr_step="do_dark", unit="adu/s",
               intermediate_unit="adu/s", verify=against_own_kind("dark"), screen_inputs=True,
               description="Build dark frames (ADU per second of dark time): ISR with the certified bias, "
                           "cosmic rays masked."),
     CalibType("defects", "flat", ("bias", "dark"), DefectsConfig, 1.0, filtered=False, barrier="none",
-              process=_process_defects, combine=_combine_defects, isr_step="doDefect", optional_in_isr=True,
+              process=_process_defects, combine=_combine_defects, isr_step="do_defect", optional_in_isr=True,
               unit="1", intermediate_unit="1", combine_context=True,
               description="Build defect masks: hot, cold, noisy and dead pixels per amplifier from the certified "
                           "bias and dark and the night's flats; the origin of each defect kept."),
     CalibType("ptc", "flat", ("bias", "defects"), PtcConfig, 1.0, filtered=False, barrier="none",
-              process=_process_ptc, combine=_combine_ptc, isr_step="usePtcGains", optional_in_isr=True,
+              process=_process_ptc, combine=_combine_ptc, isr_step="use_ptc_gains", optional_in_isr=True,
               unit="electron/adu", combine_context=True, min_inputs=2, skip_reason=_ptc_skip_reason,
               description="Measure gains and read noise per amplifier from pairs of flats of the same exposure "
                           "time (photon transfer curve)."),
     CalibType("flat", "flat", ("bias", "dark", "defects", "ptc"), FlatConfig, 1.0, filtered=True, barrier="flat_scales",
-              process=_process_flat, combine=_combine_flat, isr_step="doFlat", unit="1",
+              process=_process_flat, combine=_combine_flat, isr_step="do_flat", unit="1",
               verify=against_own_kind("flat"), screen_inputs=True,
               description="Build flat fields for one filter: CCD x exposure scale solve, then a scaled stack "
                           "per detector."),
     CalibType("fringe", "science", ("bias", "dark", "defects", "ptc", "flat"), FringeBuildConfig, 1.0, filtered=True,
-              barrier="none", process=_process_fringe, combine=_combine_fringe, isr_step="doFringe",
+              barrier="none", process=_process_fringe, combine=_combine_fringe, isr_step="do_fringe",
               optional_in_isr=True, fringing_only=True, unit="1", intermediate_unit="1", verify=flagged_pixels,
               description="Build fringe frames for one filter: background-removed, normalised science "
                           "exposures, objects masked."),

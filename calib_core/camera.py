@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -367,7 +368,7 @@ class Camera(BaseModel):
                                                      "e.g. ERR and DQ planes: left out of the HDU count")
     isr: dict[str, Any] = Field(
         default_factory=dict,
-        description="ISR defaults of this camera (IsrConfig fields, e.g. overscanFitType: MEDIAN_PER_ROW), "
+        description="ISR defaults of this camera (IsrConfig fields, e.g. overscan_fit_type: MEDIAN_PER_ROW), "
                     "merged over every calib type's ISR defaults; a build's own config still wins")
 
     _content_hash: str = PrivateAttr("")
@@ -379,14 +380,17 @@ class Camera(BaseModel):
         from .isr import IsrConfig     # isr imports rawio imports camera: import at validation time
 
         fields = list(IsrConfig.model_fields)
-        snake = {_snake(f): f for f in fields}
+        retired = IsrConfig.old_keys()      # the reference's camelCase names (docs/architecture.md#config-naming)
         out = {}
         for key, value in v.items():
-            name = key if key in IsrConfig.model_fields else snake.get(str(key))
+            name = key if key in IsrConfig.model_fields else retired.get(str(key))
             if name is None:
-                close = difflib.get_close_matches(str(key), fields + list(snake), n=1)
-                hint = f"; did you mean {snake.get(close[0], close[0])!r}?" if close else ""
+                close = difflib.get_close_matches(str(key), fields + list(retired), n=1)
+                hint = f"; did you mean {retired.get(close[0], close[0])!r}?" if close else ""
                 raise ValueError(f"unknown ISR setting {key!r}{hint}")
+            if name != key:
+                warnings.warn(f"camera isr key {key!r} is renamed {name!r}; the old name is accepted until "
+                              f"the next release", FutureWarning, stacklevel=2)
             out[name] = value
         IsrConfig.model_validate(out)    # each value checked where it is written
         return out
@@ -583,20 +587,25 @@ def _check_focal_plane(cam: "Camera") -> None:
                                  "pixel size")
 
 
-def _snake(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
-
-
 def effective_config(model: type[BaseModel], camera: "Camera | None", config: dict | None) -> BaseModel:
     """A calib type's config: the type's defaults, then the camera's ``isr`` defaults over its ISR
     section, then ``config`` (a build's own settings) over both, merged key by key.
 
     A partial ``isr`` in ``config`` only changes the keys it names (the type's switches, such as a bias
-    build's ``doBias: false``, stay).
+    build's ``do_bias: false``, stay).
     """
+    from .configmodel import upgrade_keys
+
     base = model().model_dump(mode="json")
     if camera is not None and camera.isr and "isr" in base:
         base = _deep_merge(base, {"isr": dict(camera.isr)})
+    # each layer's retired keys are renamed before the merge, so a layer's old name overrides the layer
+    # below it exactly as the new name would
+    if config:
+        config, renamed = upgrade_keys(model, config)
+        for old_key, new_key in renamed:
+            warnings.warn(f"config key {old_key} is renamed {new_key}; the old name is accepted until the "
+                          f"next release", FutureWarning, stacklevel=2)
     return model.model_validate(_deep_merge(base, config or {}))
 
 

@@ -1,7 +1,7 @@
 """Cosmic-ray detection for calibration frames (darks): a small L.A.Cosmic-like detector.
 
 The reference (docs/algorithms.md#cosmic-rays) runs meas_algorithms ``findCosmicRays`` (minSigma 6, min_DN 150)
-and grows the CR mask by ``crGrow = 2`` px. This module does the same job with a simpler, robust
+and grows the CR mask by ``cr_grow = 2`` px. This module does the same job with a simpler, robust
 recipe that needs no PSF model:
 
 1. ``background`` = 5x5 median filter of the image (a CR track 1..4 px long does not survive it);
@@ -55,7 +55,7 @@ def find_cosmic_rays(mi: MaskedImage, nsigma: float = 6.0, min_dn: float = 50.0,
     niter : int, default 3
         Neighbour-growth iterations.
     grow : int, default 2
-        Final isotropic growth radius, px (reference crGrow 2); 0 disables.
+        Final isotropic growth radius, px (reference cr_grow 2); 0 disables.
     exclude : bool array, optional
         Pixels that are never CRs (hot/bad pixels).
     ignore_bits : int, optional

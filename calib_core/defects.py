@@ -6,12 +6,12 @@ A defects product is one mask per detector. Its IMAGE plane holds, per pixel, th
 image is non-zero, so ISR can OR it in like any calib mask.
 
 The tests, per amplifier (the reference's ``thresholdType = STDEV``): a pixel is a defect when it
-lies more than ``nSigmaBright`` clipped standard deviations above, or ``nSigmaDark`` below, the
+lies more than ``nsigma_bright`` clipped standard deviations above, or ``nsigma_dark`` below, the
 amplifier's clipped mean -- in the master bias (noisy pixels: both signs), the master dark (hot
 pixels) and the stack of normalised flats (cold, dead and hot pixels). Then a column with at least
-``badOnAndOffPixelColumnThreshold`` bad pixels is filled between them except across gaps of
-``goodPixelColumnGapThreshold`` good pixels or more; optionally whole amplifier columns with
-``badPixelsToFillColumnThreshold`` bad pixels; optionally an edge border; and boxes edited by hand
+``bad_column_threshold`` bad pixels is filled between them except across gaps of
+``good_column_gap_threshold`` good pixels or more; optionally whole amplifier columns with
+``bad_pixels_to_fill_column_threshold`` bad pixels; optionally an edge border; and boxes edited by hand
 (:class:`ManualDefect`) valid at the calib date.
 """
 
@@ -20,11 +20,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .configmodel import ClipConfig
 from .errors import InputError
 from .isr import IsrConfig
 from .maskedimage import MASK_PLANES, MaskedImage
@@ -65,36 +66,37 @@ class ManualDefect(BaseModel):
                 and (self.valid_to is None or calib_date <= self.valid_to))
 
 
-class DefectsConfig(BaseModel):
+class DefectsConfig(ClipConfig):
     """Defects build (cp_pipe ``MeasureDefectsTaskConfig`` defaults; docs/algorithms.md#defects).
 
     Inputs are the night's raw flats, ISR'd with the certified bias and dark and each divided by
     its clipped mean; the certified bias and dark those flats used are tested too."""
 
     model_config = ConfigDict(extra="forbid")
+    reference_names: ClassVar[dict[str, str]] = {"nsigma_bright": "nSigmaBright", "nsigma_dark": "nSigmaDark", "nsigma": "clipSigma", "niter": "clipIter", "bad_column_threshold": "badOnAndOffPixelColumnThreshold", "good_column_gap_threshold": "goodPixelColumnGapThreshold", "bad_pixels_to_fill_column_threshold": "badPixelsToFillColumnThreshold", "edge_rows": "nPixBorderUpDown", "edge_columns": "nPixBorderLeftRight"}
 
-    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doDefect=False, doFlat=False, doFringe=False,
-                                                             usePtcGains=False))
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(do_defect=False, do_flat=False, do_fringe=False,
+                                                             use_ptc_gains=False))
     combine: CombineConfig = Field(default_factory=CombineConfig, description="stack of the normalised flats")
-    nSigmaBright: float = Field(4.8, gt=0, description="hot/bright pixels: clipped sigmas above the amp's "
+    nsigma_bright: float = Field(4.8, gt=0, description="hot/bright pixels: clipped sigmas above the amp's "
                                 "clipped mean (cp_pipe 4.8)")
-    nSigmaDark: float = Field(-5.0, lt=0, description="cold/dark pixels: clipped sigmas below it (cp_pipe -5.0)")
-    clipSigma: float = Field(3.0, gt=0, description="clip of the amp's mean and standard deviation (afw MEANCLIP)")
-    clipIter: int = Field(3, ge=1, description="clip passes")
+    nsigma_dark: float = Field(-5.0, lt=0, description="cold/dark pixels: clipped sigmas below it (cp_pipe -5.0)")
+    nsigma: float = Field(3.0, gt=0, description="clip of the amp's mean and standard deviation (afw MEANCLIP)")
+    niter: int = Field(3, ge=1, description="clip passes")
     use_bias: bool = Field(True, description="flag pixels of the master bias beyond the thresholds (both signs: "
                            "noisy pixels); the reference skips the bias in STDEV mode")
     use_dark: bool = Field(True, description="flag hot pixels of the master dark")
     use_flat: bool = Field(True, description="flag cold (and hot) pixels of the stack of normalised flats")
     flat_hot: bool = Field(True, description="also flag bright flat pixels (cp_pipe: flats give both signs)")
-    badOnAndOffPixelColumnThreshold: int = Field(50, ge=1, description="a column with at least this many bad "
+    bad_column_threshold: int = Field(50, ge=1, description="a column with at least this many bad "
                                                  "pixels is filled between them (cp_pipe 50)")
-    goodPixelColumnGapThreshold: int = Field(30, ge=1, description="... except across runs of this many good "
+    good_column_gap_threshold: int = Field(30, ge=1, description="... except across runs of this many good "
                                              "pixels (cp_pipe 30)")
-    badPixelsToFillColumnThreshold: int = Field(-1, description="an amplifier column with at least this many bad "
+    bad_pixels_to_fill_column_threshold: int = Field(-1, description="an amplifier column with at least this many bad "
                                                 "pixels is flagged whole; < 0 disables (cp_pipe -1)")
-    nPixBorderUpDown: int = Field(0, ge=0, description="rows at the top and bottom of each amp flagged EDGE "
+    edge_rows: int = Field(0, ge=0, description="rows at the top and bottom of each amp flagged EDGE "
                                   "(cp_pipe measure 0)")
-    nPixBorderLeftRight: int = Field(0, ge=0, description="columns at the sides of each amp flagged EDGE")
+    edge_columns: int = Field(0, ge=0, description="columns at the sides of each amp flagged EDGE")
     manual: list[ManualDefect] = Field(default_factory=list, description="boxes set by hand, merged in")
     manual_file: str | None = Field(None, description="YAML or JSON file of ManualDefect boxes, read at build "
                                     "time and merged in (its content is recorded in the product header)")
@@ -251,31 +253,31 @@ def measure_defects(amps: Sequence[AmpBox], *, bias: MaskedImage | None = None, 
         raise ValueError("measure_defects needs a bias, a dark or a flat")
     shape = images[0].shape
     origin = np.zeros(shape, np.int32)
-    kw = {"clip": config.clipSigma, "niter": config.clipIter}
+    kw = {"clip": config.nsigma, "niter": config.niter}
 
     def usable(mi: MaskedImage) -> np.ndarray:
         return (mi.mask & np.int32(MASK_PLANES.bit("NO_DATA"))) == 0
 
     if bias is not None and config.use_bias:
-        hot, cold = find_outliers(bias.image, amps, config.nSigmaBright, config.nSigmaDark, usable(bias), **kw)
+        hot, cold = find_outliers(bias.image, amps, config.nsigma_bright, config.nsigma_dark, usable(bias), **kw)
         origin[hot | cold] |= ORIGINS["BIAS"]
     if dark is not None and config.use_dark:
-        hot, _ = find_outliers(dark.image, amps, config.nSigmaBright, None, usable(dark), **kw)
+        hot, _ = find_outliers(dark.image, amps, config.nsigma_bright, None, usable(dark), **kw)
         origin[hot] |= ORIGINS["DARK"]
     if flat is not None and config.use_flat:
-        hot, cold = find_outliers(flat.image, amps, config.nSigmaBright if config.flat_hot else None,
-                                  config.nSigmaDark, usable(flat), **kw)
+        hot, cold = find_outliers(flat.image, amps, config.nsigma_bright if config.flat_hot else None,
+                                  config.nsigma_dark, usable(flat), **kw)
         # a flat pixel that no light reaches (non-finite after normalising, or exactly 0) is dead
         dead = ~np.isfinite(flat.image)
         origin[cold | dead] |= ORIGINS["FLAT_COLD"]
         origin[hot] |= ORIGINS["FLAT_HOT"]
     bad = origin != 0
-    added = complete_columns(bad, config.badOnAndOffPixelColumnThreshold, config.goodPixelColumnGapThreshold)
+    added = complete_columns(bad, config.bad_column_threshold, config.good_column_gap_threshold)
     bad |= added
-    added |= fill_columns(bad, amps, config.badPixelsToFillColumnThreshold)
+    added |= fill_columns(bad, amps, config.bad_pixels_to_fill_column_threshold)
     origin[added] |= ORIGINS["COLUMN"]
-    if config.nPixBorderUpDown or config.nPixBorderLeftRight:
-        origin[edge_border(shape, amps, config.nPixBorderUpDown, config.nPixBorderLeftRight)] |= ORIGINS["EDGE"]
+    if config.edge_rows or config.edge_columns:
+        origin[edge_border(shape, amps, config.edge_rows, config.edge_columns)] |= ORIGINS["EDGE"]
     boxes = list(config.manual) + list(manual)
     if boxes:
         origin[manual_mask(shape, boxes, detector, calib_date)] |= ORIGINS["MANUAL"]

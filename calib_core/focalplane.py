@@ -17,11 +17,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from typing import ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from .configmodel import ClipConfig
 from scipy import ndimage
 
 from .errors import DataError
 from .background import BackgroundModel, bin_centres, bin_edges, interpolate_1d, lookup_max_interp_style
+from .background import InterpStyle
 from .binstats import box_statistics
 from .camera import Camera, Detector
 from .maskedimage import MaskedImage, mask_bits
@@ -29,10 +34,11 @@ from .maskedimage import MaskedImage, mask_bits
 __all__ = ["FocalPlaneBackgroundConfig", "FocalPlaneBackground", "interpolate_bad_cells"]
 
 
-class FocalPlaneBackgroundConfig(BaseModel):
+class FocalPlaneBackgroundConfig(ClipConfig):
     """pipe_tasks FocalPlaneBackgroundConfig (docs/algorithms.md#focal-plane-background-legacy)."""
 
     model_config = ConfigDict(extra="forbid")
+    renamed_keys: ClassVar[dict[str, str]] = {"nsigma_clip": "nsigma", "n_iter": "niter"}
 
     x_size: float = Field(..., gt=0, description="cell size along focal-plane x, mm (required; "
                                                  "HSC 122.88 = 8192 px)")
@@ -45,15 +51,13 @@ class FocalPlaneBackgroundConfig(BaseModel):
     mask: list[str] = Field(
         default_factory=lambda: ["BAD", "SAT", "INTRP", "DETECTED", "DETECTED_NEGATIVE", "EDGE",
                                  "NO_DATA"], description="planes ignored in the cell statistics")
-    interpolation: str = Field("AKIMA_SPLINE", description="style for bad-cell filling and the "
+    interpolation: InterpStyle = Field("AKIMA_SPLINE", description="style for bad-cell filling and the "
                                                            "per-detector model; AKIMA_SPLINE")
     do_smooth: bool = Field(False, description="NaN-aware Gaussian smoothing of the cells; False")
     smooth_scale: float = Field(2.0, gt=0, description="smoothing sigma in cells; 2.0")
     binning: int = Field(64, ge=1, description="detector binning for to_detector_background; 64")
-    statistic: str = Field("MEANCLIP", description="cell statistic (MEANCLIP, MEAN, MEDIAN); the "
-                                                  "reference uses MEANCLIP")
-    nsigma_clip: float = Field(3.0, gt=0, description="MEANCLIP clip; 3.0")
-    n_iter: int = Field(3, ge=0, description="MEANCLIP passes; 3")
+    statistic: Literal["MEANCLIP", "MEAN", "MEDIAN"] = Field("MEANCLIP", description="cell statistic; the "
+                                                                    "reference uses MEANCLIP")
 
 
 class FocalPlaneBackground:
@@ -139,7 +143,7 @@ class FocalPlaneBackground:
         if not boxes:
             return
         st = box_statistics(masked_image.image, masked_image.mask, mask_bits(self.config.mask),
-                            np.array(boxes), self.config.statistic, self.config.nsigma_clip, self.config.n_iter)
+                            np.array(boxes), self.config.statistic, self.config.nsigma, self.config.niter)
         for (yy, xx), (mean, _, npoint, _) in zip(keep, st):
             if not (np.isfinite(mean) and npoint > 0):
                 continue

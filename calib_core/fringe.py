@@ -18,10 +18,12 @@ injected pattern, 23x its floor).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from .configmodel import ClipConfig
 
 from .background import BackgroundConfig, BackgroundModel, bin_edges, measure_background, n_bins
 from .binstats import box_statistics
@@ -33,15 +35,14 @@ from .stack import CombineConfig
 __all__ = ["FringeConfig", "FringeContinuumConfig", "FringeBuildConfig", "prepare_fringe", "remove_continuum"]
 
 
-class FringeConfig(BaseModel):
+class FringeConfig(ClipConfig):
     """FringeTask processing defaults (docs/algorithms.md#fringe-defaults)."""
 
     model_config = ConfigDict(extra="forbid")
+    renamed_keys: ClassVar[dict[str, str]] = {"clip": "nsigma", "n_iter": "niter"}
 
     stats_mask: list[str] = Field(default_factory=lambda: ["DETECTED", "BAD", "NO_DATA"],
                                   description="planes ignored in the background level (MEANCLIP)")
-    clip: float = Field(3.0, gt=0, description="MEANCLIP clip for the level; 3.0")
-    n_iter: int = Field(3, ge=0, description="MEANCLIP passes for the level; 3")
     subtract_background: BackgroundConfig = Field(
         default_factory=BackgroundConfig,
         description="SubtractBackgroundTask defaults: 128-px bins, MEANCLIP, AKIMA, "
@@ -78,7 +79,7 @@ def prepare_fringe(masked_image: MaskedImage, config: FringeConfig | None = None
     mi = masked_image.copy()
     h, w = mi.shape
     level = float(box_statistics(mi.image, mi.mask, mask_bits(cfg.stats_mask), [[0, h, 0, w]],
-                                 "MEANCLIP", cfg.clip, cfg.n_iter)[0, 0])
+                                 "MEANCLIP", cfg.nsigma, cfg.niter)[0, 0])
     if not (np.isfinite(level) and level > 0):
         raise ValueError(f"fringe preparation: background level {level!r} is not positive")
     model = measure_background(mi, cfg.subtract_background)
@@ -89,7 +90,7 @@ def prepare_fringe(masked_image: MaskedImage, config: FringeConfig | None = None
     return mi, level
 
 
-class FringeContinuumConfig(BaseModel):
+class FringeContinuumConfig(ClipConfig):
     """Removal of the sky continuum's pattern from the stacked fringe frame (:func:`remove_continuum`;
     not in the reference)."""
 
@@ -103,7 +104,8 @@ class FringeContinuumConfig(BaseModel):
         "NATURAL_SPLINE", description="interpolation through the bin centres (the sky frame's)")
     nsigma: float = Field(3.0, gt=0, description="per-bin clip of the inputs in the regression (sigma of each "
                                                  "input's bin mean, from its variance plane)")
-    n_iter: int = Field(3, ge=1, description="regression passes (the first admits every input)")
+    renamed_keys: ClassVar[dict[str, str]] = {"n_iter": "niter"}
+    niter: int = Field(3, ge=1, description="regression passes (the first admits every input)")
     mean_preserving_passes: int = Field(4, ge=0, description="passes that correct the spline's nodes until "
                                                             "its mean over each bin is the measured one; 0 = a "
                                                             "spline through the bin means at the bin centres")
@@ -233,7 +235,7 @@ def remove_continuum(frame: MaskedImage, inputs: Sequence, config: FringeContinu
                                        "cannot be told from the fringes"}
     keep = np.isfinite(ybin) & np.isfinite(vbin) & (vbin > 0)
     c = amp[:, None]
-    for _ in range(cfg.n_iter):
+    for _ in range(cfg.niter):
         w = np.where(keep, 1.0 / np.where(keep, vbin, 1.0), 0.0)
         yv = np.where(keep, ybin, 0.0)
         sw, sc, scc = w.sum(0), (w * c).sum(0), (w * c * c).sum(0)
@@ -288,13 +290,13 @@ def remove_continuum(frame: MaskedImage, inputs: Sequence, config: FringeContinu
 
 
 class FringeBuildConfig(BaseModel):
-    """Fringe build (docs/algorithms.md#fringe-build): ISR with bias, dark and flat (doFringe off), the
+    """Fringe build (docs/algorithms.md#fringe-build): ISR with bias, dark and flat (do_fringe off), the
     preparation above per input, a plain MEANCLIP stack without scaling that rejects DETECTED, then
     (calibflow, not the reference) the continuum's pattern removed from the stack."""
 
     model_config = ConfigDict(extra="forbid")
 
-    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doFringe=False))
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(do_fringe=False))
     fringe: FringeConfig = Field(default_factory=FringeConfig)
     combine: CombineConfig = Field(default_factory=CombineConfig)
     continuum: FringeContinuumConfig = Field(default_factory=FringeContinuumConfig)

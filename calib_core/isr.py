@@ -11,11 +11,12 @@ Units: the output image is in ADU (gains are only used for the variance).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from .configmodel import ConfigModel
 from .background import BackgroundConfig, measure_background
 from .errors import DataError
 from .maskedimage import MASK_PLANES, MaskedImage
@@ -29,40 +30,41 @@ class IsrError(DataError):
     """ISR cannot run: a missing calibration, a shape mismatch, a bad overscan."""
 
 
-class IsrConfig(BaseModel):
+class IsrConfig(ConfigModel):
     """Switches and parameters of :func:`run_isr` (ip_isr ``IsrTask`` defaults where they exist)."""
 
     model_config = ConfigDict(extra="forbid")
+    reference_names: ClassVar[dict[str, str]] = {"do_overscan": "doOverscan", "do_assemble": "doAssemble", "do_saturation": "doSaturation", "do_defect": "doDefect", "use_ptc_gains": "usePtcGains", "do_bias": "doBias", "do_variance": "doVariance", "do_dark": "doDark", "do_flat": "doFlat", "do_fringe": "doFringe", "fringe_after_flat": "fringeAfterFlat", "overscan_fit_type": "overscanFitType", "overscan_order": "overscanOrder", "overscan_nsigma": "overscanNumSigmaClip", "overscan_niter": "overscanNumIter", "fringe_mask": "fringeMask", "do_interpolate": "doInterpolate", "mask_list_to_interpolate": "maskListToInterpolate", "interpolate_along": "interpolateAlong"}
 
-    doOverscan: bool = Field(True, description="subtract the overscan level per amplifier")
-    doAssemble: bool = Field(True, description="trim and assemble the amplifiers into the detector; "
+    do_overscan: bool = Field(True, description="subtract the overscan level per amplifier")
+    do_assemble: bool = Field(True, description="trim and assemble the amplifiers into the detector; "
                              "if False the output keeps the raw HDU geometry (one HDU per detector only)")
-    doSaturation: bool = Field(True, description="flag SAT where the raw ADU >= the amp's saturation")
-    doDefect: bool = Field(True, description="flag BAD where the certified defects mask (if one exists) is set")
-    usePtcGains: bool = Field(True, description="gains and read noises of the certified PTC product (where one "
+    do_saturation: bool = Field(True, description="flag SAT where the raw ADU >= the amp's saturation")
+    do_defect: bool = Field(True, description="flag BAD where the certified defects mask (if one exists) is set")
+    use_ptc_gains: bool = Field(True, description="gains and read noises of the certified PTC product (where one "
                               "exists) instead of the camera file's, for the variance plane")
-    doBias: bool = Field(True, description="subtract the master bias (MaskedImage subtraction)")
-    doVariance: bool = Field(True, description="variance = max(image,0)/gain + (read_noise/gain)**2, ADU**2")
-    doDark: bool = Field(True, description="subtract the dark scaled by darktime / dark's darktime")
-    doFlat: bool = Field(True, description="divide by the flat")
-    doFringe: bool = Field(False, description="subtract a scaled fringe frame")
-    fringeAfterFlat: bool = Field(True, description="subtract the fringe after flat-fielding (ip_isr default "
+    do_bias: bool = Field(True, description="subtract the master bias (MaskedImage subtraction)")
+    do_variance: bool = Field(True, description="variance = max(image,0)/gain + (read_noise/gain)**2, ADU**2")
+    do_dark: bool = Field(True, description="subtract the dark scaled by darktime / dark's darktime")
+    do_flat: bool = Field(True, description="divide by the flat")
+    do_fringe: bool = Field(False, description="subtract a scaled fringe frame")
+    fringe_after_flat: bool = Field(True, description="subtract the fringe after flat-fielding (ip_isr default "
                                   "True: fringe frames are built from flat-fielded images)")
-    overscanFitType: Literal["MEDIAN", "MEAN", "MEANCLIP", "MEDIAN_PER_ROW", "MEAN_PER_ROW", "POLY"] = Field(
+    overscan_fit_type: Literal["MEDIAN", "MEAN", "MEANCLIP", "MEDIAN_PER_ROW", "MEAN_PER_ROW", "POLY"] = Field(
         "MEDIAN", description="overscan statistic: one level per amp, one per row (column for "
                               "parallel overscans), or a polynomial along the readout")
-    overscanOrder: int = Field(1, ge=0, le=10, description="POLY order")
-    overscanNumSigmaClip: float = Field(3.0, gt=0, description="MEANCLIP clip (sigma)")
-    overscanNumIter: int = Field(3, ge=1, description="MEANCLIP passes")
-    fringeMask: list[str] = Field(["BAD", "SAT", "DETECTED", "NO_DATA", "CR"],
+    overscan_order: int = Field(1, ge=0, le=10, description="POLY order")
+    overscan_nsigma: float = Field(3.0, gt=0, description="MEANCLIP clip (sigma)")
+    overscan_niter: int = Field(3, ge=1, description="MEANCLIP passes")
+    fringe_mask: list[str] = Field(["BAD", "SAT", "DETECTED", "NO_DATA", "CR"],
                                   description="planes excluded from the fringe scale fit")
-    doInterpolate: bool = Field(False, description="at the end of ISR, replace the pixels of "
-                                "maskListToInterpolate (and any non-finite pixel, flagged BAD) by linear "
-                                "interpolation along their row, flagged INTRP (ip_isr doInterpolate); "
+    do_interpolate: bool = Field(False, description="at the end of ISR, replace the pixels of "
+                                "mask_list_to_interpolate (and any non-finite pixel, flagged BAD) by linear "
+                                "interpolation along their row, flagged INTRP (ip_isr do_interpolate); "
                                 "the sky build and apply-sky switch it on")
-    maskListToInterpolate: list[str] = Field(["BAD"], description="planes interpolated over; SAT is "
+    mask_list_to_interpolate: list[str] = Field(["BAD"], description="planes interpolated over; SAT is "
                                              "left alone so saturated stars stay bright for detection")
-    interpolateAlong: Literal["row", "column", "shorter"] = Field(
+    interpolate_along: Literal["row", "column", "shorter"] = Field(
         "row", description="bridge a bad pixel along its row (ip_isr's default), its column, or whichever "
                            "of the two crosses the shorter run of bad pixels (a bad row along columns)")
 
@@ -72,11 +74,11 @@ def _overscan_profile(amp: RawAmp, config: IsrConfig, path: str) -> np.ndarray:
     profile broadcastable against ``amp.data``."""
     over = amp.overscan
     if over is None or over.size == 0:
-        raise IsrError(f"{path}: amplifier {amp.name} has no overscan region but doOverscan is set")
+        raise IsrError(f"{path}: amplifier {amp.name} has no overscan region but do_overscan is set")
     over = np.asarray(over, dtype=np.float64)
     # saturated overscan pixels (bleed trails) are not part of the level
     over = np.where(over >= amp.saturation, np.nan, over)
-    fit = config.overscanFitType
+    fit = config.overscan_fit_type
     if fit in ("MEDIAN", "MEAN", "MEANCLIP"):
         good = over[np.isfinite(over)]
         if good.size == 0:
@@ -85,8 +87,8 @@ def _overscan_profile(amp: RawAmp, config: IsrConfig, path: str) -> np.ndarray:
             return np.array(np.median(good))
         if fit == "MEAN":
             return np.array(good.mean())
-        return np.array(clipped_mean(good, nsigma=config.overscanNumSigmaClip,
-                                     niter=config.overscanNumIter).mean)
+        return np.array(clipped_mean(good, nsigma=config.overscan_nsigma,
+                                     niter=config.overscan_niter).mean)
 
     axis = amp.overscan_axis          # 1: overscan columns -> one value per row
     import warnings
@@ -103,12 +105,12 @@ def _overscan_profile(amp: RawAmp, config: IsrConfig, path: str) -> np.ndarray:
     dcoord = np.arange(n_raw)[d_sl]
     good = np.isfinite(values)
     if fit == "POLY":
-        if good.sum() <= config.overscanOrder:
+        if good.sum() <= config.overscan_order:
             raise IsrError(f"{path}: amplifier {amp.name}: too few overscan rows for a POLY "
-                           f"of order {config.overscanOrder}")
+                           f"of order {config.overscan_order}")
         # fit in a centred, scaled coordinate for conditioning
         c0, cs = ocoord.mean(), max(1.0, (ocoord.max() - ocoord.min()) / 2)
-        coef = np.polynomial.polynomial.polyfit((ocoord[good] - c0) / cs, values[good], config.overscanOrder)
+        coef = np.polynomial.polynomial.polyfit((ocoord[good] - c0) / cs, values[good], config.overscan_order)
         prof = np.polynomial.polynomial.polyval((dcoord - c0) / cs, coef)
     else:
         lookup = dict(zip(ocoord.tolist(), values.tolist()))
@@ -134,8 +136,8 @@ def overscan_correction(amp: RawAmp, config: IsrConfig | None = None, path: str 
     amp : RawAmp
         ``overscan_axis`` 1 means overscan columns (a level per row), 0 overscan rows (per column).
     config : IsrConfig, optional
-        ``overscanFitType``: MEDIAN (default), MEAN, MEANCLIP (a single level); MEDIAN_PER_ROW,
-        MEAN_PER_ROW (one level per row/column); POLY (polynomial of ``overscanOrder`` fitted to the
+        ``overscan_fit_type``: MEDIAN (default), MEAN, MEANCLIP (a single level); MEDIAN_PER_ROW,
+        MEAN_PER_ROW (one level per row/column); POLY (polynomial of ``overscan_order`` fitted to the
         per-row medians along the readout).
     path : str
         For error messages.
@@ -235,7 +237,7 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
     bias, dark, flat, fringe : MaskedImage or array (ny, nx), optional
         Calibrations in assembled detector geometry. Required when their step is on.
     darktime : float, optional
-        Dark time of this exposure (s); required for ``doDark``.
+        Dark time of this exposure (s); required for ``do_dark``.
     defects : array (ny, nx), optional
         Nonzero where a pixel is defective; flagged BAD.
     dark_darktime : float, default 1.0
@@ -252,16 +254,16 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
     -------
     MaskedImage
         float32 image (ADU), int32 mask (SAT, BAD, and the calibrations' masks ORed in), float32
-        variance (ADU**2, zero when ``doVariance`` is off).
+        variance (ADU**2, zero when ``do_variance`` is off).
     """
     config = config or IsrConfig()
     path = path or str(raw_detector.header.get("FILENAME", raw_detector.detector.name))
     amps = raw_detector.amps
-    if config.doAssemble:
+    if config.do_assemble:
         shape = tuple(raw_detector.shape)
     else:
         if any(a.raw is not amps[0].raw for a in amps):
-            raise IsrError(f"{path}: doAssemble=False needs all amplifiers in one HDU")
+            raise IsrError(f"{path}: do_assemble=False needs all amplifiers in one HDU")
         shape = amps[0].raw.shape
     image = np.zeros(shape, np.float32)
     mask = np.zeros(shape, np.int32)
@@ -270,9 +272,9 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
     sat_bit = MASK_PLANES.bit("SAT")
     placed = np.zeros(shape, bool)
     for amp in amps:
-        data = overscan_correction(amp, config, path) if config.doOverscan else np.asarray(amp.data, np.float32)
-        sat = np.asarray(amp.data) >= amp.saturation if config.doSaturation else None
-        if config.doAssemble:
+        data = overscan_correction(amp, config, path) if config.do_overscan else np.asarray(amp.data, np.float32)
+        sat = np.asarray(amp.data) >= amp.saturation if config.do_saturation else None
+        if config.do_assemble:
             dest = amp.det_slices
             if amp.flip_x:
                 data = data[:, ::-1]
@@ -282,7 +284,7 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
                 sat = None if sat is None else sat[::-1, :]
         else:
             dest = amp.data_slices
-            if not config.doOverscan:
+            if not config.do_overscan:
                 image[:] = amps[0].raw  # keep overscan pixels visible in the raw geometry
         if image[dest].shape != data.shape:
             raise IsrError(f"{path}: amplifier {amp.name} data {data.shape} does not fit its place "
@@ -293,54 +295,54 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
             mask[dest] |= np.where(sat, np.int32(sat_bit), np.int32(0))
         gain[dest] = (gains or {}).get(amp.name, amp.gain)
         rn[dest] = (read_noises or {}).get(amp.name, amp.read_noise)
-    if config.doAssemble and not placed.all():
+    if config.do_assemble and not placed.all():
         mask[~placed] |= np.int32(MASK_PLANES.bit("NO_DATA"))
     mi = MaskedImage(image, mask, np.zeros(shape, np.float32))
 
-    if config.doDefect and defects is not None:
+    if config.do_defect and defects is not None:
         defects = np.asarray(defects)
         if defects.shape != shape:
             raise IsrError(f"{path}: defect mask has shape {defects.shape}, detector is {shape}")
         mi.mask[defects != 0] |= np.int32(MASK_PLANES.bit("BAD"))
 
-    if config.doBias:
+    if config.do_bias:
         if bias is None:
-            raise IsrError(f"{path}: doBias is set but no bias was given")
+            raise IsrError(f"{path}: do_bias is set but no bias was given")
         mi -= _calib_image(bias, shape, "bias", path)
 
-    if config.doVariance:
+    if config.do_variance:
         # ip_isr updateVariance: image/gain + (rn/gain)**2 in ADU**2, per amp. The Poisson term
         # uses the bias-subtracted signal (clipped at 0); the master bias's variance, added by the
         # subtraction above, is kept (ip_isr overwrites it).
         mi.variance += np.maximum(mi.image, 0) / gain + (rn / gain) ** 2
 
-    if config.doDark:
+    if config.do_dark:
         if dark is None:
-            raise IsrError(f"{path}: doDark is set but no dark was given")
+            raise IsrError(f"{path}: do_dark is set but no dark was given")
         if darktime is None or not math.isfinite(darktime):
-            raise IsrError(f"{path}: doDark needs the exposure's dark time, got {darktime!r}")
+            raise IsrError(f"{path}: do_dark needs the exposure's dark time, got {darktime!r}")
         if not (math.isfinite(dark_darktime) and dark_darktime > 0):
             raise IsrError(f"{path}: the dark's dark time must be > 0, got {dark_darktime!r}")
         mi.scaled_minus(darktime / dark_darktime, _calib_image(dark, shape, "dark", path))
 
     def defringe():
         if fringe is None:
-            raise IsrError(f"{path}: doFringe is set but no fringe frame was given")
+            raise IsrError(f"{path}: do_fringe is set but no fringe frame was given")
         fr = _calib_image(fringe, shape, "fringe", path)
         scale = fringe_scale if fringe_scale is not None else fit_fringe_scale(
-            mi, fr, MASK_PLANES.bits(config.fringeMask))
+            mi, fr, MASK_PLANES.bits(config.fringe_mask))
         mi.scaled_minus(scale, fr)
 
-    if config.doFringe and not config.fringeAfterFlat:
+    if config.do_fringe and not config.fringe_after_flat:
         defringe()
-    if config.doFlat:
+    if config.do_flat:
         if flat is None:
-            raise IsrError(f"{path}: doFlat is set but no flat was given")
+            raise IsrError(f"{path}: do_flat is set but no flat was given")
         mi.divide_by(_calib_image(flat, shape, "flat", path))
-    if config.doFringe and config.fringeAfterFlat:
+    if config.do_fringe and config.fringe_after_flat:
         defringe()
-    if config.doInterpolate:
-        interpolate_over(mi, MASK_PLANES.bits(config.maskListToInterpolate), config.interpolateAlong)
+    if config.do_interpolate:
+        interpolate_over(mi, MASK_PLANES.bits(config.mask_list_to_interpolate), config.interpolate_along)
     return mi
 
 

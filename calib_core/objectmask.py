@@ -49,7 +49,7 @@ class DetectionConfig(BaseModel):
 
     sigma: float = Field(5.0, gt=0, description="Gaussian smoothing sigma in pixels "
                                                 "(MaskObjects detectSigma 5.0)")
-    threshold: float = Field(2.5, gt=0, description="threshold in sigma of the smoothed image's noise; 2.5")
+    threshold: float = Field(2.5, gt=0, description="threshold in sigma of the smoothed image's noise")
     threshold_type: Literal["noise", "stdev"] = Field(
         "noise", description="what 'sigma' is: 'noise' = the noise of the smoothed image, from the variance "
                              "plane (or, without one, a robust estimate from differences of neighbouring "
@@ -57,7 +57,7 @@ class DetectionConfig(BaseModel):
                              "clipped standard deviation of the smoothed image itself, which structure "
                              "in the image (a sky pattern, fringes) inflates, so only features well above "
                              "that structure are detected (the fringe preparation wants exactly that)")
-    n_sigma_to_grow: float = Field(2.4, ge=0, description="footprint growth in units of sigma; 2.4")
+    n_sigma_to_grow: float = Field(2.4, ge=0, description="footprint growth in units of sigma")
     binning: int | Literal["auto"] = Field("auto", description="detect on a b x b binned image; 'auto' "
                                                             "picks 4 for sigma>=4, 2 for >=2, else 1")
     polarity: Literal["positive", "both"] = Field(
@@ -73,7 +73,7 @@ class MaskObjectsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_iter: int = Field(3, ge=1, description="detection iterations; 3")
+    n_iter: int = Field(3, ge=1, description="detection iterations")
     subtract_background: BackgroundConfig = Field(
         default_factory=lambda: BackgroundConfig(bin_size=1024, use_approx=False),
         description="background removed before each detection: 1024-px bins, MEANCLIP, AKIMA, "
@@ -87,7 +87,7 @@ class MaskObjectsConfig(BaseModel):
                     "each region a positive noise excursion, biasing every bin low by a varying amount "
                     "several times a sky frame's floor. Above 5 sigma: 2.4e-8 per px^2, none per CCD")
     do_interpolate: bool = Field(True, description="replace masked pixels by a smooth background "
-                                                   "and clear DETECTED; True")
+                                                   "and clear DETECTED")
     interpolate: BackgroundConfig = Field(
         default_factory=lambda: BackgroundConfig(bin_size=256, use_approx=False),
         description="the replacement background: 256-px bins, no approximation")

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from .configmodel import ClipConfig
 from .errors import DataError
 from .isr import IsrConfig
 from .maskedimage import MASK_PLANES, MaskedImage
@@ -39,30 +40,31 @@ __all__ = ["PtcConfig", "PairStats", "AmpPtc", "pair_stats", "overscan_noise", "
 FIT_TYPES = ("auto", "SINGLE", "LINEAR", "EXPAPPROXIMATION")
 
 
-class PtcConfig(BaseModel):
+class PtcConfig(ClipConfig):
     """PTC build (cp_pipe ``PhotonTransferCurveExtractConfig`` / ``SolveConfig`` defaults where they exist)."""
 
     model_config = ConfigDict(extra="forbid")
+    reference_names: ClassVar[dict[str, str]] = {"mask_planes": "maskPlanes", "match_exposures_by": "matchExposuresBy", "max_saturated_fraction": "maxSaturatedFraction", "min_good_pixels": "minNumberGoodPixels", "niter": "nIterSigmaClipPtc", "nsigma": "nSigmaClipPtc", "ptc_fit_type": "ptcFitType", "turnoff_drop": "turnoffDrop"}
 
     # the certified defects are masked where one exists: a dead or low column has less variance than
     # its mean implies and would bias the gain high (by its share of the pixels)
-    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doDark=False, doFlat=False, doFringe=False,
-                                                             usePtcGains=False))
-    nSigmaClipPtc: float = Field(5.5, gt=0, description="clip of the means and of the difference's variance "
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(do_dark=False, do_flat=False, do_fringe=False,
+                                                             use_ptc_gains=False))
+    nsigma: float = Field(5.5, gt=0, description="clip of the means and of the difference's variance "
                                  "(cp_pipe 5.5)")
-    nIterSigmaClipPtc: int = Field(3, ge=1, description="clip passes (cp_pipe 3)")
-    minNumberGoodPixels: int = Field(10000, ge=1, description="fewest good pixels of an amp in a pair for the "
+    niter: int = Field(3, ge=1, description="clip passes (cp_pipe 3)")
+    min_good_pixels: int = Field(10000, ge=1, description="fewest good pixels of an amp in a pair for the "
                                      "pair to count (cp_pipe minNumberGoodPixelsForCovariance 10000)")
-    matchExposuresBy: Literal["EXPTIME"] = Field("EXPTIME", description="flats are paired by exposure time "
+    match_exposures_by: Literal["EXPTIME"] = Field("EXPTIME", description="flats are paired by exposure time "
                                                  "(and filter), in exposure order (cp_pipe matchExposuresType)")
-    ptcFitType: Literal["auto", "SINGLE", "LINEAR", "EXPAPPROXIMATION"] = Field(
+    ptc_fit_type: Literal["auto", "SINGLE", "LINEAR", "EXPAPPROXIMATION"] = Field(
         "auto", description="auto: SINGLE for one exposure time, LINEAR for two or three, EXPAPPROXIMATION "
                             "(cp_pipe default) for four or more")
-    maskPlanes: list[str] = Field(["SAT", "BAD", "NO_DATA"], description="pixels not used")
-    turnoffDrop: float = Field(0.25, gt=0, lt=1, description="the turnoff: the first mean whose (variance - "
+    mask_planes: list[str] = Field(["SAT", "BAD", "NO_DATA"], description="pixels not used")
+    turnoff_drop: float = Field(0.25, gt=0, lt=1, description="the turnoff: the first mean whose (variance - "
                                "read noise) / mean falls this fraction below that of the lower half of the points "
                                "(calibflow's rule, docs/algorithms.md#photon-transfer-curve)")
-    maxSaturatedFraction: float = Field(0.001, ge=0, le=1, description="a pair where more of an amp's pixels "
+    max_saturated_fraction: float = Field(0.001, ge=0, le=1, description="a pair where more of an amp's pixels "
                                         "are saturated is above the turnoff for that amp")
 
 
@@ -141,7 +143,7 @@ def pair_stats(im1: MaskedImage, im2: MaskedImage, amps: Sequence[tuple], exptim
     exptime : float
     """
     config = config or PtcConfig()
-    ignore = np.int32(MASK_PLANES.bits(config.maskPlanes))
+    ignore = np.int32(MASK_PLANES.bits(config.mask_planes))
     sat_bit = np.int32(MASK_PLANES.bit("SAT"))
     out = []
     for name, y0, y1, x0, x1 in amps:
@@ -150,10 +152,10 @@ def pair_stats(im1: MaskedImage, im2: MaskedImage, amps: Sequence[tuple], exptim
         m = im1.mask[y0:y1, x0:x1] | im2.mask[y0:y1, x0:x1]
         good = ((m & ignore) == 0) & np.isfinite(a) & np.isfinite(b)
         sat = float(((m & sat_bit) != 0).mean())
-        if good.sum() < config.minNumberGoodPixels:
+        if good.sum() < config.min_good_pixels:
             out.append(PairStats(name, exptime, math.nan, math.nan, math.nan, int(good.sum()), sat, exposures))
             continue
-        kw = {"nsigma": config.nSigmaClipPtc, "niter": config.nIterSigmaClipPtc}
+        kw = {"nsigma": config.nsigma, "niter": config.niter}
         mu1 = clipped_mean(a[good], **kw).mean
         mu2 = clipped_mean(b[good], **kw).mean
         mu = 0.5 * (mu1 + mu2)
@@ -208,12 +210,12 @@ def fit_ptc(points: Sequence[PairStats], overscan_noise_adu: float, config: PtcC
                  key=lambda p: p.mu)
     if not pts:
         amp = points[0].amp if points else "?"
-        raise DataError(f"PTC amplifier {amp}: no flat pair with {config.minNumberGoodPixels} good pixels")
+        raise DataError(f"PTC amplifier {amp}: no flat pair with {config.min_good_pixels} good pixels")
     amp = pts[0].amp
     n_os = overscan_noise_adu ** 2 if np.isfinite(overscan_noise_adu) else 0.0
-    used = _turnoff(pts, n_os, config.turnoffDrop)
+    used = _turnoff(pts, n_os, config.turnoff_drop)
     for i, p in enumerate(pts):
-        if p.saturated > config.maxSaturatedFraction:
+        if p.saturated > config.max_saturated_fraction:
             used[i:] = [False] * (len(pts) - i)
             break
     if not any(used):
@@ -223,7 +225,7 @@ def fit_ptc(points: Sequence[PairStats], overscan_noise_adu: float, config: PtcC
     var = np.array([p.var for p in u])
     err = np.array([p.var_err for p in u])
     levels = len({round(p.exptime, 6) for p in u})
-    fit = config.ptcFitType
+    fit = config.ptc_fit_type
     if fit == "auto":
         fit = "SINGLE" if levels == 1 else ("LINEAR" if levels < 4 else "EXPAPPROXIMATION")
     if fit in ("LINEAR", "EXPAPPROXIMATION") and len(u) < (2 if fit == "LINEAR" else 3):

@@ -49,10 +49,12 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from .configmodel import ClipConfig
 
 from .errors import DataError
 from .background import BackgroundConfig, BackgroundModel, bin_centres, measure_background
@@ -79,14 +81,13 @@ def _sky_background_default() -> BackgroundConfig:
                                                  "NO_DATA", "INTRP"])
 
 
-class SkyStatsConfig(BaseModel):
+class SkyStatsConfig(ClipConfig):
     """Statistics of the scale samples (pipe_tasks SkyStatsConfig)."""
 
     model_config = ConfigDict(extra="forbid")
+    renamed_keys: ClassVar[dict[str, str]] = {"clip": "nsigma", "n_iter": "niter"}
 
     statistic: Literal["MEANCLIP", "MEAN", "MEDIAN"] = Field("MEANCLIP", description="box statistic")
-    clip: float = Field(3.0, gt=0, description="clip half-width in sigma; 3.0")
-    n_iter: int = Field(3, ge=0, description="clip passes; 3")
     mask: list[str] = Field(default_factory=lambda: ["SAT", "DETECTED", "DETECTED_NEGATIVE", "BAD",
                                                      "NO_DATA"], description="planes ignored")
 
@@ -96,28 +97,29 @@ class SkyMeasurementConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sky_iter: int = Field(3, ge=1, description="rejection rounds in solve_scales; 3")
-    sky_rej: float = Field(3.0, gt=0, description="rejection threshold (sigma) in solve_scales; 3.0")
+    sky_iter: int = Field(3, ge=1, description="rejection rounds in solve_scales")
+    sky_rej: float = Field(3.0, gt=0, description="rejection threshold (sigma) in solve_scales")
     background: BackgroundConfig = Field(
         default_factory=_sky_background_default,
         description="binned model: 32-px bins, nx = max(int(W/32+0.5), 1), MEANCLIP, "
                     "NATURAL_SPLINE, no approximation, mask SAT/BAD/EDGE/DETECTED/"
                     "DETECTED_NEGATIVE/NO_DATA/INTRP")
-    x_num_samples: int = Field(4, ge=1, description="scale samples along x per detector (measure_scale); 4")
-    y_num_samples: int = Field(4, ge=1, description="scale samples along y per detector (measure_scale); 4")
+    x_num_samples: int = Field(4, ge=1, description="scale samples along x per detector (measure_scale)")
+    y_num_samples: int = Field(4, ge=1, description="scale samples along y per detector (measure_scale)")
     stats: SkyStatsConfig = Field(default_factory=SkyStatsConfig)
 
 
-class LargeScaleConfig(BaseModel):
+class LargeScaleConfig(ClipConfig):
     """Each exposure's large-scale illumination: a polynomial surface over the focal plane."""
 
     model_config = ConfigDict(extra="forbid")
+    renamed_keys: ClassVar[dict[str, str]] = {"clip": "nsigma", "n_clip": "niter"}
 
     order: int = Field(2, ge=0, le=6, description="total order of the polynomial in focal-plane (u, v); 2 "
                                                   "follows linear and quadratic (moonlight) gradients")
-    clip: float = Field(4.0, gt=0, description="bins further than this many robust sigma from the surface "
-                                               "are left out of its fit; 4.0")
-    n_clip: int = Field(3, ge=0, description="clip passes of the surface fit; 3")
+    nsigma: float = Field(4.0, gt=0, description="bins further than this many robust sigma from the surface "
+                                               "are left out of its fit")
+    niter: int = Field(3, ge=0, description="clip passes of the surface fit")
 
 
 class ExposureRejectionConfig(BaseModel):
@@ -126,22 +128,22 @@ class ExposureRejectionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(True, description="apply the cut; True")
+    enabled: bool = Field(True, description="apply the cut")
     max_excess: float = Field(0.002, gt=0, description="reject when the RMS of the residual against the per-bin "
                                                        "median of all exposures, less the bins' noise in "
-                                                       "quadrature, exceeds this fraction of the sky; 0.002")
+                                                       "quadrature, exceeds this fraction of the sky")
     outlier_sigma: float = Field(5.0, gt=0, description="a bin is an outlier beyond this many sigma of its "
-                                                        "noise from the per-bin median; 5")
+                                                        "noise from the per-bin median")
     max_outlier_fraction: float = Field(0.02, gt=0, le=1, description="reject when more than this fraction of the "
-                                                                      "exposure's bins are outliers; 0.02")
-    min_outlier_bins: int = Field(4, ge=1, description="... and at least this many; 4")
+                                                                      "exposure's bins are outliers")
+    min_outlier_bins: int = Field(4, ge=1, description="... and at least this many")
     max_lost_bins: float = Field(0.05, gt=0, le=1, description="reject when masking left the exposure this fraction "
                                                               "fewer usable bins than the night's median exposure "
-                                                              "(a trail, glow or cloud detected as objects); 0.05")
-    min_exposures: int = Field(3, ge=1, description="never reject when fewer exposures; 3")
+                                                              "(a trail, glow or cloud detected as objects)")
+    min_exposures: int = Field(3, ge=1, description="never reject when fewer exposures")
     max_rejected_fraction: float = Field(
         0.5, gt=0, le=1, description="a cut that would reject more than this fraction of the exposures is not "
-                                     "applied: the build never makes a frame from the few left; 0.5")
+                                     "applied: the build never makes a frame from the few left")
     on_mass_rejection: Literal["warn", "fail"] = Field(
         "warn", description="what such a cut does: 'warn' builds from every exposure and records the refused "
                             "cut with its reasons (logged as a warning, kept in the result and the product's "
@@ -160,17 +162,17 @@ class SkyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(doFringe=True, doInterpolate=True))
+    isr: IsrConfig = Field(default_factory=lambda: IsrConfig(do_fringe=True, do_interpolate=True))
     large_scale: LargeScaleConfig = Field(default_factory=LargeScaleConfig)
     sky: SkyMeasurementConfig = Field(default_factory=SkyMeasurementConfig)
     mask: MaskObjectsConfig = Field(default_factory=MaskObjectsConfig)
-    do_mask_objects: bool = Field(True, description="run object masking; True")
+    do_mask_objects: bool = Field(True, description="run object masking")
     keep_detected: bool = Field(
         True, description="re-flag the detected pixels DETECTED after their replacement so the binned "
                           "models ignore them (not in the reference, which clears DETECTED and averages "
                           "the smooth replacement values into the sky frame)")
     rejection: ExposureRejectionConfig = Field(default_factory=ExposureRejectionConfig)
-    n_iter: int = Field(3, ge=1, description="alternations of the per-exposure surfaces and the frame; 3")
+    n_iter: int = Field(3, ge=1, description="alternations of the per-exposure surfaces and the frame")
     n_passes: int = Field(
         2, ge=1, le=3, description="build passes; 2. The first, without object masking, gives a guiding sky; the "
                                    "second detects objects down to the noise on each image minus that sky, so faint "
@@ -327,14 +329,14 @@ def fit_surface(camera: Camera, models: Mapping[int, BackgroundModel], config: L
     keep = np.ones(val.size, bool)
     sw = np.sqrt(w)
     coef = None
-    for it in range(cfg.n_clip + 1):
+    for it in range(cfg.niter + 1):
         coef, *_ = np.linalg.lstsq(A[keep] * sw[keep, None], val[keep] * sw[keep], rcond=None)
-        if it == cfg.n_clip:
+        if it == cfg.niter:
             break
         r = val - A @ coef
         med = np.median(r[keep])
         sig = 1.4826 * np.median(np.abs(r[keep] - med))
-        new = np.abs(r - med) <= cfg.clip * sig if sig > 0 else keep
+        new = np.abs(r - med) <= cfg.nsigma * sig if sig > 0 else keep
         if new.sum() < A.shape[1] or np.array_equal(new, keep):
             break
         keep = new
@@ -690,9 +692,9 @@ def measure_scale(masked_image: MaskedImage, sky_image: np.ndarray,
                       for i, j in itertools.product(range(xl.size - 1), range(yl.size - 1))])
     st = cfg.stats
     img = box_statistics(masked_image.image, masked_image.mask, mask_bits(st.mask), boxes, st.statistic,
-                         st.clip, st.n_iter)[:, 0]
-    sky = box_statistics(np.asarray(sky_image, np.float32), None, 0, boxes, st.statistic, st.clip,
-                         st.n_iter)[:, 0]
+                         st.nsigma, st.niter)[:, 0]
+    sky = box_statistics(np.asarray(sky_image, np.float32), None, 0, boxes, st.statistic, st.nsigma,
+                         st.niter)[:, 0]
     return img, sky
 
 

@@ -19,8 +19,9 @@ import os
 from typing import Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from .configmodel import ClipConfig
 from .maskedimage import MASK_PLANES, MaskedImage
 from .products import ProductError, RowReader
 from .stats import stack_statistic
@@ -28,15 +29,13 @@ from .stats import stack_statistic
 __all__ = ["CombineConfig", "stack_arrays", "stack_files", "fill_nans", "rows_per_block"]
 
 
-class CombineConfig(BaseModel):
+class CombineConfig(ClipConfig):
     """How to combine a stack (pipe_drivers ``CalibCombineConfig`` / cp_pipe ``CalibCombineConfig``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     statistic: Literal["MEANCLIP", "MEAN", "MEDIAN", "SIGMACLIP", "MINMAX"] = Field(
         "MEANCLIP", description="per-pixel statistic")
-    nsigma: float = Field(3.0, gt=0, description="clip half-width (sigma) for MEANCLIP and SIGMACLIP")
-    niter: int = Field(3, ge=0, description="clip passes (MEANCLIP) / max iterations (SIGMACLIP)")
     nlow: int = Field(1, ge=0, description="MINMAX: lowest values rejected per pixel")
     nhigh: int = Field(1, ge=0, description="MINMAX: highest values rejected per pixel")
     mask: list[str] = Field(["SAT", "DETECTED", "INTRP"],

@@ -50,13 +50,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Annotated, Mapping
+from typing import ClassVar, Annotated, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from scipy.special import ndtri
 from scipy.stats import rankdata
 
+from .configmodel import ConfigModel
 from .background import BackgroundModel, bin_centres
 from .camera import Camera
 
@@ -64,7 +65,7 @@ __all__ = ["StreakConfig", "Streak", "BinnedFocalPlane", "bin_anomalies", "find_
            "streak_reason"]
 
 
-class StreakConfig(BaseModel):
+class StreakConfig(ConfigModel):
     """The straight-strip (satellite trail) rule of the sky build's exposure rejection; not in the
     reference. Lengths are in bin pitches (32 px with the sky build's defaults)."""
 
@@ -77,9 +78,10 @@ class StreakConfig(BaseModel):
                                                     "of its pieces); 5.0. On 37 simulated nights "
                                                     "(bench/results/streak_rejection*.md) trails scored "
                                                     "6.5-27.5, good exposures at most 2.9, glows at most 4.0")
-    clip: float = Field(3.0, gt=0, description="per-bin significances are clipped at this many sigma, so one "
+    renamed_keys: ClassVar[dict[str, str]] = {"clip": "max_significance"}
+    max_significance: float = Field(3.0, gt=0, description="per-bin significances are capped at this many sigma, so one "
                                                "bin a galaxy masked weighs no more than a bin the trail "
-                                               "crosses; 3.0")
+                                               "crosses")
     width_bins: list[Annotated[float, Field(gt=0)]] = Field(
         [2.0, 4.0], min_length=1, description="widths of the strip tried (bin pitches): the bins whose centres "
                                               "lie within half of one from the line; [2, 4] (a trail's masked "
@@ -89,16 +91,16 @@ class StreakConfig(BaseModel):
                                                            "side, and counts only where both hold bins; 8.0, "
                                                            "beyond the masked band of a trail with bright "
                                                            "wings. None: no comparison")
-    segment_bins: float = Field(6.0, gt=0, description="length of a piece of the strip (bin pitches); 6.0")
+    segment_bins: float = Field(6.0, gt=0, description="length of a piece of the strip (bin pitches)")
     coherent_fraction: float = Field(0.67, gt=0, le=1, description="the score sums the weakest this fraction "
                                                                    "of the line's pieces, so the signal must "
                                                                    "run along about this much of its chord "
-                                                                   "across the focal plane; 0.67")
+                                                                   "across the focal plane")
     min_detectors: int = Field(2, ge=1, description="the line must be significant on at least this many "
                                                     "detectors (a bleed column or a galaxy is on one); 2. "
                                                     "A single-detector camera needs 1")
     min_detector_score: float = Field(3.0, gt=0, description="significance (sigma) of the line's bins on a "
-                                                             "detector for that detector to count; 3.0")
+                                                             "detector for that detector to count")
     angle_step_deg: float | None = Field(None, gt=0, description="Hough angle step (deg); None: the strip moves "
                                                                  "by a quarter of its width over the focal "
                                                                  "plane's radius")
@@ -248,14 +250,14 @@ def bin_anomalies(camera: Camera, residuals: Mapping[object, Mapping[object, Bac
                 rr = (m.values.astype(np.float64) - r_med[d]) / noise
             r[d] = np.where((npd >= 0.2 * n_typ) & np.isfinite(rr), rr, np.nan)
         fmaps[e], rmaps[e] = _centred(f), _centred(r)
-    fz, rz = _gaussianise(fmaps, cfg.clip), _gaussianise(rmaps, cfg.clip)
+    fz, rz = _gaussianise(fmaps, cfg.max_significance), _gaussianise(rmaps, cfg.max_significance)
     for e in exps:       # an exposure noisier than the night (a cloud) is judged against its own spread
         for z in (fz[e], rz[e]):
             s = max(_lower_sigma(np.concatenate([a.ravel() for a in z.values()])), 1.0)
             for d in z:
                 z[d] = z[d] / s
     both = {e: {d: np.fmax(fz[e][d], rz[e][d]) for d in fz[e]} for e in exps}
-    qz = _gaussianise(both, cfg.clip)
+    qz = _gaussianise(both, cfg.max_significance)
     out = {}
     for e in exps:
         ds = [d for d in dets if d in residuals[e]]

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .configmodel import ClipConfig
 from .maskedimage import MASK_PLANES, MaskedImage
 from .rawio import RawDetector
 from .stats import clipped_mean
@@ -47,7 +48,7 @@ class ScreenConfig(BaseModel):
                                   "(input - master) above this many times what white noise gives")
 
 
-class VerifyConfig(BaseModel):
+class VerifyConfig(ClipConfig):
     """Thresholds of the verification gate (cp_verify's defaults, docs/algorithms.md#verification-thresholds).
 
     Not part of a product's identity: changing a threshold re-judges, it does not rebuild."""
@@ -55,8 +56,6 @@ class VerifyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="verify before certifying; off: every product is certified as built")
-    nsigma: float = Field(3.0, gt=0, description="clip (sigma) of the clipped mean and noise")
-    niter: int = Field(3, ge=1, description="clip passes")
     noise_tolerance: float = Field(0.05, ge=0, description="bias/dark NOISE: (noise - read noise) / read noise "
                                    "at most this")
     cr_noise_tolerance: float = Field(0.05, ge=0, description="bias/dark CR_NOISE: |noise - noise after cosmic-ray "

@@ -527,7 +527,14 @@ def _load_config(calib_type: str, config_file: Optional[Path] = None, sets: Opti
         _fail(f"unknown calib type {calib_type!r}; choose one of {', '.join(CONFIG_MODELS)}")
     config = raw_config if raw_config is not None else _read_config(config_file, sets)
     from calib_core.camera import effective_config
+    from calib_core.configmodel import upgrade_keys
 
+    # keys renamed by the naming rule (docs/architecture.md#config-naming) still work for a release:
+    # say so once here, and hand the flow (and its run parameters) the new names only
+    config, renamed = upgrade_keys(CONFIG_MODELS[calib_type], config)
+    for old_key, new_key in renamed:
+        err.print(f"[yellow]warning:[/] config key {escape(old_key)} is renamed {escape(new_key)}; the old name "
+                  f"is accepted until the next release", highlight=False, soft_wrap=True)
     try:
         effective_config(CONFIG_MODELS[calib_type], None, config)
     except ValidationError as exc:

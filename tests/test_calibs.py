@@ -245,12 +245,12 @@ def _raws(night, obs_type, filt=None):
 
 
 # per-row overscan: the simulator adds a per-exposure row drift common to data and overscan
-ISR_ROWS = dict(overscanFitType="MEDIAN_PER_ROW")
+ISR_ROWS = dict(overscan_fit_type="MEDIAN_PER_ROW")
 
 
 @pytest.fixture(scope="module")
 def master_biases(night, tmp_path_factory):
-    cfg = BiasConfig(isr=IsrConfig(doBias=False, doDark=False, doFlat=False, **ISR_ROWS))
+    cfg = BiasConfig(isr=IsrConfig(do_bias=False, do_dark=False, do_flat=False, **ISR_ROWS))
     raws = _raws(night, "bias")
     out = tmp_path_factory.mktemp("bias")
     masters = {}
@@ -289,7 +289,7 @@ def test_master_dark_recovers_truth_and_removes_cosmic_rays(night, master_biases
     (~0.005 ADU/s), plus the bias master's noise / t. Tolerances: the CCD-mean rate within 5 sigma
     of the mean (sigma_i / sqrt(npix)); hot pixels within 6 sigma_i (Poisson included); no pixel
     beyond 8 sigma_i (a missed 2500 e- cosmic ray would be ~200 sigma)."""
-    cfg = DarkConfig(isr=IsrConfig(doDark=False, doFlat=False, **ISR_ROWS))
+    cfg = DarkConfig(isr=IsrConfig(do_dark=False, do_flat=False, **ISR_ROWS))
     raws = _raws(night, "dark")
     t = raws[0][0].darktime
     for det in night.camera.detectors[:4]:
@@ -322,7 +322,7 @@ def test_master_flat_recovers_truth(night, master_biases, tmp_path):
     pixels), and the flat of every CCD must have the same ratio to the truth (the overall
     normalisation is the only free constant: mean of C_i = 1 vs mean of R = 1 over the pixels)."""
     cam = night.camera
-    cfg = FlatConfig(isr=IsrConfig(doDark=False, doFlat=False, **ISR_ROWS))
+    cfg = FlatConfig(isr=IsrConfig(do_dark=False, do_flat=False, **ISR_ROWS))
     raws = _raws(night, "flat", "r")
     B = np.zeros((len(cam.detectors), len(raws)))
     post = {}

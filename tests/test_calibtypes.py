@@ -66,7 +66,7 @@ def test_a_mistyped_choice_is_refused_at_validation(name):
     model = CALIB_TYPES[name].config_model
     dumped = model().model_dump(mode="json")
     checked = 0
-    for key in ("statistic", "overscanFitType", "algorithm", "undersample_style", "ptcFitType"):
+    for key in ("statistic", "overscan_fit_type", "algorithm", "undersample_style", "ptc_fit_type"):
         for path in _paths(dumped, key):
             bad = dumped
             for p in path[:-1]:

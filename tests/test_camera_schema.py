@@ -51,12 +51,12 @@ def test_camera_isr_defaults_reach_isr(tmp_path):
     raw_path = _drifting_bias(tmp_path / "b1.fits")
     plain = load_camera(_write(tmp_path, CAM))
     per_row = load_camera(_write(tmp_path, CAM + "isr:\n  overscan_fit_type: MEDIAN_PER_ROW\n", "cam2.yaml"))
-    assert per_row.isr == {"overscanFitType": "MEDIAN_PER_ROW"}
+    assert per_row.isr == {"overscan_fit_type": "MEDIAN_PER_ROW"}
     assert plain.content_hash != per_row.content_hash
 
     cfg = effective_config(BiasConfig, per_row, None)
-    assert cfg.isr.overscanFitType == "MEDIAN_PER_ROW"
-    assert cfg.isr.doBias is False           # the bias type's own switches stay
+    assert cfg.isr.overscan_fit_type == "MEDIAN_PER_ROW"
+    assert cfg.isr.do_bias is False           # the bias type's own switches stay
     out = process_bias(read_raw(raw_path, per_row).detectors[0], cfg).image
     assert np.abs(out).max() < 1e-3
 
@@ -66,18 +66,18 @@ def test_camera_isr_defaults_reach_isr(tmp_path):
 
 
 def test_build_config_wins_over_camera_isr(tmp_path):
-    cam = load_camera(_write(tmp_path, CAM + "isr:\n  overscanFitType: MEAN\n  doDefect: false\n"))
-    cfg = effective_config(DarkConfig, cam, {"isr": {"overscanFitType": "POLY"}})
-    assert cfg.isr.overscanFitType == "POLY"      # the build's setting
-    assert cfg.isr.doDefect is False              # the camera's
-    assert cfg.isr.doDark is False and cfg.isr.doBias is True   # the dark type's
+    cam = load_camera(_write(tmp_path, CAM + "isr:\n  overscan_fit_type: MEAN\n  do_defect: false\n"))
+    cfg = effective_config(DarkConfig, cam, {"isr": {"overscan_fit_type": "POLY"}})
+    assert cfg.isr.overscan_fit_type == "POLY"      # the build's setting
+    assert cfg.isr.do_defect is False              # the camera's
+    assert cfg.isr.do_dark is False and cfg.isr.do_bias is True   # the dark type's
 
 
 @pytest.mark.parametrize("isr, message", [
     ("  overscanFitTyp: MEAN\n", "isr: Value error, unknown ISR setting 'overscanFitTyp'; did you mean "
-                                 "'overscanFitType'?"),
-    ("  overscan_fit_typ: MEAN\n", "did you mean 'overscanFitType'?"),
-    ("  overscanFitType: PER_ROW\n", "isr"),
+                                 "'overscan_fit_type'?"),
+    ("  overscan_fit_typ: MEAN\n", "did you mean 'overscan_fit_type'?"),
+    ("  overscan_fit_type: PER_ROW\n", "isr"),
 ])
 def test_camera_isr_errors_name_file_and_field(tmp_path, isr, message):
     path = _write(tmp_path, CAM + "isr:\n" + isr)
@@ -189,15 +189,15 @@ def test_deployment_form_values_left_at_the_defaults_take_the_camera_isr(tmp_pat
     defaults override the camera's ISR defaults."""
     from deployments.build import _changed
 
-    cam = load_camera(_write(tmp_path, CAM + "isr:\n  overscanFitType: MEDIAN_PER_ROW\n"))
+    cam = load_camera(_write(tmp_path, CAM + "isr:\n  overscan_fit_type: MEDIAN_PER_ROW\n"))
     form = BiasConfig().model_dump(mode="json")
     form["combine"]["statistic"] = "MEDIAN"
     changed = _changed(form, BiasConfig().model_dump(mode="json"))
     assert changed == {"combine": {"statistic": "MEDIAN"}}
     cfg = effective_config(BiasConfig, cam, changed)
-    assert cfg.isr.overscanFitType == "MEDIAN_PER_ROW" and cfg.combine.statistic == "MEDIAN"
-    form["isr"]["overscanFitType"] = "MEAN"       # chosen in the form: wins over the camera
-    assert effective_config(BiasConfig, cam, _changed(form, BiasConfig().model_dump(mode="json"))).isr.overscanFitType \
+    assert cfg.isr.overscan_fit_type == "MEDIAN_PER_ROW" and cfg.combine.statistic == "MEDIAN"
+    form["isr"]["overscan_fit_type"] = "MEAN"       # chosen in the form: wins over the camera
+    assert effective_config(BiasConfig, cam, _changed(form, BiasConfig().model_dump(mode="json"))).isr.overscan_fit_type \
         == "MEAN"
 
 

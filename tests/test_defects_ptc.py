@@ -82,7 +82,7 @@ def test_measure_defects_keeps_every_origin_and_applies_manual_boxes_by_date(tmp
                    "valid_from: 2026-01-01, valid_to: 2026-12-31, reason: scratch}\n"
                    "- {x0: 0, y0: 199, width: 200, height: 1, valid_to: 2025-12-31}\n")
     manual = load_manual_defects(box)
-    cfg = DefectsConfig(nPixBorderLeftRight=1)
+    cfg = DefectsConfig(edge_columns=1)
     origin = measure_defects(AMPS, bias=bias, dark=dark, flat=flat, config=cfg, detector=3,
                              calib_date=dt.date(2026, 6, 1), manual=manual)
     assert origin[5, 5] & ORIGINS["BIAS"] and origin[6, 6] & ORIGINS["DARK"]
@@ -369,7 +369,7 @@ def kast_ptc():
 
     cam = load_camera("lick_kast_blue")
     master = combine_bias([process_bias(read_raw(KAST / f"b{i}.fits.gz", cam).detectors[0]) for i in range(14, 24)])
-    isr = IsrConfig(doDark=False, doFlat=False, doDefect=False, usePtcGains=False)
+    isr = IsrConfig(do_dark=False, do_flat=False, do_defect=False, use_ptc_gains=False)
     flats, noise = {}, {"A": [], "B": []}
     for i in range(3, 13):
         rd = read_raw(KAST / f"b{i}.fits.gz", cam).detectors[0]
@@ -382,7 +382,7 @@ def kast_ptc():
         for st in pair_stats(flats[i], flats[i + 1], boxes, 15.0, PtcConfig(), (f"b{i}", f"b{i + 1}")):
             points[st.amp].append(st)
     os_noise = {a: float(np.median(v)) for a, v in noise.items()}
-    fits_ = {a: fit_ptc(points[a], os_noise[a], PtcConfig(ptcFitType="LINEAR")) for a in points}
+    fits_ = {a: fit_ptc(points[a], os_noise[a], PtcConfig(ptc_fit_type="LINEAR")) for a in points}
     return fits_, points, os_noise, flats
 
 

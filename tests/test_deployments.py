@@ -88,10 +88,10 @@ def test_build_form_is_the_config_model(calib_type):
 
 def test_bias_form_defaults_differ_from_plain_isr_defaults():
     """A bias build must not subtract a bias: the form's default carries BiasConfig's ISR switches,
-    not IsrConfig's (where doBias is on)."""
+    not IsrConfig's (where do_bias is on)."""
     default = _schema(BUILD_FLOWS["bias"])["properties"]["config"]["default"]
-    assert default["isr"]["doBias"] is False and default["isr"]["doDark"] is False
-    assert _schema(BUILD_FLOWS["dark"])["properties"]["config"]["default"]["isr"]["doBias"] is True
+    assert default["isr"]["do_bias"] is False and default["isr"]["do_dark"] is False
+    assert _schema(BUILD_FLOWS["dark"])["properties"]["config"]["default"]["isr"]["do_bias"] is True
 
 
 def test_resolve_repo_like_the_cli(tmp_path, monkeypatch):

@@ -63,13 +63,13 @@ def truth_image(seed=0):
     return rng.uniform(0, 500, (NY, 2 * NXA)).astype(np.float32)
 
 
-ONLY_OVERSCAN = dict(doBias=False, doDark=False, doFlat=False, doVariance=False)
+ONLY_OVERSCAN = dict(do_bias=False, do_dark=False, do_flat=False, do_variance=False)
 
 
 @pytest.mark.parametrize("fit", ["MEDIAN", "MEAN", "MEANCLIP"])
 def test_scalar_overscan_and_assembly_with_flip(fit):
     truth = truth_image()
-    mi = run_isr(make_raw(truth), IsrConfig(overscanFitType=fit, **ONLY_OVERSCAN))
+    mi = run_isr(make_raw(truth), IsrConfig(overscan_fit_type=fit, **ONLY_OVERSCAN))
     np.testing.assert_allclose(mi.image, truth, atol=1e-3)
     assert mi.image.dtype == np.float32 and mi.mask.dtype == np.int32 and not mi.mask.any()
 
@@ -78,17 +78,17 @@ def test_scalar_overscan_and_assembly_with_flip(fit):
 def test_per_row_overscan_removes_row_drift(fit):
     truth = truth_image(1)
     drift = 5 * np.sin(np.arange(NY) / 3.0)
-    mi = run_isr(make_raw(truth, drift), IsrConfig(overscanFitType=fit, **ONLY_OVERSCAN))
+    mi = run_isr(make_raw(truth, drift), IsrConfig(overscan_fit_type=fit, **ONLY_OVERSCAN))
     np.testing.assert_allclose(mi.image, truth, atol=1e-3)
     # a scalar fit leaves the drift in
-    flat = run_isr(make_raw(truth, drift), IsrConfig(overscanFitType="MEDIAN", **ONLY_OVERSCAN))
+    flat = run_isr(make_raw(truth, drift), IsrConfig(overscan_fit_type="MEDIAN", **ONLY_OVERSCAN))
     assert np.abs(flat.image - truth).max() > 1.0
 
 
 def test_poly_overscan_follows_a_linear_drift():
     truth = truth_image(2)
     drift = 0.7 * np.arange(NY) - 3.0
-    mi = run_isr(make_raw(truth, drift), IsrConfig(overscanFitType="POLY", overscanOrder=1, **ONLY_OVERSCAN))
+    mi = run_isr(make_raw(truth, drift), IsrConfig(overscan_fit_type="POLY", overscan_order=1, **ONLY_OVERSCAN))
     np.testing.assert_allclose(mi.image, truth, atol=1e-3)
 
 
@@ -96,7 +96,7 @@ def test_overscan_rows_give_per_column_levels():
     truth = truth_image(3)
     drift = np.linspace(-4, 4, 2 * NXA)
     mi = run_isr(make_raw(truth, drift, overscan_rows=True),
-                 IsrConfig(overscanFitType="MEDIAN_PER_ROW", **ONLY_OVERSCAN))
+                 IsrConfig(overscan_fit_type="MEDIAN_PER_ROW", **ONLY_OVERSCAN))
     np.testing.assert_allclose(mi.image, truth, atol=1e-3)
 
 
@@ -104,8 +104,8 @@ def test_meanclip_overscan_ignores_a_hot_column():
     truth = truth_image(4)
     raw = make_raw(truth, noise_rng=np.random.default_rng(0))
     raw.amps[0].raw[:, NXA] += 500.0   # a bad overscan column of amp A
-    med = overscan_correction(raw.amps[0], IsrConfig(overscanFitType="MEANCLIP"))
-    mean = overscan_correction(raw.amps[0], IsrConfig(overscanFitType="MEAN"))
+    med = overscan_correction(raw.amps[0], IsrConfig(overscan_fit_type="MEANCLIP"))
+    mean = overscan_correction(raw.amps[0], IsrConfig(overscan_fit_type="MEAN"))
     assert abs(float(np.mean(med - truth[:, :NXA]))) < 1.5
     assert float(np.mean(mean - truth[:, :NXA])) < -50
 
@@ -122,7 +122,7 @@ def test_saturation_is_flagged_from_raw_adu():
 def test_variance_per_amplifier():
     truth = truth_image(6)
     truth[0, 0] = -20.0   # negative signal: Poisson term clipped at 0
-    mi = run_isr(make_raw(truth), IsrConfig(doBias=False, doDark=False, doFlat=False))
+    mi = run_isr(make_raw(truth), IsrConfig(do_bias=False, do_dark=False, do_flat=False))
     g = np.where(np.arange(2 * NXA) < NXA, GAINS[0], GAINS[1])[None, :]
     rn = np.where(np.arange(2 * NXA) < NXA, RNS[0], RNS[1])[None, :]
     expected = np.maximum(truth, 0) / g + (rn / g) ** 2
@@ -140,7 +140,7 @@ def test_bias_dark_flat_fringe_chain_and_propagation():
     fringe = MaskedImage(rng.normal(0, 1, shape), np.zeros(shape, np.int32), np.zeros(shape))
     darktime, fscale = 30.0, 4.0
     raw_signal = truth + bias.image + darktime * dark.image + fscale * fringe.image
-    config = IsrConfig(doFringe=True, fringeAfterFlat=False)
+    config = IsrConfig(do_fringe=True, fringe_after_flat=False)
     mi = run_isr(make_raw(raw_signal.astype(np.float32)), config, bias=bias, dark=dark, flat=flat,
                  fringe=fringe, darktime=darktime, fringe_scale=fscale)
     np.testing.assert_allclose(mi.image, truth / flat.image, rtol=1e-5)
@@ -159,9 +159,9 @@ def test_bias_dark_flat_fringe_chain_and_propagation():
     mi2 = run_isr(make_raw(raw_sky.astype(np.float32)), config, bias=bias, dark=dark, flat=flat,
                   fringe=fringe, darktime=darktime)
     np.testing.assert_allclose(mi2.image, sky / flat.image, rtol=1e-4)
-    # the default (ip_isr fringeAfterFlat): the fringe frame is in flat-fielded units
+    # the default (ip_isr fringe_after_flat): the fringe frame is in flat-fielded units
     raw_after = (sky + fscale * fringe.image) * flat.image + bias.image + darktime * dark.image
-    mi3 = run_isr(make_raw(raw_after.astype(np.float32)), IsrConfig(doFringe=True), bias=bias, dark=dark,
+    mi3 = run_isr(make_raw(raw_after.astype(np.float32)), IsrConfig(do_fringe=True), bias=bias, dark=dark,
                   flat=flat, fringe=fringe, darktime=darktime)
     np.testing.assert_allclose(mi3.image, sky, rtol=1e-4)
 
@@ -179,25 +179,25 @@ def test_dark_scaling_uses_dark_darktime():
     truth = truth_image(9)
     dark = MaskedImage.from_image(np.ones(truth.shape, np.float32))
     raw = make_raw(truth + 60.0)
-    mi = run_isr(raw, IsrConfig(doBias=False, doFlat=False, doVariance=False), dark=dark, darktime=120.0,
+    mi = run_isr(raw, IsrConfig(do_bias=False, do_flat=False, do_variance=False), dark=dark, darktime=120.0,
                  dark_darktime=2.0)
     np.testing.assert_allclose(mi.image, truth, atol=1e-3)
 
 
 def test_missing_calibrations_and_bad_shapes_are_clear_errors():
     raw = make_raw(truth_image())
-    with pytest.raises(IsrError, match="doBias is set but no bias"):
-        run_isr(raw, IsrConfig(doDark=False, doFlat=False))
+    with pytest.raises(IsrError, match="do_bias is set but no bias"):
+        run_isr(raw, IsrConfig(do_dark=False, do_flat=False))
     with pytest.raises(IsrError, match="bias has shape"):
-        run_isr(raw, IsrConfig(doDark=False, doFlat=False), bias=np.zeros((3, 3)), path="raw1.fits")
+        run_isr(raw, IsrConfig(do_dark=False, do_flat=False), bias=np.zeros((3, 3)), path="raw1.fits")
     with pytest.raises(IsrError, match="dark time"):
-        run_isr(raw, IsrConfig(doBias=False, doFlat=False), dark=np.zeros(raw.shape))
+        run_isr(raw, IsrConfig(do_bias=False, do_flat=False), dark=np.zeros(raw.shape))
     with pytest.raises(IsrError, match="no flat"):
-        run_isr(raw, IsrConfig(doBias=False, doDark=False))
+        run_isr(raw, IsrConfig(do_bias=False, do_dark=False))
     with pytest.raises(IsrError, match="defect mask"):
         run_isr(raw, IsrConfig(**ONLY_OVERSCAN), defects=np.zeros((2, 2)))
     with pytest.raises(ValueError):
-        IsrConfig(overscanFitType="SPLINE")
+        IsrConfig(overscan_fit_type="SPLINE")
 
 
 def test_defects_and_unassembled_output():
@@ -207,7 +207,7 @@ def test_defects_and_unassembled_output():
     mi = run_isr(make_raw(truth), IsrConfig(**ONLY_OVERSCAN), defects=defects)
     assert mi.mask[4, 5] == BAD
     raw = make_raw(truth)
-    un = run_isr(raw, IsrConfig(doAssemble=False, **ONLY_OVERSCAN))
+    un = run_isr(raw, IsrConfig(do_assemble=False, **ONLY_OVERSCAN))
     assert un.shape == raw.amps[0].raw.shape
     np.testing.assert_allclose(un.image[:, :NXA], truth[:, :NXA], atol=1e-3)
 

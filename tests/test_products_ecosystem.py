@@ -45,7 +45,7 @@ from calib_core.simulate import simulate_night
 from calib_core.sky import average_backgrounds, measure_sky_background
 
 NIGHT = "2026-11-20"
-ISR_ROWS = dict(overscanFitType="MEDIAN_PER_ROW")     # the simulator's per-row drift (test_calibs)
+ISR_ROWS = dict(overscan_fit_type="MEDIAN_PER_ROW")     # the simulator's per-row drift (test_calibs)
 
 
 def _cards(calib_type, det_id, exposures, extra=None):
@@ -80,7 +80,7 @@ def _make_products(root):
     out.mkdir()
     made = {"night": night, "camera": cam, "dir": root, "paths": {}, "data": {}}
 
-    bias_cfg = BiasConfig(isr=IsrConfig(doBias=False, doDark=False, doFlat=False, **ISR_ROWS))
+    bias_cfg = BiasConfig(isr=IsrConfig(do_bias=False, do_dark=False, do_flat=False, **ISR_ROWS))
     biases = {d.id: combine_bias([process_bias(r.detectors[d.id], bias_cfg) for _, r in raws["bias"]], bias_cfg)
               for d in cam.detectors}
     bias_ids = {}
@@ -91,7 +91,7 @@ def _make_products(root):
     made["data"]["bias"] = biases[0]
 
     # dark: as the build, through intermediate files whose hot pixels lose their CR flag before the combine
-    dark_cfg = DarkConfig(isr=IsrConfig(doDark=False, doFlat=False, **ISR_ROWS))
+    dark_cfg = DarkConfig(isr=IsrConfig(do_dark=False, do_flat=False, **ISR_ROWS))
     work = root / "work"
     work.mkdir()
     inputs = [write_product(work / f"dark{k}.fits", process_dark(r.detectors[0], biases[0], e.darktime, dark_cfg),
@@ -104,7 +104,7 @@ def _make_products(root):
     made["paths"][("dark", 0)] = write_calib_product(out / "dark.fits", "dark", dark, cards, cam, 0)
     made["data"]["dark"] = dark
 
-    flat_cfg = FlatConfig(isr=IsrConfig(doDark=False, doFlat=False, **ISR_ROWS))
+    flat_cfg = FlatConfig(isr=IsrConfig(do_dark=False, do_flat=False, **ISR_ROWS))
     post = {d.id: [process_flat(r.detectors[d.id], biases[d.id], config=flat_cfg) for _, r in raws["flat"]]
             for d in cam.detectors}
     sol = solve_flat_scales(np.array([[lv.mean for _, lv in post[d.id]] for d in cam.detectors]))

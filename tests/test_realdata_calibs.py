@@ -91,7 +91,7 @@ def test_kast_blue_flat_from_11_dome_flats():
     flats = [r for r in all_raws if r.metadata.obs_type == "flat" and r.metadata.exptime == 15.0]
     assert len(flats) == 11
     bias = combine_bias([process_bias(r.detectors[0]) for r in biases])
-    cfg = FlatConfig(isr=IsrConfig(doDark=False, doFlat=False))
+    cfg = FlatConfig(isr=IsrConfig(do_dark=False, do_flat=False))
     posts, levels = [], []
     for r in flats:
         mi, level = process_flat(r.detectors[0], bias, config=cfg)

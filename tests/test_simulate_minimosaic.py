@@ -116,7 +116,7 @@ def test_bias_and_flat_assemble_to_the_truth(night):
     lamp = night.exposure_truth(e.exposure_id)["lamp_level"]
     rbar = night.flat_reference("r")
     raw = read_raw(e.path, cam)
-    cfg = IsrConfig(doDark=False, doFlat=False, overscanFitType="MEDIAN_PER_ROW")
+    cfg = IsrConfig(do_dark=False, do_flat=False, overscan_fit_type="MEDIAN_PER_ROW")
     for det in cam.detectors:
         rd = raw.detectors[det.id]
         mi = run_isr(rd, cfg, bias=night.truth_bias(det.id))
