@@ -27,7 +27,7 @@ __all__ = ["trend", "write_trend", "focal_plane_map", "write_night_report", "rep
 
 #: the metric a night report trends and maps for each type
 DEFAULT_METRICS = {"bias": "read_noise", "dark": "dark_current", "flat": "flat_level", "fringe": "level",
-                   "sky": "level"}
+                   "sky": "structure_ratio"}
 #: what each metric is, with its unit
 TREND_METRICS = {
     "read_noise": "noise of a bias/dark-corrected frame of the kind, e-",
@@ -41,6 +41,12 @@ TREND_METRICS = {
     "mean": "mean of the test frame with the product applied, e-",
     "level": "product's median level",
     "bad_fraction": "share of flagged pixels (bins)",
+    "structure_ratio": "held-out structure above noise without / with the sky frame",
+    "structure_before": "held-out structure above noise without the sky frame, fraction of the sky",
+    "structure_after": "held-out structure above noise with the sky frame, fraction of the sky",
+    "structure_noise": "RMS measured bin noise of the held-out residuals, fraction of the sky",
+    "focal_plane_structure_ratio": "held-out structure ratio over the whole focal plane",
+    "sky_scale": "median fitted scale of the sky frame on the held-out exposures",
 }
 
 
@@ -61,6 +67,12 @@ def _limits(calib_type: str, metric: str, rows: list[dict], cfg: VerifyConfig) -
                         "check": "OVERSCAN_NOISE"})
             out.append({"detector": d, "amp": a, "kind": "min", "value": rn * (1 - cfg.overscan_noise_tolerance),
                         "check": "OVERSCAN_NOISE"})
+    elif metric == "structure_ratio" and calib_type == "sky":
+        out.append({"detector": None, "amp": None, "kind": "min", "value": cfg.sky_min_improvement,
+                    "check": "STRUCTURE"})
+    elif metric == "sky_scale" and calib_type == "sky":
+        for kind, value in (("min", 1 - cfg.sky_scale_tolerance), ("max", 1 + cfg.sky_scale_tolerance)):
+            out.append({"detector": None, "amp": None, "kind": kind, "value": value, "check": "SCALE"})
     elif metric == "bad_fraction":
         out.append({"detector": None, "amp": None, "kind": "max", "value": cfg.max_bad_fraction,
                     "check": "BAD_FRACTION"})
@@ -174,7 +186,7 @@ def focal_plane_map(camera: Camera, values: Mapping[tuple[int, str], float], tit
     cmap = plt.get_cmap("viridis")
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
     for d, a, (x0, x1, y0, y1) in boxes:
-        v = values.get((d, a))
+        v = values.get((d, a), values.get((d, "*")))     # a detector-wide value colours each of its amps
         if v is None and a == "*":      # a detector drawn whole: the mean of its amplifiers' values
             amps = [x for (dd, aa), x in values.items() if dd == d and x is not None and math.isfinite(x)]
             v = float(sum(amps) / len(amps)) if amps else None

@@ -681,7 +681,8 @@ def report(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD
 @app.command()
 def trend(calib_type: str = typer.Option(..., "--type", help="bias, dark, flat, fringe, sky"),
           metric: str = typer.Option(..., "--metric", help="read_noise, bias_level, dark_current, flat_level, noise, "
-                                     "overscan_noise, ... (see docs/algorithms.md#verification-metrics)"),
+                                     "overscan_noise, structure_ratio (sky), ... (see "
+                                     "docs/algorithms.md#verification-metrics)"),
           detector: Optional[int] = typer.Option(None, "--detector", help="[default: every detector]"),
           filter: Optional[str] = typer.Option(None, "--filter", help="[default: every filter]"),
           camera: Optional[str] = typer.Option(None, "--camera", help="[default: the only camera the registry has]"),

@@ -256,12 +256,12 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
     ctx = ctx.model_copy(update={"build_run_id": run_id})
     try:
         with task_runner as tr:
-            products, dropped, processed = _run_stages(ctx, plan, cfg, tr, log, detectors_per_task)
+            products, dropped, processed, residuals = _run_stages(ctx, plan, cfg, tr, log, detectors_per_task)
     except BaseException as exc:
         finish_build_run(registry, run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
     created = sum(p["created"] for p in products)
-    products = _settle(registry, ctx, products, log)
+    products = _settle(registry, ctx, products, log, residuals)
     summary = _report(ctx, cam, products, store, log, artifacts)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
@@ -310,9 +310,11 @@ def detector_batches(detectors: list[int], n_exposures: int, parallelism: int,
 
 
 def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = None
-                ) -> tuple[list[dict], dict[str, str], list[dict]]:
-    """process -> scale -> combine; returns the products, every exposure left out (with why) and
-    the per-(exposure, detector) results."""
+                ) -> tuple[list[dict], dict[str, str], list[dict], dict]:
+    """process -> scale -> combine; returns the products, every exposure left out (with why), the
+    per-(exposure, detector) results and the sky build's binned residuals of the exposures used
+    (``{exposure: {detector: path}}``; empty for the other types), which its verification scores
+    the frame on."""
     calib_type, spec = ctx.calib_type, ctx.spec
     # process: mapped tasks over (exposure, group of detectors)
     batches = detector_batches(plan.detectors, len(plan.exposures), _parallelism(tr), per_task)
@@ -343,7 +345,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
                          key=lambda p: order.index(p["exposure_id"])) for d in plan.detectors}
 
     # scale: the barrier
-    exp_scales, ccd_scales = None, {}
+    exp_scales, ccd_scales, residuals = None, {}, {}
     if spec.barrier == "flat_scales":
         import numpy as np
 
@@ -355,13 +357,16 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
         ccd_scales = {d: float(c) for d, c in zip(plan.detectors, scales.ccd_scales)}
     elif spec.barrier == "sky_passes":
         per_det = _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task)
+        for d, items in per_det.items():
+            for it in items:
+                residuals.setdefault(it["exposure_id"], {})[d] = it["residual"]
 
     # combine + write, one task per detector
     combos = [tr.submit(combine_detector, {"ctx": ctx, "detector": d, "items": per_det[d], "exposures": plan.exposures,
                                            "exp_scales": exp_scales, "ccd_scale": ccd_scales.get(d),
                                            "dropped": dropped, "excluded": excluded})
               for d in plan.detectors]
-    return _gather(combos, ctx, "combine", log), dropped, processed
+    return _gather(combos, ctx, "combine", log), dropped, processed, residuals
 
 
 def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=None) -> dict:
@@ -406,23 +411,26 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
     return out
 
 
-def _settle(registry, ctx: BuildContext, products: list[dict], log) -> list[dict]:
+def _settle(registry, ctx: BuildContext, products: list[dict], log, residuals: dict | None = None) -> list[dict]:
     """The verification gate's decision (docs/architecture.md#verification-and-certification): the
-    checks across detectors (a flat's detector-to-detector scatter) join each product's own, and the
-    candidates that passed everything are certified; returns the products as now registered."""
+    checks across detectors (a flat's detector-to-detector scatter; a sky frame's held-out structure,
+    scored on ``residuals``, when this run built it) join each product's own, and the candidates that
+    passed everything are certified; returns the products as now registered."""
     from calib_core.registry.calibs import settle_candidates
     from calib_core.verify import detector_scatter_checks
 
-    extra = {}
+    extra, extra_metrics = {}, {}
+    cfg = VerifyConfig.model_validate(ctx.verify)
     if ctx.calib_type == "flat":
         means = {}
         for p in products:
             metrics = (p.get("verification") or {}).get("metrics") or {}
             if metrics.get("*", {}).get("mean") is not None:
                 means[p["calib_id"]] = metrics["*"]["mean"]
-        cfg = VerifyConfig.model_validate(ctx.verify)
         extra = {cid: [c.to_dict()] for cid, c in detector_scatter_checks(means, cfg).items()}
-    rows = retry_transient(settle_candidates, registry, [p["calib_id"] for p in products], extra,
+    elif ctx.calib_type == "sky" and residuals and cfg.enabled:
+        extra, extra_metrics = _sky_structure(ctx, products, residuals, cfg, log)
+    rows = retry_transient(settle_candidates, registry, [p["calib_id"] for p in products], extra, extra_metrics,
                            what="certify the products")
     by_id = {r["calib_id"]: r for r in rows}
     out = [{**p, **by_id[p["calib_id"]]} for p in products]
@@ -433,6 +441,26 @@ def _settle(registry, ctx: BuildContext, products: list[dict], log) -> list[dict
                               + (f" ({'; '.join((p.get('verification') or {}).get('failed') or [])})"
                                  if (p.get("verification") or {}).get("failed") else "") for p in held))
     return out
+
+
+def _sky_structure(ctx: BuildContext, products: list[dict], residuals: dict, cfg: VerifyConfig, log
+                   ) -> tuple[dict, dict]:
+    """The sky frame's held-out checks (:func:`calib_core.verify.sky_structure_checks`) on the
+    frames as registered and the build's binned residuals: (checks, metrics) by calib id."""
+    from calib_core import verify
+
+    frames = {p["detector"]: BackgroundModel.from_fits(p["path"]) for p in products}
+    models = {e: {d: BackgroundModel.from_fits(path) for d, path in by_det.items()} for e, by_det in residuals.items()}
+    result = verify.sky_structure_checks(build_camera(ctx), models, frames, cfg, ctx.cfg())
+    checks, metrics = {}, {}
+    for p in products:
+        found, values = result[p["detector"]]
+        checks[p["calib_id"]] = [c.to_dict() for c in found]
+        metrics[p["calib_id"]] = {"*": values}
+    ratios = {d: round(v[1]["structure_ratio"], 1) for d, v in sorted(result.items())}
+    log.info("sky %s: held-out structure without / with the frame, per detector %s (limit %g)", ctx.filter,
+             ratios, cfg.sky_min_improvement)
+    return checks, metrics
 
 
 def _frames_digest(result) -> str:

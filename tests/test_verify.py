@@ -7,7 +7,9 @@ import pytest
 from calib_core.camera import load_camera
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 from calib_core.rawio import RawAmp, RawDetector
-from calib_core.verify import (ScreenConfig, VerifyConfig, detector_scatter_checks, screen_input, verify_product)
+from calib_core.background import BackgroundModel
+from calib_core.verify import (ScreenConfig, VerifyConfig, detector_scatter_checks, screen_input,
+                               sky_structure_checks, verify_product)
 
 RNG = np.random.default_rng(5)
 SHAPE = (200, 120)
@@ -112,3 +114,88 @@ def test_screening_names_the_reason():
     assert screen_input("bias", sat, None, ScreenConfig(enabled=False)) is None
     # without a master only saturation is tested; science inputs are not screened
     assert screen_input("bias", half, None) is None and screen_input("sky", sat, None) is None
+
+
+# --- the sky frame's held-out checks (docs/algorithms.md#sky-frame-structure-check) ---------------------
+
+N_SKY, SKY_NOISE, SKY_AMP = 6, 0.001, 0.01
+
+
+def _sky_night(noise=SKY_NOISE):
+    """Binned residuals of N_SKY exposures of democam_mini: an injected pattern P (a 1 % ripple a few bins
+    across, nothing a focal-plane quadratic can take) plus white noise of ``noise`` per bin, each bin's
+    error given as ``noise``. Returns (camera, residuals, P)."""
+    cam = load_camera("democam_mini")
+    rng = np.random.default_rng(21)
+    pattern, residuals = {}, {e: {} for e in range(N_SKY)}
+    for det in cam.detectors:
+        nbx, nby = max(int(det.nx / 32 + 0.5), 1), max(int(det.ny / 32 + 0.5), 1)
+        j, i = np.mgrid[:nby, :nbx]
+        pattern[det.id] = SKY_AMP * np.sin(2 * np.pi * i / 3.7 + det.id) * np.cos(2 * np.pi * j / 4.3)
+        for e in range(N_SKY):
+            residuals[e][det.id] = BackgroundModel(pattern[det.id] + rng.normal(0, noise, (nby, nbx)),
+                                                   np.full((nby, nbx), noise), np.full((nby, nbx), 1024.0),
+                                                   (0, 0, det.nx - 1, det.ny - 1))
+    return cam, residuals, pattern
+
+
+def _frames(residuals, values):
+    out = {}
+    for d, v in values.items():
+        f = residuals[0][d].copy()
+        f.values = np.asarray(v, np.float32)
+        out[d] = f
+    return out
+
+
+def test_sky_structure_before_is_the_injected_pattern_above_the_noise():
+    """With noisy exposures and the injected pattern as the frame: the structure above noise before
+    the frame is the pattern's RMS (the bins' noise taken out), the noise is the bins' stated error,
+    the frame fits at scale 1 and both checks pass."""
+    cam, residuals, pattern = _sky_night()
+    out = sky_structure_checks(cam, residuals, _frames(residuals, pattern), VerifyConfig())
+    for d, (checks, m) in out.items():
+        assert m["structure_before"] == pytest.approx(np.sqrt(np.mean(pattern[d] ** 2)), rel=0.03)
+        assert m["structure_noise"] == pytest.approx(SKY_NOISE, rel=1e-5)
+        assert m["structure_after"] < SKY_NOISE          # what is left is the held-out frames' noise
+        assert m["sky_scale"] == pytest.approx(1.0, abs=0.01)
+        assert [c.name for c in checks if c.passed] == ["STRUCTURE", "SCALE"], [c.describe() for c in checks]
+
+
+def test_sky_structure_after_is_what_a_known_frame_error_leaves():
+    """Noise-free exposures of the pattern P and a frame P + E with a known error E: every held-out
+    frame is the product itself (the exposures are identical), so the structure left is the RMS of
+    ``P - s (P + E)`` with ``s`` the least-squares scale over every bin, computed here directly."""
+    cam, residuals, pattern = _sky_night(noise=0.0)
+    error = {}
+    for d, p in pattern.items():
+        j, i = np.mgrid[:p.shape[0], :p.shape[1]]
+        error[d] = 0.3 * SKY_AMP * np.cos(2 * np.pi * i / 2.9) * np.sin(2 * np.pi * j / 5.1 + d)
+    frame = {d: (pattern[d] + error[d]).astype(np.float32) for d in pattern}
+    P = np.concatenate([pattern[d].ravel() for d in sorted(pattern)]).astype(np.float32).astype(np.float64)
+    F = np.concatenate([frame[d].ravel() for d in sorted(pattern)]).astype(np.float64)
+    s = float(P @ F / (F @ F))
+    out = sky_structure_checks(cam, residuals, _frames(residuals, frame), VerifyConfig())
+    assert out[0][1]["sky_scale"] == pytest.approx(s, rel=1e-4)
+    for d, (checks, m) in out.items():
+        left = pattern[d].astype(np.float32) - s * frame[d]
+        assert m["structure_after"] == pytest.approx(np.sqrt(np.mean(left ** 2)), rel=1e-3)
+        assert m["structure_before"] == pytest.approx(np.sqrt(np.mean(pattern[d].astype(np.float32) ** 2)), rel=1e-4)
+
+
+def test_a_wrong_sky_frame_fails_structure_or_scale():
+    cam, residuals, pattern = _sky_night()
+    rng = np.random.default_rng(3)
+    shuffled = {d: rng.permutation(p.ravel()).reshape(p.shape) for d, p in pattern.items()}
+    out = sky_structure_checks(cam, residuals, _frames(residuals, shuffled), VerifyConfig())
+    assert all(not checks[0].passed and checks[0].value < 1.5 for checks, _ in out.values())
+    # one detector of the wrong sign: it fails (twice the structure it should remove), the others pass
+    flipped = {d: -p if d == 4 else p for d, p in pattern.items()}
+    out = sky_structure_checks(cam, residuals, _frames(residuals, flipped), VerifyConfig())
+    assert [d for d, (checks, _) in out.items() if not checks[0].passed] == [4]
+    assert out[4][1]["structure_ratio"] == pytest.approx(0.5, rel=0.05)
+    # every detector of the wrong sign: the fitted scale absorbs it (STRUCTURE cannot see it), SCALE does
+    out = sky_structure_checks(cam, residuals, _frames(residuals, {d: -p for d, p in pattern.items()}),
+                               VerifyConfig())
+    assert {c.name for checks, _ in out.values() for c in checks if not c.passed} == {"SCALE"}
+    assert out[0][1]["sky_scale"] == pytest.approx(-1.0, abs=0.02)

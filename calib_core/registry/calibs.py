@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from . import CalibInputRow, CalibMetricRow, CalibRow, CameraRow, ExposureRow, Registry, RegistryError, _utc
@@ -180,15 +180,19 @@ def record_calib(registry: Registry, *, camera: str, calib_type: str, filter: st
     return record, True
 
 
-def _add_metrics(s, calib_pk: int, metrics: dict | None) -> None:
+def _finite(value) -> float | None:
+    """A metric as stored: a finite float, or None (not finite, not measured)."""
     import math
 
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def _add_metrics(s, calib_pk: int, metrics: dict | None) -> None:
     for amp, values in (metrics or {}).items():
         for name, value in values.items():
             if value is not None and not isinstance(value, (int, float)):
                 continue
-            v = None if value is None or not math.isfinite(float(value)) else float(value)
-            s.add(CalibMetricRow(calib_pk=calib_pk, amp=str(amp)[:32], metric=str(name)[:64], value=v))
+            s.add(CalibMetricRow(calib_pk=calib_pk, amp=str(amp)[:32], metric=str(name)[:64], value=_finite(value)))
 
 
 def _where_calib(q, calib_type, camera, detector, filter):
@@ -278,14 +282,18 @@ def decertify(registry: Registry, calib_id: str, reason: str = "") -> dict:
         return _calib_dict(row, cam)
 
 
-def settle_candidates(registry: Registry, calib_ids: list[str], extra_checks: dict[str, list[dict]] | None = None
-                      ) -> list[dict]:
+def settle_candidates(registry: Registry, calib_ids: list[str], extra_checks: dict[str, list[dict]] | None = None,
+                      extra_metrics: dict[str, dict[str, dict[str, float | None]]] | None = None) -> list[dict]:
     """The verification gate's decision for a build's products, in one transaction: checks made
-    across products (``extra_checks`` by calib id: the flat's detector-to-detector scatter) are
-    added to each one's verification; a ``candidate`` that passed every check is certified, one that
-    failed stays a candidate. Certified and decertified products keep their status (a rerun never
-    undoes a person's decision); a product without a verification record is certified as before."""
+    across products (``extra_checks`` by calib id: the flat's detector-to-detector scatter, the sky
+    frame's held-out structure) are added to each one's verification, and their metrics
+    (``extra_metrics`` by calib id, ``{amp: {metric: value}}``) to its metrics and the
+    ``calib_metric`` table, replacing earlier values of the same names; a ``candidate`` that passed
+    every check is certified, one that failed stays a candidate. Certified and decertified products
+    keep their status (a rerun never undoes a person's decision); a product without a verification
+    record is certified as before."""
     extra_checks = extra_checks or {}
+    extra_metrics = extra_metrics or {}
     now = dt.datetime.now(dt.timezone.utc)
     out = []
     with registry.session() as s:
@@ -300,6 +308,15 @@ def settle_candidates(registry: Registry, calib_ids: list[str], extra_checks: di
                 ver["failed"] = [_describe(c) for c in checks if not c["passed"]]
                 ver["passed"] = not ver["failed"]
                 row.verification = ver
+            if ver is not None and extra_metrics.get(cid):
+                metrics = {a: dict(m) for a, m in (ver.get("metrics") or {}).items()}
+                for amp, values in extra_metrics[cid].items():
+                    s.execute(delete(CalibMetricRow).where(CalibMetricRow.calib_pk == row.id,
+                                                           CalibMetricRow.amp == str(amp)[:32],
+                                                           CalibMetricRow.metric.in_(list(values))))
+                    metrics.setdefault(amp, {}).update({k: _finite(v) for k, v in values.items()})
+                _add_metrics(s, row.id, extra_metrics[cid])
+                row.verification = {**ver, "metrics": metrics}
             if row.status == "candidate" and (ver is None or ver.get("passed")):
                 row.status, row.status_changed_at = "certified", now
             s.flush()
