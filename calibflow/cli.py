@@ -628,6 +628,10 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
             runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
             dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786 of a running "
                                                        "scheduler [default: a local cluster]"),
+            dask_workers: Optional[int] = typer.Option(
+                None, "--dask-workers", min=1,
+                help="with --runner dask and no address: worker processes of each build's local cluster "
+                     "[default: one per core]"),
             verbose: bool = VerboseOpt,
             repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Build, in dependency order, every calib a night's ingested exposures allow, and report it
@@ -663,7 +667,8 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     try:
         with _registry_by_reference(registry_url) as url_ref, _stage_bars(per_build=True):
             summary = nightly_flow(night=night, camera=camera, repo=str(store.root), registry_url=url_ref,
-                                   policy=policy, runner=runner, dask_address=dask_address)
+                                   policy=policy, runner=runner, dask_address=dask_address,
+                                   dask_workers=dask_workers)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     _print_night(summary)
