@@ -220,7 +220,8 @@ def run_night(camera: str, workdir: Path, seed: int = 11, n_build: int = 12, n_h
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    env = dict(os.environ, DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # the fringe frame's accuracy reads the inputs' masks from the build's intermediates: keep them
+    env = dict(os.environ, DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", CALIBFLOW_INTERMEDIATES="keep")
     if api_url:
         env["PREFECT_API_URL"] = api_url
     t0 = time.time()

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-__all__ = ["private_name", "create_private", "sweep_stale", "STALE_AGE_S"]
+__all__ = ["private_name", "create_private", "is_private", "sweep_stale", "STALE_AGE_S"]
 
 STALE_AGE_S = 24 * 3600.0     # a temporary from another host is presumed dead after a day
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
@@ -53,11 +53,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(folder, max_age: float = STALE_AGE_S) -> list[Path]:
+def is_private(name: str) -> bool:
+    """Whether a file name is one :func:`private_name` makes (a temporary, live or left behind)."""
+    return _PATTERN.match(name) is not None
+
+
+def sweep_stale(folder, max_age: float = STALE_AGE_S, dry_run: bool = False) -> list[Path]:
     """Remove the temporaries under ``folder`` (recursively) whose writer is gone: written on this host
     by a process that no longer exists, or on another host more than ``max_age`` seconds ago.
     Files of live writers, and anything not named by :func:`private_name`, are left alone.
-    Returns what was removed."""
+    Returns what was removed (with ``dry_run``: what would be, and nothing is)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -74,6 +79,7 @@ def sweep_stale(folder, max_age: float = STALE_AGE_S) -> list[Path]:
             except FileNotFoundError:
                 continue
         if stale:
-            path.unlink(missing_ok=True)
+            if not dry_run:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -295,6 +295,66 @@ def decertify(calib_id: str = typer.Argument(..., help="a calib_id from `calibfl
 
 
 @app.command()
+def prune(delete: bool = typer.Option(False, "--delete", help="remove the files the policy frees [default: only "
+                                      "report them]"),
+          older_than: Optional[float] = typer.Option(
+              None, "--older-than", min=0, help="also free the intermediates of failed or killed builds untouched "
+                                                "for this many days [default: keep them, their rerun resumes from them]"),
+          as_json: bool = typer.Option(False, "--json", help="print JSON"),
+          repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
+    """Report the intermediates under <repo>/work and what the policy frees; --delete frees it.
+
+    Freed: intermediates whose exposures are inputs of registered products of their type, derived
+    sky frames and temporaries of dead writers; with --older-than, those of failed or killed builds
+    too. Never: any of a type with a running build (docs/architecture.md#intermediates-and-disk)."""
+    from calib_core.retention import PRUNE_CLASSES, remove_files, running_types, survey
+    from tasks.calib_tasks import mark_crashed_runs
+
+    store, registry = _open_repo(repo, registry_url)
+    mark_crashed_runs(registry)
+    files = survey(store.root, registry)
+    chosen = [f for f in files if f.removable(older_than)]
+    freed = (0, 0)
+    if delete and chosen:
+        busy = running_types(registry)        # a build may have started since the survey
+        chosen = [f for f in chosen if f.calib_type not in busy]
+        freed = remove_files(f.path for f in chosen)
+    groups: dict[tuple, dict] = {}
+    for f in files:
+        g = groups.setdefault((f.camera, f.calib_type, f.state), {
+            "camera": f.camera, "calib_type": f.calib_type, "state": f.state, "why": PRUNE_CLASSES[f.state],
+            "files": 0, "bytes": 0, "frees_files": 0, "frees_bytes": 0})
+        g["files"] += 1
+        g["bytes"] += f.size
+    for f in chosen:
+        g = groups[(f.camera, f.calib_type, f.state)]
+        g["frees_files"] += 1
+        g["frees_bytes"] += f.size
+    rows = list(groups.values())
+    total = sum(f.size for f in files)
+    freeable = sum(f.size for f in chosen)
+    # frees: what the policy allows; freed: what --delete removed (0 without it)
+    summary = {"repo": str(store.root), "deleted": bool(delete), "files": len(files), "bytes": total,
+               "frees_files": len(chosen), "frees_bytes": freeable, "freed_files": freed[0], "freed_bytes": freed[1],
+               "groups": rows}
+    if as_json:
+        print_json(summary)
+        return
+    table = Table(title=f"intermediates in {store.root / 'work'}: {len(files)} files, {total / 1e9:.2f} GB")
+    for col in ("camera", "type", "state", "files", "GB", "freed" if delete else "frees", "why"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["camera"], r["calib_type"], r["state"], str(r["files"]), f"{r['bytes'] / 1e9:.3f}",
+                      f"{r['frees_bytes'] / 1e9:.3f} GB", r["why"])
+    console.print(table)
+    if delete:
+        console.print(f"freed {freed[1] / 1e9:.3f} GB ({freed[0]} files)", highlight=False)
+    else:
+        console.print(f"would free {freeable / 1e9:.3f} GB ({len(chosen)} files); nothing deleted: pass --delete",
+                      highlight=False)
+
+
+@app.command()
 def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
            calib_type: str = typer.Option(..., "--type", help="bias, dark, defects, ptc, flat, fringe, sky"),
            detector: Optional[int] = typer.Option(None, "--detector", help="[default: every detector]"),
@@ -575,6 +635,10 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
             runner: str = typer.Option("threads", "--runner", help="threads | processes | dask"),
             dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://host:8786 of a running "
                                                        "scheduler [default: a local cluster]"),
+            dask_workers: Optional[int] = typer.Option(
+                None, "--dask-workers", min=1,
+                help="with --runner dask and no address: worker processes of each build's local cluster "
+                     "[default: one per core]"),
             verbose: bool = VerboseOpt,
             repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Build, in dependency order, every calib a night's ingested exposures allow, and report it
@@ -610,7 +674,8 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     try:
         with _registry_by_reference(registry_url) as url_ref, _stage_bars(per_build=True):
             summary = nightly_flow(night=night, camera=camera, repo=str(store.root), registry_url=url_ref,
-                                   policy=policy, runner=runner, dask_address=dask_address)
+                                   policy=policy, runner=runner, dask_address=dask_address,
+                                   dask_workers=dask_workers)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     _print_night(summary)

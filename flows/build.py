@@ -204,6 +204,9 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
     drop_incomplete, on_bad_input, detectors_per_task = r.drop_incomplete, r.on_bad_input, r.detectors_per_task
     validity_days_before, validity_days_after = r.validity_days_before, r.validity_days_after
     spec = spec_of(calib_type)
+    from calib_core.retention import retention_policy
+
+    retention_policy()      # a mistyped CALIBFLOW_INTERMEDIATES fails the build before any work
     store = Datastore(repo)
     url = resolve_registry_url(registry_url) or store.default_registry_url
     registry = Registry.open(url)
@@ -235,6 +238,8 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
         finish_build_run(registry, run_id, "completed", f"0 new products: all {len(done)} already built by an "
                          "identical earlier build")
         products = _settle(registry, ctx, [{**done[d], "created": False} for d in plan.detectors], log)
+        # a build killed after registering its products left its intermediates: no resume needs them
+        _retire_intermediates(registry, ctx, plan, store, log, run_id)
         png = _mosaic_path(ctx, store)
         if not (png.exists() and png.with_suffix(".fits").exists()):
             # a build killed after registering its products never wrote them: do it now
@@ -264,9 +269,36 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
     products = _settle(registry, ctx, products, log, residuals)
     summary = _report(ctx, cam, products, store, log, artifacts)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
+    _retire_intermediates(registry, ctx, plan, store, log, run_id)
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
             "filter": plan.filter, "dropped": dropped, "mosaic_png": summary,
             "processed": [{k: p.get(k) for k in ("exposure_id", "detector", "reused", "pid")} for p in processed]}
+
+
+def _retire_intermediates(registry, ctx: BuildContext, plan, store: Datastore, log, run_id: int) -> None:
+    """The retention of docs/architecture.md#intermediates-and-disk: once the build's products are
+    registered and verified, its intermediates (its exposures and detectors) are removed, unless
+    ``CALIBFLOW_INTERMEDIATES=keep`` or another build of the type is running (it may read the same
+    files: they are left for ``calibflow prune``). Never fails the build."""
+    from calib_core.retention import build_files, remove_files, retention_policy, running_types
+    from tasks.calib_tasks import mark_crashed_runs
+
+    try:
+        if retention_policy() == "keep":
+            return
+        retry_transient(mark_crashed_runs, registry, what="check for running builds")
+        others = retry_transient(running_types, registry, run_id, what="check for running builds")
+        if ctx.calib_type in others:
+            log.info("%s build: intermediates kept, another %s build is running (calibflow prune frees them)",
+                     _build_label(ctx), ctx.calib_type)
+            return
+        work = store.root / "work" / ctx.camera / ctx.calib_type
+        n, freed = remove_files(build_files(work, [e["exposure_id"] for e in plan.exposures], plan.detectors))
+        if n:
+            log.info("%s build: removed %d intermediate files (%.1f MB)", _build_label(ctx), n, freed / 1e6)
+    except Exception as exc:        # disk housekeeping must not fail a build whose products are registered
+        log.warning("%s build: intermediates not removed (%s: %s); calibflow prune frees them",
+                    _build_label(ctx), type(exc).__name__, exc)
 
 
 def _parallelism(tr) -> int:

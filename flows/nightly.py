@@ -92,14 +92,15 @@ def plan_night(registry: Registry, camera: str, night: str, policy: NightlyPolic
 def nightly(night: str | None = None, camera: str | None = None, repo: str = "calibrepo",
             registry_url: str | None = None, policy: NightlyPolicy | None = None,
             runner: Literal["threads", "processes", "dask"] = "threads", dask_address: str | None = None,
-            detectors_per_task: int | None = None) -> dict:
+            detectors_per_task: int | None = None, dask_workers: int | None = None) -> dict:
     """Build every calib a night's exposures allow, in dependency order, and report what was built.
 
     ``camera`` is a registered camera's name or its YAML file; None when the registry holds one
     camera, or (with ``night``) one camera has exposures that night. ``night`` defaults to last
     night at the camera's site. Each build is a subflow (``build-calib``);
     a failed build is reported and the flow fails at the end, after the builds that do not depend
-    on it have run.
+    on it have run. ``dask_workers``: with runner dask and no address, the worker processes of each
+    build's local cluster (default: one per core).
     """
     log = get_run_logger()
     policy = policy or NightlyPolicy()
@@ -128,7 +129,8 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
             result = build_calib(step["type"], camera=camera, night=night, filter=step["filter"], repo=str(store.root),
                                  registry_url=registry_url, validity_days_before=policy.validity_days_before,
                                  validity_days_after=policy.validity_days_after, on_bad_input=policy.on_bad_input,
-                                 verify=policy.verify, runner=runner, dask_address=dask_address, detectors_per_task=detectors_per_task)
+                                 verify=policy.verify, runner=runner, dask_address=dask_address, dask_workers=dask_workers,
+                                 detectors_per_task=detectors_per_task)
         except Exception as exc:
             failed_types.add(step["type"])
             step.update(action="failed", reason=f"{type(exc).__name__}: {exc}"

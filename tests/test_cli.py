@@ -206,6 +206,71 @@ def test_demo_force_starts_afresh(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# prune: reports by default, deletes with --delete, exactly what its policy allows
+# ------------------------------------------------------------------------------------------------
+
+
+def test_prune_reports_then_frees_what_the_policy_allows(repo_with_nan):
+    """Files really on disk under work/: the product's inputs b0 and b1 (finished), an exposure no
+    product used (a failed build's, kept unless --older-than), a sky frame (derived), a dead
+    writer's temporary, and files of a type whose build is running (this process: never touched)."""
+    import os
+    import time
+
+    from calib_core.atomic import private_name
+    from calib_core.registry import BuildRunRow, Registry
+    from tasks.calib_tasks import _this_process
+
+    env, _ = repo_with_nan
+    root = Path(env["CALIBFLOW_REPO"])
+    work = root / "work" / "democam_mini"
+    sizes = {"bias/b0-det000-k1.fits": 1000, "bias/b0-det000-k1.json": 10, "bias/b1-det001-k1-crmask.fits": 300,
+             "bias/b7-det000-k1.fits": 4000, "sky/frame-r-det000-0123abcd.fits": 500,
+             "sky/b0-surface-0123abcd.pkl": 70, "dark/b0-det000-k2.fits": 2000}
+    for name, size in sizes.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_bytes(b"x" * size)
+    dead = private_name(work / "bias" / "b1-det002-k1.fits").name.split("~")
+    dead[2] = "999999999"                            # no such process
+    stale = work / "bias" / "~".join(dead)
+    stale.write_bytes(b"x" * 20)
+    old = time.time() - 3 * 86400
+    os.utime(work / "bias/b7-det000-k1.fits", (old, old))
+    reg = Registry.open(f"sqlite:///{root / 'registry.sqlite3'}")
+    with reg.session() as s:
+        import datetime as dt
+
+        s.add(BuildRunRow(calib_type="dark", parameters={"_process": _this_process()}, status="running",
+                          started_at=dt.datetime.now(dt.timezone.utc)))
+    reg.engine.dispose()
+
+    def run(*args):
+        res = CliRunner().invoke(_app(), ["prune", "--json", *args], env=env)
+        assert res.exit_code == 0, res.output
+        return _strict_loads(res.stdout)
+
+    on_disk = {p for p in (root / "work").rglob("*") if p.is_file()}
+    report = run()
+    states = {(g["calib_type"], g["state"]): (g["files"], g["bytes"], g["frees_bytes"]) for g in report["groups"]}
+    assert states == {("bias", "finished"): (3, 1310, 1310), ("bias", "unfinished"): (1, 4000, 0),
+                      ("bias", "stale-temporary"): (1, 20, 20), ("sky", "derived"): (1, 500, 500),
+                      ("sky", "unfinished"): (1, 70, 0),      # no sky product used b0
+                      ("dark", "in-use"): (1, 2000, 0)}
+    assert report["bytes"] == sum(sizes.values()) + 20 and report["frees_bytes"] == 1830
+    assert report["freed_bytes"] == 0 and {p for p in (root / "work").rglob("*") if p.is_file()} == on_disk
+
+    report = run("--delete")
+    assert report["freed_bytes"] == 1830 and report["freed_files"] == 5
+    left = {str(p.relative_to(work)) for p in (root / "work").rglob("*") if p.is_file()}
+    assert left == {"bias/b7-det000-k1.fits", "sky/b0-surface-0123abcd.pkl", "dark/b0-det000-k2.fits"}
+
+    assert run("--older-than", "5", "--delete")["freed_bytes"] == 0     # b7's are 3 days old
+    assert run("--older-than", "2", "--delete")["freed_bytes"] == 4000
+    assert {str(p.relative_to(work)) for p in (root / "work").rglob("*") if p.is_file()} == \
+        {"sky/b0-surface-0123abcd.pkl", "dark/b0-det000-k2.fits"}      # the surface is new, dark in use
+
+
+# ------------------------------------------------------------------------------------------------
 # outputs: relative to the working directory, never into the checkout by accident
 # ------------------------------------------------------------------------------------------------
 

@@ -251,7 +251,8 @@ def test_two_identical_builds_at_once(registry_url, prefect_api_url, bias_night,
     natural = _race(tmp_path, "natural", "start", env, args)
     _check_round(reg, store, natural, NIGHT, n_det, forced=False)
 
-    # round 2: a new calib date (a new product identity; the intermediates are reused), and every
+    # round 2: a new calib date (a new product identity; the intermediates are reprocessed where round 1
+    # removed them, reused where a racing build kept them), and every
     # registration collides: both processes have written their own copy when they register
     forced = _race(tmp_path, "forced", "record", env, [*args, "--calib-date", "2026-11-21"])
     _check_round(reg, store, forced, "2026-11-21", n_det, forced=True)

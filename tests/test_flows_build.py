@@ -25,7 +25,10 @@ def night_repo(tmp_path_factory):
     sim = simulate_night(cam, root / "sim", seed=11, night=NIGHT, n_bias=5, n_dark=4, n_flat=4, n_science=0,
                          filters=("r",))
     store, reg = ingested_repo(root / "repo", root / "sim" / "raw", "democam_mini")
-    return sim, store, reg
+    # these tests read what the process step recorded in the intermediates: the builds keep them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CALIBFLOW_INTERMEDIATES", "keep")
+        yield sim, store, reg
 
 
 def _truth(sim, name):

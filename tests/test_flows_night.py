@@ -32,8 +32,12 @@ def night(tmp_path_factory, prefect_api):
     sim = simulate_night(cam, root / "sim", seed=5, night=NIGHT, n_bias=5, n_dark=4, n_flat=4, n_science=8,
                          filters=("r", "z"))
     store, reg = ingested_repo(root / "repo", root / "sim" / "raw", CAMERA)
-    summary = nightly(night=NIGHT, camera=CAMERA, repo=str(store.root))
-    return sim, store, reg, summary
+    # these tests read the intermediates (the ISR calibs each input used, the flow's post-ISR images):
+    # the builds keep them (docs/architecture.md#intermediates-and-disk)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CALIBFLOW_INTERMEDIATES", "keep")
+        summary = nightly(night=NIGHT, camera=CAMERA, repo=str(store.root))
+        yield sim, store, reg, summary
 
 
 def test_nightly_builds_everything_in_dependency_order(night):

@@ -2,6 +2,7 @@
 recorded), a build killed mid-way and rerun, and the same build on a Dask LocalCluster of 2 worker
 processes giving products identical to the thread runner's."""
 
+import json
 import os
 import signal
 import subprocess
@@ -70,10 +71,18 @@ def test_corrupt_raw_fails_naming_it_and_registers_nothing(tmp_path, raws, prefe
     with reg.session() as s:
         runs = s.query(BuildRunRow).all()
         assert [r.status for r in runs] == ["failed"] and bad.name in runs[0].message
+    # retention: the failed build keeps what it processed (the 5 good exposures x 9 detectors), for resume
+    work = store.root / "work" / CAMERA / "bias"
+    kept = {(m["exposure_id"], m["detector"]) for m in map(json.loads, (p.read_text() for p in work.glob("*.json")))}
+    assert len(kept) == 5 * 9 and all(p.with_suffix(".fits").exists() for p in work.glob("*.json"))
 
     # per policy, the unreadable exposure is left out and the reason recorded with every product
     result = build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root), on_bad_input="exclude")
     assert result["created"] == 9
+    # it resumed from every kept intermediate, and once its products were registered and verified
+    # removed them (docs/architecture.md#intermediates-and-disk): nothing is left under work/
+    assert {(p["exposure_id"], p["detector"]) for p in result["processed"] if p["reused"]} == kept
+    assert [p for p in work.iterdir()] == []
     (bad_id,) = result["dropped"]
     assert "unreadable raw" in result["dropped"][bad_id] and bad.name in result["dropped"][bad_id]
     for product in list_calibs(reg):
@@ -111,11 +120,14 @@ def test_killed_build_reruns_to_the_same_result(tmp_path, raws, prefect_api, ref
     planted[2] = str(proc.pid)
     (work / "~".join(planted)).write_bytes(b"SIMPLE  = ")
 
+    done_ids = {(m["exposure_id"], m["detector"])
+                for m in (json.loads(p.with_suffix(".json").read_text()) for p in done_before)}
     result = build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root))
     assert result["created"] == 9
     _same_products(reg, reference)
-    # the finished intermediates were reused, not redone
-    assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())
+    # the finished intermediates were reused, not redone (and removed once the products were registered)
+    assert done_ids <= {(p["exposure_id"], p["detector"]) for p in result["processed"] if p["reused"]}
+    assert not any(p.exists() for p in done_before)
     # the killed writer's half-written temporaries were swept, not left to pile up
     assert [p for p in store.root.rglob(".*") if p.is_file()] == []
 
