@@ -8,7 +8,10 @@ the nightly plan's builds, each :func:`flows.build.run_build` with the task func
 Prefect bypassed) on a thread pool of ``--workers`` threads (default: the cores).
 
 Each leg runs in its own Python process with ``PYTHONPATH`` set to its source tree (this checkout, or
-a worktree of ``--base``), so its numba caches and imports are its own. The stage timings come from
+a worktree of the baseline commit), so its numba caches and imports are its own. Each leg starts as a
+fresh clone would: the tree's numba caches are deleted, then the tree's set-up step runs if it has
+one (``python -m calibflow.warmup``, which ``make demo`` runs once per environment), timed apart
+from the night. The stage timings come from
 wrappers this script puts around the functions both trees share, with no change to the code measured:
 
 * the top-level stage is the Prefect task a call runs in (``process``, ``sky-pass``, ``combine``);
@@ -24,8 +27,9 @@ thread's CPU time (``time.thread_time``; numba's own worker threads in the MEANC
 it). Bytes are the calling thread's ``rchar``/``wchar`` from ``/proc/thread-self/io``: what passed
 through read/write system calls (page cache included, memory-mapped reads not). Mpix is the pixels
 of the task a step serves (detectors x detector pixels for a process task, inputs x detector pixels
-for a combine), so Mpix/s per core of a step is how fast that step lets the night's pixels through
-one core. Numba compile time is taken from numba's ``numba:compile`` events during the night.
+for a combine); Mpix/s per core of a step is those pixels over its CPU seconds: how fast that step
+lets the night's pixels through one core (CPU, not wall: on a shared machine the wall time of a call
+includes its wait for a core). Numba compile time is taken from numba's ``numba:compile`` events during the night.
 
 Each build's intermediates are deleted after the build (later builds read only products), so a leg
 needs the raws (shared), its products and one build's intermediates on disk; each leg's repository
@@ -70,6 +74,11 @@ STEPS = [
     ("calib_core.stack", "stack_files", "stack"),
     ("calib_core.stack", "stack_arrays", "stack"),
     ("calib_core.sky", "bin_detector", "sky bins"),
+    ("calib_core.objectmask", "mask_objects", "object mask"),
+    ("calib_core.objectmask", "detect_sources", "detect sources"),
+    ("calib_core.background", "measure_background", "background"),
+    ("calib_core.isr", "fit_fringe_scale", "fringe fit"),
+    ("calib_core.isr", "interpolate_over", "interpolate"),
     ("calib_core.fringe", "prepare_fringe", "fringe prep"),
     ("calib_core.fringe", "remove_continuum", "continuum"),
     ("calib_core.verify", "screen_input", "screen"),
@@ -189,7 +198,8 @@ class _CompileListener:
                 if d["depth"] == 0:
                     with PROFILE.lock:
                         PROFILE.compile_s += time.perf_counter() - d["t_compile"]
-                        PROFILE.compiles.append(str(event.data.get("dispatcher", "?")).split("(")[0][-60:])
+                        fn = getattr(event.data.get("dispatcher"), "py_func", None)
+                        PROFILE.compiles.append(f"{fn.__module__}.{fn.__qualname__}" if fn else "?")
 
         ev.register("numba:compile", L())
 
@@ -209,10 +219,9 @@ def run_leg(args) -> None:
     from calib_core.ingest import ingest_files
     from calib_core.registry import Registry
     from calib_core.registry.calibs import list_calibs
-    import flows.build
     from flows.build import run_build
     from flows.nightly import NightlyPolicy, plan_night
-    import tasks.calib_tasks  # noqa: F401
+    import tasks.calib_tasks  # noqa: F401  (loaded before its functions are wrapped)
     import_s = time.perf_counter() - t_import
 
     for mod, name, step in STEPS:
@@ -284,11 +293,23 @@ def run_leg(args) -> None:
         key = f"{c['type']} {c['filter']}" if c["filter"] not in ("NONE", "", None) else c["type"]
         status.setdefault(key, {}).setdefault(c["status"], 0)
         status[key][c["status"]] += 1
+    import hashlib
+
+    from astropy.io import fits
+
+    digests = {}
+    for c in calibs:           # pixels only: headers carry creation times
+        h = hashlib.sha256()
+        with fits.open(c["path"]) as hdul:
+            for hdu in hdul:
+                if hdu.data is not None:
+                    h.update(hdu.data.tobytes())
+        digests[c["calib_id"]] = h.hexdigest()
     repo_bytes = sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file() and not p.is_symlink())
     result = {"tree": os.environ.get("PYTHONPATH", ""), "night_s": night_s, "night_cpu": night_cpu,
               "ingest_s": ingest_s, "import_s": import_s, "load_start": load0, "load_end": load1,
               "workers": args.workers, "builds": builds, "numba_compile_s": PROFILE.compile_s,
-              "numba_compiles": sorted(set(PROFILE.compiles)), "status": status,
+              "numba_compiles": sorted(set(PROFILE.compiles)), "status": status, "digests": digests,
               "products_bytes": repo_bytes, "raw_pixels": sum(det_pix.values()) * len(files),
               "stages": [{"build": b, "stage": s, "step": st, **v} for (b, s, st), v in PROFILE.rows.items()]}
     Path(args.json).write_text(json.dumps(result, indent=1))
@@ -306,12 +327,21 @@ def _git(tree: Path, *cmd) -> str:
 def _leg(tree: Path, name: str, tmp: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     out = tmp / f"{name}.json"
+    # a fresh clone: no numba cache; then the tree's own set-up step, if it has one (make demo runs it)
+    for f in (tree / "calib_core" / "__pycache__").glob("*.nb[ic]"):
+        f.unlink()
+    warm_s = None
+    if (tree / "calibflow" / "warmup.py").exists():
+        t = time.perf_counter()
+        ok = subprocess.run([sys.executable, "-m", "calibflow.warmup"], env=env, cwd=tmp).returncode == 0
+        warm_s = time.perf_counter() - t if ok else float("nan")
     cmd = [sys.executable, str(HERE), "--leg", "--sim", str(tmp / "sim"), "--repo", str(tmp / name),
            "--json", str(out), "--camera", args.camera, "--workers", str(args.workers)]
     print(f"leg {name}: {tree} ({_git(tree, 'rev-parse', '--short', 'HEAD')})", flush=True)
     subprocess.run(cmd, env=env, check=True, cwd=tmp)
     shutil.rmtree(tmp / name, ignore_errors=True)
     data = json.loads(out.read_text())
+    data["warmup_s"] = warm_s
     data["commit"] = _git(tree, "rev-parse", "--short", "HEAD")
     data["dirty"] = bool(_git(tree, "status", "--porcelain", "--untracked-files=no"))
     print(f"leg {name}: night {data['night_s']:.1f} s", flush=True)
@@ -349,15 +379,20 @@ def report(legs: dict[str, dict], args) -> str:
              f"science exposures in each of r and z ({new['raw_pixels'] / 1e6:.0f} Mpix of raw pixels). "
              "Legs run one after the other in this run, each in its own process; times compare within "
              "the run (the machine is shared: see the load averages).", ""]
-    lines += ["| leg | code | night wall s | night CPU s | load avg at start / end | numba compile in the night s "
-              "| products (certified) |", "|---|---|---|---|---|---|---|"]
+    lines += ["| leg | code | set-up step (numba warm-up) s | night wall s | night CPU s | load avg at start / end "
+              "| numba compile in the night s | products (certified) |", "|---|---|---|---|---|---|---|---|"]
     for n, d in legs.items():
         cert = sum(v.get("certified", 0) for v in d["status"].values())
         tot = sum(sum(v.values()) for v in d["status"].values())
-        lines.append(f"| {n} | {d['commit']}{' + changes' if d['dirty'] else ''} | {d['night_s']:.1f} | "
+        warm = ("none" if d["warmup_s"] is None else "failed" if d["warmup_s"] != d["warmup_s"]
+                else f"{d['warmup_s']:.1f}")
+        lines.append(f"| {n} | {d['commit']}{' + changes' if d['dirty'] else ''} | {warm} | {d['night_s']:.1f} | "
                      f"{d['night_cpu']:.1f} | {d['load_start'][0]:.1f} / {d['load_end'][0]:.1f} | "
                      f"{d['numba_compile_s']:.1f} | {tot} ({cert}) |")
     if base:
+        same = sum(new["digests"].get(k) == v for k, v in base["digests"].items())
+        lines += ["", f"Products with the same pixels in both legs (same calib ids, pixel data hashed): "
+                  f"{same} of {len(base['digests'])}."]
         lines += ["", f"**Night wall time, {names[-1]} / {names[0]}: {new['night_s'] / base['night_s']:.3f}** "
                   f"({base['night_s'] / new['night_s']:.2f}x faster)."]
 
@@ -384,13 +419,13 @@ def report(legs: dict[str, dict], args) -> str:
         keys += [k for k in (aggs[names[0]] if base else {}) if k not in keys]
         out = ["", f"## {title}", "", note, "",
                "| " + " | ".join(["stage", *(f"{n} thread-s" for n in names), *(f"{n} CPU s" for n in names),
-                                  *(f"{n} Mpix/s/core" for n in names), "read GB", "written GB"]) + " |",
+                                  *(f"{n} Mpix/s per core (CPU)" for n in names), "read GB", "written GB"]) + " |",
                "|" + "---|" * (1 + 3 * len(names) + 2)]
         for k in keys:
             cells = [" / ".join(k) if isinstance(k, tuple) else k]
             cells += [f"{aggs[n][k]['wall']:.1f}" if k in aggs[n] else "-" for n in names]
             cells += [f"{aggs[n][k]['cpu']:.1f}" if k in aggs[n] else "-" for n in names]
-            cells += [_rate(aggs[n][k]["pix"], aggs[n][k]["wall"]) if k in aggs[n] else "-" for n in names]
+            cells += [_rate(aggs[n][k]["pix"], aggs[n][k]["cpu"]) if k in aggs[n] else "-" for n in names]
             a = aggs[names[-1]].get(k) or aggs[names[0]][k]
             cells += [_gb(a["read"]), _gb(a["written"])]
             out.append("| " + " | ".join(cells) + " |")
@@ -398,8 +433,9 @@ def report(legs: dict[str, dict], args) -> str:
 
     lines += table("Per stage", lambda r: (r["stage"], r["step"]),
                    "Exclusive thread-seconds over the whole night, by task (process, sky-pass, combine; scale, "
-                   "settle and mosaic run in the build's thread) and step inside it. Mpix/s/core: the pixels "
-                   "of the tasks the step served / its thread-seconds. Read/written: the newest leg's.")
+                   "settle and mosaic run in the build's thread) and step inside it. Mpix/s per core: the pixels "
+                   "of the tasks the step served / its CPU seconds (on a loaded machine thread-seconds include "
+                   "waiting for a core; CPU seconds do not). Read/written: the newest leg's.")
     lines += table("Per calib type and stage", lambda r: (r["build"], r["stage"], r["step"]),
                    "As above, per build.")
     if new["numba_compiles"]:
@@ -424,6 +460,7 @@ def main() -> None:
         return run_leg(args)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-night-", dir=args.tmp))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         sys.path.insert(0, str(HERE.parents[1]))
         from calib_core.camera import load_camera
@@ -435,9 +472,9 @@ def main() -> None:
         legs = {}
         if args.base_tree:
             legs["before"] = _leg(args.base_tree.resolve(), "before", tmp, args)
+            args.out.with_suffix(".json").write_text(json.dumps(legs, indent=1))     # kept if the next leg fails
         legs["after"] = _leg(HERE.parents[1], "after", tmp, args)
         text = report(legs, args)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(legs, indent=1))
         print(text)
