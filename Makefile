@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench install lock clean
+.PHONY: demo test bench install warm lock clean
 
 # The dependencies come from docker/requirements.lock (the image's exact versions and file hashes), so
 # the tests run on what the image installs (--no-deps: the lock is the whole set, and a new venv's old
@@ -17,11 +17,19 @@ $(BIN)/.installed: pyproject.toml docker/requirements.lock
 
 install: $(BIN)/.installed
 
+# the numba kernels compiled and cached before the first build (calibflow/warmup.py); again after
+# the numeric core changes, since numba's cache is keyed on the source files
+$(VENV)/.warm: $(BIN)/.installed $(wildcard calib_core/*.py)
+	$(BIN)/python -m calibflow.warmup
+	touch $@
+
+warm: $(VENV)/.warm
+
 # after changing pyproject.toml's dependencies: install them, then pin what is installed
 lock: $(BIN)/.installed
 	$(BIN)/python docker/lock.py
 
-demo: $(BIN)/.installed
+demo: $(VENV)/.warm
 	$(BIN)/calibflow demo
 
 test: $(BIN)/.installed

@@ -131,6 +131,71 @@ def test_cosmic_rays_found_grown_and_hot_pixels_excluded():
     assert find_cosmic_rays(mi, grow=0)[100, 10]
 
 
+def _reference_cosmic_rays(mi, nsigma=6.0, min_dn=50.0, sharpness=2.0, neighbour_nsigma=3.0, niter=3, grow=2,
+                           exclude=None):
+    """Brute force: the finder's recipe with full-image scipy median filters everywhere (the
+    implementation before the sparse kernel, docs/algorithms.md#cosmic-ray-speed)."""
+    from scipy import ndimage
+
+    from calib_core.cosmicrays import disk
+    from calib_core.maskedimage import MASK_PLANES
+
+    img = np.asarray(mi.image, np.float64)
+    finite = np.isfinite(img)
+    img = np.where(finite, img, np.median(img[finite]))
+    resid = img - ndimage.median_filter(img, size=5, mode="nearest")
+    var = np.asarray(mi.variance, np.float64)
+    mad = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+    noise = np.where(np.isfinite(var) & (var > 0), np.sqrt(np.abs(var)), max(mad, 1e-12))
+    usable = finite & ((mi.mask & MASK_PLANES.bits(["SAT", "BAD", "NO_DATA"])) == 0)
+    if exclude is not None:
+        usable &= ~exclude
+    m3 = ndimage.median_filter(img, size=3, mode="nearest")
+    m7 = ndimage.median_filter(m3, size=7, mode="nearest")
+    cand = usable & (resid > nsigma * noise) & (resid > min_dn) & ((img - m3) / np.maximum(m3 - m7, noise) > sharpness)
+    weak = usable & (resid > neighbour_nsigma * noise)
+    for _ in range(niter):
+        cand = (ndimage.binary_dilation(cand, structure=np.ones((3, 3), bool)) & weak) | cand
+    return ndimage.binary_dilation(cand, structure=disk(grow)) if grow else cand
+
+
+@pytest.mark.parametrize("case", ["plain", "edges-nan-masked", "no-variance"])
+def test_cosmic_ray_finder_equals_full_image_median_filters(case):
+    """The sparse finder gives exactly the map of full-image median filters: tracks in the middle
+    and on every edge and corner (clamped windows), a sloping background, hot pixels, saturated and
+    NaN pixels, and (``no-variance``) pixels whose noise is the residual's MAD."""
+    rng = np.random.default_rng({"plain": 1, "edges-nan-masked": 2, "no-variance": 3}[case])
+    ny, nx = 160, 130
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    img = (20 + 0.3 * yy + rng.normal(0, 4, (ny, nx))).astype(np.float32)
+    var = np.full((ny, nx), 16.0, np.float32)
+    mask = np.zeros((ny, nx), np.int32)
+    for _ in range(60):                                   # tracks of 1-4 px, some faint, some bright
+        y, x = rng.integers(0, ny), rng.integers(0, nx)
+        dy, dx = rng.integers(-1, 2, 2)
+        for k in range(rng.integers(1, 5)):
+            if 0 <= y + k * dy < ny and 0 <= x + k * dx < nx:
+                img[y + k * dy, x + k * dx] += rng.uniform(20, 900)
+    img[rng.integers(0, ny, 15), rng.integers(0, nx, 15)] += 300      # hot pixels
+    if case == "edges-nan-masked":
+        for y, x in [(0, 0), (0, nx - 1), (ny - 1, 0), (ny - 1, nx - 1), (0, 50), (80, 0), (ny - 1, 70), (40, nx - 1)]:
+            img[y, x] += 500
+        img[70:73, 60:63] = np.nan
+        mask[100:104, 20:30] = mask_bits(["SAT"])
+        img[100:104, 20:30] += 800
+    if case == "no-variance":
+        var[rng.random((ny, nx)) < 0.3] = 0.0
+        var[5:9, :] = np.nan
+    mi = MaskedImage(img, mask, var)
+    exclude = np.zeros((ny, nx), bool)
+    exclude[rng.integers(0, ny, 5), rng.integers(0, nx, 5)] = True
+    for kwargs in ({}, {"grow": 0}, {"exclude": exclude, "min_dn": 10.0, "nsigma": 4.0}, {"niter": 1, "grow": 1}):
+        got = find_cosmic_rays(mi, **kwargs)
+        want = _reference_cosmic_rays(mi, **kwargs)
+        assert want.sum() > 0
+        assert np.array_equal(got, want), (case, kwargs, int((got != want).sum()))
+
+
 def test_persistent_pixels_finds_hot_pixels_not_cosmic_rays():
     rng = np.random.default_rng(11)
     frames = [rng.normal(0, 2, (60, 60)) for _ in range(5)]
