@@ -141,7 +141,7 @@ def finders(cfg: DarkConfig):
     return {
         "calibflow find_cosmic_rays (6 sigma, 50 ADU)": calibflow,
         "calibflow recipe, full-image median filters (before)":
-            lambda mi, g, rn: full_image_finder(mi, cfg.crNumSigma, cfg.crMinDn),
+            lambda mi, g, rn: full_image_finder(mi, cfg.cr_nsigma, cfg.cr_min_dn),
         "astroscrappy, defaults (sigclip 4.5)": lambda mi, g, rn: scrappy(mi, g, rn),
         "astroscrappy, padded 4 px, sigclip 4.5": lambda mi, g, rn: scrappy(mi, g, rn, pad=4),
         f"astroscrappy, padded 4 px, sigclip {cfg.cr_nsigma:g}":
