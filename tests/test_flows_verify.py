@@ -270,6 +270,14 @@ def test_artifact_keys_carry_the_filter_and_embed_the_mosaic(nights, prefect_api
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["status"] for r in rows} == {"certified", "candidate"}
     assert all(r["noise"] is not None and r["clipped fraction"] is not None for r in rows)
+    # the nightly's artifact: the exclusion with its reason, what was held back and why, the report's place
+    store, _, _, bad = nights
+    with get_client(sync_client=True) as client:
+        (night,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[f"nightly-{CAMERA.replace('_', '-')}-{NIGHTS[1]}"])))
+    assert f"excluded {bad}: screened out: detector {BAD_DET}: outlier against the last good master" in night.data
+    assert f"held back det {BAD_DET}: AMP_SCATTER" in night.data
+    assert f"Night report: `{store.root / 'reports' / CAMERA / NIGHTS[1] / 'index.html'}`" in night.data
 
 
 def test_the_night_report_in_a_real_browser(nights, tmp_path):
