@@ -80,7 +80,7 @@ class Sampler(threading.Thread):
         self.peak = {k: 0 for k in folders}
         self.peak_rss = 0
         self.last: dict[str, int] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def sample(self) -> None:
         now = {k: tree_bytes(p) for k, p in self.folders.items()}
@@ -91,12 +91,12 @@ class Sampler(threading.Thread):
             self.peak_rss = max(self.peak_rss, tree_rss(self.pid))
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.sample()
-            self._stop.wait(self.period)
+            self._halt.wait(self.period)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.sample()
 
