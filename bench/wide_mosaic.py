@@ -158,6 +158,20 @@ def sky_split(log_text: str) -> dict[str, float]:
     return out
 
 
+def _pixel_digest(path) -> str:
+    """sha256 over the data of every HDU of a product (its headers left out)."""
+    import hashlib
+
+    from astropy.io import fits
+
+    h = hashlib.sha256()
+    with fits.open(path) as hdul:
+        for hdu in hdul:
+            if hdu.data is not None:
+                h.update(hdu.data.tobytes() if hasattr(hdu.data, "tobytes") else bytes(hdu.data))
+    return h.hexdigest()
+
+
 def run_leg(name: str, runner_args: list[str], sim_raw: Path, work: Path, env: dict, camera_file: Path,
             camera: str) -> dict:
     repo = work / f"repo-{name.replace(' ', '')}"
@@ -185,7 +199,8 @@ def run_leg(name: str, runner_args: list[str], sim_raw: Path, work: Path, env: d
     from calib_core.registry.calibs import list_calibs
 
     reg = Registry.open(f"sqlite:///{repo / 'registry.sqlite3'}")
-    products = {p["calib_id"]: p["checksum"] for p in list_calibs(reg)}
+    # pixels, not file checksums: a product's header records when it was made
+    products = {p["calib_id"]: _pixel_digest(p["path"]) for p in list_calibs(reg)}
     reg.engine.dispose()
     out = {"name": name, "wall": wall, "load": (load0, load1), "peak_rss": sampler.peak_rss,
            "peak_repo": sampler.peak["repo"], "peak_work": sampler.peak["work"],
@@ -205,15 +220,18 @@ def write_report(args, legs, dets, pixels, raw_bytes, t0, t_sim):
     gb = 1e9
     total_mpix = sum(pixels.values())
     lines = ["# Wide mosaic through the nightly flow (`bench/wide_mosaic.py`)", "",
-             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))} on {os.cpu_count()} cores shared with "
+             f"{'Finished' if args.from_json else 'Started'} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))}, "
+             f"{os.cpu_count()} cores shared with "
              "other sessions (load averages per leg below: timings are noisy).",
              f"Camera `bench/cameras/widemosaic.yaml`: 40 CCDs of {NX}x{NY}; simulated and built: "
              f"**{len(dets)} of the 40 CCDs** (disk: one full exposure is {40 * mpix_det:.0f} Mpix). Night: 3 bias, "
              f"3 dark, 3 r flats, 5 r science exposures = {total_mpix:.0f} Mpix of raw pixels "
              f"({raw_bytes / gb:.2f} GB of raws; simulated in {t_sim:.0f} s).",
-             f"Products identical across legs (checksums of {legs[0].get('n_products', len(legs[0]['products']))} "
+             f"Products identical across legs (pixel data of {legs[0].get('n_products', len(legs[0]['products']))} "
              "products): "
-             f"**{'yes' if same else 'not recorded in the JSON this report was regenerated from' if same is None else 'NO - the run is void'}**.", "",
+             f"**{'yes' if same else 'NO - the run is void' if same is not None else 'not established'}**"
+             + (" (the run that measured these legs compared file checksums, which differ by the creation time "
+                "in each header; the script now compares the pixel data)." if same is None else "."), "",
              "| leg | wall (s) | Mpix/s | peak RSS, process tree (GB) | peak repository (GB) | peak intermediates (GB) "
              "| intermediates at the end (GB) | load avg before/after |", "|---|---|---|---|---|---|---|---|"]
     for leg in legs:
@@ -258,7 +276,8 @@ def write_report(args, legs, dets, pixels, raw_bytes, t0, t_sim):
     Path(args.out).with_suffix(".json").write_text(json.dumps(
         {"detectors": list(dets), "pixels_mpix": pixels, "raw_bytes": raw_bytes, "simulate_s": t_sim,
          "legs": [{k: v for k, v in leg.items() if k != "products"}
-                  | {"n_products": len(leg["products"]), "products_identical": same} for leg in legs]}, indent=1))
+                  | {"n_products": leg.get("n_products", len(leg["products"])), "products_identical": same}
+                  for leg in legs]}, indent=1))
     return same, lines
 
 
