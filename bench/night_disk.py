@@ -80,7 +80,7 @@ class Sampler(threading.Thread):
         self.peak = {k: 0 for k in folders}
         self.peak_rss = 0
         self.last: dict[str, int] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def sample(self) -> None:
         now = {k: tree_bytes(p) for k, p in self.folders.items()}
@@ -91,12 +91,12 @@ class Sampler(threading.Thread):
             self.peak_rss = max(self.peak_rss, tree_rss(self.pid))
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.sample()
-            self._stop.wait(self.period)
+            self._halt.wait(self.period)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.sample()
 
@@ -119,15 +119,24 @@ def main(argv=None) -> int:
     ap.add_argument("--n-science", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "night_disk.md"))
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--report-only", action="store_true",
+                    help="report on a finished run's work folder and log (peaks then come from the log)")
     args = ap.parse_args(argv)
     work = Path(args.workdir).absolute()
+    repo = work / "calibrepo"
+    log_path = work.parent / f"{work.name}-demo.log"
+    if args.report_only:
+        text = log_path.read_text(errors="replace")
+        stamps = [ln[:12] for ln in text.splitlines() if re.match(r"\d\d:\d\d:\d\d\.\d{3} \|", ln)]
+        import datetime as dt
+
+        span = (dt.datetime.strptime(stamps[-1], "%H:%M:%S.%f") - dt.datetime.strptime(stamps[0], "%H:%M:%S.%f"))
+        return report(args, work, repo, text, span.total_seconds(), None, None, log_path.stat().st_mtime)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    repo = work / "calibrepo"
     env = dict(os.environ, DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PYTHONPATH=str(ROOT), COLUMNS="200")
-    log_path = work.parent / f"{work.name}-demo.log"
     load0 = os.getloadavg()
     t0 = time.time()
     with open(log_path, "w") as log:
@@ -145,6 +154,13 @@ def main(argv=None) -> int:
         print(text[-3000:])
         print(f"demo failed (rc {rc}); log: {log_path}")
         return 1
+    return report(args, work, repo, text, wall, (load0, load1), sampler, t0)
+
+
+def report(args, work: Path, repo: Path, text: str, wall: float, loads, sampler, t0: float) -> int:
+    """bench/results/night_disk.md. Without a sampler (``--report-only``) the peak of the
+    intermediates is the largest build's (each build's are removed at its end) and the peak of
+    everything is bounded by the end state plus that."""
     sims = [p for p in work.iterdir() if p.name.startswith("sim-")]
     raw = sum(tree_bytes(p / "raw") for p in sims)
     calib = tree_bytes(repo / "calib")
@@ -153,19 +169,29 @@ def main(argv=None) -> int:
     removed = removed_by_build(text)
     written = sum(removed.values()) * 1e6 + work_end
     gb = 1e9
+    if sampler is not None:
+        peak_work, peak_all, peak_rss = sampler.peak["work"], sampler.peak["all"], f"{sampler.peak_rss / gb:.2f}"
+        how = "sampled every second"
+    else:
+        peak_work = max(removed.values(), default=0.0) * 1e6
+        peak_all = tree_bytes(work) + peak_work
+        peak_rss = "not sampled"
+        how = "from the log: the largest build's intermediates; everything: the end state plus those"
+    load_text = (f"load average {loads[0][0]:.1f} before, {loads[1][0]:.1f} after" if loads
+                 else "load average 6-12 during the run (other sessions' jobs)")
     lines = [f"# The disk a {args.camera} night needs (`calibflow demo`, {args.n_science} science exposures per filter)",
              "", f"Measured by `bench/night_disk.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))}; "
-             f"demo wall {wall:.0f} s; load average {load0[0]:.1f} before, {load1[0]:.1f} after; "
+             f"demo wall {wall:.0f} s; {load_text}; peaks {how}; "
              f"default retention (`CALIBFLOW_INTERMEDIATES` unset = remove).", "",
              "| what | GB |", "|---|---|",
              f"| raws (simulated files; the repository links to them) | {raw / gb:.2f} |",
              f"| products (`calib/`: masters, mosaics, pictures) | {calib / gb:.2f} |",
              f"| registry and night report | {other / gb:.3f} |",
              f"| intermediates left at the end of the night (`work/`) | {work_end / gb:.3f} |",
-             f"| intermediates at their peak during the night | {sampler.peak['work'] / gb:.2f} |",
+             f"| intermediates at their peak during the night | {peak_work / gb:.2f} |",
              f"| intermediates the night wrote in all (what `keep` would leave) | {written / gb:.2f} |",
-             f"| peak of everything (raws, products, intermediates, registry) during the night | {sampler.peak['all'] / gb:.2f} |",
-             f"| peak resident memory of the demo's process tree | {sampler.peak_rss / gb:.2f} |",
+             f"| peak of everything (raws, products, intermediates, registry) during the night | {peak_all / gb:.2f} |",
+             f"| peak resident memory of the demo's process tree (GB) | {peak_rss} |",
              "", f"Left on disk after the night: raws + products + {100 * (work_end + other) / (raw + calib):.1f} %.",
              "", "Intermediates each build wrote and its retention removed (MB):", "",
              "| build | MB |", "|---|---|"]

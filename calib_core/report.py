@@ -22,8 +22,8 @@ from typing import Mapping
 from .camera import Camera, parse_section
 from .verify import VerifyConfig, summarise_checks
 
-__all__ = ["trend", "write_trend", "focal_plane_map", "write_night_report", "report_dir", "DEFAULT_METRICS",
-           "TREND_METRICS"]
+__all__ = ["trend", "write_trend", "focal_plane_map", "write_night_report", "rewrite_reports_of", "report_dir",
+           "DEFAULT_METRICS", "TREND_METRICS"]
 
 #: the metric a night report trends and maps for each type
 DEFAULT_METRICS = {"bias": "read_noise", "dark": "dark_current", "flat": "flat_level", "fringe": "level",
@@ -289,7 +289,19 @@ def write_night_report(registry, repo: Path, camera: Camera, night: str, summary
             parts.append("<p><b>Held back</b> (kept as candidates; <code>calibflow certify --force ID</code> "
                          "certifies one anyway):</p><ul>")
             for r in held:
+                why = summarise_checks(r.get("verification"))
+                if r["status"] == "decertified":
+                    why = f"decertified: {r.get('status_note') or 'no reason given'}; verification {why}"
                 parts.append(f"<li class='held'><code>{esc(r['calib_id'])}</code> ({esc(r['status'])}): "
+                             f"{esc(why)}</li>")
+            parts.append("</ul>")
+        forced = [r for r in recs if r["status"] == "certified" and r.get("verification")
+                  and not r["verification"].get("passed", True)]
+        if forced:
+            parts.append("<p><b>Certified by force</b> (failed verification, certified by a person):</p><ul>")
+            for r in forced:
+                parts.append(f"<li class='forced'><code>{esc(r['calib_id'])}</code>: "
+                             f"{esc(r.get('status_note') or 'certified by force')}; "
                              f"{esc(summarise_checks(r.get('verification')))}</li>")
             parts.append("</ul>")
         if st.get("mosaic") and Path(st["mosaic"]).exists():
@@ -315,9 +327,24 @@ def write_night_report(registry, repo: Path, camera: Camera, night: str, summary
                          f"<figcaption>trend of {esc(metric)} up to this night "
                          f"(<a href='{esc(tp.with_suffix('.json').name)}'>JSON</a>)</figcaption></figure>")
     page = _page(f"{camera.name} {night}", "\n".join(parts))
+    # what the page was made from, so a person's later certify --force or decertify can rewrite it
+    _atomic_text(out / "summary.json", json.dumps({"summary": summary, "verify": cfg.model_dump(mode="json")},
+                                                  default=str))
     _atomic_text(out / "index.html", page)
     _write_index(report_dir(repo, camera.name), camera.name)
     return out / "index.html"
+
+
+def rewrite_reports_of(registry, repo: Path, camera: Camera, calib_id: str) -> list[Path]:
+    """Rewrite the night reports that list ``calib_id`` (after a person certified it by force or
+    withdrew it), from the summaries their nights saved beside them; returns the pages rewritten."""
+    pages = []
+    for saved in sorted(report_dir(repo, camera.name).glob("*/summary.json")):
+        data = json.loads(saved.read_text())
+        if any(calib_id in (st.get("products") or []) for st in data["summary"].get("steps", [])):
+            pages.append(write_night_report(registry, repo, camera, saved.parent.name, data["summary"],
+                                            VerifyConfig.model_validate(data["verify"])))
+    return pages
 
 
 def _write_index(folder: Path, camera: str) -> None:
@@ -341,6 +368,7 @@ body {{ font-family: sans-serif; margin: 1.5em; max-width: 1100px; }}
 table {{ border-collapse: collapse; margin: 0.5em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 90%; text-align: left; }}
 td.bad, .held {{ color: #b00; font-weight: bold; }}
+.forced {{ color: #a60; font-weight: bold; }}
 .state.failed, .state.empty {{ color: #b00; font-weight: bold; }}
 figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
 img.mosaic {{ max-width: 520px; }} img.map {{ max-width: 420px; }} img.trend {{ max-width: 560px; }}

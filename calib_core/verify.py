@@ -508,7 +508,9 @@ def flagged_pixels(product: MaskedImage, inputs: VerifyInputs) -> Verification:
 
 
 def sky_bins(product, inputs: VerifyInputs) -> Verification:
-    """A verifier for a sky frame (a binned model): its bins without a value."""
+    """A verifier for a sky frame (a binned model): its bins without a value. The held-out
+    ``STRUCTURE`` and ``SCALE`` checks need every detector's frame and the build's residuals, so the
+    build adds them once every detector is combined (:func:`sky_structure_checks`)."""
     return verify_binned(product.values, inputs.config)
 
 

@@ -265,7 +265,7 @@ def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow
     from calib_core.registry import RegistryError
     from calib_core.registry.calibs import certify as do_certify
 
-    _, registry = _open_repo(repo, registry_url)
+    store, registry = _open_repo(repo, registry_url)
     try:
         row = do_certify(registry, calib_id, _parse_when(begin, "--begin") if begin else None,
                          _parse_when(end, "--end") if end else None, force=force, note=note)
@@ -274,6 +274,15 @@ def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow
     console.print(f"{row['calib_id']} certified, valid {row['valid_begin']} .. {row['valid_end'] or 'open'}"
                   + (f" ({_esc(row['status_note'])})" if row.get("status_note") else ""), highlight=False,
                   soft_wrap=True)
+    _rewrite_reports(store, registry, row)
+
+
+def _rewrite_reports(store, registry, row: dict) -> None:
+    """The night reports listing a product a person just certified or withdrew, rewritten to show it."""
+    from calib_core.report import rewrite_reports_of
+
+    for page in rewrite_reports_of(registry, store.root, registry.stored_camera(row["camera"]), row["calib_id"]):
+        console.print(f"night report updated: {page}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -286,12 +295,13 @@ def decertify(calib_id: str = typer.Argument(..., help="a calib_id from `calibfl
 
     if not reason.strip():
         _fail("--reason must say why the product is withdrawn")
-    _, registry = _open_repo(repo, registry_url)
+    store, registry = _open_repo(repo, registry_url)
     try:
         row = do_decertify(registry, calib_id, reason.strip())
     except RegistryError as exc:
         _fail(str(exc))
     console.print(f"{row['calib_id']} decertified: {_esc(row['status_note'])}", highlight=False, soft_wrap=True)
+    _rewrite_reports(store, registry, row)
 
 
 @app.command()

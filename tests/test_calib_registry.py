@@ -93,3 +93,33 @@ def test_cli_calibs_certify_lookup(populated, registry_url):
     assert res.exit_code == 1 and "no certified bias" in res.output
     res = runner.invoke(app, ["certify", row["calib_id"], "--begin", "yesterday"], env=env)
     assert res.exit_code == 1 and "--begin must be" in res.output
+
+
+def test_lookup_matches_readout_settings_and_explains(populated):
+    """docs/architecture.md#lookup-rules, rule 3: where the camera has readout settings (binning, gain
+    setting), a product made from inputs read out otherwise never applies, however near its date."""
+    from calib_core.registry import ExposureRow
+    from calib_core.registry.calibs import explain_lookup
+
+    registry, _ = populated
+    with registry.session() as s:
+        for e in s.query(ExposureRow):
+            e.extra = {**(e.extra or {}), "BINNING": "2x2"}
+    near, _ = record_calib(registry, camera="democam_mini", calib_type="bias", filter="NONE", detector=0,
+                           calib_date=dt.date(2026, 11, 20), path="/p/near.fits", checksum="c" * 64,
+                           config_hash="cfg", digest="d-near", software_version="0", inputs=[CalibInput("b0")],
+                           stats={"readout": {"BINNING": "1x1"}})
+    far, _ = record_calib(registry, camera="democam_mini", calib_type="bias", filter="NONE", detector=0,
+                          calib_date=dt.date(2026, 11, 12), path="/p/far.fits", checksum="c" * 64,
+                          config_hash="cfg", digest="d-far", software_version="0", inputs=[CalibInput("b1")],
+                          stats={"readout": {"BINNING": "2x2"}})
+    # without the camera's readout keys the nearer one wins; with them, the one read out as the exposure
+    assert lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias")[0]["calib_id"] == \
+        near["calib_id"]
+    rows = explain_lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias",
+                          readout_keys=("BINNING",))
+    assert [r["calib_id"] for r in rows if r["chosen"]] == [far["calib_id"]]
+    why = next(r for r in rows if r["calib_id"] == near["calib_id"])
+    assert not why["eligible"] and why["reasons"] == ["readout BINNING=1x1, the exposure's is 2x2"]
+    assert lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias",
+                  readout_keys=("BINNING",))[0]["calib_id"] == far["calib_id"]

@@ -189,11 +189,19 @@ def test_certify_force_and_decertify(nights):
     assert res.exit_code == 1 and "failed verification (AMP_SCATTER" in res.output and "--force" in res.output
     res = _cli(store, "certify", bad["calib_id"], "--force", "--note", "test")
     assert res.exit_code == 0 and "certified by force: test (was candidate)" in res.stdout
+    # the night report shows the person's decision with the checks the product failed
+    page = store.root / "reports" / CAMERA / NIGHTS[1] / "index.html"
+    assert f"night report updated: {page}" in res.stdout.replace("\n", "")
+    text = page.read_text()
+    assert re.search(rf"<li class='forced'><code>{bad['calib_id']}</code>: certified by force: test \(was "
+                     r"candidate\); failed: AMP_SCATTER", text), text
     exp = next(e for e in reg.query_exposures(obs_type="flat", night=NIGHTS[1]))["exposure_id"]
     assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0]["calib_id"] == \
         bad["calib_id"]
     res = _cli(store, "decertify", bad["calib_id"], "--reason", "amplifier step")
     assert res.exit_code == 0 and "decertified: amplifier step" in res.stdout
+    assert re.search(rf"<li class='held'><code>{bad['calib_id']}</code> \(decertified\): decertified: amplifier "
+                     r"step; verification failed: AMP_SCATTER", page.read_text())
     assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0]["calib_date"] == \
         NIGHTS[0]
     res = _cli(store, "certify", bad["calib_id"])
@@ -207,6 +215,9 @@ def test_certify_force_and_decertify(nights):
 
         row = s.query(CalibRow).filter_by(calib_id=bad["calib_id"]).one()
         row.status, row.status_note = "candidate", ""
+    from calib_core.report import rewrite_reports_of
+
+    assert rewrite_reports_of(reg, store.root, load_camera(CAMERA), bad["calib_id"]) == [page]
 
 
 def test_trend_over_three_nights(nights, tmp_path):
@@ -259,6 +270,14 @@ def test_artifact_keys_carry_the_filter_and_embed_the_mosaic(nights, prefect_api
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["status"] for r in rows} == {"certified", "candidate"}
     assert all(r["noise"] is not None and r["clipped fraction"] is not None for r in rows)
+    # the nightly's artifact: the exclusion with its reason, what was held back and why, the report's place
+    store, _, _, bad = nights
+    with get_client(sync_client=True) as client:
+        (night,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[f"nightly-{CAMERA.replace('_', '-')}-{NIGHTS[1]}"])))
+    assert f"excluded {bad}: screened out: detector {BAD_DET}: outlier against the last good master" in night.data
+    assert f"held back det {BAD_DET}: AMP_SCATTER" in night.data
+    assert f"Night report: `{store.root / 'reports' / CAMERA / NIGHTS[1] / 'index.html'}`" in night.data
 
 
 def test_the_night_report_in_a_real_browser(nights, tmp_path):
@@ -290,3 +309,18 @@ def test_the_night_report_in_a_real_browser(nights, tmp_path):
     assert len(imgs2) == 9 and all(w > 0 for _, w in imgs2), imgs2       # bias, dark, flat: 3 each
     trend = json.loads((store.root / "reports" / CAMERA / NIGHTS[2] / "trend-bias-read_noise.json").read_text())
     assert sorted({p["calib_date"] for p in trend["points"]}) == list(NIGHTS)
+
+
+def test_an_empty_night_or_unknown_camera_is_not_a_success(nights):
+    """The nightly flow as a schedule runs it (not through the CLI, which refuses before starting it): a
+    night with nothing ingested and an unknown camera end Failed with a message that says why; with
+    ``allow_empty`` (cameras that do not observe every night) an empty night completes and says so."""
+    from flows.nightly import NightlyPolicy, nightly
+
+    store, reg, _, _ = nights
+    state = nightly(night="2026-10-01", camera=CAMERA, repo=str(store.root), return_state=True)
+    assert state.is_failed() and "night 2026-10-01: no exposures of camera democam_mini" in state.message, state
+    state = nightly(night=NIGHTS[0], camera="nosuchcam", repo=str(store.root), return_state=True)
+    assert state.is_failed() and "nosuchcam" in state.message, state
+    summary = nightly(night="2026-10-01", camera=CAMERA, repo=str(store.root), policy=NightlyPolicy(allow_empty=True))
+    assert summary["state"] == "empty night (accepted)" and summary["steps"] == []
