@@ -134,10 +134,11 @@ def test_lrisb_master_bias_matches_independent_reference():
     assert np.sqrt(np.mean((ours[:, 512:1024][:, ::-1] - reference[:, 512:1024]) ** 2)) > 0.01
 
 
-def test_header_geometry_camera_without_sizes_through_the_flow(prefect_api, tmp_path):
+def test_header_geometry_camera_without_sizes_through_the_flow(prefect_api, tmp_path, monkeypatch):
     """keck_lrisb as a user's file without nx/ny (sizes from DETSEC, as the docs allow): a rebuild
     that reuses every intermediate (another calib date) writes its mosaic from the products' shapes
     (it used to fail comparing None sizes), and a rerun whose mosaic is missing writes it again."""
+    monkeypatch.setenv("CALIBFLOW_INTERMEDIATES", "keep")     # the rebuild reuses the first build's
     import tasks.calib_tasks as calib_tasks
     from calib_core import camera as camera_module
     from flows.build import build_calib
