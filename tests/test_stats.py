@@ -301,3 +301,24 @@ def test_stack_shapes_are_checked():
         stack_statistic("MEAN", np.zeros((3, 4)))
     with pytest.raises(ValueError, match="masks shape"):
         stack_statistic("MEAN", np.zeros((3, 4, 4)), masks=np.zeros((2, 4, 4), np.int32))
+
+
+def test_nanpercentile0_is_numpys_nanpercentile():
+    """The vectorised percentile gives NumPy's own values, bit for bit: NaNs anywhere, columns with
+    one value or none, ties, 2-D and 3-D stacks (NumPy's nanpercentile is the reference here)."""
+    import warnings
+
+    from calib_core.stats import nanpercentile0
+
+    rng = np.random.default_rng(5)
+    for shape in [(7, 300), (2, 50), (13, 17, 11), (1, 40)]:
+        x = rng.normal(size=shape) * rng.choice([1.0, 1e3], size=shape)
+        x[rng.random(shape) < 0.3] = np.nan
+        x[..., 0] = np.nan                       # a column with no value
+        x[1:, ..., 1] = np.nan                   # a column with one value
+        x[..., 2] = 4.0                          # ties
+        qs = [25.0, 50.0, 75.0, 10.0, 90.0, 0.0, 100.0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref = np.nanpercentile(x, qs, axis=0)
+        np.testing.assert_array_equal(nanpercentile0(x, qs), ref)
