@@ -1,5 +1,5 @@
 """Cosmic-ray finders on simulated darks against the injected cosmic rays: calibflow's own
-(:func:`calib_core.cosmicrays.find_cosmic_rays`, the pipeline's), the same recipe with full-image median
+(:func:`calib_core.isr.cosmicrays.find_cosmic_rays`, the pipeline's), the same recipe with full-image median
 filters (the finder before docs/algorithms.md#cosmic-ray-speed) and astroscrappy (L.A.Cosmic in C).
 
 Truth: the simulator records only how many cosmic rays each detector got, not where. Here its
@@ -22,7 +22,7 @@ Per finder, over every dark and detector:
 * false: flagged 8-connected groups with no cosmic-ray pixel within 1 px (how many sit on a hot
   pixel, a truth dark rate above 10 read noise per dark time, in brackets);
 * as the pipeline uses a mask: flags grown by ``cr_grow`` (2 px disk), written with the input, then
-  cleared by the combine's ``calib_core.persistent.clear_persistent_cr`` (hot pixels repeat, cosmic
+  cleared by the combine's ``calib_core.isr.persistent.clear_persistent_cr`` (hot pixels repeat, cosmic
   rays do not); "e- left" is the cosmic-ray charge outside that mask (it reaches the stack), "masked,
   no CR" the masked pixels with no cosmic ray within 3 px (each costs the stack an input there);
 * time: wall seconds of the finder alone per megapixel, one thread (OMP_NUM_THREADS=1), same run.
@@ -50,15 +50,15 @@ from scipy import ndimage  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import calib_core.simulate as simulate  # noqa: E402
-from calib_core.calibs import BiasConfig, DarkConfig, combine_bias, process_bias  # noqa: E402
+import calib_core.simulate.night as simulate  # noqa: E402
+from calib_core.builds.bias_dark_flat import BiasConfig, DarkConfig, combine_bias, process_bias  # noqa: E402
 from calib_core.camera import effective_config, load_camera, parse_section  # noqa: E402
-from calib_core.cosmicrays import disk, find_cosmic_rays  # noqa: E402
-from calib_core.isr import run_isr  # noqa: E402
+from calib_core.io.products import read_product, write_product  # noqa: E402
+from calib_core.io.raw import read_raw  # noqa: E402
+from calib_core.isr.cosmicrays import disk, find_cosmic_rays  # noqa: E402
+from calib_core.isr.persistent import clear_persistent_cr  # noqa: E402
+from calib_core.isr.process import run_isr  # noqa: E402
 from calib_core.maskedimage import MASK_PLANES, MaskedImage  # noqa: E402
-from calib_core.persistent import clear_persistent_cr  # noqa: E402
-from calib_core.products import read_product, write_product  # noqa: E402
-from calib_core.rawio import read_raw  # noqa: E402
 
 EIGHT = np.ones((3, 3), bool)
 CR = np.int32(MASK_PLANES.bit("CR"))

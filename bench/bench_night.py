@@ -63,34 +63,47 @@ N_SCIENCE = 8
 
 #: (module, function, step) wrapped in a leg; a function absent from a tree is skipped
 STEPS = [
-    ("calib_core.isr", "run_isr", "ISR"),
-    ("calib_core.cosmicrays", "find_cosmic_rays", "cosmic rays"),
-    ("calib_core.persistent", "clear_persistent_cr", "persistent CR"),
-    ("calib_core.products", "read_product", "read"),
-    ("calib_core.rawio", "read_raw", "read"),
-    ("calib_core.products", "write_product", "write"),
-    ("calib_core.products", "write_hdulist", "write"),
-    ("calib_core.productmeta", "write_calib_product", "write"),
-    ("calib_core.stack", "stack_files", "stack"),
-    ("calib_core.stack", "stack_arrays", "stack"),
-    ("calib_core.sky", "bin_detector", "sky bins"),
-    ("calib_core.objectmask", "mask_objects", "object mask"),
-    ("calib_core.objectmask", "detect_sources", "detect sources"),
-    ("calib_core.background", "measure_background", "background"),
-    ("calib_core.isr", "fit_fringe_scale", "fringe fit"),
-    ("calib_core.isr", "interpolate_over", "interpolate"),
-    ("calib_core.fringe", "prepare_fringe", "fringe prep"),
-    ("calib_core.fringe", "remove_continuum", "continuum"),
-    ("calib_core.verify", "screen_input", "screen"),
+    ("calib_core.isr.process", "run_isr", "ISR"),
+    ("calib_core.isr.cosmicrays", "find_cosmic_rays", "cosmic rays"),
+    ("calib_core.isr.persistent", "clear_persistent_cr", "persistent CR"),
+    ("calib_core.io.products", "read_product", "read"),
+    ("calib_core.io.raw", "read_raw", "read"),
+    ("calib_core.io.products", "write_product", "write"),
+    ("calib_core.io.products", "write_hdulist", "write"),
+    ("calib_core.io.productmeta", "write_calib_product", "write"),
+    ("calib_core.stats.stack", "stack_files", "stack"),
+    ("calib_core.stats.stack", "stack_arrays", "stack"),
+    ("calib_core.sky.frames", "bin_detector", "sky bins"),
+    ("calib_core.sky.objectmask", "mask_objects", "object mask"),
+    ("calib_core.sky.objectmask", "detect_sources", "detect sources"),
+    ("calib_core.stats.background", "measure_background", "background"),
+    ("calib_core.isr.process", "fit_fringe_scale", "fringe fit"),
+    ("calib_core.isr.process", "interpolate_over", "interpolate"),
+    ("calib_core.builds.fringe", "prepare_fringe", "fringe prep"),
+    ("calib_core.builds.fringe", "remove_continuum", "continuum"),
+    ("calib_core.quality.verify", "screen_input", "screen"),
     ("tasks.calib_tasks", "_verify", "verify"),
-    ("calib_core.datastore", "verify_raw", "raw checksum"),
-    ("calib_core.defects", "measure_defects", "defects"),
-    ("calib_core.calibs", "solve_flat_scales", "scale"),
+    ("calib_core.repository.datastore", "verify_raw", "raw checksum"),
+    ("calib_core.builds.defects", "measure_defects", "defects"),
+    ("calib_core.builds.bias_dark_flat", "solve_flat_scales", "scale"),
     ("flows.build", "_sky_second_pass", "scale"),
     ("flows.build", "_settle", "settle"),
     ("flows.build", "_report", "mosaic"),
 ]
 
+#: where the modules of STEPS lived before calib_core was split into subpackages (baseline trees)
+LEGACY_MODULES = {
+    "calib_core.isr.process": "calib_core.isr", "calib_core.isr.cosmicrays": "calib_core.cosmicrays",
+    "calib_core.isr.persistent": "calib_core.persistent", "calib_core.io.products": "calib_core.products",
+    "calib_core.io.raw": "calib_core.rawio", "calib_core.io.productmeta": "calib_core.productmeta",
+    "calib_core.stats.stack": "calib_core.stack", "calib_core.sky.frames": "calib_core.sky",
+    "calib_core.sky.objectmask": "calib_core.objectmask", "calib_core.stats.background": "calib_core.background",
+    "calib_core.builds.fringe": "calib_core.fringe", "calib_core.quality.verify": "calib_core.verify",
+    "calib_core.repository.datastore": "calib_core.datastore", "calib_core.builds.defects": "calib_core.defects",
+    "calib_core.builds.bias_dark_flat": "calib_core.calibs", "calib_core.repository.ingest": "calib_core.ingest",
+    "calib_core.repository.registry": "calib_core.registry",
+    "calib_core.repository.registry.calibs": "calib_core.registry.calibs",
+}
 
 # ---------------------------------------------------------------------------------------------------
 # one leg (runs in a subprocess whose PYTHONPATH is the tree measured)
@@ -163,7 +176,10 @@ def _wrap_everywhere(module_name: str, name: str, step: str) -> None:
     try:
         mod = importlib.import_module(module_name)
     except ImportError:
-        return
+        try:            # a tree from before calib_core's subpackages (the baseline leg)
+            mod = importlib.import_module(LEGACY_MODULES.get(module_name, module_name))
+        except ImportError:
+            return
     orig = getattr(mod, name, None)
     if orig is None:
         return
@@ -213,15 +229,18 @@ def run_leg(args) -> None:
     import concurrent.futures
     import logging
 
+    import tasks.calib_tasks  # noqa: F401  (loaded before its functions are wrapped)
     from calib_core.buildplan import BuildRequest
     from calib_core.camera import load_camera
-    from calib_core.datastore import Datastore
-    from calib_core.ingest import ingest_files
-    from calib_core.registry import Registry
-    from calib_core.registry.calibs import list_calibs
+    try:
+        from calib_core.repository import Datastore, Registry, ingest_files, list_calibs
+    except ImportError:        # a tree from before calib_core's subpackages (the baseline leg)
+        from calib_core.datastore import Datastore
+        from calib_core.ingest import ingest_files
+        from calib_core.registry import Registry
+        from calib_core.registry.calibs import list_calibs
     from flows.build import run_build
     from flows.nightly import NightlyPolicy, plan_night
-    import tasks.calib_tasks  # noqa: F401  (loaded before its functions are wrapped)
     import_s = time.perf_counter() - t_import
 
     for mod, name, step in STEPS:
@@ -328,7 +347,7 @@ def _leg(tree: Path, name: str, tmp: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     out = tmp / f"{name}.json"
     # a fresh clone: no numba cache; then the tree's own set-up step, if it has one (make demo runs it)
-    for f in (tree / "calib_core" / "__pycache__").glob("*.nb[ic]"):
+    for f in (tree / "calib_core").rglob("__pycache__/*.nb[ic]"):
         f.unlink()
     warm_s = None
     if (tree / "calibflow" / "warmup.py").exists():
@@ -464,7 +483,7 @@ def main() -> None:
     try:
         sys.path.insert(0, str(HERE.parents[1]))
         from calib_core.camera import load_camera
-        from calib_core.simulate import simulate_night
+        from calib_core.simulate.night import simulate_night
 
         t = time.perf_counter()
         simulate_night(load_camera(args.camera), tmp / "sim", seed=SEED, night=NIGHT, n_science=N_SCIENCE)

@@ -71,8 +71,8 @@ def simulate(seed: int):
 
 def run_ours(img, mask, var):
     from calib_core.maskedimage import MaskedImage, mask_bits
-    from calib_core.objectmask import mask_objects
-    from calib_core.sky import SkyMeasurementConfig, measure_sky_background
+    from calib_core.sky.frames import SkyMeasurementConfig, measure_sky_background
+    from calib_core.sky.objectmask import mask_objects
 
     mi = MaskedImage(img.copy(), mask.copy(), var.copy())
     det = mask_objects(mi)
@@ -176,7 +176,7 @@ def meanclip_noise_factor(nsigma: float = 3.0) -> tuple[float, float]:
 
 def meanclip_noise_mc(n: int = 1024, nbox: int = 4000, seed: int = 1) -> float:
     """The same factor measured: calibflow's MEANCLIP on nbox boxes of n Gaussian pixels."""
-    from calib_core.binstats import box_statistics
+    from calib_core.stats.binned import box_statistics
 
     x = np.random.default_rng(seed).normal(0.0, 1.0, (nbox, n))
     st = box_statistics(x, None, 0, np.array([[j, j + 1, 0, n] for j in range(nbox)]))
@@ -187,8 +187,8 @@ def analyse(img, var, sky, o, p, seed):
     from astropy.stats import SigmaClip
     from photutils.background import Background2D, MeanBackground
 
-    from calib_core.background import bin_edges
-    from calib_core.binstats import grid_statistics
+    from calib_core.stats.background import bin_edges
+    from calib_core.stats.binned import grid_statistics
 
     obj = var.astype(np.float64) - READ_VAR - sky          # noiseless object light
     do, dp = o["det"], p["det"]
@@ -434,7 +434,7 @@ def main(argv=None) -> None:
         "3-sigma-clipped std (MAD-started clip), n_pixels 1, 12-px circular dilation], Background2D fill on the 256-px "
         "layout, Background2D 32); '1 pass' is one detection on a 256-px background plus the 32-px "
         "grid. calibflow smooths, thresholds and grows on a 4x4-binned image "
-        "(calib_core/objectmask.py).",
+        "(calib_core/sky/objectmask.py).",
     ]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")

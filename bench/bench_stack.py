@@ -56,13 +56,13 @@ def worker(args) -> None:
     files = args.files
     out: dict = {"tool": args.worker, "n": len(files)}
     if args.worker == "calibflow":
-        from calib_core.stack import CombineConfig, stack_files
+        from calib_core.stats.stack import CombineConfig, stack_files
 
         config = CombineConfig(statistic="MEANCLIP", memory_budget=int(args.budget), mask=[])
         # warm the numba cache on a tiny problem so compile time is not counted (cache=True)
-        import calib_core._kernels  # noqa: F401
+        import calib_core.stats._kernels  # noqa: F401
         from calib_core.maskedimage import MaskedImage
-        from calib_core.stack import stack_arrays
+        from calib_core.stats.stack import stack_arrays
 
         stack_arrays([MaskedImage.from_image(np.ones((4, 40), np.float32) * i) for i in range(6)], config)
         base = _rss_now()
@@ -72,7 +72,7 @@ def worker(args) -> None:
         out["output_bytes"] = result.image.nbytes + result.mask.nbytes + result.variance.nbytes + result.image.size * 2
         out["checksum"] = float(np.nanmean(result.image))
     elif args.worker == "floor":
-        from calib_core.products import RowReader, _to_native
+        from calib_core.io.products import RowReader, _to_native
 
         _to_native(np.zeros(16, np.float32))      # load the cached byte-swap kernel before timing
         readers_probe = RowReader(files[0])

@@ -31,7 +31,7 @@ CAMERA = "democam_mini"
 
 
 def _night(workdir: Path, policy_types: list[str] | None):
-    from calib_core.simulate import simulate_night
+    from calib_core.simulate.night import simulate_night
     from flows.nightly import NightlyPolicy, nightly
     from tests._repos import ingested_repo
 
@@ -48,7 +48,7 @@ def _night(workdir: Path, policy_types: list[str] | None):
 
 
 def _products(reg, calib_type: str) -> dict[int, dict]:
-    from calib_core.registry.calibs import list_calibs
+    from calib_core.repository import list_calibs
 
     return {c["detector"]: c for c in list_calibs(reg, calib_type=calib_type)}
 
@@ -63,7 +63,7 @@ def _step(vals: list[float], errs: list[float]) -> float:
 
 
 def _flat_steps(sim, reg) -> list[float]:
-    from calib_core.products import read_product
+    from calib_core.io.products import read_product
 
     out = []
     for det, row in sorted(_products(reg, "flat").items()):
@@ -81,7 +81,7 @@ def _flat_steps(sim, reg) -> list[float]:
 
 
 def _sky_steps(sim, reg) -> list[float]:
-    from calib_core.background import BackgroundModel
+    from calib_core.stats.background import BackgroundModel
 
     out = []
     for det, row in sorted(_products(reg, "sky").items()):
@@ -107,8 +107,8 @@ def _sky_steps(sim, reg) -> list[float]:
 
 
 def _defects(sim, reg) -> tuple[int, int, int, int]:
+    from calib_core.io.products import read_product
     from calib_core.maskedimage import MASK_PLANES
-    from calib_core.products import read_product
 
     found = injected = false = good = 0
     for det, row in sorted(_products(reg, "defects").items()):
@@ -122,7 +122,7 @@ def _defects(sim, reg) -> tuple[int, int, int, int]:
 
 
 def _gains(sim, reg) -> list[tuple]:
-    from calib_core.ptc import read_ptc
+    from calib_core.builds.ptc import read_ptc
 
     out = []
     for det, row in sorted(_products(reg, "ptc").items()):

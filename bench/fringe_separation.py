@@ -2,7 +2,7 @@
 
 ``bench/sky_accuracy.py`` measures the z-band sky frame at ~10x its noise floor on democam_mini,
 against a target of 1.5x. This bench asks whether the target is reachable at all, with the
-simulator's own instrument (``calib_core.simulate.InstrumentTruth``: the sky pattern ``P`` and
+simulator's own instrument (``calib_core.simulate.night.InstrumentTruth``: the sky pattern ``P`` and
 the fringe pattern ``F`` of each detector), without running the pipeline.
 
 Model (per detector, per unit sky): exposure j of a night reads
@@ -51,11 +51,11 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import uniform_filter
 
-from calib_core.background import measure_background
+from calib_core.builds.fringe import FringeConfig
 from calib_core.camera import load_camera
-from calib_core.fringe import FringeConfig
 from calib_core.maskedimage import MaskedImage
-from calib_core.simulate import FRINGE_SCALE, SKY_LEVELS, InstrumentTruth
+from calib_core.simulate.night import FRINGE_SCALE, SKY_LEVELS, InstrumentTruth
+from calib_core.stats.background import measure_background
 
 BIN = 32
 ESTIMATORS = ("none", "reference", "regression", "wiener-radial-oracle", "wiener-2d-oracle", "wiener-2d-data")

@@ -1,6 +1,6 @@
 """Calibration products against the simulator's injected truth, in units of noise floors derived here.
 
-One run per camera geometry: simulate a night (``calib_core.simulate``), ingest it, run
+One run per camera geometry: simulate a night (``calib_core.simulate.night``), ingest it, run
 ``calibflow nightly`` with its default settings (the real CLI, in a subprocess), then ingest
 held-out science exposures that the build never saw and run ``calibflow apply-sky`` on each.
 Everything below compares the written products with the truth files; nothing here calls the
@@ -58,7 +58,7 @@ noise (pixel spread / sqrt(n)) in quadrature. The reduction is before / after. T
 Fringe frame
 ------------
 The simulator adds fringes ``S_j phi_j F`` (``F`` per unit sky, mean 0 per detector) to the continuum
-``S_j C_j`` (``C_j = G_j P M_j + A_j``; see ``calib_core.simulate``). ``calib_core.fringe`` prepares each
+``S_j C_j`` (``C_j = G_j P M_j + A_j``; see ``calib_core.simulate.night``). ``calib_core.builds.fringe`` prepares each
 input by subtracting a binned background and dividing by the input's level ``S_j lvl_j`` (``lvl_j`` =
 mean of ``C_j`` over the detector), then stacks the inputs unweighted (MEANCLIP) and takes the continuum's
 pattern out of the stack (``remove_continuum``; the comparison needs nothing from it). The frame of detector d
@@ -128,9 +128,9 @@ from astropy.io import fits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calib_core.background import BackgroundModel  # noqa: E402  (product reader only)
 from calib_core.camera import load_camera  # noqa: E402
-from calib_core.simulate import SimulatedNight, simulate_night  # noqa: E402
+from calib_core.simulate.night import SimulatedNight, simulate_night  # noqa: E402
+from calib_core.stats.background import BackgroundModel  # noqa: E402  (product reader only)
 
 NIGHT = "2026-11-20"
 
@@ -305,22 +305,21 @@ def _fp_bins(camera, det, xe, ye):
 
 
 def _registry(run: NightRun):
-    from calib_core.datastore import Datastore
-    from calib_core.registry import Registry
+    from calib_core.repository import Datastore, Registry
 
     return Registry.open(Datastore(run.repo).default_registry_url)
 
 
 def products(run: NightRun, calib_type: str, filt: str | None = None) -> dict[int, dict]:
     """Registered products of a type (and filter): {detector: registry row}."""
-    from calib_core.registry.calibs import list_calibs
+    from calib_core.repository import list_calibs
 
     rows = list_calibs(_registry(run), calib_type=calib_type, camera=run.camera, filter=filt)
     return {r["detector"]: r for r in rows}
 
 
 def used_and_rejected(run: NightRun, calib_id: str) -> tuple[list[str], dict[str, str]]:
-    from calib_core.registry.calibs import calib_inputs
+    from calib_core.repository import calib_inputs
 
     rows = calib_inputs(_registry(run), calib_id)
     return ([r["exposure_id"] for r in rows if r["used"]],
@@ -456,7 +455,7 @@ def held_out(run: NightRun, filt: str, a: float) -> list[dict]:
 def master_accuracy(run: NightRun) -> dict:
     """Bias, dark and flat products against truth, RMS over pixels in units of the floor."""
     sim, cam = run.sim, load_camera(run.sim.truth_dir / "camera.yaml")
-    from calib_core.products import read_product
+    from calib_core.io.products import read_product
 
     res = {}
     nb = len(sim.select("bias"))
@@ -538,7 +537,7 @@ def _overscan_columns(det) -> int:
 def _overscan_per_row(run: NightRun) -> bool:
     """Whether the bias build used a per-row overscan: the camera's ISR defaults over the type's (the
     benchmark runs the defaults)."""
-    from calib_core.calibs import BiasConfig
+    from calib_core.builds.bias_dark_flat import BiasConfig
     from calib_core.camera import effective_config
 
     cam = load_camera(run.sim.truth_dir / "camera.yaml")
@@ -605,7 +604,7 @@ def _fringe_inputs(run: NightRun, det, used: list[str], header) -> list[np.ndarr
     """Per used input, the pixels the combine admitted (its mask, read from the build's intermediates
     in the repository's work area: the ones whose ISR calibs are the product's), or None where the
     intermediates are gone (then every input is taken as admitted)."""
-    from calib_core.products import read_product
+    from calib_core.io.products import read_product
 
     isr = {str(header[k]) for k in header if k.startswith("CALIB_ISR_")}
     wd = Path(run.repo) / "work" / run.camera / "fringe"
@@ -626,9 +625,9 @@ def _fringe_inputs(run: NightRun, det, used: list[str], header) -> list[np.ndarr
 def fringe_frame_accuracy(run: NightRun, filt: str = "z") -> dict:
     """The fringe frame of ``filt`` against the injected fringe pattern, in units of its noise floor
     (see the module docstring, "Fringe frame")."""
-    from calib_core.fringe import FringeBuildConfig
+    from calib_core.builds.fringe import FringeBuildConfig
+    from calib_core.io.products import read_product
     from calib_core.maskedimage import mask_bits
-    from calib_core.products import read_product
 
     sim, cam = run.sim, load_camera(run.sim.truth_dir / "camera.yaml")
     prods = products(run, "fringe", filt)
@@ -800,8 +799,8 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep each night's folder (and its run record)")
     ap.add_argument("--reuse", action="store_true", help="evaluate the nights kept by an earlier --keep run")
     args = ap.parse_args(argv)
-    from prefect.testing.utilities import prefect_test_harness
     from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
 
     results = []
     with prefect_test_harness(server_startup_timeout=180):

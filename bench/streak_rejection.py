@@ -4,12 +4,12 @@ Per (camera geometry, seed): simulate a night of r-band science exposures with o
 satellite trail and one glow exposure (``bad_exposures=("cloud", "trail", "glow")``) and moonlight
 gradients of up to +-10 %; ISR every raw with the simulator's truth bias, dark and flat (the
 camera's ISR settings, bad pixels interpolated); then the sky build's two passes exactly as
-:func:`calib_core.sky.build_sky_frames` runs them, one exposure at a time so a large camera fits in
+:func:`calib_core.sky.frames.build_sky_frames` runs them, one exposure at a time so a large camera fits in
 memory. The last pass's binned models and the guiding frames are cached (pickle), so the barrier
-(:func:`calib_core.sky.solve_sky_frames`) can be rerun with other rejection settings for free.
+(:func:`calib_core.sky.frames.solve_sky_frames`) can be rerun with other rejection settings for free.
 
 Reported per night: which exposures the barrier rejects (and why) against ``exposures.json``'s
-``defect``, and the streak statistic of every exposure (:func:`calib_core.streaks.find_streaks`):
+``defect``, and the streak statistic of every exposure (:func:`calib_core.sky.streaks.find_streaks`):
 the trail's score against the highest score of any other exposure.
 
 The harness reproduces the flow: on the night a flow built with ``calibflow nightly`` (democam_mini,
@@ -38,12 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calib_core.camera import effective_config, load_camera  # noqa: E402
-from calib_core.isr import run_isr  # noqa: E402
-from calib_core.rawio import read_raw  # noqa: E402
-from calib_core.simulate import SimulatedNight, simulate_night  # noqa: E402
-from calib_core.sky import (SkyConfig, _pass_pattern, bin_detector, find_outlier_exposures,  # noqa: E402
-                            solve_sky_frames)
-from calib_core.streaks import find_streaks  # noqa: E402
+from calib_core.io.raw import read_raw  # noqa: E402
+from calib_core.isr.process import run_isr  # noqa: E402
+from calib_core.simulate.night import SimulatedNight, simulate_night  # noqa: E402
+from calib_core.sky.frames import SkyConfig, _pass_pattern, bin_detector, find_outlier_exposures, solve_sky_frames  # noqa: E402
+from calib_core.sky.streaks import find_streaks  # noqa: E402
 
 N_SCIENCE = {"democam_mini": 12, "minimosaic": 12, "democam": 10}
 

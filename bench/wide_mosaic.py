@@ -195,8 +195,7 @@ def run_leg(name: str, runner_args: list[str], sim_raw: Path, work: Path, env: d
     text = log.read_text(errors="replace")
     if rc != 0:
         raise SystemExit(f"{name}: nightly failed (rc {rc}); see {log}\n" + text[-3000:])
-    from calib_core.registry import Registry
-    from calib_core.registry.calibs import list_calibs
+    from calib_core.repository import Registry, list_calibs
 
     reg = Registry.open(f"sqlite:///{repo / 'registry.sqlite3'}")
     # pixels, not file checksums: a product's header records when it was made
@@ -304,7 +303,7 @@ def main(argv=None) -> int:
         print(Path(args.out).read_text())
         return 0
     from calib_core.camera import load_camera
-    from calib_core.simulate import simulate_night
+    from calib_core.simulate.night import simulate_night
 
     if not CAMERA_FILE.exists():
         write_camera()

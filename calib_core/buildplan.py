@@ -14,14 +14,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .calibtypes import CALIB_TYPES as SPECS, CalibTypeName, calib_type as spec_of
-from .errors import InputError
-from .registry import Registry
-from .verify import VerifyConfig
+from calib_core.builds.calibtypes import CALIB_TYPES as SPECS
+from calib_core.builds.calibtypes import CalibTypeName
+from calib_core.builds.calibtypes import calib_type as spec_of
+from calib_core.errors import InputError
+from calib_core.quality.verify import VerifyConfig
+from calib_core.repository import Registry
 
 __all__ = ["CALIB_TYPES", "BuildRequest", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash", "intermediate_key"]
 
-#: the calib types' names (their facts: :mod:`calib_core.calibtypes`)
+#: the calib types' names (their facts: :mod:`calib_core.builds.calibtypes`)
 CALIB_TYPES = tuple(SPECS)
 
 

@@ -13,8 +13,6 @@ A reversed range (``[2048:1,1:4096]``) means the axis is flipped. :func:`parse_s
 
 from __future__ import annotations
 
-from .errors import ConfigError
-
 import difflib
 import hashlib
 import json
@@ -28,6 +26,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from calib_core.errors import ConfigError
 
 __all__ = [
     "Section",
@@ -377,7 +377,7 @@ class Camera(BaseModel):
     @field_validator("isr")
     @classmethod
     def _isr_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from .isr import IsrConfig     # isr imports rawio imports camera: import at validation time
+        from calib_core.isr.process import IsrConfig  # isr imports rawio imports camera: import at validation time
 
         fields = list(IsrConfig.model_fields)
         retired = IsrConfig.old_keys()      # the reference's camelCase names (docs/architecture.md#config-naming)
@@ -594,7 +594,7 @@ def effective_config(model: type[BaseModel], camera: "Camera | None", config: di
     A partial ``isr`` in ``config`` only changes the keys it names (the type's switches, such as a bias
     build's ``do_bias: false``, stay).
     """
-    from .configmodel import upgrade_keys
+    from calib_core.configmodel import upgrade_keys
 
     base = model().model_dump(mode="json")
     if camera is not None and camera.isr and "isr" in base:

@@ -12,7 +12,7 @@ condition asks (docs/architecture.md#resume-and-concurrency):
   error the registry classifies as transient (a restarting server, a dropped connection) are
   retried with backoff.
 
-The deterministic classes also derive from ``ValueError`` (and :class:`~calib_core.registry.RegistryError`
+The deterministic classes also derive from ``ValueError`` (and :class:`~calib_core.repository.registry.RegistryError`
 from ``RuntimeError``), as they did before the hierarchy existed, so callers that caught those keep
 working.
 """
@@ -54,6 +54,6 @@ def is_retryable(exc: BaseException) -> bool:
         return exc.transient
     if isinstance(exc, OSError):
         return True
-    from .registry import is_transient
+    from calib_core.repository import is_transient
 
     return is_transient(exc)

@@ -1,7 +1,7 @@
 """ISR with registered calibs, and sky-frame subtraction of a science exposure (no Prefect).
 
 The calib builds and ``calibflow apply-sky`` share :func:`isr_with_calibs`: it takes the calibs
-that :func:`calib_core.registry.calibs.lookup` found for an (exposure, detector) and runs ISR with
+that :func:`calib_core.repository.registry.calibs.lookup` found for an (exposure, detector) and runs ISR with
 them, so a later build or a science reduction applies exactly what was certified.
 """
 
@@ -10,16 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
-from .background import BackgroundModel
-from .calibtypes import ISR_STEP, OPTIONAL_IN_ISR, isr_with_calibs
-from .camera import Camera
-from .isr import IsrConfig
-from .products import write_product
-from .rawio import read_raw
-from .registry import Registry
-from .registry.calibs import lookup
-from .sky import SkyBuildConfig, apply_sky_frame
+from calib_core.builds.calibtypes import ISR_STEP, OPTIONAL_IN_ISR, isr_with_calibs
+from calib_core.camera import Camera
+from calib_core.errors import InputError
+from calib_core.io.products import write_product
+from calib_core.io.raw import read_raw
+from calib_core.isr.process import IsrConfig
+from calib_core.repository import Registry, lookup
+from calib_core.sky.frames import SkyBuildConfig, apply_sky_frame
+from calib_core.stats.background import BackgroundModel
 
 __all__ = ["ISR_STEP", "find_isr_calibs", "readout_keys", "isr_with_calibs", "read_sky_frame", "SkyApplication",
            "apply_sky"]
@@ -88,7 +87,7 @@ def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path 
               config: SkyBuildConfig | None = None) -> SkyApplication:
     """Sky correction of one science exposure (pipe_drivers ``SkyCorrectionTask``): ISR with the
     certified calibs, object masking, then the exposure's large-scale surface and the certified sky
-    frame's scale fitted together over all detectors (:func:`calib_core.sky.apply_sky_frame`) and
+    frame's scale fitted together over all detectors (:func:`calib_core.sky.frames.apply_sky_frame`) and
     ``L * (1 + s * F)`` subtracted. The output images are sky-free (objects and noise).
 
     Parameters

@@ -19,9 +19,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, lifeline, ops
-from .common import HelpGroup, RepoOpt, UrlOpt, VerboseOpt, console, err, print_json
-from .common import check_calib_type, check_detectors, check_obs_type, quiet_prefect, refuse_inside_checkout
-from .common import esc as _esc, fail as _fail, load_camera_or_fail as _load_camera, open_repo as _open_repo
+from .common import (
+    HelpGroup,
+    RepoOpt,
+    UrlOpt,
+    VerboseOpt,
+    check_calib_type,
+    check_detectors,
+    check_obs_type,
+    console,
+    err,
+    print_json,
+    quiet_prefect,
+    refuse_inside_checkout,
+)
+from .common import esc as _esc
+from .common import fail as _fail
+from .common import load_camera_or_fail as _load_camera
+from .common import open_repo as _open_repo
 from .common import prefect_env as _prefect_env
 
 app = typer.Typer(help="Calibration frames (bias, dark, flat, fringe, sky) for mosaic CCD cameras.",
@@ -35,7 +50,7 @@ app.add_typer(cameras_app, name="cameras")
 def _resolve_camera(registry, spec: Optional[str], night=None, exposure_ids=None):
     """``--camera NAME|FILE`` as the registry holds it (see ``Registry.resolve_camera``)."""
     from calib_core.camera import CameraError
-    from calib_core.registry import RegistryError
+    from calib_core.repository import RegistryError
 
     try:
         return registry.resolve_camera(spec, night=night, exposure_ids=exposure_ids)
@@ -80,7 +95,7 @@ def init(repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     try:
         registry.upgrade()
     except Exception as exc:  # connection refused, permissions, ...
-        from calib_core.registry import mask_url
+        from calib_core.repository import mask_url
 
         _fail(f"cannot initialise registry {registry.url}: {mask_url(str(exc).splitlines()[0])}")
     console.print(f"repository [bold]{store.root}[/] ready; registry {registry.url} at schema "
@@ -98,14 +113,12 @@ def ingest(paths: Optional[list[Path]] = typer.Argument(None, help="raw files or
                                        "are not touched"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Register raw files (checksummed, never modified; the same file twice is a no-op)."""
-    from calib_core.datastore import TRANSFER_MODES
-    from calib_core.ingest import find_raw_files, ingest_files
-    from calib_core.registry import RegistryError
+    from calib_core.repository import TRANSFER_MODES, RegistryError, find_raw_files, ingest_files
 
     if transfer not in TRANSFER_MODES:
         _fail(f"--transfer must be one of {', '.join(TRANSFER_MODES)}, not {transfer!r}")
     from calib_core.camera import is_camera_file, list_cameras
-    from calib_core.datastore import DEFAULT_REPO, Datastore
+    from calib_core.repository import DEFAULT_REPO, Datastore
 
     given = _load_camera(camera) if is_camera_file(camera) or camera in list_cameras() else None
     if given is None and not registry_url and not Datastore(repo or DEFAULT_REPO).root.exists():
@@ -137,8 +150,9 @@ def ingest(paths: Optional[list[Path]] = typer.Argument(None, help="raw files or
 
 
 def _ingest_update(registry, cam, paths) -> None:
-    from calib_core.ingest import update_exposures
     from rich.markup import escape
+
+    from calib_core.repository import update_exposures
 
     report = update_exposures(cam, registry, paths or None)
     for path, why in report.failed:
@@ -222,8 +236,8 @@ def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON (null 
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """List products (calibs) in the registry: status, verification, and the certified products
     whose validity overlaps (lookup then takes the nearest calib date, see `lookup --explain`)."""
-    from calib_core.registry.calibs import STATUSES, list_calibs, overlapping
-    from calib_core.verify import summarise_checks
+    from calib_core.quality.verify import summarise_checks
+    from calib_core.repository import STATUSES, list_calibs, overlapping
 
     check_calib_type(calib_type)
     if status is not None and status not in STATUSES:
@@ -262,8 +276,8 @@ def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow
             note: str = typer.Option("", "--note", help="why (recorded with the status)"),
             repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Certify a product (lookup may then return it) and set its validity range."""
-    from calib_core.registry import RegistryError
-    from calib_core.registry.calibs import certify as do_certify
+    from calib_core.repository import RegistryError
+    from calib_core.repository import certify as do_certify
 
     store, registry = _open_repo(repo, registry_url)
     try:
@@ -279,7 +293,7 @@ def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow
 
 def _rewrite_reports(store, registry, row: dict) -> None:
     """The night reports listing a product a person just certified or withdrew, rewritten to show it."""
-    from calib_core.report import rewrite_reports_of
+    from calib_core.quality.report import rewrite_reports_of
 
     for page in rewrite_reports_of(registry, store.root, registry.stored_camera(row["camera"]), row["calib_id"]):
         console.print(f"night report updated: {page}", highlight=False, soft_wrap=True)
@@ -290,8 +304,8 @@ def decertify(calib_id: str = typer.Argument(..., help="a calib_id from `calibfl
               reason: str = typer.Option(..., "--reason", help="why it is withdrawn (recorded and shown)"),
               repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Withdraw a certified product: lookup no longer returns it (the file and record stay)."""
-    from calib_core.registry import RegistryError
-    from calib_core.registry.calibs import decertify as do_decertify
+    from calib_core.repository import RegistryError
+    from calib_core.repository import decertify as do_decertify
 
     if not reason.strip():
         _fail("--reason must say why the product is withdrawn")
@@ -317,8 +331,7 @@ def prune(delete: bool = typer.Option(False, "--delete", help="remove the files 
     Freed: intermediates whose exposures are inputs of registered products of their type, derived
     sky frames and temporaries of dead writers; with --older-than, those of failed or killed builds
     too. Never: any of a type with a running build (docs/architecture.md#intermediates-and-disk)."""
-    from calib_core.retention import PRUNE_CLASSES, remove_files, running_types, survey
-    from tasks.calib_tasks import mark_crashed_runs
+    from calib_core.repository import PRUNE_CLASSES, mark_crashed_runs, remove_files, running_types, survey
 
     store, registry = _open_repo(repo, registry_url)
     mark_crashed_runs(registry)
@@ -376,8 +389,7 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """Which certified calib applies to an exposure (per detector), by the rules of
     docs/architecture.md#lookup-rules; --explain says why for every candidate."""
-    from calib_core.registry import RegistryError
-    from calib_core.registry.calibs import explain_lookup
+    from calib_core.repository import RegistryError, explain_lookup
     from calib_core.science import readout_keys
 
     check_calib_type(calib_type)
@@ -583,7 +595,7 @@ def _read_config(config_file: Optional[Path], sets: Optional[list[str]]) -> dict
 
 def _config_models() -> dict:
     """The config model of each calib type, from calib_core (no Prefect import: validation stays fast)."""
-    from calib_core.calibtypes import CALIB_TYPES
+    from calib_core.builds.calibtypes import CALIB_TYPES
 
     return {name: spec.config_model for name, spec in CALIB_TYPES.items()}
 
@@ -726,7 +738,7 @@ def report(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-DD
            port: int = typer.Option(0, "--port", min=0, max=65535, help="with --serve [default: a free port]"),
            repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """The night report the nightly flow wrote (its path, or served locally)."""
-    from calib_core.report import report_dir
+    from calib_core.quality.report import report_dir
 
     _check_date(night, "--night")
     store, registry = _open_repo(repo, registry_url)
@@ -766,7 +778,8 @@ def trend(calib_type: str = typer.Option(..., "--type", help="bias, dark, flat, 
           as_json: bool = typer.Option(False, "--json", help="print the points and limits as JSON as well"),
           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """A metric of every verified product against date, with the verification limits marked (PNG and JSON)."""
-    from calib_core.report import TREND_METRICS, report_dir, trend as get_trend, write_trend
+    from calib_core.quality.report import TREND_METRICS, report_dir, write_trend
+    from calib_core.quality.report import trend as get_trend
 
     check_calib_type(calib_type)
     store, registry = _open_repo(repo, registry_url)
@@ -774,7 +787,7 @@ def trend(calib_type: str = typer.Option(..., "--type", help="bias, dark, flat, 
     check_detectors([cam], detector)
     data = get_trend(registry, cam.name, calib_type, metric, detector=detector, filter=filter)
     if not data["points"]:
-        from calib_core.registry.calibs import calib_metrics
+        from calib_core.repository import calib_metrics
 
         have = sorted({r["metric"] for r in calib_metrics(registry, camera=cam.name, calib_type=calib_type)})
         _fail(f"no {metric!r} metric for {calib_type} products of {cam.name}"
@@ -809,9 +822,9 @@ def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (s
     large-scale surface and the certified sky frame's scale fitted together and both subtracted;
     writes the corrected images and reports the fitted scale."""
     from calib_core.camera import effective_config
-    from calib_core.registry import RegistryError
+    from calib_core.repository import RegistryError
     from calib_core.science import apply_sky as run_apply_sky
-    from calib_core.sky import SkyBuildConfig
+    from calib_core.sky.frames import SkyBuildConfig
 
     if out is not None:
         refuse_inside_checkout(out, "--out")
@@ -867,7 +880,7 @@ def cameras_show(name: str = typer.Argument(..., help="camera name or YAML file"
                                                            "with it (repeat): sections against the real HDUs, "
                                                            "and the metadata it gives")):
     """Print one camera definition (validated) as YAML; with --raw, check it against raw files."""
-    from calib_core.rawio import RawReadError, read_raw
+    from calib_core.io.raw import RawReadError, read_raw
 
     cam = _load_camera(name)
     if not raws:
@@ -920,7 +933,7 @@ def simulate(camera: str = typer.Option("democam", "--camera", help="a built-in 
              ptc_exptimes: str = typer.Option("", "--ptc-exptimes", help="comma-separated exposure times of "
                                                                          "extra flat pairs for a PTC [default: none]")):
     """Simulate a night of raw exposures with known truth (raw/ and truth/ under --out)."""
-    from calib_core.simulate import simulate_night
+    from calib_core.simulate.night import simulate_night
 
     refuse_inside_checkout(out, "--out")
     cam = _load_camera(camera)
@@ -963,10 +976,8 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     built."""
     import shutil
 
-    from calib_core.datastore import Datastore
-    from calib_core.ingest import ingest_files
-    from calib_core.registry import Registry
-    from calib_core.simulate import simulate_night
+    from calib_core.repository import Datastore, Registry, ingest_files
+    from calib_core.simulate.night import simulate_night
 
     t0 = time.perf_counter()
     _check_date(night, "--night")

@@ -43,8 +43,7 @@ def esc(text) -> str:
 
 
 def open_repo(repo: Optional[Path], url: Optional[str], *, create: bool = False):
-    from calib_core.datastore import DEFAULT_REPO, Datastore
-    from calib_core.registry import Registry, RegistryError
+    from calib_core.repository import DEFAULT_REPO, Datastore, Registry, RegistryError
 
     store = Datastore(repo or DEFAULT_REPO)
     if not create and not store.root.exists() and not url:
@@ -165,7 +164,7 @@ def print_json(obj) -> None:
 
 
 def check_calib_type(name: Optional[str], option: str = "--type") -> None:
-    from calib_core.calibtypes import CALIB_TYPES
+    from calib_core.builds.calibtypes import CALIB_TYPES
 
     if name is not None and name not in CALIB_TYPES:
         fail(f"{option}: unknown calib type {name!r}; choose one of {', '.join(CALIB_TYPES)}")

@@ -84,7 +84,7 @@ def serve(repo: Optional[Path] = typer.Option(None, "--repo", envvar="CALIBFLOW_
     common.prefect_env()
     url = _api_url()
     settings = _site_settings(repo, registry_url, camera, nightly_cron, timezone, keep_registry_url=True)
-    from calib_core.registry import mask_url
+    from calib_core.repository import mask_url
     from deployments.definitions import make_deployments
 
     # the flow runs are child processes of this one: they see the same repository whatever their cwd
@@ -161,7 +161,7 @@ def _serve_camera(registry, spec: Optional[str]):
     """The deployments' default camera (by its registry name, so runs work from any folder): the one
     given (a file need not be ingested yet: its runs find it once it is), else the registry's only
     camera, else none (each run names one or its selection decides)."""
-    from calib_core.registry import RegistryError
+    from calib_core.repository import RegistryError
 
     if spec:
         try:
@@ -240,7 +240,6 @@ def check_parameters(params: dict, deployment_parameters: dict, schema: dict | N
     merged = _deep_merge(deployment_parameters or {}, params)
     if schema and not problems:
         import jsonschema
-
         from jsonschema.exceptions import best_match
 
         validator = jsonschema.Draft202012Validator(schema)
@@ -348,7 +347,8 @@ def trigger(deployment: str = typer.Argument(..., help="FLOW/DEPLOYMENT (build-c
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.utilities.urls import url_for
-    from calib_core.registry import mask_url
+
+    from calib_core.repository import mask_url
 
     for item in params or []:      # a run's parameters are stored by Prefect and shown in its UI
         key, _, value = item.partition("=")

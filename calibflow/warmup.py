@@ -2,7 +2,7 @@
 
 The kernels are compiled with ``cache=True``: the first process that calls one compiles it (seconds
 each, about 20 s for a night's set on 2 cores) and writes the machine code next to the source
-(``calib_core/__pycache__``); every later process loads it. Without this step that first process
+(the ``__pycache__`` folders of ``calib_core``'s packages); every later process loads it. Without this step that first process
 is the user's first build. ``make install`` (and so ``make demo`` and ``make test`` in a fresh
 clone) runs it once per environment.
 
@@ -47,10 +47,8 @@ def warm_up(camera: str = "democam_mini") -> float:
     """Build a small simulated night of ``camera`` in a temporary folder; returns the seconds taken."""
     from calib_core.buildplan import BuildRequest
     from calib_core.camera import load_camera
-    from calib_core.datastore import Datastore
-    from calib_core.ingest import ingest_files
-    from calib_core.registry import Registry
-    from calib_core.simulate import simulate_night
+    from calib_core.repository import Datastore, Registry, ingest_files
+    from calib_core.simulate.night import simulate_night
     from flows.build import run_build
     from flows.nightly import NightlyPolicy, plan_night
 

@@ -21,12 +21,12 @@ import datetime as dt
 import os
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
 from prefect import Flow, flow
+from pydantic import AfterValidator, BaseModel, Field
 
+from calib_core.builds.calibtypes import CALIB_TYPES, dependency_order
+from calib_core.quality.verify import VerifyConfig
 from flows.build import build_calib
-from calib_core.calibtypes import CALIB_TYPES, dependency_order
-from calib_core.verify import VerifyConfig
 
 __all__ = ["BUILD_FLOWS", "build_bias", "build_dark", "build_defects", "build_ptc", "build_flat", "build_fringe",
            "build_sky", "resolve_repo",
@@ -73,7 +73,7 @@ Args:
 
 def resolve_repo(repo: str | None, registry_url: str | None) -> tuple[str, str | None]:
     """The repository folder and registry URL as the CLI resolves them (explicit, environment, default)."""
-    from calib_core.datastore import DEFAULT_REPO
+    from calib_core.repository import DEFAULT_REPO
 
     repo = repo or os.environ.get("CALIBFLOW_REPO") or DEFAULT_REPO
     # the environment's URL stays a reference: a subflow's parameters must not carry a password

@@ -5,7 +5,7 @@
 * flat: process (ISR + background level) -> **scale solve over the CCD x exposure matrix** -> combine;
 * sky: process (ISR + object masking + 32-px binned model of each (exposure, detector)) -> **on the
   bins of every exposure: smooth focal-plane surfaces, residuals, outlier exposures rejected, the
-  per-bin average** (calib_core.sky.solve_sky_frames) -> with ``n_passes`` > 1, per (exposure,
+  per-bin average** (calib_core.sky.frames.solve_sky_frames) -> with ``n_passes`` > 1, per (exposure,
   detector) objects masked again without the first pass's sky, and the barrier again -> per
   detector: write and register the frame.
 
@@ -28,21 +28,35 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from calib_core.atomic import sweep_stale
-from calib_core.background import BackgroundModel
 from calib_core.buildplan import BuildRequest, config_hash, plan_build
-from calib_core.calibtypes import CalibTypeName, calib_type as spec_of
-from calib_core.calibs import solve_flat_scales
+from calib_core.builds.bias_dark_flat import solve_flat_scales
+from calib_core.builds.calibtypes import CalibTypeName
+from calib_core.builds.calibtypes import calib_type as spec_of
 from calib_core.camera import Camera, effective_config
-from calib_core.datastore import Datastore, check_identifier
-from calib_core.mosaic import write_product_mosaic
-from calib_core.registry import Registry, resolve_url, retry_transient
-from calib_core.registry.calibs import ValidityRule
-from calib_core.products import write_hdulist
-from calib_core.sky import solve_sky_frames
-from calib_core.verify import VerifyConfig
-from tasks.calib_tasks import (BuildContext, build_camera, combine_detector, existing_products,
-                               finish_build_run, process_detectors, sky_rebin, start_build_run)
+from calib_core.io.atomic import sweep_stale
+from calib_core.io.products import write_hdulist
+from calib_core.quality.mosaic import write_product_mosaic
+from calib_core.quality.verify import VerifyConfig
+from calib_core.repository import (
+    Datastore,
+    Registry,
+    ValidityRule,
+    check_identifier,
+    finish_build_run,
+    resolve_url,
+    retry_transient,
+    start_build_run,
+)
+from calib_core.sky.frames import solve_sky_frames
+from calib_core.stats.background import BackgroundModel
+from tasks.calib_tasks import (
+    BuildContext,
+    build_camera,
+    combine_detector,
+    existing_products,
+    process_detectors,
+    sky_rebin,
+)
 
 __all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "resolve_registry_url", "RUNNERS",
            "progress_listener"]
@@ -204,7 +218,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
     drop_incomplete, on_bad_input, detectors_per_task = r.drop_incomplete, r.on_bad_input, r.detectors_per_task
     validity_days_before, validity_days_after = r.validity_days_before, r.validity_days_after
     spec = spec_of(calib_type)
-    from calib_core.retention import retention_policy
+    from calib_core.repository import retention_policy
 
     retention_policy()      # a mistyped CALIBFLOW_INTERMEDIATES fails the build before any work
     store = Datastore(repo)
@@ -280,8 +294,7 @@ def _retire_intermediates(registry, ctx: BuildContext, plan, store: Datastore, l
     registered and verified, its intermediates (its exposures and detectors) are removed, unless
     ``CALIBFLOW_INTERMEDIATES=keep`` or another build of the type is running (it may read the same
     files: they are left for ``calibflow prune``). Never fails the build."""
-    from calib_core.retention import build_files, remove_files, retention_policy, running_types
-    from tasks.calib_tasks import mark_crashed_runs
+    from calib_core.repository import build_files, mark_crashed_runs, remove_files, retention_policy, running_types
 
     try:
         if retention_policy() == "keep":
@@ -403,7 +416,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
 
 def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=None) -> dict:
     """The sky build's barrier(s), on the binned models of every (exposure, detector): surfaces,
-    residuals, exposure rejection and the frame (:func:`calib_core.sky.solve_sky_frames`); with
+    residuals, exposure rejection and the frame (:func:`calib_core.sky.frames.solve_sky_frames`); with
     ``n_passes`` > 1 a mapped re-masking between barriers. ``dropped`` gets the rejected exposures;
     returns the items to combine per detector, each carrying its frame's path."""
     camera = build_camera(ctx)
@@ -448,8 +461,8 @@ def _settle(registry, ctx: BuildContext, products: list[dict], log, residuals: d
     checks across detectors (a flat's detector-to-detector scatter; a sky frame's held-out structure,
     scored on ``residuals``, when this run built it) join each product's own, and the candidates that
     passed everything are certified; returns the products as now registered."""
-    from calib_core.registry.calibs import settle_candidates
-    from calib_core.verify import detector_scatter_checks
+    from calib_core.quality.verify import detector_scatter_checks
+    from calib_core.repository import settle_candidates
 
     extra, extra_metrics = {}, {}
     cfg = VerifyConfig.model_validate(ctx.verify)
@@ -477,10 +490,9 @@ def _settle(registry, ctx: BuildContext, products: list[dict], log, residuals: d
 
 def _sky_structure(ctx: BuildContext, products: list[dict], residuals: dict, cfg: VerifyConfig, log
                    ) -> tuple[dict, dict]:
-    """The sky frame's held-out checks (:func:`calib_core.verify.sky_structure_checks`) on the
+    """The sky frame's held-out checks (:func:`calib_core.quality.verify.sky_structure_checks`) on the
     frames as registered and the build's binned residuals: (checks, metrics) by calib id."""
-    from calib_core import verify
-
+    from calib_core.quality import verify
     frames = {p["detector"]: BackgroundModel.from_fits(p["path"]) for p in products}
     models = {e: {d: BackgroundModel.from_fits(path) for d, path in by_det.items()} for e, by_det in residuals.items()}
     result = verify.sky_structure_checks(build_camera(ctx), models, frames, cfg, ctx.cfg())
@@ -577,7 +589,7 @@ def png_data_uri(png) -> str | None:
 def mosaic_markdown(ctx: BuildContext, png, products: list[dict]) -> str:
     """The mosaic artifact: the picture inline, what was certified or held back, and where the
     files and the night report are."""
-    from calib_core.verify import summarise_checks
+    from calib_core.quality.verify import summarise_checks
 
     uri = png_data_uri(png)
     lines = [f"## {_build_label(ctx)} {ctx.calib_date} ({ctx.camera})", ""]
@@ -608,7 +620,7 @@ PRODUCTS_ARTIFACT = "products of"
 
 
 def _summary(p: dict) -> str:
-    from calib_core.verify import summarise_checks
+    from calib_core.quality.verify import summarise_checks
 
     return summarise_checks(p.get("verification"))
 

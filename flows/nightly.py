@@ -15,11 +15,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from calib_core.calibtypes import CALIB_TYPES, CalibTypeName, dependency_order
+from calib_core.builds.calibtypes import CALIB_TYPES, CalibTypeName, dependency_order
 from calib_core.camera import Camera
-from calib_core.datastore import Datastore
-from calib_core.registry import Registry, retry_transient
-from calib_core.verify import VerifyConfig
+from calib_core.quality.verify import VerifyConfig
+from calib_core.repository import Datastore, Registry, retry_transient
 
 from .build import build_calib, resolve_registry_url
 
@@ -164,7 +163,7 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
 def _night_report(registry, store, cam, night, summary, policy, log) -> str | None:
     """The night's HTML page (docs/architecture.md#the-night-report); a failure to write it is logged,
     never fails the night."""
-    from calib_core.report import write_night_report
+    from calib_core.quality.report import write_night_report
 
     try:
         path = write_night_report(registry, store.root, cam, night, summary, policy.verify)

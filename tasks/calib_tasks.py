@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import os
 import pickle
-import socket
 from functools import lru_cache
 
 import numpy as np
@@ -20,28 +19,40 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from calib_core.atomic import private_name
-from calib_core.background import BackgroundModel
 from calib_core.buildplan import intermediate_key
-from calib_core.calibs import background_level
-from calib_core.calibtypes import CalibType, calib_type as spec_of
+from calib_core.builds.bias_dark_flat import background_level
+from calib_core.builds.calibtypes import CalibType
+from calib_core.builds.calibtypes import calib_type as spec_of
 from calib_core.camera import Camera
-from calib_core.datastore import Datastore, sha256_file, verify_raw
 from calib_core.errors import is_retryable
-from calib_core.isr import IsrError
+from calib_core.io.atomic import private_name
+from calib_core.io.productmeta import write_calib_product
+from calib_core.io.products import provenance_cards, read_product, write_hdulist, write_product
+from calib_core.io.raw import RawReadError, read_raw
+from calib_core.isr.process import IsrError
 from calib_core.maskedimage import MASK_PLANES
-from calib_core.productmeta import write_calib_product
-from calib_core.products import provenance_cards, read_product, write_hdulist, write_product
-from calib_core.rawio import RawReadError, read_raw
-from calib_core.registry import BuildRunRow, Registry, is_transient, note_transient, retry_transient
-from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, explain_lookup, find_calib,
-                                        make_calib_id, record_calib)
+from calib_core.quality.verify import ScreenConfig, TestFrame, VerifyConfig, VerifyInputs, screen_input
+from calib_core.repository import (
+    CalibInput,
+    Datastore,
+    Registry,
+    ValidityRule,
+    calib_digest,
+    explain_lookup,
+    find_calib,
+    is_transient,
+    make_calib_id,
+    note_transient,
+    record_calib,
+    sha256_file,
+    verify_raw,
+)
 from calib_core.science import find_isr_calibs, readout_keys
-from calib_core.sky import bin_detector
-from calib_core.verify import ScreenConfig, TestFrame, VerifyConfig, VerifyInputs, screen_input
+from calib_core.sky.frames import bin_detector
+from calib_core.stats.background import BackgroundModel
 
 __all__ = ["BuildContext", "process_detectors", "process_exposure_detector", "sky_rebin",
-           "combine_detector", "start_build_run", "finish_build_run", "existing_products"]
+           "combine_detector", "existing_products"]
 
 
 
@@ -246,7 +257,7 @@ def sky_rebin(ctx: BuildContext, items: list[dict], k: int, model: dict) -> list
     post-ISR image minus the previous pass's sky ``L * (1 + F)``, and the binned model re-measured.
 
     ``model`` holds the paths of the previous pass's surface of this exposure (pickled
-    :class:`~calib_core.sky.SkySurface`) and frame of each detector, and a digest of both (the
+    :class:`~calib_core.sky.frames.SkySurface`) and frame of each detector, and a digest of both (the
     output name, so a resumed build reuses what it already measured)."""
     store = Datastore(ctx.repo)
     camera = build_camera(ctx)
@@ -448,65 +459,3 @@ def _verify(ctx: BuildContext, registry: Registry, detector: int, product, items
         _logger().warning("detector %d: the new %s fails verification: %s", detector, ctx.calib_type,
                           "; ".join(c.describe() for c in result.checks if not c.passed))
     return result
-
-
-def _start_ticks(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, Linux), None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    return int(text[text.rfind(")") + 2:].split()[19])
-
-
-def _this_process() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_ticks(os.getpid())}
-
-
-def _gone(proc: dict) -> bool:
-    """True when the process that ran a build is known to have ended (same host, pid gone or reused)."""
-    if not isinstance(proc, dict) or proc.get("host") != socket.gethostname() or not proc.get("pid"):
-        return False
-    started = _start_ticks(int(proc["pid"]))
-    return started is None or (proc.get("started") is not None and started != proc["started"])
-
-
-def mark_crashed_runs(registry: Registry) -> int:
-    """Build runs still ``running`` whose process has ended (killed, lost) become ``crashed``."""
-    now = dt.datetime.now(dt.timezone.utc)
-    n = 0
-    with registry.session() as s:
-        for row in s.query(BuildRunRow).filter(BuildRunRow.status == "running"):
-            proc = (row.parameters or {}).get("_process")
-            if _gone(proc):
-                row.status, row.finished_at = "crashed", now
-                row.message = f"process {proc['pid']} on {proc['host']} ended before the run finished"
-                n += 1
-    return n
-
-
-def start_build_run(registry: Registry, flow_run_id: str | None, calib_type: str, parameters: dict) -> int:
-    return retry_transient(_start_build_run, registry, flow_run_id, calib_type, parameters, what="start build run")
-
-
-def _start_build_run(registry: Registry, flow_run_id: str | None, calib_type: str, parameters: dict) -> int:
-    mark_crashed_runs(registry)
-    with registry.session() as s:
-        row = BuildRunRow(flow_run_id=flow_run_id, calib_type=calib_type,
-                          parameters={**parameters, "_process": _this_process()},
-                          status="running", message="", started_at=dt.datetime.now(dt.timezone.utc))
-        s.add(row)
-        s.flush()
-        return row.id
-
-
-def finish_build_run(registry: Registry, run_id: int, status: str, message: str = "") -> None:
-    retry_transient(_finish_build_run, registry, run_id, status, message, what="finish build run")
-
-
-def _finish_build_run(registry: Registry, run_id: int, status: str, message: str = "") -> None:
-    with registry.session() as s:
-        row = s.get(BuildRunRow, run_id)
-        row.status, row.message = status, message[:4000]
-        row.finished_at = dt.datetime.now(dt.timezone.utc)

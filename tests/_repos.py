@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore
-from calib_core.ingest import ingest_files
-from calib_core.registry import Registry
+from calib_core.repository import Datastore, Registry, ingest_files
 
 
 def ingested_repo(root, raws, camera: str, transfer: str = "symlink") -> tuple[Datastore, Registry]:

@@ -146,7 +146,7 @@ def registry_url(request, tmp_path):
 
 @pytest.fixture
 def registry(registry_url):
-    from calib_core.registry import Registry
+    from calib_core.repository import Registry
 
     reg = Registry.open(registry_url)
     reg.upgrade()

@@ -1,4 +1,4 @@
-"""Private temporary names and the sweep of those left by killed writers (calib_core.atomic)."""
+"""Private temporary names and the sweep of those left by killed writers (calib_core.io.atomic)."""
 
 import os
 import subprocess
@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from calib_core.atomic import STALE_AGE_S, create_private, private_name, sweep_stale
+from calib_core.io.atomic import STALE_AGE_S, create_private, private_name, sweep_stale
+from calib_core.io.products import read_product, write_product
 from calib_core.maskedimage import MaskedImage
-from calib_core.products import read_product, write_product
 
 
 def _dead_pid() -> int:
@@ -67,7 +67,7 @@ def test_interrupted_write_leaves_a_sweepable_temporary(tmp_path):
     code = ("import os, signal, numpy as np\n"
             "from astropy.io import fits\n"
             "from calib_core.maskedimage import MaskedImage\n"
-            "from calib_core.products import write_product\n"
+            "from calib_core.io.products import write_product\n"
             "real = fits.HDUList.writeto\n"
             "def die(self, name, **kw):\n"
             "    open(name, 'wb').write(b'SIMPLE  = ')\n"

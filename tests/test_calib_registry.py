@@ -7,11 +7,19 @@ import pytest
 from typer.testing import CliRunner
 
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore
-from calib_core.ingest import ingest_files
-from calib_core.registry import RegistryError
-from calib_core.registry.calibs import (CalibInput, ValidityRule, calib_digest, calib_inputs, certify,
-                                        list_calibs, lookup, record_calib)
+from calib_core.repository import (
+    CalibInput,
+    Datastore,
+    RegistryError,
+    ValidityRule,
+    calib_digest,
+    calib_inputs,
+    certify,
+    ingest_files,
+    list_calibs,
+    lookup,
+    record_calib,
+)
 from tests.test_registry import _mini_file
 
 
@@ -98,8 +106,8 @@ def test_cli_calibs_certify_lookup(populated, registry_url):
 def test_lookup_matches_readout_settings_and_explains(populated):
     """docs/architecture.md#lookup-rules, rule 3: where the camera has readout settings (binning, gain
     setting), a product made from inputs read out otherwise never applies, however near its date."""
-    from calib_core.registry import ExposureRow
-    from calib_core.registry.calibs import explain_lookup
+    from calib_core.repository import explain_lookup
+    from calib_core.repository.registry import ExposureRow
 
     registry, _ = populated
     with registry.session() as s:

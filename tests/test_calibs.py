@@ -7,19 +7,30 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias,
-                               combine_dark, combine_flat, process_bias, process_dark, process_flat,
-                               solve_flat_scales)
-from calib_core.calibtypes import product_cards
+from calib_core.builds.bias_dark_flat import (
+    BiasConfig,
+    DarkConfig,
+    FlatConfig,
+    background_level,
+    combine_bias,
+    combine_dark,
+    combine_flat,
+    process_bias,
+    process_dark,
+    process_flat,
+    solve_flat_scales,
+)
+from calib_core.builds.calibtypes import product_cards
 from calib_core.camera import load_camera
 from calib_core.errors import DataError
-from calib_core.cosmicrays import find_cosmic_rays, mask_cosmic_rays, persistent_pixels
-from calib_core.isr import IsrConfig, run_isr
+from calib_core.io.products import read_product, write_product
+from calib_core.io.raw import read_raw
+from calib_core.isr.cosmicrays import find_cosmic_rays, mask_cosmic_rays
+from calib_core.isr.process import IsrConfig, run_isr
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.mosaic import bin_image, camera_mosaic, mosaic_geometry, write_mosaic
-from calib_core.products import read_product, write_product
-from calib_core.rawio import read_raw
+from calib_core.quality.mosaic import bin_image, camera_mosaic, mosaic_geometry, write_mosaic
 
 CR, NO_DATA = mask_bits(["CR"]), mask_bits(["NO_DATA"])
 
@@ -137,7 +148,7 @@ def _reference_cosmic_rays(mi, nsigma=6.0, min_dn=50.0, sharpness=2.0, neighbour
     implementation before the sparse kernel, docs/algorithms.md#cosmic-ray-speed)."""
     from scipy import ndimage
 
-    from calib_core.cosmicrays import disk
+    from calib_core.isr.cosmicrays import disk
     from calib_core.maskedimage import MASK_PLANES
 
     img = np.asarray(mi.image, np.float64)
@@ -195,6 +206,20 @@ def test_cosmic_ray_finder_equals_full_image_median_filters(case):
         assert want.sum() > 0
         assert np.array_equal(got, want), (case, kwargs, int((got != want).sum()))
 
+
+
+def persistent_pixels(images, nsigma: float = 6.0) -> np.ndarray:
+    """Known hot pixels for ``exclude``, found independently of the finder: pixels that stand out of
+    their 5x5 neighbourhood (by ``nsigma`` MAD sigmas) in the per-pixel median of >= 3 exposures, in
+    which cosmic rays, which never repeat at a pixel, do not survive. (The pipeline itself clears CR
+    flags that repeat across a build's inputs, calib_core.isr.persistent.)"""
+    arrays = [im.image if isinstance(im, MaskedImage) else np.asarray(im) for im in images]
+    assert len(arrays) >= 3
+    med = np.nanmedian(np.stack(arrays).astype(np.float32), axis=0)
+    med = np.where(np.isfinite(med), med, np.nanmedian(med))
+    resid = med - ndimage.median_filter(med, size=5, mode="nearest")
+    sigma = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+    return resid > nsigma * max(sigma, 1e-12)
 
 def test_persistent_pixels_finds_hot_pixels_not_cosmic_rays():
     rng = np.random.default_rng(11)
@@ -265,8 +290,8 @@ def test_persistent_cr_cleared_for_hot_pixels_not_for_coinciding_cosmic_rays(tmp
     a hot pixel (in every input) keeps its signal; two cosmic rays that cross the same pixel in 2 of
     the 4 inputs (flagged in half of them, like a hot pixel) stay masked, and so does a cosmic ray
     on a hot pixel's grown flags. On main's count-only rule both cosmic rays entered the stack."""
-    from calib_core.calibs import combine_dark
-    from calib_core.persistent import clear_persistent_cr
+    from calib_core.builds.bias_dark_flat import combine_dark
+    from calib_core.isr.persistent import clear_persistent_cr
 
     rng = np.random.default_rng(12)
     ny, nx, rn = 60, 60, 3.0
@@ -299,7 +324,7 @@ def test_persistent_cr_cleared_for_hot_pixels_not_for_coinciding_cosmic_rays(tmp
 
 @pytest.fixture(scope="module")
 def night(tmp_path_factory):
-    simulate = pytest.importorskip("calib_core.simulate")
+    simulate = pytest.importorskip("calib_core.simulate.night")
     return simulate.simulate_night("democam_mini", tmp_path_factory.mktemp("night"), seed=3, n_bias=5,
                                    n_dark=5, n_flat=5, n_science=0, filters=("r",))
 

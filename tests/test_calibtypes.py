@@ -1,12 +1,12 @@
-"""The calib-type table (calib_core/calibtypes.py): one place for each type's facts."""
+"""The calib-type table (calib_core/builds/calibtypes.py): one place for each type's facts."""
 
 import inspect
 
 import pytest
 from pydantic import BaseModel
 
-from calib_core.calibtypes import CALIB_TYPES, ISR_STEP, calib_type, dependency_order, product_cards
-from calib_core.isr import IsrConfig
+from calib_core.builds.calibtypes import CALIB_TYPES, ISR_STEP, calib_type, dependency_order, product_cards
+from calib_core.isr.process import IsrConfig
 
 
 def test_every_type_comes_after_what_its_inputs_isr_applies():
@@ -37,7 +37,7 @@ def test_specs_are_complete_and_consistent():
         assert on == set(spec.isr_calibs), (name, on)
     assert product_cards("bias", "x", ["a"])["EXPTIME"] == 0.0
     # the registry's lookup knows which types are one product for all filters
-    from calib_core.registry.calibs import FILTERLESS_TYPES
+    from calib_core.repository import FILTERLESS_TYPES
     assert set(FILTERLESS_TYPES) == {n for n, t in CALIB_TYPES.items() if not t.filtered}
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from calib_core.calibs import BiasConfig, DarkConfig, process_bias
+from calib_core.builds.bias_dark_flat import BiasConfig, DarkConfig, process_bias
 from calib_core.camera import CameraError, effective_config, load_camera
-from calib_core.rawio import read_raw
+from calib_core.io.raw import read_raw
 
 ROWS = 20
 

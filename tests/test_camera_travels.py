@@ -13,10 +13,9 @@ from typer.testing import CliRunner
 
 import calib_core
 from calib_core.camera import load_camera
-from calib_core.products import read_product
-from calib_core.registry import Registry
-from calib_core.registry.calibs import list_calibs, lookup
-from calib_core.simulate import simulate_night
+from calib_core.io.products import read_product
+from calib_core.repository import Registry, list_calibs, lookup
+from calib_core.simulate.night import simulate_night
 
 NIGHT = "2026-11-23"
 KEEP = (3, 4)          # two of democam_mini's detectors: a small, fast camera

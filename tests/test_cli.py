@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from calib_core.registry.calibs import CalibInput, calib_digest, record_calib
+from calib_core.repository import CalibInput, calib_digest, record_calib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WIDE = {"COLUMNS": "1000", "TERMINAL_WIDTH": "1000"}     # help tables unwrapped, so texts can be found whole
@@ -100,9 +100,7 @@ def test_help_keeps_brackets_and_the_repo_default():
 @pytest.fixture
 def repo_with_nan(tmp_path):
     from calib_core.camera import load_camera
-    from calib_core.datastore import Datastore
-    from calib_core.ingest import ingest_files
-    from calib_core.registry import Registry
+    from calib_core.repository import Datastore, Registry, ingest_files
     from tests.test_registry import _mini_file
 
     store = Datastore(tmp_path / "repo")
@@ -217,9 +215,9 @@ def test_prune_reports_then_frees_what_the_policy_allows(repo_with_nan):
     import os
     import time
 
-    from calib_core.atomic import private_name
-    from calib_core.registry import BuildRunRow, Registry
-    from tasks.calib_tasks import _this_process
+    from calib_core.io.atomic import private_name
+    from calib_core.repository.registry import BuildRunRow, Registry
+    from calib_core.repository.buildruns import _this_process
 
     env, _ = repo_with_nan
     root = Path(env["CALIBFLOW_REPO"])

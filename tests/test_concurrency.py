@@ -31,13 +31,19 @@ import pytest
 from sqlalchemy import select
 
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore, sha256_file
-from calib_core.ingest import ingest_files
-from calib_core.products import read_product
-from calib_core.registry import BuildRunRow, CalibInputRow, CalibRow, Registry
-from calib_core.registry.calibs import (CalibInput, calib_digest, calib_inputs, list_calibs,
-                                        record_calib)
-from calib_core.simulate import simulate_night
+from calib_core.io.products import read_product
+from calib_core.repository import (
+    CalibInput,
+    Datastore,
+    calib_digest,
+    calib_inputs,
+    ingest_files,
+    list_calibs,
+    record_calib,
+    sha256_file,
+)
+from calib_core.repository.registry import BuildRunRow, CalibInputRow, CalibRow, Registry
+from calib_core.simulate.night import simulate_night
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NIGHT = "2026-11-20"
@@ -131,7 +137,7 @@ def test_concurrent_ingest_of_a_new_camera(registry_url, bias_night, tmp_path):
     other, nothing fails, and no placed file is removed by the loser."""
     import threading
 
-    from calib_core.datastore import sha256_file
+    from calib_core.repository import sha256_file
 
     files = sorted(bias_night.glob("*.fits"))
     for round_ in range(3):

@@ -9,7 +9,7 @@ import warnings
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from calib_core.calibtypes import CALIB_TYPES
+from calib_core.builds.calibtypes import CALIB_TYPES
 from calib_core.camera import effective_config, load_camera
 from calib_core.configmodel import ClipConfig, ConfigModel, _model_in
 

@@ -1,4 +1,4 @@
-"""Defects and PTC (calib_core/defects.py, calib_core/ptc.py; docs/algorithms.md#defects,
+"""Defects and PTC (calib_core/builds/defects.py, calib_core/builds/ptc.py; docs/algorithms.md#defects,
 docs/algorithms.md#photon-transfer-curve): the numerics against brute-force references and
 synthetic truth, then the builds on a simulated democam_mini night with gains 3-5 % off the camera
 file and injected bad pixels, against the simulator's truth."""
@@ -9,11 +9,18 @@ import math
 import numpy as np
 import pytest
 
-from calib_core.defects import (ORIGINS, DefectsConfig, ManualDefect, complete_columns, find_outliers,
-                                load_manual_defects, measure_defects)
-from calib_core.isr import interpolate_over
+from calib_core.builds.defects import (
+    ORIGINS,
+    DefectsConfig,
+    ManualDefect,
+    complete_columns,
+    find_outliers,
+    load_manual_defects,
+    measure_defects,
+)
+from calib_core.builds.ptc import PairStats, PtcConfig, fit_ptc, make_pairs, overscan_noise, pair_stats
+from calib_core.isr.process import interpolate_over
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.ptc import PairStats, PtcConfig, fit_ptc, make_pairs, overscan_noise, pair_stats
 
 AMPS = [("A", 0, 200, 0, 100), ("B", 0, 200, 100, 200)]
 
@@ -197,8 +204,8 @@ DETS = tuple(range(9))
 def built(tmp_path_factory, prefect_api):
     """The nightly flow (default policy) on the night of the issue: gains 3-5 % off the camera file,
     every kind of injected bad pixel, four 5 s flats plus PTC pairs at 2 and 12 s, six r exposures."""
-    from calib_core.registry.calibs import list_calibs
-    from calib_core.simulate import simulate_night
+    from calib_core.repository import list_calibs
+    from calib_core.simulate.night import simulate_night
     from flows.nightly import nightly
     from tests._repos import ingested_repo
 
@@ -215,7 +222,7 @@ def built(tmp_path_factory, prefect_api):
 
 
 def _product(rows, det):
-    from calib_core.products import read_product
+    from calib_core.io.products import read_product
 
     return (*read_product(rows[det]["path"]), rows[det])
 
@@ -263,7 +270,7 @@ def test_ptc_gains_within_their_errors_of_the_truth(built):
     """Gains 3-5 % off the camera file's are recovered within 3.5 of their errors, each, and with
     an rms of the 18 pulls below 1.6. The errors are 0.5-0.9 %: each pair measures the variance of
     ~6.5e4 pixels to sqrt(2/6.5e4) = 0.55 %, four pairs, and the LINEAR fit's free intercept."""
-    from calib_core.ptc import read_ptc
+    from calib_core.builds.ptc import read_ptc
 
     sim, store, reg, out, _ = built
     pulls = []
@@ -296,10 +303,10 @@ def test_flat_isr_used_the_certified_defects_and_gains(built):
     """The flat build ran after defects and PTC and applied both: the flat's mask has BAD at
     every defect, and the variance plane of an ISR'd flat follows the measured gains (the
     variance of a flat pair's difference matches it; the camera file's gains would be 3-5 % off)."""
-    from calib_core.calibs import FlatConfig
+    from calib_core.builds.bias_dark_flat import FlatConfig
+    from calib_core.builds.calibtypes import isr_with_calibs
     from calib_core.camera import load_camera
-    from calib_core.calibtypes import isr_with_calibs
-    from calib_core.rawio import read_raw
+    from calib_core.io.raw import read_raw
     from calib_core.science import find_isr_calibs
 
     sim, store, reg, out, _ = built
@@ -362,10 +369,10 @@ def kast_ptc():
     the curve (one pair gives a whole curve). Returns (fits by amp, points by amp, overscan noise)."""
     if not KAST.is_dir():
         pytest.skip(f"real Kast frames not found at {KAST} (../shared/realdata is absent on a fresh clone)")
-    from calib_core.calibs import combine_bias, process_bias
+    from calib_core.builds.bias_dark_flat import combine_bias, process_bias
     from calib_core.camera import load_camera
-    from calib_core.isr import IsrConfig, run_isr
-    from calib_core.rawio import read_raw
+    from calib_core.io.raw import read_raw
+    from calib_core.isr.process import IsrConfig, run_isr
 
     cam = load_camera("lick_kast_blue")
     master = combine_bias([process_bias(read_raw(KAST / f"b{i}.fits.gz", cam).detectors[0]) for i in range(14, 24)])

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calib_core.calibs import BiasConfig, DarkConfig, FlatConfig
-from calib_core.defects import DefectsConfig
-from calib_core.ptc import PtcConfig
-from calib_core.fringe import FringeBuildConfig
-from calib_core.sky import SkyBuildConfig
+from calib_core.builds.bias_dark_flat import BiasConfig, DarkConfig, FlatConfig
+from calib_core.builds.defects import DefectsConfig
+from calib_core.builds.fringe import FringeBuildConfig
+from calib_core.builds.ptc import PtcConfig
+from calib_core.sky.frames import SkyBuildConfig
 from calibflow.ops import check_parameters, parse_params
 from deployments.build import BUILD_FLOWS, resolve_repo
 from deployments.definitions import DeploymentSettings, make_deployments, site_morning_cron

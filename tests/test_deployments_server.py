@@ -25,9 +25,8 @@ import httpx
 import pytest
 
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore
-from calib_core.registry.calibs import list_calibs
-from calib_core.simulate import simulate_night
+from calib_core.repository import Datastore, list_calibs
+from calib_core.simulate.night import simulate_night
 from tests._repos import ingested_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +260,7 @@ def test_trigger_watch_builds_and_registers(prefect_server, night_repo, cli_bias
     n_det = 9           # democam_mini's geometry
     products = list_calibs(reg, calib_type="bias")
     assert len(products) == n_det and {p["calib_date"] for p in products} == {NIGHT}
-    from calib_core.registry.models import BuildRunRow
+    from calib_core.repository.registry.models import BuildRunRow
 
     with reg.session() as s:
         runs = s.query(BuildRunRow).filter_by(calib_type="bias").all()

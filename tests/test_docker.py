@@ -508,7 +508,7 @@ def test_image_install_from_the_copied_files_works(tmp_path):
         "from calib_core.camera import list_cameras, load_camera\n"
         "names = list_cameras(); assert 'democam' in names and 'democam_mini' in names, names\n"
         "[load_camera(n) for n in names]\n"
-        "from calib_core.registry import HEAD_REVISION, Registry\n"
+        "from calib_core.repository.registry import HEAD_REVISION, Registry\n"
         "reg = Registry.open('sqlite:///registry.sqlite3'); reg.upgrade(); reg.check_ready()\n"
         "assert reg.current_revision() == HEAD_REVISION\n"
         "print('ok', len(names))\n")
@@ -575,7 +575,7 @@ def _api(url: str, path: str, auth: str | None = None, body: dict | None = None)
 
 @pytest.mark.postgres
 def test_stack_commands_run_with_the_compose_environment(postgres_server, tmp_path):
-    from calib_core.registry import HEAD_REVISION
+    from calib_core.repository import HEAD_REVISION
 
     suffix = f"{os.getpid()}_{int(time.time())}"
     # the site's deployment settings, as docker/.env would give them (not democam's defaults)
@@ -645,7 +645,7 @@ def test_stack_commands_run_with_the_compose_environment(postgres_server, tmp_pa
                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
         assert {"calib", "exposure", "alembic_version"} <= _tables(postgres_server, pg_env["CALIBFLOW_REGISTRY_DB"])
-        from calib_core.registry import Registry
+        from calib_core.repository import Registry
 
         worker_env = env_of("worker")
         assert "@" in worker_env["CALIBFLOW_REGISTRY_URL"] and DB_PASSWORD not in json.dumps(worker_env)

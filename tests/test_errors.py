@@ -7,15 +7,13 @@ from sqlalchemy.exc import OperationalError
 
 from calib_core.buildplan import InconsistentInputs
 from calib_core.camera import CameraError
-from calib_core.datastore import DatastoreError
-from calib_core.errors import (CalibflowError, ConfigError, DataError, InputError, TransientError,
-                               is_retryable)
-from calib_core.isr import IsrError
-from calib_core.products import ProductError
-from calib_core.rawio import RawReadError
-from calib_core.registry import CameraMismatch, RegistryError
+from calib_core.errors import CalibflowError, ConfigError, DataError, InputError, TransientError, is_retryable
+from calib_core.io.products import ProductError
+from calib_core.io.raw import RawReadError
+from calib_core.isr.process import IsrError
+from calib_core.repository import CameraMismatch, DatastoreError, RegistryError
 from calib_core.science import MissingCalib
-from calib_core.sky import SkyRejectionError
+from calib_core.sky.frames import SkyRejectionError
 
 
 @pytest.mark.parametrize("cls, kind", [

@@ -10,9 +10,9 @@ import pytest
 from astropy.io import fits
 
 from calib_core.camera import load_camera
-from calib_core.products import read_product
-from calib_core.registry.calibs import calib_inputs, list_calibs, lookup
-from calib_core.simulate import simulate_night
+from calib_core.io.products import read_product
+from calib_core.repository import calib_inputs, list_calibs, lookup
+from calib_core.simulate.night import simulate_night
 from tests._repos import ingested_repo
 
 NIGHT = "2026-11-20"
@@ -107,7 +107,7 @@ def test_bias_dark_flat_builds(prefect_api, night_repo):
 def test_rebuild_is_a_no_op(prefect_api, night_repo):
     from sqlalchemy import func, select
 
-    from calib_core.registry import BuildRunRow
+    from calib_core.repository.registry import BuildRunRow
     from flows.build import build_calib
 
     sim, store, reg = night_repo

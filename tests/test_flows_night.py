@@ -9,14 +9,14 @@ import pytest
 from astropy.io import fits
 from typer.testing import CliRunner
 
-from calib_core.background import BackgroundModel
 from calib_core.camera import load_camera
+from calib_core.io.products import read_product
 from calib_core.maskedimage import mask_bits
-from calib_core.products import read_product
-from calib_core.registry.calibs import calib_inputs, calib_metrics, list_calibs
-from calib_core.simulate import simulate_night
-from calib_core.sky import bin_coordinates
-from calib_core.skyquality import detrend
+from calib_core.repository import calib_inputs, calib_metrics, list_calibs
+from calib_core.simulate.night import simulate_night
+from calib_core.sky.frames import bin_coordinates
+from calib_core.sky.heldout import detrend
+from calib_core.stats.background import BackgroundModel
 from tests._repos import ingested_repo
 
 NIGHT = "2026-11-22"
@@ -86,7 +86,7 @@ def test_fringe_frame_matches_injected_fringes(night, fringe_accuracy):
     the preparation subtracts by design (its background polynomial per detector). The continuum's
     pattern below that background's scale is not allowed: the reference's frame carries it (2.06x its
     floor on the benchmark's night, leak coefficient 0.99); calibflow takes it out of the stack
-    (calib_core.fringe.remove_continuum). Measured on this night (8 inputs): 1.08x the floor, scale
+    (calib_core.builds.fringe.remove_continuum). Measured on this night (8 inputs): 1.08x the floor, scale
     1.009, leak coefficient 0.10 of a pattern worth 1.67 floors; 14 s."""
     sim, store, reg, _ = night
     products = list_calibs(reg, calib_type="fringe")
@@ -190,10 +190,10 @@ def test_calibs_json_and_apply_sky(night):
 
 def test_flow_and_notebook_api_give_the_same_sky_frames(night):
     """The flow (tasks per exposure and detector, barriers between passes, files in between) and
-    the in-memory :func:`calib_core.sky.build_sky_frames` run the same barrier functions: on the
+    the in-memory :func:`calib_core.sky.frames.build_sky_frames` run the same barrier functions: on the
     flow's own post-ISR intermediates they give bit-identical frames and pixel counts."""
     from calib_core.camera import effective_config
-    from calib_core.sky import SkyConfig, build_sky_frames
+    from calib_core.sky.frames import SkyConfig, build_sky_frames
 
     sim, store, reg, _ = night
     cam = load_camera(CAMERA)
@@ -270,8 +270,8 @@ def test_a_wrong_sky_frame_is_held_back(night):
     frame of detector 4 shuffled where the gate reads it: that detector fails STRUCTURE and stays a
     candidate with the failed check shown; the other eight are certified, and lookup keeps the
     night's good frame for detector 4. (Last in the module: it adds products.)"""
-    from calib_core import verify
-    from calib_core.registry.calibs import lookup
+    from calib_core.quality import verify
+    from calib_core.repository import lookup
     from calibflow.cli import app
     from flows.build import build_calib
 

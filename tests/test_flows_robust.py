@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from calib_core.camera import load_camera
-from calib_core.products import read_product
-from calib_core.registry import BuildRunRow
-from calib_core.registry.calibs import calib_inputs, list_calibs
-from calib_core.simulate import simulate_night
+from calib_core.io.products import read_product
+from calib_core.repository import calib_inputs, list_calibs
+from calib_core.repository.registry import BuildRunRow
+from calib_core.simulate.night import simulate_night
 from tests._repos import ingested_repo
 
 NIGHT = "2026-11-23"
@@ -115,7 +115,7 @@ def test_killed_build_reruns_to_the_same_result(tmp_path, raws, prefect_api, ref
     assert 12 <= len(done_before) < 54
     assert list_calibs(reg) == []                    # nothing half-registered
     # whether or not the kill landed mid-write, make sure there is a leftover of the killed process
-    from calib_core.atomic import private_name
+    from calib_core.io.atomic import private_name
     planted = private_name(work / "202611230002-det003-planted.fits").name.split("~")
     planted[2] = str(proc.pid)
     (work / "~".join(planted)).write_bytes(b"SIMPLE  = ")

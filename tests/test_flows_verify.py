@@ -19,11 +19,10 @@ import pytest
 from astropy.io import fits
 from typer.testing import CliRunner
 
-from calib_core.calibtypes import CALIB_TYPES
+from calib_core.builds.calibtypes import CALIB_TYPES
 from calib_core.camera import load_camera
-from calib_core.ingest import ingest_files
-from calib_core.registry.calibs import calib_inputs, calib_metrics, explain_lookup, list_calibs, lookup
-from calib_core.simulate import simulate_night
+from calib_core.repository import calib_inputs, calib_metrics, explain_lookup, ingest_files, list_calibs, lookup
+from calib_core.simulate.night import simulate_night
 from tests._repos import ingested_repo
 
 CAMERA = "democam_mini"
@@ -207,15 +206,15 @@ def test_certify_force_and_decertify(nights):
     res = _cli(store, "certify", bad["calib_id"])
     assert res.exit_code == 1 and "was decertified (amplifier step)" in res.output
     # back to where the gate left it, for the other tests of this module
-    from calib_core.registry.calibs import certify
+    from calib_core.repository import certify
 
     certify(reg, bad["calib_id"], force=True)
     with reg.session() as s:
-        from calib_core.registry import CalibRow
+        from calib_core.repository.registry import CalibRow
 
         row = s.query(CalibRow).filter_by(calib_id=bad["calib_id"]).one()
         row.status, row.status_note = "candidate", ""
-    from calib_core.report import rewrite_reports_of
+    from calib_core.quality.report import rewrite_reports_of
 
     assert rewrite_reports_of(reg, store.root, load_camera(CAMERA), bad["calib_id"]) == [page]
 

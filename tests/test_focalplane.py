@@ -6,10 +6,10 @@ import pickle
 import numpy as np
 import pytest
 
-from calib_core.errors import DataError
 from calib_core.camera import load_camera
-from calib_core.focalplane import FocalPlaneBackground, FocalPlaneBackgroundConfig, interpolate_bad_cells
+from calib_core.errors import DataError
 from calib_core.maskedimage import MaskedImage, mask_bits
+from calib_core.sky.focalplane import FocalPlaneBackground, FocalPlaneBackgroundConfig, interpolate_bad_cells
 
 CAM = load_camera("democam_mini")
 CFG = FocalPlaneBackgroundConfig(x_size=1.92, y_size=1.92)  # 128-px cells

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from calib_core.fringe import FringeConfig, prepare_fringe
+from calib_core.builds.fringe import FringeConfig, prepare_fringe
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.stats import clipped_mean
+from calib_core.stats.clipped import clipped_mean
 
 
 def _image(seed=0, h=512, w=384, level=1500.0):
@@ -77,8 +77,8 @@ def _fringe_night(n=10, spread=0.2, seed=3, h=256, w=256, sigma=0.02):
 
 
 def test_remove_continuum_takes_the_pattern_out_and_keeps_the_fringes():
-    from calib_core.calibs import combine_calib
-    from calib_core.fringe import remove_continuum
+    from calib_core.builds.bias_dark_flat import combine_calib
+    from calib_core.builds.fringe import remove_continuum
 
     inputs, F, K, c, sigma = _fringe_night()
     frame = combine_calib(inputs)[0]
@@ -103,8 +103,8 @@ def test_remove_continuum_leaves_no_continuum_on_the_sky_frame_bins():
     pattern, with noise 10x lower than the night above so that only the method's own error is left:
     the continuum the frame keeps there is below 2 % of the continuum's RMS and not correlated with it
     (a spline through the bin means at the bin centres kept 8 % of it, 5.7 % correlated)."""
-    from calib_core.calibs import combine_calib
-    from calib_core.fringe import remove_continuum
+    from calib_core.builds.bias_dark_flat import combine_calib
+    from calib_core.builds.fringe import remove_continuum
 
     inputs, F, K, c, _ = _fringe_night(sigma=0.002)
     out, _ = remove_continuum(combine_calib(inputs)[0], inputs)
@@ -120,8 +120,8 @@ def test_remove_continuum_leaves_no_continuum_on_the_sky_frame_bins():
 
 
 def test_remove_continuum_keeps_the_reference_frame_when_it_cannot_separate():
-    from calib_core.calibs import combine_calib
-    from calib_core.fringe import FringeContinuumConfig, remove_continuum
+    from calib_core.builds.bias_dark_flat import combine_calib
+    from calib_core.builds.fringe import FringeContinuumConfig, remove_continuum
 
     inputs, *_ = _fringe_night(spread=0.0)          # fringes follow the continuum exactly
     frame = combine_calib(inputs)[0]

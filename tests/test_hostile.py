@@ -17,11 +17,8 @@ import pytest
 from astropy.io import fits
 
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore
-from calib_core.ingest import ingest_files
-from calib_core.registry import Registry
-from calib_core.registry.calibs import calib_inputs, list_calibs
-from calib_core.simulate import simulate_night
+from calib_core.repository import Datastore, Registry, calib_inputs, ingest_files, list_calibs
+from calib_core.simulate.night import simulate_night
 from tests._repos import ingested_repo
 
 CAMERA = "democam_mini"
@@ -103,9 +100,9 @@ def test_every_build_write_is_checked_to_lie_inside_the_repository(tmp_path, raw
     from sqlalchemy import update
 
     from calib_core.buildplan import config_hash
-    from calib_core.calibs import BiasConfig
-    from calib_core.registry import ExposureRow
-    from calib_core.datastore import DatastoreError
+    from calib_core.builds.bias_dark_flat import BiasConfig
+    from calib_core.repository import DatastoreError
+    from calib_core.repository.registry import ExposureRow
     from tasks.calib_tasks import BuildContext, process_exposure_detector
 
     store, reg = ingested_repo(tmp_path / "x" / "y" / "repo", raws[:1], CAMERA, transfer="copy")
@@ -193,8 +190,8 @@ def test_bad_pixels_met_by_a_build_are_named_and_excluded_by_policy(tmp_path, ra
     all-NaN file) fails ISR; the error names the file and the exposure, and ``exclude`` excludes it."""
     from sqlalchemy import update
 
-    from calib_core.datastore import sha256_file
-    from calib_core.registry import ExposureRow
+    from calib_core.repository import sha256_file
+    from calib_core.repository.registry import ExposureRow
 
     store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
     target = sorted(store.root.glob("raw/**/*.fits"))[0]
@@ -284,8 +281,8 @@ def test_raw_altered_after_ingest_is_bad_input(tmp_path, raws, prefect_api):
 def test_verify_raw_cheap_and_on_request(tmp_path, raws):
     import datetime as dt
 
-    from calib_core.datastore import sha256_file, verify_raw
-    from calib_core.rawio import RawReadError
+    from calib_core.io.raw import RawReadError
+    from calib_core.repository import sha256_file, verify_raw
 
     f = tmp_path / "r.fits"
     shutil.copy2(raws[0], f)
@@ -398,7 +395,7 @@ SECRET = "hunter2-s3cret"
 def test_registry_password_is_masked_in_errors(tmp_path):
     from typer.testing import CliRunner
 
-    from calib_core.registry import RegistryError
+    from calib_core.repository import RegistryError
     from calibflow.cli import app
 
     with pytest.raises(RegistryError) as info:
@@ -451,7 +448,7 @@ def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path
     import subprocess
     import sys
 
-    from calib_core.registry import BuildRunRow
+    from calib_core.repository.registry import BuildRunRow
     from calibflow.lifeline import descendants, process_start_time
 
     store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
@@ -511,8 +508,8 @@ def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path
 def test_postgres_restart_mid_build_is_survived(tmp_path, raws, prefect_api, postgres_server):
     import threading
 
-    from calib_core import registry as registry_module
-    from calib_core.registry import BuildRunRow
+    from calib_core.repository import registry as registry_module
+    from calib_core.repository.registry import BuildRunRow
 
     url = postgres_server.create_database(f"hostile_restart_{os.getpid()}_{int(time.time())}")
     store, reg = Datastore(tmp_path / "repo"), Registry.open(url)
@@ -549,7 +546,7 @@ def test_postgres_restart_mid_build_is_survived(tmp_path, raws, prefect_api, pos
 
 
 def test_deterministic_database_errors_fail_fast(postgres_server):
-    from calib_core.registry import RegistryError
+    from calib_core.repository import RegistryError
 
     wrong_db = postgres_server.url("no_such_database_here")
     t0 = time.monotonic()
@@ -585,7 +582,7 @@ def test_password_never_reaches_prefect_or_the_output(tmp_path, raws, prefect_ap
         printed.append(res.output)
     assert "postgres:***@" in printed[0]
 
-    from calib_core.calibtypes import CALIB_TYPES
+    from calib_core.builds.calibtypes import CALIB_TYPES
 
     n_deployments = len(CALIB_TYPES) + 1        # one per calib type, and the nightly
     serve = subprocess.Popen([sys.executable, "-m", "calibflow", "serve", "--camera", CAMERA],

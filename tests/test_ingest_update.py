@@ -9,9 +9,7 @@ import pytest
 from astropy.io import fits
 
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore, sha256_file
-from calib_core.ingest import ingest_files, update_exposures
-from calib_core.registry import CameraMismatch
+from calib_core.repository import CameraMismatch, Datastore, ingest_files, sha256_file, update_exposures
 
 CAM = """
 name: upcam
@@ -47,7 +45,7 @@ def _cam(tmp_path, text, name="cam.yaml"):
 def _state(registry):
     from sqlalchemy import select
 
-    from calib_core.registry import CameraRow, ExposureRow
+    from calib_core.repository.registry import CameraRow, ExposureRow
 
     with registry.session() as s:
         cams = [(c.name, c.checksum, c.definition) for c in s.scalars(select(CameraRow))]

@@ -7,9 +7,9 @@ import pytest
 from astropy.io import fits
 
 from calib_core.camera import Amplifier, Detector
-from calib_core.isr import IsrConfig, IsrError, fit_fringe_scale, overscan_correction, run_isr
+from calib_core.io.raw import RawAmp, RawDetector
+from calib_core.isr.process import IsrConfig, IsrError, fit_fringe_scale, overscan_correction, run_isr
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.rawio import RawAmp, RawDetector
 
 SAT, BAD, NO_DATA = mask_bits(["SAT"]), mask_bits(["BAD"]), mask_bits(["NO_DATA"])
 NY, NXA, NOS = 20, 10, 6

@@ -6,8 +6,15 @@ import pytest
 from scipy import ndimage
 
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.objectmask import (DetectionConfig, MaskObjectsConfig, _grow, auto_binning,
-                                   detect_sources, find_objects, mask_objects)
+from calib_core.sky.objectmask import (
+    DetectionConfig,
+    MaskObjectsConfig,
+    _grow,
+    auto_binning,
+    detect_sources,
+    find_objects,
+    mask_objects,
+)
 
 SKY, NOISE = 1000.0, np.sqrt(1000.0)
 
@@ -83,7 +90,7 @@ def test_binned_detection_matches_full_resolution():
     img, objs = _scene(2)
     full_cfg = DetectionConfig(binning=1)
     fast_cfg = DetectionConfig()
-    from calib_core.background import BackgroundConfig, measure_background
+    from calib_core.stats.background import BackgroundConfig, measure_background
 
     mi = MaskedImage.from_image(img)
     bg = measure_background(mi, BackgroundConfig(bin_size=1024, use_approx=False))

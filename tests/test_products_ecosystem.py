@@ -2,8 +2,8 @@
 
 Real products of every type are made from a small simulated democam_mini night with calib_core's own
 steps (ISR, combine, fringe preparation, sky bins and their average) and written with the writer the
-build uses (:func:`calib_core.productmeta.write_calib_product`, and
-:func:`calib_core.mosaic.write_product_mosaic` for the camera mosaic). Each is read back with
+build uses (:func:`calib_core.io.productmeta.write_calib_product`, and
+:func:`calib_core.quality.mosaic.write_product_mosaic` for the camera mosaic). Each is read back with
 ``astropy.nddata.CCDData.read(path)`` and no arguments: unit, mask and uncertainty must be there and
 be what calibflow stored, checked where possible against values computed independently (the
 simulator's truth, the inputs' errors, a binning done here). The WCS of the sky frame and of the
@@ -28,21 +28,32 @@ from astropy.nddata import CCDData, StdDevUncertainty, VarianceUncertainty
 from astropy.wcs import WCS
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from calib_core import mosaic as mosaic_mod
-from calib_core.background import BackgroundModel, bin_centres
-from calib_core.calibs import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias, combine_calib,
-                               combine_dark, combine_flat, process_bias, process_dark, process_flat,
-                               solve_flat_scales)
-from calib_core.fringe import FringeConfig, prepare_fringe
-from calib_core.isr import IsrConfig
+from calib_core.builds.bias_dark_flat import (
+    BiasConfig,
+    DarkConfig,
+    FlatConfig,
+    background_level,
+    combine_bias,
+    combine_calib,
+    combine_dark,
+    combine_flat,
+    process_bias,
+    process_dark,
+    process_flat,
+    solve_flat_scales,
+)
+from calib_core.builds.fringe import FringeConfig, prepare_fringe
+from calib_core.io.productmeta import INTERMEDIATE_UNITS, PRODUCT_UNITS, write_calib_product
+from calib_core.io.products import CARD_COMMENTS, provenance_cards, read_product, write_product
+from calib_core.io.raw import read_raw
+from calib_core.isr.persistent import clear_persistent_cr
+from calib_core.isr.process import IsrConfig
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.mosaic import bin_image, mosaic_geometry, write_product_mosaic
-from calib_core.persistent import clear_persistent_cr
-from calib_core.productmeta import INTERMEDIATE_UNITS, PRODUCT_UNITS, write_calib_product
-from calib_core.products import CARD_COMMENTS, provenance_cards, read_product, write_product
-from calib_core.rawio import read_raw
-from calib_core.simulate import simulate_night
-from calib_core.sky import average_backgrounds, measure_sky_background
+from calib_core.quality import mosaic as mosaic_mod
+from calib_core.quality.mosaic import bin_image, mosaic_geometry, write_product_mosaic
+from calib_core.simulate.night import simulate_night
+from calib_core.sky.frames import average_backgrounds, measure_sky_background
+from calib_core.stats.background import BackgroundModel, bin_centres
 
 NIGHT = "2026-11-20"
 ISR_ROWS = dict(overscan_fit_type="MEDIAN_PER_ROW")     # the simulator's per-row drift (test_calibs)
@@ -375,7 +386,7 @@ def test_image_products_carry_the_detector_wcs(products):
 
 @contextlib.contextmanager
 def _figures_drawn():
-    """The figures :func:`calib_core.mosaic.mosaic_figure` makes meanwhile (the PNGs are drawn from
+    """The figures :func:`calib_core.quality.mosaic.mosaic_figure` makes meanwhile (the PNGs are drawn from
     them), to read their text through matplotlib."""
     figures = []
     original = mosaic_mod.mosaic_figure

@@ -8,7 +8,7 @@ import pytest
 from astropy.io import fits
 
 from calib_core.camera import load_camera
-from calib_core.rawio import RawReadError, night_of, read_raw
+from calib_core.io.raw import RawReadError, night_of, read_raw
 
 # (camera, folder, expected counts per obs type) for ../shared/realdata (MANIFEST.md)
 REAL = [

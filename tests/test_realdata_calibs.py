@@ -12,12 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calib_core.calibs import (BiasConfig, FlatConfig, background_level, combine_bias, combine_flat,
-                               process_bias, process_flat, solve_flat_scales)
+from calib_core.builds.bias_dark_flat import (
+    BiasConfig,
+    FlatConfig,
+    background_level,
+    combine_bias,
+    combine_flat,
+    process_bias,
+    process_flat,
+    solve_flat_scales,
+)
 from calib_core.camera import load_camera
-from calib_core.isr import IsrConfig
-from calib_core.rawio import read_raw
-from calib_core.stats import clipped_mean
+from calib_core.io.raw import read_raw
+from calib_core.isr.process import IsrConfig
+from calib_core.stats.clipped import clipped_mean
 
 REALDATA = Path(__file__).parents[1].parent / "shared" / "realdata"
 pytestmark = pytest.mark.skipif(not REALDATA.is_dir(),

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from calib_core.calibs import BiasConfig, combine_bias, process_bias
+from calib_core.builds.bias_dark_flat import BiasConfig, combine_bias, process_bias
 from calib_core.camera import effective_config, load_camera
-from calib_core.mosaic import camera_mosaic
-from calib_core.rawio import read_metadata, read_raw
+from calib_core.io.raw import read_metadata, read_raw
+from calib_core.quality.mosaic import camera_mosaic
 
 REALDATA = Path(__file__).parents[1].parent / "shared" / "realdata"
 pytestmark = pytest.mark.skipif(not REALDATA.is_dir(),

@@ -13,9 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
 from calib_core.camera import load_camera
-from calib_core.datastore import Datastore
-from calib_core.ingest import ingest_files
-from calib_core.registry import HEAD_REVISION, ExposureRow, RawRow, Registry
+from calib_core.repository import Datastore, ingest_files
+from calib_core.repository.registry import HEAD_REVISION, ExposureRow, RawRow, Registry
 
 
 def test_migrations_match_models(registry):
@@ -23,7 +22,7 @@ def test_migrations_match_models(registry):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from calib_core.registry.models import Base
+    from calib_core.repository.registry.models import Base
 
     assert registry.current_revision() == HEAD_REVISION
     with registry.engine.connect() as conn:
@@ -33,7 +32,7 @@ def test_migrations_match_models(registry):
 
 def test_upgrade_is_idempotent_and_check_ready(registry_url):
     reg = Registry.open(registry_url)
-    from calib_core.registry import RegistryError
+    from calib_core.repository import RegistryError
 
     with pytest.raises(RegistryError, match="not initialised"):
         reg.check_ready()

@@ -12,9 +12,9 @@ from astropy.io import fits
 from typer.testing import CliRunner
 
 from calib_core.camera import load_camera
-from calib_core.isr import IsrConfig, run_isr
-from calib_core.rawio import read_raw
-from calib_core.simulate import simulate_night
+from calib_core.io.raw import read_raw
+from calib_core.isr.process import IsrConfig, run_isr
+from calib_core.simulate.night import simulate_night
 from tests._raw import corrected
 
 CAMERA = "minimosaic"
@@ -70,8 +70,7 @@ def test_one_hdu_per_amplifier_named_as_the_camera_says(night):
 def test_amp_b_reads_from_the_top(tmp_path, monkeypatch):
     """A spot injected near the top of the detector lands in the FIRST raw rows of amplifier B's HDU
     (it is read out first), and assembles back to where it was injected."""
-    from calib_core import simulate
-
+    from calib_core.simulate import night as simulate
     cam = load_camera(CAMERA)
     spot = (100, 1000)       # (x, y): near the top edge, in amplifier B
     original = simulate.InstrumentTruth.bias

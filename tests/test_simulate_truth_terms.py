@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from calib_core.rawio import read_raw
-from calib_core.simulate import simulate_night
+from calib_core.io.raw import read_raw
+from calib_core.simulate.night import simulate_night
 from tests._raw import corrected
 
 CAMERA = "democam_mini"
@@ -280,7 +280,7 @@ def test_held_out_exposures_share_the_instrument_not_the_draws(tmp_path):
 
 
 def SimulatedNightLoad(path):
-    from calib_core.simulate import SimulatedNight
+    from calib_core.simulate.night import SimulatedNight
 
     return SimulatedNight.load(path)
 

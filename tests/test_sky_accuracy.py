@@ -14,7 +14,6 @@ import pytest
 
 from bench.sky_accuracy import evaluate, run_night
 
-
 # democam_mini also observes z (fringes): its night is built once and serves both fixtures
 _FILTERS = {"democam_mini": ("r", "z"), "minimosaic": ("r",)}
 _NIGHTS: dict = {}
@@ -76,7 +75,7 @@ def test_fitted_scales_within_three_percent(result):
 
 
 def test_every_bad_exposure_rejected(result):
-    """Cloud, glow and the satellite trail (the trail by the streak rule, calib_core/streaks.py)."""
+    """Cloud, glow and the satellite trail (the trail by the streak rule, calib_core/sky/streaks.py)."""
     acc = result["sky"]["r"]
     assert acc["bad_missed"] == [], acc
     assert {"cloud", "glow", "trail"} == {result["bad"][e] for e in acc["bad_rejected"]}, acc

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from calib_core.io.products import ProductError, RowReader, provenance_cards, read_product, read_rows, write_product
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.products import (ProductError, RowReader, provenance_cards, read_product, read_rows,
-                                 write_product)
-from calib_core.stack import CombineConfig, fill_nans, rows_per_block, stack_arrays, stack_files
-from calib_core.stats import stack_statistic
+from calib_core.stats.clipped import stack_statistic
+from calib_core.stats.stack import CombineConfig, fill_nans, rows_per_block, stack_arrays, stack_files
 
 BAD, NO_DATA, SAT, CR = (mask_bits([n]) for n in ("BAD", "NO_DATA", "SAT", "CR"))
 
@@ -279,7 +278,7 @@ def test_write_product_is_atomic_on_failure(tmp_path, monkeypatch):
 
 
 def test_bswap_kernel():
-    from calib_core._kernels import bswap32_inplace
+    from calib_core.stats._kernels import bswap32_inplace
 
     a = np.arange(1000, dtype=np.float32) * 1.5
     be = a.astype(">f4").view(np.uint32).copy()
@@ -312,7 +311,7 @@ def test_meanclip_iterations_and_clip_widths_agree_with_reference(niter, nsigma,
 def test_sorting_network_sorts_every_zero_one_input():
     """0-1 principle: a comparator network that sorts all 2**n inputs of 0s and 1s sorts any input.
     Checked for the plain comparator list and for the kernel running its fused program."""
-    from calib_core._kernels import _sort_columns, sorting_network, sorting_program
+    from calib_core.stats._kernels import _sort_columns, sorting_network, sorting_program
 
     for n in range(1, 19):
         comps = sorting_network(n)
@@ -334,7 +333,7 @@ def test_sorting_network_sorts_every_zero_one_input():
 
 @pytest.mark.parametrize("n", [23, 40, 41, 64, 100, 257])
 def test_sort_program_kernel_sorts_columns(n):
-    from calib_core._kernels import _sort_columns, sorting_program
+    from calib_core.stats._kernels import _sort_columns, sorting_program
 
     ops, rows = sorting_program(n)
     assert {1, 2} <= set(ops[:, 0])                                # the fused groups are used
@@ -356,7 +355,7 @@ def test_meanclip_kernel_blocks_agree_with_reference(n, use_var, niter, has_mask
     """Blocks of 16 pixels (6 per row, the last one 3 wide) done in three calls, rows of a larger
     buffer, and rows that take each path: equal counts (row-wise quartiles, shared middle sums), mixed counts, a middle
     row rejected in some pixels (full scan), ties and constant pixels."""
-    from calib_core._kernels import meanclip_blocks, sorting_program
+    from calib_core.stats._kernels import meanclip_blocks, sorting_program
 
     rng = np.random.default_rng(1000 + n + niter)
     ny, nx = 6, 83
@@ -408,7 +407,7 @@ def test_meanclip_bit_identical_to_reference_on_bias_like_data():
 def test_stack_files_large_outputs_in_anonymous_mappings(tmp_path):
     """Outputs and band buffers of >= 4 MB come from their own mappings (normal pages): zero-filled,
     writeable, and the result equals the in-memory engine's."""
-    from calib_core.stack import _fresh
+    from calib_core.stats.stack import _fresh
 
     a = _fresh((1100, 1000), np.int32)
     assert a.shape == (1100, 1000) and a.dtype == np.int32 and a.flags.writeable and not a.any()

@@ -1,4 +1,4 @@
-"""calib_core.stats against brute-force references written here with plain Python loops."""
+"""calib_core.stats.clipped against brute-force references written here with plain Python loops."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 from astropy.stats import sigma_clip
 
 from calib_core.maskedimage import mask_bits
-from calib_core.stats import (IQR_TO_SIGMA, ClippedStats, clipped_mean, compute_statistic,
-                              stack_statistic)
+from calib_core.stats.clipped import IQR_TO_SIGMA, ClippedStats, clipped_mean, compute_statistic, stack_statistic
 
 NO_DATA = mask_bits(["NO_DATA"])
 
@@ -308,7 +307,7 @@ def test_nanpercentile0_is_numpys_nanpercentile():
     one value or none, ties, 2-D and 3-D stacks (NumPy's nanpercentile is the reference here)."""
     import warnings
 
-    from calib_core.stats import nanpercentile0
+    from calib_core.stats.clipped import nanpercentile0
 
     rng = np.random.default_rng(5)
     for shape in [(7, 300), (2, 50), (13, 17, 11), (1, 40)]:

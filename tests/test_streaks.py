@@ -1,4 +1,4 @@
-"""The satellite-trail rule of the sky build (calib_core/streaks.py; docs/algorithms.md, "Sky frames").
+"""The satellite-trail rule of the sky build (calib_core/sky/streaks.py; docs/algorithms.md, "Sky frames").
 
 Unit tests build the barrier's binned residuals of a night by hand on democam_mini's focal plane
 (3 x 3 detectors of 8 x 16 bins of 32 px): every bin loses a random part of its pixels to objects
@@ -6,7 +6,7 @@ and carries noise, and one exposure gets a known feature, placed by its own foca
 (bin centres computed here from the pixel grid): a masked band along a straight line at a known
 angle across the whole focal plane is found at that angle and rejected; a fully masked bleed
 column the height of a detector, blobs masked the size of big galaxies, and a trail-strength strip
-a quarter of the focal plane long are not. The last test runs the simulator (calib_core.simulate),
+a quarter of the focal plane long are not. The last test runs the simulator (calib_core.simulate.night),
 ISR with its truth calibrations and the build's two passes, and checks the rejections against the
 truth it wrote (exposures.json ``defect``).
 """
@@ -16,10 +16,10 @@ import math
 import numpy as np
 import pytest
 
-from calib_core.background import BackgroundModel
 from calib_core.camera import load_camera
-from calib_core.sky import ExposureRejectionConfig, find_outlier_exposures
-from calib_core.streaks import StreakConfig, find_streaks
+from calib_core.sky.frames import ExposureRejectionConfig, find_outlier_exposures
+from calib_core.sky.streaks import StreakConfig, find_streaks
+from calib_core.stats.background import BackgroundModel
 
 CAM = load_camera("democam_mini")
 BIN = 32
@@ -179,7 +179,7 @@ def test_simulated_trail_rejected_and_no_good_exposure(tmp_path):
     Seed 0 is a night where the rules that were there before reject no good exposure."""
     from bench.streak_rejection import night_binned
     from calib_core.camera import effective_config
-    from calib_core.sky import SkyConfig, solve_sky_frames
+    from calib_core.sky.frames import SkyConfig, solve_sky_frames
 
     nb = night_binned("democam_mini", SEED, tmp_path, log=lambda s: None, n_science=N_SIM)
     cfg = effective_config(SkyConfig, CAM, None)

@@ -1,0 +1,772 @@
+"""numba kernels for the hot paths: byte swapping and per-pixel stack statistics.
+
+The per-pixel statistics here must agree with the NumPy reference in :mod:`calib_core.stats.clipped`
+(tests/test_stack.py checks it). Differences from the reference are only in float64 rounding:
+sums are accumulated about a centre (shifted sums) instead of with a separate mean pass.
+
+MEANCLIP (:func:`meanclip_blocks`) works on blocks of adjacent pixels with a sorting network and
+branchless clip passes, vectorised across the pixels of a block (see the comment above it).
+MEAN, MEDIAN and MINMAX (:func:`stack_kernel`) work pixel by pixel; the median uses in-place
+selection (Hoare partition quickselect, :func:`_select`, also used by :mod:`calib_core.stats.binned`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from calib_core.stats.clipped import IQR_TO_SIGMA  # the one definition (numba reads it as a constant)
+
+__all__ = ["bswap32_inplace", "stack_kernel", "meanclip_blocks", "sorting_network", "sorting_program",
+           "block_width", "STACK_CODES"]
+
+#: statistics with a numba kernel: MEANCLIP -> :func:`meanclip_blocks`, the others -> :func:`stack_kernel`
+STACK_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
+
+
+
+@njit(cache=True, nogil=True)
+def bswap32_inplace(a):
+    """Swap the bytes of every element of a 1-D uint32 array, in place.
+
+    Serial on purpose: it runs on a band just read (hot in cache), where a parallel launch per
+    band costs more than the swap, badly so when the cores are shared.
+    """
+    for i in range(a.size):
+        v = a[i]
+        a[i] = (((v & np.uint32(0x000000FF)) << np.uint32(24)) | ((v & np.uint32(0x0000FF00)) << np.uint32(8))
+                | ((v & np.uint32(0x00FF0000)) >> np.uint32(8)) | ((v >> np.uint32(24)) & np.uint32(0xFF)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lerp(a, b, t):
+    """numpy's linear interpolation (numpy.lib._function_base_impl._lerp), bit for bit."""
+    d = b - a
+    if t >= 0.5:
+        return b - d * (1.0 - t)
+    return a + d * t
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _select(a, lo, hi, k):
+    """Rearrange a[lo:hi] so that a[k] holds the value of rank k (0-based, within the whole array),
+    everything before it in [lo, k) is <= a[k] and everything in (k, hi) is >= a[k]."""
+    hi = hi - 1
+    while hi > lo:
+        if hi - lo < 16:
+            # insertion sort for short ranges
+            for i in range(lo + 1, hi + 1):
+                v = a[i]
+                j = i - 1
+                while j >= lo and a[j] > v:
+                    a[j + 1] = a[j]
+                    j -= 1
+                a[j + 1] = v
+            return
+        mid = (lo + hi) // 2
+        # median of three pivot
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _min_range(a, lo, hi):
+    m = a[lo]
+    for i in range(lo + 1, hi):
+        if a[i] < m:
+            m = a[i]
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _median(s, n):
+    p = 0.5 * (n - 1)
+    k2 = int(math.floor(p))
+    f2 = p - k2
+    _select(s, 0, n, k2)
+    m_lo = s[k2]
+    if f2 > 0:
+        m_hi = _min_range(s, k2 + 1, n)
+        return _lerp(m_lo, m_hi, f2)
+    return m_lo
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def stack_kernel(data, masks, has_mask, variances, use_var, inv_scale, ignore_bits, stat,
+                 nlow, nhigh, no_data_bit, out_value, out_var, out_mask, out_n):
+    """Per-pixel statistic across ``data`` (N, R, nx) float32 into the (R, nx) outputs.
+
+    ``masks`` (int32) and ``variances`` (float32) have the shape of ``data`` when ``has_mask`` /
+    ``use_var`` are true (pass any 3-D array of that dtype otherwise). Input i is multiplied by
+    ``inv_scale[i]`` (variance by its square) after admission. ``stat`` is the :data:`STACK_CODES`
+    value of MEAN, MEDIAN or MINMAX (MEANCLIP has its own kernel, :func:`meanclip_blocks`).
+    Output variance: from the inputs' variances (sum over used / n**2) when ``use_var``, else
+    error**2 from the spread.
+    """
+    N, R, nx = data.shape
+    npix = R * nx
+    chunk = 256
+    nchunks = (npix + chunk - 1) // chunk
+    for c in prange(nchunks):
+        buf = np.empty(N, np.float64)
+        vbuf = np.empty(N, np.float64)
+        s = np.empty(N, np.float64)
+        p0 = c * chunk
+        p1 = min(npix, p0 + chunk)
+        for p in range(p0, p1):
+            r = p // nx
+            x = p - r * nx
+            n = 0
+            om = 0
+            for i in range(N):
+                v = data[i, r, x]
+                if not math.isfinite(v):
+                    continue
+                if has_mask:
+                    m = masks[i, r, x]
+                    if (m & ignore_bits) != 0:
+                        continue
+                    om |= m
+                sc = inv_scale[i]
+                buf[n] = v * sc
+                if use_var:
+                    vbuf[n] = variances[i, r, x] * sc * sc
+                n += 1
+            if n == 0:
+                out_value[r, x] = np.nan
+                out_var[r, x] = np.nan
+                out_mask[r, x] = no_data_bit
+                out_n[r, x] = 0
+                continue
+            out_mask[r, x] = om
+            mean = np.nan
+            var = np.nan
+            nu = 0
+            vsum = 0.0
+            if stat == 0:  # MEAN
+                acc = 0.0
+                for j in range(n):
+                    acc += buf[j]
+                mean = acc / n
+                ss = 0.0
+                for j in range(n):
+                    d = buf[j] - mean
+                    ss += d * d
+                    if use_var:
+                        vsum += vbuf[j]
+                nu = n
+                var = ss / (n - 1) if n > 1 else np.nan
+            elif stat == 2:  # MEDIAN
+                for j in range(n):
+                    s[j] = buf[j]
+                mean = _median(s, n)
+                acc = 0.0
+                for j in range(n):
+                    acc += buf[j]
+                    if use_var:
+                        vsum += vbuf[j]
+                mu = acc / n
+                ss = 0.0
+                for j in range(n):
+                    d = buf[j] - mu
+                    ss += d * d
+                var = (ss / (n - 1)) * (math.pi / 2) if n > 1 else np.nan
+                if use_var:
+                    vsum *= math.pi / 2
+                nu = n
+            else:  # MINMAX: drop nlow lowest, nhigh highest (ties broken by input order)
+                # stable insertion sort of indices by value
+                idx = np.empty(n, np.int64)
+                for j in range(n):
+                    idx[j] = j
+                for j in range(1, n):
+                    t = idx[j]
+                    v = buf[t]
+                    q = j - 1
+                    while q >= 0 and buf[idx[q]] > v:
+                        idx[q + 1] = idx[q]
+                        q -= 1
+                    idx[q + 1] = t
+                lo = nlow
+                hi = n - nhigh
+                if hi > lo:
+                    acc = 0.0
+                    for j in range(lo, hi):
+                        acc += buf[idx[j]]
+                        if use_var:
+                            vsum += vbuf[idx[j]]
+                    nu = hi - lo
+                    mean = acc / nu
+                    ss = 0.0
+                    for j in range(lo, hi):
+                        d = buf[idx[j]] - mean
+                        ss += d * d
+                    var = ss / (nu - 1) if nu > 1 else np.nan
+                else:
+                    nu = 0
+            out_value[r, x] = mean
+            out_n[r, x] = nu
+            if nu == 0:
+                out_var[r, x] = np.nan
+            elif use_var:
+                out_var[r, x] = vsum / (nu * nu)
+            else:
+                out_var[r, x] = var / nu
+
+
+# ---------------------------------------------------------------------------------------------------
+# MEANCLIP hot path: blocks of pixels, sorting network, branchless clip passes.
+#
+# A block is W adjacent pixels of one row, held as s[N, W] (input i of pixel j at s[i, j]), so every
+# step is a loop over W contiguous float32/float64 lanes that LLVM vectorises (no per-pixel branches):
+#   1. gather: non-admitted values (NaN/inf, masked) -> +inf, which sort to the end; count per pixel;
+#   2. sort each column with a fixed comparator network (Batcher's odd-even merge sort for N keys):
+#      a comparator (a, b) is s[a, :], s[b, :] = min, max over the W lanes; groups of comparators on
+#      8 or 16 rows run in registers (:func:`sorting_program`);
+#   3. Q1/median/Q3 per pixel: numpy 'linear' percentiles at the pixel's own count (row-wise when
+#      every pixel of the block has the same count);
+#   4. each clip pass: masked sums of d = x - centre over the rows where |d| <= width (the exact
+#      predicate of the reference, in float64), so the kept set is the reference's set; then
+#      mean = centre + sum(d) / k, var = (sum(d*d) - sum(d)**2 / k) / (k - 1). On sorted values the
+#      kept rows are contiguous: the middle rows, kept by every pixel of the block in the usual case,
+#      are summed once about the median and re-centred each pass, so a pass scans only the outer rows.
+# Sums about a centre (shifted sums) instead of a separate mean pass: the results differ from the
+# NumPy reference only by float64 rounding (on the test data the float32 outputs are identical).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _batcher_stages(p2: int):
+    """Batcher's odd-even merge sort for p2 (a power of two) keys, stage by stage:
+    [(p, k, [(a, b), ...]), ...] in network order; comparator (a, b), a < b, puts the minimum in a."""
+    stages = []
+    p = 1
+    while p < p2:
+        k = p
+        while k >= 1:
+            comps = []
+            for j in range(k % p, p2 - k, 2 * k):
+                for i in range(min(k, p2 - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p):
+                        comps.append((a, b))
+            stages.append((p, k, comps))
+            k //= 2
+        p *= 2
+    return stages
+
+
+def sorting_network(n: int) -> np.ndarray:
+    """Comparators of Batcher's odd-even merge sort for ``n`` keys, as an int64 array (C, 2) of
+    (a, b) with a < b: after ``x[a], x[b] = min, max`` for every row in order, x is ascending.
+
+    Built for the next power of two and pruned: a key at index >= n acts as +inf, so a comparator
+    that touches one never moves anything.
+    """
+    if n < 1:
+        raise ValueError(f"a sorting network needs n >= 1, got {n}")
+    p2 = 1 << (int(n) - 1).bit_length()
+    comps = [c for _, _, cs in _batcher_stages(p2) for c in cs if c[1] < n]
+    return np.array(comps, np.int64).reshape(-1, 2)
+
+
+# costs (memory operations + 2 per min/max pair, per vector of lanes) used to choose between a fused
+# group and its comparators one by one
+_COST_CMP, _COST_SORT8, _COST_MERGE16 = 4 + 2, 16 + 2 * 19, 32 + 2 * 25
+
+
+def sorting_program(n: int) -> tuple[np.ndarray, int]:
+    """The network of :func:`sorting_network` (n) as a program for :func:`_sort_columns`.
+
+    Returns ``(ops, rows)``: ``ops`` (M, 3) int64, each op one of
+    ``(0, a, b)`` compare-exchange rows a < b; ``(1, base, 1)`` sort rows base..base+7 in registers
+    (Batcher's levels p = 1, 2, 4 on that block); ``(2, base, step)`` merge the two sorted halves of
+    rows base + m*step, m < 16, in registers. Level p >= 8 of Batcher's network only compares rows
+    a distance >= p/8 apart in its first four stages, so those stages split into independent
+    16-row merges of the rows of one residue mod p/8 (the same comparators, grouped); its last
+    stages stay single comparators. A group costs two memory operations per row instead of four
+    per comparator, and is used where it is cheaper. ``rows`` (>= n): rows the scratch needs;
+    rows >= n must hold +inf (a comparator never moves a finite value into them).
+    """
+    ops, rows = _program(int(n))
+    return ops.copy(), rows
+
+
+@functools.lru_cache(maxsize=64)
+def _program(n: int):
+    if n < 1:
+        raise ValueError(f"a sorting network needs n >= 1, got {n}")
+    p2 = 1 << (n - 1).bit_length()
+    stages = _batcher_stages(p2)
+    ops = []
+    rows = n
+
+    def singles(comps):
+        ops.extend((0, a, b) for a, b in comps if b < n)
+
+    small = [c for p, _, cs in stages if p < 8 for c in cs]
+    if p2 >= 8:
+        for b0 in range(0, p2, 8):
+            cs = [(a, b) for a, b in small if b0 <= a < b0 + 8 and b < n]
+            if _COST_CMP * len(cs) > _COST_SORT8:
+                ops.append((1, b0, 1))
+                rows = max(rows, b0 + 8)
+            else:
+                singles(cs)
+    else:
+        singles(small)
+    p = 8
+    while p < p2:
+        level = [(k, cs) for pp, k, cs in stages if pp == p]
+        d = p // 8
+        first = [c for k, cs in level if k >= d for c in cs]
+        for b0 in range(0, p2, 2 * p):
+            for i in range(d):
+                cs = [(a, b) for a, b in first if b0 <= a < b0 + 2 * p and (a - b0) % d == i and b < n]
+                if _COST_CMP * len(cs) > _COST_MERGE16:
+                    ops.append((2, b0 + i, d))
+                    rows = max(rows, b0 + i + 15 * d + 1)
+                else:
+                    singles(cs)
+        for k, cs in level:
+            if k < d:
+                singles(cs)
+        p *= 2
+    out = np.array(ops, np.int64).reshape(-1, 3)
+    out.flags.writeable = False
+    return out, rows
+
+
+def block_width(n: int) -> int:
+    """Pixels per block: 256 (32 vectors of 8 float32; shorter loops pay their set-up, longer blocks
+    leave L1), fewer for very large n so the block stays within ~1 MB (L2)."""
+    return int(min(256, max(64, (1 << 20) // (4 * max(1, n)) // 16 * 16)))
+
+
+#: extra float32 per row of the sorting scratch: a row stride of a power of two bytes would put the
+#: rows of a strided merge group (rows base + m * step) in the same L1 cache set
+ROW_PAD = 16
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mn(x, y):
+    return x if x < y else y
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mx(x, y):
+    return y if x < y else x
+
+
+@njit(cache=True, nogil=True)
+def _sort8(s, base, w):
+    """Sort rows base..base+7 of s (columns < w) in registers: Batcher's 19-comparator network."""
+    r0 = s[base]
+    r1 = s[base + 1]
+    r2 = s[base + 2]
+    r3 = s[base + 3]
+    r4 = s[base + 4]
+    r5 = s[base + 5]
+    r6 = s[base + 6]
+    r7 = s[base + 7]
+    for j in range(w):
+        v0 = r0[j]
+        v1 = r1[j]
+        v2 = r2[j]
+        v3 = r3[j]
+        v4 = r4[j]
+        v5 = r5[j]
+        v6 = r6[j]
+        v7 = r7[j]
+        v0, v1 = _mn(v0, v1), _mx(v0, v1)
+        v2, v3 = _mn(v2, v3), _mx(v2, v3)
+        v4, v5 = _mn(v4, v5), _mx(v4, v5)
+        v6, v7 = _mn(v6, v7), _mx(v6, v7)
+        v0, v2 = _mn(v0, v2), _mx(v0, v2)
+        v1, v3 = _mn(v1, v3), _mx(v1, v3)
+        v4, v6 = _mn(v4, v6), _mx(v4, v6)
+        v5, v7 = _mn(v5, v7), _mx(v5, v7)
+        v1, v2 = _mn(v1, v2), _mx(v1, v2)
+        v5, v6 = _mn(v5, v6), _mx(v5, v6)
+        v0, v4 = _mn(v0, v4), _mx(v0, v4)
+        v1, v5 = _mn(v1, v5), _mx(v1, v5)
+        v2, v6 = _mn(v2, v6), _mx(v2, v6)
+        v3, v7 = _mn(v3, v7), _mx(v3, v7)
+        v2, v4 = _mn(v2, v4), _mx(v2, v4)
+        v3, v5 = _mn(v3, v5), _mx(v3, v5)
+        v1, v2 = _mn(v1, v2), _mx(v1, v2)
+        v3, v4 = _mn(v3, v4), _mx(v3, v4)
+        v5, v6 = _mn(v5, v6), _mx(v5, v6)
+        r0[j] = v0
+        r1[j] = v1
+        r2[j] = v2
+        r3[j] = v3
+        r4[j] = v4
+        r5[j] = v5
+        r6[j] = v6
+        r7[j] = v7
+
+
+@njit(cache=True, nogil=True)
+def _merge16(s, base, step, w):
+    """Merge the sorted rows base + m*step, m < 8, with the sorted m = 8..15 (columns < w), in registers:
+    Batcher's odd-even merge (25 comparators)."""
+    r0 = s[base]
+    r1 = s[base + 1 * step]
+    r2 = s[base + 2 * step]
+    r3 = s[base + 3 * step]
+    r4 = s[base + 4 * step]
+    r5 = s[base + 5 * step]
+    r6 = s[base + 6 * step]
+    r7 = s[base + 7 * step]
+    r8 = s[base + 8 * step]
+    r9 = s[base + 9 * step]
+    r10 = s[base + 10 * step]
+    r11 = s[base + 11 * step]
+    r12 = s[base + 12 * step]
+    r13 = s[base + 13 * step]
+    r14 = s[base + 14 * step]
+    r15 = s[base + 15 * step]
+    for j in range(w):
+        v0 = r0[j]
+        v1 = r1[j]
+        v2 = r2[j]
+        v3 = r3[j]
+        v4 = r4[j]
+        v5 = r5[j]
+        v6 = r6[j]
+        v7 = r7[j]
+        v8 = r8[j]
+        v9 = r9[j]
+        v10 = r10[j]
+        v11 = r11[j]
+        v12 = r12[j]
+        v13 = r13[j]
+        v14 = r14[j]
+        v15 = r15[j]
+        v0, v8 = _mn(v0, v8), _mx(v0, v8)
+        v1, v9 = _mn(v1, v9), _mx(v1, v9)
+        v2, v10 = _mn(v2, v10), _mx(v2, v10)
+        v3, v11 = _mn(v3, v11), _mx(v3, v11)
+        v4, v12 = _mn(v4, v12), _mx(v4, v12)
+        v5, v13 = _mn(v5, v13), _mx(v5, v13)
+        v6, v14 = _mn(v6, v14), _mx(v6, v14)
+        v7, v15 = _mn(v7, v15), _mx(v7, v15)
+        v4, v8 = _mn(v4, v8), _mx(v4, v8)
+        v5, v9 = _mn(v5, v9), _mx(v5, v9)
+        v6, v10 = _mn(v6, v10), _mx(v6, v10)
+        v7, v11 = _mn(v7, v11), _mx(v7, v11)
+        v2, v4 = _mn(v2, v4), _mx(v2, v4)
+        v3, v5 = _mn(v3, v5), _mx(v3, v5)
+        v6, v8 = _mn(v6, v8), _mx(v6, v8)
+        v7, v9 = _mn(v7, v9), _mx(v7, v9)
+        v10, v12 = _mn(v10, v12), _mx(v10, v12)
+        v11, v13 = _mn(v11, v13), _mx(v11, v13)
+        v1, v2 = _mn(v1, v2), _mx(v1, v2)
+        v3, v4 = _mn(v3, v4), _mx(v3, v4)
+        v5, v6 = _mn(v5, v6), _mx(v5, v6)
+        v7, v8 = _mn(v7, v8), _mx(v7, v8)
+        v9, v10 = _mn(v9, v10), _mx(v9, v10)
+        v11, v12 = _mn(v11, v12), _mx(v11, v12)
+        v13, v14 = _mn(v13, v14), _mx(v13, v14)
+        r0[j] = v0
+        r1[j] = v1
+        r2[j] = v2
+        r3[j] = v3
+        r4[j] = v4
+        r5[j] = v5
+        r6[j] = v6
+        r7[j] = v7
+        r8[j] = v8
+        r9[j] = v9
+        r10[j] = v10
+        r11[j] = v11
+        r12[j] = v12
+        r13[j] = v13
+        r14[j] = v14
+        r15[j] = v15
+
+
+@njit(cache=True, nogil=True)
+def _sort_columns(s, ops, w):
+    """Sort each of the first ``w`` columns of s ascending with a :func:`sorting_program`."""
+    for o in range(ops.shape[0]):
+        kind = ops[o, 0]
+        if kind == 0:
+            a = s[ops[o, 1]]
+            b = s[ops[o, 2]]
+            for j in range(w):
+                x = a[j]
+                y = b[j]
+                a[j] = x if x < y else y
+                b[j] = y if x < y else x
+        elif kind == 1:
+            _sort8(s, ops[o, 1], w)
+        else:
+            _merge16(s, ops[o, 1], ops[o, 2], w)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pct(s, j, n, q):
+    """numpy 'linear' percentile q of the sorted column s[:n, j], in float64."""
+    p = q * (n - 1)
+    k = int(p)
+    t = p - k
+    if t > 0:
+        return _lerp(float(s[k, j]), float(s[k + 1, j]), t)
+    return float(s[k, j])
+
+
+@njit(cache=True, nogil=True)
+def _pct_rows(s, n, q, w, out):
+    """out[j] = :func:`_pct` (s, j, n, q) for j < w, all columns having n values."""
+    p = q * (n - 1)
+    k = int(p)
+    t = p - k
+    a = s[k]
+    if t > 0:
+        b = s[k + 1]
+        if t >= 0.5:
+            for j in range(w):
+                bj = float(b[j])
+                out[j] = bj - (bj - float(a[j])) * (1.0 - t)
+        else:
+            for j in range(w):
+                aj = float(a[j])
+                out[j] = aj + (float(b[j]) - aj) * t
+    else:
+        for j in range(w):
+            out[j] = float(a[j])
+
+
+@njit(cache=True, nogil=True)
+def _clip_sums(x, i0, i1, w, cen, wid, sd, sdd, kk):
+    """Add d = x[i, j] - cen[j] and d*d over rows i0 <= i < i1 where |d| <= wid[j] (the reference's
+    keep predicate, in float64) to sd[j], sdd[j], and the count to kk[j]; j < w."""
+    for i in range(i0, i1):
+        xrow = x[i]
+        for j in range(w):
+            d = float(xrow[j]) - cen[j]
+            keep = abs(d) <= wid[j]
+            sd[j] += d if keep else 0.0
+            sdd[j] += d * d if keep else 0.0
+            kk[j] += 1 if keep else 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def meanclip_blocks(data, masks, has_mask, variances, use_var, ignore_bits, ops, srows, W, b0, b1,
+                    nsigma, niter, no_data_bit, out_value, out_var, out_mask, out_n):
+    """MEANCLIP per pixel across ``data`` (N, R, nx) float32, blocks b0 <= b < b1, into the (>= R, nx)
+    outputs. Block b is the W pixels from (b % nbx) * W of row b // nbx, nbx = ceil(nx / W); the rows
+    that the blocks reach are combined, others are left alone, so a caller can split the blocks
+    between threads (the function releases the GIL).
+
+    ``masks`` (int32) / ``variances`` (float32) have the shape of ``data`` when ``has_mask`` /
+    ``use_var`` (any 3-D array of that dtype otherwise). ``ops, srows`` = :func:`sorting_program`
+    (N); ``W`` = :func:`block_width` (N) pixels per block. Output variance: the sum of the used inputs'
+    variances / n**2 when ``use_var``, else the clipped variance / n.
+    """
+    N = data.shape[0]
+    nx = data.shape[2]
+    nbx = (nx + W - 1) // W
+    inf32 = np.float32(np.inf)
+    s = np.empty((max(N, srows), W + ROW_PAD), np.float32)
+    s[N:] = inf32                      # rows past N (padding of the network's groups)
+    u = np.empty((N if use_var else 1, W), np.float32)
+    cnt = np.empty(W, np.int32)
+    om = np.empty(W, np.int32)
+    iqw = np.empty(W, np.float64)
+    cen = np.empty(W, np.float64)
+    wid = np.empty(W, np.float64)
+    sd = np.empty(W, np.float64)
+    sdd = np.empty(W, np.float64)
+    vs = np.empty(W, np.float64)
+    kk = np.empty(W, np.int32)
+    mean = np.empty(W, np.float64)
+    var = np.empty(W, np.float64)
+    med = np.empty(W, np.float64)
+    m1 = np.empty(W, np.float64)
+    m2 = np.empty(W, np.float64)
+    for b in range(b0, b1):
+        r = b // nbx
+        x0 = (b - r * nbx) * W
+        w = min(W, nx - x0)
+        # 1. gather (without masks the counts are taken after the sort, usually from one row)
+        for j in range(w):
+            cnt[j] = 0
+            om[j] = 0
+        for i in range(N):
+            drow = data[i, r]
+            srow = s[i]
+            if has_mask:
+                mrow = masks[i, r]
+                for j in range(w):
+                    v = drow[x0 + j]
+                    m = mrow[x0 + j]
+                    ok = (abs(v) < inf32) & ((m & ignore_bits) == 0)
+                    srow[j] = v if ok else inf32
+                    cnt[j] += 1 if ok else 0
+                    om[j] |= m if ok else 0
+            else:
+                for j in range(w):
+                    v = drow[x0 + j]
+                    srow[j] = v if abs(v) < inf32 else inf32
+            if use_var:
+                urow = u[i]
+                for j in range(w):
+                    urow[j] = srow[j]
+        # 2. sort each pixel's values
+        _sort_columns(s, ops, w)
+        if not has_mask:
+            # admitted = finite; they come first. All N when the last row is finite
+            last = s[N - 1]
+            ninf = 0
+            for j in range(w):
+                ninf += 0 if last[j] < inf32 else 1
+            if ninf == 0:
+                for j in range(w):
+                    cnt[j] = N
+            else:
+                for i in range(N):
+                    srow = s[i]
+                    for j in range(w):
+                        cnt[j] += 1 if srow[j] < inf32 else 0
+        # 3. quartiles -> pass-0 centre and width
+        nmin = N
+        nmax = 0
+        for j in range(w):
+            nmin = min(nmin, cnt[j])
+            nmax = max(nmax, cnt[j])
+        if nmin == nmax and nmax > 0:
+            # every pixel of the block has the same count (the usual case): the quartiles sit at
+            # the same rows for all of them, so they are read row-wise (vectorised)
+            _pct_rows(s, nmax, 0.25, w, sd)
+            _pct_rows(s, nmax, 0.5, w, cen)
+            _pct_rows(s, nmax, 0.75, w, sdd)
+            for j in range(w):
+                iqw[j] = nsigma * IQR_TO_SIGMA * (sdd[j] - sd[j])
+        else:
+            for j in range(w):
+                n = cnt[j]
+                if n == 0:
+                    cen[j] = np.nan
+                    iqw[j] = np.nan
+                    continue
+                q1 = _pct(s, j, n, 0.25)
+                cen[j] = _pct(s, j, n, 0.5)
+                q3 = _pct(s, j, n, 0.75)
+                iqw[j] = nsigma * IQR_TO_SIGMA * (q3 - q1)
+        for j in range(w):
+            # no clip pass: the mean of every admitted value (+inf fails |d| <= DBL_MAX)
+            wd = iqw[j] if niter >= 1 else 1.7976931348623157e308
+            ok = (abs(cen[j]) < np.inf) & (abs(wd) < np.inf)
+            cen[j] = cen[j] if ok else np.nan          # keeps nothing: NaN result, n_used 0
+            wid[j] = wd
+        # 4. clip passes. Sorted values and a monotone predicate: if the rows mlo and mhi - 1
+        # are kept in every pixel of the block, so is every row between them. Their sums about
+        # the median are taken once (m1, m2) and re-centred per pass; only the outer rows are
+        # scanned. Otherwise (or with input variances, summed over the unsorted values) every
+        # row is scanned.
+        npass = max(niter, 1)
+        src = u if use_var else s
+        mlo = max(2, nmin // 8)
+        mhi = nmin - mlo
+        nmid = mhi - mlo
+        use_mid = (not use_var) and nmid >= 8
+        if use_mid:
+            for j in range(w):
+                med[j] = cen[j]
+                m1[j] = 0.0
+                m2[j] = 0.0
+            for i in range(mlo, mhi):
+                xrow = s[i]
+                for j in range(w):
+                    d = float(xrow[j]) - med[j]
+                    m1[j] += d
+                    m2[j] += d * d
+        for it in range(npass):
+            mid = use_mid
+            if mid:
+                nout = 0
+                lo_row = s[mlo]
+                hi_row = s[mhi - 1]
+                for j in range(w):
+                    dl = float(lo_row[j]) - cen[j]
+                    dh = float(hi_row[j]) - cen[j]
+                    nout += 0 if (abs(dl) <= wid[j]) & (abs(dh) <= wid[j]) else 1
+                mid = nout == 0
+            if mid:
+                for j in range(w):
+                    delta = cen[j] - med[j]
+                    sd[j] = m1[j] - nmid * delta
+                    sdd[j] = m2[j] - 2.0 * delta * m1[j] + nmid * (delta * delta)
+                    kk[j] = nmid
+                _clip_sums(s, 0, mlo, w, cen, wid, sd, sdd, kk)
+                _clip_sums(s, mhi, nmax, w, cen, wid, sd, sdd, kk)
+            else:
+                for j in range(w):
+                    sd[j] = 0.0
+                    sdd[j] = 0.0
+                    kk[j] = 0
+                rows = N if use_var else nmax
+                _clip_sums(src, 0, rows, w, cen, wid, sd, sdd, kk)
+                if use_var:
+                    for j in range(w):
+                        vs[j] = 0.0
+                    for i in range(rows):
+                        xrow = src[i]
+                        vrow = variances[i, r]
+                        for j in range(w):
+                            d = float(xrow[j]) - cen[j]
+                            vs[j] += float(vrow[x0 + j]) if abs(d) <= wid[j] else 0.0
+            # mean and variance of the pass; centre and width of the next one
+            for j in range(w):
+                k = kk[j]
+                kf = float(k)
+                s1 = sd[j]
+                mj = cen[j] + s1 / kf
+                vj = (sdd[j] - s1 * s1 / kf) / (kf - 1.0)
+                mj = mj if k > 0 else np.nan
+                vj = vj if k > 1 else np.nan
+                mean[j] = mj
+                var[j] = vj
+                wd = nsigma * math.sqrt(vj if vj > 0 else 0.0) if k > 1 else iqw[j]
+                ok = (abs(mj) < np.inf) & (abs(wd) < np.inf)
+                cen[j] = mj if ok else np.nan
+                wid[j] = wd
+        # 5. outputs
+        for j in range(w):
+            k = kk[j]
+            out_value[r, x0 + j] = mean[j]
+            out_n[r, x0 + j] = k
+            out_mask[r, x0 + j] = om[j] if cnt[j] > 0 else no_data_bit
+            if k == 0:
+                out_var[r, x0 + j] = np.nan
+            elif use_var:
+                out_var[r, x0 + j] = vs[j] / (k * k)
+            else:
+                out_var[r, x0 + j] = var[j] / k
