@@ -43,12 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calib_core.buildplan import BuildRequest  # noqa: E402
 from calib_core.camera import load_camera  # noqa: E402
-from calib_core.repository import (
-    Datastore,  # noqa: E402
-    Registry,  # noqa: E402
-    ingest_files,  # noqa: E402
-    list_calibs,  # noqa: E402
-)
+from calib_core.repository import Datastore, Registry, ingest_files, list_calibs  # noqa: E402
 from calib_core.simulate.night import simulate_night  # noqa: E402
 
 NIGHT = "2026-11-20"

@@ -41,7 +41,8 @@ from calib_core.camera import effective_config, load_camera  # noqa: E402
 from calib_core.io.raw import read_raw  # noqa: E402
 from calib_core.isr.process import run_isr  # noqa: E402
 from calib_core.simulate.night import SimulatedNight, simulate_night  # noqa: E402
-from calib_core.sky.frames import SkyConfig, _pass_pattern, bin_detector, find_outlier_exposures, solve_sky_frames  # noqa: E402
+from calib_core.sky.frames import (SkyConfig, _pass_pattern, bin_detector, find_outlier_exposures,  # noqa: E402
+                                   solve_sky_frames)
 from calib_core.sky.streaks import find_streaks  # noqa: E402
 
 N_SCIENCE = {"democam_mini": 12, "minimosaic": 12, "democam": 10}

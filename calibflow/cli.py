@@ -19,25 +19,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, lifeline, ops
-from .common import (
-    HelpGroup,
-    RepoOpt,
-    UrlOpt,
-    VerboseOpt,
-    check_calib_type,
-    check_detectors,
-    check_obs_type,
-    console,
-    err,
-    print_json,
-    quiet_prefect,
-    refuse_inside_checkout,
-)
+from .common import (HelpGroup, RepoOpt, UrlOpt, VerboseOpt, check_calib_type, check_detectors, check_obs_type, console,
+                     err)
 from .common import esc as _esc
 from .common import fail as _fail
 from .common import load_camera_or_fail as _load_camera
 from .common import open_repo as _open_repo
 from .common import prefect_env as _prefect_env
+from .common import print_json, quiet_prefect, refuse_inside_checkout
 
 app = typer.Typer(help="Calibration frames (bias, dark, flat, fringe, sky) for mosaic CCD cameras.",
                   no_args_is_help=True, add_completion=False, cls=HelpGroup)
@@ -678,8 +667,9 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     if night and not registry.query_exposures(camera=camera, night=night) and not allow_empty:
         _fail(f"night {night}: no exposures of camera {camera} in the registry (see `calibflow exposures`); "
               "nothing to build")
-    from flows.nightly import NightlyPolicy, default_night, plan_night
+    from flows.nightly import NightlyPolicy, default_night
     from flows.nightly import nightly as nightly_flow
+    from flows.nightly import plan_night
 
     try:
         policy = NightlyPolicy(allow_empty=allow_empty,
@@ -778,8 +768,9 @@ def trend(calib_type: str = typer.Option(..., "--type", help="bias, dark, flat, 
           as_json: bool = typer.Option(False, "--json", help="print the points and limits as JSON as well"),
           repo: Optional[Path] = RepoOpt, registry_url: Optional[str] = UrlOpt):
     """A metric of every verified product against date, with the verification limits marked (PNG and JSON)."""
-    from calib_core.quality.report import TREND_METRICS, report_dir, write_trend
+    from calib_core.quality.report import TREND_METRICS, report_dir
     from calib_core.quality.report import trend as get_trend
+    from calib_core.quality.report import write_trend
 
     check_calib_type(calib_type)
     store, registry = _open_repo(repo, registry_url)

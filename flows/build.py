@@ -37,26 +37,12 @@ from calib_core.io.atomic import sweep_stale
 from calib_core.io.products import write_hdulist
 from calib_core.quality.mosaic import write_product_mosaic
 from calib_core.quality.verify import VerifyConfig
-from calib_core.repository import (
-    Datastore,
-    Registry,
-    ValidityRule,
-    check_identifier,
-    finish_build_run,
-    resolve_url,
-    retry_transient,
-    start_build_run,
-)
+from calib_core.repository import (Datastore, Registry, ValidityRule, check_identifier, finish_build_run, resolve_url,
+                                   retry_transient, start_build_run)
 from calib_core.sky.frames import solve_sky_frames
 from calib_core.stats.background import BackgroundModel
-from tasks.calib_tasks import (
-    BuildContext,
-    build_camera,
-    combine_detector,
-    existing_products,
-    process_detectors,
-    sky_rebin,
-)
+from tasks.calib_tasks import (BuildContext, build_camera, combine_detector, existing_products, process_detectors,
+                               sky_rebin)
 
 __all__ = ["build_calib", "run_build", "make_task_runner", "detector_batches", "resolve_registry_url", "RUNNERS",
            "progress_listener"]

@@ -32,21 +32,9 @@ from calib_core.io.raw import RawReadError, read_raw
 from calib_core.isr.process import IsrError
 from calib_core.maskedimage import MASK_PLANES
 from calib_core.quality.verify import ScreenConfig, TestFrame, VerifyConfig, VerifyInputs, screen_input
-from calib_core.repository import (
-    CalibInput,
-    Datastore,
-    Registry,
-    ValidityRule,
-    calib_digest,
-    explain_lookup,
-    find_calib,
-    is_transient,
-    make_calib_id,
-    note_transient,
-    record_calib,
-    sha256_file,
-    verify_raw,
-)
+from calib_core.repository import (CalibInput, Datastore, Registry, ValidityRule, calib_digest, explain_lookup,
+                                   find_calib, is_transient, make_calib_id, note_transient, record_calib, sha256_file,
+                                   verify_raw)
 from calib_core.science import find_isr_calibs, readout_keys
 from calib_core.sky.frames import bin_detector
 from calib_core.stats.background import BackgroundModel

@@ -5,16 +5,8 @@ import pytest
 from scipy.interpolate import Akima1DInterpolator, CubicSpline
 
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.stats.background import (
-    BackgroundConfig,
-    BackgroundModel,
-    bin_centres,
-    bin_edges,
-    interpolate_1d,
-    lookup_max_interp_style,
-    measure_background,
-    n_bins,
-)
+from calib_core.stats.background import (BackgroundConfig, BackgroundModel, bin_centres, bin_edges, interpolate_1d,
+                                         lookup_max_interp_style, measure_background, n_bins)
 from calib_core.stats.binned import box_statistics, grid_statistics
 from calib_core.stats.clipped import clipped_mean, compute_statistic
 

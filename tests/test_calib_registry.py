@@ -7,19 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from calib_core.camera import load_camera
-from calib_core.repository import (
-    CalibInput,
-    Datastore,
-    RegistryError,
-    ValidityRule,
-    calib_digest,
-    calib_inputs,
-    certify,
-    ingest_files,
-    list_calibs,
-    lookup,
-    record_calib,
-)
+from calib_core.repository import (CalibInput, Datastore, RegistryError, ValidityRule, calib_digest, calib_inputs,
+                                   certify, ingest_files, list_calibs, lookup, record_calib)
 from tests.test_registry import _mini_file
 
 

@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from calib_core.builds.bias_dark_flat import (
-    BiasConfig,
-    DarkConfig,
-    FlatConfig,
-    background_level,
-    combine_bias,
-    combine_dark,
-    combine_flat,
-    process_bias,
-    process_dark,
-    process_flat,
-    solve_flat_scales,
-)
+from calib_core.builds.bias_dark_flat import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias,
+                                              combine_dark, combine_flat, process_bias, process_dark, process_flat,
+                                              solve_flat_scales)
 from calib_core.builds.calibtypes import product_cards
 from calib_core.camera import load_camera
 from calib_core.errors import DataError

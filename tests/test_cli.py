@@ -216,8 +216,8 @@ def test_prune_reports_then_frees_what_the_policy_allows(repo_with_nan):
     import time
 
     from calib_core.io.atomic import private_name
-    from calib_core.repository.registry import BuildRunRow, Registry
     from calib_core.repository.buildruns import _this_process
+    from calib_core.repository.registry import BuildRunRow, Registry
 
     env, _ = repo_with_nan
     root = Path(env["CALIBFLOW_REPO"])

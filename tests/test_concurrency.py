@@ -32,16 +32,8 @@ from sqlalchemy import select
 
 from calib_core.camera import load_camera
 from calib_core.io.products import read_product
-from calib_core.repository import (
-    CalibInput,
-    Datastore,
-    calib_digest,
-    calib_inputs,
-    ingest_files,
-    list_calibs,
-    record_calib,
-    sha256_file,
-)
+from calib_core.repository import (CalibInput, Datastore, calib_digest, calib_inputs, ingest_files, list_calibs,
+                                   record_calib, sha256_file)
 from calib_core.repository.registry import BuildRunRow, CalibInputRow, CalibRow, Registry
 from calib_core.simulate.night import simulate_night
 

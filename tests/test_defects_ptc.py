@@ -9,15 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from calib_core.builds.defects import (
-    ORIGINS,
-    DefectsConfig,
-    ManualDefect,
-    complete_columns,
-    find_outliers,
-    load_manual_defects,
-    measure_defects,
-)
+from calib_core.builds.defects import (ORIGINS, DefectsConfig, ManualDefect, complete_columns, find_outliers,
+                                       load_manual_defects, measure_defects)
 from calib_core.builds.ptc import PairStats, PtcConfig, fit_ptc, make_pairs, overscan_noise, pair_stats
 from calib_core.isr.process import interpolate_over
 from calib_core.maskedimage import MASK_PLANES, MaskedImage

@@ -6,15 +6,8 @@ import pytest
 from scipy import ndimage
 
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.sky.objectmask import (
-    DetectionConfig,
-    MaskObjectsConfig,
-    _grow,
-    auto_binning,
-    detect_sources,
-    find_objects,
-    mask_objects,
-)
+from calib_core.sky.objectmask import (DetectionConfig, MaskObjectsConfig, _grow, auto_binning, detect_sources,
+                                       find_objects, mask_objects)
 
 SKY, NOISE = 1000.0, np.sqrt(1000.0)
 

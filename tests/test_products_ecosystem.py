@@ -28,20 +28,9 @@ from astropy.nddata import CCDData, StdDevUncertainty, VarianceUncertainty
 from astropy.wcs import WCS
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from calib_core.builds.bias_dark_flat import (
-    BiasConfig,
-    DarkConfig,
-    FlatConfig,
-    background_level,
-    combine_bias,
-    combine_calib,
-    combine_dark,
-    combine_flat,
-    process_bias,
-    process_dark,
-    process_flat,
-    solve_flat_scales,
-)
+from calib_core.builds.bias_dark_flat import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias,
+                                              combine_calib, combine_dark, combine_flat, process_bias, process_dark,
+                                              process_flat, solve_flat_scales)
 from calib_core.builds.fringe import FringeConfig, prepare_fringe
 from calib_core.io.productmeta import INTERMEDIATE_UNITS, PRODUCT_UNITS, write_calib_product
 from calib_core.io.products import CARD_COMMENTS, provenance_cards, read_product, write_product

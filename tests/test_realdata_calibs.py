@@ -12,16 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calib_core.builds.bias_dark_flat import (
-    BiasConfig,
-    FlatConfig,
-    background_level,
-    combine_bias,
-    combine_flat,
-    process_bias,
-    process_flat,
-    solve_flat_scales,
-)
+from calib_core.builds.bias_dark_flat import (BiasConfig, FlatConfig, background_level, combine_bias, combine_flat,
+                                              process_bias, process_flat, solve_flat_scales)
 from calib_core.camera import load_camera
 from calib_core.io.raw import read_raw
 from calib_core.isr.process import IsrConfig

@@ -12,8 +12,8 @@ from astropy.io import fits
 
 from calib_core.camera import load_camera
 from calib_core.io.raw import night_of, read_raw
-from calib_core.simulate.night import SimulatedNight, simulate_night
 from calib_core.simulate import night as simulate
+from calib_core.simulate.night import SimulatedNight, simulate_night
 from tests._raw import corrected
 
 CAMERA = "democam_mini"

@@ -16,21 +16,9 @@ import pytest
 
 from bench.sky_accuracy import clip_variance_ratio, frame_vs_truth
 from calib_core.maskedimage import MaskedImage
-from calib_core.sky.frames import (
-    ExposureRejectionConfig,
-    LargeScaleConfig,
-    SkyConfig,
-    SkyRejectionError,
-    average_backgrounds,
-    bin_coordinates,
-    build_sky_frames,
-    find_outlier_exposures,
-    fit_surface,
-    measure_scale,
-    measure_sky_background,
-    solve_scales,
-    subtract_sky_frame,
-)
+from calib_core.sky.frames import (ExposureRejectionConfig, LargeScaleConfig, SkyConfig, SkyRejectionError,
+                                   average_backgrounds, bin_coordinates, build_sky_frames, find_outlier_exposures,
+                                   fit_surface, measure_scale, measure_sky_background, solve_scales, subtract_sky_frame)
 from calib_core.sky.heldout import sky_frame_quality
 from calib_core.stats.background import BackgroundModel
 from tests import _skysim as S

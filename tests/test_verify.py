@@ -7,14 +7,8 @@ import pytest
 from calib_core.camera import load_camera
 from calib_core.io.raw import RawAmp, RawDetector
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.quality.verify import (
-    ScreenConfig,
-    VerifyConfig,
-    detector_scatter_checks,
-    screen_input,
-    sky_structure_checks,
-    verify_product,
-)
+from calib_core.quality.verify import (ScreenConfig, VerifyConfig, detector_scatter_checks, screen_input,
+                                       sky_structure_checks, verify_product)
 from calib_core.stats.background import BackgroundModel
 
 RNG = np.random.default_rng(5)

@@ -16,39 +16,13 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel
 
-from calib_core.builds.bias_dark_flat import (
-    BiasConfig,
-    DarkConfig,
-    FlatConfig,
-    background_level,
-    combine_bias,
-    combine_calib,
-    combine_dark,
-    combine_flat,
-    process_bias,
-    process_dark,
-)
-from calib_core.builds.defects import (
-    DefectsConfig,
-    defect_mask,
-    defects_product,
-    load_manual_defects,
-    measure_defects,
-    origin_cards,
-    origin_counts,
-)
+from calib_core.builds.bias_dark_flat import (BiasConfig, DarkConfig, FlatConfig, background_level, combine_bias,
+                                              combine_calib, combine_dark, combine_flat, process_bias, process_dark)
+from calib_core.builds.defects import (DefectsConfig, defect_mask, defects_product, load_manual_defects,
+                                       measure_defects, origin_cards, origin_counts)
 from calib_core.builds.fringe import FringeBuildConfig, prepare_fringe, remove_continuum
-from calib_core.builds.ptc import (
-    PtcConfig,
-    fit_ptc,
-    gain_map,
-    make_pairs,
-    overscan_noise,
-    pair_stats,
-    plot_ptc,
-    ptc_table_hdus,
-    read_ptc,
-)
+from calib_core.builds.ptc import (PtcConfig, fit_ptc, gain_map, make_pairs, overscan_noise, pair_stats, plot_ptc,
+                                   ptc_table_hdus, read_ptc)
 from calib_core.errors import DataError
 from calib_core.io.products import provenance_cards, read_product
 from calib_core.io.raw import RawDetector

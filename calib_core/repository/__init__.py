@@ -15,57 +15,17 @@ here, so the database can change without touching them (docs/architecture.md#pac
 """
 
 from calib_core.repository.buildruns import finish_build_run, mark_crashed_runs, start_build_run
-from calib_core.repository.datastore import (
-                                             DEFAULT_REPO,
-                                             TRANSFER_MODES,
-                                             Datastore,
-                                             DatastoreError,
-                                             check_identifier,
-                                             sha256_file,
-                                             verify_raw,
-)
+from calib_core.repository.datastore import (DEFAULT_REPO, TRANSFER_MODES, Datastore, DatastoreError, check_identifier,
+                                             sha256_file, verify_raw)
 from calib_core.repository.ingest import IngestReport, UpdateReport, find_raw_files, ingest_files, update_exposures
-from calib_core.repository.registry import (
-                                             HEAD_REVISION,
-                                             CameraMismatch,
-                                             Registry,
-                                             RegistryError,
-                                             is_transient,
-                                             mask_url,
-                                             note_transient,
-                                             resolve_url,
-                                             retry_transient,
-)
-from calib_core.repository.registry.calibs import (
-                                             FILTERLESS_TYPES,
-                                             STATUSES,
-                                             CalibInput,
-                                             ValidityRule,
-                                             calib_digest,
-                                             calib_inputs,
-                                             calib_metrics,
-                                             certify,
-                                             decertify,
-                                             explain_lookup,
-                                             find_calib,
-                                             list_calibs,
-                                             lookup,
-                                             make_calib_id,
-                                             overlapping,
-                                             record_calib,
-                                             settle_candidates,
-)
-from calib_core.repository.retention import (
-                                             PRUNE_CLASSES,
-                                             RETENTION_ENV,
-                                             RETENTION_POLICIES,
-                                             WorkFile,
-                                             build_files,
-                                             remove_files,
-                                             retention_policy,
-                                             running_types,
-                                             survey,
-)
+from calib_core.repository.registry import (HEAD_REVISION, CameraMismatch, Registry, RegistryError, is_transient,
+                                            mask_url, note_transient, resolve_url, retry_transient)
+from calib_core.repository.registry.calibs import (FILTERLESS_TYPES, STATUSES, CalibInput, ValidityRule, calib_digest,
+                                                   calib_inputs, calib_metrics, certify, decertify, explain_lookup,
+                                                   find_calib, list_calibs, lookup, make_calib_id, overlapping,
+                                                   record_calib, settle_candidates)
+from calib_core.repository.retention import (PRUNE_CLASSES, RETENTION_ENV, RETENTION_POLICIES, WorkFile, build_files,
+                                             remove_files, retention_policy, running_types, survey)
 
 __all__ = [
     "Registry", "RegistryError", "CameraMismatch", "HEAD_REVISION", "mask_url", "resolve_url",

@@ -25,14 +25,8 @@ from calib_core.camera import Camera, Detector
 from calib_core.configmodel import ClipConfig
 from calib_core.errors import DataError
 from calib_core.maskedimage import MaskedImage, mask_bits
-from calib_core.stats.background import (
-    BackgroundModel,
-    InterpStyle,
-    bin_centres,
-    bin_edges,
-    interpolate_1d,
-    lookup_max_interp_style,
-)
+from calib_core.stats.background import (BackgroundModel, InterpStyle, bin_centres, bin_edges, interpolate_1d,
+                                         lookup_max_interp_style)
 from calib_core.stats.binned import box_statistics
 
 __all__ = ["FocalPlaneBackgroundConfig", "FocalPlaneBackground", "interpolate_bad_cells"]

@@ -21,17 +21,8 @@ import numpy as np
 
 from calib_core.camera import Camera
 from calib_core.maskedimage import MaskedImage
-from calib_core.sky.frames import (
-    SkyConfig,
-    apply_sky_frame,
-    average_backgrounds,
-    bin_coordinates,
-    exposure_residuals,
-    fit_surface,
-    measure_sky_background,
-    normalise_frames,
-    solve_scales,
-)
+from calib_core.sky.frames import (SkyConfig, apply_sky_frame, average_backgrounds, bin_coordinates, exposure_residuals,
+                                   fit_surface, measure_sky_background, normalise_frames, solve_scales)
 from calib_core.stats.background import BackgroundModel
 
 __all__ = ["SkyQuality", "sky_frame_quality", "structure_above_noise", "detrend", "Structure", "LeaveOneOut",

@@ -20,17 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from calib_core.camera import Camera, CameraError, camera_from_definition, is_camera_file, load_camera
 from calib_core.errors import CalibflowError
-from calib_core.repository.registry.models import (
-    Base,
-    BuildRunRow,
-    CalibInputRow,
-    CalibMetricRow,
-    CalibRow,
-    CameraRow,
-    DetectorRow,
-    ExposureRow,
-    RawRow,
-)
+from calib_core.repository.registry.models import (Base, BuildRunRow, CalibInputRow, CalibMetricRow, CalibRow,
+                                                   CameraRow, DetectorRow, ExposureRow, RawRow)
 
 __all__ = ["Registry", "RegistryError", "CameraMismatch", "mask_url", "resolve_url", "is_transient", "retry_transient",
            "TRANSIENT_BACKOFF_S", "Base", "CameraRow", "DetectorRow", "ExposureRow", "RawRow",

@@ -35,16 +35,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from calib_core.repository.registry import (
-    CalibInputRow,
-    CalibMetricRow,
-    CalibRow,
-    CameraRow,
-    ExposureRow,
-    Registry,
-    RegistryError,
-    _utc,
-)
+from calib_core.repository.registry import (CalibInputRow, CalibMetricRow, CalibRow, CameraRow, ExposureRow, Registry,
+                                            RegistryError, _utc)
 
 __all__ = ["ValidityRule", "CalibInput", "calib_digest", "record_calib", "find_calib", "list_calibs",
            "certify", "decertify", "settle_candidates", "lookup", "explain_lookup", "overlapping",
