@@ -51,8 +51,9 @@ NX, NY, AMPS, PRESCAN, OVERSCAN = 2048, 4096, 4, 8, 32
 HSC_PIXELS = 104 * 50 * 2048 * 4176
 
 
-def write_camera(path: Path = CAMERA_FILE) -> Path:
-    """The 40-CCD camera, derived from the demo camera's metadata rules and ISR defaults."""
+def write_camera(path: Path = CAMERA_FILE, cols: int = COLS, rows: int = ROWS, name: str = "widemosaic") -> Path:
+    """The ``cols`` x ``rows``-CCD camera (40 by default), derived from the demo camera's metadata
+    rules and ISR defaults."""
     import yaml
 
     base = yaml.safe_load((ROOT / "calib_core" / "cameras" / "democam.yaml").read_text())
@@ -60,8 +61,8 @@ def write_camera(path: Path = CAMERA_FILE) -> Path:
     raw_amp = PRESCAN + width + OVERSCAN
     pitch_x, pitch_y = NX * 0.015 + 1.0, NY * 0.015 + 1.5
     detectors = []
-    for k in range(COLS * ROWS):
-        row, col = divmod(k, COLS)
+    for k in range(cols * rows):
+        row, col = divmod(k, cols)
         amps = []
         for a in range(AMPS):
             x0 = a * raw_amp
@@ -73,11 +74,11 @@ def write_camera(path: Path = CAMERA_FILE) -> Path:
                          "gain": round(1.5 + 0.02 * ((3 * k + a) % 7), 2),
                          "read_noise": round(4.0 + 0.1 * ((5 * k + a) % 9), 1), "saturation": 60000.0})
         detectors.append({"id": k, "name": f"ccd{k:02d}", "nx": NX, "ny": NY,
-                          "x_mm": round((col - (COLS - 1) / 2) * pitch_x, 2),
-                          "y_mm": round((row - (ROWS - 1) / 2) * pitch_y, 2),
+                          "x_mm": round((col - (cols - 1) / 2) * pitch_x, 2),
+                          "y_mm": round((row - (rows - 1) / 2) * pitch_y, 2),
                           "orientation": 0, "hdu": f"CCD{k:02d}", "amplifiers": amps})
-    cam = {"name": "widemosaic",
-           "description": f"Synthetic wide mosaic: {COLS}x{ROWS} grid of {NX}x{NY} 15-um CCDs, {AMPS} amplifiers "
+    cam = {"name": name,
+           "description": f"Synthetic wide mosaic: {cols}x{rows} grid of {NX}x{NY} 15-um CCDs, {AMPS} amplifiers "
                           f"each ({PRESCAN} prescan, {OVERSCAN} overscan columns), 1.0 mm / 1.5 mm gaps. Written by "
                           "bench/wide_mosaic.py.",
            "telescope": "simulated", "layout": base["layout"], "pixel_size_mm": base["pixel_size_mm"],
