@@ -131,7 +131,7 @@ def test_calib_core_has_no_flat_modules_left_beyond_the_shared_ones():
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".yaml", ".yml"}
 SKIP_DIRS = {"bench/work", "bench/results", "demo", "calibrepo"}
 PATH_RE = re.compile(r"(?<![\w/.-])calib_core/((?:\w+/)*\w+\.py)\b")
-DOTTED_RE = re.compile(r"(?<![\w.])calib_core((?:\.\w+)+)")
+DOTTED_RE = re.compile(r"(?<![\w.])calib_core((?:\.\w+)+)(?![\w*])")   # a name, or a family (``name_*``) by its module
 
 
 def _texts():
