@@ -19,7 +19,7 @@ install: $(BIN)/.installed
 
 # the numba kernels compiled and cached before the first build (calibflow/warmup.py); again after
 # the numeric core changes, since numba's cache is keyed on the source files
-$(VENV)/.warm: $(BIN)/.installed $(wildcard calib_core/*.py)
+$(VENV)/.warm: $(BIN)/.installed $(wildcard calib_core/*.py calib_core/*/*.py)
 	$(BIN)/python -m calibflow.warmup
 	touch $@
 
