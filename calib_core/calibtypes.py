@@ -42,7 +42,9 @@ Barrier = Literal["none", "flat_scales", "sky_passes"]
 class Processed:
     """One processed (exposure, detector): the image the combine reads, scalars for the barrier
     (``level``, ``npoint``), and side products written next to the intermediate: ``{key: (suffix,
-    HDUList)}``, written as ``<intermediate>-<suffix>.fits`` whose path the task result carries as ``key``."""
+    HDUList)}``, written as ``<intermediate>-<suffix>.fits`` whose path the task result carries as ``key``.
+    Every scalar and side-product key is a field of :class:`calib_core.records.ProcessedInput`, the
+    task's result (a key it lacks is refused)."""
 
     image: MaskedImage
     scalars: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +112,8 @@ class CalibType:
         build would fail for want of usable inputs ("" when it would not): the PTC needs two flats
         of one exposure time.
     combine_context : bool
-        The combine also gets ``items`` (each input's process result: its scalars), ``camera``,
+        The combine also gets ``items`` (each input's :class:`~calib_core.records.ProcessedInput`:
+        its scalars), ``camera``,
         ``detector`` and ``calib_date`` as keywords (defects, PTC: they pair inputs or read the
         calibs their inputs used).
     verify : callable or None
@@ -241,11 +244,11 @@ def _process_ptc(raw, calibs, exposure, cfg: PtcConfig, camera=None, detector=No
 def _combine_defects(paths: Sequence, cfg: DefectsConfig, exp_scales=None, ccd_scale=None, *, items=(),
                      camera=None, detector=0, calib_date=None) -> Combined:
     flat = combine_calib(paths, cfg.combine)[0] if cfg.use_flat else None
-    first = items[0] if items else {}
-    bias = read_product(first["bias_path"])[0] if cfg.use_bias and first.get("bias_path") else None
-    dark = read_product(first["dark_path"])[0] if cfg.use_dark and first.get("dark_path") else None
+    first = items[0]
+    bias = read_product(first.bias_path)[0] if cfg.use_bias and first.bias_path else None
+    dark = read_product(first.dark_path)[0] if cfg.use_dark and first.dark_path else None
     manual = load_manual_defects(cfg.manual_file) if cfg.manual_file else []
-    amps = [tuple(a) for a in first["amps"]]
+    amps = [tuple(a) for a in first.amps]
     origin = measure_defects(amps, bias=bias, dark=dark, flat=flat, config=cfg, detector=detector,
                              calib_date=calib_date, manual=manual)
     counts = origin_counts(origin)
@@ -261,20 +264,19 @@ def _combine_defects(paths: Sequence, cfg: DefectsConfig, exp_scales=None, ccd_s
 
 def _combine_ptc(paths: Sequence, cfg: PtcConfig, exp_scales=None, ccd_scale=None, *, items=(),
                  camera=None, detector=0, calib_date=None) -> Combined:
-    pairs = make_pairs(items)
+    pairs = make_pairs([{"exptime": i.exptime, "filter": i.filter} for i in items])
     if not pairs:
         raise DataError(f"PTC of detector {detector}: no two flats share an exposure time and filter "
-                        f"(exposure times {sorted({float(i['exptime']) for i in items})})")
-    amps = [tuple(a) for a in items[0]["amps"]]
+                        f"(exposure times {sorted({i.exptime for i in items})})")
+    amps = [tuple(a) for a in items[0].amps]
     points: dict[str, list] = {a[0]: [] for a in amps}
     for i, j in pairs:
         im1, im2 = read_product(paths[i])[0], read_product(paths[j])[0]
-        for st in pair_stats(im1, im2, amps, float(items[i]["exptime"]), cfg,
-                             (items[i]["exposure_id"], items[j]["exposure_id"])):
+        for st in pair_stats(im1, im2, amps, items[i].exptime, cfg, (items[i].exposure_id, items[j].exposure_id)):
             points[st.amp].append(st)
     fits = {}
     for name, pts in points.items():
-        noises = [float(it["overscan_noise"].get(name, float("nan"))) for it in items]
+        noises = [float(it.overscan_noise.get(name, float("nan"))) for it in items]
         noises = [n for n in noises if math.isfinite(n)]
         os_noise = float(sorted(noises)[len(noises) // 2]) if noises else float("nan")
         fits[name] = fit_ptc(pts, os_noise, cfg)

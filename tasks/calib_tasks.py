@@ -1,7 +1,8 @@
 """Prefect tasks of a calib build: thin adapters over calib_core.
 
 Each task receives ids and paths (never pixels), loads what it needs, calls calib_core, writes its
-output through the datastore, records it in the registry and returns a small dict. Transient failures
+output through the datastore, records it in the registry and returns a small record
+(:mod:`calib_core.records`: what each field means). Transient failures
 (I/O errors) are retried with backoff; deterministic bad data (unreadable raw, inconsistent calib)
 fails at once with the file named.
 """
@@ -29,8 +30,9 @@ from calib_core.camera import Camera
 from calib_core.datastore import Datastore, sha256_file, verify_raw
 from calib_core.errors import is_retryable
 from calib_core.isr import IsrError
-from calib_core.maskedimage import MASK_PLANES
+from calib_core.maskedimage import MASK_PLANES, MaskedImage
 from calib_core.productmeta import write_calib_product
+from calib_core.records import ProcessedInput, SkyResidual
 from calib_core.products import provenance_cards, read_product, write_hdulist, write_product
 from calib_core.rawio import RawReadError, read_raw
 from calib_core.registry import BuildRunRow, Registry, is_transient, note_transient, retry_transient
@@ -146,23 +148,24 @@ def _process_run_name(parameters: dict) -> str:
 
 def _rebin_run_name(parameters: dict) -> str:
     items = parameters["items"]
-    return f"sky-pass{parameters['k']}-{items[0]['exposure_id']}-{_detector_span(i['detector'] for i in items)}"
+    return f"sky-pass{parameters['k']}-{items[0].exposure_id}-{_detector_span(i.detector for i in items)}"
 
 
 @task(name="process", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
       cache_policy=NO_CACHE, task_run_name=_process_run_name)
-def process_detectors(ctx: BuildContext, exposure: dict, detectors: list[int]) -> list[dict]:
+def process_detectors(ctx: BuildContext, exposure: dict, detectors: list[int]) -> list[ProcessedInput]:
     """:func:`process_exposure_detector` for some detectors of one exposure: the unit of work the flow
     maps. Several detectors per task keep Prefect's per-task cost small beside the pixel work; a
     retry redoes only the detectors whose intermediate is not yet written."""
     return [process_exposure_detector(ctx, exposure, d) for d in detectors]
 
 
-def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) -> dict:
+def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) -> ProcessedInput:
     """ISR and the type's preparation of one (exposure, detector); the intermediate goes to the datastore.
 
     Resume: the intermediate is keyed on the raw checksum, the config hash and the ISR calibs used; an
-    existing one is reused and the work skipped.
+    existing one is reused and the work skipped. Its record, less ``reused`` and ``screened``, is the
+    ``.json`` beside it.
     """
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
@@ -173,7 +176,12 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
                        / f"{exposure['exposure_id']}-det{detector:03d}-{key}.fits")
     meta = out.with_suffix(".json")
     if out.exists() and meta.exists():
-        return _screened(ctx, registry, exposure, detector, {**json.loads(meta.read_text()), "reused": True})
+        try:
+            done = ProcessedInput.model_validate_json(meta.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{meta}: not a processed-input record ({exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0]}); delete it to redo the work") from None
+        return _screened(ctx, registry, exposure, detector, done.model_copy(update={"reused": True}))
 
     camera = build_camera(ctx)
     try:
@@ -181,22 +189,19 @@ def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) 
         verify_raw(exposure["path"], exposure["checksum"], exposure.get("size_bytes"), exposure.get("ingested_at"),
                    always=ctx.verify_raws == "always")
         raw = read_raw(exposure["path"], camera, [detector]).detectors[detector]
-        result = {"exposure_id": exposure["exposure_id"], "detector": detector, "path": str(out),
-                  "isr_calibs": {t: c["calib_id"] for t, c in calibs.items()}, "pid": os.getpid()}
-        mi = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out, result)
+        mi, result = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out)
     except (RawReadError, IsrError) as exc:
         if not isinstance(exc, RawReadError):      # bad pixels (no usable overscan, ...): name file and exposure
             exc = RawReadError(exposure["path"], f"exposure {exposure['exposure_id']} detector {detector}: "
                                                  + str(exc).removeprefix(f"{exposure['path']}: "))
         if ctx.on_bad_input == "exclude":      # deterministic: excluded and recorded, never retried
-            return {"exposure_id": exposure["exposure_id"], "detector": detector, "error": str(exc),
-                    "reused": False}
+            return ProcessedInput(exposure_id=exposure["exposure_id"], detector=detector, error=str(exc))
         raise exc from None
     out.parent.mkdir(parents=True, exist_ok=True)
     write_product(out, mi, {"EXPID": exposure["exposure_id"], "DETECTOR": detector, "OBSTYPE": "postisr"},
                   unit=ctx.spec.intermediate_unit)
-    store.atomic_write_bytes(meta, json.dumps(result).encode())
-    return _screened(ctx, registry, exposure, detector, {**result, "reused": False}, mi)
+    store.atomic_write_bytes(meta, result.model_dump_json(exclude={"reused", "screened"}).encode())
+    return _screened(ctx, registry, exposure, detector, result, mi)
 
 
 def last_good_master(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict | None:
@@ -210,38 +215,47 @@ def last_good_master(ctx: BuildContext, registry: Registry, exposure_id: str, de
     return before[0]["_row"] if before else None
 
 
-def _screened(ctx: BuildContext, registry: Registry, exposure: dict, detector: int, result: dict, mi=None) -> dict:
+def _screened(ctx: BuildContext, registry: Registry, exposure: dict, detector: int, result: ProcessedInput,
+              mi=None) -> ProcessedInput:
     """``result`` with ``screened`` (why the input must not be stacked) when it fails the input
     screening against the last good master (docs/algorithms.md#input-screening)."""
     if not ctx.spec.screen_inputs or not ctx.screen_cfg().enabled:
         return result
     master = last_good_master(ctx, registry, exposure["exposure_id"], detector)
     if mi is None:
-        mi = read_product(result["path"])[0]
+        mi = read_product(result.path)[0]
     why = screen_input(ctx.calib_type, mi, read_product(master["path"])[0] if master else None, ctx.screen_cfg())
     if why:
-        return {**result, "screened": f"detector {detector}: {why}"
-                + (f" (master {master['calib_id']})" if master and "master" in why else "")}
+        return result.model_copy(update={"screened": f"detector {detector}: {why}"
+                                          + (f" (master {master['calib_id']})" if master and "master" in why else "")})
     return result
 
 
-def _process_pixels(ctx: BuildContext, camera, raw, exposure: dict, detector: int, calibs: dict, out,
-                    result: dict):
-    """The type's processing of one raw detector (:attr:`CalibType.process`); adds its scalars to
-    ``result`` and writes its side products next to the intermediate (``<stem>-<suffix>.fits``)."""
+def _process_pixels(ctx: BuildContext, camera, raw, exposure: dict, detector: int, calibs: dict, out
+                    ) -> tuple[MaskedImage, ProcessedInput]:
+    """The type's processing of one raw detector (:attr:`CalibType.process`): (the image, its
+    record with the type's scalars); its side products are written next to the intermediate
+    (``<stem>-<suffix>.fits``) and their paths recorded. A scalar or side product the record does
+    not know fails here, naming it."""
     done = ctx.spec.process(raw, calibs, exposure, ctx.cfg(), camera, detector)
-    result.update(done.scalars)
+    fields = dict(done.scalars)
     for key, (suffix, hdulist) in done.sidecars.items():
         side = out.with_name(f"{out.stem}-{suffix}.fits")
         out.parent.mkdir(parents=True, exist_ok=True)
         write_hdulist(side, hdulist)
-        result[key] = str(side)
-    return done.image
+        fields[key] = str(side)
+    unknown = sorted(set(fields) - set(ProcessedInput.model_fields))
+    if unknown:
+        raise TypeError(f"{ctx.calib_type} processing returned {unknown}, which ProcessedInput "
+                        "(calib_core/records.py) has no field for")
+    result = ProcessedInput(exposure_id=exposure["exposure_id"], detector=detector, path=str(out),
+                            isr_calibs={t: c["calib_id"] for t, c in calibs.items()}, pid=os.getpid(), **fields)
+    return done.image, result
 
 
 @task(name="sky-pass", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
       cache_policy=NO_CACHE, task_run_name=_rebin_run_name)
-def sky_rebin(ctx: BuildContext, items: list[dict], k: int, model: dict) -> list[dict]:
+def sky_rebin(ctx: BuildContext, items: list[ProcessedInput], k: int, model: dict) -> list[ProcessedInput]:
     """Pass ``k`` of the sky build for some detectors of one exposure: objects masked again on the
     post-ISR image minus the previous pass's sky ``L * (1 + F)``, and the binned model re-measured.
 
@@ -255,14 +269,14 @@ def sky_rebin(ctx: BuildContext, items: list[dict], k: int, model: dict) -> list
         surface = pickle.load(fh)
     out_items = []
     for it in items:
-        d = it["detector"]
-        out = store.inside(_work_dir(ctx, store) / f"{it['exposure_id']}-det{d:03d}-bins{k}-{model['digest']}.fits")
+        d = it.detector
+        out = store.inside(_work_dir(ctx, store) / f"{it.exposure_id}-det{d:03d}-bins{k}-{model['digest']}.fits")
         if not out.exists():
-            mi = read_product(it["path"])[0]
+            mi = read_product(it.path)[0]
             frame = BackgroundModel.from_fits(model["frames"][str(d)])
             pattern = surface.on_detector(camera, camera.detector(d)) * (1.0 + frame.evaluate())
             write_hdulist(out, bin_detector(camera, d, mi, cfg, pattern).to_hdulist())
-        out_items.append({**it, "bins": str(out)})
+        out_items.append(it.model_copy(update={"bins": str(out)}))
     return out_items
 
 
@@ -295,7 +309,8 @@ def existing_products(registry: Registry, ctx: BuildContext, exposures: list[dic
 
 @task(name="combine", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
       cache_policy=NO_CACHE, task_run_name="combine-det{detector}")
-def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposures: list[dict],
+def combine_detector(ctx: BuildContext, detector: int, items: list[ProcessedInput] | list[SkyResidual],
+                     exposures: list[dict],
                      exp_scales: list[float] | None = None, ccd_scale: float | None = None,
                      dropped: dict[str, str] | None = None, excluded: list[str] | None = None) -> dict:
     """Combine one detector's intermediates, write the product atomically and register it with every input.
@@ -306,7 +321,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     store = Datastore(ctx.repo)
     by_id = {e["exposure_id"]: e for e in exposures}
     digest, calib_date, isr_ids = _identity(ctx, registry, exposures, detector, excluded or ())
-    used = {c for i in items for c in i.get("isr_calibs", {}).values()}
+    used = {c for i in items for c in i.isr_calibs.values()}
     if not used <= isr_ids:
         raise ValueError(f"detector {detector}: the certified calibs changed while this {ctx.calib_type} build "
                          f"ran (inputs processed with {sorted(used - isr_ids)}, no longer certified); rerun "
@@ -316,10 +331,10 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
         return {**existing, "created": False}
 
     cfg = ctx.cfg()
-    paths = [i["path"] for i in items]
-    ids = [i["exposure_id"] for i in items]
+    paths = [i.path for i in items]
+    ids = [i.exposure_id for i in items]
     if ctx.spec.barrier == "sky_passes":   # scales: each exposure's sky level (recorded, already divided out)
-        exp_scales = [float(i["scale"]) for i in items]
+        exp_scales = [i.scale for i in items]
     calib_id = make_calib_id(ctx.calib_type, ctx.camera, ctx.filter, calib_date, detector, digest)
     dates = [dt.datetime.fromisoformat(by_id[e]["date_obs"]) for e in ids]
     cards = provenance_cards(ctx.calib_type, {"calib_id": calib_id, "detector": detector, "filter": ctx.filter,
@@ -346,10 +361,10 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
         if ctx.spec.combine is None:
             # sky: the frame was solved at the build's barrier over the whole focal plane (surfaces,
             # rejection, average, normalisation); here it is written and registered
-            frame = BackgroundModel.from_fits(items[0]["frame"])
+            frame = BackgroundModel.from_fits(items[0].frame)
             write_calib_product(path, "sky", frame, cards, build_camera(ctx), detector)
             finite = np.isfinite(frame.values)
-            stats = {"warning": items[0].get("warning") or None, **_sky_stats(frame, len(items), len(dropped or {}))}
+            stats = {"warning": items[0].warning or None, **_sky_stats(frame, len(items), len(dropped or {}))}
             verification = _verify(ctx, registry, detector, frame, items, by_id)
         else:
             context = {}
@@ -426,18 +441,19 @@ def _readout(ctx: BuildContext, exposures: list[dict]) -> dict:
     return out
 
 
-def _verify(ctx: BuildContext, registry: Registry, detector: int, product, items: list[dict], by_id: dict):
+def _verify(ctx: BuildContext, registry: Registry, detector: int, product,
+            items: list[ProcessedInput] | list[SkyResidual], by_id: dict):
     """The type's verification of a new product (docs/algorithms.md#verification-before-certification),
     or None when the type has none or the gate is off. The test frame is the first input used."""
     cfg = ctx.verify_cfg()
     if ctx.spec.verify is None or not cfg.enabled:
         return None
     first = items[0]
-    exposure = by_id[first["exposure_id"]]
+    exposure = by_id[first.exposure_id]
 
     def test():
         raw = read_raw(exposure["path"], build_camera(ctx), [detector]).detectors[detector]
-        return TestFrame(read_product(first["path"])[0], raw, exposure.get("darktime"), exposure["exposure_id"])
+        return TestFrame(read_product(first.path)[0], raw, exposure.get("darktime"), exposure["exposure_id"])
 
     def incumbent():
         master = last_good_master(ctx, registry, exposure["exposure_id"], detector)
