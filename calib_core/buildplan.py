@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .calibtypes import CALIB_TYPES as SPECS, CalibTypeName, calib_type as spec_of
 from .errors import InputError
+from .records import Exposure
 from .registry import Registry
 from .verify import VerifyConfig
 
@@ -93,7 +94,7 @@ def intermediate_key(raw_checksum: str, cfg_hash: str, calib_ids: list[str], cam
 class BuildPlan:
     calib_type: str
     camera: str
-    exposures: list[dict]                      # registry rows (dicts), date order
+    exposures: list[Exposure]                  # registry records, date order
     detectors: list[int]
     filter: str
     calib_date: dt.date
@@ -101,7 +102,7 @@ class BuildPlan:
 
     @property
     def exposure_ids(self) -> list[str]:
-        return [e["exposure_id"] for e in self.exposures]
+        return [e.exposure_id for e in self.exposures]
 
 
 def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str | None = None,
@@ -123,9 +124,9 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
                                     exposure_ids=exposure_ids)
     if date_range:
         lo, hi = (dt.date.fromisoformat(d) for d in date_range)
-        rows = [r for r in rows if lo <= dt.date.fromisoformat(r["night"]) <= hi]
+        rows = [r for r in rows if lo <= dt.date.fromisoformat(r.night) <= hi]
     if exposure_ids:
-        missing = sorted(set(exposure_ids) - {r["exposure_id"] for r in rows})
+        missing = sorted(set(exposure_ids) - {r.exposure_id for r in rows})
         if missing:
             raise ValueError(f"{calib_type} build: exposures not found as {spec.input_obstype} frames of "
                              f"camera {camera}: {', '.join(missing)}")
@@ -133,7 +134,7 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
         where = ", ".join(f"{k}={v}" for k, v in (("night", night), ("filter", filter), ("range", date_range)) if v)
         raise ValueError(f"{calib_type} build: no {spec.input_obstype} exposures of camera {camera}"
                          + (f" for {where}" if where else ""))
-    filters = sorted({r["filter"] for r in rows})
+    filters = sorted({r.filter for r in rows})
     if not spec.filtered:
         out_filter = "NONE"
     elif len(filters) > 1:
@@ -141,7 +142,7 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
     else:
         out_filter = filters[0]
 
-    have = registry.exposure_detectors(camera, [r["exposure_id"] for r in rows])
+    have = registry.exposure_detectors(camera, [r.exposure_id for r in rows])
     wanted = set(detectors) if detectors else set().union(*have.values())
     lacking = {e: sorted(wanted - dets) for e, dets in have.items() if wanted - dets}
     dropped = {}
@@ -151,14 +152,14 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
             raise InconsistentInputs(f"{calib_type} build: inconsistent inputs: {detail} "
                                      "(select detectors, or allow dropping incomplete exposures)")
         dropped = {e: f"incomplete: lacks detector(s) {', '.join(map(str, d))}" for e, d in lacking.items()}
-        rows = [r for r in rows if r["exposure_id"] not in dropped]
+        rows = [r for r in rows if r.exposure_id not in dropped]
         if not rows:
             raise InconsistentInputs(f"{calib_type} build: every exposure is incomplete: {detail}")
 
     if calib_date:
         date = dt.date.fromisoformat(calib_date)
     else:  # mean input date (docs/algorithms.md#calib-date)
-        stamps = [dt.datetime.fromisoformat(r["date_obs"]).timestamp() for r in rows]
+        stamps = [dt.datetime.fromisoformat(r.date_obs).timestamp() for r in rows]
         date = dt.datetime.fromtimestamp(sum(stamps) / len(stamps), dt.timezone.utc).date()
     return BuildPlan(calib_type=calib_type, camera=camera, exposures=rows, detectors=sorted(wanted),
                      filter=out_filter, calib_date=date, dropped=dropped)

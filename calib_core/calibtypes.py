@@ -29,6 +29,7 @@ from .ptc import PtcConfig, fit_ptc, gain_map, make_pairs, overscan_noise, pair_
     read_ptc
 from .products import provenance_cards, read_product
 from .rawio import RawDetector
+from .records import Exposure
 from .sky import SkyConfig, bin_detector
 from .verify import against_own_kind, flagged_pixels, sky_bins
 
@@ -102,14 +103,15 @@ class CalibType:
     description : str
         One line for deployments and help texts.
     process : callable
-        ``process(raw, calibs, exposure, config, camera, detector) -> Processed``; ``calibs`` maps
+        ``process(raw, calibs, exposure, config, camera, detector) -> Processed``; ``exposure`` is
+        the input's :class:`~calib_core.records.Exposure`; ``calibs`` maps
         a calib type to its registry row (``path``, ``calib_id``).
     combine : callable or None
         ``combine(paths, config, exp_scales, ccd_scale) -> Combined``; None where the barrier makes
         the product (sky).
     skip_reason : callable or None
-        ``skip_reason(rows) -> str``: given the registry rows of a night's inputs, why a nightly
-        build would fail for want of usable inputs ("" when it would not): the PTC needs two flats
+        ``skip_reason(rows) -> str``: given a night's inputs (:class:`~calib_core.records.Exposure`),
+        why a nightly build would fail for want of usable inputs ("" when it would not): the PTC needs two flats
         of one exposure time.
     combine_context : bool
         The combine also gets ``items`` (each input's :class:`~calib_core.records.ProcessedInput`:
@@ -143,7 +145,7 @@ class CalibType:
     optional_in_isr: bool = False
     min_inputs: int = 3
     combine_context: bool = False
-    skip_reason: Callable[[Sequence[Mapping]], str] | None = None
+    skip_reason: Callable[[Sequence[Exposure]], str] | None = None
     verify: Callable[..., Any] | None = None
     screen_inputs: bool = False
 
@@ -186,17 +188,17 @@ def _process_bias(raw, calibs, exposure, cfg: BiasConfig, camera=None, detector=
 
 def _process_dark(raw, calibs, exposure, cfg: DarkConfig, camera=None, detector=None) -> Processed:
     bias = read_product(calibs["bias"]["path"])[0] if "bias" in calibs else None
-    return Processed(process_dark(raw, bias, exposure["darktime"], cfg))
+    return Processed(process_dark(raw, bias, exposure.darktime, cfg))
 
 
 def _process_flat(raw, calibs, exposure, cfg: FlatConfig, camera=None, detector=None) -> Processed:
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     level = background_level(mi, cfg.stats)
     return Processed(mi, {"level": float(level.mean), "npoint": int(level.npoint)})
 
 
 def _process_fringe(raw, calibs, exposure, cfg: FringeBuildConfig, camera=None, detector=None) -> Processed:
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     mi, level = prepare_fringe(mi, cfg.fringe)
     return Processed(mi, {"level": float(level)})
 
@@ -204,7 +206,7 @@ def _process_fringe(raw, calibs, exposure, cfg: FringeBuildConfig, camera=None, 
 def _process_sky(raw, calibs, exposure, cfg: SkyConfig, camera=None, detector=None) -> Processed:
     # first pass of the sky build: the binned model of the masked image (the intermediate itself
     # stays unmasked, so a later pass can mask it again without the pattern)
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     model = bin_detector(camera, detector, mi, cfg.pass_config(0))
     return Processed(mi, sidecars={"bins": ("bins0", model.to_hdulist())})
 
@@ -221,10 +223,10 @@ def _amp_boxes(raw) -> list[list]:
 def _process_defects(raw, calibs, exposure, cfg: DefectsConfig, camera=None, detector=None) -> Processed:
     # a flat ISR'd with the certified bias and dark, divided by its own level: the stack of these is
     # the flat the defects are found in; the bias and dark it used are the ones tested
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     level = background_level(mi)
     if not (math.isfinite(level.mean) and level.mean > 0):
-        raise DataError(f"{exposure['path']}: flat level {level.mean} is not positive; cannot normalise it")
+        raise DataError(f"{exposure.path}: flat level {level.mean} is not positive; cannot normalise it")
     mi /= float(level.mean)
     scalars = {"level": float(level.mean), "amps": _amp_boxes(raw)}
     for t in ("bias", "dark"):
@@ -234,10 +236,10 @@ def _process_defects(raw, calibs, exposure, cfg: DefectsConfig, camera=None, det
 
 
 def _process_ptc(raw, calibs, exposure, cfg: PtcConfig, camera=None, detector=None) -> Processed:
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     noise = {a.name: overscan_noise(a.overscan, a.overscan_axis) if a.overscan is not None else float("nan")
              for a in raw.amps}
-    return Processed(mi, {"exptime": float(exposure["exptime"]), "filter": exposure.get("filter"),
+    return Processed(mi, {"exptime": exposure.exptime, "filter": exposure.filter,
                           "amps": _amp_boxes(raw), "overscan_noise": noise})
 
 
@@ -295,11 +297,11 @@ def _combine_ptc(paths: Sequence, cfg: PtcConfig, exp_scales=None, ccd_scale=Non
                     pictures={"ptc": lambda path: plot_ptc(fits, path, title)})
 
 
-def _ptc_skip_reason(rows: Sequence[Mapping]) -> str:
-    if make_pairs(rows):
+def _ptc_skip_reason(rows: Sequence[Exposure]) -> str:
+    if make_pairs([{"exptime": r.exptime, "filter": r.filter} for r in rows]):
         return ""
     return (f"no two of the {len(rows)} flats share an exposure time and filter "
-            f"(exposure times {sorted({float(r['exptime']) for r in rows})})")
+            f"(exposure times {sorted({r.exptime for r in rows})})")
 
 
 def _combine_bias(paths: Sequence, cfg: BiasConfig, exp_scales=None, ccd_scale=None) -> Combined:

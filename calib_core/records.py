@@ -4,6 +4,8 @@ Registry rows and task results used to be plain dicts whose keys every reader ha
 typo'd key was a ``KeyError`` deep in a flow, or worse a silent ``None`` from ``.get``. These frozen
 models name every field once, with its type and meaning:
 
+* :class:`Exposure`: one ingested raw exposure (the registry makes it, :meth:`Registry.query_exposures`;
+  build planning, the tasks, the nightly plan, science reduction and the CLI read it);
 * :class:`ProcessedInput`: one (exposure, detector) after a build's process step (the tasks make it;
   the build flow, its barriers and the combine task read it);
 * :class:`SkyResidual`: one (exposure, detector) of a sky build after the focal-plane barrier (the
@@ -18,9 +20,11 @@ No Prefect and no database here: plain pydantic.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ProcessedInput", "SkyResidual", "AmpBox"]
+__all__ = ["Exposure", "ProcessedInput", "SkyResidual", "AmpBox"]
 
 #: an amplifier's box in the assembled detector: (name, y0, y1, x0, x1), end-exclusive
 AmpBox = tuple[str, int, int, int, int]
@@ -28,6 +32,28 @@ AmpBox = tuple[str, int, int, int, int]
 
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Exposure(_Record):
+    """One ingested raw exposure, as the registry holds it (the ``exposure`` table,
+    docs/architecture.md#tables). Times are ISO 8601 strings in UTC, as the CLI prints them."""
+
+    exposure_id: str = Field(description="the exposure's id (unique per camera)")
+    camera: str = Field(description="the camera's name in the registry")
+    obs_type: str = Field(description="observation type: bias, dark, flat, science, ...")
+    filter: str = Field(description="the filter in the beam (``NONE`` for frames without one)")
+    exptime: float = Field(description="exposure time, seconds")
+    darktime: float = Field(description="dark time (shutter open to readout), seconds")
+    date_obs: str = Field(description="start of the exposure, ISO 8601 UTC")
+    night: str = Field(description="the observing night YYYY-MM-DD (the local date of the evening)")
+    object: str = Field(description="the OBJECT header card, empty when none")
+    n_detectors: int = Field(description="detectors the raw file holds")
+    path: str = Field(description="where the raw file is now (the datastore, or where it was left)")
+    checksum: str = Field(description="sha256 of the raw file's bytes at ingest: the raw's identity")
+    size_bytes: int = Field(description="the raw file's size at ingest (a cheap check before hashing)")
+    ingested_at: str = Field(description="when it was ingested, ISO 8601 UTC")
+    extra: dict[str, Any] = Field(default_factory=dict,
+                                  description="further header values kept at ingest (readout settings, ...)")
 
 
 class ProcessedInput(_Record):

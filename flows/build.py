@@ -296,7 +296,7 @@ def _retire_intermediates(registry, ctx: BuildContext, plan, store: Datastore, l
                      _build_label(ctx), ctx.calib_type)
             return
         work = store.root / "work" / ctx.camera / ctx.calib_type
-        n, freed = remove_files(build_files(work, [e["exposure_id"] for e in plan.exposures], plan.detectors))
+        n, freed = remove_files(build_files(work, plan.exposure_ids, plan.detectors))
         if n:
             log.info("%s build: removed %d intermediate files (%.1f MB)", _build_label(ctx), n, freed / 1e6)
     except Exception as exc:        # disk housekeeping must not fail a build whose products are registered
