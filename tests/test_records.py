@@ -128,3 +128,33 @@ def test_the_scan_sees_a_dict_read(tmp_path):
     src = tmp_path / "old.py"
     src.write_text('levels = [p["level"] for p in items]\nbad = "error" in p\nok = p.level\n')
     assert sorted(h.split(": ", 1)[1] for h in retired_key_reads(src)) == ["'error' in p", "p['level']"]
+
+
+def test_a_scalar_the_record_lacks_fails_the_process_step(tmp_path):
+    # a calib type whose processing returns a scalar ProcessedInput has no field for is refused at
+    # its first input, naming the key (not carried along until some reader misses it)
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from calib_core.calibtypes import Processed
+    from calib_core.maskedimage import MaskedImage
+    from tasks.calib_tasks import _process_pixels
+
+    image = MaskedImage(np.zeros((4, 4)), np.zeros((4, 4)), np.ones((4, 4)))
+    exposure = records.Exposure(exposure_id="e1", camera="cam", obs_type="flat", filter="r", exptime=5.0,
+                                darktime=5.0, date_obs="2026-11-21T03:00:00+00:00", night="2026-11-20", object="",
+                                n_detectors=1, path="/raw/e1.fits", checksum="0" * 64, size_bytes=1,
+                                ingested_at="2026-11-21T12:00:00+00:00")
+
+    def ctx_returning(scalars):
+        spec = SimpleNamespace(process=lambda *args: Processed(image, scalars))
+        return SimpleNamespace(spec=spec, calib_type="flat", cfg=lambda: None)
+
+    calibs = {"bias": {"calib_id": "bias-1", "path": "/c/bias.fits"}}
+    out = tmp_path / "e1-det000-k.fits"
+    mi, rec = _process_pixels(ctx_returning({"level": 812.0, "npoint": 16}), None, None, exposure, 0, calibs, out)
+    assert mi is image and (rec.level, rec.npoint, rec.isr_calibs, rec.path) == (812.0, 16, {"bias": "bias-1"},
+                                                                                  str(out))
+    with pytest.raises(TypeError, match=r"flat processing returned \['levle'\]"):
+        _process_pixels(ctx_returning({"levle": 812.0}), None, None, exposure, 0, calibs, out)
