@@ -31,7 +31,10 @@ AmpBox = tuple[str, int, int, int, int]
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN stays NaN in the record's own JSON (a PTC amplifier without overscan has a NaN noise),
+    # as json.dumps writes it, so a resume file reads back as written; the CLI's strict JSON
+    # output turns NaN into null itself (calibflow.common.dumps_json)
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
 
 class Exposure(_Record):

@@ -3,6 +3,7 @@ closed to unknown fields, returned by the tasks, and read by attribute where dic
 (a typo'd field is then an error where it is written, not a silent ``None`` in a flow)."""
 
 import ast
+import math
 import typing
 from pathlib import Path
 
@@ -63,6 +64,13 @@ def test_a_processed_input_round_trips_through_its_resume_json():
     back = ProcessedInput.model_validate_json(rec.model_dump_json())
     assert back == rec
     assert back.amps == [("A", 0, 10, 0, 20)]
+
+
+def test_nan_survives_the_resume_json():
+    # a PTC amplifier without overscan has a NaN noise; null would not read back as a float
+    rec = _processed(level=float("nan"), overscan_noise={"A": float("nan"), "B": 4.5})
+    back = ProcessedInput.model_validate_json(rec.model_dump_json())
+    assert math.isnan(back.level) and math.isnan(back.overscan_noise["A"]) and back.overscan_noise["B"] == 4.5
 
 
 def test_a_resume_json_written_before_the_records_still_reads():
