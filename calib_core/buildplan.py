@@ -19,6 +19,7 @@ from calib_core.builds.calibtypes import CalibTypeName
 from calib_core.builds.calibtypes import calib_type as spec_of
 from calib_core.errors import InputError
 from calib_core.quality.verify import VerifyConfig
+from calib_core.records import Exposure
 from calib_core.repository import Registry
 
 __all__ = ["CALIB_TYPES", "BuildRequest", "BuildPlan", "InconsistentInputs", "plan_build", "config_hash", "intermediate_key"]
@@ -95,7 +96,7 @@ def intermediate_key(raw_checksum: str, cfg_hash: str, calib_ids: list[str], cam
 class BuildPlan:
     calib_type: str
     camera: str
-    exposures: list[dict]                      # registry rows (dicts), date order
+    exposures: list[Exposure]                  # registry records, date order
     detectors: list[int]
     filter: str
     calib_date: dt.date
@@ -103,7 +104,7 @@ class BuildPlan:
 
     @property
     def exposure_ids(self) -> list[str]:
-        return [e["exposure_id"] for e in self.exposures]
+        return [e.exposure_id for e in self.exposures]
 
 
 def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str | None = None,
@@ -125,9 +126,9 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
                                     exposure_ids=exposure_ids)
     if date_range:
         lo, hi = (dt.date.fromisoformat(d) for d in date_range)
-        rows = [r for r in rows if lo <= dt.date.fromisoformat(r["night"]) <= hi]
+        rows = [r for r in rows if lo <= dt.date.fromisoformat(r.night) <= hi]
     if exposure_ids:
-        missing = sorted(set(exposure_ids) - {r["exposure_id"] for r in rows})
+        missing = sorted(set(exposure_ids) - {r.exposure_id for r in rows})
         if missing:
             raise ValueError(f"{calib_type} build: exposures not found as {spec.input_obstype} frames of "
                              f"camera {camera}: {', '.join(missing)}")
@@ -135,7 +136,7 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
         where = ", ".join(f"{k}={v}" for k, v in (("night", night), ("filter", filter), ("range", date_range)) if v)
         raise ValueError(f"{calib_type} build: no {spec.input_obstype} exposures of camera {camera}"
                          + (f" for {where}" if where else ""))
-    filters = sorted({r["filter"] for r in rows})
+    filters = sorted({r.filter for r in rows})
     if not spec.filtered:
         out_filter = "NONE"
     elif len(filters) > 1:
@@ -143,7 +144,7 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
     else:
         out_filter = filters[0]
 
-    have = registry.exposure_detectors(camera, [r["exposure_id"] for r in rows])
+    have = registry.exposure_detectors(camera, [r.exposure_id for r in rows])
     wanted = set(detectors) if detectors else set().union(*have.values())
     lacking = {e: sorted(wanted - dets) for e, dets in have.items() if wanted - dets}
     dropped = {}
@@ -153,14 +154,14 @@ def plan_build(registry: Registry, calib_type: str, camera: str, *, night: str |
             raise InconsistentInputs(f"{calib_type} build: inconsistent inputs: {detail} "
                                      "(select detectors, or allow dropping incomplete exposures)")
         dropped = {e: f"incomplete: lacks detector(s) {', '.join(map(str, d))}" for e, d in lacking.items()}
-        rows = [r for r in rows if r["exposure_id"] not in dropped]
+        rows = [r for r in rows if r.exposure_id not in dropped]
         if not rows:
             raise InconsistentInputs(f"{calib_type} build: every exposure is incomplete: {detail}")
 
     if calib_date:
         date = dt.date.fromisoformat(calib_date)
     else:  # mean input date (docs/algorithms.md#calib-date)
-        stamps = [dt.datetime.fromisoformat(r["date_obs"]).timestamp() for r in rows]
+        stamps = [dt.datetime.fromisoformat(r.date_obs).timestamp() for r in rows]
         date = dt.datetime.fromtimestamp(sum(stamps) / len(stamps), dt.timezone.utc).date()
     return BuildPlan(calib_type=calib_type, camera=camera, exposures=rows, detectors=sorted(wanted),
                      filter=out_filter, calib_date=date, dropped=dropped)

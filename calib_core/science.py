@@ -16,6 +16,7 @@ from calib_core.errors import InputError
 from calib_core.io.products import write_product
 from calib_core.io.raw import read_raw
 from calib_core.isr.process import IsrConfig
+from calib_core.records import Exposure
 from calib_core.repository import Registry, lookup
 from calib_core.sky.frames import SkyBuildConfig, apply_sky_frame
 from calib_core.stats.background import BackgroundModel
@@ -83,7 +84,7 @@ class SkyApplication:
     outputs: dict[int, Path] = field(default_factory=dict)
 
 
-def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path | None,
+def apply_sky(registry: Registry, camera: Camera, exposure: Exposure, out_dir: Path | None,
               config: SkyBuildConfig | None = None) -> SkyApplication:
     """Sky correction of one science exposure (pipe_drivers ``SkyCorrectionTask``): ISR with the
     certified calibs, object masking, then the exposure's large-scale surface and the certified sky
@@ -92,25 +93,25 @@ def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path 
 
     Parameters
     ----------
-    exposure : dict
-        A registry row (:meth:`Registry.query_exposures`).
+    exposure : Exposure
+        The exposure's registry record (:meth:`Registry.query_exposures`).
     out_dir : Path or None
         Where the corrected detector images go (``<exposure>-det<NNN>-skysub.fits``); None writes
         nothing.
     """
     cfg = config or SkyBuildConfig()
-    eid = exposure["exposure_id"]
-    raw = read_raw(exposure["path"], camera)
+    eid = exposure.exposure_id
+    raw = read_raw(exposure.path, camera)
     images, frames, ids = {}, {}, {}
     for det_id, rd in sorted(raw.detectors.items()):
         sky = lookup(registry, camera=camera.name, exposure_id=eid, calib_type="sky", detector=det_id,
                      readout_keys=readout_keys(camera))
         if not sky:
             raise MissingCalib(f"apply-sky: no certified sky frame applies to exposure {eid} detector {det_id} "
-                               f"(filter {exposure['filter']}); build one first (calibflow build sky)")
+                               f"(filter {exposure.filter}); build one first (calibflow build sky)")
         calibs = find_isr_calibs(registry, camera.name, eid, det_id, cfg.isr, purpose="apply-sky",
                                  readout=readout_keys(camera))
-        images[det_id] = isr_with_calibs(rd, cfg.isr, calibs, exposure.get("darktime"), path=exposure["path"])
+        images[det_id] = isr_with_calibs(rd, cfg.isr, calibs, exposure.darktime, path=exposure.path)
         frames[det_id] = read_sky_frame(sky[0]["path"])
         ids[det_id] = sky[0]["calib_id"]
     # the exposure's large-scale surface and the sky-frame scale, fitted together; both subtracted
@@ -122,7 +123,7 @@ def apply_sky(registry: Registry, camera: Camera, exposure: dict, out_dir: Path 
         out_dir.mkdir(parents=True, exist_ok=True)
         for det_id, mi in images.items():
             target = out_dir / f"{eid}-det{det_id:03d}-skysub.fits"
-            write_product(target, mi, {"EXPID": eid, "DETECTOR": det_id, "FILTER": exposure["filter"],
+            write_product(target, mi, {"EXPID": eid, "DETECTOR": det_id, "FILTER": exposure.filter,
                                        "SKYCALIB": ids[det_id], "SKYSCALE": (sol.scale, "fitted sky-frame scale"),
                                        "SKYSCERR": (sol.error, "its standard error"),
                                        "SKYLEVEL": (sky_level, "sky level at the focal-plane centre, ADU")},

@@ -178,16 +178,14 @@ def exposures(as_json: bool = typer.Option(False, "--json", help="print JSON (nu
         camera = _resolve_camera(registry, camera).name
     rows = registry.query_exposures(camera=camera, obs_type=obs_type, filter=filter, night=night)
     if as_json:
-        for r in rows:
-            r.pop("path", None)
-        print_json(rows)
+        print_json([r.model_dump(mode="json", exclude={"path"}) for r in rows])
         return
     table = Table(title=f"{len(rows)} exposures")
     for col in ("exposure_id", "camera", "obs_type", "filter", "exptime", "date_obs", "night", "n_det", "object"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["exposure_id"], r["camera"], r["obs_type"], r["filter"], f"{r['exptime']:g}",
-                      r["date_obs"][:19], r["night"], str(r["n_detectors"]), r["object"])
+        table.add_row(r.exposure_id, r.camera, r.obs_type, r.filter, f"{r.exptime:g}",
+                      r.date_obs[:19], r.night, str(r.n_detectors), r.object)
     console.print(table)
 
 
@@ -383,7 +381,7 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
 
     check_calib_type(calib_type)
     _, registry = _open_repo(repo, registry_url)
-    cams = sorted({r["camera"] for r in registry.query_exposures(exposure_ids=[exposure])})
+    cams = sorted({r.camera for r in registry.query_exposures(exposure_ids=[exposure])})
     if camera is not None:
         camera = _resolve_camera(registry, camera).name
     else:
@@ -826,8 +824,8 @@ def apply_sky(exposure: str = typer.Argument(..., help="a science exposure id (s
     if not rows:
         _fail(f"no exposure {exposure!r} of camera {cam.name} in the registry (see `calibflow exposures`)")
     row = rows[0]
-    if row["obs_type"] != "science":
-        _fail(f"exposure {exposure} is a {row['obs_type']} frame, not a science exposure")
+    if row.obs_type != "science":
+        _fail(f"exposure {exposure} is a {row.obs_type} frame, not a science exposure")
     camera = cam
     config = effective_config(SkyBuildConfig, camera, overrides)
     target = out or store.root / "skysub" / exposure
@@ -1001,10 +999,10 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
         table.add_column(col)
     groups: dict[tuple, list] = {}
     for r in rows:
-        groups.setdefault((r["obs_type"], r["filter"]), []).append(r)
+        groups.setdefault((r.obs_type, r.filter), []).append(r)
     for (t, f), rs in sorted(groups.items()):
-        table.add_row(t, f, str(len(rs)), ",".join(sorted({f"{r['exptime']:g}" for r in rs})),
-                      str(rs[0]["n_detectors"]))
+        table.add_row(t, f, str(len(rs)), ",".join(sorted({f"{r.exptime:g}" for r in rs})),
+                      str(rs[0].n_detectors))
     console.print(table)
     console.print(f"ingested {len(report.ingested)} exposures ({len(report.skipped)} already present) "
                   f"in {time.perf_counter() - t0:.1f} s; registry {registry.url}")

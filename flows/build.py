@@ -9,7 +9,8 @@
   detector) objects masked again without the first pass's sky, and the barrier again -> per
   detector: write and register the frame.
 
-Pixels never travel through Prefect: tasks exchange paths in the datastore and small dicts.
+Pixels never travel through Prefect: tasks exchange paths in the datastore and small records
+(:mod:`calib_core.records`, docs/architecture.md#records).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from calib_core.io.atomic import sweep_stale
 from calib_core.io.products import write_hdulist
 from calib_core.quality.mosaic import write_product_mosaic
 from calib_core.quality.verify import VerifyConfig
+from calib_core.records import ProcessedInput, SkyResidual
 from calib_core.repository import (Datastore, Registry, ValidityRule, check_identifier, finish_build_run, resolve_url,
                                    retry_transient, start_build_run)
 from calib_core.sky.frames import solve_sky_frames
@@ -272,7 +274,8 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
     _retire_intermediates(registry, ctx, plan, store, log, run_id)
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
             "filter": plan.filter, "dropped": dropped, "mosaic_png": summary,
-            "processed": [{k: p.get(k) for k in ("exposure_id", "detector", "reused", "pid")} for p in processed]}
+            "processed": [p.model_dump(mode="json", include={"exposure_id", "detector", "reused", "pid"})
+                          for p in processed]}
 
 
 def _retire_intermediates(registry, ctx: BuildContext, plan, store: Datastore, log, run_id: int) -> None:
@@ -292,7 +295,7 @@ def _retire_intermediates(registry, ctx: BuildContext, plan, store: Datastore, l
                      _build_label(ctx), ctx.calib_type)
             return
         work = store.root / "work" / ctx.camera / ctx.calib_type
-        n, freed = remove_files(build_files(work, [e["exposure_id"] for e in plan.exposures], plan.detectors))
+        n, freed = remove_files(build_files(work, plan.exposure_ids, plan.detectors))
         if n:
             log.info("%s build: removed %d intermediate files (%.1f MB)", _build_label(ctx), n, freed / 1e6)
     except Exception as exc:        # disk housekeeping must not fail a build whose products are registered
@@ -341,7 +344,7 @@ def detector_batches(detectors: list[int], n_exposures: int, parallelism: int,
 
 
 def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = None
-                ) -> tuple[list[dict], dict[str, str], list[dict], dict]:
+                ) -> tuple[list[dict], dict[str, str], list[ProcessedInput], dict]:
     """process -> scale -> combine; returns the products, every exposure left out (with why), the
     per-(exposure, detector) results and the sky build's binned residuals of the exposures used
     (``{exposure: {detector: path}}``; empty for the other types), which its verification scores
@@ -355,33 +358,33 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
              "/".join(sorted({str(len(b)) for b in batches}, key=int)))
     processed = [r for rs in _gather(futures, ctx, "process", log) for r in rs]
     log.info("processed %d (exposure, detector) pairs, %d reused from an earlier run", len(processed),
-             sum(p["reused"] for p in processed))
+             sum(p.reused for p in processed))
     dropped = dict(plan.dropped)
     for p in processed:
-        if "error" in p:
-            dropped.setdefault(p["exposure_id"], f"unreadable raw: {p['error']}")
+        if p.error is not None:
+            dropped.setdefault(p.exposure_id, f"unreadable raw: {p.error}")
     for p in processed:
-        if p.get("screened"):     # docs/algorithms.md#input-screening: the whole exposure is left out
-            dropped.setdefault(p["exposure_id"], f"screened out: {p['screened']}")
+        if p.screened:     # docs/algorithms.md#input-screening: the whole exposure is left out
+            dropped.setdefault(p.exposure_id, f"screened out: {p.screened}")
     # inputs left out as bad input (unreadable, or screened out against an earlier night's master)
     # are part of the products' identity (outlier rejection is not: it follows from the inputs); a
     # repaired raw then makes a new, full product
-    excluded = sorted({p["exposure_id"] for p in processed if "error" in p or p.get("screened")})
+    excluded = sorted({p.exposure_id for p in processed if p.error is not None or p.screened})
     if len(dropped) > len(plan.dropped):
         log.warning("excluded exposures: %s", {e: r for e, r in dropped.items() if e not in plan.dropped})
     order = [e for e in plan.exposure_ids if e not in dropped]
     if not order:
         raise ValueError(f"{calib_type} build: no usable exposures left: {dropped}")
-    per_det = {d: sorted((p for p in processed if p["detector"] == d and p["exposure_id"] not in dropped),
-                         key=lambda p: order.index(p["exposure_id"])) for d in plan.detectors}
+    per_det = {d: sorted((p for p in processed if p.detector == d and p.exposure_id not in dropped),
+                         key=lambda p: order.index(p.exposure_id)) for d in plan.detectors}
 
     # scale: the barrier
     exp_scales, ccd_scales, residuals = None, {}, {}
     if spec.barrier == "flat_scales":
         import numpy as np
 
-        levels = np.array([[p["level"] for p in per_det[d]] for d in plan.detectors], dtype=float)
-        weights = (np.array([[p["npoint"] for p in per_det[d]] for d in plan.detectors], dtype=float)
+        levels = np.array([[p.level for p in per_det[d]] for d in plan.detectors], dtype=float)
+        weights = (np.array([[p.npoint for p in per_det[d]] for d in plan.detectors], dtype=float)
                    if cfg.weighted else None)
         scales = solve_flat_scales(levels, iterations=cfg.iterations, weights=weights)
         exp_scales = [float(s) for s in scales.exp_scales]
@@ -390,7 +393,7 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
         per_det = _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task)
         for d, items in per_det.items():
             for it in items:
-                residuals.setdefault(it["exposure_id"], {})[d] = it["residual"]
+                residuals.setdefault(it.exposure_id, {})[d] = it.residual
 
     # combine + write, one task per detector
     combos = [tr.submit(combine_detector, {"ctx": ctx, "detector": d, "items": per_det[d], "exposures": plan.exposures,
@@ -400,7 +403,8 @@ def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = No
     return _gather(combos, ctx, "combine", log), dropped, processed, residuals
 
 
-def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=None) -> dict:
+def _sky_second_pass(ctx, plan, cfg, tr, log, per_det: dict[int, list[ProcessedInput]], order, dropped,
+                     per_task=None) -> dict[int, list[SkyResidual]]:
     """The sky build's barrier(s), on the binned models of every (exposure, detector): surfaces,
     residuals, exposure rejection and the frame (:func:`calib_core.sky.frames.solve_sky_frames`); with
     ``n_passes`` > 1 a mapped re-masking between barriers. ``dropped`` gets the rejected exposures;
@@ -408,7 +412,7 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
     camera = build_camera(ctx)
     store = Datastore(ctx.repo)
     work = store.root / "work" / ctx.camera / ctx.calib_type
-    index = {(it["exposure_id"], it["detector"]): it for d in plan.detectors for it in per_det[d]}
+    index = {(it.exposure_id, it.detector): it for d in plan.detectors for it in per_det[d]}
     result = None
     for k in range(cfg.n_passes):
         if k > 0:
@@ -419,8 +423,8 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
                                              "model": models[e]})
                        for e in order for b in batches]
             for it in (r for rs in _gather(futures, ctx, f"pass {k + 1}", log) for r in rs):
-                index[(it["exposure_id"], it["detector"])] = it
-        binned = {e: {d: BackgroundModel.from_fits(index[(e, d)]["bins"]) for d in plan.detectors} for e in order}
+                index[(it.exposure_id, it.detector)] = it
+        binned = {e: {d: BackgroundModel.from_fits(index[(e, d)].bins) for d in plan.detectors} for e in order}
         result = solve_sky_frames(camera, binned, cfg.pass_config(k), result and result.frames)
         log.info("sky pass %d of %d: sky levels %s; rejected %s", k + 1, cfg.n_passes,
                  {e: round(v, 1) for e, v in result.scales.items()}, result.rejected or "none")
@@ -437,8 +441,9 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det, order, dropped, per_task=
             it = index[(e, d)]
             resid = work / f"{e}-det{d:03d}-resid-{digest}.fits"
             write_hdulist(resid, result.residuals[e][d].to_hdulist())
-            out[d].append({**it, "residual": str(resid), "scale": result.scales[e], "frame": str(frames[d]),
-                           "warning": result.warning})
+            out[d].append(SkyResidual(exposure_id=it.exposure_id, detector=d, path=it.path,
+                                      isr_calibs=it.isr_calibs, bins=it.bins, residual=str(resid),
+                                      scale=result.scales[e], frame=str(frames[d]), warning=result.warning))
     return out
 
 

@@ -68,13 +68,13 @@ def plan_night(registry: Registry, camera: str, night: str, policy: NightlyPolic
         if calib_type not in policy.types:
             continue
         spec = CALIB_TYPES[calib_type]
-        kind = [r for r in rows if r["obs_type"] == spec.input_obstype]
+        kind = [r for r in rows if r.obs_type == spec.input_obstype]
         if not spec.filtered:
             groups = {None: kind} if kind else {}
         else:
             groups = {}
             for r in kind:
-                groups.setdefault(r["filter"], []).append(r)
+                groups.setdefault(r.filter, []).append(r)
             if spec.fringing_only:
                 groups = {f: g for f, g in groups.items() if f in policy.fringe_filters}
         need = policy.min_inputs.get(calib_type, 1)

@@ -1,7 +1,8 @@
 """Prefect tasks of a calib build: thin adapters over calib_core.
 
 Each task receives ids and paths (never pixels), loads what it needs, calls calib_core, writes its
-output through the datastore, records it in the registry and returns a small dict. Transient failures
+output through the datastore, records it in the registry and returns a small record
+(:mod:`calib_core.records`: what each field means). Transient failures
 (I/O errors) are retried with backoff; deterministic bad data (unreadable raw, inconsistent calib)
 fails at once with the file named.
 """
@@ -30,8 +31,9 @@ from calib_core.io.productmeta import write_calib_product
 from calib_core.io.products import provenance_cards, read_product, write_hdulist, write_product
 from calib_core.io.raw import RawReadError, read_raw
 from calib_core.isr.process import IsrError
-from calib_core.maskedimage import MASK_PLANES
+from calib_core.maskedimage import MASK_PLANES, MaskedImage
 from calib_core.quality.verify import ScreenConfig, TestFrame, VerifyConfig, VerifyInputs, screen_input
+from calib_core.records import Exposure, ProcessedInput, SkyResidual
 from calib_core.repository import (CalibInput, Datastore, Registry, ValidityRule, calib_digest, explain_lookup,
                                    find_calib, is_transient, make_calib_id, note_transient, record_calib, sha256_file,
                                    verify_raw)
@@ -140,62 +142,65 @@ def _detector_span(detectors) -> str:
 
 
 def _process_run_name(parameters: dict) -> str:
-    return f"process-{parameters['exposure']['exposure_id']}-{_detector_span(parameters['detectors'])}"
+    return f"process-{parameters['exposure'].exposure_id}-{_detector_span(parameters['detectors'])}"
 
 
 def _rebin_run_name(parameters: dict) -> str:
     items = parameters["items"]
-    return f"sky-pass{parameters['k']}-{items[0]['exposure_id']}-{_detector_span(i['detector'] for i in items)}"
+    return f"sky-pass{parameters['k']}-{items[0].exposure_id}-{_detector_span(i.detector for i in items)}"
 
 
 @task(name="process", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
       cache_policy=NO_CACHE, task_run_name=_process_run_name)
-def process_detectors(ctx: BuildContext, exposure: dict, detectors: list[int]) -> list[dict]:
+def process_detectors(ctx: BuildContext, exposure: Exposure, detectors: list[int]) -> list[ProcessedInput]:
     """:func:`process_exposure_detector` for some detectors of one exposure: the unit of work the flow
     maps. Several detectors per task keep Prefect's per-task cost small beside the pixel work; a
     retry redoes only the detectors whose intermediate is not yet written."""
     return [process_exposure_detector(ctx, exposure, d) for d in detectors]
 
 
-def process_exposure_detector(ctx: BuildContext, exposure: dict, detector: int) -> dict:
+def process_exposure_detector(ctx: BuildContext, exposure: Exposure, detector: int) -> ProcessedInput:
     """ISR and the type's preparation of one (exposure, detector); the intermediate goes to the datastore.
 
     Resume: the intermediate is keyed on the raw checksum, the config hash and the ISR calibs used; an
-    existing one is reused and the work skipped.
+    existing one is reused and the work skipped. Its record, less ``reused`` and ``screened``, is the
+    ``.json`` beside it.
     """
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
-    calibs = _isr_calibs(ctx, registry, exposure["exposure_id"], detector)
-    key = intermediate_key(exposure["checksum"], ctx.config_hash, [c["calib_id"] for c in calibs.values()],
+    calibs = _isr_calibs(ctx, registry, exposure.exposure_id, detector)
+    key = intermediate_key(exposure.checksum, ctx.config_hash, [c["calib_id"] for c in calibs.values()],
                            ctx.camera_hash)
     out = store.inside(store.root / "work" / ctx.camera / ctx.calib_type
-                       / f"{exposure['exposure_id']}-det{detector:03d}-{key}.fits")
+                       / f"{exposure.exposure_id}-det{detector:03d}-{key}.fits")
     meta = out.with_suffix(".json")
     if out.exists() and meta.exists():
-        return _screened(ctx, registry, exposure, detector, {**json.loads(meta.read_text()), "reused": True})
+        try:
+            done = ProcessedInput.model_validate_json(meta.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{meta}: not a processed-input record ({exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0]}); delete it to redo the work") from None
+        return _screened(ctx, registry, exposure, detector, done.model_copy(update={"reused": True}))
 
     camera = build_camera(ctx)
     try:
         # the registered checksum is the raw's identity: a file changed since ingest is bad input
-        verify_raw(exposure["path"], exposure["checksum"], exposure.get("size_bytes"), exposure.get("ingested_at"),
+        verify_raw(exposure.path, exposure.checksum, exposure.size_bytes, exposure.ingested_at,
                    always=ctx.verify_raws == "always")
-        raw = read_raw(exposure["path"], camera, [detector]).detectors[detector]
-        result = {"exposure_id": exposure["exposure_id"], "detector": detector, "path": str(out),
-                  "isr_calibs": {t: c["calib_id"] for t, c in calibs.items()}, "pid": os.getpid()}
-        mi = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out, result)
+        raw = read_raw(exposure.path, camera, [detector]).detectors[detector]
+        mi, result = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out)
     except (RawReadError, IsrError) as exc:
         if not isinstance(exc, RawReadError):      # bad pixels (no usable overscan, ...): name file and exposure
-            exc = RawReadError(exposure["path"], f"exposure {exposure['exposure_id']} detector {detector}: "
-                                                 + str(exc).removeprefix(f"{exposure['path']}: "))
+            exc = RawReadError(exposure.path, f"exposure {exposure.exposure_id} detector {detector}: "
+                                                 + str(exc).removeprefix(f"{exposure.path}: "))
         if ctx.on_bad_input == "exclude":      # deterministic: excluded and recorded, never retried
-            return {"exposure_id": exposure["exposure_id"], "detector": detector, "error": str(exc),
-                    "reused": False}
+            return ProcessedInput(exposure_id=exposure.exposure_id, detector=detector, error=str(exc))
         raise exc from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_product(out, mi, {"EXPID": exposure["exposure_id"], "DETECTOR": detector, "OBSTYPE": "postisr"},
+    write_product(out, mi, {"EXPID": exposure.exposure_id, "DETECTOR": detector, "OBSTYPE": "postisr"},
                   unit=ctx.spec.intermediate_unit)
-    store.atomic_write_bytes(meta, json.dumps(result).encode())
-    return _screened(ctx, registry, exposure, detector, {**result, "reused": False}, mi)
+    store.atomic_write_bytes(meta, result.model_dump_json(exclude={"reused", "screened"}).encode())
+    return _screened(ctx, registry, exposure, detector, result, mi)
 
 
 def last_good_master(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict | None:
@@ -209,38 +214,47 @@ def last_good_master(ctx: BuildContext, registry: Registry, exposure_id: str, de
     return before[0]["_row"] if before else None
 
 
-def _screened(ctx: BuildContext, registry: Registry, exposure: dict, detector: int, result: dict, mi=None) -> dict:
+def _screened(ctx: BuildContext, registry: Registry, exposure: Exposure, detector: int, result: ProcessedInput,
+              mi=None) -> ProcessedInput:
     """``result`` with ``screened`` (why the input must not be stacked) when it fails the input
     screening against the last good master (docs/algorithms.md#input-screening)."""
     if not ctx.spec.screen_inputs or not ctx.screen_cfg().enabled:
         return result
-    master = last_good_master(ctx, registry, exposure["exposure_id"], detector)
+    master = last_good_master(ctx, registry, exposure.exposure_id, detector)
     if mi is None:
-        mi = read_product(result["path"])[0]
+        mi = read_product(result.path)[0]
     why = screen_input(ctx.calib_type, mi, read_product(master["path"])[0] if master else None, ctx.screen_cfg())
     if why:
-        return {**result, "screened": f"detector {detector}: {why}"
-                + (f" (master {master['calib_id']})" if master and "master" in why else "")}
+        return result.model_copy(update={"screened": f"detector {detector}: {why}"
+                                          + (f" (master {master['calib_id']})" if master and "master" in why else "")})
     return result
 
 
-def _process_pixels(ctx: BuildContext, camera, raw, exposure: dict, detector: int, calibs: dict, out,
-                    result: dict):
-    """The type's processing of one raw detector (:attr:`CalibType.process`); adds its scalars to
-    ``result`` and writes its side products next to the intermediate (``<stem>-<suffix>.fits``)."""
+def _process_pixels(ctx: BuildContext, camera, raw, exposure: Exposure, detector: int, calibs: dict, out
+                    ) -> tuple[MaskedImage, ProcessedInput]:
+    """The type's processing of one raw detector (:attr:`CalibType.process`): (the image, its
+    record with the type's scalars); its side products are written next to the intermediate
+    (``<stem>-<suffix>.fits``) and their paths recorded. A scalar or side product the record does
+    not know fails here, naming it."""
     done = ctx.spec.process(raw, calibs, exposure, ctx.cfg(), camera, detector)
-    result.update(done.scalars)
+    fields = dict(done.scalars)
     for key, (suffix, hdulist) in done.sidecars.items():
         side = out.with_name(f"{out.stem}-{suffix}.fits")
         out.parent.mkdir(parents=True, exist_ok=True)
         write_hdulist(side, hdulist)
-        result[key] = str(side)
-    return done.image
+        fields[key] = str(side)
+    unknown = sorted(set(fields) - set(ProcessedInput.model_fields))
+    if unknown:
+        raise TypeError(f"{ctx.calib_type} processing returned {unknown}, which ProcessedInput "
+                        "(calib_core/records.py) has no field for")
+    result = ProcessedInput(exposure_id=exposure.exposure_id, detector=detector, path=str(out),
+                            isr_calibs={t: c["calib_id"] for t, c in calibs.items()}, pid=os.getpid(), **fields)
+    return done.image, result
 
 
 @task(name="sky-pass", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
       cache_policy=NO_CACHE, task_run_name=_rebin_run_name)
-def sky_rebin(ctx: BuildContext, items: list[dict], k: int, model: dict) -> list[dict]:
+def sky_rebin(ctx: BuildContext, items: list[ProcessedInput], k: int, model: dict) -> list[ProcessedInput]:
     """Pass ``k`` of the sky build for some detectors of one exposure: objects masked again on the
     post-ISR image minus the previous pass's sky ``L * (1 + F)``, and the binned model re-measured.
 
@@ -254,25 +268,25 @@ def sky_rebin(ctx: BuildContext, items: list[dict], k: int, model: dict) -> list
         surface = pickle.load(fh)
     out_items = []
     for it in items:
-        d = it["detector"]
-        out = store.inside(_work_dir(ctx, store) / f"{it['exposure_id']}-det{d:03d}-bins{k}-{model['digest']}.fits")
+        d = it.detector
+        out = store.inside(_work_dir(ctx, store) / f"{it.exposure_id}-det{d:03d}-bins{k}-{model['digest']}.fits")
         if not out.exists():
-            mi = read_product(it["path"])[0]
+            mi = read_product(it.path)[0]
             frame = BackgroundModel.from_fits(model["frames"][str(d)])
             pattern = surface.on_detector(camera, camera.detector(d)) * (1.0 + frame.evaluate())
             write_hdulist(out, bin_detector(camera, d, mi, cfg, pattern).to_hdulist())
-        out_items.append({**it, "bins": str(out)})
+        out_items.append(it.model_copy(update={"bins": str(out)}))
     return out_items
 
 
-def _identity(ctx: BuildContext, registry: Registry, exposures: list[dict], detector: int, excluded=()
+def _identity(ctx: BuildContext, registry: Registry, exposures: list[Exposure], detector: int, excluded=()
               ) -> tuple[str, dt.date, set[str]]:
     """(digest of the inputs, config, ISR calibs and inputs excluded as bad; calib date; the ISR calib
     ids): with camera, type, filter and detector, what makes two products the same. The ISR calibs
     are those the registry lookup gives each exposure's ``detector`` (as the process step uses)."""
     isr_ids = {c["calib_id"] for e in exposures
-               for c in _isr_calibs(ctx, registry, e["exposure_id"], detector).values()}
-    digest = calib_digest([(e["exposure_id"], e["checksum"]) for e in exposures], ctx.config_hash, isr_ids,
+               for c in _isr_calibs(ctx, registry, e.exposure_id, detector).values()}
+    digest = calib_digest([(e.exposure_id, e.checksum) for e in exposures], ctx.config_hash, isr_ids,
                           camera_hash=ctx.camera_hash, excluded=excluded)
     return digest, dt.date.fromisoformat(ctx.calib_date), isr_ids
 
@@ -282,7 +296,7 @@ def _find_identical(registry: Registry, ctx: BuildContext, detector: int, digest
                       calib_date=calib_date, digest=digest)
 
 
-def existing_products(registry: Registry, ctx: BuildContext, exposures: list[dict], detectors: list[int]) -> dict:
+def existing_products(registry: Registry, ctx: BuildContext, exposures: list[Exposure], detectors: list[int]) -> dict:
     """Products an identical earlier build made (same inputs, config and ISR calibs), by detector."""
     found = {}
     for d in detectors:
@@ -294,7 +308,8 @@ def existing_products(registry: Registry, ctx: BuildContext, exposures: list[dic
 
 @task(name="combine", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
       cache_policy=NO_CACHE, task_run_name="combine-det{detector}")
-def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposures: list[dict],
+def combine_detector(ctx: BuildContext, detector: int, items: list[ProcessedInput] | list[SkyResidual],
+                     exposures: list[Exposure],
                      exp_scales: list[float] | None = None, ccd_scale: float | None = None,
                      dropped: dict[str, str] | None = None, excluded: list[str] | None = None) -> dict:
     """Combine one detector's intermediates, write the product atomically and register it with every input.
@@ -303,9 +318,9 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
     product's identity, so the product of a repaired set is a different one."""
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
-    by_id = {e["exposure_id"]: e for e in exposures}
+    by_id = {e.exposure_id: e for e in exposures}
     digest, calib_date, isr_ids = _identity(ctx, registry, exposures, detector, excluded or ())
-    used = {c for i in items for c in i.get("isr_calibs", {}).values()}
+    used = {c for i in items for c in i.isr_calibs.values()}
     if not used <= isr_ids:
         raise ValueError(f"detector {detector}: the certified calibs changed while this {ctx.calib_type} build "
                          f"ran (inputs processed with {sorted(used - isr_ids)}, no longer certified); rerun "
@@ -315,15 +330,15 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
         return {**existing, "created": False}
 
     cfg = ctx.cfg()
-    paths = [i["path"] for i in items]
-    ids = [i["exposure_id"] for i in items]
+    paths = [i.path for i in items]
+    ids = [i.exposure_id for i in items]
     if ctx.spec.barrier == "sky_passes":   # scales: each exposure's sky level (recorded, already divided out)
-        exp_scales = [float(i["scale"]) for i in items]
+        exp_scales = [i.scale for i in items]
     calib_id = make_calib_id(ctx.calib_type, ctx.camera, ctx.filter, calib_date, detector, digest)
-    dates = [dt.datetime.fromisoformat(by_id[e]["date_obs"]) for e in ids]
+    dates = [dt.datetime.fromisoformat(by_id[e].date_obs) for e in ids]
     cards = provenance_cards(ctx.calib_type, {"calib_id": calib_id, "detector": detector, "filter": ctx.filter,
                                               "calibDate": ctx.calib_date}, ids, dates,
-                             [by_id[e]["exptime"] for e in ids], exptime=ctx.spec.product_exptime)
+                             [by_id[e].exptime for e in ids], exptime=ctx.spec.product_exptime)
     cards.update({"CAMERA": ctx.camera, "DETECTOR": detector, "FILTER": ctx.filter, "CALIBDATE": ctx.calib_date,
                   "CFG_HASH": ctx.config_hash, "CF_VERS": ctx.software_version,
                   "CAM_HASH": (ctx.camera_hash[:16], "sha256 of the camera definition (first 16)")})
@@ -345,10 +360,10 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[dict], exposu
         if ctx.spec.combine is None:
             # sky: the frame was solved at the build's barrier over the whole focal plane (surfaces,
             # rejection, average, normalisation); here it is written and registered
-            frame = BackgroundModel.from_fits(items[0]["frame"])
+            frame = BackgroundModel.from_fits(items[0].frame)
             write_calib_product(path, "sky", frame, cards, build_camera(ctx), detector)
             finite = np.isfinite(frame.values)
-            stats = {"warning": items[0].get("warning") or None, **_sky_stats(frame, len(items), len(dropped or {}))}
+            stats = {"warning": items[0].warning or None, **_sky_stats(frame, len(items), len(dropped or {}))}
             verification = _verify(ctx, registry, detector, frame, items, by_id)
         else:
             context = {}
@@ -415,31 +430,32 @@ def _sky_stats(frame: BackgroundModel, n_used: int, n_rejected: int) -> dict:
             "bad_fraction": float(1.0 - finite.mean()) if finite.size else 1.0}
 
 
-def _readout(ctx: BuildContext, exposures: list[dict]) -> dict:
+def _readout(ctx: BuildContext, exposures: list[Exposure]) -> dict:
     """The readout settings (docs/architecture.md#lookup-rules) the inputs share."""
     out = {}
     for k in readout_keys(build_camera(ctx)):
-        values = {json.dumps((e.get("extra") or {}).get(k)) for e in exposures}
+        values = {json.dumps(e.extra.get(k)) for e in exposures}
         if len(values) == 1:
-            out[k] = (exposures[0].get("extra") or {}).get(k)
+            out[k] = exposures[0].extra.get(k)
     return out
 
 
-def _verify(ctx: BuildContext, registry: Registry, detector: int, product, items: list[dict], by_id: dict):
+def _verify(ctx: BuildContext, registry: Registry, detector: int, product,
+            items: list[ProcessedInput] | list[SkyResidual], by_id: dict[str, Exposure]):
     """The type's verification of a new product (docs/algorithms.md#verification-before-certification),
     or None when the type has none or the gate is off. The test frame is the first input used."""
     cfg = ctx.verify_cfg()
     if ctx.spec.verify is None or not cfg.enabled:
         return None
     first = items[0]
-    exposure = by_id[first["exposure_id"]]
+    exposure = by_id[first.exposure_id]
 
     def test():
-        raw = read_raw(exposure["path"], build_camera(ctx), [detector]).detectors[detector]
-        return TestFrame(read_product(first["path"])[0], raw, exposure.get("darktime"), exposure["exposure_id"])
+        raw = read_raw(exposure.path, build_camera(ctx), [detector]).detectors[detector]
+        return TestFrame(read_product(first.path)[0], raw, exposure.darktime, exposure.exposure_id)
 
     def incumbent():
-        master = last_good_master(ctx, registry, exposure["exposure_id"], detector)
+        master = last_good_master(ctx, registry, exposure.exposure_id, detector)
         return (read_product(master["path"])[0], master["calib_id"]) if master else None
 
     result = ctx.spec.verify(product, VerifyInputs(cfg, test, incumbent))

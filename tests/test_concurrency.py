@@ -56,7 +56,7 @@ def bias_night(tmp_path_factory) -> Path:
 def _ingest(reg: Registry, raw: Path, store: Datastore) -> list[str]:
     rep = ingest_files(sorted(raw.glob("*.fits")), load_camera("democam_mini"), reg, store, transfer="symlink")
     assert rep.ok, rep.failed
-    return [e["exposure_id"] for e in reg.query_exposures(obs_type="bias")]
+    return [e.exposure_id for e in reg.query_exposures(obs_type="bias")]
 
 
 @pytest.mark.postgres
@@ -156,10 +156,10 @@ def test_concurrent_ingest_of_a_new_camera(registry_url, bias_night, tmp_path):
         assert [r.failed for r in reports] == [[], []]
         ingested = sorted(e for r in reports for e in r.ingested)
         exposures = first.query_exposures(camera="democam_mini")
-        assert ingested == sorted(e["exposure_id"] for e in exposures) and len(ingested) == len(files)
+        assert ingested == sorted(e.exposure_id for e in exposures) and len(ingested) == len(files)
         assert sum(len(r.skipped) for r in reports) == len(files)
         for e in exposures:
-            assert sha256_file(e["path"]) == e["checksum"]
+            assert sha256_file(e.path) == e.checksum
         first.engine.dispose()
 
 

@@ -310,14 +310,14 @@ def test_flat_isr_used_the_certified_defects_and_gains(built):
         defects, _, _ = _product(out["defects"], det)
         assert ((flat.mask[defects.image != 0] & MASK_PLANES.bit("BAD")) != 0).all()
     cam = load_camera("democam_mini")
-    flats = [e for e in reg.query_exposures(obs_type="flat") if e["exptime"] == 5.0][:2]
+    flats = [e for e in reg.query_exposures(obs_type="flat") if e.exptime == 5.0][:2]
     cfg = FlatConfig()
     ims = []
     for e in flats:
-        calibs = find_isr_calibs(reg, "democam_mini", e["exposure_id"], 0, cfg.isr)
+        calibs = find_isr_calibs(reg, "democam_mini", e.exposure_id, 0, cfg.isr)
         assert {"bias", "dark", "defects", "ptc"} == set(calibs)
-        raw = read_raw(e["path"], cam, [0]).detectors[0]
-        ims.append(isr_with_calibs(raw, cfg.isr, calibs, e["darktime"]))
+        raw = read_raw(e.path, cam, [0]).detectors[0]
+        ims.append(isr_with_calibs(raw, cfg.isr, calibs, e.darktime))
     true = sim.true_gains(0)
     for name, y0, y1, x0, x1 in [("A", 0, 512, 0, 128), ("B", 0, 512, 128, 256)]:
         a, b = (m.image[y0:y1, x0:x1] for m in ims)
@@ -423,10 +423,18 @@ def test_nightly_skips_a_ptc_without_pairs(tmp_path):
     and still plans the defects and flats."""
     from flows.nightly import NightlyPolicy, plan_night
 
+    from calib_core.records import Exposure
+
+    def row(obs_type, filter, exptime, exposure_id):
+        return Exposure(exposure_id=exposure_id, camera="cam", obs_type=obs_type, filter=filter, exptime=exptime,
+                        darktime=exptime, date_obs="2026-11-21T03:00:00+00:00", night="2026-11-20", object="",
+                        n_detectors=1, path=f"/raw/{exposure_id}.fits", checksum="0" * 64, size_bytes=1,
+                        ingested_at="2026-11-21T12:00:00+00:00")
+
     class Rows:
         def query_exposures(self, camera, night):
-            flats = [{"obs_type": "flat", "filter": "r", "exptime": t, "exposure_id": str(t)} for t in (1, 2, 3)]
-            return [{"obs_type": "bias", "filter": "NONE", "exptime": 0.0}] * 5 + flats
+            flats = [row("flat", "r", t, str(t)) for t in (1, 2, 3)]
+            return [row("bias", "NONE", 0.0, f"b{i}") for i in range(5)] + flats
 
     steps = {s["type"]: s for s in plan_night(Rows(), "cam", "2026-11-20", NightlyPolicy())}
     assert steps["ptc"]["action"] == "skip" and "share an exposure time" in steps["ptc"]["reason"]

@@ -99,7 +99,7 @@ def test_bias_dark_flat_builds(prefect_api, night_repo):
     assert png.endswith(".png") and open(png, "rb").read(4) == b"\x89PNG"
 
     # certified products are what later lookups return
-    exp = reg.query_exposures(obs_type="flat")[0]["exposure_id"]
+    exp = reg.query_exposures(obs_type="flat")[0].exposure_id
     assert lookup(reg, camera="democam_mini", exposure_id=exp, calib_type="dark", detector=4)[0]["calib_id"] == \
         next(p["calib_id"] for p in dark["products"] if p["detector"] == 4)
 
@@ -202,7 +202,7 @@ def test_task_granularity_changes_tasks_not_products(prefect_api, night_repo, tm
     assert len(auto_names) < len(single_names)
     spans = [f"det{b[0]}" if len(b) == 1 else f"det{b[0]}-{b[-1]}"
              for b in detector_batches(list(range(9)), 5, os.cpu_count() or 2)]
-    bias_ids = [e["exposure_id"] for e in reg.query_exposures(obs_type="bias")]
+    bias_ids = [e.exposure_id for e in reg.query_exposures(obs_type="bias")]
     assert auto_names == sorted(f"process-{e}-{span}" for e in bias_ids for span in spans)
     assert [p["calib_id"] for p in auto["products"]] == [p["calib_id"] for p in single["products"]]
     for d, mi in auto_px.items():
@@ -237,7 +237,7 @@ def test_new_bias_makes_a_new_dark(prefect_api, night_repo):
         assert header["CALIB_ISR_0"] == bias_id and "CALIB_ISR_1" not in header
         assert p["stats"]["isr_calibs"] == [bias_id]
         # and the lookup now gives the new dark
-        exp = reg.query_exposures(obs_type="flat")[0]["exposure_id"]
+        exp = reg.query_exposures(obs_type="flat")[0].exposure_id
         assert lookup(reg, camera="democam_mini", exposure_id=exp, calib_type="dark",
                       detector=p["detector"])[0]["calib_id"] == p["calib_id"]
 

@@ -160,7 +160,7 @@ def test_a_bad_flat_is_held_back_with_its_failed_checks(nights):
 
 def test_lookup_explains_why_the_incumbent_flat_still_applies(nights):
     store, reg, summaries, _ = nights
-    exp = next(e for e in reg.query_exposures(obs_type="flat", night=NIGHTS[1]))["exposure_id"]
+    exp = next(e for e in reg.query_exposures(obs_type="flat", night=NIGHTS[1])).exposure_id
     old = next(r for r in list_calibs(reg, calib_type="flat", detector=BAD_DET) if r["calib_date"] == NIGHTS[0])
     new = next(r for r in list_calibs(reg, calib_type="flat", detector=BAD_DET) if r["calib_date"] == NIGHTS[1])
     assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0]["calib_id"] == \
@@ -194,7 +194,7 @@ def test_certify_force_and_decertify(nights):
     text = page.read_text()
     assert re.search(rf"<li class='forced'><code>{bad['calib_id']}</code>: certified by force: test \(was "
                      r"candidate\); failed: AMP_SCATTER", text), text
-    exp = next(e for e in reg.query_exposures(obs_type="flat", night=NIGHTS[1]))["exposure_id"]
+    exp = next(e for e in reg.query_exposures(obs_type="flat", night=NIGHTS[1])).exposure_id
     assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0]["calib_id"] == \
         bad["calib_id"]
     res = _cli(store, "decertify", bad["calib_id"], "--reason", "amplifier step")

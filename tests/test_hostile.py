@@ -132,10 +132,10 @@ def test_two_exposures_with_the_same_file_name_are_kept_apart(tmp_path, raws):
     rep = ingest_files([a, b], load_camera(CAMERA), reg, store, transfer="copy")
     assert rep.ok, rep.failed
     assert sorted(rep.ingested) == ["202611209001", "202611209002"]
-    rows = {r["exposure_id"]: r for r in reg.query_exposures()}
-    assert rows["202611209001"]["path"] != rows["202611209002"]["path"]
+    rows = {r.exposure_id: r for r in reg.query_exposures()}
+    assert rows["202611209001"].path != rows["202611209002"].path
     for eid, src in (("202611209001", a), ("202611209002", b)):
-        assert Path(rows[eid]["path"]).read_bytes() == src.read_bytes()
+        assert Path(rows[eid].path).read_bytes() == src.read_bytes()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_camera_mapping_a_type_is_not_refused(tmp_path, raws):
     store, reg = _repo(tmp_path / "repo")
     rep = ingest_files([noobs], cam, reg, store, transfer="copy")
     assert rep.ok, rep.failed
-    assert reg.query_exposures()[0]["obs_type"] == "bias"
+    assert reg.query_exposures()[0].obs_type == "bias"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_batch_registers_good_files_and_reports_bad(registry, tmp_path):
     rep = ingest_files(files, cam, registry, store)
     assert sorted(rep.ingested) == ["e0", "e1", "e2"] and [p for p, _ in rep.failed] == [str(files[1])]
     rows = registry.query_exposures()
-    assert [r["exposure_id"] for r in rows] == ["e0", "e1", "e2"] and all(r["n_detectors"] == 9 for r in rows)
+    assert [r.exposure_id for r in rows] == ["e0", "e1", "e2"] and all(r.n_detectors == 9 for r in rows)
 
 
 @pytest.mark.parametrize("mode", ["copy", "symlink", "hardlink", "move", "direct"])
@@ -189,15 +189,15 @@ def test_transfer_modes(tmp_path, mode):
     rep = ingest_files([src], cam, reg, store, transfer=mode)
     assert rep.ok, rep.failed
     row = reg.query_exposures()[0]
-    placed = os.path.realpath(row["path"])
-    assert hashlib.sha256(open(placed, "rb").read()).hexdigest() == digest == row["checksum"]
+    placed = os.path.realpath(row.path)
+    assert hashlib.sha256(open(placed, "rb").read()).hexdigest() == digest == row.checksum
     if mode == "direct":
-        assert row["path"] == str(src)
+        assert row.path == str(src)
     else:
-        assert row["path"].startswith(str(store.root / "raw" / "democam_mini" / "2026-11-20"))
+        assert row.path.startswith(str(store.root / "raw" / "democam_mini" / "2026-11-20"))
     assert src.exists() == (mode != "move")
     if mode == "symlink":
-        assert os.path.islink(row["path"])
+        assert os.path.islink(row.path)
 
 
 def test_cli_errors_are_clear(tmp_path):

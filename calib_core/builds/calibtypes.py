@@ -30,6 +30,7 @@ from calib_core.isr.persistent import clear_persistent_cr
 from calib_core.isr.process import IsrConfig, run_isr
 from calib_core.maskedimage import MaskedImage
 from calib_core.quality.verify import against_own_kind, flagged_pixels, sky_bins
+from calib_core.records import Exposure
 from calib_core.sky.frames import SkyConfig, bin_detector
 
 __all__ = ["CalibType", "CALIB_TYPES", "Combined", "Processed", "calib_type", "dependency_order", "isr_with_calibs",
@@ -42,7 +43,9 @@ Barrier = Literal["none", "flat_scales", "sky_passes"]
 class Processed:
     """One processed (exposure, detector): the image the combine reads, scalars for the barrier
     (``level``, ``npoint``), and side products written next to the intermediate: ``{key: (suffix,
-    HDUList)}``, written as ``<intermediate>-<suffix>.fits`` whose path the task result carries as ``key``."""
+    HDUList)}``, written as ``<intermediate>-<suffix>.fits`` whose path the task result carries as ``key``.
+    Every scalar and side-product key is a field of :class:`calib_core.records.ProcessedInput`, the
+    task's result (a key it lacks is refused)."""
 
     image: MaskedImage
     scalars: dict[str, Any] = field(default_factory=dict)
@@ -100,17 +103,19 @@ class CalibType:
     description : str
         One line for deployments and help texts.
     process : callable
-        ``process(raw, calibs, exposure, config, camera, detector) -> Processed``; ``calibs`` maps
+        ``process(raw, calibs, exposure, config, camera, detector) -> Processed``; ``exposure`` is
+        the input's :class:`~calib_core.records.Exposure`; ``calibs`` maps
         a calib type to its registry row (``path``, ``calib_id``).
     combine : callable or None
         ``combine(paths, config, exp_scales, ccd_scale) -> Combined``; None where the barrier makes
         the product (sky).
     skip_reason : callable or None
-        ``skip_reason(rows) -> str``: given the registry rows of a night's inputs, why a nightly
-        build would fail for want of usable inputs ("" when it would not): the PTC needs two flats
+        ``skip_reason(rows) -> str``: given a night's inputs (:class:`~calib_core.records.Exposure`),
+        why a nightly build would fail for want of usable inputs ("" when it would not): the PTC needs two flats
         of one exposure time.
     combine_context : bool
-        The combine also gets ``items`` (each input's process result: its scalars), ``camera``,
+        The combine also gets ``items`` (each input's :class:`~calib_core.records.ProcessedInput`:
+        its scalars), ``camera``,
         ``detector`` and ``calib_date`` as keywords (defects, PTC: they pair inputs or read the
         calibs their inputs used).
     verify : callable or None
@@ -140,7 +145,7 @@ class CalibType:
     optional_in_isr: bool = False
     min_inputs: int = 3
     combine_context: bool = False
-    skip_reason: Callable[[Sequence[Mapping]], str] | None = None
+    skip_reason: Callable[[Sequence[Exposure]], str] | None = None
     verify: Callable[..., Any] | None = None
     screen_inputs: bool = False
 
@@ -183,17 +188,17 @@ def _process_bias(raw, calibs, exposure, cfg: BiasConfig, camera=None, detector=
 
 def _process_dark(raw, calibs, exposure, cfg: DarkConfig, camera=None, detector=None) -> Processed:
     bias = read_product(calibs["bias"]["path"])[0] if "bias" in calibs else None
-    return Processed(process_dark(raw, bias, exposure["darktime"], cfg))
+    return Processed(process_dark(raw, bias, exposure.darktime, cfg))
 
 
 def _process_flat(raw, calibs, exposure, cfg: FlatConfig, camera=None, detector=None) -> Processed:
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     level = background_level(mi, cfg.stats)
     return Processed(mi, {"level": float(level.mean), "npoint": int(level.npoint)})
 
 
 def _process_fringe(raw, calibs, exposure, cfg: FringeBuildConfig, camera=None, detector=None) -> Processed:
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     mi, level = prepare_fringe(mi, cfg.fringe)
     return Processed(mi, {"level": float(level)})
 
@@ -201,7 +206,7 @@ def _process_fringe(raw, calibs, exposure, cfg: FringeBuildConfig, camera=None, 
 def _process_sky(raw, calibs, exposure, cfg: SkyConfig, camera=None, detector=None) -> Processed:
     # first pass of the sky build: the binned model of the masked image (the intermediate itself
     # stays unmasked, so a later pass can mask it again without the pattern)
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     model = bin_detector(camera, detector, mi, cfg.pass_config(0))
     return Processed(mi, sidecars={"bins": ("bins0", model.to_hdulist())})
 
@@ -218,10 +223,10 @@ def _amp_boxes(raw) -> list[list]:
 def _process_defects(raw, calibs, exposure, cfg: DefectsConfig, camera=None, detector=None) -> Processed:
     # a flat ISR'd with the certified bias and dark, divided by its own level: the stack of these is
     # the flat the defects are found in; the bias and dark it used are the ones tested
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     level = background_level(mi)
     if not (math.isfinite(level.mean) and level.mean > 0):
-        raise DataError(f"{exposure['path']}: flat level {level.mean} is not positive; cannot normalise it")
+        raise DataError(f"{exposure.path}: flat level {level.mean} is not positive; cannot normalise it")
     mi /= float(level.mean)
     scalars = {"level": float(level.mean), "amps": _amp_boxes(raw)}
     for t in ("bias", "dark"):
@@ -231,21 +236,21 @@ def _process_defects(raw, calibs, exposure, cfg: DefectsConfig, camera=None, det
 
 
 def _process_ptc(raw, calibs, exposure, cfg: PtcConfig, camera=None, detector=None) -> Processed:
-    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure["darktime"], path=exposure["path"])
+    mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     noise = {a.name: overscan_noise(a.overscan, a.overscan_axis) if a.overscan is not None else float("nan")
              for a in raw.amps}
-    return Processed(mi, {"exptime": float(exposure["exptime"]), "filter": exposure.get("filter"),
+    return Processed(mi, {"exptime": exposure.exptime, "filter": exposure.filter,
                           "amps": _amp_boxes(raw), "overscan_noise": noise})
 
 
 def _combine_defects(paths: Sequence, cfg: DefectsConfig, exp_scales=None, ccd_scale=None, *, items=(),
                      camera=None, detector=0, calib_date=None) -> Combined:
     flat = combine_calib(paths, cfg.combine)[0] if cfg.use_flat else None
-    first = items[0] if items else {}
-    bias = read_product(first["bias_path"])[0] if cfg.use_bias and first.get("bias_path") else None
-    dark = read_product(first["dark_path"])[0] if cfg.use_dark and first.get("dark_path") else None
+    first = items[0]
+    bias = read_product(first.bias_path)[0] if cfg.use_bias and first.bias_path else None
+    dark = read_product(first.dark_path)[0] if cfg.use_dark and first.dark_path else None
     manual = load_manual_defects(cfg.manual_file) if cfg.manual_file else []
-    amps = [tuple(a) for a in first["amps"]]
+    amps = [tuple(a) for a in first.amps]
     origin = measure_defects(amps, bias=bias, dark=dark, flat=flat, config=cfg, detector=detector,
                              calib_date=calib_date, manual=manual)
     counts = origin_counts(origin)
@@ -261,20 +266,19 @@ def _combine_defects(paths: Sequence, cfg: DefectsConfig, exp_scales=None, ccd_s
 
 def _combine_ptc(paths: Sequence, cfg: PtcConfig, exp_scales=None, ccd_scale=None, *, items=(),
                  camera=None, detector=0, calib_date=None) -> Combined:
-    pairs = make_pairs(items)
+    pairs = make_pairs([{"exptime": i.exptime, "filter": i.filter} for i in items])
     if not pairs:
         raise DataError(f"PTC of detector {detector}: no two flats share an exposure time and filter "
-                        f"(exposure times {sorted({float(i['exptime']) for i in items})})")
-    amps = [tuple(a) for a in items[0]["amps"]]
+                        f"(exposure times {sorted({i.exptime for i in items})})")
+    amps = [tuple(a) for a in items[0].amps]
     points: dict[str, list] = {a[0]: [] for a in amps}
     for i, j in pairs:
         im1, im2 = read_product(paths[i])[0], read_product(paths[j])[0]
-        for st in pair_stats(im1, im2, amps, float(items[i]["exptime"]), cfg,
-                             (items[i]["exposure_id"], items[j]["exposure_id"])):
+        for st in pair_stats(im1, im2, amps, items[i].exptime, cfg, (items[i].exposure_id, items[j].exposure_id)):
             points[st.amp].append(st)
     fits = {}
     for name, pts in points.items():
-        noises = [float(it["overscan_noise"].get(name, float("nan"))) for it in items]
+        noises = [float(it.overscan_noise.get(name, float("nan"))) for it in items]
         noises = [n for n in noises if math.isfinite(n)]
         os_noise = float(sorted(noises)[len(noises) // 2]) if noises else float("nan")
         fits[name] = fit_ptc(pts, os_noise, cfg)
@@ -293,11 +297,11 @@ def _combine_ptc(paths: Sequence, cfg: PtcConfig, exp_scales=None, ccd_scale=Non
                     pictures={"ptc": lambda path: plot_ptc(fits, path, title)})
 
 
-def _ptc_skip_reason(rows: Sequence[Mapping]) -> str:
-    if make_pairs(rows):
+def _ptc_skip_reason(rows: Sequence[Exposure]) -> str:
+    if make_pairs([{"exptime": r.exptime, "filter": r.filter} for r in rows]):
         return ""
     return (f"no two of the {len(rows)} flats share an exposure time and filter "
-            f"(exposure times {sorted({float(r['exptime']) for r in rows})})")
+            f"(exposure times {sorted({r.exptime for r in rows})})")
 
 
 def _combine_bias(paths: Sequence, cfg: BiasConfig, exp_scales=None, ccd_scale=None) -> Combined:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from calib_core.camera import Camera, CameraError, camera_from_definition, is_camera_file, load_camera
 from calib_core.errors import CalibflowError
+from calib_core.records import Exposure
 from calib_core.repository.registry.models import (Base, BuildRunRow, CalibInputRow, CalibMetricRow, CalibRow,
                                                    CameraRow, DetectorRow, ExposureRow, RawRow)
 
@@ -318,8 +319,8 @@ class Registry:
 
     def query_exposures(self, *, camera: str | None = None, obs_type: str | None = None,
                         filter: str | None = None, night: dt.date | str | None = None,
-                        exposure_ids: list[str] | None = None) -> list[dict]:
-        """Exposures as plain dicts, ordered by date."""
+                        exposure_ids: list[str] | None = None) -> list[Exposure]:
+        """The exposures that match, ordered by date."""
         with self.session() as s:
             q = select(ExposureRow, CameraRow.name).join(CameraRow, ExposureRow.camera_id == CameraRow.id)
             if camera:
@@ -335,7 +336,7 @@ class Registry:
             if exposure_ids:
                 q = q.where(ExposureRow.exposure_id.in_(list(exposure_ids)))
             q = q.order_by(ExposureRow.date_obs, ExposureRow.exposure_id)
-            return [_exposure_dict(row, cam) for row, cam in s.execute(q)]
+            return [_exposure_record(row, cam) for row, cam in s.execute(q)]
 
     def exposure_detectors(self, camera: str, exposure_ids: list[str]) -> dict[str, set[int]]:
         """Detector numbers registered for each exposure (for consistency checks)."""
@@ -371,21 +372,9 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
-def _exposure_dict(row: ExposureRow, camera: str) -> dict:
-    return {
-        "exposure_id": row.exposure_id,
-        "camera": camera,
-        "obs_type": row.obs_type,
-        "filter": row.filter,
-        "exptime": row.exptime,
-        "darktime": row.darktime,
-        "date_obs": _utc(row.date_obs).isoformat(),
-        "night": row.night.isoformat(),
-        "object": row.object,
-        "n_detectors": row.n_detectors,
-        "path": row.path,
-        "checksum": row.checksum,
-        "size_bytes": row.size_bytes,
-        "ingested_at": _utc(row.ingested_at).isoformat(),
-        "extra": dict(row.extra or {}),
-    }
+def _exposure_record(row: ExposureRow, camera: str) -> Exposure:
+    return Exposure(exposure_id=row.exposure_id, camera=camera, obs_type=row.obs_type, filter=row.filter,
+                    exptime=row.exptime, darktime=row.darktime, date_obs=_utc(row.date_obs).isoformat(),
+                    night=row.night.isoformat(), object=row.object, n_detectors=row.n_detectors, path=row.path,
+                    checksum=row.checksum, size_bytes=row.size_bytes,
+                    ingested_at=_utc(row.ingested_at).isoformat(), extra=dict(row.extra or {}))
