@@ -113,6 +113,14 @@ def test_line_across_the_focal_plane_found_at_its_angle_and_rejected(angle, u0, 
     assert find_outlier_exposures(night, off, camera=CAM) == {}
 
 
+def test_exposures_searched_side_by_side_give_the_lines_searched_in_turn():
+    """The search runs one thread per core across exposures: each exposure's line (and each
+    non-line) is the one the serial search finds."""
+    night = _night(*_trail(72.0, -2.0, 4.0))
+    serial, threaded = find_streaks(CAM, night, workers=1), find_streaks(CAM, night, workers=3)
+    assert list(threaded) == list(serial) and serial[BAD].qualifies
+    assert {e: repr(s) for e, s in threaded.items()} == {e: repr(s) for e, s in serial.items()}
+
 def test_trail_seen_only_in_the_residual_is_found():
     """A trail that object masking missed: no bin loses pixels, the residual rises along the line."""
     night = _night(None, lambda u, v: np.where(np.abs(_distance(u, v, 40.0)) < 0.5, 4e-3, 0.0))

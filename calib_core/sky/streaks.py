@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Mapping
 
@@ -395,7 +396,7 @@ def _refine(fp: BinnedFocalPlane, theta: float, rho: float, width: float, step: 
 
 
 def find_streaks(camera: Camera, residuals: Mapping[object, Mapping[object, BackgroundModel]],
-                 config: StreakConfig | None = None) -> dict[object, Streak]:
+                 config: StreakConfig | None = None, workers: int | None = None) -> dict[object, Streak]:
     """The best straight strip of every exposure of a night (see the module docstring).
 
     Parameters
@@ -403,9 +404,27 @@ def find_streaks(camera: Camera, residuals: Mapping[object, Mapping[object, Back
     residuals : {exposure: {detector: BackgroundModel}}
         The barrier's binned residuals ``I/L - 1`` (values, errors, NPOINT), all on the same grid
         per detector.
+    workers : int, optional
+        Threads searching exposures side by side (default: one per core); 1 searches them in turn.
+        The result does not depend on it.
     """
     cfg = config or StreakConfig()
-    return {e: find_line(fp, cfg) for e, fp in bin_anomalies(camera, residuals, cfg).items()}
+    planes = bin_anomalies(camera, residuals, cfg)
+    # each exposure's search is independent, and its strip sums run in a numba kernel that releases
+    # the GIL: one thread per core (the barrier is serial otherwise, and this search is most of it,
+    # bench/results/barrier_scaling.md)
+    n = min(len(planes), workers or _workers())
+    if n <= 1:
+        return {e: find_line(fp, cfg) for e, fp in planes.items()}
+    with ThreadPoolExecutor(n, thread_name_prefix="calibflow-streaks") as pool:
+        return dict(zip(planes, pool.map(lambda fp: find_line(fp, cfg), planes.values())))
+
+
+def _workers() -> int:
+    """Threads for the search: numba's thread count (the CPUs, or NUMBA_NUM_THREADS)."""
+    import numba
+
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
 
 
 def streak_reason(s: Streak) -> str:
