@@ -165,8 +165,6 @@ def main() -> None:
     p, logc = np.polyfit(np.log(ccds[good]), np.log(per_exp[good]), 1) if good.sum() >= 2 else (np.nan, np.nan)
     hsc_pairs = HSC[0] * HSC[1]
     hsc_trails = HSC[1] * math.exp(logc) * HSC[0] ** p
-    measured = {(r["ccds"], r["exposures"]): r for r in runs}
-    hsc = measured.get(HSC)
     lines = [
         "# The sky build's serial barrier against camera size and night length",
         "",
