@@ -923,3 +923,101 @@ def fringe_fit_pass(x, y, w, sqw, keep, absr, buf, limit, guess):
             return True, sxx, s, med
     below, m, nan = _gather_bracket(absr, keep, buf, -math.inf, math.inf)
     return True, sxx, s, _median_in_bracket(buf, 0, m, n_keep)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the satellite-trail search's strip sums (calib_core.streaks._find_line)
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def strip_scores(u, v, q, det, c, s, radius, cell, seg, n_rho, n_seg, n_det, g, coherent_fraction,
+                 min_detector_score, sig_out):
+    """Steps 3-4 of :mod:`calib_core.streaks` for the angles with cosines ``c`` and sines ``s``, one
+    angle at a time in scratch the size of one angle's cells (``_find_line`` did each step on
+    every angle of a chunk at once, in arrays of millions of elements, NumPy pass after pass).
+
+    Bins at ``u``, ``v`` (mm) with anomaly ``q`` on detector index ``det`` fall in cell
+    ``floor((-u s + v c + radius) / cell)`` across the line and segment ``floor((u c + v s + radius)
+    / seg)`` along it; strip ``j`` is cells ``j`` and ``j + 1``; with ``g`` > 0 a piece counts by how
+    far its ``sum(q)`` rises above the higher mean of the strips ``g`` cells to either side, and only
+    where both hold bins. Returns ``(score, n_sig)`` of shape (n_angles, n_rho - 1): the sum of the
+    weakest ``coherent_fraction`` of the pieces' significances over sqrt of their number (-inf with
+    fewer than 2 pieces), and the number of detectors on which the strip's ``sum(q) / sqrt(n)`` is at
+    least ``min_detector_score``. ``sig_out`` (n_rho - 1, n_seg), unless it is empty, gets the last
+    angle's piece significances (NaN where a piece does not count).
+
+    The arithmetic is ``_find_line``'s NumPy expressions, operation for operation, with the sums in
+    the same order (tests/test_streaks.py keeps them as the reference): the same scores to the bit.
+    """
+    n_a = c.size
+    J = n_rho - 1
+    score = np.empty((n_a, J))
+    n_sig = np.zeros((n_a, J), np.int64)
+    sq = np.empty((n_rho, n_seg))
+    nn = np.empty((n_rho, n_seg))
+    dq = np.empty((n_rho, n_det))
+    dn = np.empty((n_rho, n_det))
+    SQ = np.empty((J, n_seg))
+    NN = np.empty((J, n_seg))
+    buf = np.empty(n_seg)
+    want_sig = sig_out.size > 0
+    for a in range(n_a):
+        sq[:] = 0.0
+        nn[:] = 0.0
+        dq[:] = 0.0
+        dn[:] = 0.0
+        ca = c[a]
+        sa = s[a]
+        for b in range(u.size):
+            i = np.int64(math.floor((-u[b] * sa + v[b] * ca + radius) / cell))
+            k = np.int64(math.floor((u[b] * ca + v[b] * sa + radius) / seg))
+            sq[i, k] += q[b]
+            nn[i, k] += 1.0
+            dq[i, det[b]] += q[b]
+            dn[i, det[b]] += 1.0
+        for j in range(J):
+            for k in range(n_seg):
+                SQ[j, k] = sq[j, k] + sq[j + 1, k]
+                NN[j, k] = nn[j, k] + nn[j + 1, k]
+        for j in range(J):
+            n_piece = 0
+            for k in range(n_seg):
+                nk = NN[j, k]
+                use = nk > 0
+                sig = math.nan
+                if g > 0:
+                    nl = NN[j - g, k] if j - g >= 0 else 0.0
+                    nr = NN[j + g, k] if j + g < J else 0.0
+                    use = use and nl > 0 and nr > 0
+                    if use:
+                        ml = SQ[j - g, k] / nl
+                        mr = SQ[j + g, k] / nr
+                        left = ml >= mr
+                        fn = nl if left else nr
+                        x = SQ[j, k] - nk * (ml if left else mr)
+                        var = nk * (1.0 + nk / fn)
+                        sig = x / math.sqrt(var)
+                elif use:
+                    sig = SQ[j, k] / math.sqrt(nk)
+                if use:
+                    buf[n_piece] = sig
+                    n_piece += 1
+                if want_sig and a == n_a - 1:
+                    sig_out[j, k] = sig
+            if n_piece >= 2:
+                m = max(np.int64(math.floor(coherent_fraction * n_piece + 1e-9)), 1)
+                srt = buf[:n_piece]
+                srt.sort()
+                total = srt[0]
+                for t in range(1, m):
+                    total += srt[t]
+                score[a, j] = total / math.sqrt(m)
+            else:
+                score[a, j] = -math.inf
+            for d in range(n_det):
+                dQ = dq[j, d] + dq[j + 1, d]
+                dN = dn[j, d] + dn[j + 1, d]
+                dsig = dQ / math.sqrt(dN) if dN > 0 else 0.0
+                n_sig[a, j] += dsig >= min_detector_score
+    return score, n_sig
