@@ -1021,3 +1021,91 @@ def strip_scores(u, v, q, det, c, s, radius, cell, seg, n_rho, n_seg, n_det, g, 
                 dsig = dQ / math.sqrt(dN) if dN > 0 else 0.0
                 n_sig[a, j] += dsig >= min_detector_score
     return score, n_sig
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fringe frame's continuum removal (calib_core.fringe.remove_continuum)
+# ---------------------------------------------------------------------------------------------------
+
+
+# usable pixel: (mask[i] & bits) == 0 and finite image and variance, written out in each kernel (as
+# an inline="always" helper it cost ~60 ns a pixel)
+
+
+@njit(cache=True, nogil=True)
+def continuum_totals(image, variance, mask, bits, total, count):
+    """Add one input's usable pixels (no ``bits`` in the mask, finite image and variance) to
+    ``total`` (float64) and count them in ``count``, in place; flat arrays."""
+    for i in range(image.size):
+        if (mask[i] & bits) == 0 and math.isfinite(image[i]) and math.isfinite(variance[i]):
+            total[i] += np.float64(image[i])
+            count[i] += 1.0
+
+
+@njit(cache=True, nogil=True)
+def continuum_bins(image, variance, mask, bits, total, count, lab, nb):
+    """Per bin (``lab``: each pixel's bin, of ``nb``), for one input: over its usable pixels the
+    count ``k``, the sums of the image ``sy`` and of the variance ``sv``; over the pixels it and
+    the others have (``both``) the count ``kb``, the sums of the others' mean ``sref`` and of the
+    image ``syb``. In pixel order, as ``np.bincount``'s sums: the same values to the bit.
+
+    A bin's running sums are held in registers while consecutive pixels stay in it (a bin is a
+    run of ``bin_size`` pixels along a row): six sums kept in memory would wait on each other's
+    stores at every pixel."""
+    acc = np.zeros((nb, 6))
+    cur = -1
+    k = sy = sv = kb = sref = syb = 0.0
+    for i in range(image.size):
+        b = lab[i]
+        if b != cur:
+            if cur >= 0:
+                acc[cur, 0] = k
+                acc[cur, 1] = sy
+                acc[cur, 2] = sv
+                acc[cur, 3] = kb
+                acc[cur, 4] = sref
+                acc[cur, 5] = syb
+            cur = b
+            k = acc[b, 0]
+            sy = acc[b, 1]
+            sv = acc[b, 2]
+            kb = acc[b, 3]
+            sref = acc[b, 4]
+            syb = acc[b, 5]
+        if (mask[i] & bits) == 0 and math.isfinite(image[i]) and math.isfinite(variance[i]):
+            y = np.float64(image[i])
+            k += 1.0
+            sy += y
+            sv += np.float64(variance[i])
+            others = count[i] - 1.0
+            if others > 0:
+                kb += 1.0
+                sref += (total[i] - y) / max(others, 1.0)
+                syb += y
+    if cur >= 0:
+        acc[cur, 0] = k
+        acc[cur, 1] = sy
+        acc[cur, 2] = sv
+        acc[cur, 3] = kb
+        acc[cur, 4] = sref
+        acc[cur, 5] = syb
+    return acc[:, 0].copy(), acc[:, 1].copy(), acc[:, 2].copy(), acc[:, 3].copy(), acc[:, 4].copy(), acc[:, 5].copy()
+
+
+@njit(cache=True, nogil=True)
+def continuum_deviations(image, variance, mask, bits, total, count, lab, mref, myb, dref, dy, wv):
+    """For one input, over the pixels it and the others have (else 0): the others' mean less its
+    bin mean ``mref`` into ``dref``, the image less its bin mean ``myb`` into ``dy``, and the
+    variance (float64) into ``wv`` (buffers of the image's size, reused across inputs)."""
+    for i in range(image.size):
+        if ((mask[i] & bits) == 0 and math.isfinite(image[i]) and math.isfinite(variance[i])
+                and count[i] - 1.0 > 0):
+            y = np.float64(image[i])
+            b = lab[i]
+            dref[i] = (total[i] - y) / max(count[i] - 1.0, 1.0) - mref[b]
+            dy[i] = y - myb[b]
+            wv[i] = np.float64(variance[i])
+        else:
+            dref[i] = 0.0
+            dy[i] = 0.0
+            wv[i] = 0.0
