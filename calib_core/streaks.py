@@ -40,7 +40,8 @@ line across the focal plane from everything else a night masks, on a few thousan
 detectors with gaps and any orientation. scikit-image's ``hough_line`` and ``radon`` want one
 regular raster: putting irregular chip layouts on one would resample the bins and smear the strip,
 and ``hough_line`` counts non-zero pixels where this sums a signed significance with flanks and
-pieces. The accumulation below is three ``np.bincount`` calls per angle on the bin centres.
+pieces. The accumulation and scoring run one angle at a time in a numba kernel
+(:func:`calib_core._kernels.strip_scores`), in scratch the size of one angle's strips.
 
 This module never imports Prefect.
 """
