@@ -1007,11 +1007,16 @@ def strip_scores(u, v, q, det, c, s, radius, cell, seg, n_rho, n_seg, n_det, g, 
                     sig_out[j, k] = sig
             if n_piece >= 2:
                 m = max(np.int64(math.floor(coherent_fraction * n_piece + 1e-9)), 1)
-                srt = buf[:n_piece]
-                srt.sort()
-                total = srt[0]
+                for t in range(1, n_piece):        # insertion sort: a strip has a few dozen pieces
+                    val = buf[t]
+                    r = t - 1
+                    while r >= 0 and buf[r] > val:
+                        buf[r + 1] = buf[r]
+                        r -= 1
+                    buf[r + 1] = val
+                total = buf[0]
                 for t in range(1, m):
-                    total += srt[t]
+                    total += buf[t]
                 score[a, j] = total / math.sqrt(m)
             else:
                 score[a, j] = -math.inf
