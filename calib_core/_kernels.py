@@ -1114,3 +1114,88 @@ def continuum_deviations(image, variance, mask, bits, total, count, lab, mref, m
             dref[i] = 0.0
             dy[i] = 0.0
             wv[i] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _pairwise_leaf(a, lo, n):
+    """NumPy's pairwise sum of a block of at most 128 values (see :func:`pairwise_sum`)."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    m = n - n % 8
+    while i < m:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@njit(cache=True, nogil=True)
+def pairwise_sum(a, lo, n):
+    """``numpy.sum`` of a[lo:lo + n] (contiguous float64) bit for bit: NumPy's pairwise summation
+    (numpy/_core/src/umath/loops_utils.h.src: 8 accumulators over blocks of up to 128 values; a
+    longer range is the sum of its halves, the first rounded down to a multiple of 8). The halving
+    runs on an explicit stack (a recursive numba function with ``cache=True`` crashed when loaded
+    from the cache)."""
+    if n <= 128:
+        return _pairwise_leaf(a, lo, n)
+    nodes = np.empty((128, 3), np.int64)       # (lo, n, 1 = add the two values on top)
+    vals = np.empty(64)
+    top = 0
+    nv = 0
+    nodes[0, 0], nodes[0, 1], nodes[0, 2] = lo, n, 0
+    top = 1
+    while top > 0:
+        top -= 1
+        l0, m, combine = nodes[top, 0], nodes[top, 1], nodes[top, 2]
+        if combine:
+            nv -= 1
+            vals[nv - 1] = vals[nv - 1] + vals[nv]
+        elif m <= 128:
+            vals[nv] = _pairwise_leaf(a, l0, m)
+            nv += 1
+        else:
+            m2 = m // 2
+            m2 -= m2 % 8
+            nodes[top, 0], nodes[top, 1], nodes[top, 2] = l0, m, 1
+            nodes[top + 1, 0], nodes[top + 1, 1], nodes[top + 1, 2] = l0 + m2, m - m2, 0
+            nodes[top + 2, 0], nodes[top + 2, 1], nodes[top + 2, 2] = l0, m2, 0
+            top += 3
+    return vals[0]
+
+
+@njit(cache=True, nogil=True)
+def refine_scores(u, v, q, sn, cs, offsets, half):
+    """The strip scores of :func:`calib_core.streaks._refine`: for each offset ``r`` and angle (sine
+    ``sn``, cosine ``cs``) the bins within ``half`` of the line, ``|-u sn + v cs - r| <= half``, and
+    ``sum(q) / sqrt(n)`` over them (-inf with none); (n_offsets, n_angles). The sum is NumPy's
+    pairwise sum over every bin, the others contributing ``0 * q``, so the scores are those of the
+    NumPy expression to the bit."""
+    nb = u.size
+    out = np.empty((offsets.size, sn.size))
+    row = np.empty(nb)
+    for j in range(offsets.size):
+        r = offsets[j]
+        for a in range(sn.size):
+            n = 0
+            for b in range(nb):
+                on = abs(-u[b] * sn[a] + v[b] * cs[a] - r) <= half
+                row[b] = q[b] if on else 0.0 * q[b]
+                n += on
+            out[j, a] = pairwise_sum(row, 0, nb) / math.sqrt(n) if n > 0 else -math.inf
+    return out

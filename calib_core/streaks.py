@@ -58,7 +58,7 @@ from pydantic import ConfigDict, Field
 from scipy.special import ndtri
 from scipy.stats import rankdata
 
-from ._kernels import strip_scores
+from ._kernels import refine_scores, strip_scores
 from .configmodel import ConfigModel
 from .background import BackgroundModel, bin_centres
 from .camera import Camera
@@ -354,13 +354,12 @@ def _refine(fp: BinnedFocalPlane, theta: float, rho: float, width: float, step: 
         if abs((a - theta + math.pi / 2) % math.pi - math.pi / 2) <= math.radians(20):
             theta, rho = a, -uc * math.sin(a) + vc * math.cos(a)
     thetas = theta + np.linspace(-2 * step, 2 * step, 33)
-    d = -fp.u[None, :] * np.sin(thetas)[:, None] + fp.v[None, :] * np.cos(thetas)[:, None]     # (angle, bin)
+    offsets = rho + np.linspace(-width, width, 17)
+    # per (offset, angle): sum(q) / sqrt(n) over the bins within half a width of the line (a numba
+    # kernel, the NumPy expression's values to the bit: tests/test_streaks.py)
+    scores = refine_scores(fp.u, fp.v, fp.q, np.sin(thetas), np.cos(thetas), offsets, width / 2)
     best, out = -np.inf, (theta % math.pi, rho)
-    for r in rho + np.linspace(-width, width, 17):
-        on = np.abs(d - r) <= width / 2
-        n = on.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = np.where(n > 0, (on * fp.q).sum(axis=1) / np.sqrt(n), -np.inf)
+    for r, z in zip(offsets, scores):
         k = int(np.argmax(z))
         if z[k] > best:
             best, out = z[k], (float(thetas[k]) % math.pi, float(r))

@@ -268,3 +268,32 @@ def test_strip_scores_kernel_is_the_numpy_formulation_to_the_bit(width_bins, fla
     strip_scores(u, v, q, det, np.cos(th[a:a + 1]), np.sin(th[a:a + 1]), radius, cell, seg, n_rho, n_seg, n_det, g,
                  cfg.coherent_fraction, cfg.min_detector_score, sig)
     assert np.array_equal(sig, ref_sig[a], equal_nan=True)
+
+
+def test_refine_scores_kernel_is_the_numpy_expression_to_the_bit():
+    """_refine's per-(offset, angle) scores from the numba kernel equal the NumPy expression it
+    replaced (kept here), exactly: its sums are NumPy's pairwise summation, checked on its own
+    against numpy.sum for lengths around every branch of it; offsets with no bin give -inf."""
+    from calib_core._kernels import pairwise_sum, refine_scores
+    from calib_core.streaks import bin_anomalies
+
+    rng = np.random.default_rng(2)
+    for n in (0, 1, 7, 8, 9, 127, 128, 129, 255, 1000, 18433):
+        a = rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n)
+        assert pairwise_sum(a, 0, n) == np.sum(a)
+    m, light = _trail(52.0, -1.0, 2.0)
+    fp = bin_anomalies(CAM, _night(m, light))[BAD]
+    thetas = math.radians(52.0) + np.linspace(-0.05, 0.05, 33)
+    width = 4 * fp.pitch
+    offsets = 1.0 + np.linspace(-width, width, 17)
+    offsets[0] = 1e3                                       # beyond the focal plane: no bin
+    d = -fp.u[None, :] * np.sin(thetas)[:, None] + fp.v[None, :] * np.cos(thetas)[:, None]
+    ref = []
+    for r in offsets:
+        on = np.abs(d - r) <= width / 2
+        n = on.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref.append(np.where(n > 0, (on * fp.q).sum(axis=1) / np.sqrt(n), -np.inf))
+    got = refine_scores(fp.u, fp.v, fp.q, np.sin(thetas), np.cos(thetas), offsets, width / 2)
+    assert np.array_equal(got, np.array(ref))
+    assert np.all(got[0] == -np.inf) and np.isfinite(got[1:]).all()
