@@ -1,4 +1,7 @@
-"""numba kernels for the hot paths: byte swapping and per-pixel stack statistics.
+"""numba kernels for the hot paths: byte swapping, per-pixel stack statistics, and the per-step
+kernels at the end of this file (the fringe scale fit of ISR, the satellite-trail search of the sky
+build's barrier, the fringe continuum removal's per-input sums), each tested against the NumPy
+formulation it replaced (tests/test_isr.py, tests/test_streaks.py, tests/test_fringe.py).
 
 The per-pixel statistics here must agree with the NumPy reference in :mod:`calib_core.stats`
 (tests/test_stack.py checks it). Differences from the reference are only in float64 rounding:
