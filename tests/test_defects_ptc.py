@@ -130,6 +130,49 @@ def _flat_pair(rng, level_e, gain, rn_e, response):
     return out
 
 
+def _pair_stats_numpy(im1, im2, amps, config):
+    """pair_stats' (mu1, mu2, var, n_used) per amp as computed before its numba MEANCLIP (commit
+    256320a): calib_core.stats.clipped.clipped_mean, the NumPy reference, on the good pixels."""
+    from calib_core.stats import clipped_mean
+
+    ignore = np.int32(MASK_PLANES.bits(config.mask_planes))
+    out = []
+    for _, y0, y1, x0, x1 in amps:
+        a = im1.image[y0:y1, x0:x1].astype(np.float64)
+        b = im2.image[y0:y1, x0:x1].astype(np.float64)
+        m = im1.mask[y0:y1, x0:x1] | im2.mask[y0:y1, x0:x1]
+        good = ((m & ignore) == 0) & np.isfinite(a) & np.isfinite(b)
+        kw = {"nsigma": config.nsigma, "niter": config.niter}
+        mu1 = clipped_mean(a[good], **kw).mean
+        mu2 = clipped_mean(b[good], **kw).mean
+        mu = 0.5 * (mu1 + mu2)
+        st = clipped_mean((mu2 * a[good] - mu1 * b[good]) / mu, **kw)
+        out.append((mu1, mu2, 0.5 * st.variance, st.n_used))
+    return out
+
+
+@pytest.mark.parametrize("nsigma, niter", [(5.5, 3), (3.0, 1), (2.5, 5)])
+def test_pair_stats_match_the_numpy_reference(nsigma, niter):
+    """pair_stats' numba MEANCLIP gives the NumPy reference's means, variance and count to float64
+    rounding (1e-12), on flats with cosmic rays, hot pixels, NaNs and masked pixels, for several clips."""
+    rng = np.random.default_rng(4)
+    ims = []
+    for lev in (15000.0, 15150.0):
+        img = rng.poisson(lev * (1 + 0.01 * rng.standard_normal((200, 200)))) + rng.normal(0, 5, (200, 200))
+        hit = rng.random(img.shape) < 0.002
+        img[hit] += rng.uniform(500, 20000, hit.sum())            # cosmic rays, hot pixels
+        img[rng.random(img.shape) < 0.001] = np.nan
+        mi = _mi(img)
+        mi.mask[rng.random(img.shape) < 0.01] |= MASK_PLANES.bit("BAD")
+        ims.append(mi)
+    cfg = PtcConfig(nsigma=nsigma, niter=niter, min_good_pixels=100)
+    ref = _pair_stats_numpy(ims[0], ims[1], AMPS, cfg)
+    got = pair_stats(ims[0], ims[1], AMPS, 1.0, cfg)
+    for st, (mu1, mu2, var, n_used) in zip(got, ref):
+        assert st.mu1 == pytest.approx(mu1, rel=1e-12) and st.mu2 == pytest.approx(mu2, rel=1e-12)
+        assert st.var == pytest.approx(var, rel=1e-12) and st.npix == n_used
+
+
 @pytest.mark.parametrize("levels", [(20000.0,), (5000.0, 40000.0), (3000.0, 8000.0, 15000.0, 30000.0, 60000.0)])
 def test_ptc_gain_within_its_error_of_the_truth(levels):
     """Synthetic flats: Poisson electrons over a 1 % response pattern, read noise, gain 1.6 (amp A)

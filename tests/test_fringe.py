@@ -132,3 +132,67 @@ def test_remove_continuum_keeps_the_reference_frame_when_it_cannot_separate():
     assert not info["applied"] and "fewer than 5" in info["reason"]
     out, info = remove_continuum(frame, inputs, FringeContinuumConfig(enabled=False))
     assert not info["applied"] and info["reason"] == "disabled"
+
+
+def _input_amplitudes_numpy(inputs, shape, bits, lab, nb):
+    """remove_continuum's step 1 as NumPy did it before its numba kernels (commit 256320a): the
+    reference for calib_core.builds.fringe._input_amplitudes."""
+    n = len(inputs)
+
+    def bsum(values, where):
+        return np.bincount(lab, np.where(where, values, 0.0).ravel(), nb)
+
+    def usable(mi):
+        return ((mi.mask & bits) == 0) & np.isfinite(mi.image) & np.isfinite(mi.variance)
+
+    total, count = np.zeros(shape), np.zeros(shape)
+    for mi in inputs:
+        ok = usable(mi)
+        total += np.where(ok, mi.image, 0.0)
+        count += ok
+    amp, amp_var, ybin, vbin = np.zeros(n), np.zeros(n), np.full((n, nb), np.nan), np.full((n, nb), np.nan)
+    for j, mi in enumerate(inputs):
+        ok = usable(mi)
+        y = np.where(ok, mi.image, 0.0).astype(np.float64)
+        k = bsum(np.ones(shape), ok)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ybin[j] = np.where(k > 0, bsum(y, ok) / k, np.nan)
+            vbin[j] = np.where(k > 0, bsum(mi.variance.astype(np.float64), ok) / k ** 2, np.nan)
+        others = count - ok
+        both = ok & (others > 0)
+        ref = np.where(both, (total - y) / np.maximum(others, 1), 0.0)
+        kb = np.maximum(bsum(np.ones(shape), both), 1)
+        dref = np.where(both, ref - (bsum(ref, both) / kb)[lab].reshape(shape), 0.0)
+        dy = np.where(both, y - (bsum(y, both) / kb)[lab].reshape(shape), 0.0)
+        norm = float(np.sum(dref * dref))
+        amp[j] = float(np.sum(dy * dref)) / norm
+        amp_var[j] = float(np.sum(np.where(both, mi.variance, 0.0) * dref * dref)) / norm ** 2
+    return amp, amp_var, ybin, vbin
+
+
+def test_input_amplitudes_are_the_numpy_formulation_to_the_bit():
+    """The numba kernels of remove_continuum's step 1 give the NumPy formulation's amplitudes, their
+    variances and the inputs' bin means and variances bit for bit, with masked, NaN and zero-variance
+    pixels, a whole bin masked in one input and pixels only one input has."""
+    from calib_core.builds.fringe import FringeContinuumConfig, _bin_labels, _input_amplitudes
+
+    inputs, _, _, _, _ = _fringe_night(n=6, h=200, w=136)
+    rng = np.random.default_rng(9)
+    bad = mask_bits(["BAD"])
+    for j, mi in enumerate(inputs):
+        mi.mask[rng.random(mi.shape) < 0.03] |= bad
+        mi.image[rng.random(mi.shape) < 0.01] = np.nan
+        mi.variance[rng.random(mi.shape) < 0.01] = np.inf
+        mi.variance[rng.random(mi.shape) < 0.01] *= rng.uniform(0.5, 2.0)
+    inputs[2].mask[:40, :40] |= bad                      # a bin (and more) masked in one input
+    for mi in inputs[1:]:
+        mi.mask[150:152, 100:110] |= bad                 # pixels only input 0 has
+    cfg = FringeContinuumConfig()
+    bits = mask_bits(cfg.mask)
+    lab, xe, ye = _bin_labels(inputs[0].shape, cfg.bin_size)
+    nb = (len(xe) - 1) * (len(ye) - 1)
+    ref = _input_amplitudes_numpy(inputs, inputs[0].shape, bits, lab, nb)
+    got = _input_amplitudes(inputs, inputs[0].shape, bits, lab, nb)
+    for r, g in zip(ref, got):
+        assert np.array_equal(r, g, equal_nan=True)
+    assert np.isnan(got[2][2]).any() and np.isfinite(got[2]).sum() > got[2].size // 2

@@ -212,11 +212,10 @@ def test_defects_and_unassembled_output():
     np.testing.assert_allclose(un.image[:, :NXA], truth[:, :NXA], atol=1e-3)
 
 
-def test_fit_fringe_scale_ignores_stars_and_the_sky_pattern():
-    """Against the injected amplitude, within 4 sigma of the fit's statistical error: a 256-px image
-    with 30-50 px fringes, a sky pattern whose bumps share the fringes' scales, and unmasked bright
-    stars (ISR runs before object detection)."""
-    rng = np.random.default_rng(21)
+def _fringe_scene(seed=21):
+    """A 256-px image with 30-50 px fringes, a 5 % sky bump, a gradient and 12 unmasked bright
+    stars: (image, frame, true scale, the fit's statistical error)."""
+    rng = np.random.default_rng(seed)
     ny = nx = 256
     y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)
     fr = sum(np.cos(2 * np.pi * (x * np.cos(a) + y * np.sin(a)) / lam + ph)
@@ -233,5 +232,97 @@ def test_fit_fringe_scale_ignores_stars_and_the_sky_pattern():
     mi = MaskedImage.from_image((img + rng.normal(0, noise_sigma, img.shape)).astype(np.float32))
     mi.variance[:] = np.float32(sky)
     error = noise_sigma / np.sqrt(np.sum((fr - fr.mean()) ** 2))     # the fit's statistical error
-    s = fit_fringe_scale(mi, fr.astype(np.float32), BAD)
+    return mi, fr.astype(np.float32), true_scale, error
+
+
+def test_fit_fringe_scale_ignores_stars_and_the_sky_pattern():
+    """Against the injected amplitude, within 4 sigma of the fit's statistical error: a 256-px image
+    with 30-50 px fringes, a sky pattern whose bumps share the fringes' scales, and unmasked bright
+    stars (ISR runs before object detection)."""
+    mi, fr, true_scale, error = _fringe_scene()
+    s = fit_fringe_scale(mi, fr, BAD)
     assert abs(s - true_scale) < 4 * error, (s, true_scale, error)
+
+
+def _fit_fringe_scale_numpy(image, f, ignore_bits, clip=3.0, n_iter=10):
+    """fit_fringe_scale as it was before its numba kernels (commit 256320a), the reference."""
+    from calib_core.stats.background import BackgroundConfig, measure_background
+
+    good = np.isfinite(image.image) & np.isfinite(f) & ((image.mask & ignore_bits) == 0)
+    work = image.copy()
+    work.mask[~good] |= np.int32(BAD)
+    work.image[~np.isfinite(work.image)] = 0.0
+    model = measure_background(work, BackgroundConfig())
+    y = (image.image[good] - model.evaluate()[good]).astype(np.float64)
+    x = f[good].astype(np.float64)
+    var = image.variance[good].astype(np.float64)
+    w = np.where(np.isfinite(var) & (var > 0), 1.0 / np.where(var > 0, var, 1.0), 0.0)
+    if not np.any(w > 0):
+        w = np.ones_like(x)
+    keep = w > 0
+    s = np.nan
+    for _ in range(max(n_iter, 1)):
+        ww = w[keep]
+        sw = ww.sum()
+        xm, ym = np.dot(ww, x[keep]) / sw, np.dot(ww, y[keep]) / sw
+        sxx = np.dot(ww, (x[keep] - xm) ** 2)
+        s = float(np.dot(ww, (x[keep] - xm) * (y[keep] - ym)) / sxx)
+        r = (y - ym - s * (x - xm)) * np.sqrt(w)
+        sigma = 1.4826 * float(np.median(np.abs(r[keep])))
+        if not (np.isfinite(clip) and sigma > 0):
+            break
+        new = (w > 0) & (np.abs(r) <= clip * sigma)
+        if np.array_equal(new, keep) or new.sum() < 3:
+            break
+        keep = new
+    return s
+
+
+@pytest.mark.parametrize("case", ["stars", "holes", "one pass", "unclipped", "odd", "no variance"])
+def test_fit_fringe_scale_matches_the_numpy_formulation(case):
+    """The numba passes give the NumPy formulation's scale to float64 rounding (only the order of
+    the sums differs), with NaN pixels, masked pixels and zero / NaN variances, one pass, no clip,
+    an odd number of pixels (the median's two cases), and no variance plane."""
+    mi, fr, _, _ = _fringe_scene(5)
+    kw = {}
+    if case == "holes":
+        rng = np.random.default_rng(1)
+        mi.image[rng.random(mi.shape) < 0.01] = np.nan
+        fr[rng.random(fr.shape) < 0.01] = np.nan
+        mi.mask[rng.random(mi.shape) < 0.05] |= BAD
+        mi.variance[rng.random(mi.shape) < 0.01] = 0.0
+        mi.variance[rng.random(mi.shape) < 0.01] = np.nan
+    elif case == "one pass":
+        kw = {"n_iter": 1}
+    elif case == "unclipped":
+        kw = {"clip": np.inf}
+    elif case == "odd":
+        mi.mask[0, :3] |= BAD                     # 65533 pixels
+    elif case == "no variance":
+        mi.variance[:] = 0.0                      # every weight 1
+    ref = _fit_fringe_scale_numpy(mi, fr, BAD, **kw)
+    assert fit_fringe_scale(mi, fr, BAD, **kw) == pytest.approx(ref, rel=1e-10, abs=0)
+
+
+@pytest.mark.parametrize("guess", [np.nan, 0.5, 1.0, 3.0, 1e-9])
+def test_fringe_fit_pass_median_is_numpys_whatever_the_guess(guess):
+    """The pass's bracketed median is numpy.median of the kept residuals bit for bit, whether the
+    guess brackets the middle ranks, misses them (the sampled bracket) or is absent; even and odd
+    numbers kept; its residuals are the NumPy expression's."""
+    from calib_core.stats._kernels import fringe_fit_pass
+
+    rng = np.random.default_rng(3)
+    for n in (20001, 20000, 17):
+        x = rng.normal(size=n)
+        y = 3.0 * x + rng.standard_cauchy(n)              # heavy tails, as stars give
+        w = rng.uniform(0.5, 2.0, n)
+        keep = rng.random(n) < 0.9
+        absr, buf = np.empty(n), np.empty(n)
+        go_on, sxx, s, med = fringe_fit_pass(x, y, w, np.sqrt(w), keep, absr, buf, np.nan, guess)
+        xm = np.dot(w[keep], x[keep]) / w[keep].sum()
+        ym = np.dot(w[keep], y[keep]) / w[keep].sum()
+        assert go_on and s == pytest.approx(np.dot(w[keep], (x[keep] - xm) * (y[keep] - ym))
+                                            / np.dot(w[keep], (x[keep] - xm) ** 2), rel=1e-12)
+        r = np.abs((y - ym - s * (x - xm)) * np.sqrt(w))
+        np.testing.assert_allclose(absr, r, rtol=1e-12, atol=1e-12 * np.abs(y).max())   # y - ym cancels
+        assert med == np.median(absr[keep])

@@ -116,6 +116,28 @@ def test_surface_follows_linear_and_quadratic_gradients():
             assert np.max(np.abs(surf.on_detector(CAM, det) / truth - 1)) < 1e-5
 
 
+@pytest.mark.parametrize("orientation", [0, 1, 2, 3])
+def test_surface_on_detector_is_the_design_matrix_evaluation(orientation):
+    """The separable evaluation of a surface on a detector's pixels (or given columns and rows)
+    gives the (pixels x terms) design-matrix evaluation it replaced, kept here as the reference, to
+    float32 rounding, for every quarter-turn orientation; an order-3 surface."""
+    from calib_core.sky import SkySurface, _terms
+
+    rng = np.random.default_rng(orientation)
+    det = CAM.detectors[4].model_copy(update={"orientation": orientation, "x_mm": 3.0, "y_mm": -2.0})
+    surf = SkySurface(rng.normal(0, 1, 10) * [2000, 50, 40, 9, 8, 7, 3, 2, 2, 1], 3, (0.5, -0.25), 20.0)
+    for x, y in [(None, None), (np.array([0.0, 7.5, 100.0]), np.arange(0.0, det.ny, 37.0))]:
+        xs = np.arange(det.nx, dtype=np.float64) if x is None else x
+        ys = np.arange(det.ny, dtype=np.float64) if y is None else y
+        gx, gy = np.meshgrid(xs, ys)
+        u, v = CAM.pixel_to_focal_plane(det, gx, gy)
+        a, b = (u - surf.centre[0]) / surf.half_size, (v - surf.centre[1]) / surf.half_size
+        ref = (_terms(3, a, b) @ surf.coeffs).astype(np.float32)
+        out = surf.on_detector(CAM, det, x, y)
+        assert out.shape == ref.shape == (ys.size, xs.size)
+        np.testing.assert_allclose(out, ref, rtol=1.2e-7, atol=0)
+
+
 def test_held_out_structure_drops_tenfold_with_right_scale(build):
     held, _ = S.night(CAM, 3, seed0=900)
     q = sky_frame_quality(CAM, held, build.frames, CFG)

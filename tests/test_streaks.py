@@ -201,3 +201,107 @@ def test_simulated_trail_rejected_and_no_good_exposure(tmp_path):
     assert _angle_error(found, truth) < 5.0, (found, truth)
     assert not [e for e in res.rejected if kind[e] == "good"], {e: (kind[e], r) for e, r in res.rejected.items()}
     assert {kind[e] for e in res.rejected} == {"cloud", "trail", "glow"}, res.rejected
+
+
+def _strip_scores_numpy(u, v, q, det, th, radius, cell, seg, n_rho, n_seg, n_det, g, cfg):
+    """_find_line's steps 3-4 as NumPy did them before the numba kernel (commit 256320a), all
+    angles of a chunk at once: (score, n_sig, piece significances with NaN where a piece does
+    not count), the reference for calib_core.stats._kernels.strip_scores."""
+    n_a = len(th)
+    c, s = np.cos(th)[:, None], np.sin(th)[:, None]
+    i = np.floor((-u * s + v * c + radius) / cell).astype(np.int64)
+    k = np.floor((u * c + v * s + radius) / seg).astype(np.int64)
+    row = np.arange(n_a)[:, None] * n_rho + i
+    key = (row * n_seg + k).ravel()
+    sq = np.bincount(key, weights=np.broadcast_to(q, i.shape).ravel(),
+                     minlength=n_a * n_rho * n_seg).reshape(n_a, n_rho, n_seg)
+    nn = np.bincount(key, minlength=n_a * n_rho * n_seg).reshape(n_a, n_rho, n_seg).astype(np.float64)
+    sq, nn = sq[:, :-1] + sq[:, 1:], nn[:, :-1] + nn[:, 1:]
+    use = nn > 0
+    if g:
+        ps, pn = (np.pad(a, ((0, 0), (g, g), (0, 0))) for a in (sq, nn))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ml, mr = ps[:, :-2 * g] / pn[:, :-2 * g], ps[:, 2 * g:] / pn[:, 2 * g:]
+        left = ml >= mr
+        use &= (pn[:, :-2 * g] > 0) & (pn[:, 2 * g:] > 0)
+        fn = np.where(left, pn[:, :-2 * g], pn[:, 2 * g:])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sq = sq - nn * np.where(use, np.where(left, ml, mr), 0.0)
+            var = nn * (1.0 + np.where(use, nn / fn, 0.0))
+    else:
+        var = nn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sig = np.where(use, sq / np.sqrt(var), np.inf)
+    n_piece = np.sum(use, axis=2)
+    m = np.maximum(np.floor(cfg.coherent_fraction * n_piece + 1e-9).astype(np.int64), 1)
+    srt = np.sort(sig, axis=2)
+    csum = np.cumsum(np.where(np.isfinite(srt), srt, 0.0), axis=2)
+    score = np.take_along_axis(csum, (m - 1)[:, :, None], axis=2)[:, :, 0] / np.sqrt(m)
+    score = np.where(n_piece >= 2, score, -np.inf)
+    kd = (row * n_det + det).ravel()
+    dq = np.bincount(kd, weights=np.broadcast_to(q, i.shape).ravel(),
+                     minlength=n_a * n_rho * n_det).reshape(n_a, n_rho, n_det)
+    dn = np.bincount(kd, minlength=n_a * n_rho * n_det).reshape(n_a, n_rho, n_det).astype(np.float64)
+    dq, dn = dq[:, :-1] + dq[:, 1:], dn[:, :-1] + dn[:, 1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dsig = np.where(dn > 0, dq / np.sqrt(dn), 0.0)
+    n_sig = np.sum(dsig >= cfg.min_detector_score, axis=2)
+    return score, n_sig, np.where(use, sig, np.nan)
+
+
+@pytest.mark.parametrize("width_bins, flank_bins", [(2.0, 8.0), (4.0, 8.0), (2.0, None)])
+def test_strip_scores_kernel_is_the_numpy_formulation_to_the_bit(width_bins, flank_bins):
+    """The numba kernel's scores, detector counts and piece significances equal the NumPy
+    formulation's exactly, on a night with a trail (angles every 9 degrees; with and without flanks)."""
+    from calib_core.stats._kernels import strip_scores
+    from calib_core.sky.streaks import _NO_SIG, bin_anomalies
+
+    m, light = _trail(33.0, 1.0, -2.0)
+    cfg = StreakConfig(flank_bins=flank_bins)
+    fp = bin_anomalies(CAM, _night(m, light), cfg)[BAD]
+    u, v, q, det = fp.u, fp.v, fp.q, fp.det
+    n_det = int(det.max()) + 1
+    radius = float(np.max(np.hypot(u, v))) + fp.pitch
+    cell, seg = width_bins * fp.pitch / 2.0, cfg.segment_bins * fp.pitch
+    g = max(int(round(flank_bins * fp.pitch / cell)), 2) if flank_bins else 0
+    n_rho, n_seg = int(math.ceil(2 * radius / cell)) + 2, int(math.ceil(2 * radius / seg)) + 1
+    th = np.radians(np.arange(0.0, 180.0, 9.0))
+    ref_score, ref_n, ref_sig = _strip_scores_numpy(u, v, q, det, th, radius, cell, seg, n_rho, n_seg, n_det, g, cfg)
+    score, n_sig = strip_scores(u, v, q, det, np.cos(th), np.sin(th), radius, cell, seg, n_rho, n_seg, n_det, g,
+                                cfg.coherent_fraction, cfg.min_detector_score, _NO_SIG)
+    assert np.array_equal(score, ref_score) and np.array_equal(n_sig, ref_n)
+    assert np.isfinite(score).sum() > score.size // 2 and n_sig.max() >= 2      # a test with something in it
+    a = int(np.argmax(np.max(score, axis=1)))
+    sig = np.empty((n_rho - 1, n_seg))
+    strip_scores(u, v, q, det, np.cos(th[a:a + 1]), np.sin(th[a:a + 1]), radius, cell, seg, n_rho, n_seg, n_det, g,
+                 cfg.coherent_fraction, cfg.min_detector_score, sig)
+    assert np.array_equal(sig, ref_sig[a], equal_nan=True)
+
+
+def test_refine_scores_kernel_is_the_numpy_expression_to_the_bit():
+    """_refine's per-(offset, angle) scores from the numba kernel equal the NumPy expression it
+    replaced (kept here), exactly: its sums are NumPy's pairwise summation, checked on its own
+    against numpy.sum for lengths around every branch of it; offsets with no bin give -inf."""
+    from calib_core.stats._kernels import pairwise_sum, refine_scores
+    from calib_core.sky.streaks import bin_anomalies
+
+    rng = np.random.default_rng(2)
+    for n in (0, 1, 7, 8, 9, 127, 128, 129, 255, 1000, 18433):
+        a = rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n)
+        assert pairwise_sum(a, 0, n) == np.sum(a)
+    m, light = _trail(52.0, -1.0, 2.0)
+    fp = bin_anomalies(CAM, _night(m, light))[BAD]
+    thetas = math.radians(52.0) + np.linspace(-0.05, 0.05, 33)
+    width = 4 * fp.pitch
+    offsets = 1.0 + np.linspace(-width, width, 17)
+    offsets[0] = 1e3                                       # beyond the focal plane: no bin
+    d = -fp.u[None, :] * np.sin(thetas)[:, None] + fp.v[None, :] * np.cos(thetas)[:, None]
+    ref = []
+    for r in offsets:
+        on = np.abs(d - r) <= width / 2
+        n = on.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref.append(np.where(n > 0, (on * fp.q).sum(axis=1) / np.sqrt(n), -np.inf))
+    got = refine_scores(fp.u, fp.v, fp.q, np.sin(thetas), np.cos(thetas), offsets, width / 2)
+    assert np.array_equal(got, np.array(ref))
+    assert np.all(got[0] == -np.inf) and np.isfinite(got[1:]).all()

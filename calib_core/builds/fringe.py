@@ -27,6 +27,7 @@ from calib_core.configmodel import ClipConfig
 from calib_core.isr.process import IsrConfig
 from calib_core.maskedimage import MaskedImage, mask_bits
 from calib_core.sky.objectmask import DetectionConfig, detect_sources
+from calib_core.stats._kernels import continuum_bins, continuum_deviations, continuum_totals
 from calib_core.stats.background import BackgroundConfig, BackgroundModel, bin_edges, measure_background, n_bins
 from calib_core.stats.binned import box_statistics
 from calib_core.stats.stack import CombineConfig
@@ -123,12 +124,55 @@ def _bin_labels(shape, bin_size: int):
     return lab.ravel(), xe, ye
 
 
+def _flat_planes(mi: MaskedImage):
+    """Image, variance and mask of a MaskedImage as flat contiguous arrays (views where they can be)."""
+    return tuple(np.ascontiguousarray(p).ravel() for p in (mi.image, mi.variance, mi.mask))
+
+
 def _load(x) -> MaskedImage:
     if isinstance(x, MaskedImage):
         return x
     from calib_core.io.products import read_product
 
     return read_product(x)[0]
+
+
+def _input_amplitudes(inputs: Sequence, shape, bits: int, lab: np.ndarray, nb: int):
+    """Step 1 of :func:`remove_continuum` and the inputs' bin means: ``(amp, amp_var, ybin, vbin)``
+    (each input's amplitude and its variance; (n_inputs, nb) bin means and their variances), or
+    None when an input has no structure within the bins to regress on.
+
+    Per input in numba kernels (calib_core.stats._kernels.continuum_*): what NumPy did with a dozen
+    full-image passes per input, in two; the per-bin sums run in pixel order as np.bincount's, so
+    the values are the same to the bit (tests/test_fringe.py keeps the NumPy formulation)."""
+    def checked(mi):
+        if mi.shape != tuple(shape):
+            raise ValueError(f"fringe input of shape {mi.shape} does not match the frame's {tuple(shape)}")
+        return mi
+
+    n = len(inputs)
+    bits = np.int64(bits)
+    size = int(np.prod(shape))
+    total, count = np.zeros(size), np.zeros(size)
+    for x in inputs:
+        continuum_totals(*_flat_planes(checked(_load(x))), bits, total, count)
+    amp, amp_var, ybin, vbin = np.zeros(n), np.zeros(n), np.full((n, nb), np.nan), np.full((n, nb), np.nan)
+    dref, dy, wv = np.empty(size), np.empty(size), np.empty(size)
+    for j, x in enumerate(inputs):
+        planes = _flat_planes(checked(_load(x)))
+        k, sy, sv, kb, sref, syb = continuum_bins(*planes, bits, total, count, lab, nb)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ybin[j] = np.where(k > 0, sy / k, np.nan)
+            vbin[j] = np.where(k > 0, sv / k ** 2, np.nan)
+        # deviations from the bin means, over the pixels both this input and the others have
+        kb = np.maximum(kb, 1)
+        continuum_deviations(*planes, bits, total, count, lab, sref / kb, syb / kb, dref, dy, wv)
+        norm = float(np.sum(dref * dref))
+        if norm <= 0:
+            return None
+        amp[j] = float(np.sum(dy * dref)) / norm
+        amp_var[j] = float(np.sum(wv * dref * dref)) / norm ** 2
+    return amp, amp_var, ybin, vbin
 
 
 def remove_continuum(frame: MaskedImage, inputs: Sequence, config: FringeContinuumConfig | None = None
@@ -190,38 +234,12 @@ def remove_continuum(frame: MaskedImage, inputs: Sequence, config: FringeContinu
         return np.bincount(lab, np.where(where, values, 0.0).ravel(), nb)
 
     def usable(mi):
-        if mi.shape != shape:
-            raise ValueError(f"fringe input of shape {mi.shape} does not match the frame's {shape}")
         return ((mi.mask & bits) == 0) & np.isfinite(mi.image) & np.isfinite(mi.variance)
 
-    total = np.zeros(shape)
-    count = np.zeros(shape)
-    for x in inputs:
-        mi = _load(x)
-        ok = usable(mi)
-        total += np.where(ok, mi.image, 0.0)
-        count += ok
-    amp, amp_var, ybin, vbin = np.zeros(n), np.zeros(n), np.full((n, nb), np.nan), np.full((n, nb), np.nan)
-    for j, x in enumerate(inputs):
-        mi = _load(x)
-        ok = usable(mi)
-        y = np.where(ok, mi.image, 0.0).astype(np.float64)
-        k = bsum(np.ones(shape), ok)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ybin[j] = np.where(k > 0, bsum(y, ok) / k, np.nan)
-            vbin[j] = np.where(k > 0, bsum(mi.variance.astype(np.float64), ok) / k ** 2, np.nan)
-        # deviations from the bin means, over the pixels both this input and the others have
-        others = count - ok
-        both = ok & (others > 0)
-        ref = np.where(both, (total - y) / np.maximum(others, 1), 0.0)
-        kb = np.maximum(bsum(np.ones(shape), both), 1)
-        dref = np.where(both, ref - (bsum(ref, both) / kb)[lab].reshape(shape), 0.0)
-        dy = np.where(both, y - (bsum(y, both) / kb)[lab].reshape(shape), 0.0)
-        norm = float(np.sum(dref * dref))
-        if norm <= 0:
-            return out, {**info, "reason": "no structure within the bins to measure fringe amplitudes on"}
-        amp[j] = float(np.sum(dy * dref)) / norm
-        amp_var[j] = float(np.sum(np.where(both, mi.variance, 0.0) * dref * dref)) / norm ** 2
+    measured = _input_amplitudes(inputs, shape, bits, lab, nb)
+    if measured is None:
+        return out, {**info, "reason": "no structure within the bins to measure fringe amplitudes on"}
+    amp, amp_var, ybin, vbin = measured
     cbar = float(amp.mean())
     chi2 = float(np.sum((amp - cbar) ** 2 / np.maximum(amp_var, 1e-300)) / (n - 1))
     info.update(amplitude_spread=float(amp.std() / cbar) if cbar > 0 else float("nan"),
@@ -272,10 +290,10 @@ def remove_continuum(frame: MaskedImage, inputs: Sequence, config: FringeContinu
     # peak, a ring), and the fringe frame then kept that part of the continuum, which the z sky
     # frame lacked (it carried the pattern at 0.96; 0.99 with this). docs/algorithms.md#continuum-removal
     nodes = target.copy()
-    everywhere = np.ones(shape, bool)
-    npix = np.maximum(bsum(np.ones(shape), everywhere), 1)
+    npix = np.maximum(np.bincount(lab, minlength=nb), 1)
     for _ in range(cfg.mean_preserving_passes):
-        binned = (bsum(spline(nodes).evaluate().astype(np.float64), everywhere) / npix).reshape(grid)
+        # (np.bincount takes float32 weights as float64)
+        binned = (np.bincount(lab, spline(nodes).evaluate().ravel(), nb) / npix).reshape(grid)
         nodes = np.where(np.isfinite(target), nodes + (target - binned), np.nan)
     model = spline(nodes)
     varm = BackgroundModel(np.where(fin, shrink ** 2 * noise2, np.nan).reshape(grid).astype(np.float32), ones,

@@ -20,6 +20,7 @@ from calib_core.configmodel import ConfigModel
 from calib_core.errors import DataError
 from calib_core.io.raw import RawAmp, RawDetector
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
+from calib_core.stats._kernels import fringe_fit_inputs, fringe_fit_pass
 from calib_core.stats.background import BackgroundConfig, measure_background
 from calib_core.stats.clipped import clipped_mean
 
@@ -176,34 +177,35 @@ def fit_fringe_scale(image: MaskedImage, fringe, ignore_bits: int, background: B
     good = np.isfinite(image.image) & np.isfinite(f) & (((image.mask | fmask) & ignore_bits) == 0)
     if good.sum() < 3:
         raise IsrError("too few good pixels to fit the fringe scale")
-    work = image.copy()
-    work.mask[~good] |= np.int32(MASK_PLANES.bit("BAD"))
-    work.image[~np.isfinite(work.image)] = 0.0
+    # the background's input: non-finite pixels 0, pixels not fitted BAD (only image and mask are read)
+    work = MaskedImage(np.where(np.isfinite(image.image), image.image, np.float32(0.0)),
+                       np.where(good, image.mask, image.mask | np.int32(MASK_PLANES.bit("BAD"))), image.variance)
     model = measure_background(work, background or _fringe_background())
-    y = (image.image[good] - model.evaluate()[good]).astype(np.float64)
-    x = f[good].astype(np.float64)
-    var = image.variance[good].astype(np.float64)
-    w = np.where(np.isfinite(var) & (var > 0), 1.0 / np.where(var > 0, var, 1.0), 0.0)
+    # the good pixels' x = frame, y = image - background (float32, as the planes) and w = 1 / variance
+    # (0 where not finite and positive), in float64, in one pass
+    x, y, w = fringe_fit_inputs(image.image.ravel(), f.ravel(), model.evaluate().ravel(),
+                                image.variance.ravel(), good.ravel())
     if not np.any(w > 0):
         w = np.ones_like(x)
     keep = w > 0
-    s = math.nan
+    # each pass in one kernel (the previous pass's clip, sums, residuals and their median, without
+    # copying the kept pixels): the same arithmetic as the NumPy formulation, up to the order of the
+    # sums (tests/test_isr.py keeps that formulation as the reference)
+    sqw = np.sqrt(w)
+    absr = np.empty_like(x)
+    buf = np.empty_like(x)
+    s = med = limit = math.nan
     for _ in range(max(n_iter, 1)):
-        ww = w[keep]
-        sw = ww.sum()
-        xm, ym = np.dot(ww, x[keep]) / sw, np.dot(ww, y[keep]) / sw
-        sxx = np.dot(ww, (x[keep] - xm) ** 2)
+        go_on, sxx, s_pass, med = fringe_fit_pass(x, y, w, sqw, keep, absr, buf, limit, med)
+        if not go_on:
+            break
         if not sxx > 0:
             raise IsrError("fringe frame is constant over the good pixels; cannot fit its scale")
-        s = float(np.dot(ww, (x[keep] - xm) * (y[keep] - ym)) / sxx)
-        r = (y - ym - s * (x - xm)) * np.sqrt(w)
-        sigma = 1.4826 * float(np.median(np.abs(r[keep])))
+        s = float(s_pass)
+        sigma = 1.4826 * float(med)
         if not (math.isfinite(clip) and sigma > 0):
             break
-        new = (w > 0) & (np.abs(r) <= clip * sigma)
-        if np.array_equal(new, keep) or new.sum() < 3:
-            break
-        keep = new
+        limit = clip * sigma
     return s
 
 

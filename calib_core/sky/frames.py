@@ -262,8 +262,29 @@ class SkySurface:
         detector (default: every pixel)."""
         x = np.arange(det.nx, dtype=np.float64) if x is None else np.asarray(x, np.float64)
         y = np.arange(det.ny, dtype=np.float64) if y is None else np.asarray(y, np.float64)
-        gx, gy = np.meshgrid(x, y)
-        return self.at(*camera.pixel_to_focal_plane(det, gx, gy)).astype(np.float32)
+        u, v = camera.pixel_to_focal_plane(det, x[None, :], y[:, None])
+        a = (np.asarray(u, np.float64) - self.centre[0]) / self.half_size
+        b = (np.asarray(v, np.float64) - self.centre[1]) / self.half_size
+        # a detector is placed by quarter turns, so u and v each vary along one pixel axis only;
+        # the polynomial is then (powers along y) @ coefficients @ (powers along x), a small
+        # matrix product instead of a (pixels x terms) design matrix (the same values to float64
+        # rounding; tests/test_sky.py)
+        ny, nx = y.size, x.size
+        cm = np.zeros((self.order + 1, self.order + 1))    # cm[j, i]: the coefficient of a**i b**j
+        k = 0
+        for n in range(self.order + 1):
+            for j in range(n + 1):
+                cm[j, n - j] = self.coeffs[k]
+                k += 1
+        powers = np.arange(self.order + 1)
+        if a.shape == (1, nx) and b.shape == (ny, 1):          # u along x, v along y
+            out = (b[:, 0, None] ** powers) @ cm @ (a[0, :, None] ** powers).T
+        elif a.shape == (ny, 1) and b.shape == (1, nx):        # u along y, v along x
+            out = (a[:, 0, None] ** powers) @ cm.T @ (b[0, :, None] ** powers).T
+        else:
+            gx, gy = np.meshgrid(x, y)
+            return self.at(*camera.pixel_to_focal_plane(det, gx, gy)).astype(np.float32)
+        return out.astype(np.float32)
 
     @property
     def level(self) -> float:

@@ -40,7 +40,8 @@ line across the focal plane from everything else a night masks, on a few thousan
 detectors with gaps and any orientation. scikit-image's ``hough_line`` and ``radon`` want one
 regular raster: putting irregular chip layouts on one would resample the bins and smear the strip,
 and ``hough_line`` counts non-zero pixels where this sums a signed significance with flanks and
-pieces. The accumulation below is three ``np.bincount`` calls per angle on the bin centres.
+pieces. The accumulation and scoring run one angle at a time in a numba kernel
+(:func:`calib_core.stats._kernels.strip_scores`), in scratch the size of one angle's strips.
 
 This module never imports Prefect.
 """
@@ -60,6 +61,7 @@ from scipy.stats import rankdata
 
 from calib_core.camera import Camera
 from calib_core.configmodel import ConfigModel
+from calib_core.stats._kernels import refine_scores, strip_scores
 from calib_core.stats.background import BackgroundModel, bin_centres
 
 __all__ = ["StreakConfig", "Streak", "BinnedFocalPlane", "bin_anomalies", "find_line", "find_streaks",
@@ -285,6 +287,9 @@ def find_line(fp: BinnedFocalPlane, config: StreakConfig | None = None) -> Strea
     return max(found, key=lambda s: (s.qualifies, s.n_detectors >= cfg.min_detectors, s.score))
 
 
+_NO_SIG = np.empty((0, 0))
+
+
 def _find_line(fp: BinnedFocalPlane, cfg: StreakConfig, width_bins: float) -> Streak:
     u, v, q, det = fp.u, fp.v, fp.q, fp.det
     n_det = int(det.max()) + 1 if det.size else 1
@@ -301,57 +306,24 @@ def _find_line(fp: BinnedFocalPlane, cfg: StreakConfig, width_bins: float) -> St
     best = None
     for a0 in range(0, len(thetas), chunk):
         th = thetas[a0:a0 + chunk]
-        n_a = len(th)
-        c, s = np.cos(th)[:, None], np.sin(th)[:, None]
-        i = np.floor((-u * s + v * c + radius) / cell).astype(np.int64)          # (angle, bin)
-        k = np.floor((u * c + v * s + radius) / seg).astype(np.int64)
-        row = np.arange(n_a)[:, None] * n_rho + i
-        key = (row * n_seg + k).ravel()
-        sq = np.bincount(key, weights=np.broadcast_to(q, i.shape).ravel(),
-                         minlength=n_a * n_rho * n_seg).reshape(n_a, n_rho, n_seg)
-        nn = np.bincount(key, minlength=n_a * n_rho * n_seg).reshape(n_a, n_rho, n_seg).astype(np.float64)
-        sq, nn = sq[:, :-1] + sq[:, 1:], nn[:, :-1] + nn[:, 1:]        # strip j: cells j and j + 1
-        use = nn > 0
-        if g:
-            # the strips g cells to either side, along the same stretch of the line: a piece counts
-            # by how far it rises above the higher of the two (a glow, a cloud or a gradient is as
-            # high on one side at least; a trail is above both), and only where both sides hold
-            # bins (along the focal plane's edge a broad feature would look like a strip)
-            ps, pn = (np.pad(a, ((0, 0), (g, g), (0, 0))) for a in (sq, nn))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ml, mr = ps[:, :-2 * g] / pn[:, :-2 * g], ps[:, 2 * g:] / pn[:, 2 * g:]
-            left = ml >= mr
-            use &= (pn[:, :-2 * g] > 0) & (pn[:, 2 * g:] > 0)
-            fn = np.where(left, pn[:, :-2 * g], pn[:, 2 * g:])
-            with np.errstate(invalid="ignore", divide="ignore"):
-                sq = sq - nn * np.where(use, np.where(left, ml, mr), 0.0)
-                var = nn * (1.0 + np.where(use, nn / fn, 0.0))
-        else:
-            var = nn
-        with np.errstate(invalid="ignore", divide="ignore"):
-            sig = np.where(use, sq / np.sqrt(var), np.inf)
-        n_piece = np.sum(use, axis=2)
-        m = np.maximum(np.floor(cfg.coherent_fraction * n_piece + 1e-9).astype(np.int64), 1)
-        srt = np.sort(sig, axis=2)                                        # empty pieces last
-        csum = np.cumsum(np.where(np.isfinite(srt), srt, 0.0), axis=2)
-        score = np.take_along_axis(csum, (m - 1)[:, :, None], axis=2)[:, :, 0] / np.sqrt(m)
-        score = np.where(n_piece >= 2, score, -np.inf)
-        # the line's bins on each detector (a bleed column or a galaxy is on one)
-        kd = (row * n_det + det).ravel()
-        dq = np.bincount(kd, weights=np.broadcast_to(q, i.shape).ravel(),
-                         minlength=n_a * n_rho * n_det).reshape(n_a, n_rho, n_det)
-        dn = np.bincount(kd, minlength=n_a * n_rho * n_det).reshape(n_a, n_rho, n_det).astype(np.float64)
-        dq, dn = dq[:, :-1] + dq[:, 1:], dn[:, :-1] + dn[:, 1:]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dsig = np.where(dn > 0, dq / np.sqrt(dn), 0.0)
-        n_sig = np.sum(dsig >= cfg.min_detector_score, axis=2)
+        # steps 3-4 for each angle of the chunk (a numba kernel, calib_core.stats._kernels.strip_scores):
+        # strip j is cells j and j + 1 across the line, cut into segments along it; a piece counts
+        # by how far it rises above the higher of the strips g cells to either side (a glow, a
+        # cloud or a gradient is as high on one side at least; a trail is above both), and only
+        # where both sides hold bins (along the focal plane's edge a broad feature would look like
+        # a strip); the score is that of the weakest pieces; n_sig counts the detectors on which
+        # the strip is significant (a bleed column or a galaxy is on one)
+        score, n_sig = strip_scores(u, v, q, det, np.cos(th), np.sin(th), radius, cell, seg, n_rho, n_seg, n_det,
+                                    g, cfg.coherent_fraction, cfg.min_detector_score, _NO_SIG)
         ok = n_sig >= cfg.min_detectors
         flat = np.where(ok, score, -np.inf) if ok.any() else score
         a, j = np.unravel_index(int(np.argmax(flat)), flat.shape)
         if best is None or (ok[a, j], score[a, j]) > (best["ok"], best["score"]):
+            sig = np.empty((n_rho - 1, n_seg))        # the pieces of the chunk's best line
+            strip_scores(u, v, q, det, np.cos(th[a:a + 1]), np.sin(th[a:a + 1]), radius, cell, seg, n_rho, n_seg,
+                         n_det, g, cfg.coherent_fraction, cfg.min_detector_score, sig)
             best = {"ok": bool(ok[a, j]), "score": float(score[a, j]), "theta": float(th[a]),
-                    "rho": (j + 1) * cell - radius, "seg_sig": np.where(use[a, j], sig[a, j], np.nan),
-                    "n_sig": int(n_sig[a, j])}
+                    "rho": (j + 1) * cell - radius, "seg_sig": sig[j], "n_sig": int(n_sig[a, j])}
     if best is None or not math.isfinite(best["score"]):
         return Streak(-math.inf, math.nan, math.nan, 0.0, 0, True, False)
     hit = np.flatnonzero(best["seg_sig"] >= 2.0)
@@ -382,13 +354,12 @@ def _refine(fp: BinnedFocalPlane, theta: float, rho: float, width: float, step: 
         if abs((a - theta + math.pi / 2) % math.pi - math.pi / 2) <= math.radians(20):
             theta, rho = a, -uc * math.sin(a) + vc * math.cos(a)
     thetas = theta + np.linspace(-2 * step, 2 * step, 33)
-    d = -fp.u[None, :] * np.sin(thetas)[:, None] + fp.v[None, :] * np.cos(thetas)[:, None]     # (angle, bin)
+    offsets = rho + np.linspace(-width, width, 17)
+    # per (offset, angle): sum(q) / sqrt(n) over the bins within half a width of the line (a numba
+    # kernel, the NumPy expression's values to the bit: tests/test_streaks.py)
+    scores = refine_scores(fp.u, fp.v, fp.q, np.sin(thetas), np.cos(thetas), offsets, width / 2)
     best, out = -np.inf, (theta % math.pi, rho)
-    for r in rho + np.linspace(-width, width, 17):
-        on = np.abs(d - r) <= width / 2
-        n = on.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = np.where(n > 0, (on * fp.q).sum(axis=1) / np.sqrt(n), -np.inf)
+    for r, z in zip(offsets, scores):
         k = int(np.argmax(z))
         if z[k] > best:
             best, out = z[k], (float(thetas[k]) % math.pi, float(r))

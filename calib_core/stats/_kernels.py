@@ -1,4 +1,7 @@
-"""numba kernels for the hot paths: byte swapping and per-pixel stack statistics.
+"""numba kernels for the hot paths: byte swapping, per-pixel stack statistics, and the per-step
+kernels at the end of this file (the fringe scale fit of ISR, the satellite-trail search of the sky
+build's barrier, the fringe continuum removal's per-input sums), each tested against the NumPy
+formulation it replaced (tests/test_isr.py, tests/test_streaks.py, tests/test_fringe.py).
 
 The per-pixel statistics here must agree with the NumPy reference in :mod:`calib_core.stats.clipped`
 (tests/test_stack.py checks it). Differences from the reference are only in float64 rounding:
@@ -770,3 +773,432 @@ def meanclip_blocks(data, masks, has_mask, variances, use_var, ignore_bits, ops,
                 out_var[r, x0 + j] = vs[j] / (k * k)
             else:
                 out_var[r, x0 + j] = var[j] / k
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fringe scale fit (calib_core.isr.process.fit_fringe_scale)
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def fringe_fit_inputs(image, frame, model, variance, good):
+    """The inputs of :func:`fringe_fit_pass` from flat float32 planes: over the pixels with ``good``,
+    ``x = frame``, ``y = image - model`` (a float32 difference) and ``w = 1 / variance`` where the
+    variance is finite and positive, else 0; float64 arrays of the good pixels' number."""
+    n = 0
+    for i in range(good.size):
+        n += good[i]
+    x = np.empty(n)
+    y = np.empty(n)
+    w = np.empty(n)
+    m = 0
+    for i in range(good.size):
+        if good[i]:
+            x[m] = frame[i]
+            y[m] = image[i] - model[i]
+            v = np.float64(variance[i])
+            w[m] = 1.0 / v if (np.isfinite(v) and v > 0) else 0.0
+            m += 1
+    return x, y, w
+
+
+@njit(cache=True, nogil=True)
+def _gather_bracket(absr, keep, buf, lo, hi):
+    """Copy the kept values within [lo, hi] to the front of ``buf``, branch-free (which side of the
+    bracket a residual falls is random); returns (number below lo, number copied, any kept NaN)."""
+    below = 0
+    m = 0
+    nan = False
+    for i in range(absr.size):
+        r = absr[i]
+        kp = keep[i]
+        below += kp & (r < lo)
+        buf[m] = r
+        m += kp & (r >= lo) & (r <= hi)
+        nan |= kp & (r != r)
+    return below, m, nan
+
+
+@njit(cache=True, nogil=True)
+def _median_in_bracket(buf, below, m, n_keep):
+    """``numpy.median`` of the kept values (n_keep of them) from the ``m`` of them in ``buf`` that
+    lie in a bracket with ``below`` kept values under it; NaN when the middle ranks are not all in
+    the bracket. ``buf`` is reordered."""
+    k = n_keep // 2            # numpy.median: rank k, and k - 1 when n_keep is even
+    k_lo = k if n_keep % 2 == 1 else k - 1
+    if not (below <= k_lo and k < below + m):
+        return math.nan
+    kk = k - below
+    _select(buf, 0, m, kk)
+    v_hi = buf[kk]
+    if n_keep % 2 == 1:
+        return v_hi
+    v_lo = buf[0]
+    for i in range(1, kk):
+        if buf[i] > v_lo:
+            v_lo = buf[i]
+    return (v_lo + v_hi) / 2.0
+
+
+@njit(cache=True, nogil=True)
+def fringe_fit_pass(x, y, w, sqw, keep, absr, buf, limit, guess):
+    """One pass of the clipped weighted regression ``y = a + s x`` of :func:`calib_core.isr.process.fit_fringe_scale`.
+
+    First, unless ``limit`` is NaN (the first pass), the previous pass's clip: ``keep = (w > 0) &
+    (absr <= limit)``; when that changes nothing or keeps fewer than 3 pixels, the pass stops there
+    (``keep`` is then not to be used again). Then over the pixels with ``keep``: the weighted means
+    ``xm``, ``ym``, ``sxx = sum w (x - xm)**2`` and ``s = sum w (x - xm)(y - ym) / sxx``; for every
+    pixel, ``absr = |(y - ym - s (x - xm)) sqw|`` (``sqw = sqrt(w)``), and the median of ``absr`` over
+    the kept pixels.
+
+    Returns ``(go_on, sxx, s, median)``: ``go_on`` False when the clip stopped the fit; ``s`` and the
+    median NaN when ``sxx`` is not positive, the median when a kept residual is NaN. The same
+    arithmetic as the NumPy code it replaced except the order of the sums (float64 rounding).
+
+    The median is exact but found without selecting among all pixels: only the kept residuals in a
+    bracket (within 10 % of ``guess``, the previous pass's median; failing that, between the 49th
+    and 51st percentiles of every 16th pixel) are copied to ``buf`` (scratch of x's size) and
+    selected in, with the count of those below; when the middle ranks fall outside both brackets,
+    all kept residuals are.
+    """
+    n = x.size
+    if limit == limit:
+        n_keep = 0
+        changed = False
+        for i in range(n):
+            k = (w[i] > 0) & (absr[i] <= limit)
+            changed |= k != keep[i]
+            keep[i] = k
+            n_keep += k
+        if not changed or n_keep < 3:
+            return False, math.nan, math.nan, math.nan
+    sw = 0.0
+    swx = 0.0
+    swy = 0.0
+    n_keep = 0
+    for i in range(n):
+        if keep[i]:
+            sw += w[i]
+            swx += w[i] * x[i]
+            swy += w[i] * y[i]
+            n_keep += 1
+    xm = swx / sw
+    ym = swy / sw
+    sxx = 0.0
+    sxy = 0.0
+    for i in range(n):
+        if keep[i]:
+            dx = x[i] - xm
+            sxx += w[i] * dx * dx
+            sxy += w[i] * dx * (y[i] - ym)
+    if not sxx > 0:
+        return True, sxx, math.nan, math.nan
+    s = sxy / sxx
+    lo = 0.9 * guess if guess > 0 else math.inf   # no guess: an empty bracket
+    hi = 1.1 * guess if guess > 0 else -math.inf
+    below = 0
+    m = 0
+    nan = False
+    for i in range(n):          # the residuals, and the bracket about the guess (as _gather_bracket)
+        r = abs((y[i] - ym - s * (x[i] - xm)) * sqw[i])
+        absr[i] = r
+        kp = keep[i]
+        below += kp & (r < lo)
+        buf[m] = r
+        m += kp & (r >= lo) & (r <= hi)
+        nan |= kp & (r != r)
+    if nan:                    # numpy.median's answer
+        return True, sxx, s, math.nan
+    med = _median_in_bracket(buf, below, m, n_keep)
+    if med == med:
+        return True, sxx, s, med
+    m = 0
+    for i in range(0, n, 16):
+        buf[m] = absr[i]
+        m += keep[i]
+    if m > 100:
+        k1, k2 = int(0.49 * m), int(0.51 * m)
+        _select(buf, 0, m, k1)
+        _select(buf, k1, m, k2)
+        below, m, nan = _gather_bracket(absr, keep, buf, buf[k1], buf[k2])
+        med = _median_in_bracket(buf, below, m, n_keep)
+        if med == med:
+            return True, sxx, s, med
+    below, m, nan = _gather_bracket(absr, keep, buf, -math.inf, math.inf)
+    return True, sxx, s, _median_in_bracket(buf, 0, m, n_keep)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the satellite-trail search's strip sums (calib_core.sky.streaks._find_line)
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def strip_scores(u, v, q, det, c, s, radius, cell, seg, n_rho, n_seg, n_det, g, coherent_fraction,
+                 min_detector_score, sig_out):
+    """Steps 3-4 of :mod:`calib_core.sky.streaks` for the angles with cosines ``c`` and sines ``s``, one
+    angle at a time in scratch the size of one angle's cells (``_find_line`` did each step on
+    every angle of a chunk at once, in arrays of millions of elements, NumPy pass after pass).
+
+    Bins at ``u``, ``v`` (mm) with anomaly ``q`` on detector index ``det`` fall in cell
+    ``floor((-u s + v c + radius) / cell)`` across the line and segment ``floor((u c + v s + radius)
+    / seg)`` along it; strip ``j`` is cells ``j`` and ``j + 1``; with ``g`` > 0 a piece counts by how
+    far its ``sum(q)`` rises above the higher mean of the strips ``g`` cells to either side, and only
+    where both hold bins. Returns ``(score, n_sig)`` of shape (n_angles, n_rho - 1): the sum of the
+    weakest ``coherent_fraction`` of the pieces' significances over sqrt of their number (-inf with
+    fewer than 2 pieces), and the number of detectors on which the strip's ``sum(q) / sqrt(n)`` is at
+    least ``min_detector_score``. ``sig_out`` (n_rho - 1, n_seg), unless it is empty, gets the last
+    angle's piece significances (NaN where a piece does not count).
+
+    The arithmetic is ``_find_line``'s NumPy expressions, operation for operation, with the sums in
+    the same order (tests/test_streaks.py keeps them as the reference): the same scores to the bit.
+    """
+    n_a = c.size
+    J = n_rho - 1
+    score = np.empty((n_a, J))
+    n_sig = np.zeros((n_a, J), np.int64)
+    sq = np.empty((n_rho, n_seg))
+    nn = np.empty((n_rho, n_seg))
+    dq = np.empty((n_rho, n_det))
+    dn = np.empty((n_rho, n_det))
+    SQ = np.empty((J, n_seg))
+    NN = np.empty((J, n_seg))
+    buf = np.empty(n_seg)
+    want_sig = sig_out.size > 0
+    for a in range(n_a):
+        sq[:] = 0.0
+        nn[:] = 0.0
+        dq[:] = 0.0
+        dn[:] = 0.0
+        ca = c[a]
+        sa = s[a]
+        for b in range(u.size):
+            i = np.int64(math.floor((-u[b] * sa + v[b] * ca + radius) / cell))
+            k = np.int64(math.floor((u[b] * ca + v[b] * sa + radius) / seg))
+            sq[i, k] += q[b]
+            nn[i, k] += 1.0
+            dq[i, det[b]] += q[b]
+            dn[i, det[b]] += 1.0
+        for j in range(J):
+            for k in range(n_seg):
+                SQ[j, k] = sq[j, k] + sq[j + 1, k]
+                NN[j, k] = nn[j, k] + nn[j + 1, k]
+        for j in range(J):
+            n_piece = 0
+            for k in range(n_seg):
+                nk = NN[j, k]
+                use = nk > 0
+                sig = math.nan
+                if g > 0:
+                    nl = NN[j - g, k] if j - g >= 0 else 0.0
+                    nr = NN[j + g, k] if j + g < J else 0.0
+                    use = use and nl > 0 and nr > 0
+                    if use:
+                        ml = SQ[j - g, k] / nl
+                        mr = SQ[j + g, k] / nr
+                        left = ml >= mr
+                        fn = nl if left else nr
+                        x = SQ[j, k] - nk * (ml if left else mr)
+                        var = nk * (1.0 + nk / fn)
+                        sig = x / math.sqrt(var)
+                elif use:
+                    sig = SQ[j, k] / math.sqrt(nk)
+                if use:
+                    buf[n_piece] = sig
+                    n_piece += 1
+                if want_sig and a == n_a - 1:
+                    sig_out[j, k] = sig
+            if n_piece >= 2:
+                m = max(np.int64(math.floor(coherent_fraction * n_piece + 1e-9)), 1)
+                for t in range(1, n_piece):        # insertion sort: a strip has a few dozen pieces
+                    val = buf[t]
+                    r = t - 1
+                    while r >= 0 and buf[r] > val:
+                        buf[r + 1] = buf[r]
+                        r -= 1
+                    buf[r + 1] = val
+                total = buf[0]
+                for t in range(1, m):
+                    total += buf[t]
+                score[a, j] = total / math.sqrt(m)
+            else:
+                score[a, j] = -math.inf
+            for d in range(n_det):
+                dQ = dq[j, d] + dq[j + 1, d]
+                dN = dn[j, d] + dn[j + 1, d]
+                dsig = dQ / math.sqrt(dN) if dN > 0 else 0.0
+                n_sig[a, j] += dsig >= min_detector_score
+    return score, n_sig
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fringe frame's continuum removal (calib_core.builds.fringe.remove_continuum)
+# ---------------------------------------------------------------------------------------------------
+
+
+# usable pixel: (mask[i] & bits) == 0 and finite image and variance, written out in each kernel (as
+# an inline="always" helper it cost ~60 ns a pixel)
+
+
+@njit(cache=True, nogil=True)
+def continuum_totals(image, variance, mask, bits, total, count):
+    """Add one input's usable pixels (no ``bits`` in the mask, finite image and variance) to
+    ``total`` (float64) and count them in ``count``, in place; flat arrays."""
+    for i in range(image.size):
+        if (mask[i] & bits) == 0 and math.isfinite(image[i]) and math.isfinite(variance[i]):
+            total[i] += np.float64(image[i])
+            count[i] += 1.0
+
+
+@njit(cache=True, nogil=True)
+def continuum_bins(image, variance, mask, bits, total, count, lab, nb):
+    """Per bin (``lab``: each pixel's bin, of ``nb``), for one input: over its usable pixels the
+    count ``k``, the sums of the image ``sy`` and of the variance ``sv``; over the pixels it and
+    the others have (``both``) the count ``kb``, the sums of the others' mean ``sref`` and of the
+    image ``syb``. In pixel order, as ``np.bincount``'s sums: the same values to the bit.
+
+    A bin's running sums are held in registers while consecutive pixels stay in it (a bin is a
+    run of ``bin_size`` pixels along a row): six sums kept in memory would wait on each other's
+    stores at every pixel."""
+    acc = np.zeros((nb, 6))
+    cur = -1
+    k = sy = sv = kb = sref = syb = 0.0
+    for i in range(image.size):
+        b = lab[i]
+        if b != cur:
+            if cur >= 0:
+                acc[cur, 0] = k
+                acc[cur, 1] = sy
+                acc[cur, 2] = sv
+                acc[cur, 3] = kb
+                acc[cur, 4] = sref
+                acc[cur, 5] = syb
+            cur = b
+            k = acc[b, 0]
+            sy = acc[b, 1]
+            sv = acc[b, 2]
+            kb = acc[b, 3]
+            sref = acc[b, 4]
+            syb = acc[b, 5]
+        if (mask[i] & bits) == 0 and math.isfinite(image[i]) and math.isfinite(variance[i]):
+            y = np.float64(image[i])
+            k += 1.0
+            sy += y
+            sv += np.float64(variance[i])
+            others = count[i] - 1.0
+            if others > 0:
+                kb += 1.0
+                sref += (total[i] - y) / max(others, 1.0)
+                syb += y
+    if cur >= 0:
+        acc[cur, 0] = k
+        acc[cur, 1] = sy
+        acc[cur, 2] = sv
+        acc[cur, 3] = kb
+        acc[cur, 4] = sref
+        acc[cur, 5] = syb
+    return acc[:, 0].copy(), acc[:, 1].copy(), acc[:, 2].copy(), acc[:, 3].copy(), acc[:, 4].copy(), acc[:, 5].copy()
+
+
+@njit(cache=True, nogil=True)
+def continuum_deviations(image, variance, mask, bits, total, count, lab, mref, myb, dref, dy, wv):
+    """For one input, over the pixels it and the others have (else 0): the others' mean less its
+    bin mean ``mref`` into ``dref``, the image less its bin mean ``myb`` into ``dy``, and the
+    variance (float64) into ``wv`` (buffers of the image's size, reused across inputs)."""
+    for i in range(image.size):
+        if ((mask[i] & bits) == 0 and math.isfinite(image[i]) and math.isfinite(variance[i])
+                and count[i] - 1.0 > 0):
+            y = np.float64(image[i])
+            b = lab[i]
+            dref[i] = (total[i] - y) / max(count[i] - 1.0, 1.0) - mref[b]
+            dy[i] = y - myb[b]
+            wv[i] = np.float64(variance[i])
+        else:
+            dref[i] = 0.0
+            dy[i] = 0.0
+            wv[i] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _pairwise_leaf(a, lo, n):
+    """NumPy's pairwise sum of a block of at most 128 values (see :func:`pairwise_sum`)."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    m = n - n % 8
+    while i < m:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@njit(cache=True, nogil=True)
+def pairwise_sum(a, lo, n):
+    """``numpy.sum`` of a[lo:lo + n] (contiguous float64) bit for bit: NumPy's pairwise summation
+    (numpy/_core/src/umath/loops_utils.h.src: 8 accumulators over blocks of up to 128 values; a
+    longer range is the sum of its halves, the first rounded down to a multiple of 8). The halving
+    runs on an explicit stack (a recursive numba function with ``cache=True`` crashed when loaded
+    from the cache)."""
+    if n <= 128:
+        return _pairwise_leaf(a, lo, n)
+    nodes = np.empty((128, 3), np.int64)       # (lo, n, 1 = add the two values on top)
+    vals = np.empty(64)
+    top = 0
+    nv = 0
+    nodes[0, 0], nodes[0, 1], nodes[0, 2] = lo, n, 0
+    top = 1
+    while top > 0:
+        top -= 1
+        l0, m, combine = nodes[top, 0], nodes[top, 1], nodes[top, 2]
+        if combine:
+            nv -= 1
+            vals[nv - 1] = vals[nv - 1] + vals[nv]
+        elif m <= 128:
+            vals[nv] = _pairwise_leaf(a, l0, m)
+            nv += 1
+        else:
+            m2 = m // 2
+            m2 -= m2 % 8
+            nodes[top, 0], nodes[top, 1], nodes[top, 2] = l0, m, 1
+            nodes[top + 1, 0], nodes[top + 1, 1], nodes[top + 1, 2] = l0 + m2, m - m2, 0
+            nodes[top + 2, 0], nodes[top + 2, 1], nodes[top + 2, 2] = l0, m2, 0
+            top += 3
+    return vals[0]
+
+
+@njit(cache=True, nogil=True)
+def refine_scores(u, v, q, sn, cs, offsets, half):
+    """The strip scores of :func:`calib_core.sky.streaks._refine`: for each offset ``r`` and angle (sine
+    ``sn``, cosine ``cs``) the bins within ``half`` of the line, ``|-u sn + v cs - r| <= half``, and
+    ``sum(q) / sqrt(n)`` over them (-inf with none); (n_offsets, n_angles). The sum is NumPy's
+    pairwise sum over every bin, the others contributing ``0 * q``, so the scores are those of the
+    NumPy expression to the bit."""
+    nb = u.size
+    out = np.empty((offsets.size, sn.size))
+    row = np.empty(nb)
+    for j in range(offsets.size):
+        r = offsets[j]
+        for a in range(sn.size):
+            n = 0
+            for b in range(nb):
+                on = abs(-u[b] * sn[a] + v[b] * cs[a] - r) <= half
+                row[b] = q[b] if on else 0.0 * q[b]
+                n += on
+            out[j, a] = pairwise_sum(row, 0, nb) / math.sqrt(n) if n > 0 else -math.inf
+    return out

@@ -19,7 +19,7 @@ import numpy as np
 from calib_core.stats._kernels import _min_range, _select
 from calib_core.stats.clipped import IQR_TO_SIGMA
 
-__all__ = ["box_statistics", "grid_statistics"]
+__all__ = ["box_statistics", "grid_statistics", "meanclip_values"]
 
 #: statistic name -> kernel code
 #: statistic codes of this module's kernels (the stack kernel has its own: _kernels.STACK_CODES)
@@ -189,6 +189,42 @@ def _mean_var_within(x, n, centre, width):
 
 
 @numba.njit(cache=True)
+def _meanclip(x, n, nsigma, niter, tmp):
+    """MEANCLIP of x[:n] (n > 0; ``tmp`` scratch of n): (mean, ddof=1 variance, number used)."""
+    if n > 256:
+        q1, med, q3 = _quartiles_hist(x, n, tmp)
+    else:
+        q1, med, q3 = _quartiles(x, n)
+    iqr_width = nsigma * IQR_TO_SIGMA * (q3 - q1)
+    if niter < 1:
+        return _mean_var_within(x, n, 0.0, math.inf)
+    centre = med
+    width = iqr_width
+    mean = math.nan
+    var = math.nan
+    m = 0
+    for it in range(niter):
+        if it > 0:
+            centre = mean
+            width = nsigma * math.sqrt(max(var, 0.0)) if m > 1 else iqr_width
+        if not (math.isfinite(centre) and math.isfinite(width)):
+            return math.nan, math.nan, 0
+        mean, var, m = _mean_var_within(x, n, centre, width)
+    return mean, var, m
+
+
+@numba.njit(cache=True)
+def meanclip_values(x, nsigma, niter):
+    """MEANCLIP of the finite float64 values ``x`` (1-D; not modified): (mean, ddof=1 variance,
+    number used); NaN, NaN, 0 when x is empty. The semantics of
+    :func:`calib_core.stats.clipped.clipped_mean`, with this module's selection and one-pass sums."""
+    n = x.size
+    if n == 0:
+        return math.nan, math.nan, 0
+    return _meanclip(x, n, nsigma, niter, np.empty(n, np.float64))
+
+
+@numba.njit(cache=True)
 def _stat_one(x, n, code, nsigma, niter, out, k, tmp):
     # out[k] = value, error, npoint, n_used
     out[k, 2] = n
@@ -203,35 +239,17 @@ def _stat_one(x, n, code, nsigma, niter, out, k, tmp):
         out[k, 1] = math.sqrt(var / m) if m > 0 else math.nan
         out[k, 3] = m
         return
-    if n > 256:
-        q1, med, q3 = _quartiles_hist(x, n, tmp)
-    else:
-        q1, med, q3 = _quartiles(x, n)
     if code == 2:  # MEDIAN
+        if n > 256:
+            _, med, _ = _quartiles_hist(x, n, tmp)
+        else:
+            _, med, _ = _quartiles(x, n)
         _, var, m = _mean_var_within(x, n, 0.0, math.inf)
         out[k, 0] = med
         out[k, 1] = math.sqrt(math.pi / 2.0 * var / m)
         out[k, 3] = m
         return
-    iqr_width = nsigma * IQR_TO_SIGMA * (q3 - q1)
-    if niter < 1:
-        mean, var, m = _mean_var_within(x, n, 0.0, math.inf)
-    else:
-        centre = med
-        width = iqr_width
-        mean = math.nan
-        var = math.nan
-        m = 0
-        for it in range(niter):
-            if it > 0:
-                centre = mean
-                width = nsigma * math.sqrt(max(var, 0.0)) if m > 1 else iqr_width
-            if not (math.isfinite(centre) and math.isfinite(width)):
-                mean = math.nan
-                var = math.nan
-                m = 0
-                break
-            mean, var, m = _mean_var_within(x, n, centre, width)
+    mean, var, m = _meanclip(x, n, nsigma, niter, tmp)
     out[k, 0] = mean
     out[k, 1] = math.sqrt(var / m) if m > 0 else math.nan
     out[k, 3] = m
