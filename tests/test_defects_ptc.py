@@ -133,7 +133,7 @@ def _flat_pair(rng, level_e, gain, rn_e, response):
 def _pair_stats_numpy(im1, im2, amps, config):
     """pair_stats' (mu1, mu2, var, n_used) per amp as computed before its numba MEANCLIP (commit
     256320a): calib_core.stats.clipped.clipped_mean, the NumPy reference, on the good pixels."""
-    from calib_core.stats import clipped_mean
+    from calib_core.stats.clipped import clipped_mean
 
     ignore = np.int32(MASK_PLANES.bits(config.mask_planes))
     out = []

@@ -194,3 +194,30 @@ def test_a_stale_reference_is_found(bad):
     text = f"see {bad} for details"
     hits = [m.group(0) for m in PATH_RE.finditer(text)] + ["calib_core" + m.group(1) for m in DOTTED_RE.finditer(text)]
     assert hits and not all((ROOT / h).exists() if h.endswith(".py") else _resolves(h) for h in hits)
+
+
+def _guarded(tree: ast.AST) -> set[int]:
+    """Ids of import nodes in the handler of an ``except ImportError`` (fallbacks for other trees)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                for h in node.handlers):
+            out |= {id(n) for h in node.handlers for stmt in h.body for n in ast.walk(stmt)}
+    return out
+
+
+def test_every_name_imported_from_calib_core_exists():
+    """Imports inside functions run only when the function does: a moved name must fail here, not
+    in the one code path that imports it lazily."""
+    bad = []
+    for path in _modules(*SHIPPED, "tests", "bench"):
+        tree = ast.parse(path.read_text(), str(path))
+        skip = _guarded(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("calib_core")
+                    and id(node) not in skip):
+                for alias in node.names:
+                    if alias.name != "*" and not _resolves(f"{node.module}.{alias.name}"):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {alias.name}")
+    assert bad == [], "\n".join(bad)

@@ -121,7 +121,7 @@ def test_surface_on_detector_is_the_design_matrix_evaluation(orientation):
     """The separable evaluation of a surface on a detector's pixels (or given columns and rows)
     gives the (pixels x terms) design-matrix evaluation it replaced, kept here as the reference, to
     float32 rounding, for every quarter-turn orientation; an order-3 surface."""
-    from calib_core.sky import SkySurface, _terms
+    from calib_core.sky.frames import SkySurface, _terms
 
     rng = np.random.default_rng(orientation)
     det = CAM.detectors[4].model_copy(update={"orientation": orientation, "x_mm": 3.0, "y_mm": -2.0})
