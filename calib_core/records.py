@@ -24,7 +24,7 @@ No Prefect and no database here: plain pydantic.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -128,8 +128,7 @@ class SkyResidual(_Record):
 class CalibProduct(_Record):
     """One registered calib product, as the registry holds it (the ``calib`` table,
     docs/architecture.md#tables). Dates and times are ISO 8601 strings, times in UTC, as the CLI
-    prints them. ``status`` is one of ``candidate``, ``certified``, ``decertified``
-    (docs/architecture.md#verification-and-certification)."""
+    prints them. Its ``status`` is explained in docs/architecture.md#verification-and-certification."""
 
     calib_id: str = Field(description="the product's id: type, camera, filter, calib date, detector and the "
                                       "first 8 characters of its digest")
@@ -143,7 +142,9 @@ class CalibProduct(_Record):
     path: str = Field(description="the product's FITS file in the datastore")
     n_inputs: int = Field(description="input exposures stacked into it (those left out are not counted)")
     checksum: str = Field(description="sha256 of the product file's bytes")
-    status: str = Field(description="candidate (registered, not used by lookup), certified, or decertified")
+    status: Literal["candidate", "certified", "decertified"] = Field(
+        description="candidate (registered, not used by lookup), certified (lookup may choose it), or "
+                    "decertified (withdrawn by a person)")
     config_hash: str = Field(description="sha256 of the effective config's canonical JSON it was built with")
     software_version: str = Field(description="calibflow's version that built it")
     stats: dict[str, Any] = Field(description="the build's statistics of the product (level, noise, n_used, "

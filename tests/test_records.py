@@ -106,6 +106,11 @@ def test_a_resume_json_written_before_the_records_still_reads():
     assert (rec.level, rec.npoint, rec.reused, rec.error, rec.screened) == (10523.25, 3900, False, None, None)
 
 
+def test_a_product_status_outside_the_registrys_is_refused():
+    with pytest.raises(ValidationError, match="candidate"):
+        _product(status="certifed")
+
+
 def test_a_products_json_keeps_the_registrys_keys_and_its_nan():
     # `calibflow calibs --json` and `lookup --json` print model_dump(mode="json"): users script
     # against these keys, which are the registry row's of before the records, in the same order

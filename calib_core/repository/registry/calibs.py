@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,8 +44,9 @@ __all__ = ["ValidityRule", "CalibInput", "calib_digest", "record_calib", "find_c
            "certify", "decertify", "settle_candidates", "lookup", "explain_lookup", "overlapping",
            "calib_metrics", "make_calib_id", "FILTERLESS_TYPES", "STATUSES"]
 
-#: a product's states: registered and not used by lookup / in use / withdrawn by a person
-STATUSES = ("candidate", "certified", "decertified")
+#: a product's states: registered and not used by lookup / in use / withdrawn by a person (the
+#: record's field states them)
+STATUSES: tuple[str, ...] = typing.get_args(CalibProduct.model_fields["status"].annotation)
 
 FILTERLESS_TYPES = ("bias", "dark", "defects", "ptc")   # the calib types with CalibType.filtered False
 
