@@ -94,11 +94,11 @@ def products(repo: Path) -> dict[str, str]:
     out = {}
     for p in list_calibs(reg):
         h = hashlib.sha256()
-        with fits.open(p["path"]) as hdul:
+        with fits.open(p.path) as hdul:
             for hdu in hdul:
                 if hdu.data is not None:
                     h.update(hdu.data.tobytes())
-        out[p["calib_id"]] = h.hexdigest()
+        out[p.calib_id] = h.hexdigest()
     return out
 
 

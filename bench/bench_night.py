@@ -306,7 +306,8 @@ def run_leg(args) -> None:
         shutil.rmtree(store.root / "work", ignore_errors=True)     # the next builds read only products
     night_s, night_cpu = time.perf_counter() - t0, time.process_time() - c0
     load1 = os.getloadavg()
-    calibs = list_calibs(reg)
+    # records (CalibProduct) on this tree; dicts on a baseline tree from before the records
+    calibs = [c if isinstance(c, dict) else c.model_dump() for c in list_calibs(reg)]
     status = {}
     for c in calibs:
         key = f"{c['type']} {c['filter']}" if c["filter"] not in ("NONE", "", None) else c["type"]

@@ -50,7 +50,7 @@ def _night(workdir: Path, policy_types: list[str] | None):
 def _products(reg, calib_type: str) -> dict[int, dict]:
     from calib_core.repository import list_calibs
 
-    return {c["detector"]: c for c in list_calibs(reg, calib_type=calib_type)}
+    return {c.detector: c for c in list_calibs(reg, calib_type=calib_type)}
 
 
 def _step(vals: list[float], errs: list[float]) -> float:
@@ -67,7 +67,7 @@ def _flat_steps(sim, reg) -> list[float]:
 
     out = []
     for det, row in sorted(_products(reg, "flat").items()):
-        flat = read_product(row["path"])[0]
+        flat = read_product(row.path)[0]
         with np.errstate(divide="ignore", invalid="ignore"):      # dead pixels: truth 0, masked below
             ratio = flat.image / sim.truth_flat("r", det)
         ok = (flat.mask == 0) & (sim.truth_defects(det) == 0)
@@ -85,7 +85,7 @@ def _sky_steps(sim, reg) -> list[float]:
 
     out = []
     for det, row in sorted(_products(reg, "sky").items()):
-        frame = BackgroundModel.from_fits(row["path"])
+        frame = BackgroundModel.from_fits(row.path)
         p = sim.truth_sky("r", det)
         xe, ye = frame.x_edges, frame.y_edges
         k = int(np.searchsorted(xe, 128))
@@ -112,7 +112,7 @@ def _defects(sim, reg) -> tuple[int, int, int, int]:
 
     found = injected = false = good = 0
     for det, row in sorted(_products(reg, "defects").items()):
-        mask = (read_product(row["path"])[0].mask & MASK_PLANES.bit("BAD")) != 0
+        mask = (read_product(row.path)[0].mask & MASK_PLANES.bit("BAD")) != 0
         truth = sim.truth_defects(det) != 0
         found += int((mask & truth).sum())
         injected += int(truth.sum())
@@ -128,7 +128,7 @@ def _gains(sim, reg) -> list[tuple]:
     for det, row in sorted(_products(reg, "ptc").items()):
         name = sim.camera.detector(det).name
         nominal = sim.static_truth["detectors"][name]["nominal_gains"]
-        for amp, m in read_ptc(row["path"]).items():
+        for amp, m in read_ptc(row.path).items():
             g = sim.true_gains(det)[amp]
             out.append((det, amp, g, nominal[amp], m["gain"], m["gain_err"]))
     return out

@@ -315,7 +315,7 @@ def products(run: NightRun, calib_type: str, filt: str | None = None) -> dict[in
     from calib_core.repository import list_calibs
 
     rows = list_calibs(_registry(run), calib_type=calib_type, camera=run.camera, filter=filt)
-    return {r["detector"]: r for r in rows}
+    return {r.detector: r for r in rows}
 
 
 def used_and_rejected(run: NightRun, calib_id: str) -> tuple[list[str], dict[str, str]]:
@@ -335,7 +335,7 @@ def sky_frame_accuracy(run: NightRun, filt: str) -> dict:
     """The sky frame of ``filt`` against the injected pattern, in units of its noise floor."""
     sim, cam = run.sim, load_camera(run.sim.truth_dir / "camera.yaml")
     prods = products(run, "sky", filt)
-    used, rejected = used_and_rejected(run, next(iter(prods.values()))["calib_id"])
+    used, rejected = used_and_rejected(run, next(iter(prods.values())).calib_id)
     n = len(used)
     rbar = sim.flat_reference(filt)
     flats = [e.exposure_id for e in sim.select("flat", filt)]
@@ -344,7 +344,7 @@ def sky_frame_accuracy(run: NightRun, filt: str) -> dict:
     per_exp_v = {e: [] for e in used}
     for d, row in sorted(prods.items()):
         det = cam.detector(d)
-        frame = BackgroundModel.from_fits(row["path"])
+        frame = BackgroundModel.from_fits(row.path)
         xe, ye = frame.x_edges, frame.y_edges
         P = sim.truth_sky(filt, det.name).astype(np.float64)
         Q = sim.truth_flat(filt, det.name) * _amp_map(cam, det, "gain") * rbar
@@ -377,7 +377,7 @@ def sky_frame_accuracy(run: NightRun, filt: str) -> dict:
            "used": used, "rejected": rejected, "eta_pix": eta_pix, "c_n": c_n}
     fringe = products(run, "fringe", filt)
     if fringe:          # see the module docstring: the separation of fringes from the pattern
-        inputs = used_and_rejected(run, next(iter(fringe.values()))["calib_id"])[0]
+        inputs = used_and_rejected(run, next(iter(fringe.values())).calib_id)[0]
         phi = np.array([sim.exposure_truth(e)["fringe_scale"] for e in inputs])
         out["separation_factor"] = float(np.sqrt(1 + phi.mean() ** 2 / phi.var()))
         out["ratio_vs_separation"] = ratio / out["separation_factor"]
@@ -467,7 +467,7 @@ def master_accuracy(run: NightRun) -> dict:
     acc = {"bias": [], "dark": []}
     for d, row in products(run, "bias").items():
         det = cam.detector(d)
-        img = read_product(row["path"])[0].image.astype(np.float64)
+        img = read_product(row.path)[0].image.astype(np.float64)
         g, rn = _amp_map(cam, det, "gain"), _amp_map(cam, det, "read_noise")
         rn_adu = rn / g
         nos = _overscan_columns(det)
@@ -475,7 +475,7 @@ def master_accuracy(run: NightRun) -> dict:
         acc["bias"].append(((img - sim.truth_bias(det.name)) / floor).ravel())
     for d, row in products(run, "dark").items():
         det = cam.detector(d)
-        mi = read_product(row["path"])[0]
+        mi = read_product(row.path)[0]
         g, rn = _amp_map(cam, det, "gain"), _amp_map(cam, det, "read_noise")
         rn_adu = rn / g
         t = sim.select("dark")[0].darktime
@@ -500,7 +500,7 @@ def master_accuracy(run: NightRun) -> dict:
         imgs, truths, floors = [], [], []
         for d, row in prods.items():
             det = cam.detector(d)
-            mi = read_product(row["path"])[0]
+            mi = read_product(row.path)[0]
             R = sim.truth_flat(f, det.name).astype(np.float64)
             Q = R * _amp_map(cam, det, "gain") * rbar
             good = (mi.mask == 0) & (R > 0.5)
@@ -647,8 +647,8 @@ def fringe_frame_accuracy(run: NightRun, filt: str = "z") -> dict:
     dets, used_all, rejected_all, n_from = [], set(), {}, "intermediates"
     for d, row in sorted(prods.items()):
         det = cam.detector(d)
-        mi, header = read_product(row["path"])
-        used, rejected = used_and_rejected(run, row["calib_id"])
+        mi, header = read_product(row.path)
+        used, rejected = used_and_rejected(run, row.calib_id)
         used_all |= set(used)
         rejected_all.update(rejected)
         g, rn = _amp_map(cam, det, "gain"), _amp_map(cam, det, "read_noise")

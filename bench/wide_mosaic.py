@@ -200,7 +200,7 @@ def run_leg(name: str, runner_args: list[str], sim_raw: Path, work: Path, env: d
 
     reg = Registry.open(f"sqlite:///{repo / 'registry.sqlite3'}")
     # pixels, not file checksums: a product's header records when it was made
-    products = {p["calib_id"]: _pixel_digest(p["path"]) for p in list_calibs(reg)}
+    products = {p.calib_id: _pixel_digest(p.path) for p in list_calibs(reg)}
     reg.engine.dispose()
     out = {"name": name, "wall": wall, "load": (load0, load1), "peak_rss": sampler.peak_rss,
            "peak_repo": sampler.peak["repo"], "peak_work": sampler.peak["work"],

@@ -9,7 +9,11 @@ models name every field once, with its type and meaning:
 * :class:`ProcessedInput`: one (exposure, detector) after a build's process step (the tasks make it;
   the build flow, its barriers and the combine task read it);
 * :class:`SkyResidual`: one (exposure, detector) of a sky build after the focal-plane barrier (the
-  flow makes it; the combine task and the sky verification read it).
+  flow makes it; the combine task and the sky verification read it);
+* :class:`CalibProduct`: one registered calib product (the registry makes it: ``list_calibs``,
+  ``lookup``, ``certify``, ...; ISR, the build flow, the night report, science reduction and the
+  CLI read it), and :class:`BuiltProduct`, the same as a build returns it, with whether this build
+  registered it (``created``).
 
 Records are frozen (a changed record is a new one: ``record.model_copy(update={...})``) and refuse
 unknown fields. Their JSON form (``record.model_dump(mode="json")``) is what the resume files, the
@@ -20,11 +24,11 @@ No Prefect and no database here: plain pydantic.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Exposure", "ProcessedInput", "SkyResidual", "AmpBox"]
+__all__ = ["Exposure", "ProcessedInput", "SkyResidual", "CalibProduct", "BuiltProduct", "AmpBox"]
 
 #: an amplifier's box in the assembled detector: (name, y0, y1, x0, x1), end-exclusive
 AmpBox = tuple[str, int, int, int, int]
@@ -119,3 +123,50 @@ class SkyResidual(_Record):
                                    "file), which the combine task writes and registers")
     warning: str | None = Field(None, description="the barrier's warning for this build (e.g. few exposures "
                                                   "left), None when all went as configured")
+
+
+class CalibProduct(_Record):
+    """One registered calib product, as the registry holds it (the ``calib`` table,
+    docs/architecture.md#tables). Dates and times are ISO 8601 strings, times in UTC, as the CLI
+    prints them. Its ``status`` is explained in docs/architecture.md#verification-and-certification."""
+
+    calib_id: str = Field(description="the product's id: type, camera, filter, calib date, detector and the "
+                                      "first 8 characters of its digest")
+    type: str = Field(description="the calib type: bias, dark, defects, ptc, flat, fringe, sky")
+    camera: str = Field(description="the camera's name in the registry")
+    filter: str = Field(description="the filter it applies to (``NONE`` for the filterless types)")
+    detector: int = Field(description="the detector's number")
+    calib_date: str = Field(description="the calib date YYYY-MM-DD (the night it was built for)")
+    valid_begin: str | None = Field(description="start of its validity, ISO 8601 UTC; None: not valid anywhere")
+    valid_end: str | None = Field(description="end of its validity (exclusive), ISO 8601 UTC; None: open-ended")
+    path: str = Field(description="the product's FITS file in the datastore")
+    n_inputs: int = Field(description="input exposures stacked into it (those left out are not counted)")
+    checksum: str = Field(description="sha256 of the product file's bytes")
+    status: Literal["candidate", "certified", "decertified"] = Field(
+        description="candidate (registered, not used by lookup), certified (lookup may choose it), or "
+                    "decertified (withdrawn by a person)")
+    config_hash: str = Field(description="sha256 of the effective config's canonical JSON it was built with")
+    software_version: str = Field(description="calibflow's version that built it")
+    stats: dict[str, Any] = Field(description="the build's statistics of the product (level, noise, n_used, "
+                                              "n_rejected, isr_calibs, readout, ...; the type adds its own)")
+    camera_checksum: str | None = Field(description="sha256 of the camera definition it was built with; None for "
+                                                    "products registered before it was recorded")
+    verification: dict[str, Any] | None = Field(description="the verification gate's result (passed, checks, "
+                                                            "failed, metrics); None: not verified")
+    status_note: str = Field(description="why the status is what it is (a person's note, a forced "
+                                         "certification, a withdrawal's reason); empty when none")
+    created_at: str = Field(description="when it was registered, ISO 8601 UTC")
+    status_changed_at: str | None = Field(description="when it was last certified or decertified, ISO 8601 UTC; "
+                                                      "None while a candidate never certified")
+
+
+class BuiltProduct(CalibProduct):
+    """A product as a build returns it: the registry's record and whether this build registered it
+    (False: an identical earlier or concurrent build had, and this one found it)."""
+
+    created: bool = Field(description="this build registered the product (False: it was found already built)")
+
+    @classmethod
+    def of(cls, product: CalibProduct, created: bool) -> BuiltProduct:
+        """``product`` as the build that registered it (``created``) or found it returns it."""
+        return cls(**dict(product), created=created)

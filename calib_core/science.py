@@ -16,7 +16,7 @@ from calib_core.errors import InputError
 from calib_core.io.products import write_product
 from calib_core.io.raw import read_raw
 from calib_core.isr.process import IsrConfig
-from calib_core.records import Exposure
+from calib_core.records import CalibProduct, Exposure
 from calib_core.repository import Registry, lookup
 from calib_core.sky.frames import SkyBuildConfig, apply_sky_frame
 from calib_core.stats.background import BackgroundModel
@@ -43,7 +43,7 @@ def readout_keys(camera: Camera) -> tuple[str, ...]:
 
 
 def find_isr_calibs(registry: Registry, camera: str, exposure_id: str, detector: int, isr: IsrConfig,
-                    types=tuple(ISR_STEP), purpose: str = "ISR", readout: tuple[str, ...] = ()) -> dict[str, dict]:
+                    types=tuple(ISR_STEP), purpose: str = "ISR", readout: tuple[str, ...] = ()) -> dict[str, CalibProduct]:
     """The certified calib of each type ISR switches on, for one (exposure, detector).
 
     Raises
@@ -112,8 +112,8 @@ def apply_sky(registry: Registry, camera: Camera, exposure: Exposure, out_dir: P
         calibs = find_isr_calibs(registry, camera.name, eid, det_id, cfg.isr, purpose="apply-sky",
                                  readout=readout_keys(camera))
         images[det_id] = isr_with_calibs(rd, cfg.isr, calibs, exposure.darktime, path=exposure.path)
-        frames[det_id] = read_sky_frame(sky[0]["path"])
-        ids[det_id] = sky[0]["calib_id"]
+        frames[det_id] = read_sky_frame(sky[0].path)
+        ids[det_id] = sky[0].calib_id
     # the exposure's large-scale surface and the sky-frame scale, fitted together; both subtracted
     surface, sol = apply_sky_frame(camera, images, frames, cfg)
     sky_level = surface.level

@@ -11,7 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.markup import escape
@@ -27,6 +27,9 @@ from .common import load_camera_or_fail as _load_camera
 from .common import open_repo as _open_repo
 from .common import prefect_env as _prefect_env
 from .common import print_json, quiet_prefect, refuse_inside_checkout
+
+if TYPE_CHECKING:
+    from calib_core.records import CalibProduct
 
 app = typer.Typer(help="Calibration frames (bias, dark, flat, fringe, sky) for mosaic CCD cameras.",
                   no_args_is_help=True, add_completion=False, cls=HelpGroup)
@@ -235,20 +238,20 @@ def calibs(as_json: bool = typer.Option(False, "--json", help="print JSON (null 
     check_detectors([cam] if cam else [registry.stored_camera(n) for n in registry.camera_names()], detector)
     every = list_calibs(registry, calib_type=calib_type, camera=camera, detector=detector)
     overlaps = overlapping(every)
-    rows = [dict(r, overlaps=overlaps.get(r["calib_id"], []), verified=summarise_checks(r.get("verification")))
-            for r in every if status is None or r["status"] == status]
+    shown = [r for r in every if status is None or r.status == status]
     if as_json:
-        print_json(rows)
+        print_json([{**r.model_dump(mode="json"), "overlaps": overlaps.get(r.calib_id, []),
+                     "verified": summarise_checks(r.verification)} for r in shown])
         return
-    table = Table(title=f"{len(rows)} calibs")
+    table = Table(title=f"{len(shown)} calibs")
     for col in ("calib_id", "type", "filter", "det", "calib_date", "valid_begin", "valid_end", "n_inputs", "status",
                 "verification", "overlaps"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(r["calib_id"], r["type"], r["filter"], str(r["detector"]), r["calib_date"],
-                      (r["valid_begin"] or "")[:16], (r["valid_end"] or "open")[:16], str(r["n_inputs"]),
-                      r["status"] + (f" ({r['status_note']})" if r.get("status_note") else ""),
-                      _esc(r["verified"]), ", ".join(r["overlaps"]) or "-")
+    for r in shown:
+        table.add_row(r.calib_id, r.type, r.filter, str(r.detector), r.calib_date,
+                      (r.valid_begin or "")[:16], (r.valid_end or "open")[:16], str(r.n_inputs),
+                      r.status + (f" ({r.status_note})" if r.status_note else ""),
+                      _esc(summarise_checks(r.verification)), ", ".join(overlaps.get(r.calib_id, [])) or "-")
     console.print(table)
 
 
@@ -272,17 +275,17 @@ def certify(calib_id: str = typer.Argument(..., help="a calib_id from `calibflow
                          _parse_when(end, "--end") if end else None, force=force, note=note)
     except RegistryError as exc:
         _fail(str(exc))
-    console.print(f"{row['calib_id']} certified, valid {row['valid_begin']} .. {row['valid_end'] or 'open'}"
-                  + (f" ({_esc(row['status_note'])})" if row.get("status_note") else ""), highlight=False,
+    console.print(f"{row.calib_id} certified, valid {row.valid_begin} .. {row.valid_end or 'open'}"
+                  + (f" ({_esc(row.status_note)})" if row.status_note else ""), highlight=False,
                   soft_wrap=True)
     _rewrite_reports(store, registry, row)
 
 
-def _rewrite_reports(store, registry, row: dict) -> None:
+def _rewrite_reports(store, registry, row: CalibProduct) -> None:
     """The night reports listing a product a person just certified or withdrew, rewritten to show it."""
     from calib_core.quality.report import rewrite_reports_of
 
-    for page in rewrite_reports_of(registry, store.root, registry.stored_camera(row["camera"]), row["calib_id"]):
+    for page in rewrite_reports_of(registry, store.root, registry.stored_camera(row.camera), row.calib_id):
         console.print(f"night report updated: {page}", highlight=False, soft_wrap=True)
 
 
@@ -301,7 +304,7 @@ def decertify(calib_id: str = typer.Argument(..., help="a calib_id from `calibfl
         row = do_decertify(registry, calib_id, reason.strip())
     except RegistryError as exc:
         _fail(str(exc))
-    console.print(f"{row['calib_id']} decertified: {_esc(row['status_note'])}", highlight=False, soft_wrap=True)
+    console.print(f"{row.calib_id} decertified: {_esc(row.status_note)}", highlight=False, soft_wrap=True)
     _rewrite_reports(store, registry, row)
 
 
@@ -397,7 +400,7 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
                                detector=detector, readout_keys=readout_keys(cam))
     except RegistryError as exc:
         _fail(str(exc))
-    rows = [r["_row"] for r in every if r["chosen"]]
+    rows = [r["_row"] for r in every if r["chosen"]]      # the products chosen (CalibProduct)
     if explain:
         listing = [{k: v for k, v in r.items() if not k.startswith("_")} for r in every]
         if as_json:
@@ -411,10 +414,10 @@ def lookup(exposure: str = typer.Option(..., "--exposure", help="exposure id"),
                 console.print(_esc(f"detector {r['detector']}: {mark} {r['calib_id']} [{r['status']}]: "
                                    + "; ".join(r["reasons"])), highlight=False)
     elif as_json:
-        print_json(rows)
+        print_json([r.model_dump(mode="json") for r in rows])
     else:
         for r in rows:
-            console.print(f"detector {r['detector']}: {r['calib_id']}  {r['path']}")
+            console.print(f"detector {r.detector}: {r.calib_id}  {r.path}")
     if not rows:
         err.print(f"no certified {calib_type} applies to exposure {exposure}")
         raise typer.Exit(1)
@@ -621,13 +624,13 @@ def _print_build(result: dict) -> None:
     for col in ("detector", "calib_id", "level", "noise", "inputs", "status"):
         table.add_column(col)
     for p in result["products"]:
-        table.add_row(str(p["detector"]), p["calib_id"], num(p["stats"].get("level"), ".4g"),
-                      num(p["stats"].get("noise"), ".3g"), str(p["n_inputs"]), p.get("status", "-"))
+        table.add_row(str(p.detector), p.calib_id, num(p.stats.get("level"), ".4g"),
+                      num(p.stats.get("noise"), ".3g"), str(p.n_inputs), p.status)
     console.print(table)
     for p in result["products"]:
-        failed = (p.get("verification") or {}).get("failed")
-        if p.get("status") != "certified" and failed:
-            console.print(f"held back {p['calib_id']}: {'; '.join(failed)}", highlight=False)
+        failed = (p.verification or {}).get("failed")
+        if p.status != "certified" and failed:
+            console.print(f"held back {p.calib_id}: {'; '.join(failed)}", highlight=False)
     if result.get("dropped"):
         for e, why in result["dropped"].items():
             console.print(f"excluded {e}: {why}", highlight=False)

@@ -38,7 +38,7 @@ from calib_core.io.atomic import sweep_stale
 from calib_core.io.products import write_hdulist
 from calib_core.quality.mosaic import write_product_mosaic
 from calib_core.quality.verify import VerifyConfig
-from calib_core.records import ProcessedInput, SkyResidual
+from calib_core.records import BuiltProduct, ProcessedInput, SkyResidual
 from calib_core.repository import (Datastore, Registry, ValidityRule, check_identifier, finish_build_run, resolve_url,
                                    retry_transient, start_build_run)
 from calib_core.sky.frames import solve_sky_frames
@@ -239,7 +239,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
                                                                      "filter": filter, "detectors": detectors})
         finish_build_run(registry, run_id, "completed", f"0 new products: all {len(done)} already built by an "
                          "identical earlier build")
-        products = _settle(registry, ctx, [{**done[d], "created": False} for d in plan.detectors], log)
+        products = _settle(registry, ctx, [BuiltProduct.of(done[d], created=False) for d in plan.detectors], log)
         # a build killed after registering its products left its intermediates: no resume needs them
         _retire_intermediates(registry, ctx, plan, store, log, run_id)
         png = _mosaic_path(ctx, store)
@@ -267,7 +267,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
     except BaseException as exc:
         finish_build_run(registry, run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
-    created = sum(p["created"] for p in products)
+    created = sum(p.created for p in products)
     products = _settle(registry, ctx, products, log, residuals)
     summary = _report(ctx, cam, products, store, log, artifacts)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
@@ -344,7 +344,7 @@ def detector_batches(detectors: list[int], n_exposures: int, parallelism: int,
 
 
 def _run_stages(ctx: BuildContext, plan, cfg, tr, log, per_task: int | None = None
-                ) -> tuple[list[dict], dict[str, str], list[ProcessedInput], dict]:
+                ) -> tuple[list[BuiltProduct], dict[str, str], list[ProcessedInput], dict]:
     """process -> scale -> combine; returns the products, every exposure left out (with why), the
     per-(exposure, detector) results and the sky build's binned residuals of the exposures used
     (``{exposure: {detector: path}}``; empty for the other types), which its verification scores
@@ -447,7 +447,8 @@ def _sky_second_pass(ctx, plan, cfg, tr, log, per_det: dict[int, list[ProcessedI
     return out
 
 
-def _settle(registry, ctx: BuildContext, products: list[dict], log, residuals: dict | None = None) -> list[dict]:
+def _settle(registry, ctx: BuildContext, products: list[BuiltProduct], log, residuals: dict | None = None
+            ) -> list[BuiltProduct]:
     """The verification gate's decision (docs/architecture.md#verification-and-certification): the
     checks across detectors (a flat's detector-to-detector scatter; a sky frame's held-out structure,
     scored on ``residuals``, when this run built it) join each product's own, and the candidates that
@@ -460,38 +461,38 @@ def _settle(registry, ctx: BuildContext, products: list[dict], log, residuals: d
     if ctx.calib_type == "flat":
         means = {}
         for p in products:
-            metrics = (p.get("verification") or {}).get("metrics") or {}
+            metrics = (p.verification or {}).get("metrics") or {}
             if metrics.get("*", {}).get("mean") is not None:
-                means[p["calib_id"]] = metrics["*"]["mean"]
+                means[p.calib_id] = metrics["*"]["mean"]
         extra = {cid: [c.to_dict()] for cid, c in detector_scatter_checks(means, cfg).items()}
     elif ctx.calib_type == "sky" and residuals and cfg.enabled:
         extra, extra_metrics = _sky_structure(ctx, products, residuals, cfg, log)
-    rows = retry_transient(settle_candidates, registry, [p["calib_id"] for p in products], extra, extra_metrics,
+    rows = retry_transient(settle_candidates, registry, [p.calib_id for p in products], extra, extra_metrics,
                            what="certify the products")
-    by_id = {r["calib_id"]: r for r in rows}
-    out = [{**p, **by_id[p["calib_id"]]} for p in products]
-    held = [p for p in out if p["status"] != "certified"]
+    by_id = {r.calib_id: r for r in rows}
+    out = [BuiltProduct.of(by_id[p.calib_id], p.created) for p in products]     # as registered now
+    held = [p for p in out if p.status != "certified"]
     if held:
         log.warning("%s: %d of %d products held back (not certified): %s", _build_label(ctx), len(held), len(out),
-                    "; ".join(f"detector {p['detector']}: {p['status']}"
-                              + (f" ({'; '.join((p.get('verification') or {}).get('failed') or [])})"
-                                 if (p.get("verification") or {}).get("failed") else "") for p in held))
+                    "; ".join(f"detector {p.detector}: {p.status}"
+                              + (f" ({'; '.join((p.verification or {}).get('failed') or [])})"
+                                 if (p.verification or {}).get("failed") else "") for p in held))
     return out
 
 
-def _sky_structure(ctx: BuildContext, products: list[dict], residuals: dict, cfg: VerifyConfig, log
+def _sky_structure(ctx: BuildContext, products: list[BuiltProduct], residuals: dict, cfg: VerifyConfig, log
                    ) -> tuple[dict, dict]:
     """The sky frame's held-out checks (:func:`calib_core.quality.verify.sky_structure_checks`) on the
     frames as registered and the build's binned residuals: (checks, metrics) by calib id."""
     from calib_core.quality import verify
-    frames = {p["detector"]: BackgroundModel.from_fits(p["path"]) for p in products}
+    frames = {p.detector: BackgroundModel.from_fits(p.path) for p in products}
     models = {e: {d: BackgroundModel.from_fits(path) for d, path in by_det.items()} for e, by_det in residuals.items()}
     result = verify.sky_structure_checks(build_camera(ctx), models, frames, cfg, ctx.cfg())
     checks, metrics = {}, {}
     for p in products:
-        found, values = result[p["detector"]]
-        checks[p["calib_id"]] = [c.to_dict() for c in found]
-        metrics[p["calib_id"]] = {"*": values}
+        found, values = result[p.detector]
+        checks[p.calib_id] = [c.to_dict() for c in found]
+        metrics[p.calib_id] = {"*": values}
     ratios = {d: round(v[1]["structure_ratio"], 1) for d, v in sorted(result.items())}
     log.info("sky %s: held-out structure without / with the frame, per detector %s (limit %g)", ctx.filter,
              ratios, cfg.sky_min_improvement)
@@ -537,15 +538,15 @@ def _fmt(value, digits: int):
     return None if value is None or not math.isfinite(float(value)) else round(float(value), digits)
 
 
-def _report(ctx: BuildContext, camera: Camera, products: list[dict], store: Datastore, log,
+def _report(ctx: BuildContext, camera: Camera, products: list[BuiltProduct], store: Datastore, log,
             artifacts: bool = True) -> str:
     """Camera mosaic (FITS + PNG) and Prefect artifacts: a table per detector and the picture."""
     # (with header-defined geometry and every raw reused, the products give the detector sizes)
     png = _mosaic_path(ctx, store)
-    write_product_mosaic(camera, ctx.calib_type, {p["detector"]: p["path"] for p in products},
+    write_product_mosaic(camera, ctx.calib_type, {p.detector: p.path for p in products},
                          fits_path=png.with_suffix(".fits"), png_path=png, filter=ctx.filter,
-                         calib_date=ctx.calib_date, calib_ids={p["detector"]: p["calib_id"] for p in products},
-                         n_inputs={p["detector"]: p["stats"].get("n_used") for p in products})
+                         calib_date=ctx.calib_date, calib_ids={p.detector: p.calib_id for p in products},
+                         n_inputs={p.detector: p.stats.get("n_used") for p in products})
     if not artifacts:
         return str(png)
     _table_artifact(ctx, products, log)
@@ -577,7 +578,7 @@ def png_data_uri(png) -> str | None:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def mosaic_markdown(ctx: BuildContext, png, products: list[dict]) -> str:
+def mosaic_markdown(ctx: BuildContext, png, products: list[BuiltProduct]) -> str:
     """The mosaic artifact: the picture inline, what was certified or held back, and where the
     files and the night report are."""
     from calib_core.quality.verify import summarise_checks
@@ -585,12 +586,12 @@ def mosaic_markdown(ctx: BuildContext, png, products: list[dict]) -> str:
     uri = png_data_uri(png)
     lines = [f"## {_build_label(ctx)} {ctx.calib_date} ({ctx.camera})", ""]
     lines.append(f"![mosaic of {_build_label(ctx)}]({uri})" if uri else f"(mosaic too large to show inline: `{png}`)")
-    certified = sum(p.get("status") == "certified" for p in products)
+    certified = sum(p.status == "certified" for p in products)
     lines += ["", f"**{certified} of {len(products)} products certified.**"]
     for p in products:
-        if p.get("status") != "certified":
-            lines.append(f"- held back: detector {p['detector']} `{p['calib_id']}` ({p.get('status')}): "
-                         f"{summarise_checks(p.get('verification'))}")
+        if p.status != "certified":
+            lines.append(f"- held back: detector {p.detector} `{p.calib_id}` ({p.status}): "
+                         f"{summarise_checks(p.verification)}")
     lines += ["", f"Mosaic FITS and PNG: `{png.with_suffix('.fits')}`, `{png}`",
               f"Night reports: `{Path(ctx.repo) / 'reports'}` (`calibflow report --night NIGHT`)"]
     return "\n".join(lines)
@@ -610,21 +611,21 @@ def _artifact_key(ctx: BuildContext) -> str:
 PRODUCTS_ARTIFACT = "products of"
 
 
-def _summary(p: dict) -> str:
+def _summary(p: BuiltProduct) -> str:
     from calib_core.quality.verify import summarise_checks
 
-    return summarise_checks(p.get("verification"))
+    return summarise_checks(p.verification)
 
 
-def _table_artifact(ctx: BuildContext, products: list[dict], log) -> None:
+def _table_artifact(ctx: BuildContext, products: list[BuiltProduct], log) -> None:
     """A table per detector on the flow run (the UI's Artifacts tab; ``trigger --watch`` prints it):
     the product, whether this run made it (``new``) or found it built, its inputs and statistics."""
-    rows = [{"detector": p["detector"], "calib_id": p["calib_id"], "new": bool(p.get("created")),
-             "inputs used": p["stats"].get("n_used"),
-             "rejected": p["stats"].get("n_rejected"), "level": _fmt(p["stats"].get("level"), 5),
-             "noise": _fmt(p["stats"].get("noise"), 5),
-             "clipped fraction": _fmt(p["stats"].get("clipped_fraction"), 4),
-             "status": p.get("status"), "verification": _summary(p)} for p in products]
+    rows = [{"detector": p.detector, "calib_id": p.calib_id, "new": p.created,
+             "inputs used": p.stats.get("n_used"),
+             "rejected": p.stats.get("n_rejected"), "level": _fmt(p.stats.get("level"), 5),
+             "noise": _fmt(p.stats.get("noise"), 5),
+             "clipped fraction": _fmt(p.stats.get("clipped_fraction"), 4),
+             "status": p.status, "verification": _summary(p)} for p in products]
     created = sum(r["new"] for r in rows)
     label = _build_label(ctx)
     try:

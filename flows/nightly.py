@@ -136,13 +136,13 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
                         + (f" (after failed {', '.join(sorted(blocked))})" if blocked else ""))
             log.error("%s %s failed: %s", step["type"], step["filter"] or "", exc)
             continue
-        held = [p for p in result["products"] if p.get("status") != "certified"]
+        held = [p for p in result["products"] if p.status != "certified"]
         step.update(action="built" if result["created"] else "existing", created=result["created"],
-                    products=[p["calib_id"] for p in result["products"]], dropped=result["dropped"],
+                    products=[p.calib_id for p in result["products"]], dropped=result["dropped"],
                     certified=len(result["products"]) - len(held),
-                    held=[{"calib_id": p["calib_id"], "detector": p["detector"], "status": p.get("status"),
-                           "failed": (p.get("verification") or {}).get("failed") or []} for p in held],
-                    valid=[result["products"][0]["valid_begin"], result["products"][0]["valid_end"]],
+                    held=[{"calib_id": p.calib_id, "detector": p.detector, "status": p.status,
+                           "failed": (p.verification or {}).get("failed") or []} for p in held],
+                    valid=[result["products"][0].valid_begin, result["products"][0].valid_end],
                     mosaic=result["mosaic_png"])
         log.info("%s %s: %d new products, %d already built", step["type"], step["filter"] or "",
                  result["created"], len(result["products"]) - result["created"])

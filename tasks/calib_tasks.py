@@ -33,7 +33,7 @@ from calib_core.io.raw import RawReadError, read_raw
 from calib_core.isr.process import IsrError
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 from calib_core.quality.verify import ScreenConfig, TestFrame, VerifyConfig, VerifyInputs, screen_input
-from calib_core.records import Exposure, ProcessedInput, SkyResidual
+from calib_core.records import BuiltProduct, CalibProduct, Exposure, ProcessedInput, SkyResidual
 from calib_core.repository import (CalibInput, Datastore, Registry, ValidityRule, calib_digest, explain_lookup,
                                    find_calib, is_transient, make_calib_id, note_transient, record_calib, sha256_file,
                                    verify_raw)
@@ -125,7 +125,7 @@ def _logger():
         return logging.getLogger("calibflow.tasks")
 
 
-def _isr_calibs(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict[str, dict]:
+def _isr_calibs(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict[str, CalibProduct]:
     """The certified calibs the type's ISR applies (the registry lookup, as any later reduction)."""
     return find_isr_calibs(registry, ctx.camera, exposure_id, detector, ctx.cfg().isr, ctx.spec.isr_calibs,
                            readout=readout_keys(build_camera(ctx)),
@@ -169,7 +169,7 @@ def process_exposure_detector(ctx: BuildContext, exposure: Exposure, detector: i
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
     calibs = _isr_calibs(ctx, registry, exposure.exposure_id, detector)
-    key = intermediate_key(exposure.checksum, ctx.config_hash, [c["calib_id"] for c in calibs.values()],
+    key = intermediate_key(exposure.checksum, ctx.config_hash, [c.calib_id for c in calibs.values()],
                            ctx.camera_hash)
     out = store.inside(store.root / "work" / ctx.camera / ctx.calib_type
                        / f"{exposure.exposure_id}-det{detector:03d}-{key}.fits")
@@ -203,14 +203,14 @@ def process_exposure_detector(ctx: BuildContext, exposure: Exposure, detector: i
     return _screened(ctx, registry, exposure, detector, result, mi)
 
 
-def last_good_master(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict | None:
+def last_good_master(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> CalibProduct | None:
     """The certified product of the build's own type that applies to the exposure and was made
     before this build's calib date (never one of this night's: a rerun then screens and judges as
     the first run did), by the lookup rules."""
     rows = explain_lookup(registry, camera=ctx.camera, exposure_id=exposure_id, calib_type=ctx.calib_type,
                           detector=detector, readout_keys=readout_keys(build_camera(ctx)))
-    before = [r for r in rows if r["eligible"] and r["calib_date"] < ctx.calib_date]
-    before.sort(key=lambda r: r["_key"])
+    before = sorted((r for r in rows if r["eligible"] and r["_row"].calib_date < ctx.calib_date),
+                    key=lambda r: r["_key"])
     return before[0]["_row"] if before else None
 
 
@@ -223,15 +223,15 @@ def _screened(ctx: BuildContext, registry: Registry, exposure: Exposure, detecto
     master = last_good_master(ctx, registry, exposure.exposure_id, detector)
     if mi is None:
         mi = read_product(result.path)[0]
-    why = screen_input(ctx.calib_type, mi, read_product(master["path"])[0] if master else None, ctx.screen_cfg())
+    why = screen_input(ctx.calib_type, mi, read_product(master.path)[0] if master else None, ctx.screen_cfg())
     if why:
         return result.model_copy(update={"screened": f"detector {detector}: {why}"
-                                          + (f" (master {master['calib_id']})" if master and "master" in why else "")})
+                                          + (f" (master {master.calib_id})" if master and "master" in why else "")})
     return result
 
 
-def _process_pixels(ctx: BuildContext, camera, raw, exposure: Exposure, detector: int, calibs: dict, out
-                    ) -> tuple[MaskedImage, ProcessedInput]:
+def _process_pixels(ctx: BuildContext, camera, raw, exposure: Exposure, detector: int,
+                    calibs: dict[str, CalibProduct], out) -> tuple[MaskedImage, ProcessedInput]:
     """The type's processing of one raw detector (:attr:`CalibType.process`): (the image, its
     record with the type's scalars); its side products are written next to the intermediate
     (``<stem>-<suffix>.fits``) and their paths recorded. A scalar or side product the record does
@@ -248,7 +248,7 @@ def _process_pixels(ctx: BuildContext, camera, raw, exposure: Exposure, detector
         raise TypeError(f"{ctx.calib_type} processing returned {unknown}, which ProcessedInput "
                         "(calib_core/records.py) has no field for")
     result = ProcessedInput(exposure_id=exposure.exposure_id, detector=detector, path=str(out),
-                            isr_calibs={t: c["calib_id"] for t, c in calibs.items()}, pid=os.getpid(), **fields)
+                            isr_calibs={t: c.calib_id for t, c in calibs.items()}, pid=os.getpid(), **fields)
     return done.image, result
 
 
@@ -284,7 +284,7 @@ def _identity(ctx: BuildContext, registry: Registry, exposures: list[Exposure], 
     """(digest of the inputs, config, ISR calibs and inputs excluded as bad; calib date; the ISR calib
     ids): with camera, type, filter and detector, what makes two products the same. The ISR calibs
     are those the registry lookup gives each exposure's ``detector`` (as the process step uses)."""
-    isr_ids = {c["calib_id"] for e in exposures
+    isr_ids = {c.calib_id for e in exposures
                for c in _isr_calibs(ctx, registry, e.exposure_id, detector).values()}
     digest = calib_digest([(e.exposure_id, e.checksum) for e in exposures], ctx.config_hash, isr_ids,
                           camera_hash=ctx.camera_hash, excluded=excluded)
@@ -296,7 +296,8 @@ def _find_identical(registry: Registry, ctx: BuildContext, detector: int, digest
                       calib_date=calib_date, digest=digest)
 
 
-def existing_products(registry: Registry, ctx: BuildContext, exposures: list[Exposure], detectors: list[int]) -> dict:
+def existing_products(registry: Registry, ctx: BuildContext, exposures: list[Exposure], detectors: list[int]
+                      ) -> dict[int, CalibProduct]:
     """Products an identical earlier build made (same inputs, config and ISR calibs), by detector."""
     found = {}
     for d in detectors:
@@ -311,7 +312,7 @@ def existing_products(registry: Registry, ctx: BuildContext, exposures: list[Exp
 def combine_detector(ctx: BuildContext, detector: int, items: list[ProcessedInput] | list[SkyResidual],
                      exposures: list[Exposure],
                      exp_scales: list[float] | None = None, ccd_scale: float | None = None,
-                     dropped: dict[str, str] | None = None, excluded: list[str] | None = None) -> dict:
+                     dropped: dict[str, str] | None = None, excluded: list[str] | None = None) -> BuiltProduct:
     """Combine one detector's intermediates, write the product atomically and register it with every input.
 
     ``excluded``: exposures left out as bad input (unreadable or changed raws); they change the
@@ -327,7 +328,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[ProcessedInpu
                          "the build")
     existing = _find_identical(registry, ctx, detector, digest, calib_date)
     if existing:
-        return {**existing, "created": False}
+        return BuiltProduct.of(existing, created=False)
 
     cfg = ctx.cfg()
     paths = [i.path for i in items]
@@ -410,8 +411,8 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[ProcessedInpu
     if not created:
         _logger().warning("detector %d: an identical %s was registered by a concurrent build while this "
                           "one was combining; keeping %s, discarding this copy", detector, ctx.calib_type,
-                          row["calib_id"])
-    return {**row, "created": created}
+                          row.calib_id)
+    return BuiltProduct.of(row, created)
 
 
 def _sky_stats(frame: BackgroundModel, n_used: int, n_rejected: int) -> dict:
@@ -456,7 +457,7 @@ def _verify(ctx: BuildContext, registry: Registry, detector: int, product,
 
     def incumbent():
         master = last_good_master(ctx, registry, exposure.exposure_id, detector)
-        return (read_product(master["path"])[0], master["calib_id"]) if master else None
+        return (read_product(master.path)[0], master.calib_id) if master else None
 
     result = ctx.spec.verify(product, VerifyInputs(cfg, test, incumbent))
     if not result.passed:

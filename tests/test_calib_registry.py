@@ -33,11 +33,11 @@ def _record(registry, calib_date, digest_seed="x", detector=0, rule=None, calib_
 def test_record_is_idempotent_and_complete(populated):
     registry, _ = populated
     row, created = _record(registry, dt.date(2026, 11, 20))
-    assert created and row["n_inputs"] == 2
+    assert created and row.n_inputs == 2
     again, created2 = _record(registry, dt.date(2026, 11, 20))
-    assert not created2 and again["calib_id"] == row["calib_id"]
+    assert not created2 and again.calib_id == row.calib_id
     assert len(list_calibs(registry)) == 1
-    inputs = calib_inputs(registry, row["calib_id"])
+    inputs = calib_inputs(registry, row.calib_id)
     assert [(i["exposure_id"], i["used"]) for i in inputs] == [("b0", True), ("b1", True), ("b2", False)]
     assert inputs[2]["reason"].startswith("outlier") and inputs[1]["scale"] == pytest.approx(1.1)
     with pytest.raises(RegistryError, match="not in the registry: nope"):
@@ -53,16 +53,16 @@ def test_validity_and_lookup(populated):
     near, _ = _record(registry, dt.date(2026, 11, 19), digest_seed="near", rule=ValidityRule(days_before=5, days_after=5))
     far, _ = _record(registry, dt.date(2026, 12, 30), digest_seed="future")
     hit = lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias", detector=0)
-    assert [h["calib_id"] for h in hit] == [near["calib_id"]]
+    assert [h.calib_id for h in hit] == [near.calib_id]
     # shrink the near one's validity: the older one applies now
-    certify(registry, near["calib_id"], dt.datetime(2026, 11, 25, tzinfo=dt.timezone.utc), None)
+    certify(registry, near.calib_id, dt.datetime(2026, 11, 25, tzinfo=dt.timezone.utc), None)
     hit = lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias")
-    assert [h["calib_id"] for h in hit] == [old["calib_id"]]
+    assert [h.calib_id for h in hit] == [old.calib_id]
     # nothing for another detector or type
     assert lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias", detector=5) == []
     assert lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="flat") == []
     with pytest.raises(RegistryError, match="not after begin"):
-        certify(registry, far["calib_id"], dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc),
+        certify(registry, far.calib_id, dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc),
                 dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
     with pytest.raises(RegistryError, match="no calib"):
         certify(registry, "nope", dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc), None)
@@ -83,12 +83,12 @@ def test_cli_calibs_certify_lookup(populated, registry_url):
         assert key in rows[0]
     res = runner.invoke(app, ["lookup", "--exposure", "b1", "--type", "bias", "--json"], env=env)
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)[0]["calib_id"] == row["calib_id"]
-    res = runner.invoke(app, ["certify", row["calib_id"], "--begin", "2026-12-01", "--end", "2026-12-31"], env=env)
+    assert json.loads(res.stdout)[0]["calib_id"] == row.calib_id
+    res = runner.invoke(app, ["certify", row.calib_id, "--begin", "2026-12-01", "--end", "2026-12-31"], env=env)
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["lookup", "--exposure", "b1", "--type", "bias"], env=env)
     assert res.exit_code == 1 and "no certified bias" in res.output
-    res = runner.invoke(app, ["certify", row["calib_id"], "--begin", "yesterday"], env=env)
+    res = runner.invoke(app, ["certify", row.calib_id, "--begin", "yesterday"], env=env)
     assert res.exit_code == 1 and "--begin must be" in res.output
 
 
@@ -111,12 +111,12 @@ def test_lookup_matches_readout_settings_and_explains(populated):
                           config_hash="cfg", digest="d-far", software_version="0", inputs=[CalibInput("b1")],
                           stats={"readout": {"BINNING": "2x2"}})
     # without the camera's readout keys the nearer one wins; with them, the one read out as the exposure
-    assert lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias")[0]["calib_id"] == \
-        near["calib_id"]
+    assert lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias")[0].calib_id == \
+        near.calib_id
     rows = explain_lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias",
                           readout_keys=("BINNING",))
-    assert [r["calib_id"] for r in rows if r["chosen"]] == [far["calib_id"]]
-    why = next(r for r in rows if r["calib_id"] == near["calib_id"])
+    assert [r["calib_id"] for r in rows if r["chosen"]] == [far.calib_id]
+    why = next(r for r in rows if r["calib_id"] == near.calib_id)
     assert not why["eligible"] and why["reasons"] == ["readout BINNING=1x1, the exposure's is 2x2"]
     assert lookup(registry, camera="democam_mini", exposure_id="b0", calib_type="bias",
-                  readout_keys=("BINNING",))[0]["calib_id"] == far["calib_id"]
+                  readout_keys=("BINNING",))[0].calib_id == far.calib_id

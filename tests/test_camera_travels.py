@@ -75,7 +75,7 @@ def test_file_only_camera_end_to_end_and_fix_and_rerun(fieldcam, monkeypatch):
     mosaic = res.output.split("mosaic:")[1].split()[0]
     assert mosaic.endswith(".png") and os.path.exists(mosaic)
     reg = Registry.open(f"sqlite:///{repo / 'registry.sqlite3'}")
-    wrong = {c["detector"]: c for c in list_calibs(reg, calib_type="bias")}
+    wrong = {c.detector: c for c in list_calibs(reg, calib_type="bias")}
 
     # fix and rerun: the corrected file differs from the registered definition
     path.write_text(good.read_text())
@@ -86,19 +86,19 @@ def test_file_only_camera_end_to_end_and_fix_and_rerun(fieldcam, monkeypatch):
         in res.output, res.output
     res = _run(runner, env, "build", "bias", "--camera", str(path), "--night", NIGHT)
     assert res.exit_code == 0 and "2 new" in res.output, res.output
-    fixed = {c["detector"]: c for c in list_calibs(reg, calib_type="bias") if c["calib_id"] not in
-             {w["calib_id"] for w in wrong.values()}}
+    fixed = {c.detector: c for c in list_calibs(reg, calib_type="bias") if c.calib_id not in
+             {w.calib_id for w in wrong.values()}}
     assert set(fixed) == set(KEEP)
     cam_hash = load_camera(path).content_hash
     for det in KEEP:
-        assert fixed[det]["camera_checksum"] == cam_hash != wrong[det]["camera_checksum"]
-        old, new = read_product(wrong[det]["path"])[0].image, read_product(fixed[det]["path"])[0].image
+        assert fixed[det].camera_checksum == cam_hash != wrong[det].camera_checksum
+        old, new = read_product(wrong[det].path)[0].image, read_product(fixed[det].path)[0].image
         # same pixels, amplifier B (columns 128..255) mirrored back
         np.testing.assert_allclose(new[:, :128], old[:, :128], atol=1e-4)
         np.testing.assert_allclose(new[:, 128:], old[:, 128:][:, ::-1], atol=1e-4)
     exp = sim.select("dark")[0].exposure_id
-    assert lookup(reg, camera="fieldcam", exposure_id=exp, calib_type="bias", detector=3)[0]["calib_id"] == \
-        fixed[3]["calib_id"]
+    assert lookup(reg, camera="fieldcam", exposure_id=exp, calib_type="bias", detector=3)[0].calib_id == \
+        fixed[3].calib_id
 
     # the other types by file path, then nightly (nothing left to build) and apply-sky
     for calib_type in ("dark", "defects", "ptc", "flat", "fringe", "sky"):
@@ -119,7 +119,7 @@ def test_file_only_camera_end_to_end_and_fix_and_rerun(fieldcam, monkeypatch):
     assert sorted({r["type"] for r in json.loads(res.output)}) == ["bias", "dark", "defects", "flat", "fringe", "ptc",
                                                                   "sky"]
     res = _run(runner, env, "lookup", "--exposure", exp, "--type", "bias", "--detector", "3", "--camera", str(path))
-    assert res.exit_code == 0 and fixed[3]["calib_id"] in res.output, res.output
+    assert res.exit_code == 0 and fixed[3].calib_id in res.output, res.output
 
 
 def test_camera_errors_list_the_registry(fieldcam, monkeypatch, tmp_path):

@@ -126,7 +126,7 @@ def test_json_is_strict_null_for_missing_numbers(repo_with_nan):
     assert res.exit_code == 0, res.output
     assert "NaN" not in res.stdout and "Infinity" not in res.stdout
     (listed,) = _strict_loads(res.stdout)
-    assert listed["calib_id"] == row["calib_id"]
+    assert listed["calib_id"] == row.calib_id
     assert listed["stats"] == {"level": None, "noise": None, "n_used": 2}
     res = runner.invoke(_app(), ["lookup", "--exposure", "b0", "--type", "bias", "--json"], env=env)
     assert res.exit_code == 0, res.output

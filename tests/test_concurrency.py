@@ -95,8 +95,8 @@ def test_record_calib_race_one_winner(registry, bias_night, tmp_path):
     winners = [i for i, (_, created) in enumerate(results) if created]
     assert len(winners) == 1 and published == winners
     records = [r for r, _ in results]
-    assert len({r["calib_id"] for r in records}) == 1
-    assert all(r["checksum"] == hashlib.sha256(f"copy {winners[0]}".encode()).hexdigest() for r in records)
+    assert len({r.calib_id for r in records}) == 1
+    assert all(r.checksum == hashlib.sha256(f"copy {winners[0]}".encode()).hexdigest() for r in records)
     assert final.read_text() == f"copy {winners[0]}"      # the file is the registered one
     assert registry.count(CalibRow) == 1
     assert registry.count(CalibInputRow) == len(exposures)
@@ -191,14 +191,14 @@ def _check_round(reg: Registry, store: Datastore, runs, calib_date: str, n_det: 
     for run in runs:
         assert run.returncode == 0, run.stdout
     # exactly one product per detector for this calib date, each file intact and the registered one
-    products = [c for c in list_calibs(reg, calib_type="bias") if c["calib_date"] == calib_date]
-    assert sorted(c["detector"] for c in products) == list(range(n_det))
+    products = [c for c in list_calibs(reg, calib_type="bias") if c.calib_date == calib_date]
+    assert sorted(c.detector for c in products) == list(range(n_det))
     for c in products:
-        assert Path(c["path"]).is_file(), c["path"]
-        assert sha256_file(c["path"]) == c["checksum"], f"{c['path']} is not the registered file"
-        mi, header = read_product(c["path"])
+        assert Path(c.path).is_file(), c.path
+        assert sha256_file(c.path) == c.checksum, f"{c.path} is not the registered file"
+        mi, header = read_product(c.path)
         assert header["NCOMBINE"] == N_BIAS and mi.image.shape == (512, 256)
-        assert [i["used"] for i in calib_inputs(reg, c["calib_id"])] == [True] * N_BIAS
+        assert [i["used"] for i in calib_inputs(reg, c.calib_id)] == [True] * N_BIAS
     # every input recorded once, for these products only (the unique constraint forbids a repeat;
     # the count shows no second set was attached to a second row either)
     with reg.session() as s:
@@ -209,7 +209,7 @@ def _check_round(reg: Registry, store: Datastore, runs, calib_date: str, n_det: 
     # the calib folder holds the registered products, the mosaics and nothing else (no loser's copy),
     # and no temporary or pending file is left anywhere in the repository
     folder = store.root / "calib" / "democam_mini" / "bias"
-    registered = {Path(c["path"]).name for c in list_calibs(reg, calib_type="bias")}
+    registered = {Path(c.path).name for c in list_calibs(reg, calib_type="bias")}
     stray = [p.name for p in folder.iterdir()
              if p.name not in registered and not re.fullmatch(r"bias-democam_mini-NONE-[\d-]+-mosaic\.(fits|png)", p.name)]
     assert stray == []

@@ -253,14 +253,14 @@ def built(tmp_path_factory, prefect_api):
     summary = nightly(night=NIGHT, camera="democam_mini", repo=str(store.root))
     out = {}
     for row in list_calibs(reg):
-        out.setdefault(row["type"], {})[row["detector"]] = row
+        out.setdefault(row.type, {})[row.detector] = row
     return sim, store, reg, out, summary
 
 
 def _product(rows, det):
     from calib_core.io.products import read_product
 
-    return (*read_product(rows[det]["path"]), rows[det])
+    return (*read_product(rows[det].path), rows[det])
 
 
 def test_nightly_builds_defects_and_gains_before_the_flats(built):
@@ -291,8 +291,8 @@ def test_defects_recover_the_injected_bad_pixels(built):
         assert (origin[(t & bits["hot_pixel"]) != 0] & ORIGINS["DARK"]).mean() > 0.99
         assert (origin[(t & bits["cold_pixel"]) != 0] & ORIGINS["FLAT_COLD"]).mean() > 0.99
         assert (origin[(t & bits["hot_column"]) != 0] & (ORIGINS["DARK"] | ORIGINS["COLUMN"])).all()
-        assert header["OBSTYPE"] == "defects" and row["stats"]["defects"]["total"] == int(mask.sum())
-        assert {i.split("-")[0] for i in row["stats"]["isr_calibs"]} == {"bias", "dark"}
+        assert header["OBSTYPE"] == "defects" and row.stats["defects"]["total"] == int(mask.sum())
+        assert {i.split("-")[0] for i in row.stats["isr_calibs"]} == {"bias", "dark"}
     completeness = found_total / injected_total
     false_rate = false_total / good_total
     print(f"defects: {found_total}/{injected_total} injected found ({completeness:.4%}), "
@@ -312,7 +312,7 @@ def test_ptc_gains_within_their_errors_of_the_truth(built):
     pulls = []
     for det in DETS:
         mi, header, row = _product(out["ptc"], det)
-        measured = read_ptc(row["path"])
+        measured = read_ptc(row.path)
         true, nominal = sim.true_gains(det), sim.static_truth["detectors"][sim.camera.detector(det).name]["nominal_gains"]
         for amp, g in true.items():
             m = measured[amp]
@@ -328,8 +328,8 @@ def test_ptc_gains_within_their_errors_of_the_truth(built):
         # the gain map and the curve's picture
         assert np.isfinite(mi.image).all() and header["OBSTYPE"] == "ptc"
         # the PTC's flats had the certified defects masked (dead columns would bias the gain high)
-        assert {i.split("-")[0] for i in row["stats"]["isr_calibs"]} == {"bias", "defects"}
-        png = row["stats"]["ptc_png"]
+        assert {i.split("-")[0] for i in row.stats["isr_calibs"]} == {"bias", "defects"}
+        png = row.stats["ptc_png"]
         assert open(png, "rb").read(4) == b"\x89PNG"
     print(f"gains: measured - true = rms {np.sqrt(np.mean(np.square(pulls))):.2f} sigma over {len(pulls)} amps")
     assert np.sqrt(np.mean(np.square(pulls))) < 1.6          # 18 amps: unbiased, errors the right size
@@ -348,7 +348,7 @@ def test_flat_isr_used_the_certified_defects_and_gains(built):
     sim, store, reg, out, _ = built
     for det in DETS:
         flat, _, row = _product(out["flat"], det)
-        ids = row["stats"]["isr_calibs"]
+        ids = row.stats["isr_calibs"]
         assert any(i.startswith("defects-") for i in ids) and any(i.startswith("ptc-") for i in ids)
         defects, _, _ = _product(out["defects"], det)
         assert ((flat.mask[defects.image != 0] & MASK_PLANES.bit("BAD")) != 0).all()
@@ -492,7 +492,7 @@ def test_defects_and_ptc_products_open_with_ccddata(built):
     sim, store, reg, out, _ = built
     for kind, unit in (("defects", "1"), ("ptc", "electron / adu")):
         mi, header, row = _product(out[kind], DETS[0])
-        ccd = CCDData.read(row["path"])
+        ccd = CCDData.read(row.path)
         assert ccd.unit.to_string() in {unit, ""} or str(ccd.unit) == unit, (kind, ccd.unit)
         assert isinstance(ccd.uncertainty, VarianceUncertainty), kind
         assert ccd.mask is not None and ccd.mask.shape == mi.shape, kind

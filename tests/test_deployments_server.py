@@ -259,7 +259,7 @@ def test_trigger_watch_builds_and_registers(prefect_server, night_repo, cli_bias
     # the products are in the registry, recorded as built by that flow run
     n_det = 9           # democam_mini's geometry
     products = list_calibs(reg, calib_type="bias")
-    assert len(products) == n_det and {p["calib_date"] for p in products} == {NIGHT}
+    assert len(products) == n_det and {p.calib_date for p in products} == {NIGHT}
     from calib_core.repository.registry.models import BuildRunRow
 
     with reg.session() as s:
@@ -268,8 +268,8 @@ def test_trigger_watch_builds_and_registers(prefect_server, night_repo, cli_bias
     # and `calibflow calibs` shows them
     listed = _calibflow(_client_env(prefect_server, store), "calibs", "--type", "bias", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert sorted(r["calib_id"] for r in json.loads(listed.stdout)) == sorted(p["calib_id"] for p in products)
-    assert all(p["calib_id"] in res.stdout for p in products)        # --watch listed every product
+    assert sorted(r["calib_id"] for r in json.loads(listed.stdout)) == sorted(p.calib_id for p in products)
+    assert all(p.calib_id in res.stdout for p in products)        # --watch listed every product
 
 
 def test_trigger_refuses_bad_parameters(prefect_server, night_repo, served):
@@ -500,5 +500,5 @@ def test_prefect_yaml_deploy_and_process_worker(prefect_server, night_repo, serv
         worker.stop()
     assert not worker.alive()
     # the worker's run used CALIBFLOW_REPO from its environment (the deployment pins no repo)
-    new = [p for p in list_calibs(reg, calib_type="bias") if p["calib_date"] == "2026-11-21"]
+    new = [p for p in list_calibs(reg, calib_type="bias") if p.calib_date == "2026-11-21"]
     assert len(new) == len(load_camera(camera_file).detectors)

@@ -50,8 +50,8 @@ def test_bias_dark_flat_builds(prefect_api, night_repo):
     assert bias["created"] == 9 and len(list_calibs(reg, calib_type="bias")) == 9
     cam = load_camera("democam_mini")
     for det in cam.detectors:
-        product = next(p for p in bias["products"] if p["detector"] == det.id)
-        mi, header = read_product(product["path"])
+        product = next(p for p in bias["products"] if p.detector == det.id)
+        mi, header = read_product(product.path)
         truth = _truth(sim, f"bias_{det.name}")
         # Tolerance: each input pixel has read noise rn/g ~ 2.5-3.5 ADU; a 5-frame clipped mean
         # has sigma ~ 3.5/sqrt(5) * 1.1 ~ 1.7 ADU per pixel, so the mean over ~1.3e5 pixels of
@@ -63,14 +63,14 @@ def test_bias_dark_flat_builds(prefect_api, night_repo):
         # provenance in the header
         assert header["OBSTYPE"] == "bias" and header["NCOMBINE"] == 5 and header["EXPTIME"] == 0.0
         assert header["CALIB_INPUT_0"] and "DATE-OBS" in header and "DATE-AVG" in header and "DATE-END" in header
-    inputs = calib_inputs(reg, bias["products"][0]["calib_id"])
+    inputs = calib_inputs(reg, bias["products"][0].calib_id)
     assert len(inputs) == 5 and all(i["used"] for i in inputs)
 
     dark = build_calib("dark", **common)
     assert dark["created"] == 9
     for det in cam.detectors[:3]:
-        product = next(p for p in dark["products"] if p["detector"] == det.id)
-        mi, header = read_product(product["path"])
+        product = next(p for p in dark["products"] if p.detector == det.id)
+        mi, header = read_product(product.path)
         truth = _truth(sim, f"dark_{det.name}")
         assert header["EXPTIME"] == 1.0 and header["DARKTIME"] == 1.0
         hot = truth > 0.3          # hot pixels, ADU/s: 4 x 300 s darks measure them to a few %
@@ -78,14 +78,14 @@ def test_bias_dark_flat_builds(prefect_api, night_repo):
         np.testing.assert_allclose(mi.image[hot], truth[hot], rtol=0.15)
         # the dark ISR used exactly the certified bias of that detector
     dark_raw = json.loads(next(store.root.glob("work/democam_mini/dark/*-det000-*.json")).read_text())
-    assert dark_raw["isr_calibs"]["bias"] == next(p["calib_id"] for p in bias["products"] if p["detector"] == 0)
+    assert dark_raw["isr_calibs"]["bias"] == next(p.calib_id for p in bias["products"] if p.detector == 0)
 
     flat = build_calib("flat", filter="r", **common)
     assert flat["created"] == 9 and flat["filter"] == "r"
     levels = []
     for det in cam.detectors:
-        product = next(p for p in flat["products"] if p["detector"] == det.id)
-        mi, header = read_product(product["path"])
+        product = next(p for p in flat["products"] if p.detector == det.id)
+        mi, header = read_product(product.path)
         truth = _truth(sim, f"flat_r_{det.name}")
         good = (truth > 0.5) & (mi.mask == 0)
         # the flat's shape matches the truth response up to one constant per CCD (its scale)
@@ -100,8 +100,8 @@ def test_bias_dark_flat_builds(prefect_api, night_repo):
 
     # certified products are what later lookups return
     exp = reg.query_exposures(obs_type="flat")[0].exposure_id
-    assert lookup(reg, camera="democam_mini", exposure_id=exp, calib_type="dark", detector=4)[0]["calib_id"] == \
-        next(p["calib_id"] for p in dark["products"] if p["detector"] == 4)
+    assert lookup(reg, camera="democam_mini", exposure_id=exp, calib_type="dark", detector=4)[0].calib_id == \
+        next(p.calib_id for p in dark["products"] if p.detector == 4)
 
 
 def test_rebuild_is_a_no_op(prefect_api, night_repo):
@@ -194,7 +194,7 @@ def test_task_granularity_changes_tasks_not_products(prefect_api, night_repo, tm
             if len(done) == expected or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        pixels = {p["detector"]: read_product(p["path"])[0] for p in out["products"]}
+        pixels = {p.detector: read_product(p.path)[0] for p in out["products"]}
         results[per_task] = (out, names, pixels)
     (auto, auto_names, auto_px), (single, single_names, single_px) = results[None], results[1]
     assert len(single_names) == 5 * 9 and all(n.rsplit("-", 1)[-1].startswith("det") for n in single_names)
@@ -204,7 +204,7 @@ def test_task_granularity_changes_tasks_not_products(prefect_api, night_repo, tm
              for b in detector_batches(list(range(9)), 5, os.cpu_count() or 2)]
     bias_ids = [e.exposure_id for e in reg.query_exposures(obs_type="bias")]
     assert auto_names == sorted(f"process-{e}-{span}" for e in bias_ids for span in spans)
-    assert [p["calib_id"] for p in auto["products"]] == [p["calib_id"] for p in single["products"]]
+    assert [p.calib_id for p in auto["products"]] == [p.calib_id for p in single["products"]]
     for d, mi in auto_px.items():
         np.testing.assert_array_equal(mi.image, single_px[d].image)
         np.testing.assert_array_equal(mi.mask, single_px[d].mask)
@@ -229,17 +229,17 @@ def test_new_bias_makes_a_new_dark(prefect_api, night_repo):
     assert newer_bias["created"] == 9
     second = build_calib("dark", detectors=[0, 1], **common)
     assert second["created"] == 2
-    old_ids = {p["calib_id"] for p in first["products"]}
-    assert not old_ids & {p["calib_id"] for p in second["products"]}
+    old_ids = {p.calib_id for p in first["products"]}
+    assert not old_ids & {p.calib_id for p in second["products"]}
     for p in second["products"]:
-        bias_id = next(b["calib_id"] for b in newer_bias["products"] if b["detector"] == p["detector"])
-        header = read_product(p["path"])[1]
+        bias_id = next(b.calib_id for b in newer_bias["products"] if b.detector == p.detector)
+        header = read_product(p.path)[1]
         assert header["CALIB_ISR_0"] == bias_id and "CALIB_ISR_1" not in header
-        assert p["stats"]["isr_calibs"] == [bias_id]
+        assert p.stats["isr_calibs"] == [bias_id]
         # and the lookup now gives the new dark
         exp = reg.query_exposures(obs_type="flat")[0].exposure_id
         assert lookup(reg, camera="democam_mini", exposure_id=exp, calib_type="dark",
-                      detector=p["detector"])[0]["calib_id"] == p["calib_id"]
+                      detector=p.detector)[0].calib_id == p.calib_id
 
 
 def test_failed_combine_leaves_nothing_behind(prefect_api, night_repo, monkeypatch):

@@ -51,7 +51,7 @@ def test_nightly_builds_everything_in_dependency_order(night):
     # each build's ISR used the products certified before it (the registry lookup)
     flat_meta = json.loads(next(store.root.glob("work/democam_mini/flat/*-det004-*.json")).read_text())
     assert set(flat_meta["isr_calibs"]) == {"bias", "dark", "defects", "ptc"}
-    dark_ids = {c["calib_id"] for c in list_calibs(reg, calib_type="dark")}
+    dark_ids = {c.calib_id for c in list_calibs(reg, calib_type="dark")}
     assert flat_meta["isr_calibs"]["dark"] in dark_ids
     z_sky = [json.loads(p.read_text()) for p in store.root.glob("work/democam_mini/sky/*-det004-*.json")]
     z_sky = [m for m in z_sky if "fringe" in m["isr_calibs"]]
@@ -92,9 +92,9 @@ def test_fringe_frame_matches_injected_fringes(night, fringe_accuracy):
     products = list_calibs(reg, calib_type="fringe")
     assert len(products) == 9
     for product in products:
-        header = read_product(product["path"])[1]
+        header = read_product(product.path)[1]
         assert header["OBSTYPE"] == "fringe" and header["NCOMBINE"] == 8 and header["FRCONT"]
-        assert product["stats"]["continuum"]["applied"], product["stats"]["continuum"]
+        assert product.stats["continuum"]["applied"], product.stats["continuum"]
     acc = fringe_accuracy
     assert acc["inputs_admitted_from"] == "intermediates"
     assert acc["a"] == pytest.approx(1.0, abs=0.03), acc           # the fringes at their expected amplitude
@@ -116,8 +116,8 @@ def test_sky_frames_written_with_provenance(night):
     products = list_calibs(reg, calib_type="sky", filter="r")
     assert len(products) == 9
     for product in products:
-        frame = BackgroundModel.from_fits(product["path"])
-        hdr = fits.getheader(product["path"])
+        frame = BackgroundModel.from_fits(product.path)
+        hdr = fits.getheader(product.path)
         assert hdr["OBSTYPE"] == "sky" and hdr["NCOMBINE"] >= 5 and "CALIB_INPUT_SCALE_0" in hdr
         assert np.isfinite(frame.values).mean() > 0.95
         assert 0.002 < np.nanstd(frame.values) < 0.1       # the pattern is a few per cent of the sky
@@ -126,20 +126,20 @@ def test_sky_frames_written_with_provenance(night):
 def test_provenance_in_registry_and_headers(night):
     sim, store, reg, _ = night
     for product in list_calibs(reg):
-        inputs = calib_inputs(reg, product["calib_id"])
+        inputs = calib_inputs(reg, product.calib_id)
         used = [i for i in inputs if i["used"]]
-        assert len(used) == product["n_inputs"] > 0
+        assert len(used) == product.n_inputs > 0
         assert all(i["reason"] for i in inputs if not i["used"])     # every rejection says why
-        assert product["config_hash"] and product["software_version"] and product["checksum"]
-        if product["type"] == "sky":
-            header = fits.getheader(product["path"])
+        assert product.config_hash and product.software_version and product.checksum
+        if product.type == "sky":
+            header = fits.getheader(product.path)
         else:
-            header = read_product(product["path"])[1]
-        assert product["calib_id"] in header["CALIB_ID"]
+            header = read_product(product.path)[1]
+        assert product.calib_id in header["CALIB_ID"]
         names = sorted(header[k] for k in header if k.startswith("CALIB_INPUT_") and "SCALE" not in k)
         assert names == sorted(i["exposure_id"] for i in used)
-        assert header["CFG_HASH"] == product["config_hash"]
-        if product["type"] in ("flat", "sky"):        # every input's scale is recorded
+        assert header["CFG_HASH"] == product.config_hash
+        if product.type in ("flat", "sky"):        # every input's scale is recorded
             assert all(i["scale"] and i["scale"] > 0 for i in used)
 
 
@@ -208,10 +208,10 @@ def test_flow_and_notebook_api_give_the_same_sky_frames(night):
     products = list_calibs(reg, calib_type="sky", filter="r")
     assert len(products) == len(cam.detectors)
     for p in products:
-        flow_frame, api_frame = BackgroundModel.from_fits(p["path"]), result.frames[p["detector"]]
+        flow_frame, api_frame = BackgroundModel.from_fits(p.path), result.frames[p.detector]
         np.testing.assert_array_equal(flow_frame.values, api_frame.values)
         np.testing.assert_array_equal(flow_frame.npoint, api_frame.npoint)
-    used = {i["exposure_id"] for i in calib_inputs(reg, products[0]["calib_id"]) if i["used"]}
+    used = {i["exposure_id"] for i in calib_inputs(reg, products[0].calib_id) if i["used"]}
     assert used == set(result.used)
 
 
@@ -244,12 +244,12 @@ def test_sky_frames_pass_the_held_out_structure_check(night, tmp_path):
     cam = load_camera(CAMERA)
     for filt in ("r", "z"):
         for p in list_calibs(reg, calib_type="sky", filter=filt):
-            checks = {c["name"]: c for c in p["verification"]["checks"]}
-            assert p["status"] == "certified" and checks["STRUCTURE"]["passed"] and checks["SCALE"]["passed"], p
+            checks = {c["name"]: c for c in p.verification["checks"]}
+            assert p.status == "certified" and checks["STRUCTURE"]["passed"] and checks["SCALE"]["passed"], p
             assert checks["STRUCTURE"]["value"] >= 10            # 14-29 measured; the limit is 3
             assert checks["SCALE"]["value"] == pytest.approx(1.0, abs=0.02)
-    products = {p["detector"]: p for p in list_calibs(reg, calib_type="sky", filter="r")}
-    truth = _truth_structure(sim, cam, "r", {d: BackgroundModel.from_fits(p["path"]) for d, p in products.items()})
+    products = {p.detector: p for p in list_calibs(reg, calib_type="sky", filter="r")}
+    truth = _truth_structure(sim, cam, "r", {d: BackgroundModel.from_fits(p.path) for d, p in products.items()})
     got = {(r["detector"], r["metric"]): r["value"] for r in calib_metrics(reg, calib_type="sky", filter="r")}
     for d, before in truth.items():
         assert got[(d, "structure_before")] == pytest.approx(before, rel=0.03)
@@ -289,14 +289,14 @@ def test_a_wrong_sky_frame_is_held_back(night):
         mp.setattr(verify, "sky_structure_checks", shuffled)
         out = build_calib("sky", camera=CAMERA, night=NIGHT, filter="r", repo=str(store.root), calib_date="2026-11-30")
     assert out["created"] == 9
-    status = {p["detector"]: p["status"] for p in out["products"]}
+    status = {p.detector: p.status for p in out["products"]}
     assert {d for d, s in status.items() if s != "certified"} == {4}
-    bad = next(p for p in out["products"] if p["detector"] == 4)
-    assert [c["name"] for c in bad["verification"]["checks"] if not c["passed"]] == ["STRUCTURE"]
+    bad = next(p for p in out["products"] if p.detector == 4)
+    assert [c["name"] for c in bad.verification["checks"] if not c["passed"]] == ["STRUCTURE"]
     res = CliRunner().invoke(app, ["calibs", "--type", "sky", "--status", "candidate", "--json", "--repo",
                                    str(store.root)], env={"CALIBFLOW_REGISTRY_URL": "", "COLUMNS": "250"})
     (row,) = json.loads(res.stdout)
-    assert row["calib_id"] == bad["calib_id"] and row["verified"].startswith("failed: STRUCTURE: ")
+    assert row["calib_id"] == bad.calib_id and row["verified"].startswith("failed: STRUCTURE: ")
     exp = next(e for e in sim.exposures if e.obs_type == "science" and e.filter == "r").exposure_id
     chosen = lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="sky", detector=4)[0]
-    assert chosen["status"] == "certified" and chosen["calib_date"] != "2026-11-30"
+    assert chosen.status == "certified" and chosen.calib_date != "2026-11-30"

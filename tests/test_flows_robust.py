@@ -43,15 +43,15 @@ def reference(tmp_path_factory, raws, prefect_api):
     store, reg = _repo(tmp_path_factory.mktemp("reference") / "repo", raws)
     result = build_calib("bias", camera=CAMERA, night=NIGHT, repo=str(store.root))
     assert result["created"] == 9
-    return {p["calib_id"]: read_product(p["path"])[0] for p in result["products"]}
+    return {p.calib_id: read_product(p.path)[0] for p in result["products"]}
 
 
 def _same_products(reg, reference):
     got = list_calibs(reg, calib_type="bias")
-    assert sorted(p["calib_id"] for p in got) == sorted(reference)
+    assert sorted(p.calib_id for p in got) == sorted(reference)
     for p in got:
-        mi = read_product(p["path"])[0]
-        ref = reference[p["calib_id"]]
+        mi = read_product(p.path)[0]
+        ref = reference[p.calib_id]
         np.testing.assert_array_equal(mi.image, ref.image)
         np.testing.assert_array_equal(mi.mask, ref.mask)
         np.testing.assert_array_equal(mi.variance, ref.variance)
@@ -86,8 +86,8 @@ def test_corrupt_raw_fails_naming_it_and_registers_nothing(tmp_path, raws, prefe
     (bad_id,) = result["dropped"]
     assert "unreadable raw" in result["dropped"][bad_id] and bad.name in result["dropped"][bad_id]
     for product in list_calibs(reg):
-        assert product["n_inputs"] == 5
-        rows = {i["exposure_id"]: i for i in calib_inputs(reg, product["calib_id"])}
+        assert product.n_inputs == 5
+        rows = {i["exposure_id"]: i for i in calib_inputs(reg, product.calib_id)}
         assert not rows[bad_id]["used"] and bad.name in rows[bad_id]["reason"]
 
 

@@ -96,9 +96,9 @@ def test_good_products_are_certified_with_their_checks(nights):
     store, reg, summaries, _ = nights
     for night in NIGHTS[:2]:
         for t in ("bias", "dark"):
-            rows = [r for r in list_calibs(reg, calib_type=t) if r["calib_date"] == night]
-            assert len(rows) == 9 and all(r["status"] == "certified" for r in rows), (night, t)
-            ver = rows[0]["verification"]
+            rows = [r for r in list_calibs(reg, calib_type=t) if r.calib_date == night]
+            assert len(rows) == 9 and all(r.status == "certified" for r in rows), (night, t)
+            ver = rows[0].verification
             names = {c["name"] for c in ver["checks"]}
             assert ver["passed"] and names >= {"MEAN", "NOISE", "CR_NOISE", "OVERSCAN_NOISE", "BAD_FRACTION"}
     # against truth: the residual noise of a bias frame is the camera's read noise (a frame of a
@@ -111,9 +111,9 @@ def test_good_products_are_certified_with_their_checks(nights):
             assert got["read_noise"] == pytest.approx(amp.read_noise * np.sqrt(1 - 1 / 4), rel=0.06)
             assert got["overscan_noise"] == pytest.approx(amp.read_noise, rel=0.05)
     # night 2's bias and dark were compared with night 1's (the incumbent) and were at least as good
-    n2 = [r for r in list_calibs(reg, calib_type="dark") if r["calib_date"] == NIGHTS[1]]
-    inc = next(c for c in n2[0]["verification"]["checks"] if c["name"] == "INCUMBENT")
-    assert inc["passed"] and n2[0]["verification"]["incumbent"].startswith(f"dark-{CAMERA}-NONE-{NIGHTS[0]}")
+    n2 = [r for r in list_calibs(reg, calib_type="dark") if r.calib_date == NIGHTS[1]]
+    inc = next(c for c in n2[0].verification["checks"] if c["name"] == "INCUMBENT")
+    assert inc["passed"] and n2[0].verification["incumbent"].startswith(f"dark-{CAMERA}-NONE-{NIGHTS[0]}")
 
 
 def test_a_bad_input_frame_is_excluded_with_its_reason(nights):
@@ -123,9 +123,9 @@ def test_a_bad_input_frame_is_excluded_with_its_reason(nights):
     assert why.startswith(f"screened out: detector {BAD_DET}: outlier against the last good master: ")
     assert re.search(r"(4\d|5\d)\.\d % of pixels >= 6 sigma \(limit 5 %\) \(master bias-democam_mini-NONE-"
                      + NIGHTS[0], why), why
-    product = next(r for r in list_calibs(reg, calib_type="bias") if r["calib_date"] == NIGHTS[1])
-    assert product["n_inputs"] == 3
-    rec = {i["exposure_id"]: i for i in calib_inputs(reg, product["calib_id"])}
+    product = next(r for r in list_calibs(reg, calib_type="bias") if r.calib_date == NIGHTS[1])
+    assert product.n_inputs == 3
+    rec = {i["exposure_id"]: i for i in calib_inputs(reg, product.calib_id)}
     assert rec[bad]["used"] is False and rec[bad]["reason"] == why
     # the nightly's terminal summary gives the reason too, not only the id
     from calibflow.cli import _print_night
@@ -138,12 +138,12 @@ def test_a_bad_input_frame_is_excluded_with_its_reason(nights):
 
 def test_a_bad_flat_is_held_back_with_its_failed_checks(nights):
     store, reg, summaries, _ = nights
-    flats = {r["detector"]: r for r in list_calibs(reg, calib_type="flat") if r["calib_date"] == NIGHTS[1]}
+    flats = {r.detector: r for r in list_calibs(reg, calib_type="flat") if r.calib_date == NIGHTS[1]}
     assert len(flats) == 9
-    assert {d for d, r in flats.items() if r["status"] != "certified"} == {BAD_DET}
+    assert {d for d, r in flats.items() if r.status != "certified"} == {BAD_DET}
     bad = flats[BAD_DET]
-    assert bad["status"] == "candidate"
-    failed = {c["name"] for c in bad["verification"]["checks"] if not c["passed"]}
+    assert bad.status == "candidate"
+    failed = {c["name"] for c in bad.verification["checks"] if not c["passed"]}
     assert failed == {"AMP_SCATTER", "DETECTOR_SCATTER", "INCUMBENT"}
     step = _step(summaries[NIGHTS[1]], "flat")
     assert step["certified"] == 8 and [h["detector"] for h in step["held"]] == [BAD_DET]
@@ -151,7 +151,7 @@ def test_a_bad_flat_is_held_back_with_its_failed_checks(nights):
     res = _cli(store, "calibs", "--type", "flat", "--status", "candidate", "--json")
     assert res.exit_code == 0, res.output
     (row,) = json.loads(res.stdout)
-    assert row["calib_id"] == bad["calib_id"] and row["verified"].startswith("failed: AMP_SCATTER: 0.1")
+    assert row["calib_id"] == bad.calib_id and row["verified"].startswith("failed: AMP_SCATTER: 0.1")
     # the night-1 and night-2 flats of the other detectors overlap in validity: `calibs` says so
     res = _cli(store, "calibs", "--type", "flat", "--detector", "0", "--json")
     rows = {r["calib_date"]: r for r in json.loads(res.stdout)}
@@ -161,18 +161,18 @@ def test_a_bad_flat_is_held_back_with_its_failed_checks(nights):
 def test_lookup_explains_why_the_incumbent_flat_still_applies(nights):
     store, reg, summaries, _ = nights
     exp = next(e for e in reg.query_exposures(obs_type="flat", night=NIGHTS[1])).exposure_id
-    old = next(r for r in list_calibs(reg, calib_type="flat", detector=BAD_DET) if r["calib_date"] == NIGHTS[0])
-    new = next(r for r in list_calibs(reg, calib_type="flat", detector=BAD_DET) if r["calib_date"] == NIGHTS[1])
-    assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0]["calib_id"] == \
-        old["calib_id"]
+    old = next(r for r in list_calibs(reg, calib_type="flat", detector=BAD_DET) if r.calib_date == NIGHTS[0])
+    new = next(r for r in list_calibs(reg, calib_type="flat", detector=BAD_DET) if r.calib_date == NIGHTS[1])
+    assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0].calib_id == \
+        old.calib_id
     rows = explain_lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)
-    assert [r["calib_id"] for r in rows if r["chosen"]] == [old["calib_id"]]
+    assert [r["calib_id"] for r in rows if r["chosen"]] == [old.calib_id]
     res = _cli(store, "lookup", "--exposure", exp, "--type", "flat", "--detector", str(BAD_DET), "--explain")
     assert res.exit_code == 0, res.output
     text = res.stdout.replace("\n", " ")
-    assert re.search(rf"chosen +{old['calib_id']} \[certified\]: certified, valid, calib date 1 d from the night",
+    assert re.search(rf"chosen +{old.calib_id} \[certified\]: certified, valid, calib date 1 d from the night",
                      text), text
-    assert re.search(rf"no +{new['calib_id']} \[candidate\]: not certified: candidate \(failed verification: "
+    assert re.search(rf"no +{new.calib_id} \[candidate\]: not certified: candidate \(failed verification: "
                      r"AMP_SCATTER", text), text
     # on another detector the new flat wins over the old one, which the explanation says is shadowed
     res = _cli(store, "lookup", "--exposure", exp, "--type", "flat", "--detector", "0", "--explain", "--json")
@@ -183,40 +183,40 @@ def test_lookup_explains_why_the_incumbent_flat_still_applies(nights):
 
 def test_certify_force_and_decertify(nights):
     store, reg, summaries, _ = nights
-    bad = next(r for r in list_calibs(reg, calib_type="flat", detector=BAD_DET) if r["calib_date"] == NIGHTS[1])
-    res = _cli(store, "certify", bad["calib_id"])
+    bad = next(r for r in list_calibs(reg, calib_type="flat", detector=BAD_DET) if r.calib_date == NIGHTS[1])
+    res = _cli(store, "certify", bad.calib_id)
     assert res.exit_code == 1 and "failed verification (AMP_SCATTER" in res.output and "--force" in res.output
-    res = _cli(store, "certify", bad["calib_id"], "--force", "--note", "test")
+    res = _cli(store, "certify", bad.calib_id, "--force", "--note", "test")
     assert res.exit_code == 0 and "certified by force: test (was candidate)" in res.stdout
     # the night report shows the person's decision with the checks the product failed
     page = store.root / "reports" / CAMERA / NIGHTS[1] / "index.html"
     assert f"night report updated: {page}" in res.stdout.replace("\n", "")
     text = page.read_text()
-    assert re.search(rf"<li class='forced'><code>{bad['calib_id']}</code>: certified by force: test \(was "
+    assert re.search(rf"<li class='forced'><code>{bad.calib_id}</code>: certified by force: test \(was "
                      r"candidate\); failed: AMP_SCATTER", text), text
     exp = next(e for e in reg.query_exposures(obs_type="flat", night=NIGHTS[1])).exposure_id
-    assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0]["calib_id"] == \
-        bad["calib_id"]
-    res = _cli(store, "decertify", bad["calib_id"], "--reason", "amplifier step")
+    assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0].calib_id == \
+        bad.calib_id
+    res = _cli(store, "decertify", bad.calib_id, "--reason", "amplifier step")
     assert res.exit_code == 0 and "decertified: amplifier step" in res.stdout
-    assert re.search(rf"<li class='held'><code>{bad['calib_id']}</code> \(decertified\): decertified: amplifier "
+    assert re.search(rf"<li class='held'><code>{bad.calib_id}</code> \(decertified\): decertified: amplifier "
                      r"step; verification failed: AMP_SCATTER", page.read_text())
-    assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0]["calib_date"] == \
+    assert lookup(reg, camera=CAMERA, exposure_id=exp, calib_type="flat", detector=BAD_DET)[0].calib_date == \
         NIGHTS[0]
-    res = _cli(store, "certify", bad["calib_id"])
+    res = _cli(store, "certify", bad.calib_id)
     assert res.exit_code == 1 and "was decertified (amplifier step)" in res.output
     # back to where the gate left it, for the other tests of this module
     from calib_core.repository import certify
 
-    certify(reg, bad["calib_id"], force=True)
+    certify(reg, bad.calib_id, force=True)
     with reg.session() as s:
         from calib_core.repository.registry import CalibRow
 
-        row = s.query(CalibRow).filter_by(calib_id=bad["calib_id"]).one()
+        row = s.query(CalibRow).filter_by(calib_id=bad.calib_id).one()
         row.status, row.status_note = "candidate", ""
     from calib_core.quality.report import rewrite_reports_of
 
-    assert rewrite_reports_of(reg, store.root, load_camera(CAMERA), bad["calib_id"]) == [page]
+    assert rewrite_reports_of(reg, store.root, load_camera(CAMERA), bad.calib_id) == [page]
 
 
 def test_trend_over_three_nights(nights, tmp_path):

@@ -207,7 +207,7 @@ def test_bad_pixels_met_by_a_build_are_named_and_excluded_by_policy(tmp_path, ra
     assert list_calibs(reg) == []
     result = _bias(store, detectors=[0], on_bad_input="exclude")
     assert list(result["dropped"]) == [target.stem] and str(target) in result["dropped"][target.stem]
-    assert result["products"][0]["n_inputs"] == 4
+    assert result["products"][0].n_inputs == 4
 
 
 def test_camera_mapping_a_type_is_not_refused(tmp_path, raws):
@@ -239,13 +239,13 @@ def test_exclude_then_repair_makes_the_full_product(tmp_path, raws, prefect_api)
 
     partial = _bias(store, on_bad_input="exclude")
     assert partial["created"] == 9 and len(partial["dropped"]) == 1
-    partial_ids = {p["calib_id"] for p in partial["products"]}
-    assert all(p["n_inputs"] == 4 for p in list_calibs(reg))
+    partial_ids = {p.calib_id for p in partial["products"]}
+    assert all(p.n_inputs == 4 for p in list_calibs(reg))
 
     bad.write_bytes(original)                                   # repaired
     full = _bias(store, on_bad_input="exclude")
     assert full["created"] == 9 and not full["dropped"]       # was: "all 9 already built", the 4-input product
-    full_ids = {p["calib_id"] for p in full["products"]}
+    full_ids = {p.calib_id for p in full["products"]}
     assert not full_ids & partial_ids                          # one calib id never names two sets of pixels
     for cid in full_ids:
         inputs = calib_inputs(reg, cid)
@@ -275,7 +275,7 @@ def test_raw_altered_after_ingest_is_bad_input(tmp_path, raws, prefect_api):
     result = _bias(store, on_bad_input="exclude")
     (eid,) = result["dropped"]
     assert eid == target.stem and "changed since ingest" in result["dropped"][eid]
-    assert all(p["n_inputs"] == 4 for p in list_calibs(reg))
+    assert all(p.n_inputs == 4 for p in list_calibs(reg))
 
 
 def test_verify_raw_cheap_and_on_request(tmp_path, raws):

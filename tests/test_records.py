@@ -12,12 +12,19 @@ from prefect import Task
 from pydantic import BaseModel, ValidationError
 
 from calib_core import records
-from calib_core.records import ProcessedInput, SkyResidual
+from calib_core.records import BuiltProduct, CalibProduct, ProcessedInput, SkyResidual
 
 ROOT = Path(__file__).resolve().parents[1]
 
 #: the keys task results were read by before they were records
 RETIRED_KEYS = {"error", "level", "npoint", "partial", "residual", "reused"}
+#: the keys product rows (the registry's, and a build's with ``created``) were read by before they were
+#: records: every field of BuiltProduct
+PRODUCT_KEYS = set(BuiltProduct.model_fields)
+#: the dicts of flows/ that share some of those keys and are not product rows: a build's result
+#: (``created`` counts), the nightly's summary, its steps (``type``, ``filter``, ``n_inputs``) and
+#: their held-back entries (``detector``, ``status``), which go to JSON for the night report
+NOT_PRODUCTS = {"result", "summary", "step", "s", "h"}
 
 RECORDS = [m for m in vars(records).values()
            if isinstance(m, type) and issubclass(m, BaseModel) and m.__module__ == records.__name__
@@ -34,8 +41,23 @@ def _sky(**kw) -> SkyResidual:
                        scale=812.5, frame="/w/f.fits", **kw)
 
 
+def _product(**kw) -> CalibProduct:
+    fields = dict(calib_id="bias-cam-NONE-2026-11-20-det003-0123abcd", type="bias", camera="cam", filter="NONE",
+                  detector=3, calib_date="2026-11-20", valid_begin="2026-11-05T12:00:00+00:00",
+                  valid_end="2026-12-05T12:00:00+00:00", path="/repo/calib/cam/bias/b.fits", n_inputs=5,
+                  checksum="c" * 64, status="candidate", config_hash="h" * 64, software_version="0.1.0",
+                  stats={"level": 1000.5, "n_used": 5}, camera_checksum="k" * 64,
+                  verification={"passed": True, "checks": [], "failed": []}, status_note="",
+                  created_at="2026-11-21T12:00:00+00:00", status_changed_at=None)
+    return CalibProduct(**{**fields, **kw})
+
+
+def _built(**kw) -> BuiltProduct:
+    return BuiltProduct(**_product().model_dump(), created=True, **kw)    # as BuiltProduct.of, spelt out
+
+
 def test_every_record_is_frozen_and_closed():
-    assert {m.__name__ for m in RECORDS} >= {"ProcessedInput", "SkyResidual"}
+    assert {m.__name__ for m in RECORDS} >= {"ProcessedInput", "SkyResidual", "CalibProduct", "BuiltProduct"}
     for model in RECORDS:
         assert model.model_config.get("frozen") is True, model.__name__
         assert model.model_config.get("extra") == "forbid", model.__name__
@@ -43,7 +65,8 @@ def test_every_record_is_frozen_and_closed():
             assert info.description, f"{model.__name__}.{name} has no description"
 
 
-@pytest.mark.parametrize("make, field", [(_processed, "level"), (_sky, "residual")])
+@pytest.mark.parametrize("make, field", [(_processed, "level"), (_sky, "residual"), (_product, "status"),
+                                         (_built, "created")])
 def test_a_record_cannot_be_changed_in_place(make, field):
     rec = make()
     with pytest.raises(ValidationError, match="frozen"):
@@ -53,7 +76,8 @@ def test_a_record_cannot_be_changed_in_place(make, field):
     assert (new.detector, rec.detector) == (4, 3)
 
 
-@pytest.mark.parametrize("make, typo", [(_processed, "levle"), (_processed, "reuse"), (_sky, "residuals")])
+@pytest.mark.parametrize("make, typo", [(_processed, "levle"), (_processed, "reuse"), (_sky, "residuals"),
+                                        (_product, "calib_type"), (_product, "created"), (_built, "new")])
 def test_a_typod_field_is_refused(make, typo):
     with pytest.raises(ValidationError, match=typo):
         make(**{typo: 1.0})
@@ -82,6 +106,24 @@ def test_a_resume_json_written_before_the_records_still_reads():
     assert (rec.level, rec.npoint, rec.reused, rec.error, rec.screened) == (10523.25, 3900, False, None, None)
 
 
+def test_a_product_status_outside_the_registrys_is_refused():
+    with pytest.raises(ValidationError, match="candidate"):
+        _product(status="certifed")
+
+
+def test_a_products_json_keeps_the_registrys_keys_and_its_nan():
+    # `calibflow calibs --json` and `lookup --json` print model_dump(mode="json"): users script
+    # against these keys, which are the registry row's of before the records, in the same order
+    keys = ["calib_id", "type", "camera", "filter", "detector", "calib_date", "valid_begin", "valid_end", "path",
+            "n_inputs", "checksum", "status", "config_hash", "software_version", "stats", "camera_checksum",
+            "verification", "status_note", "created_at", "status_changed_at"]
+    rec = _product(stats={"level": float("nan"), "n_used": 2})
+    assert list(rec.model_dump(mode="json")) == keys
+    assert list(_built().model_dump(mode="json")) == keys + ["created"]
+    back = CalibProduct.model_validate_json(rec.model_dump_json())
+    assert math.isnan(back.stats["level"]) and back.stats["n_used"] == 2
+
+
 def _unwrap(annotation):
     """``list[X]`` -> {X}; ``A | B`` -> {A, B}; else {annotation}."""
     args = typing.get_args(annotation)
@@ -107,19 +149,41 @@ def test_the_per_input_tasks_return_records():
     hints = typing.get_type_hints(tasks["combine_detector"].fn)
     assert _unwrap(hints["items"]) == {ProcessedInput, SkyResidual}
     assert typing.get_type_hints(calib_tasks.process_exposure_detector)["return"] is ProcessedInput
+    # the combine task returns the registered product with whether it made it
+    assert typing.get_type_hints(tasks["combine_detector"].fn)["return"] is BuiltProduct
 
 
-def retired_key_reads(path: Path) -> list[str]:
-    """``x["reused"]``-style subscripts and ``"error" in x`` tests by a retired key in one file."""
+def test_the_registry_returns_product_records():
+    from calib_core.repository.registry import calibs
+
+    for name in ("find_calib", "certify", "decertify"):
+        assert _unwrap(typing.get_type_hints(getattr(calibs, name))["return"]) <= {CalibProduct, type(None)}, name
+    for name in ("list_calibs", "settle_candidates", "lookup"):
+        assert _unwrap(typing.get_type_hints(getattr(calibs, name))["return"]) == {CalibProduct}, name
+    assert typing.get_args(typing.get_type_hints(calibs.record_calib)["return"]) == (CalibProduct, bool)
+
+
+def retired_key_reads(path: Path, retired=RETIRED_KEYS, skip=frozenset()) -> list[str]:
+    """``x["reused"]``-style subscripts, ``x.get("reused")`` calls on a name and ``"error" in x``
+    tests by a retired key in one file; subscripts and ``get`` calls of the names in ``skip`` are not
+    reads."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         key = None
+        receiver = (node.value if isinstance(node, ast.Subscript)
+                    else getattr(getattr(node, "func", None), "value", None))
+        if isinstance(receiver, ast.Name) and receiver.id in skip:
+            continue
         if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
             key = node.slice.value
         elif (isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant)
               and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops)):
             key = node.left.value
-        if isinstance(key, str) and key in RETIRED_KEYS:
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and isinstance(node.func.value, ast.Name) and node.args and isinstance(node.args[0], ast.Constant)):
+            # p.get("status"), not p.stats.get("level"): a record's dict field is read by key
+            key = node.args[0].value
+        if isinstance(key, str) and key in retired:
             found.append((node.lineno, f"{path.parent.name}/{path.name}:{node.lineno}: {ast.unparse(node)}"))
     return [text for _, text in sorted(found)]
 
@@ -129,6 +193,21 @@ def test_flows_and_tasks_read_records_by_attribute():
     assert len(files) >= 3
     found = [hit for f in files for hit in retired_key_reads(f)]
     assert not found, "task results read by dict key:\n" + "\n".join(found)
+
+
+def test_flows_and_tasks_read_products_by_attribute():
+    files = sorted((ROOT / "flows").glob("*.py")) + sorted((ROOT / "tasks").glob("*.py"))
+    found = [hit for f in files for hit in retired_key_reads(f, PRODUCT_KEYS, NOT_PRODUCTS)]
+    assert not found, "product rows read by dict key:\n" + "\n".join(found)
+
+
+def test_the_scan_sees_a_product_read(tmp_path):
+    # the forms flows/build.py used on product rows before the records
+    src = tmp_path / "old.py"
+    src.write_text('ids = [p["calib_id"] for p in products]\nheld = p.get("status") != "certified"\n'
+                   'v = result["products"][0]["valid_begin"]\nok = p.calib_id\nn = result["created"]\n')
+    assert sorted(h.split(": ", 1)[1] for h in retired_key_reads(src, PRODUCT_KEYS, NOT_PRODUCTS)) == [
+        "p.get('status')", "p['calib_id']", "result['products'][0]['valid_begin']"]
 
 
 def test_the_scan_sees_a_dict_read(tmp_path):
@@ -159,7 +238,7 @@ def test_a_scalar_the_record_lacks_fails_the_process_step(tmp_path):
         spec = SimpleNamespace(process=lambda *args: Processed(image, scalars))
         return SimpleNamespace(spec=spec, calib_type="flat", cfg=lambda: None)
 
-    calibs = {"bias": {"calib_id": "bias-1", "path": "/c/bias.fits"}}
+    calibs = {"bias": _product(calib_id="bias-1", path="/c/bias.fits")}
     out = tmp_path / "e1-det000-k.fits"
     mi, rec = _process_pixels(ctx_returning({"level": 812.0, "npoint": 16}), None, None, exposure, 0, calibs, out)
     assert mi is image and (rec.level, rec.npoint, rec.isr_calibs, rec.path) == (812.0, 16, {"bias": "bias-1"},

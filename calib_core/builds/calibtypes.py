@@ -30,7 +30,7 @@ from calib_core.isr.persistent import clear_persistent_cr
 from calib_core.isr.process import IsrConfig, run_isr
 from calib_core.maskedimage import MaskedImage
 from calib_core.quality.verify import against_own_kind, flagged_pixels, sky_bins
-from calib_core.records import Exposure
+from calib_core.records import CalibProduct, Exposure
 from calib_core.sky.frames import SkyConfig, bin_detector
 
 __all__ = ["CalibType", "CALIB_TYPES", "Combined", "Processed", "calib_type", "dependency_order", "isr_with_calibs",
@@ -105,7 +105,7 @@ class CalibType:
     process : callable
         ``process(raw, calibs, exposure, config, camera, detector) -> Processed``; ``exposure`` is
         the input's :class:`~calib_core.records.Exposure`; ``calibs`` maps
-        a calib type to its registry row (``path``, ``calib_id``).
+        a calib type to its registry record (:class:`~calib_core.records.CalibProduct`).
     combine : callable or None
         ``combine(paths, config, exp_scales, ccd_scale) -> Combined``; None where the barrier makes
         the product (sky).
@@ -155,13 +155,13 @@ class CalibType:
 # ---------------------------------------------------------------------------------------------------
 
 
-def isr_with_calibs(raw: RawDetector, isr: IsrConfig, calibs: Mapping[str, dict], darktime: float | None,
+def isr_with_calibs(raw: RawDetector, isr: IsrConfig, calibs: Mapping[str, CalibProduct], darktime: float | None,
                     path: str = "") -> MaskedImage:
-    """Run ISR with the calib products in ``calibs`` (rows from the registry); a step whose calib
+    """Run ISR with the calib products in ``calibs`` (records from the registry, by type); a step whose calib
     is absent and optional (fringe, defects, ptc) is switched off. A certified defects mask flags
     BAD; a certified PTC's gains and read noises replace the camera file's in the variance
     (docs/algorithms.md#defects, docs/algorithms.md#photon-transfer-curve)."""
-    images = {t: read_product(c["path"])[0] for t, c in calibs.items() if t != "ptc"}
+    images = {t: read_product(c.path)[0] for t, c in calibs.items() if t != "ptc"}
     for t in OPTIONAL_IN_ISR:
         step = ISR_STEP[t]
         if getattr(isr, step) and t not in calibs:
@@ -169,7 +169,7 @@ def isr_with_calibs(raw: RawDetector, isr: IsrConfig, calibs: Mapping[str, dict]
     defects = defect_mask(images["defects"]) if isr.do_defect and "defects" in images else None
     gains = read_noises = None
     if isr.use_ptc_gains and "ptc" in calibs:
-        rows = read_ptc(calibs["ptc"]["path"])
+        rows = read_ptc(calibs["ptc"].path)
         gains = {a: r["gain"] for a, r in rows.items() if math.isfinite(r["gain"]) and r["gain"] > 0}
         read_noises = {a: r["read_noise"] for a, r in rows.items() if math.isfinite(r["read_noise"])}
     return run_isr(raw, isr, bias=images.get("bias"), dark=images.get("dark"), flat=images.get("flat"),
@@ -187,7 +187,7 @@ def _process_bias(raw, calibs, exposure, cfg: BiasConfig, camera=None, detector=
 
 
 def _process_dark(raw, calibs, exposure, cfg: DarkConfig, camera=None, detector=None) -> Processed:
-    bias = read_product(calibs["bias"]["path"])[0] if "bias" in calibs else None
+    bias = read_product(calibs["bias"].path)[0] if "bias" in calibs else None
     return Processed(process_dark(raw, bias, exposure.darktime, cfg))
 
 
@@ -231,7 +231,7 @@ def _process_defects(raw, calibs, exposure, cfg: DefectsConfig, camera=None, det
     scalars = {"level": float(level.mean), "amps": _amp_boxes(raw)}
     for t in ("bias", "dark"):
         if t in calibs:
-            scalars[f"{t}_path"] = str(calibs[t]["path"])
+            scalars[f"{t}_path"] = str(calibs[t].path)
     return Processed(mi, scalars)
 
 

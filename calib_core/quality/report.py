@@ -254,9 +254,9 @@ def write_night_report(registry, repo: Path, camera: Camera, night: str, summary
     details = []
     for st, products in rows:
         recs = [r for r in (list_calibs(registry, calib_type=st["type"], camera=camera.name) if products else [])
-                if r["calib_id"] in set(products)]
-        cert = [r for r in recs if r["status"] == "certified"]
-        held = [r for r in recs if r["status"] != "certified"]
+                if r.calib_id in set(products)]
+        cert = [r for r in recs if r.status == "certified"]
+        held = [r for r in recs if r.status != "certified"]
         note = st.get("reason") or ""
         parts.append(f"<tr><td>{esc(st['type'])}</td><td>{esc(st.get('filter') or '-')}</td>"
                      f"<td>{st.get('n_inputs', '')}</td><td>{esc(st['action'])}</td><td>{len(cert)}</td>"
@@ -268,7 +268,7 @@ def write_night_report(registry, repo: Path, camera: Camera, night: str, summary
     for st, recs, _ in details:
         seen = set()
         for r in recs:
-            for i in calib_inputs(registry, r["calib_id"]):
+            for i in calib_inputs(registry, r.calib_id):
                 if not i["used"] and i["exposure_id"] not in seen:
                     seen.add(i["exposure_id"])
                     excl.append((st, i["exposure_id"], i["reason"]))
@@ -289,20 +289,20 @@ def write_night_report(registry, repo: Path, camera: Camera, night: str, summary
             parts.append("<p><b>Held back</b> (kept as candidates; <code>calibflow certify --force ID</code> "
                          "certifies one anyway):</p><ul>")
             for r in held:
-                why = summarise_checks(r.get("verification"))
-                if r["status"] == "decertified":
-                    why = f"decertified: {r.get('status_note') or 'no reason given'}; verification {why}"
-                parts.append(f"<li class='held'><code>{esc(r['calib_id'])}</code> ({esc(r['status'])}): "
+                why = summarise_checks(r.verification)
+                if r.status == "decertified":
+                    why = f"decertified: {r.status_note or 'no reason given'}; verification {why}"
+                parts.append(f"<li class='held'><code>{esc(r.calib_id)}</code> ({esc(r.status)}): "
                              f"{esc(why)}</li>")
             parts.append("</ul>")
-        forced = [r for r in recs if r["status"] == "certified" and r.get("verification")
-                  and not r["verification"].get("passed", True)]
+        forced = [r for r in recs if r.status == "certified" and r.verification
+                  and not r.verification.get("passed", True)]
         if forced:
             parts.append("<p><b>Certified by force</b> (failed verification, certified by a person):</p><ul>")
             for r in forced:
-                parts.append(f"<li class='forced'><code>{esc(r['calib_id'])}</code>: "
-                             f"{esc(r.get('status_note') or 'certified by force')}; "
-                             f"{esc(summarise_checks(r.get('verification')))}</li>")
+                parts.append(f"<li class='forced'><code>{esc(r.calib_id)}</code>: "
+                             f"{esc(r.status_note or 'certified by force')}; "
+                             f"{esc(summarise_checks(r.verification))}</li>")
             parts.append("</ul>")
         if st.get("mosaic") and Path(st["mosaic"]).exists():
             parts.append(f"<figure><img class='mosaic' src='{esc(_rel(st['mosaic'], out))}' alt='mosaic of "
@@ -310,13 +310,13 @@ def write_night_report(registry, repo: Path, camera: Camera, night: str, summary
         metric = DEFAULT_METRICS.get(st["type"])
         values = {}
         for r in recs:
-            for amp, m in ((r.get("verification") or {}).get("metrics") or {}).items():
+            for amp, m in ((r.verification or {}).get("metrics") or {}).items():
                 if metric in m:
-                    values[(r["detector"], amp)] = m[metric]
+                    values[(r.detector, amp)] = m[metric]
         if metric and values:
             fp = out / f"map-{slug}-{metric}.png"
             focal_plane_map(camera, values, f"{label} {night}: {metric}", fp,
-                            failed={r["detector"] for r in held})
+                            failed={r.detector for r in held})
             parts.append(f"<figure><img class='map' src='{esc(fp.name)}' alt='focal-plane map'>"
                          f"<figcaption>focal-plane map: {esc(metric)} ({esc(TREND_METRICS.get(metric, ''))})"
                          "</figcaption></figure>")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +36,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
+from calib_core.records import CalibProduct
 from calib_core.repository.registry import (CalibInputRow, CalibMetricRow, CalibRow, CameraRow, ExposureRow, Registry,
                                             RegistryError, _utc)
 
@@ -42,8 +44,9 @@ __all__ = ["ValidityRule", "CalibInput", "calib_digest", "record_calib", "find_c
            "certify", "decertify", "settle_candidates", "lookup", "explain_lookup", "overlapping",
            "calib_metrics", "make_calib_id", "FILTERLESS_TYPES", "STATUSES"]
 
-#: a product's states: registered and not used by lookup / in use / withdrawn by a person
-STATUSES = ("candidate", "certified", "decertified")
+#: a product's states: registered and not used by lookup / in use / withdrawn by a person (the
+#: record's field states them)
+STATUSES: tuple[str, ...] = typing.get_args(CalibProduct.model_fields["status"].annotation)
 
 FILTERLESS_TYPES = ("bias", "dark", "defects", "ptc")   # the calib types with CalibType.filtered False
 
@@ -89,29 +92,29 @@ def make_calib_id(calib_type: str, camera: str, filter: str, calib_date: dt.date
     return f"{calib_type}-{camera}-{safe_filter}-{calib_date.isoformat()}-det{detector:03d}-{digest[:8]}"
 
 
-def _calib_dict(row: CalibRow, camera: str) -> dict:
-    return {
-        "calib_id": row.calib_id, "type": row.calib_type, "camera": camera, "filter": row.filter,
-        "detector": row.detector_number, "calib_date": row.calib_date.isoformat(),
-        "valid_begin": _utc(row.valid_begin).isoformat() if row.valid_begin else None,
-        "valid_end": _utc(row.valid_end).isoformat() if row.valid_end else None,
-        "path": row.path, "n_inputs": row.n_inputs, "checksum": row.checksum, "status": row.status,
-        "config_hash": row.config_hash, "software_version": row.software_version, "stats": row.stats,
-        "camera_checksum": row.camera_checksum, "verification": row.verification,
-        "status_note": row.status_note or "", "created_at": _utc(row.created_at).isoformat(),
-        "status_changed_at": _utc(row.status_changed_at).isoformat() if row.status_changed_at else None,
-    }
+def _calib_record(row: CalibRow, camera: str) -> CalibProduct:
+    return CalibProduct(
+        calib_id=row.calib_id, type=row.calib_type, camera=camera, filter=row.filter,
+        detector=row.detector_number, calib_date=row.calib_date.isoformat(),
+        valid_begin=_utc(row.valid_begin).isoformat() if row.valid_begin else None,
+        valid_end=_utc(row.valid_end).isoformat() if row.valid_end else None,
+        path=row.path, n_inputs=row.n_inputs, checksum=row.checksum, status=row.status,
+        config_hash=row.config_hash, software_version=row.software_version, stats=row.stats,
+        camera_checksum=row.camera_checksum, verification=row.verification,
+        status_note=row.status_note or "", created_at=_utc(row.created_at).isoformat(),
+        status_changed_at=_utc(row.status_changed_at).isoformat() if row.status_changed_at else None,
+    )
 
 
 def find_calib(registry: Registry, *, camera: str, calib_type: str, filter: str, detector: int,
-               calib_date: dt.date, digest: str) -> dict | None:
+               calib_date: dt.date, digest: str) -> CalibProduct | None:
     with registry.session() as s:
         q = (select(CalibRow, CameraRow.name).join(CameraRow, CalibRow.camera_id == CameraRow.id)
              .where(CameraRow.name == camera, CalibRow.calib_type == calib_type, CalibRow.filter == filter,
                     CalibRow.detector_number == detector, CalibRow.calib_date == calib_date,
                     CalibRow.digest == digest))
         hit = s.execute(q).first()
-        return _calib_dict(*hit) if hit else None
+        return _calib_record(*hit) if hit else None
 
 
 def record_calib(registry: Registry, *, camera: str, calib_type: str, filter: str, detector: int,
@@ -120,7 +123,7 @@ def record_calib(registry: Registry, *, camera: str, calib_type: str, filter: st
                  build_run_id: int | None = None, stats: dict | None = None,
                  publish: Callable[[], None] | None = None, camera_checksum: str | None = None,
                  status: str = "certified", verification: dict | None = None,
-                 metrics: dict[str, dict[str, float | None]] | None = None) -> tuple[dict, bool]:
+                 metrics: dict[str, dict[str, float | None]] | None = None) -> tuple[CalibProduct, bool]:
     """Register a product and every input (used or rejected, with scale and reason) in one transaction.
 
     Returns ``(record, created)``; an identical product (same identity and digest) already registered,
@@ -171,7 +174,7 @@ def record_calib(registry: Registry, *, camera: str, calib_type: str, filter: st
             s.flush()
             if publish is not None:
                 publish()
-            record = _calib_dict(row, camera)
+            record = _calib_record(row, camera)
     except IntegrityError as exc:
         # a concurrent identical registration committed first (the transaction is rolled back)
         existing = find_calib(registry, **identity)
@@ -210,14 +213,15 @@ def _where_calib(q, calib_type, camera, detector, filter):
 
 
 def list_calibs(registry: Registry, *, calib_type: str | None = None, camera: str | None = None,
-                detector: int | None = None, filter: str | None = None, status: str | None = None) -> list[dict]:
+                detector: int | None = None, filter: str | None = None, status: str | None = None
+                ) -> list[CalibProduct]:
     with registry.session() as s:
         q = _where_calib(select(CalibRow, CameraRow.name).join(CameraRow, CalibRow.camera_id == CameraRow.id),
                          calib_type, camera, detector, filter)
         if status:
             q = q.where(CalibRow.status == status)
         q = q.order_by(CalibRow.calib_type, CalibRow.calib_date, CalibRow.detector_number, CalibRow.id)
-        return [_calib_dict(row, cam) for row, cam in s.execute(q)]
+        return [_calib_record(row, cam) for row, cam in s.execute(q)]
 
 
 def calib_inputs(registry: Registry, calib_id: str) -> list[dict]:
@@ -237,7 +241,7 @@ def _calib_row(s, calib_id: str):
 
 
 def certify(registry: Registry, calib_id: str, begin: dt.datetime | None = None, end: dt.datetime | None = None,
-            *, force: bool = False, note: str = "", keep_end: bool = False) -> dict:
+            *, force: bool = False, note: str = "", keep_end: bool = False) -> CalibProduct:
     """Certify a product; ``begin``/``end`` set its validity (``end=None``: open-ended, unless
     ``keep_end``); without ``begin`` the recorded range stays.
 
@@ -270,21 +274,22 @@ def certify(registry: Registry, calib_id: str, begin: dt.datetime | None = None,
         if row.status != "certified":
             row.status, row.status_changed_at = "certified", now
         s.flush()
-        return _calib_dict(row, cam)
+        return _calib_record(row, cam)
 
 
-def decertify(registry: Registry, calib_id: str, reason: str = "") -> dict:
+def decertify(registry: Registry, calib_id: str, reason: str = "") -> CalibProduct:
     """Withdraw a product: lookup no longer returns it; the reason is recorded."""
     with registry.session() as s:
         row, cam = _calib_row(s, calib_id)
         row.status, row.status_changed_at = "decertified", dt.datetime.now(dt.timezone.utc)
         row.status_note = reason or "decertified"
         s.flush()
-        return _calib_dict(row, cam)
+        return _calib_record(row, cam)
 
 
 def settle_candidates(registry: Registry, calib_ids: list[str], extra_checks: dict[str, list[dict]] | None = None,
-                      extra_metrics: dict[str, dict[str, dict[str, float | None]]] | None = None) -> list[dict]:
+                      extra_metrics: dict[str, dict[str, dict[str, float | None]]] | None = None
+                      ) -> list[CalibProduct]:
     """The verification gate's decision for a build's products, in one transaction: checks made
     across products (``extra_checks`` by calib id: the flat's detector-to-detector scatter, the sky
     frame's held-out structure) are added to each one's verification, and their metrics
@@ -321,7 +326,7 @@ def settle_candidates(registry: Registry, calib_ids: list[str], extra_checks: di
             if row.status == "candidate" and (ver is None or ver.get("passed")):
                 row.status, row.status_changed_at = "certified", now
             s.flush()
-            out.append(_calib_dict(row, cam))
+            out.append(_calib_record(row, cam))
     return out
 
 
@@ -352,24 +357,24 @@ def _key_time(row: CalibRow) -> float:
     return _utc(row.status_changed_at or row.created_at).timestamp()
 
 
-def overlapping(rows: list[dict]) -> dict[str, list[str]]:
+def overlapping(rows: list[CalibProduct]) -> dict[str, list[str]]:
     """For each certified product in ``rows``, the other certified products of the same camera,
     type, filter and detector whose validity overlaps its own (lookup then decides by
     docs/architecture.md#lookup-rules)."""
-    def rng(r):
-        b = dt.datetime.fromisoformat(r["valid_begin"]) if r["valid_begin"] else None
-        e = dt.datetime.fromisoformat(r["valid_end"]) if r["valid_end"] else None
+    def rng(r: CalibProduct):
+        b = dt.datetime.fromisoformat(r.valid_begin) if r.valid_begin else None
+        e = dt.datetime.fromisoformat(r.valid_end) if r.valid_end else None
         return b, e
 
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[CalibProduct]] = {}
     for r in rows:
-        if r["status"] == "certified" and r["valid_begin"]:
-            groups.setdefault((r["camera"], r["type"], r["filter"], r["detector"]), []).append(r)
+        if r.status == "certified" and r.valid_begin:
+            groups.setdefault((r.camera, r.type, r.filter, r.detector), []).append(r)
     out: dict[str, list[str]] = {}
     for group in groups.values():
         for a in group:
             ba, ea = rng(a)
-            out[a["calib_id"]] = [b["calib_id"] for b in group if b is not a and
+            out[a.calib_id] = [b.calib_id for b in group if b is not a and
                                   (ea is None or rng(b)[0] < ea) and (rng(b)[1] is None or ba < rng(b)[1])]
     return out
 
@@ -387,7 +392,8 @@ def explain_lookup(registry: Registry, *, camera: str, exposure_id: str, calib_t
     exposure's night; on a tie, the one certified last (then the newest row).
 
     Returns ``{detector, calib_id, chosen, eligible, reasons, rank, ...}`` rows ordered by
-    detector, chosen first, then rank.
+    detector, chosen first, then rank; ``_row`` is the product's :class:`CalibProduct` and ``_key``
+    its sort key among the eligible (both private: the CLI leaves them out).
     """
     with registry.session() as s:
         exp = s.scalar(select(ExposureRow).join(CameraRow, ExposureRow.camera_id == CameraRow.id)
@@ -431,7 +437,7 @@ def explain_lookup(registry: Registry, *, camera: str, exposure_id: str, calib_t
                          "valid_begin": begin.isoformat() if begin else None,
                          "valid_end": end.isoformat() if end else None, "path": row.path,
                          "eligible": not reasons, "reasons": reasons, "chosen": False, "rank": None,
-                         "_key": (days, -_key_time(row), -row.id), "_row": _calib_dict(row, cam)})
+                         "_key": (days, -_key_time(row), -row.id), "_row": _calib_record(row, cam)})
     by_det: dict[int, list[dict]] = {}
     for r in rows:
         by_det.setdefault(r["detector"], []).append(r)
@@ -456,7 +462,7 @@ def explain_lookup(registry: Registry, *, camera: str, exposure_id: str, calib_t
 
 
 def lookup(registry: Registry, *, camera: str, exposure_id: str, calib_type: str,
-           detector: int | None = None, readout_keys: tuple[str, ...] = ()) -> list[dict]:
+           detector: int | None = None, readout_keys: tuple[str, ...] = ()) -> list[CalibProduct]:
     """The certified calib(s) of ``calib_type`` that apply to an exposure, one per detector, by
     the rules of :func:`explain_lookup` (docs/architecture.md#lookup-rules)."""
     return [r["_row"] for r in explain_lookup(registry, camera=camera, exposure_id=exposure_id,
