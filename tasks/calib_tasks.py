@@ -363,7 +363,6 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[ProcessedInpu
             # rejection, average, normalisation); here it is written and registered
             frame = BackgroundModel.from_fits(items[0].frame)
             write_calib_product(path, "sky", frame, cards, build_camera(ctx), detector)
-            finite = np.isfinite(frame.values)
             stats = {"warning": items[0].warning or None, **_sky_stats(frame, len(items), len(dropped or {}))}
             verification = _verify(ctx, registry, detector, frame, items, by_id)
         else:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import time
 from contextlib import contextmanager
