@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, event, func, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from calib_core.camera import Camera, CameraError, camera_from_definition, is_camera_file, load_camera
+from calib_core.camera import Camera, camera_from_definition, is_camera_file, load_camera
 from calib_core.errors import CalibflowError
 from calib_core.records import Exposure
 from calib_core.repository.registry.models import (Base, BuildRunRow, CalibInputRow, CalibMetricRow, CalibRow,
