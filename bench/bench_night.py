@@ -168,18 +168,27 @@ class Profile:
 PROFILE = Profile()
 
 
+def _in_tree(module_name: str) -> bool:
+    """Whether the tree this leg measures has ``module_name``. An import alone cannot tell: an
+    editable install of another checkout supplies the modules a baseline tree lacks."""
+    import calib_core
+
+    root = Path(calib_core.__file__).resolve().parents[1]
+    rel = root.joinpath(*module_name.split("."))
+    return rel.with_suffix(".py").is_file() or (rel / "__init__.py").is_file()
+
+
 def _wrap_everywhere(module_name: str, name: str, step: str) -> None:
     """Replace ``module.name`` by a timed wrapper in every loaded project module that holds it."""
     import functools
     import importlib
 
+    if not _in_tree(module_name):       # a tree from before calib_core's subpackages (the baseline leg)
+        module_name = LEGACY_MODULES.get(module_name, module_name)
     try:
         mod = importlib.import_module(module_name)
     except ImportError:
-        try:            # a tree from before calib_core's subpackages (the baseline leg)
-            mod = importlib.import_module(LEGACY_MODULES.get(module_name, module_name))
-        except ImportError:
-            return
+        return
     orig = getattr(mod, name, None)
     if orig is None:
         return
@@ -233,6 +242,8 @@ def run_leg(args) -> None:
     from calib_core.buildplan import BuildRequest
     from calib_core.camera import load_camera
     try:
+        if not _in_tree("calib_core.repository"):
+            raise ImportError("a tree from before calib_core's subpackages")
         from calib_core.repository import Datastore, Registry, ingest_files, list_calibs
     except ImportError:        # a tree from before calib_core's subpackages (the baseline leg)
         from calib_core.datastore import Datastore

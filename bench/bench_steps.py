@@ -168,10 +168,12 @@ def _module(name: str):
     """Module ``name`` of the tree a leg measures, or its older name in a baseline tree."""
     import importlib
 
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return importlib.import_module(LEGACY_MODULES[name])
+    import calib_core
+
+    # an import alone cannot tell: an editable install of another checkout supplies what a tree lacks
+    rel = Path(calib_core.__file__).resolve().parents[1].joinpath(*name.split("."))
+    in_tree = rel.with_suffix(".py").is_file() or (rel / "__init__.py").is_file()
+    return importlib.import_module(name if in_tree else LEGACY_MODULES[name])
 
 
 def run_leg(d: Path, out_dir: Path, repeat: int) -> dict:
