@@ -284,7 +284,7 @@ def run_leg(args) -> None:
             elif "detector" in parameters:
                 pixels = len(parameters["items"]) * det_pix[parameters["detector"]]
             else:
-                pixels = sum(det_pix[i["detector"]] for i in parameters["items"])
+                pixels = sum(det_pix[i["detector"] if isinstance(i, dict) else i.detector] for i in parameters["items"])
             return self.pool.submit(PROFILE.timed, task.name, lambda: task.fn(**parameters), build=build,
                                     top=task.name, pixels=pixels)
 
