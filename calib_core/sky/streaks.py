@@ -63,6 +63,7 @@ from calib_core.camera import Camera
 from calib_core.configmodel import ConfigModel
 from calib_core.stats._kernels import refine_scores, strip_scores
 from calib_core.stats.background import BackgroundModel, bin_centres
+from calib_core.stats.stack import worker_threads
 
 __all__ = ["StreakConfig", "Streak", "BinnedFocalPlane", "bin_anomalies", "find_line", "find_streaks",
            "streak_reason"]
@@ -384,18 +385,12 @@ def find_streaks(camera: Camera, residuals: Mapping[object, Mapping[object, Back
     # each exposure's search is independent, and its strip sums run in a numba kernel that releases
     # the GIL: one thread per core (the barrier is serial otherwise, and this search is most of it,
     # bench/results/barrier_scaling.md)
-    n = min(len(planes), workers or _workers())
+    n = min(len(planes), workers or worker_threads())
     if n <= 1:
         return {e: find_line(fp, cfg) for e, fp in planes.items()}
     with ThreadPoolExecutor(n, thread_name_prefix="calibflow-streaks") as pool:
         return dict(zip(planes, pool.map(lambda fp: find_line(fp, cfg), planes.values())))
 
-
-def _workers() -> int:
-    """Threads for the search: numba's thread count (the CPUs, or NUMBA_NUM_THREADS)."""
-    import numba
-
-    return max(1, int(numba.config.NUMBA_NUM_THREADS))
 
 
 def streak_reason(s: Streak) -> str:

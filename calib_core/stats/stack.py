@@ -26,7 +26,7 @@ from calib_core.io.products import ProductError, RowReader
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 from calib_core.stats.clipped import stack_statistic
 
-__all__ = ["CombineConfig", "stack_arrays", "stack_files", "fill_nans", "rows_per_block"]
+__all__ = ["CombineConfig", "stack_arrays", "stack_files", "fill_nans", "rows_per_block", "worker_threads"]
 
 
 class CombineConfig(ClipConfig):
@@ -110,8 +110,9 @@ def _fresh(shape, dtype) -> np.ndarray:
 _POOL = None
 
 
-def _workers() -> int:
-    """Threads for the MEANCLIP kernel: numba's thread count (the CPUs, or NUMBA_NUM_THREADS)."""
+def worker_threads() -> int:
+    """Threads for the numba kernels that release the GIL (the MEANCLIP stack, the trail search):
+    numba's thread count (the CPUs, or NUMBA_NUM_THREADS)."""
     import numba
 
     return max(1, int(numba.config.NUMBA_NUM_THREADS))
@@ -123,7 +124,7 @@ def _pool():
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="calibflow-meanclip")
+        _POOL = ThreadPoolExecutor(max_workers=worker_threads(), thread_name_prefix="calibflow-meanclip")
     return _POOL
 
 
@@ -159,7 +160,7 @@ def _meanclip(data, masks, variances, h, ignore_bits, nsigma, niter, no_data, ou
     args = (data, m, masks is not None, v, variances is not None, np.int32(ignore_bits), ops, srows, w)
     tail = (float(nsigma), int(niter), np.int32(no_data), *outs)
     pool = _pool()
-    pieces = max(1, min(nb, PIECES_PER_THREAD * _workers()))
+    pieces = max(1, min(nb, PIECES_PER_THREAD * worker_threads()))
     bounds = [k * nb // pieces for k in range(pieces + 1)]
     futures = [pool.submit(meanclip_blocks, *args, bounds[k], bounds[k + 1], *tail) for k in range(pieces)]
     for f in futures:
