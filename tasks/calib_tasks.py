@@ -28,7 +28,7 @@ from calib_core.camera import Camera
 from calib_core.errors import is_retryable
 from calib_core.io.atomic import private_name
 from calib_core.io.productmeta import write_calib_product
-from calib_core.io.products import provenance_cards, read_product, write_hdulist, write_product
+from calib_core.io.products import provenance_cards, read_calib, read_product, write_hdulist, write_product
 from calib_core.io.raw import RawReadError, read_raw
 from calib_core.isr.process import IsrError
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
@@ -223,7 +223,7 @@ def _screened(ctx: BuildContext, registry: Registry, exposure: Exposure, detecto
     master = last_good_master(ctx, registry, exposure.exposure_id, detector)
     if mi is None:
         mi = read_product(result.path)[0]
-    why = screen_input(ctx.calib_type, mi, read_product(master.path)[0] if master else None, ctx.screen_cfg())
+    why = screen_input(ctx.calib_type, mi, read_calib(master.path) if master else None, ctx.screen_cfg())
     if why:
         return result.model_copy(update={"screened": f"detector {detector}: {why}"
                                           + (f" (master {master.calib_id})" if master and "master" in why else "")})

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from calib_core.errors import InputError
 from calib_core.io.atomic import STALE_AGE_S, create_private, private_name, sweep_stale
 from calib_core.io.products import read_product, write_product
 from calib_core.maskedimage import MaskedImage
@@ -84,3 +85,59 @@ def test_interrupted_write_leaves_a_sweepable_temporary(tmp_path):
     write_product(tmp_path / "p.fits", MaskedImage.from_image(np.ones((4, 4), np.float32)), {})
     assert [p.name for p in tmp_path.iterdir()] == ["p.fits"]
     assert read_product(tmp_path / "p.fits")[0].image.shape == (4, 4)
+
+
+# -- the per-process cache of calib products -------------------------------------------------------
+
+
+def _product(path, value):
+    rng = np.random.default_rng(int(value))
+    mi = MaskedImage(rng.normal(value, 1.0, (40, 30)), (rng.random((40, 30)) < 0.1).astype(np.int32),
+                     np.full((40, 30), 2.0))
+    write_product(path, mi)
+    return mi
+
+
+def test_read_calib_reads_a_product_once_and_shares_it_read_only(tmp_path, monkeypatch):
+    from calib_core.io import products
+
+    monkeypatch.setattr(products, "_CALIBS", products._CalibCache())
+    path = tmp_path / "bias.fits"
+    truth = _product(path, 100.0)
+    reads = []
+    real = products.read_product
+    monkeypatch.setattr(products, "read_product", lambda p: reads.append(p) or real(p))
+    first = products.read_calib(path)
+    again = products.read_calib(str(path))
+    assert len(reads) == 1 and again is first
+    for plane, ref in ((first.image, truth.image), (first.mask, truth.mask), (first.variance, truth.variance)):
+        assert np.array_equal(plane, ref) and not plane.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            plane[0, 0] = 0
+
+
+def test_read_calib_rereads_a_replaced_product_and_honours_the_budget(tmp_path, monkeypatch):
+    from calib_core.io import products
+
+    monkeypatch.setattr(products, "_CALIBS", products._CalibCache())
+    path = tmp_path / "flat.fits"
+    _product(path, 1.0)
+    assert products.read_calib(path).image.mean() == pytest.approx(1.0, abs=0.2)
+    newer = _product(path, 5.0)                 # written atomically: a new inode under the same name
+    assert np.array_equal(products.read_calib(path).image, newer.image)
+
+    monkeypatch.setenv(products.CALIB_CACHE_ENV, "0")       # nothing kept: each call reads the file
+    products._CALIBS.clear()
+    assert products.read_calib(path) is not products.read_calib(path)
+    monkeypatch.setenv(products.CALIB_CACHE_ENV, "0.02")   # room for one 40x30 product (14 kB), not two
+    other = tmp_path / "dark.fits"
+    _product(other, 7.0)
+    a = products.read_calib(path)
+    assert products.read_calib(path) is a
+    products.read_calib(other)                  # evicts the least recently used
+    assert products.read_calib(path) is not a
+    monkeypatch.setenv(products.CALIB_CACHE_ENV, "lots")
+    with pytest.raises(InputError, match="CALIBFLOW_CALIB_CACHE_MB='lots'"):
+        products.read_calib(other)
+    with pytest.raises(products.ProductError, match="missing.fits"):
+        products.read_calib(tmp_path / "missing.fits")

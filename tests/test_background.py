@@ -7,7 +7,7 @@ from scipy.interpolate import Akima1DInterpolator, CubicSpline
 from calib_core.maskedimage import MaskedImage, mask_bits
 from calib_core.stats.background import (BackgroundConfig, BackgroundModel, bin_centres, bin_edges, interpolate_1d,
                                          lookup_max_interp_style, measure_background, n_bins)
-from calib_core.stats.binned import box_statistics, grid_statistics
+from calib_core.stats.binned import box_statistics, grid_statistics, image_statistic
 from calib_core.stats.clipped import clipped_mean, compute_statistic
 
 RNG = np.random.default_rng(42)
@@ -108,6 +108,51 @@ def test_histogram_quantiles_exact_when_the_sample_misleads():
         assert out[0, 0] == np.median(x)
         ref = compute_statistic("MEANCLIP", img)
         assert box_statistics(img, None, 0, [(0, 64, 0, 128)])[0, 0] == pytest.approx(ref.mean, rel=1e-12)
+
+
+@pytest.mark.parametrize("stat", ["MEANCLIP", "MEAN", "MEDIAN", "SIGMACLIP", "MINMAX"])
+@pytest.mark.parametrize("case", ["ccd", "objects", "small", "ties", "float64", "empty", "no-mask"])
+def test_image_statistic_matches_the_numpy_reference(stat, case):
+    """The whole-image kernel the builds use (flat levels, verification, defects, overscan) against
+    compute_statistic, the NumPy reference (itself tested against brute force in test_stats):
+    every field, to rounding (sums run in another order)."""
+    shape = {"ccd": (512, 300), "objects": (400, 257), "small": (7, 9), "ties": (90, 70),
+             "float64": (128, 100), "empty": (5, 6), "no-mask": (64, 64)}[case]
+    img = RNG.normal(1000, 30, shape).astype(np.float64 if case == "float64" else np.float32)
+    mask = np.where(RNG.random(shape) < 0.05, mask_bits(["BAD"]), 0).astype(np.int32)
+    mask |= np.where(RNG.random(shape) < 0.1, mask_bits(["SAT"]), 0).astype(np.int32)
+    ignore = mask_bits(["BAD"])
+    if case == "objects":                            # bright objects stretching the range by decades
+        bright = RNG.random(shape) < 0.04
+        img[bright] *= RNG.lognormal(2, 2, int(bright.sum()))
+        img[10:30, 40:90] = 6e4
+    if case == "ties":
+        img[:, ::2] = 1000.0
+    img.flat[::97] = np.nan
+    img.flat[5] = np.inf
+    if case == "empty":
+        mask[:] = ignore
+    if case == "no-mask":
+        mask, ignore = None, 0
+    ref = compute_statistic(stat, img, mask, ignore)
+    got = image_statistic(stat, img, mask, ignore)
+    assert (got.npoint, got.n_used, got.or_mask) == (ref.npoint, ref.n_used, ref.or_mask)
+    for field in ("mean", "variance", "error", "median"):
+        r, g = getattr(ref, field), getattr(got, field)
+        if np.isnan(r):
+            assert np.isnan(g), field
+        else:
+            assert g == pytest.approx(r, rel=1e-11, abs=1e-12), field
+
+
+def test_image_statistic_clip_parameters_reach_the_kernel():
+    x = np.concatenate([RNG.normal(0, 1, 20000), RNG.normal(0, 1, 2000) + 3.5])
+    for nsigma, niter in ((2.0, 1), (2.5, 5), (4.0, 0)):
+        ref = compute_statistic("MEANCLIP", x, nsigma=nsigma, niter=niter)
+        got = image_statistic("MEANCLIP", x, nsigma=nsigma, niter=niter)
+        assert got.n_used == ref.n_used and got.mean == pytest.approx(ref.mean, rel=1e-12)
+    with pytest.raises(ValueError, match="unknown statistic"):
+        image_statistic("MODE", x)
 
 
 # -- interpolation ---------------------------------------------------------------------------------

@@ -326,3 +326,50 @@ def test_fringe_fit_pass_median_is_numpys_whatever_the_guess(guess):
         r = np.abs((y - ym - s * (x - xm)) * np.sqrt(w))
         np.testing.assert_allclose(absr, r, rtol=1e-12, atol=1e-12 * np.abs(y).max())   # y - ym cancels
         assert med == np.median(absr[keep])
+
+
+def _bridge_rows_numpy(image, variance, bad, target):
+    """The row bridge as interpolate_over did it before its numba kernel: one ``np.interp`` per row
+    and plane, between the row's good pixels (the reference bridge_rows is held to)."""
+    x = np.arange(bad.shape[1])
+    for y in np.flatnonzero(target.any(axis=1)):
+        good = ~bad[y]
+        if not good.any():
+            continue
+        t = target[y]
+        for plane in (image, variance):
+            plane[y, t] = np.interp(x[t], x[good], plane[y, good])
+
+
+@pytest.mark.parametrize("case", ["columns", "edges", "one-good", "random", "all-bad-row", "inf-neighbours"])
+def test_bridge_rows_equals_numpys_interp(case):
+    from calib_core.stats._kernels import bridge_rows
+
+    rng = np.random.default_rng(sum(map(ord, case)))
+    ny, nx = 60, 45
+    image = rng.normal(1000, 30, (ny, nx)).astype(np.float32)
+    variance = rng.uniform(10, 20, (ny, nx)).astype(np.float32)
+    bad = np.zeros((ny, nx), bool)
+    if case == "columns":
+        bad[:, [3, 4, 20]] = True
+    elif case == "edges":
+        bad[:, :3] = bad[:, -2:] = True                  # beyond the last good pixel: end values
+    elif case == "one-good":
+        bad[:, :] = True
+        bad[:, 17] = False
+    elif case == "random":
+        bad = rng.random((ny, nx)) < 0.3
+    elif case == "all-bad-row":
+        bad[7, :] = True
+        bad[:, 9] = True
+    else:
+        bad[:, 10] = True
+        image[:, 9] = 3e38                               # huge neighbours: slope overflow paths
+        image[:, 11] = -3e38
+    target = bad & (rng.random((ny, nx)) < 0.8)
+    ref_i, ref_v = image.copy(), variance.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        _bridge_rows_numpy(ref_i, ref_v, bad, target)
+    bridge_rows(image, variance, bad, target)
+    np.testing.assert_array_equal(image, ref_i)
+    np.testing.assert_array_equal(variance, ref_v)

@@ -22,7 +22,8 @@ from calib_core.io.raw import RawDetector
 from calib_core.isr.cosmicrays import mask_cosmic_rays
 from calib_core.isr.process import IsrConfig, run_isr
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.stats.clipped import ClippedStats, compute_statistic
+from calib_core.stats.binned import image_statistic
+from calib_core.stats.clipped import ClippedStats
 from calib_core.stats.stack import CombineConfig, stack_arrays, stack_files
 
 __all__ = ["StatsConfig", "BiasConfig", "DarkConfig", "FlatConfig", "FlatScales", "process_bias",
@@ -129,8 +130,8 @@ def process_dark(raw: RawDetector, bias, darktime: float, config: DarkConfig | N
 def background_level(mi: MaskedImage, config: StatsConfig | None = None) -> ClippedStats:
     """``CalibStatsTask``: MEANCLIP (3 sigma, 3 passes) ignoring DETECTED/BAD/NO_DATA."""
     config = config or StatsConfig()
-    return compute_statistic(config.statistic, mi.image, mi.mask, MASK_PLANES.bits(config.mask),
-                             nsigma=config.nsigma, niter=config.niter)
+    return image_statistic(config.statistic, mi.image, mi.mask, MASK_PLANES.bits(config.mask),
+                           nsigma=config.nsigma, niter=config.niter)
 
 
 def process_flat(raw: RawDetector, bias, dark=None, darktime: float | None = None,

@@ -24,7 +24,7 @@ from calib_core.builds.fringe import FringeBuildConfig, prepare_fringe, remove_c
 from calib_core.builds.ptc import (PtcConfig, fit_ptc, gain_map, make_pairs, overscan_noise, pair_stats, plot_ptc,
                                    ptc_table_hdus, read_ptc)
 from calib_core.errors import DataError
-from calib_core.io.products import provenance_cards, read_product
+from calib_core.io.products import provenance_cards, read_calib, read_product
 from calib_core.io.raw import RawDetector
 from calib_core.isr.persistent import clear_persistent_cr
 from calib_core.isr.process import IsrConfig, run_isr
@@ -161,7 +161,7 @@ def isr_with_calibs(raw: RawDetector, isr: IsrConfig, calibs: Mapping[str, Calib
     is absent and optional (fringe, defects, ptc) is switched off. A certified defects mask flags
     BAD; a certified PTC's gains and read noises replace the camera file's in the variance
     (docs/algorithms.md#defects, docs/algorithms.md#photon-transfer-curve)."""
-    images = {t: read_product(c.path)[0] for t, c in calibs.items() if t != "ptc"}
+    images = {t: read_calib(c.path) for t, c in calibs.items() if t != "ptc"}
     for t in OPTIONAL_IN_ISR:
         step = ISR_STEP[t]
         if getattr(isr, step) and t not in calibs:
@@ -187,7 +187,7 @@ def _process_bias(raw, calibs, exposure, cfg: BiasConfig, camera=None, detector=
 
 
 def _process_dark(raw, calibs, exposure, cfg: DarkConfig, camera=None, detector=None) -> Processed:
-    bias = read_product(calibs["bias"].path)[0] if "bias" in calibs else None
+    bias = read_calib(calibs["bias"].path) if "bias" in calibs else None
     return Processed(process_dark(raw, bias, exposure.darktime, cfg))
 
 

@@ -29,7 +29,7 @@ from calib_core.configmodel import ClipConfig
 from calib_core.errors import InputError
 from calib_core.isr.process import IsrConfig
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.stats.clipped import clipped_mean
+from calib_core.stats.binned import image_statistic
 from calib_core.stats.stack import CombineConfig
 
 __all__ = ["ORIGINS", "DefectsConfig", "ManualDefect", "find_outliers", "complete_columns", "fill_columns",
@@ -136,7 +136,7 @@ def find_outliers(image: np.ndarray, amps: Sequence[AmpBox], n_bright: float | N
         sub, ok = image[y0:y1, x0:x1], usable[y0:y1, x0:x1]
         if not ok.any():
             continue
-        st = clipped_mean(sub[ok], nsigma=clip, niter=niter)
+        st = image_statistic("MEANCLIP", sub[ok], nsigma=clip, niter=niter)
         sigma = float(np.sqrt(max(st.variance, 0.0)))
         if not np.isfinite(st.mean) or sigma == 0:
             continue

@@ -32,8 +32,7 @@ from calib_core.configmodel import ClipConfig
 from calib_core.errors import DataError
 from calib_core.isr.process import IsrConfig
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.stats.binned import meanclip_values
-from calib_core.stats.clipped import clipped_mean
+from calib_core.stats.binned import image_statistic, meanclip_values
 
 __all__ = ["PtcConfig", "PairStats", "AmpPtc", "pair_stats", "overscan_noise", "fit_ptc", "make_pairs",
            "ptc_table_hdus", "read_ptc", "plot_ptc", "FIT_TYPES"]
@@ -182,7 +181,7 @@ def overscan_noise(overscan: np.ndarray, axis: int = 1, nsigma: float = 5.5) -> 
     if n < 2:
         return math.nan
     resid = over - over.mean(axis=axis, keepdims=True)
-    st = clipped_mean(resid, nsigma=nsigma, niter=3)
+    st = image_statistic("MEANCLIP", resid, nsigma=nsigma, niter=3)
     return float(math.sqrt(max(st.variance, 0.0) * n / (n - 1)))
 
 

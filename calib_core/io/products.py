@@ -21,7 +21,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -32,7 +34,7 @@ from calib_core.errors import InputError
 from calib_core.io.atomic import create_private
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 
-__all__ = ["ProductError", "write_product", "write_hdulist", "read_product", "read_rows", "RowReader",
+__all__ = ["ProductError", "write_product", "write_hdulist", "read_product", "read_calib", "read_rows", "RowReader",
            "provenance_cards", "PLANES", "UNCERT_EXTNAME", "squared_unit"]
 
 #: the planes of a product, by what they hold; the variance is stored in the ``UNCERT`` extension
@@ -293,6 +295,73 @@ def read_product(path) -> tuple[MaskedImage, fits.Header]:
     if variance is None:
         variance = np.zeros(image.shape, np.float32)
     return MaskedImage(image, mask, variance), header
+
+
+#: environment variable: megabytes of calib products a process keeps read (0: none)
+CALIB_CACHE_ENV = "CALIBFLOW_CALIB_CACHE_MB"
+#: its default: the calibs a democam night's ISR applies to all nine CCDs (bias, dark, flat,
+#: fringe, defects at 24 MB each), so each is read once per build instead of once per exposure
+CALIB_CACHE_MB = 1536
+
+
+class _CalibCache:
+    """Calib products already read, least recently used first, up to a byte budget. A product is
+    written once (to a temporary name, then renamed), so its path with the file's inode, size and
+    modification time names its content: a product replaced on disk is read again."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple, MaskedImage] = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def budget() -> int:
+        value = os.environ.get(CALIB_CACHE_ENV, "").strip()
+        try:
+            mb = float(value) if value else CALIB_CACHE_MB
+        except ValueError:
+            raise InputError(f"{CALIB_CACHE_ENV}={value!r}: expected a number of megabytes") from None
+        return max(0, int(mb * 2**20))
+
+    def get(self, path) -> MaskedImage:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ProductError(path, f"cannot read ({exc.strerror or exc})") from None
+        key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        mi = read_product(path)[0]
+        for plane in (mi.image, mi.mask, mi.variance):
+            plane.flags.writeable = False          # shared by every caller: nobody may change it
+        size = mi.image.nbytes + mi.mask.nbytes + mi.variance.nbytes
+        budget = self.budget()
+        with self._lock:
+            if size <= budget and key not in self._items:
+                self._items[key] = mi
+                self._bytes += size
+                while self._bytes > budget:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= old.image.nbytes + old.mask.nbytes + old.variance.nbytes
+        return mi
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+_CALIBS = _CalibCache()
+
+
+def read_calib(path) -> MaskedImage:
+    """A calib product's planes, read once per process while they fit the cache
+    (``CALIBFLOW_CALIB_CACHE_MB``, default 1536): the ISR of every exposure applies the same few
+    masters. The planes are shared and read-only; copy before changing them."""
+    return _CALIBS.get(path)
 
 
 def read_rows(path, y0: int, y1: int):

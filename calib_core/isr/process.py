@@ -20,9 +20,9 @@ from calib_core.configmodel import ConfigModel
 from calib_core.errors import DataError
 from calib_core.io.raw import RawAmp, RawDetector
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.stats._kernels import fringe_fit_inputs, fringe_fit_pass
+from calib_core.stats._kernels import bridge_rows, fringe_fit_inputs, fringe_fit_pass
 from calib_core.stats.background import BackgroundConfig, measure_background
-from calib_core.stats.clipped import clipped_mean
+from calib_core.stats.binned import image_statistic
 
 __all__ = ["IsrConfig", "IsrError", "run_isr", "interpolate_over", "overscan_correction", "fit_fringe_scale"]
 
@@ -88,8 +88,8 @@ def _overscan_profile(amp: RawAmp, config: IsrConfig, path: str) -> np.ndarray:
             return np.array(np.median(good))
         if fit == "MEAN":
             return np.array(good.mean())
-        return np.array(clipped_mean(good, nsigma=config.overscan_nsigma,
-                                     niter=config.overscan_niter).mean)
+        return np.array(image_statistic("MEANCLIP", good, nsigma=config.overscan_nsigma,
+                                        niter=config.overscan_niter).mean)
 
     axis = amp.overscan_axis          # 1: overscan columns -> one value per row
     import warnings
@@ -406,11 +406,4 @@ def interpolate_over(mi: MaskedImage, bits: int, along: str = "row") -> int:
 
 def _bridge_only(mi: MaskedImage, bad: np.ndarray, target: np.ndarray) -> None:
     """Row bridges between pixels not in ``bad``, written to the ``target`` pixels only."""
-    x = np.arange(bad.shape[1])
-    for y in np.flatnonzero(target.any(axis=1)):
-        good = ~bad[y]
-        if not good.any():
-            continue
-        t = target[y]
-        for plane in (mi.image, mi.variance):
-            plane[y, t] = np.interp(x[t], x[good], plane[y, good])
+    bridge_rows(mi.image, mi.variance, np.ascontiguousarray(bad), np.ascontiguousarray(target))

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from calib_core.configmodel import ClipConfig
 from calib_core.io.raw import RawDetector
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.stats.clipped import clipped_mean
+from calib_core.stats.binned import image_statistic
 
 __all__ = ["VerifyConfig", "ScreenConfig", "Check", "Verification", "verify_product", "screen_input",
            "TestFrame", "VerifyInputs", "against_own_kind", "flagged_pixels", "sky_bins",
@@ -148,11 +148,9 @@ def _good(mi: MaskedImage, values: np.ndarray) -> np.ndarray:
 
 def _clip(values: np.ndarray, cfg: VerifyConfig) -> tuple[float, float]:
     """(clipped mean, clipped standard deviation) of finite values; NaN when there are too few."""
-    v = np.asarray(values, np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if v.size < 10:
+    s = image_statistic("MEANCLIP", values, nsigma=cfg.nsigma, niter=cfg.niter)
+    if s.npoint < 10:
         return math.nan, math.nan
-    s = clipped_mean(v, nsigma=cfg.nsigma, niter=cfg.niter)
     return float(s.mean), float(math.sqrt(max(s.variance, 0.0)))
 
 

@@ -24,7 +24,7 @@ from numba import njit, prange
 from calib_core.stats.clipped import IQR_TO_SIGMA  # the one definition (numba reads it as a constant)
 
 __all__ = ["bswap32_inplace", "stack_kernel", "meanclip_blocks", "sorting_network", "sorting_program",
-           "block_width", "STACK_CODES"]
+           "block_width", "STACK_CODES", "bridge_rows"]
 
 #: statistics with a numba kernel: MEANCLIP -> :func:`meanclip_blocks`, the others -> :func:`stack_kernel`
 STACK_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
@@ -1202,3 +1202,64 @@ def refine_scores(u, v, q, sn, cs, offsets, half):
                 n += on
             out[j, a] = pairwise_sum(row, 0, nb) / math.sqrt(n) if n > 0 else -math.inf
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# ISR interpolation over bad pixels: row bridges (calib_core.isr.process.interpolate_over)
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _interp_one(plane, y, good, ng, j, x):
+    """``np.interp(x, good[:ng], plane[y, good[:ng]])`` for ``good[j] <= x < good[j + 1]`` (j = -1:
+    left of every good pixel), with NumPy's arithmetic: float64 slope times offset plus left value,
+    its NaN fallbacks, and the end values beyond the last good pixels."""
+    if j < 0:
+        return np.float64(plane[y, good[0]])
+    if j >= ng - 1:
+        return np.float64(plane[y, good[ng - 1]])
+    xl = good[j]
+    fl = np.float64(plane[y, xl])
+    if xl == x:
+        return fl
+    xr = good[j + 1]
+    fr = np.float64(plane[y, xr])
+    slope = (fr - fl) / np.float64(xr - xl)
+    res = slope * np.float64(x - xl) + fl
+    if math.isnan(res):
+        res = slope * np.float64(x - xr) + fr
+        if math.isnan(res) and fl == fr:
+            res = fl
+    return res
+
+
+@njit(cache=True, nogil=True)
+def bridge_rows(image, variance, bad, target):
+    """In place: each ``target`` pixel of ``image`` and ``variance`` gets the linear interpolation,
+    along its row, between the nearest pixels not in ``bad`` (the end value beyond the last one);
+    rows with no good pixel are left alone. ``target`` must lie inside ``bad``. The loop of
+    ``np.interp`` calls it replaced is kept in tests/test_isr.py as its reference."""
+    ny, nx = bad.shape
+    good = np.empty(nx, np.int64)
+    for y in range(ny):
+        wanted = False
+        for x in range(nx):
+            if target[y, x]:
+                wanted = True
+                break
+        if not wanted:
+            continue
+        ng = 0
+        for x in range(nx):
+            if not bad[y, x]:
+                good[ng] = x
+                ng += 1
+        if ng == 0:
+            continue
+        j = -1
+        for x in range(nx):
+            while j + 1 < ng and good[j + 1] <= x:
+                j += 1
+            if target[y, x]:
+                image[y, x] = _interp_one(image, y, good, ng, j, x)
+                variance[y, x] = _interp_one(variance, y, good, ng, j, x)
