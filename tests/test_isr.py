@@ -373,3 +373,36 @@ def test_bridge_rows_equals_numpys_interp(case):
     bridge_rows(image, variance, bad, target)
     np.testing.assert_array_equal(image, ref_i)
     np.testing.assert_array_equal(variance, ref_v)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32])
+@pytest.mark.parametrize("shape", ["scalar", "per-row", "per-column"])
+def test_subtract_level_equals_the_numpy_expression(dtype, shape):
+    """Overscan subtraction's kernel against what ISR computed before it:
+    ``(float64(data) - level).astype(float32)``, bit for bit, on a strided view of the raw."""
+    from calib_core.stats._kernels import subtract_level
+
+    rng = np.random.default_rng(5)
+    raw = (rng.normal(1000, 300, (70, 90)) if dtype == np.float32 else rng.integers(0, 65535, (70, 90))).astype(dtype)
+    data = raw[3:60, 5:81]                           # a view, as an amplifier's data section is
+    level = {"scalar": np.array(1000.123456789), "per-row": rng.normal(1000, 5, (57, 1)),
+             "per-column": rng.normal(1000, 5, (1, 76))}[shape]
+    out = np.empty(data.shape, np.float32)
+    subtract_level(data, level.reshape(1, 1) if level.ndim == 0 else level, out)
+    np.testing.assert_array_equal(out, (np.asarray(data, np.float64) - level).astype(np.float32))
+
+
+def test_add_signal_variance_equals_the_numpy_expression():
+    from calib_core.stats._kernels import add_signal_variance
+
+    rng = np.random.default_rng(6)
+    image = rng.normal(100, 200, (64, 48)).astype(np.float32)
+    image[::7, ::5] = np.nan
+    image[1, :4] = [0.0, -0.0, np.inf, -np.inf]
+    gain = np.where(np.arange(48) < 24, 1.7, 2.3).astype(np.float32)[None, :].repeat(64, 0)
+    rn = np.where(np.arange(48) < 24, 4.5, 5.1).astype(np.float32)[None, :].repeat(64, 0)
+    variance = rng.uniform(0, 3, image.shape).astype(np.float32)
+    ref = variance.copy()
+    ref += np.maximum(image, 0) / gain + (rn / gain) ** 2
+    add_signal_variance(variance, image, gain, rn)
+    np.testing.assert_array_equal(variance, ref)

@@ -143,3 +143,34 @@ def test_growth_equals_distance_transform(radius):
     det = rng.random((97, 131)) < 0.004
     det[0, 5] = det[96, 130] = det[50, 0] = True
     assert np.array_equal(_grow(det, radius), ndimage.distance_transform_edt(~det) <= radius)
+
+
+@pytest.mark.parametrize("case", ["plain", "odd", "no-mask", "holes", "all-flagged", "tiny"])
+def test_binned_noise_from_the_variance_is_numpys_median(case):
+    """The detection noise from the variance plane: sqrt(median of the finite, positive, unflagged
+    variances) / b, the median as numpy computes it in float64 (the kernel's selection is exact);
+    with no such variance it falls back to the binned image's MAD."""
+    from calib_core.sky.objectmask import _binned_noise
+
+    rng = np.random.default_rng(7)
+    shape = {"tiny": (9, 11), "odd": (301, 257)}.get(case, (400, 300))
+    var = rng.uniform(50, 150, shape).astype(np.float32)
+    mask = np.where(rng.random(shape) < 0.2, 4, 0).astype(np.int32)
+    if case == "holes":
+        var[rng.random(shape) < 0.05] = np.nan
+        var[rng.random(shape) < 0.05] = 0.0
+        var[rng.random(shape) < 0.05] = -3.0
+    if case == "all-flagged":
+        mask[:] = 4
+    if case == "no-mask":
+        mask = None
+    binned = rng.normal(0, 2.0, (40, 30))
+    bmask = np.zeros(binned.shape, np.int32)
+    got = _binned_noise(binned, bmask, var, mask, 4, 4)
+    v = var.astype(np.float64)
+    sel = np.isfinite(v) & (v > 0) & (((mask & 4) == 0) if mask is not None else True)
+    if sel.any():
+        assert got == np.sqrt(np.median(v[sel])) / 4
+    else:
+        d = np.diff(binned, axis=1).ravel()
+        assert got == pytest.approx(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0), rel=1e-12)

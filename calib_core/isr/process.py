@@ -20,7 +20,8 @@ from calib_core.configmodel import ConfigModel
 from calib_core.errors import DataError
 from calib_core.io.raw import RawAmp, RawDetector
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.stats._kernels import bridge_rows, fringe_fit_inputs, fringe_fit_pass
+from calib_core.stats._kernels import (add_signal_variance, bridge_rows, fringe_fit_inputs, fringe_fit_pass,
+                                       subtract_level)
 from calib_core.stats.background import BackgroundConfig, measure_background
 from calib_core.stats.binned import image_statistic
 
@@ -144,8 +145,11 @@ def overscan_correction(amp: RawAmp, config: IsrConfig | None = None, path: str 
         For error messages.
     """
     config = config or IsrConfig()
-    level = _overscan_profile(amp, config, path)
-    return (np.asarray(amp.data, np.float64) - level).astype(np.float32)
+    level = np.asarray(_overscan_profile(amp, config, path), np.float64)
+    data = np.asarray(amp.data)
+    out = np.empty(data.shape, np.float32)
+    subtract_level(data, level.reshape((1, 1) if level.ndim == 0 else level.shape), out)   # float64 difference
+    return out
 
 
 def fit_fringe_scale(image: MaskedImage, fringe, ignore_bits: int, background: BackgroundConfig | None = None,
@@ -316,7 +320,7 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
         # ip_isr updateVariance: image/gain + (rn/gain)**2 in ADU**2, per amp. The Poisson term
         # uses the bias-subtracted signal (clipped at 0); the master bias's variance, added by the
         # subtraction above, is kept (ip_isr overwrites it).
-        mi.variance += np.maximum(mi.image, 0) / gain + (rn / gain) ** 2
+        add_signal_variance(mi.variance, mi.image, gain, rn)      # += max(image, 0) / gain + (rn / gain)**2
 
     if config.do_dark:
         if dark is None:

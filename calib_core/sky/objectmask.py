@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from calib_core.maskedimage import MaskedImage, mask_bits
 from calib_core.stats.background import BackgroundConfig, measure_background
-from calib_core.stats.binned import box_statistics
+from calib_core.stats.binned import _quartiles, _quartiles_hist, box_statistics
 
 __all__ = ["DetectionConfig", "MaskObjectsConfig", "detect_sources", "find_objects",
            "remove_objects", "mask_objects", "auto_binning"]
@@ -101,7 +101,7 @@ def auto_binning(sigma: float, binning="auto") -> int:
     return 4 if sigma >= 4.0 else (2 if sigma >= 2.0 else 1)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _bin_kernel(img, mask, bits, b):
     """b x b block means of img (non-finite pixels count as 0) and OR of (mask & bits)."""
     ny, nx = img.shape[0] // b, img.shape[1] // b
@@ -142,7 +142,7 @@ def _upsample(m: np.ndarray, b: int, shape) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _set_planes_kernel(mask, pos, neg, use_neg, b, bit, nbit):
     """mask &= ~(bit | nbit), then bit where the b x b-binned ``pos`` is set (and nbit where
     ``neg`` is), with the remainder rows/columns taking their nearest binned neighbour: the same
@@ -176,7 +176,7 @@ def _disk_half_widths(radius: float) -> np.ndarray:
     return np.array([np.abs(d[row]).max() for row in inside], np.int64)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _grow_kernel(det, half):
     """Dilation of ``det`` by the disk whose row offset dy spans |dx| <= half[dy + r]: each row's
     distance to its nearest set pixel, then an OR over the 2r+1 row offsets."""
@@ -230,6 +230,26 @@ def _gaussian_noise_factor(s: float) -> float:
     return float(np.sqrt(np.sum(w * w)))
 
 
+@numba.njit(cache=True, nogil=True)
+def _positive_median_kernel(v, m, bits):
+    """Median (numpy's, in float64) of the finite, positive ``v`` whose ``m`` has none of ``bits``;
+    NaN when there is none. One gathering pass and histogram-guided selection (stats.binned)."""
+    buf = np.empty(v.size, np.float64)
+    n = 0
+    for i in range(v.size):
+        x = v[i]
+        if (m[i] & bits) == 0 and math.isfinite(x) and x > 0:
+            buf[n] = x
+            n += 1
+    if n == 0:
+        return math.nan
+    if n > 256:
+        _, med, _ = _quartiles_hist(buf, n, np.empty(n, np.float64))
+    else:
+        _, med, _ = _quartiles(buf, n)
+    return med
+
+
 def _binned_noise(binned, bmask, variance, mask, bits, b) -> float:
     """Noise (standard deviation) of one b x b-binned pixel.
 
@@ -238,12 +258,11 @@ def _binned_noise(binned, bmask, variance, mask, bits, b) -> float:
     of horizontally neighbouring good binned pixels over sqrt(2), which smooth structure and compact
     objects barely touch."""
     if variance is not None:
-        v = np.asarray(variance)
-        good = (np.asarray(mask) & bits) == 0 if mask is not None else np.ones(v.shape, bool)
-        vals = v[good & np.isfinite(v)]
-        vals = vals[vals > 0] if vals.size else vals
-        if vals.size:
-            return float(np.sqrt(np.median(vals)) / b)
+        v = np.ascontiguousarray(variance).ravel()
+        m = np.zeros(v.size, np.int32) if mask is None else np.ascontiguousarray(mask, np.int32).ravel()
+        med = _positive_median_kernel(v, m, np.int32(bits))
+        if med == med:
+            return float(np.sqrt(med) / b)
     d = np.diff(binned, axis=1)
     ok = (bmask[:, 1:] == 0) & (bmask[:, :-1] == 0) & np.isfinite(d)
     d = d[ok]

@@ -24,7 +24,7 @@ from numba import njit, prange
 from calib_core.stats.clipped import IQR_TO_SIGMA  # the one definition (numba reads it as a constant)
 
 __all__ = ["bswap32_inplace", "stack_kernel", "meanclip_blocks", "sorting_network", "sorting_program",
-           "block_width", "STACK_CODES", "bridge_rows"]
+           "block_width", "STACK_CODES", "bridge_rows", "subtract_level", "add_signal_variance"]
 
 #: statistics with a numba kernel: MEANCLIP -> :func:`meanclip_blocks`, the others -> :func:`stack_kernel`
 STACK_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
@@ -1263,3 +1263,36 @@ def bridge_rows(image, variance, bad, target):
             if target[y, x]:
                 image[y, x] = _interp_one(image, y, good, ng, j, x)
                 variance[y, x] = _interp_one(variance, y, good, ng, j, x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ISR's per-pixel arithmetic (calib_core.isr.process): one sweep each, NumPy's arithmetic exactly
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def subtract_level(data, level, out):
+    """``out = float32(float64(data) - level)``: an amplifier's overscan-subtracted pixels, with
+    ``level`` (float64, 2-D) of shape (1, 1), (ny, 1) or (1, nx) broadcast as NumPy would."""
+    ny, nx = data.shape
+    per_row = level.shape[0] > 1
+    per_col = level.shape[1] > 1
+    for i in range(ny):
+        li = i if per_row else 0
+        for j in range(nx):
+            out[i, j] = np.float32(np.float64(data[i, j]) - level[li, j if per_col else 0])
+
+
+@njit(cache=True, nogil=True)
+def add_signal_variance(variance, image, gain, read_noise):
+    """``variance += maximum(image, 0) / gain + (read_noise / gain)**2`` in float32 (all four
+    planes float32, the same shape), as the NumPy expression computes it: NaN pixels stay NaN."""
+    ny, nx = image.shape
+    for i in range(ny):
+        for j in range(nx):
+            x = image[i, j]
+            if x <= np.float32(0.0):
+                x = np.float32(0.0)
+            g = gain[i, j]
+            r = read_noise[i, j] / g
+            variance[i, j] = variance[i, j] + (x / g + r * r)
