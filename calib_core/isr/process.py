@@ -186,18 +186,18 @@ def fit_fringe_scale(image: MaskedImage, fringe, ignore_bits: int, background: B
                        np.where(good, image.mask, image.mask | np.int32(MASK_PLANES.bit("BAD"))), image.variance)
     model = measure_background(work, background or _fringe_background())
     # the good pixels' x = frame, y = image - background (float32, as the planes) and w = 1 / variance
-    # (0 where not finite and positive), in float64, in one pass
+    # (float64; 0 where not finite and positive), in one pass
     x, y, w = fringe_fit_inputs(image.image.ravel(), f.ravel(), model.evaluate().ravel(),
                                 image.variance.ravel(), good.ravel())
     if not np.any(w > 0):
-        w = np.ones_like(x)
+        w = np.ones(x.size)
     keep = w > 0
     # each pass in one kernel (the previous pass's clip, sums, residuals and their median, without
     # copying the kept pixels): the same arithmetic as the NumPy formulation, up to the order of the
     # sums (tests/test_isr.py keeps that formulation as the reference)
     sqw = np.sqrt(w)
-    absr = np.empty_like(x)
-    buf = np.empty_like(x)
+    absr = np.empty(x.size)             # float64 residuals: their median is numpy's, bit for bit
+    buf = np.empty(x.size)
     s = med = limit = math.nan
     for _ in range(max(n_iter, 1)):
         go_on, sxx, s_pass, med = fringe_fit_pass(x, y, w, sqw, keep, absr, buf, limit, med)
