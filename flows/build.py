@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import pickle
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Literal
@@ -230,7 +231,8 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
                        calib_date=plan.calib_date.isoformat(), filter=plan.filter, software_version=_version(),
                        validity=ValidityRule(days_before=validity_days_before, days_after=validity_days_after),
                        on_bad_input=on_bad_input, verify=(r.verify or VerifyConfig()).model_dump(mode="json"),
-                       verify_raws="always" if os.environ.get("CALIBFLOW_VERIFY_RAWS") == "always" else "auto")
+                       verify_raws="always" if os.environ.get("CALIBFLOW_VERIFY_RAWS") == "always" else "auto",
+                       lookup_token=uuid.uuid4().hex)
     done = retry_transient(existing_products, registry, ctx, plan.exposures, plan.detectors,
                            what="look up earlier products")
     if len(done) == len(plan.detectors):

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import pickle
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -64,6 +65,7 @@ class BuildContext(BaseModel):
     on_bad_input: str = "fail"          # or "exclude": drop an unreadable exposure and record why
     verify_raws: str = "auto"           # "always": hash every raw read, not only those whose size or mtime changed
     verify: dict = {}                   # VerifyConfig: the gate's thresholds and the screening (not part of identity)
+    lookup_token: str = ""              # one per build: its ISR calib lookups are made once (see _isr_calibs)
 
     @property
     def spec(self) -> CalibType:
@@ -125,11 +127,35 @@ def _logger():
         return logging.getLogger("calibflow.tasks")
 
 
+#: (build's lookup token, exposure, detector) -> the ISR calibs found; a build asks the same question
+#: for each (exposure, detector) when it plans (product identity), processes and combines
+_ISR_CALIBS: dict[tuple[str, str, int], dict[str, CalibProduct]] = {}
+_ISR_CALIBS_LOCK = threading.Lock()
+_ISR_CALIBS_MAX = 200_000
+
+
 def _isr_calibs(ctx: BuildContext, registry: Registry, exposure_id: str, detector: int) -> dict[str, CalibProduct]:
-    """The certified calibs the type's ISR applies (the registry lookup, as any later reduction)."""
-    return find_isr_calibs(registry, ctx.camera, exposure_id, detector, ctx.cfg().isr, ctx.spec.isr_calibs,
-                           readout=readout_keys(build_camera(ctx)),
-                           purpose=f"{ctx.calib_type} build")
+    """The certified calibs the type's ISR applies (the registry lookup, as any later reduction).
+
+    Within one build (its ``lookup_token``) the answer is looked up once per (exposure, detector) and
+    kept in this process: the ISR calibs are products of other types, so every step of the build
+    applies the same ones, as its product identity records, even if one of them is certified or
+    replaced while the build runs."""
+    key = (ctx.lookup_token, exposure_id, detector)
+    if ctx.lookup_token:
+        with _ISR_CALIBS_LOCK:
+            found = _ISR_CALIBS.get(key)
+        if found is not None:
+            return found
+    found = find_isr_calibs(registry, ctx.camera, exposure_id, detector, ctx.cfg().isr, ctx.spec.isr_calibs,
+                            readout=readout_keys(build_camera(ctx)),
+                            purpose=f"{ctx.calib_type} build")
+    if ctx.lookup_token:
+        with _ISR_CALIBS_LOCK:
+            if len(_ISR_CALIBS) >= _ISR_CALIBS_MAX:
+                _ISR_CALIBS.clear()
+            _ISR_CALIBS[key] = found
+    return found
 
 
 def _work_dir(ctx: BuildContext, store: Datastore):

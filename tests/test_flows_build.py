@@ -291,3 +291,34 @@ def test_cli_build_is_quiet_with_a_bar_per_stage(prefect_api, tmp_path):
     assert verbose.returncode == 0, verbose.stdout + verbose.stderr
     assert "INFO" in verbose.stderr and "Beginning flow run" in verbose.stderr, verbose.stderr
     assert "0 new, 9 already built" in verbose.stdout
+
+
+def test_a_build_looks_up_each_inputs_isr_calibs_once(monkeypatch):
+    """Planning (product identity), process and combine ask the registry the same question for each
+    (exposure, detector): within one build (its lookup token) it is asked once; the next build, or a
+    task run outside a build, asks again (a calib certified in between is found)."""
+    import tasks.calib_tasks as T
+
+    calls = []
+
+    def find(registry, camera, exposure_id, detector, isr, types, readout, purpose):
+        calls.append((exposure_id, detector))
+        return {"bias": f"bias-{len(calls)}"}
+
+    monkeypatch.setattr(T, "find_isr_calibs", find)
+    monkeypatch.setattr(T, "readout_keys", lambda cam: ())
+    monkeypatch.setattr(T, "build_camera", lambda ctx: None)
+    ctx = T.BuildContext(repo="/nowhere", registry_url="sqlite://", camera="c", calib_type="dark", config={},
+                         config_hash="h", calib_date=NIGHT, filter="NONE", software_version="t",
+                         lookup_token="build-1")
+    first = T._isr_calibs(ctx, None, "e1", 0)
+    assert T._isr_calibs(ctx, None, "e1", 0) is first and len(calls) == 1
+    T._isr_calibs(ctx, None, "e1", 1)
+    T._isr_calibs(ctx, None, "e2", 0)
+    assert calls == [("e1", 0), ("e1", 1), ("e2", 0)]
+    later = ctx.model_copy(update={"lookup_token": "build-2"})
+    assert T._isr_calibs(later, None, "e1", 0) == {"bias": "bias-4"}
+    bare = ctx.model_copy(update={"lookup_token": ""})
+    T._isr_calibs(bare, None, "e1", 0)
+    T._isr_calibs(bare, None, "e1", 0)
+    assert len(calls) == 6
