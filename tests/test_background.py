@@ -89,12 +89,13 @@ def test_histogram_quantiles_exact_on_heavy_tails():
     assert box_statistics(img, None, 0, [(0, 60, 0, 100)])[0, 0] == pytest.approx(ref.mean, rel=1e-12)
 
 
-def test_histogram_quantiles_exact_when_the_sample_misleads():
-    """Large boxes take the histogram range from a strided sample; the quantiles stay exact when
-    the sample has no spread or lies far from the bulk (the needed ranks then fall in the
-    under/overflow buckets)."""
-    n = 8192
-    step = n // 1024
+@pytest.mark.parametrize("n", [8192, 1024, 600])
+def test_histogram_quantiles_exact_when_the_sample_misleads(n):
+    """Boxes of 512 values or more take the histogram range from a strided sample (every 8th value
+    at least); the quantiles stay exact when the sample has no spread or lies far from the bulk
+    (the needed ranks then fall in the under/overflow buckets)."""
+    step = max(n // 1024, 8)
+    shape = {8192: (64, 128), 1024: (32, 32), 600: (20, 30)}[n]
     for fill in ("tie", "far", "sorted"):
         x = RNG.normal(0, 1, n)
         if fill == "tie":
@@ -103,11 +104,12 @@ def test_histogram_quantiles_exact_when_the_sample_misleads():
             x[::step] = RNG.uniform(100, 101, x[::step].size)
         else:
             x.sort()
-        img = x.reshape(64, 128)
-        out = box_statistics(img, None, 0, [(0, 64, 0, 128)], "MEDIAN")
+        img = x.reshape(shape)
+        box = [(0, shape[0], 0, shape[1])]
+        out = box_statistics(img, None, 0, box, "MEDIAN")
         assert out[0, 0] == np.median(x)
         ref = compute_statistic("MEANCLIP", img)
-        assert box_statistics(img, None, 0, [(0, 64, 0, 128)])[0, 0] == pytest.approx(ref.mean, rel=1e-12)
+        assert box_statistics(img, None, 0, box)[0, 0] == pytest.approx(ref.mean, rel=1e-12)
 
 
 @pytest.mark.parametrize("stat", ["MEANCLIP", "MEAN", "MEDIAN", "SIGMACLIP", "MINMAX"])

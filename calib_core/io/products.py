@@ -360,7 +360,8 @@ _CALIBS = _CalibCache()
 def read_calib(path) -> MaskedImage:
     """A calib product's planes, read once per process while they fit the cache
     (``CALIBFLOW_CALIB_CACHE_MB``, default 1536): the ISR of every exposure applies the same few
-    masters. The planes are shared and read-only; copy before changing them."""
+    masters (docs/architecture.md#reading-the-calibs-a-build-applies). The planes are shared and
+    read-only; copy before changing them."""
     return _CALIBS.get(path)
 
 
