@@ -328,19 +328,24 @@ def run_leg(args) -> None:
 
     from astropy.io import fits
 
-    digests = {}
+    digests, samples = {}, {}
     for c in calibs:           # pixels only: headers carry creation times
         h = hashlib.sha256()
         with fits.open(c["path"]) as hdul:
             for hdu in hdul:
                 if hdu.data is not None:
                     h.update(hdu.data.tobytes())
+            image = next((hdu.data for hdu in hdul if hdu.data is not None and hdu.data.ndim == 2), None)
         digests[c["calib_id"]] = h.hexdigest()
+        if image is not None:  # the image at ~4096 fixed pixels, to say how far apart two legs' products are
+            flat = image.ravel().astype(float)
+            samples[c["calib_id"]] = flat[:: max(1, flat.size // 4096)].tolist()
     repo_bytes = sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file() and not p.is_symlink())
     result = {"tree": os.environ.get("PYTHONPATH", ""), "night_s": night_s, "night_cpu": night_cpu,
               "ingest_s": ingest_s, "import_s": import_s, "load_start": load0, "load_end": load1,
               "workers": args.workers, "builds": builds, "numba_compile_s": PROFILE.compile_s,
               "numba_compiles": sorted(set(PROFILE.compiles)), "status": status, "digests": digests,
+              "samples": samples,
               "products_bytes": repo_bytes, "raw_pixels": sum(det_pix.values()) * len(files),
               "stages": [{"build": b, "stage": s, "step": st, **v} for (b, s, st), v in PROFILE.rows.items()]}
     Path(args.json).write_text(json.dumps(result, indent=1))
@@ -424,6 +429,7 @@ def report(legs: dict[str, dict], args) -> str:
         same = sum(new["digests"].get(k) == v for k, v in base["digests"].items())
         lines += ["", f"Products with the same pixels in both legs (same calib ids, pixel data hashed): "
                   f"{same} of {len(base['digests'])}."]
+        lines += _sample_comparison(base.get("samples") or {}, new.get("samples") or {})
         lines += ["", f"**Night wall time, {names[-1]} / {names[0]}: {new['night_s'] / base['night_s']:.3f}** "
                   f"({base['night_s'] / new['night_s']:.2f}x faster)."]
 
@@ -474,6 +480,36 @@ def report(legs: dict[str, dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sample_comparison(base: dict, new: dict) -> list[str]:
+    """How far apart the legs' products are where their pixels differ: over ~4096 fixed pixels of each
+    product's image, the largest difference relative to the value and to the product's own
+    pixel-to-pixel spread there (its noise and structure)."""
+    import numpy as np
+
+    common = [k for k in base if k in new and len(base[k]) == len(new[k])]
+    if not common:
+        return []
+    worst_rel, worst_spread, where = 0.0, 0.0, ""
+    for k in common:
+        a, b = np.asarray(base[k]), np.asarray(new[k])
+        ok = np.isfinite(a) & np.isfinite(b)
+        if not ok.any():
+            continue
+        d = np.abs(a[ok] - b[ok])
+        rel = float(np.max(d / np.maximum(np.abs(a[ok]), 1e-30)))
+        spread = float(np.std(a[ok])) or 1.0
+        if rel > worst_rel:
+            worst_rel, where = rel, k
+        worst_spread = max(worst_spread, float(np.max(d)) / spread)
+    return ["", f"Where they differ, at ~4096 fixed pixels of each of {len(common)} products: the largest "
+                f"difference is {worst_rel:.1e} of the pixel's value ({where}) and {worst_spread:.1e} of a "
+                "product's pixel-to-pixel spread."]
+
+
+def _without_samples(legs: dict) -> dict:
+    return {n: {k: v for k, v in d.items() if k != "samples"} for n, d in legs.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base-tree", type=Path, help="a worktree of the baseline commit (run first, same night)")
@@ -503,11 +539,11 @@ def main() -> None:
         legs = {}
         if args.base_tree:
             legs["before"] = _leg(args.base_tree.resolve(), "before", tmp, args)
-            args.out.with_suffix(".json").write_text(json.dumps(legs, indent=1))     # kept if the next leg fails
+            args.out.with_suffix(".json").write_text(json.dumps(_without_samples(legs), indent=1))  # kept if the next leg fails
         legs["after"] = _leg(HERE.parents[1], "after", tmp, args)
         text = report(legs, args)
         args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(legs, indent=1))
+        args.out.with_suffix(".json").write_text(json.dumps(_without_samples(legs), indent=1))
         print(text)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
