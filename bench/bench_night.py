@@ -426,10 +426,13 @@ def report(legs: dict[str, dict], args) -> str:
                      f"{d['night_cpu']:.1f} | {d['load_start'][0]:.1f} / {d['load_end'][0]:.1f} | "
                      f"{d['numba_compile_s']:.1f} | {tot} ({cert}) |")
     if base:
-        same = sum(new["digests"].get(k) == v for k, v in base["digests"].items())
-        lines += ["", f"Products with the same pixels in both legs (same calib ids, pixel data hashed): "
-                  f"{same} of {len(base['digests'])}."]
-        lines += _sample_comparison(base.get("samples") or {}, new.get("samples") or {})
+        # by product (type, camera, filter, date, detector): the id's last part is a digest of the
+        # build's configuration and camera, which a newer tree may spell differently
+        b_dig, n_dig = _by_product(base["digests"]), _by_product(new["digests"])
+        same = sum(n_dig.get(k) == v for k, v in b_dig.items())
+        lines += ["", f"Products with the same pixels in both legs (same type, filter, date and detector; "
+                  f"pixel data hashed): {same} of {len(b_dig)} ({len(set(b_dig) & set(n_dig))} in both)."]
+        lines += _sample_comparison(_by_product(base.get("samples") or {}), _by_product(new.get("samples") or {}))
         lines += ["", f"**Night wall time, {names[-1]} / {names[0]}: {new['night_s'] / base['night_s']:.3f}** "
                   f"({base['night_s'] / new['night_s']:.2f}x faster)."]
 
@@ -478,6 +481,11 @@ def report(legs: dict[str, dict], args) -> str:
     if new["numba_compiles"]:
         lines += ["", f"numba compiled during the {names[-1]} night: {', '.join(new['numba_compiles'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _by_product(by_id: dict) -> dict:
+    """``{calib id: x}`` keyed by the id less its trailing digest (``bias-democam-NONE-2026-11-20-det000``)."""
+    return {k.rsplit("-", 1)[0]: v for k, v in by_id.items()}
 
 
 def _sample_comparison(base: dict, new: dict) -> list[str]:
