@@ -141,3 +141,34 @@ def test_read_calib_rereads_a_replaced_product_and_honours_the_budget(tmp_path, 
         products.read_calib(other)
     with pytest.raises(products.ProductError, match="missing.fits"):
         products.read_calib(tmp_path / "missing.fits")
+
+
+def test_a_compact_mask_is_int16_on_disk_and_int32_when_read(tmp_path):
+    """The builds' intermediates store MASK in two bytes when every value fits (the default planes
+    do): the file is 2 bytes a pixel smaller and every reader (read_product, RowReader bands,
+    astropy's CCDData) gets the same bits; a mask using bit 15 or above stays int32."""
+    from astropy.io import fits
+    from astropy.nddata import CCDData
+
+    from calib_core.io.products import RowReader
+
+    rng = np.random.default_rng(3)
+    shape = (50, 70)
+    mask = rng.integers(0, 2**9, shape).astype(np.int32)
+    mi = MaskedImage(rng.normal(0, 1, shape), mask, np.ones(shape))
+    wide, narrow = tmp_path / "wide.fits", tmp_path / "narrow.fits"
+    write_product(wide, mi)
+    write_product(narrow, mi, compact_mask=True)
+    assert fits.getheader(narrow, "MASK")["BITPIX"] == 16 and fits.getheader(wide, "MASK")["BITPIX"] == 32
+    assert wide.stat().st_size - narrow.stat().st_size >= 50 * 70 * 2 - 2880
+    back = read_product(narrow)[0]
+    assert back.mask.dtype == np.int32 and np.array_equal(back.mask, mask)
+    assert np.array_equal(back.image, mi.image) and np.array_equal(back.variance, mi.variance)
+    with RowReader(narrow) as r:
+        band = r.read_into("MASK", 17, 31, np.empty((14, 70), np.int32))
+    assert np.array_equal(band, mask[17:31])
+    assert np.array_equal(np.asarray(CCDData.read(narrow, unit="adu").mask), mask != 0)
+    high = mask.copy()
+    high[0, 0] = 1 << 16
+    write_product(narrow, MaskedImage(mi.image, high, mi.variance), compact_mask=True)
+    assert fits.getheader(narrow, "MASK")["BITPIX"] == 32 and np.array_equal(read_product(narrow)[0].mask, high)

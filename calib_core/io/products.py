@@ -2,7 +2,7 @@
 
 Layout: an empty primary HDU holding the header cards (provenance, dates, mask-plane cards), then
 ``IMAGE`` (float32, ``BUNIT`` when the writer knows the unit), ``MASK`` (int32 bit planes, ``MP_*``
-cards) and ``UNCERT`` (float32, the variance, ``UTYPE = 'VarianceUncertainty'``) image extensions of
+cards; int16 in the builds' intermediates, whose planes fit) and ``UNCERT`` (float32, the variance, ``UTYPE = 'VarianceUncertainty'``) image extensions of
 the same shape. That is the layout astropy's ``CCDData.read(path)`` understands with no arguments
 (first HDU with data, ``MASK``, ``UNCERT`` with its ``UTYPE``); files written before the variance
 extension was called ``UNCERT`` (``VARIANCE``) are still read. Every card keeps its whole comment:
@@ -205,7 +205,7 @@ def squared_unit(unit: str) -> str:
 
 
 def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str | None = None,
-                  image_cards=None, extra_hdus=()) -> Path:
+                  image_cards=None, extra_hdus=(), compact_mask: bool = False) -> Path:
     """Write a masked image as an IMAGE/MASK/UNCERT FITS file, atomically.
 
     Parameters
@@ -226,6 +226,9 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
         them opened alone is placed.
     extra_hdus : sequence of HDUs, optional
         Appended after UNCERT (a PTC product's tables).
+    compact_mask : bool, default False
+        Write MASK as int16 when every value fits (the nine default planes do): 10 bytes a pixel
+        instead of 12. The build's intermediates are written so; readers widen it to int32.
 
     Returns
     -------
@@ -239,7 +242,10 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
     plane_cards = _header_with(MASK_PLANES.to_header())
     primary.header.extend(plane_cards, update=True)
     image = fits.ImageHDU(np.ascontiguousarray(masked_image.image, dtype=np.float32), name="IMAGE")
-    mask = fits.ImageHDU(np.ascontiguousarray(masked_image.mask, dtype=np.int32), name="MASK")
+    mask_plane = np.ascontiguousarray(masked_image.mask, dtype=np.int32)
+    if compact_mask and mask_plane.size and 0 <= int(mask_plane.min()) and int(mask_plane.max()) < 2**15:
+        mask_plane = mask_plane.astype(np.int16)
+    mask = fits.ImageHDU(mask_plane, name="MASK")
     uncert = variance_hdu(masked_image.variance, unit)
     if unit is not None:
         image.header["BUNIT"] = (unit, _default_comment("BUNIT"))
@@ -394,12 +400,13 @@ class RowReader:
     has_mask, has_variance : bool
     """
 
-    _DTYPES = {"IMAGE": (-32,), "MASK": (32,), "VARIANCE": (-32,)}
+    _DTYPES = {"IMAGE": (-32,), "MASK": (32, 16), "VARIANCE": (-32,)}
 
     def __init__(self, path):
         self.path = str(path)
         self._fd = None
         self._loc: dict[str, int] = {}
+        self._itemsize: dict[str, int] = {}
         try:
             with fits.open(self.path, memmap=False, lazy_load_hdus=True) as hdul:
                 self.header = hdul[0].header.copy()
@@ -430,8 +437,9 @@ class RowReader:
                     if hdr.get("NAXIS") != 2:
                         raise ProductError(self.path, f"{plane} is not a 2-D image (NAXIS={hdr.get('NAXIS')})")
                     if hdr.get("BITPIX") not in self._DTYPES[plane]:
-                        raise ProductError(self.path, f"{plane} has BITPIX={hdr.get('BITPIX')}, "
-                                                      f"expected {self._DTYPES[plane][0]}")
+                        raise ProductError(self.path, f"{plane} has BITPIX={hdr.get('BITPIX')}, expected "
+                                                      + " or ".join(map(str, self._DTYPES[plane])))
+                    self._itemsize[plane] = abs(int(hdr["BITPIX"])) // 8
                     if hdr.get("BZERO", 0) != 0 or hdr.get("BSCALE", 1) != 1:
                         raise ProductError(self.path, f"{plane} is scaled (BZERO/BSCALE); not supported")
                     this = (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))
@@ -452,7 +460,7 @@ class RowReader:
         self._size = os.fstat(self._fd).st_size
         ny, nx = self.shape
         for plane, loc in self._loc.items():
-            if loc + ny * nx * 4 > self._size:
+            if loc + ny * nx * self._itemsize[plane] > self._size:
                 raise ProductError(self.path, f"{plane} data truncated (file is {self._size} bytes)")
 
     @property
@@ -465,10 +473,18 @@ class RowReader:
 
     def read_into(self, plane: str, y0: int, y1: int, out: np.ndarray) -> np.ndarray:
         """Read rows ``y0:y1`` of ``plane`` into ``out`` (4-byte dtype, C-contiguous, (y1-y0)*nx
-        elements), converting from big-endian in place. Returns ``out``."""
+        elements), converting from big-endian in place (an int16 MASK is widened). Returns ``out``."""
         ny, nx = self.shape
         if not (0 <= y0 <= y1 <= ny):
             raise ProductError(self.path, f"row band {y0}:{y1} outside 0:{ny}")
+        if self._itemsize[plane] == 2:
+            narrow = np.empty((y1 - y0) * nx, ">i2")
+            nbytes = narrow.nbytes
+            got = os.preadv(self._fd, [memoryview(narrow.view(np.uint8))], self._loc[plane] + y0 * nx * 2)
+            if got != nbytes:
+                raise ProductError(self.path, f"short read of {plane} rows {y0}:{y1} ({got} of {nbytes} bytes)")
+            out.reshape(-1)[: narrow.size] = narrow
+            return out
         nbytes = (y1 - y0) * nx * 4
         view = memoryview(out.reshape(-1).view(np.uint8))[:nbytes]
         got = os.preadv(self._fd, [view], self._loc[plane] + y0 * nx * 4)

@@ -74,5 +74,5 @@ def clear_persistent_cr(paths: Sequence[str | Path], min_fraction: float = 0.5, 
             with fits.open(p, memmap=False) as hdul:       # keep the unit the intermediate declares
                 unit = hdul["IMAGE"].header.get("BUNIT") if "IMAGE" in hdul else None
             write_product(p, mi, {k: header[k] for k in ("EXPID", "DETECTOR", "OBSTYPE") if k in header},
-                          unit=unit)
+                          unit=unit, compact_mask=True)
     return int(cleared.sum())
