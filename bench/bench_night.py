@@ -547,7 +547,8 @@ def main() -> None:
         legs = {}
         if args.base_tree:
             legs["before"] = _leg(args.base_tree.resolve(), "before", tmp, args)
-            args.out.with_suffix(".json").write_text(json.dumps(_without_samples(legs), indent=1))  # kept if the next leg fails
+            # kept if the next leg fails
+            args.out.with_suffix(".json").write_text(json.dumps(_without_samples(legs), indent=1))
         legs["after"] = _leg(HERE.parents[1], "after", tmp, args)
         text = report(legs, args)
         args.out.write_text(text)

@@ -2,11 +2,12 @@
 
 Layout: an empty primary HDU holding the header cards (provenance, dates, mask-plane cards), then
 ``IMAGE`` (float32, ``BUNIT`` when the writer knows the unit), ``MASK`` (int32 bit planes, ``MP_*``
-cards; int16 in the builds' intermediates, whose planes fit) and ``UNCERT`` (float32, the variance, ``UTYPE = 'VarianceUncertainty'``) image extensions of
-the same shape. That is the layout astropy's ``CCDData.read(path)`` understands with no arguments
-(first HDU with data, ``MASK``, ``UNCERT`` with its ``UTYPE``); files written before the variance
-extension was called ``UNCERT`` (``VARIANCE``) are still read. Every card keeps its whole comment:
-a comment that cannot fit beside its value goes to a ``COMMENT`` card instead of being cut.
+cards; int16 in the builds' intermediates, whose planes fit) and ``UNCERT`` (float32, the variance,
+``UTYPE = 'VarianceUncertainty'``) image extensions of the same shape. That is the layout astropy's
+``CCDData.read(path)`` understands with no arguments (first HDU with data, ``MASK``, ``UNCERT``
+with its ``UTYPE``); files written before the variance extension was called ``UNCERT``
+(``VARIANCE``) are still read. Every card keeps its whole comment: a comment that cannot fit beside
+its value goes to a ``COMMENT`` card instead of being cut.
 Files are written to a temporary name in the destination folder and renamed into place
 (``os.replace``), so a reader never sees a half-written product.
 
@@ -343,21 +344,24 @@ class _CalibCache:
         mi = read_product(path)[0]
         for plane in (mi.image, mi.mask, mi.variance):
             plane.flags.writeable = False          # shared by every caller: nobody may change it
-        size = mi.image.nbytes + mi.mask.nbytes + mi.variance.nbytes
+        size = _nbytes(mi)
         budget = self.budget()
         with self._lock:
             if size <= budget and key not in self._items:
                 self._items[key] = mi
                 self._bytes += size
                 while self._bytes > budget:
-                    _, old = self._items.popitem(last=False)
-                    self._bytes -= old.image.nbytes + old.mask.nbytes + old.variance.nbytes
+                    self._bytes -= _nbytes(self._items.popitem(last=False)[1])
         return mi
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
             self._bytes = 0
+
+
+def _nbytes(mi: MaskedImage) -> int:
+    return mi.image.nbytes + mi.mask.nbytes + mi.variance.nbytes
 
 
 _CALIBS = _CalibCache()
@@ -477,22 +481,18 @@ class RowReader:
         ny, nx = self.shape
         if not (0 <= y0 <= y1 <= ny):
             raise ProductError(self.path, f"row band {y0}:{y1} outside 0:{ny}")
-        if self._itemsize[plane] == 2:
-            narrow = np.empty((y1 - y0) * nx, ">i2")
-            nbytes = narrow.nbytes
-            got = os.preadv(self._fd, [memoryview(narrow.view(np.uint8))], self._loc[plane] + y0 * nx * 2)
-            if got != nbytes:
-                raise ProductError(self.path, f"short read of {plane} rows {y0}:{y1} ({got} of {nbytes} bytes)")
-            out.reshape(-1)[: narrow.size] = narrow
-            return out
-        nbytes = (y1 - y0) * nx * 4
-        view = memoryview(out.reshape(-1).view(np.uint8))[:nbytes]
-        got = os.preadv(self._fd, [view], self._loc[plane] + y0 * nx * 4)
+        size = self._itemsize[plane]
+        flat = out.reshape(-1)[: (y1 - y0) * nx]
+        into = np.empty(flat.size, ">i2") if size == 2 else flat       # an int16 MASK: read, then widen
+        nbytes = flat.size * size
+        got = os.preadv(self._fd, [memoryview(into.view(np.uint8))], self._loc[plane] + y0 * nx * size)
         if got != nbytes:
             raise ProductError(self.path, f"short read of {plane} rows {y0}:{y1} ({got} of {nbytes} bytes)")
-        _to_native(out.reshape(-1)[: (y1 - y0) * nx])
+        if size == 2:
+            flat[:] = into
+            return out
+        _to_native(flat)
         if plane == "VARIANCE" and self._variance_from == "square":
-            flat = out.reshape(-1)[: (y1 - y0) * nx]
             np.square(flat, out=flat)
         return out
 

@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from calib_core.maskedimage import MaskedImage, mask_bits
 from calib_core.stats.background import BackgroundConfig, measure_background
-from calib_core.stats.binned import _quartiles, _quartiles_hist, box_statistics
+from calib_core.stats.binned import box_statistics, quartiles
 
 __all__ = ["DetectionConfig", "MaskObjectsConfig", "detect_sources", "find_objects",
            "remove_objects", "mask_objects", "auto_binning"]
@@ -233,7 +233,7 @@ def _gaussian_noise_factor(s: float) -> float:
 @numba.njit(cache=True, nogil=True)
 def _positive_median_kernel(v, m, bits):
     """Median (numpy's, in float64) of the finite, positive ``v`` whose ``m`` has none of ``bits``;
-    NaN when there is none. One gathering pass and histogram-guided selection (stats.binned)."""
+    NaN when there is none. One gathering pass and the binned statistics' selection."""
     buf = np.empty(v.size, np.float64)
     n = 0
     for i in range(v.size):
@@ -243,10 +243,7 @@ def _positive_median_kernel(v, m, bits):
             n += 1
     if n == 0:
         return math.nan
-    if n > 256:
-        _, med, _ = _quartiles_hist(buf, n, np.empty(n, np.float64))
-    else:
-        _, med, _ = _quartiles(buf, n)
+    _, med, _ = quartiles(buf, n, np.empty(n, np.float64))
     return med
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from calib_core.stats._kernels import _min_range, _select
 from calib_core.stats.clipped import IQR_TO_SIGMA, ClippedStats, _check_name, compute_statistic
 
-__all__ = ["box_statistics", "grid_statistics", "meanclip_values", "image_statistic"]
+__all__ = ["box_statistics", "grid_statistics", "meanclip_values", "image_statistic", "quartiles"]
 
 #: statistic name -> kernel code
 #: statistic codes of this module's kernels (the stack kernel has its own: _kernels.STACK_CODES)
@@ -81,10 +81,10 @@ def _quartiles_hist(x, n, tmp):
 
     The histogram spans [lo, hi] with an underflow and an overflow bucket, so any range gives the
     exact quantiles; the range only decides the cost. Boxes of 512 values or more take it from the
-    quartiles of a strided sample (~1024 values, every 8th at least) (sample q1 - IQR to q3 + IQR: the needed ranks fall in
-    ~0.07%-wide buckets even when bright objects stretch the full value range by decades, where
-    a min..max histogram puts a quarter of the pixels into each central bucket). Small boxes, and
-    samples with no spread (ties), use min..max."""
+    quartiles of a strided sample (~1024 values, every 8th at least): sample q1 - IQR to q3 + IQR
+    (the needed ranks fall in ~0.07%-wide buckets even when bright objects stretch the full value
+    range by decades, where a min..max histogram puts a quarter of the pixels into each central
+    bucket). Small boxes, and samples with no spread (ties), use min..max."""
     lo = 0.0
     hi = -1.0
     if n >= _SAMPLE_MIN_N:
@@ -167,6 +167,15 @@ def _quartiles_hist(x, n, tmp):
 
 
 @numba.njit(cache=True, nogil=True)
+def quartiles(x, n, tmp):
+    """(q1, median, q3) of x[:n] (numpy 'linear'): by histogram-guided selection above 256 values
+    (``tmp``: scratch of n; x is not modified), by selection in x (reordered) up to 256."""
+    if n > 256:
+        return _quartiles_hist(x, n, tmp)
+    return _quartiles(x, n)
+
+
+@numba.njit(cache=True, nogil=True)
 def _mean_var_within(x, n, centre, width):
     """Mean, ddof=1 variance and count of the x[:n] with |x - centre| <= width, in one pass:
     sums of d = x - c about a shift c (the centre when finite, else the first value), which
@@ -194,10 +203,7 @@ def _mean_var_within(x, n, centre, width):
 @numba.njit(cache=True, nogil=True)
 def _meanclip(x, n, nsigma, niter, tmp):
     """MEANCLIP of x[:n] (n > 0; ``tmp`` scratch of n): (mean, ddof=1 variance, number used)."""
-    if n > 256:
-        q1, med, q3 = _quartiles_hist(x, n, tmp)
-    else:
-        q1, med, q3 = _quartiles(x, n)
+    q1, med, q3 = quartiles(x, n, tmp)
     return _meanclip_from(x, n, q1, med, q3, nsigma, niter)
 
 
@@ -249,10 +255,7 @@ def _stat_one(x, n, code, nsigma, niter, out, k, tmp):
         out[k, 3] = m
         return
     if code == 2:  # MEDIAN
-        if n > 256:
-            _, med, _ = _quartiles_hist(x, n, tmp)
-        else:
-            _, med, _ = _quartiles(x, n)
+        _, med, _ = quartiles(x, n, tmp)
         _, var, m = _mean_var_within(x, n, 0.0, math.inf)
         out[k, 0] = med
         out[k, 1] = math.sqrt(math.pi / 2.0 * var / m)
@@ -363,10 +366,7 @@ def _image_stat_kernel(values, mask, ignore, code, nsigma, niter):
     if n == 0:
         return math.nan, math.nan, 0, 0, math.nan, 0
     tmp = np.empty(n, np.float64)
-    if n > 256:
-        q1, med, q3 = _quartiles_hist(buf, n, tmp)
-    else:
-        q1, med, q3 = _quartiles(buf, n)
+    q1, med, q3 = quartiles(buf, n, tmp)
     if code == 0:
         mean, var, m = _meanclip_from(buf, n, q1, med, q3, nsigma, niter)
     else:
