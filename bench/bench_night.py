@@ -5,7 +5,10 @@ night with a baseline commit's code, side by side in one run.
 The night is what ``calibflow demo`` simulates (democam, seed 1, 5 bias, 5 dark, 5 flats and 8 science
 exposures in each of r and z) and it is built by the **plain loop** of ``bench/bench_flow_overhead.py``:
 the nightly plan's builds, each :func:`flows.build.run_build` with the task functions (``task.fn``,
-Prefect bypassed) on a thread pool of ``--workers`` threads (default: the cores).
+Prefect bypassed) on a thread pool of ``--workers`` threads (default: the cores). The builds are
+scheduled as the tree's nightly flow schedules them: with ``flows.nightly.run_steps`` where the tree
+has it (builds that need nothing of each other side by side, ``NightlyPolicy.parallel_builds``), one
+after another otherwise.
 
 Each leg runs in its own Python process with ``PYTHONPATH`` set to its source tree (this checkout, or
 a worktree of the baseline commit), so its numba caches and imports are its own. Each leg starts as a
@@ -31,9 +34,10 @@ for a combine); Mpix/s per core of a step is those pixels over its CPU seconds: 
 lets the night's pixels through one core (CPU, not wall: on a shared machine the wall time of a call
 includes its wait for a core). Numba compile time is taken from numba's ``numba:compile`` events during the night.
 
-Each build's intermediates are deleted after the build (later builds read only products), so a leg
-needs the raws (shared), its products and one build's intermediates on disk; each leg's repository
-is deleted when it is measured.
+A tree that removes each build's intermediates itself (its default retention) keeps them; for an
+older tree they are deleted after each build (later builds read only products). A leg so needs the
+raws (shared), its products and a build or two's intermediates on disk; each leg's repository is
+deleted when it is measured.
 
 Usage::
 
@@ -301,20 +305,33 @@ def run_leg(args) -> None:
     log = logging.getLogger("bench-night")
     builds = []
     load0 = os.getloadavg()
-    c0, t0 = time.process_time(), time.perf_counter()
-    for step in plan_night(reg, cam.name, NIGHT, policy):
-        if step["action"] != "build":
-            continue
+    steps = plan_night(reg, cam.name, NIGHT, policy)
+
+    def build_one(step, blocked=()):
         label = _build_label(step)
         PROFILE.local.build = label
         request = BuildRequest(calib_type=step["type"], camera=cam.name, night=NIGHT, filter=step["filter"],
                                repo=str(store.root), validity_days_before=policy.validity_days_before,
                                validity_days_after=policy.validity_days_after, on_bad_input=policy.on_bad_input)
-        tb, cb = time.perf_counter(), time.process_time()
+        tb = time.perf_counter()
         out = run_build(request, task_runner=Runner(args.workers), log=log, artifacts=False)
-        builds.append({"build": label, "wall": time.perf_counter() - tb, "cpu": time.process_time() - cb,
+        builds.append({"build": label, "start": tb - t0, "wall": time.perf_counter() - tb,
                        "products": len(out["products"]), "created": out["created"]})
-        shutil.rmtree(store.root / "work", ignore_errors=True)     # the next builds read only products
+
+    c0, t0 = time.process_time(), time.perf_counter()
+    try:   # the tree's own scheduler: builds side by side as its nightly flow runs them
+        from flows.nightly import run_steps
+    except ImportError:
+        run_steps = None
+    if run_steps is not None and _in_tree("flows.nightly") and hasattr(policy, "parallel_builds"):
+        outcome = run_steps(steps, build_one, policy.parallel_builds)
+        failed = {steps[i]["type"]: repr(e) for i, e in outcome.items() if e is not None}
+        assert not failed, failed
+    else:     # one build after another, as the nightly flow ran them; each build's intermediates removed
+        for step in steps:
+            if step["action"] == "build":
+                build_one(step)
+                shutil.rmtree(store.root / "work", ignore_errors=True)     # the next builds read only products
     night_s, night_cpu = time.perf_counter() - t0, time.process_time() - c0
     load1 = os.getloadavg()
     # records (CalibProduct) on this tree; dicts on a baseline tree from before the records
@@ -437,15 +454,23 @@ def report(legs: dict[str, dict], args) -> str:
                   f"({base['night_s'] / new['night_s']:.2f}x faster)."]
 
     # per build
-    lines += ["", "## Per calib type", "", "Wall: the build's elapsed time; CPU: the process's CPU time during it "
-              "(all threads).", ""]
-    head = "| build |" + "".join(f" {n} wall s | {n} CPU s |" for n in names) + (" wall ratio |" if base else "")
-    lines += [head, "|---|" + "---|---|" * len(names) + ("---|" if base else "")]
-    for i, b in enumerate(new["builds"]):
+    lines += ["", "## Per calib type", "", "Wall: the build's elapsed time (builds that run side by side "
+              "overlap: their walls add up to more than the night's); CPU: the thread CPU time of the build's "
+              "tasks and of the steps its own thread runs (numba's worker threads not counted); start: seconds "
+              "into the night.", ""]
+    build_cpu = {n: {} for n in names}
+    for n in names:
+        for r in legs[n]["stages"]:
+            build_cpu[n][r["build"]] = build_cpu[n].get(r["build"], 0.0) + r["cpu"]
+    head = "| build |" + "".join(f" {n} start s | {n} wall s | {n} CPU s |" for n in names) + (" wall ratio |" if base else "")
+    lines += [head, "|---|" + "---|---|---|" * len(names) + ("---|" if base else "")]
+    for i, b in enumerate(sorted(new["builds"], key=lambda x: x.get("start", 0.0))):
         row = f"| {b['build']} |"
         for n in names:
             bb = next((x for x in legs[n]["builds"] if x["build"] == b["build"]), None)
-            row += f" {bb['wall']:.1f} | {bb['cpu']:.1f} |" if bb else " - | - |"
+            start = f"{bb['start']:.1f}" if bb and "start" in bb else "-"
+            row += (f" {start} | {bb['wall']:.1f} | {build_cpu[n].get(b['build'], 0.0):.1f} |" if bb
+                    else " - | - | - |")
         if base:
             bb = next((x for x in base["builds"] if x["build"] == b["build"]), None)
             row += f" {b['wall'] / bb['wall']:.2f} |" if bb else " - |"

@@ -280,21 +280,30 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
                           for p in processed]}
 
 
+def may_share_inputs(running: set[tuple[str, str | None]], calib_type: str, filter: str | None) -> bool:
+    """Whether one of the ``running`` builds (type, filter) may read a build's intermediates: one of
+    the same type whose filter is the same or unknown (an exposure has one filter, so flat z never
+    reads flat r's)."""
+    mine = None if filter in (None, "", "NONE") else filter
+    return any(t == calib_type and (f in (None, "", "NONE") or mine is None or f == mine) for t, f in running)
+
+
 def _retire_intermediates(registry, ctx: BuildContext, plan, store: Datastore, log, run_id: int) -> None:
     """The retention of docs/architecture.md#intermediates-and-disk: once the build's products are
     registered and verified, its intermediates (its exposures and detectors) are removed, unless
-    ``CALIBFLOW_INTERMEDIATES=keep`` or another build of the type is running (it may read the same
-    files: they are left for ``calibflow prune``). Never fails the build."""
-    from calib_core.repository import build_files, mark_crashed_runs, remove_files, retention_policy, running_types
+    ``CALIBFLOW_INTERMEDIATES=keep`` or another build of the type and filter is running (it may read
+    the same files: they are left for ``calibflow prune``; a build of another filter has other
+    exposures). Never fails the build."""
+    from calib_core.repository import build_files, mark_crashed_runs, remove_files, retention_policy, running_builds
 
     try:
         if retention_policy() == "keep":
             return
         retry_transient(mark_crashed_runs, registry, what="check for running builds")
-        others = retry_transient(running_types, registry, run_id, what="check for running builds")
-        if ctx.calib_type in others:
+        others = retry_transient(running_builds, registry, run_id, what="check for running builds")
+        if may_share_inputs(others, ctx.calib_type, plan.filter):
             log.info("%s build: intermediates kept, another %s build is running (calibflow prune frees them)",
-                     _build_label(ctx), ctx.calib_type)
+                     _build_label(ctx), _build_label(ctx))
             return
         work = store.root / "work" / ctx.camera / ctx.calib_type
         n, freed = remove_files(build_files(work, plan.exposure_ids, plan.detectors))

@@ -8,8 +8,10 @@ finds its identical earlier products (same inputs, same config) and returns them
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
-from typing import Literal
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Callable, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -22,7 +24,7 @@ from calib_core.repository import Datastore, Registry, retry_transient
 
 from .build import build_calib, resolve_registry_url
 
-__all__ = ["nightly", "NightlyPolicy", "plan_night", "default_night"]
+__all__ = ["nightly", "NightlyPolicy", "plan_night", "default_night", "build_dependencies", "run_steps"]
 
 ORDER = tuple(dependency_order())
 
@@ -45,6 +47,9 @@ class NightlyPolicy(BaseModel):
                                                  "observe every night) instead of failing")
     verify: VerifyConfig = Field(default_factory=VerifyConfig,
                                  description="the verification gate's thresholds and input screening")
+    parallel_builds: int = Field(2, ge=1, description="builds run at the same time when neither needs the "
+                                 "other's products (flat r beside flat z, sky r beside fringe z); 1: one at a "
+                                 "time, in plan order")
 
 
 def default_night(cam: Camera, now: dt.datetime | None = None) -> str:
@@ -87,6 +92,58 @@ def plan_night(registry: Registry, camera: str, night: str, policy: NightlyPolic
     return steps
 
 
+def build_dependencies(steps: list[dict]) -> dict[int, set[int]]:
+    """For each build step of a plan (:func:`plan_night`), the earlier build steps whose products its
+    ISR applies: the types in its :attr:`CalibType.isr_calibs`, of any filter when either is unfiltered,
+    else of its own filter (sky r waits for flat r, not for flat z or fringe z)."""
+    deps: dict[int, set[int]] = {}
+    for i, s in enumerate(steps):
+        if s["action"] != "build":
+            continue
+        need = set(CALIB_TYPES[s["type"]].isr_calibs)
+        deps[i] = {j for j, u in enumerate(steps[:i]) if u["action"] == "build" and u["type"] in need
+                   and (u["filter"] is None or s["filter"] is None or u["filter"] == s["filter"])}
+    return deps
+
+
+def run_steps(steps: list[dict], run_one: Callable[[dict, set[str]], object],
+              parallel: int = 1) -> dict[int, BaseException | None]:
+    """Run every build step of a plan (docs/architecture.md#builds-side-by-side), each once the builds
+    it depends on (:func:`build_dependencies`) have ended, at most ``parallel`` at a time, the ready
+    ones in plan order.
+
+    ``run_one(step, blocked)`` builds one step; ``blocked`` names the types it depends on whose build
+    failed (it still runs: it may find older certified products). Each call runs in a copy of the
+    caller's context (a Prefect subflow sees its parent flow run); with ``parallel`` 1 in the caller's
+    thread. Returns, per step index, the exception its build raised or None.
+    """
+    deps = build_dependencies(steps)
+    outcome: dict[int, BaseException | None] = {}
+
+    def blocked(i):
+        return {steps[j]["type"] for j in deps[i] if outcome[j] is not None}
+
+    if parallel <= 1:
+        for i in sorted(deps):
+            try:
+                run_one(steps[i], blocked(i))
+                outcome[i] = None
+            except Exception as exc:
+                outcome[i] = exc
+        return outcome
+    pending = sorted(deps)
+    running = {}
+    with ThreadPoolExecutor(parallel, thread_name_prefix="build") as pool:
+        while pending or running:
+            for i in [i for i in pending if deps[i] <= outcome.keys()][: parallel - len(running)]:
+                pending.remove(i)
+                running[pool.submit(contextvars.copy_context().run, run_one, steps[i], blocked(i))] = i
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                outcome[running.pop(f)] = f.exception()
+    return outcome
+
+
 @flow(name="nightly-calibs", log_prints=True)
 def nightly(night: str | None = None, camera: str | None = None, repo: str = "calibrepo",
             registry_url: str | None = None, policy: NightlyPolicy | None = None,
@@ -118,12 +175,11 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
         log.warning("%s (accepted: allow_empty)", message)
         return {"night": night, "camera": camera, "steps": [], "created": 0, "state": "empty night (accepted)",
                 "report": None}
-    failed_types = set()
     for step in steps:
         if step["action"] != "build":
             log.info("skip %s %s: %s", step["type"], step["filter"] or "", step["reason"])
-            continue
-        blocked = set(CALIB_TYPES[step["type"]].isr_calibs) & failed_types
+
+    def build_one(step: dict, blocked: set[str]) -> None:
         try:
             result = build_calib(step["type"], camera=camera, night=night, filter=step["filter"], repo=str(store.root),
                                  registry_url=registry_url, validity_days_before=policy.validity_days_before,
@@ -131,11 +187,10 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
                                  verify=policy.verify, runner=runner, dask_address=dask_address, dask_workers=dask_workers,
                                  detectors_per_task=detectors_per_task)
         except Exception as exc:
-            failed_types.add(step["type"])
             step.update(action="failed", reason=f"{type(exc).__name__}: {exc}"
                         + (f" (after failed {', '.join(sorted(blocked))})" if blocked else ""))
             log.error("%s %s failed: %s", step["type"], step["filter"] or "", exc)
-            continue
+            raise
         held = [p for p in result["products"] if p.status != "certified"]
         step.update(action="built" if result["created"] else "existing", created=result["created"],
                     products=[p.calib_id for p in result["products"]], dropped=result["dropped"],
@@ -146,6 +201,11 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
                     mosaic=result["mosaic_png"])
         log.info("%s %s: %d new products, %d already built", step["type"], step["filter"] or "",
                  result["created"], len(result["products"]) - result["created"])
+
+    # builds side by side on threads, or on a cluster the builds share; a local Dask cluster or
+    # process pool per build takes every core already
+    local_pools = runner == "processes" or (runner == "dask" and not dask_address)
+    run_steps(steps, build_one, 1 if local_pools else policy.parallel_builds)
     summary = {"night": night, "camera": camera, "steps": steps,
                "created": sum(s.get("created", 0) for s in steps)}
     failed = [s for s in steps if s["action"] == "failed"]

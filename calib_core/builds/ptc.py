@@ -383,15 +383,12 @@ def _model_curve(r: AmpPtc, mu: np.ndarray) -> np.ndarray:
 
 def plot_ptc(fits_: Mapping[str, AmpPtc], path, title: str = "") -> None:
     """A PNG of each amplifier's curve (variance against mean, the fit) and its residuals."""
-    import matplotlib
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure      # not pyplot: its global figure list is not thread-safe
 
     rows = list(fits_.values())
-    fig, axes = plt.subplots(2, len(rows), figsize=(3.6 * len(rows) + 0.6, 5.6), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
+    fig = Figure(figsize=(3.6 * len(rows) + 0.6, 5.6))
+    axes = fig.subplots(2, len(rows), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
     for k, r in enumerate(rows):
         ax, ar = axes[0, k], axes[1, k]
         mu = np.array([p.mu for p in r.points])
@@ -416,4 +413,3 @@ def plot_ptc(fits_: Mapping[str, AmpPtc], path, title: str = "") -> None:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -183,29 +183,24 @@ def write_mosaic(mosaic: np.ndarray, camera: Camera, binning: int, fits_path=Non
         with _replace_atomically(fits_path, ".fits") as tmp:
             fits.HDUList(hdus).writeto(tmp, overwrite=True)
     if png_path is not None:
-        import matplotlib.pyplot as plt
-
         from calib_core.io.productmeta import unit_label
 
         fig = mosaic_figure(mosaic, camera, binning, title,
                             colorbar_label if colorbar_label is not None else unit_label(unit))
-        try:
-            with _replace_atomically(png_path, ".png") as tmp:
-                fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", pad_inches=0.04)
-        finally:
-            plt.close(fig)
+        with _replace_atomically(png_path, ".png") as tmp:
+            fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", pad_inches=0.04)
 
 
 def mosaic_figure(mosaic: np.ndarray, camera: Camera, binning: int, title: str = "",
                   colorbar_label: str = "", width_in: float = 7.0):
-    """The mosaic as a matplotlib figure (Agg): the image in focal-plane mm (no-data cells grey),
-    detector outlines, each detector's name sized to its detector, a colour bar labelled with
-    ``colorbar_label`` and ``title``. The caller closes it (``plt.close(fig)``)."""
+    """The mosaic as a matplotlib :class:`~matplotlib.figure.Figure`: the image in focal-plane mm
+    (no-data cells grey), detector outlines, each detector's name sized to its detector, a colour bar
+    labelled with ``colorbar_label`` and ``title``. Made without pyplot, whose global list of figures is
+    not thread-safe (builds run side by side), so there is nothing to close."""
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.patheffects as pe
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     geom = mosaic_geometry(camera, binning)
@@ -216,10 +211,10 @@ def mosaic_figure(mosaic: np.ndarray, camera: Camera, binning: int, title: str =
     aspect = ny / max(nx, 1)
     # the image gets width_in less the colour bar; the height follows the focal plane's aspect
     image_w = width_in - 1.4
-    fig = plt.figure(figsize=(width_in, min(max(image_w * aspect, 2.0), 14.0) + 0.9), dpi=100,
-                     layout="constrained")
+    fig = Figure(figsize=(width_in, min(max(image_w * aspect, 2.0), 14.0) + 0.9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    cmap = plt.get_cmap("viridis").with_extremes(bad="0.75")      # no data: grey, not the page's white
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.75")      # no data: grey, not the page's white
     im = ax.imshow(mosaic, origin="lower", extent=extent, vmin=vmin, vmax=vmax, cmap=cmap,
                    interpolation="nearest")
     # the colour bar as tall as the focal plane, beside it (in axes coordinates, so it follows the axes)

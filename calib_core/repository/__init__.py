@@ -25,7 +25,8 @@ from calib_core.repository.registry.calibs import (FILTERLESS_TYPES, STATUSES, C
                                                    find_calib, list_calibs, lookup, make_calib_id, overlapping,
                                                    record_calib, settle_candidates)
 from calib_core.repository.retention import (PRUNE_CLASSES, RETENTION_ENV, RETENTION_POLICIES, WorkFile, build_files,
-                                             remove_files, retention_policy, running_types, survey)
+                                             remove_files, retention_policy, running_builds, running_types,
+                                             survey)
 
 __all__ = [
     "Registry", "RegistryError", "CameraMismatch", "HEAD_REVISION", "mask_url", "resolve_url",
@@ -38,5 +39,5 @@ __all__ = [
     "IngestReport", "UpdateReport", "find_raw_files", "ingest_files", "update_exposures",
     "start_build_run", "finish_build_run", "mark_crashed_runs",
     "PRUNE_CLASSES", "RETENTION_ENV", "RETENTION_POLICIES", "WorkFile", "build_files", "remove_files",
-    "retention_policy", "running_types", "survey",
+    "retention_policy", "running_builds", "running_types", "survey",
 ]

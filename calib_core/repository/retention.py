@@ -34,7 +34,7 @@ from calib_core.errors import InputError
 from calib_core.io.atomic import is_private, sweep_stale
 
 __all__ = ["RETENTION_ENV", "RETENTION_POLICIES", "retention_policy", "build_files", "remove_files",
-           "running_types", "WorkFile", "survey", "PRUNE_CLASSES"]
+           "running_types", "running_builds", "WorkFile", "survey", "PRUNE_CLASSES"]
 
 RETENTION_ENV = "CALIBFLOW_INTERMEDIATES"
 RETENTION_POLICIES = ("remove", "keep")
@@ -96,6 +96,17 @@ def remove_files(paths) -> tuple[int, int]:
         n += 1
         freed += size
     return n, freed
+
+
+def running_builds(registry, exclude_run: int | None = None) -> set[tuple[str, str | None]]:
+    """(calib type, filter) of each build run the registry records as ``running`` (other than
+    ``exclude_run``); the filter is None for an unfiltered type or a run that did not record one."""
+    from calib_core.repository.registry.models import BuildRunRow
+
+    with registry.session() as s:
+        rows = s.execute(select(BuildRunRow.id, BuildRunRow.calib_type, BuildRunRow.parameters)
+                         .where(BuildRunRow.status == "running")).all()
+    return {(t, (p or {}).get("filter") or None) for i, t, p in rows if i != exclude_run}
 
 
 def running_types(registry, exclude_run: int | None = None) -> set[str]:

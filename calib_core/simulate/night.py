@@ -182,8 +182,10 @@ import io
 import json
 import math
 import os
+import threading
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -431,6 +433,7 @@ class InstrumentTruth:
         self.bbox = _fp_bbox(camera)
         self._cache: dict[tuple, np.ndarray] = {}
         self._cache_filter: str | None = None
+        self._lock = threading.Lock()
         self._norms: dict[tuple, float] = {}
         self._static = {d.id: self._draw_static(d) for d in camera.detectors}
 
@@ -543,12 +546,19 @@ class InstrumentTruth:
     # -- per-filter maps ----------------------------------------------------------------------------
 
     def _cached(self, key: tuple, make: Callable[[], np.ndarray], filt: str) -> np.ndarray:
-        if filt != self._cache_filter:
-            self._cache.clear()
-            self._cache_filter = filt
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
+        # detectors are simulated on threads: the check, the clear and the insert under the lock, the
+        # map made outside it (two threads may make the same map; it is the same either way)
+        with self._lock:
+            if filt != self._cache_filter:
+                self._cache.clear()
+                self._cache_filter = filt
+            hit = self._cache.get(key)
+        if hit is None:
+            hit = make()
+            with self._lock:
+                if filt == self._cache_filter:
+                    self._cache[key] = hit
+        return hit
 
     def _qe_raw(self, det: Detector, filt: str) -> np.ndarray:
         rng = _rng(self.seed, 2, _filter_code(filt) % 2**32, det.id)
@@ -1381,23 +1391,29 @@ def _write_truth(inst: InstrumentTruth, dets: list[Detector], filters: Sequence[
         fits.PrimaryHDU(data=np.asarray(arr, dtype=dtype), header=h).writeto(path.with_suffix(".part"), overwrite=True)
         os.replace(path.with_suffix(".part"), path)
 
-    for det in dets:
+    def static_maps(det: Detector) -> None:
         put(f"bias_{det.name}.fits", inst.bias(det), det, "adu", "bias structure B")
         put(f"dark_{det.name}.fits", inst.dark(det), det, "adu/s", "dark rate D/g")
         put(f"defects_{det.name}.fits", inst.defects(det), det, "", "injected bad pixels (DEFECT_BITS)",
             dtype=np.int16)
+
+    def filter_maps(det: Detector, f: str) -> None:
+        put(f"flat_{f}_{det.name}.fits", inst.flat(det, f), det, "", "relative response R", FILTER=f,
+            REFRESP=(refs[f], "ADU per incident e-; flat = lamp*REFRESP*R"))
+        put(f"qe_{f}_{det.name}.fits", inst.qe(det, f) / np.float32(qmeans[f]), det, "", "Q/Qbar", FILTER=f,
+            QEMEAN=(qmeans[f], "focal-plane mean of Q"))
+        put(f"sky_{f}_{det.name}.fits", inst.sky(det, f), det, "", "sky pattern P", FILTER=f)
+        if f in FRINGE_FILTERS:
+            put(f"fringe_{f}_{det.name}.fits", inst.fringe(det, f), det, "", "fringe per unit sky F", FILTER=f)
+
     refs, qmeans, sky_norms = {}, {}, {}
-    for f in filters:
-        refs[f], qmeans[f] = inst.flat_reference(f), inst.qe_mean(f)
-        sky_norms[f] = inst.sky_norm(f)
-        for det in dets:
-            put(f"flat_{f}_{det.name}.fits", inst.flat(det, f), det, "", "relative response R", FILTER=f,
-                REFRESP=(refs[f], "ADU per incident e-; flat = lamp*REFRESP*R"))
-            put(f"qe_{f}_{det.name}.fits", inst.qe(det, f) / np.float32(qmeans[f]), det, "", "Q/Qbar", FILTER=f,
-                QEMEAN=(qmeans[f], "focal-plane mean of Q"))
-            put(f"sky_{f}_{det.name}.fits", inst.sky(det, f), det, "", "sky pattern P", FILTER=f)
-            if f in FRINGE_FILTERS:
-                put(f"fringe_{f}_{det.name}.fits", inst.fringe(det, f), det, "", "fringe per unit sky F", FILTER=f)
+    # the detectors' maps on threads, as the exposures' pixels (simulate_night)
+    with ThreadPoolExecutor(max(1, min(len(dets), os.cpu_count() or 1)), thread_name_prefix="truth") as pool:
+        list(pool.map(static_maps, dets))
+        for f in filters:
+            refs[f], qmeans[f] = inst.flat_reference(f), inst.qe_mean(f)
+            sky_norms[f] = inst.sky_norm(f)
+            list(pool.map(lambda det: filter_maps(det, f), dets))
     static = inst.summary(filters)
     static["flat_reference"] = refs
     static["qe_mean"] = qmeans
@@ -1570,37 +1586,42 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     moon = float(_rng(seed, 5).uniform(0.0, 1.0))
     exposures: list[SimulatedExposure] = []
     records: list[dict] = []
-    for i, p in enumerate(plan):
-        draws = _exposure_draws(inst, p, seed, flat_exptime, science_exptime, gradient_amplitude,
-                                defects.get(p.seq))
-        hdus: list[Any] = [fits.PrimaryHDU(header=_primary_header(camera, p, draws, seed, moon))]
-        rec: dict[str, Any] = {"exposure_id": p.exposure_id, "obs_type": p.obs_type, "filter": p.filter,
-                               "date_obs": p.start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], "exptime": p.exptime,
-                               "darktime": p.darktime, "path": f"raw/{p.exposure_id}{suffix}",
-                               "cosmic_rays": {}, "bias_offset": {}}
-        for key in ("sky_level", "gradient", "fringe_scale", "fringe_amplitude", "lamp_level", "fwhm_px",
-                    "defect", "defect_params"):
-            if key in draws:
-                rec[key] = draws[key]
-        objects: list[dict] = []
-        for det in dets:
-            pixels, drec = _simulate_detector(inst, det, p, draws, seed, poisson_gaussian_above)
-            for hdu, arr in pixels:
-                amps = [lay.amp.name for lay in inst.layouts[det.id] if lay.hdu == hdu]
-                hdus.append(_image_hdu(arr, det, compress, hdu, amps if len(pixels) > 1 else ()))
-            rec["cosmic_rays"][det.name] = drec.get("cosmic_rays", 0)
-            rec["bias_offset"][det.name] = drec["bias_offset"]
-            objects += drec.get("objects", [])
-        if p.obs_type == "science":
-            rec["objects"] = objects
-        path = raw_dir / f"{p.exposure_id}{suffix}"
-        _write(fits.HDUList(hdus), path, compress)
-        records.append(rec)
-        exposures.append(SimulatedExposure(exposure_id=p.exposure_id, obs_type=p.obs_type, filter=p.filter,
-                                           exptime=p.exptime, darktime=p.darktime, date_obs=rec["date_obs"],
-                                           path=path))
-        if progress is not None:
-            progress(i + 1, len(plan))
+    workers = max(1, min(len(dets), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="simulate") as pool:
+        for i, p in enumerate(plan):
+            draws = _exposure_draws(inst, p, seed, flat_exptime, science_exptime, gradient_amplitude,
+                                    defects.get(p.seq))
+            hdus: list[Any] = [fits.PrimaryHDU(header=_primary_header(camera, p, draws, seed, moon))]
+            rec: dict[str, Any] = {"exposure_id": p.exposure_id, "obs_type": p.obs_type, "filter": p.filter,
+                                   "date_obs": p.start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], "exptime": p.exptime,
+                                   "darktime": p.darktime, "path": f"raw/{p.exposure_id}{suffix}",
+                                   "cosmic_rays": {}, "bias_offset": {}}
+            for key in ("sky_level", "gradient", "fringe_scale", "fringe_amplitude", "lamp_level", "fwhm_px",
+                        "defect", "defect_params"):
+                if key in draws:
+                    rec[key] = draws[key]
+            objects: list[dict] = []
+            # the detectors of an exposure on threads (numpy's draws and array arithmetic release the GIL);
+            # each detector's draws come from its own node of the seed tree, so the pixels do not depend
+            # on the order the threads run in
+            simulated = pool.map(lambda det: _simulate_detector(inst, det, p, draws, seed, poisson_gaussian_above), dets)
+            for det, (pixels, drec) in zip(dets, simulated):
+                for hdu, arr in pixels:
+                    amps = [lay.amp.name for lay in inst.layouts[det.id] if lay.hdu == hdu]
+                    hdus.append(_image_hdu(arr, det, compress, hdu, amps if len(pixels) > 1 else ()))
+                rec["cosmic_rays"][det.name] = drec.get("cosmic_rays", 0)
+                rec["bias_offset"][det.name] = drec["bias_offset"]
+                objects += drec.get("objects", [])
+            if p.obs_type == "science":
+                rec["objects"] = objects
+            path = raw_dir / f"{p.exposure_id}{suffix}"
+            _write(fits.HDUList(hdus), path, compress)
+            records.append(rec)
+            exposures.append(SimulatedExposure(exposure_id=p.exposure_id, obs_type=p.obs_type, filter=p.filter,
+                                               exptime=p.exptime, darktime=p.darktime, date_obs=rec["date_obs"],
+                                               path=path))
+            if progress is not None:
+                progress(i + 1, len(plan))
     _json_dump(static, truth_dir / "static.json")
     _json_dump(records, truth_dir / "exposures.json", indent=None)
     _json_dump({"camera": camera.name, "seed": seed, "night": night.isoformat(), "filters": filters,
