@@ -392,17 +392,64 @@ def test_subtract_level_equals_the_numpy_expression(dtype, shape):
     np.testing.assert_array_equal(out, (np.asarray(data, np.float64) - level).astype(np.float32))
 
 
-def test_add_signal_variance_equals_the_numpy_expression():
-    from calib_core.stats._kernels import add_signal_variance
+def _plane(rng, shape, level, sd, special=True):
+    a = rng.normal(level, sd, shape).astype(np.float32)
+    if special:
+        a[::7, ::5] = np.nan
+        a[1, :6] = [0.0, -0.0, np.inf, -np.inf, 1e38, -1e38]
+    return a
 
-    rng = np.random.default_rng(6)
-    image = rng.normal(100, 200, (64, 48)).astype(np.float32)
-    image[::7, ::5] = np.nan
-    image[1, :4] = [0.0, -0.0, np.inf, -np.inf]
+
+@pytest.mark.parametrize("steps", ["bias variance dark flat", "bias", "bias variance", "bias dark",
+                                   "variance dark flat", "flat", "dark flat", ""])
+@pytest.mark.parametrize("read_only", [False, True])
+def test_calibrate_equals_the_numpy_steps_one_after_another(steps, read_only):
+    """ISR's one-sweep calibration against what ISR computed before it, step by step with NumPy, written
+    out here: ``image -= b; var += b_var; mask |= b_mask``, then ``var += maximum(image, 0)/gain +
+    (rn/gain)**2``, then ``c = float32(c); image -= c*d; var += c*c*d_var``, then the quotient with the
+    flat. Bit for bit, with NaN, +-0, +-inf, huge values and zero and negative flat pixels."""
+    from calib_core.isr.process import calibrate
+
+    rng = np.random.default_rng(7)
+    shape = (64, 48)
+    image = _plane(rng, shape, 300, 400)
+    mask = rng.integers(0, 4, shape).astype(np.int32)
+    var0 = rng.uniform(0, 3, shape).astype(np.float32)
     gain = np.where(np.arange(48) < 24, 1.7, 2.3).astype(np.float32)[None, :].repeat(64, 0)
     rn = np.where(np.arange(48) < 24, 4.5, 5.1).astype(np.float32)[None, :].repeat(64, 0)
-    variance = rng.uniform(0, 3, image.shape).astype(np.float32)
-    ref = variance.copy()
-    ref += np.maximum(image, 0) / gain + (rn / gain) ** 2
-    add_signal_variance(variance, image, gain, rn)
-    np.testing.assert_array_equal(variance, ref)
+
+    def calib(level, sd):
+        return MaskedImage(_plane(rng, shape, level, sd), rng.integers(0, 64, shape).astype(np.int32) * 16,
+                           rng.uniform(0, 0.1, shape).astype(np.float32))
+
+    bias, dark, flat = calib(5, 3), calib(0.02, 0.01), calib(1.0, 0.3)
+    flat.image[2, :3] = [0.0, -0.0, -0.5]
+    for c in (bias, dark, flat):           # as the calib cache hands them out
+        for a in (c.image, c.mask, c.variance):
+            a.flags.writeable = not read_only
+    c = 37.3 / 1.0
+    want = set(steps.split())
+    ref_i, ref_m, ref_v = image.copy(), mask.copy(), var0.copy()
+    with np.errstate(all="ignore"):
+        if "bias" in want:
+            ref_i -= bias.image
+            ref_v += bias.variance
+            ref_m |= bias.mask
+        if "variance" in want:
+            ref_v += np.maximum(ref_i, 0) / gain + (rn / gain) ** 2
+        if "dark" in want:
+            cf = np.float32(c)
+            ref_i -= cf * dark.image
+            ref_v += cf * cf * dark.variance
+            ref_m |= dark.mask
+        if "flat" in want:
+            a2, b2 = ref_i * ref_i, flat.image * flat.image
+            ref_v = ((ref_v + a2 * flat.variance / b2) / b2).astype(np.float32)
+            ref_i = (ref_i / flat.image).astype(np.float32)
+            ref_m |= flat.mask
+    mi = MaskedImage(image.copy(), mask.copy(), var0.copy())
+    calibrate(mi, gain, rn, bias=bias if "bias" in want else None, variance="variance" in want,
+              dark=dark if "dark" in want else None, dark_scale=c, flat=flat if "flat" in want else None)
+    for got, ref in ((mi.image, ref_i), (mi.variance, ref_v)):      # the bits: -0.0 is not 0.0
+        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    np.testing.assert_array_equal(mi.mask, ref_m)

@@ -20,7 +20,7 @@ from calib_core.configmodel import ConfigModel
 from calib_core.errors import DataError
 from calib_core.io.raw import RawAmp, RawDetector
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.stats._kernels import (add_signal_variance, bridge_rows, fringe_fit_inputs, fringe_fit_pass,
+from calib_core.stats._kernels import (bridge_rows, calibrate_pixels, fringe_fit_inputs, fringe_fit_pass,
                                        subtract_level)
 from calib_core.stats.background import BackgroundConfig, measure_background
 from calib_core.stats.binned import image_statistic
@@ -218,6 +218,42 @@ def _fringe_background() -> BackgroundConfig:
     return BackgroundConfig()
 
 
+_OFF_F = np.zeros((1, 1), np.float32)
+_OFF_M = np.zeros((1, 1), np.int32)
+_OFF_F.flags.writeable = _OFF_M.flags.writeable = False
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only C-contiguous view (a copy only when ``a`` is not contiguous): calib planes reach the
+    kernel as one array type whether or not they come from the read-only calib cache, so numba
+    compiles one specialisation of it."""
+    v = np.ascontiguousarray(a).view()
+    v.flags.writeable = False
+    return v
+
+
+def calibrate(mi: MaskedImage, gain: np.ndarray, read_noise: np.ndarray, *, bias: MaskedImage | None = None,
+              variance: bool = False, dark: MaskedImage | None = None, dark_scale: float = 0.0,
+              flat: MaskedImage | None = None) -> MaskedImage:
+    """Subtract ``bias``, add the signal and read-noise variance (``variance``), subtract
+    ``dark_scale * dark`` and divide by ``flat``, in that order and in place, in one sweep
+    (:func:`calib_core.stats._kernels.calibrate_pixels`): the same float32 arithmetic as
+    ``mi -= bias``, ``variance += maximum(image, 0)/gain + (read_noise/gain)**2``,
+    ``mi.scaled_minus(dark_scale, dark)`` and
+    ``mi.divide_by(flat)`` one after another, without their temporaries
+    (docs/algorithms.md#isr-in-one-sweep). A step whose calib is None is skipped; ``gain`` and
+    ``read_noise`` (per pixel, float32) are read only with ``variance``."""
+    def planes(cal):
+        if cal is None:
+            return _OFF_F, _OFF_M, _OFF_F
+        return _read_only(cal.image), _read_only(cal.mask), _read_only(cal.variance)
+
+    calibrate_pixels(mi.image, mi.mask, mi.variance, gain, read_noise, bias is not None, *planes(bias),
+                     bool(variance), dark is not None, np.float32(dark_scale), *planes(dark),
+                     flat is not None, *planes(flat))
+    return mi
+
+
 def _calib_image(calib, shape, what, path):
     if not isinstance(calib, MaskedImage):
         calib = MaskedImage.from_image(np.asarray(calib, np.float32))
@@ -298,30 +334,23 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
         image[dest] = data
         placed[dest] = True
         if sat is not None:
-            mask[dest] |= np.where(sat, np.int32(sat_bit), np.int32(0))
+            m = mask[dest]
+            np.bitwise_or(m, np.int32(sat_bit), out=m, where=sat)
         gain[dest] = (gains or {}).get(amp.name, amp.gain)
         rn[dest] = (read_noises or {}).get(amp.name, amp.read_noise)
     if config.do_assemble and not placed.all():
-        mask[~placed] |= np.int32(MASK_PLANES.bit("NO_DATA"))
+        np.bitwise_or(mask, np.int32(MASK_PLANES.bit("NO_DATA")), out=mask, where=~placed)
     mi = MaskedImage(image, mask, np.zeros(shape, np.float32))
 
     if config.do_defect and defects is not None:
         defects = np.asarray(defects)
         if defects.shape != shape:
             raise IsrError(f"{path}: defect mask has shape {defects.shape}, detector is {shape}")
-        mi.mask[defects != 0] |= np.int32(MASK_PLANES.bit("BAD"))
+        np.bitwise_or(mi.mask, np.int32(MASK_PLANES.bit("BAD")), out=mi.mask, where=defects != 0)
 
-    if config.do_bias:
-        if bias is None:
-            raise IsrError(f"{path}: do_bias is set but no bias was given")
-        mi -= _calib_image(bias, shape, "bias", path)
-
-    if config.do_variance:
-        # ip_isr updateVariance: image/gain + (rn/gain)**2 in ADU**2, per amp. The Poisson term
-        # uses the bias-subtracted signal (clipped at 0); the master bias's variance, added by the
-        # subtraction above, is kept (ip_isr overwrites it).
-        add_signal_variance(mi.variance, mi.image, gain, rn)      # += max(image, 0) / gain + (rn / gain)**2
-
+    # validate first: the steps then run as one sweep over the pixels (calibrate_pixels)
+    if config.do_bias and bias is None:
+        raise IsrError(f"{path}: do_bias is set but no bias was given")
     if config.do_dark:
         if dark is None:
             raise IsrError(f"{path}: do_dark is set but no dark was given")
@@ -329,7 +358,15 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
             raise IsrError(f"{path}: do_dark needs the exposure's dark time, got {darktime!r}")
         if not (math.isfinite(dark_darktime) and dark_darktime > 0):
             raise IsrError(f"{path}: the dark's dark time must be > 0, got {dark_darktime!r}")
-        mi.scaled_minus(darktime / dark_darktime, _calib_image(dark, shape, "dark", path))
+    if config.do_flat and flat is None:
+        raise IsrError(f"{path}: do_flat is set but no flat was given")
+    bias_mi = _calib_image(bias, shape, "bias", path) if config.do_bias else None
+    dark_mi = _calib_image(dark, shape, "dark", path) if config.do_dark else None
+    flat_mi = _calib_image(flat, shape, "flat", path) if config.do_flat else None
+    # ip_isr updateVariance: image/gain + (rn/gain)**2 in ADU**2, per amp. The Poisson term uses the
+    # bias-subtracted signal (clipped at 0); the master bias's variance, added by the subtraction, is
+    # kept (ip_isr overwrites it).
+    c_dark = darktime / dark_darktime if config.do_dark else 0.0
 
     def defringe():
         if fringe is None:
@@ -340,13 +377,14 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
         mi.scaled_minus(scale, fr)
 
     if config.do_fringe and not config.fringe_after_flat:
+        calibrate(mi, gain, rn, bias=bias_mi, variance=config.do_variance, dark=dark_mi, dark_scale=c_dark)
         defringe()
-    if config.do_flat:
-        if flat is None:
-            raise IsrError(f"{path}: do_flat is set but no flat was given")
-        mi.divide_by(_calib_image(flat, shape, "flat", path))
-    if config.do_fringe and config.fringe_after_flat:
-        defringe()
+        calibrate(mi, gain, rn, flat=flat_mi)
+    else:
+        calibrate(mi, gain, rn, bias=bias_mi, variance=config.do_variance, dark=dark_mi, dark_scale=c_dark,
+                  flat=flat_mi)
+        if config.do_fringe:
+            defringe()
     if config.do_interpolate:
         interpolate_over(mi, MASK_PLANES.bits(config.mask_list_to_interpolate), config.interpolate_along)
     return mi

@@ -24,7 +24,7 @@ from numba import njit, prange
 from calib_core.stats.clipped import IQR_TO_SIGMA  # the one definition (numba reads it as a constant)
 
 __all__ = ["bswap32_inplace", "stack_kernel", "meanclip_blocks", "sorting_network", "sorting_program",
-           "block_width", "STACK_CODES", "bridge_rows", "subtract_level", "add_signal_variance"]
+           "block_width", "STACK_CODES", "bridge_rows", "subtract_level", "calibrate_pixels"]
 
 #: statistics with a numba kernel: MEANCLIP -> :func:`meanclip_blocks`, the others -> :func:`stack_kernel`
 STACK_CODES = {"MEAN": 0, "MEANCLIP": 1, "MEDIAN": 2, "MINMAX": 3}
@@ -1284,16 +1284,48 @@ def subtract_level(data, level, out):
             out[i, j] = np.float32(np.float64(data[i, j]) - level[li, j if per_col else 0])
 
 
-@njit(cache=True, nogil=True)
-def add_signal_variance(variance, image, gain, read_noise):
-    """``variance += maximum(image, 0) / gain + (read_noise / gain)**2`` in float32 (all four
-    planes float32, the same shape), as the NumPy expression computes it: NaN pixels stay NaN."""
+@njit(cache=True, nogil=True, error_model="numpy")
+def calibrate_pixels(image, mask, variance, gain, read_noise, do_bias, bias_i, bias_m, bias_v, do_variance,
+                     do_dark, c, dark_i, dark_m, dark_v, do_flat, flat_i, flat_m, flat_v):
+    """ISR's bias, variance, dark and flat steps in one sweep, in place, each step as
+    :class:`calib_core.maskedimage.MaskedImage`'s NumPy arithmetic computes it in float32 (same
+    operations, same order, so the same bits; a zero flat pixel gives inf or NaN as NumPy does):
+
+    * bias: ``image -= b``, ``variance += b_var``, ``mask |= b_mask``;
+    * variance: ``variance += maximum(image, 0) / gain + (read_noise / gain)**2`` (NaN stays NaN);
+    * dark: ``image -= c*d``, ``variance += (c*c)*d_var``, ``mask |= d_mask`` (``c`` float32);
+    * flat: ``variance = (variance + (image*image)*f_var/(f*f)) / (f*f)``, ``image /= f``, ``mask |= f_mask``.
+
+    A step that is off is skipped; its arrays are not read (any array of the right dtype will do).
+    """
     ny, nx = image.shape
+    cc = c * c
     for i in range(ny):
         for j in range(nx):
             x = image[i, j]
-            if x <= np.float32(0.0):
-                x = np.float32(0.0)
-            g = gain[i, j]
-            r = read_noise[i, j] / g
-            variance[i, j] = variance[i, j] + (x / g + r * r)
+            v = variance[i, j]
+            m = mask[i, j]
+            if do_bias:
+                x = x - bias_i[i, j]
+                v = v + bias_v[i, j]
+                m |= bias_m[i, j]
+            if do_variance:
+                s = x
+                if s <= np.float32(0.0):
+                    s = np.float32(0.0)
+                g = gain[i, j]
+                r = read_noise[i, j] / g
+                v = v + (s / g + r * r)
+            if do_dark:
+                x = x - c * dark_i[i, j]
+                v = v + cc * dark_v[i, j]
+                m |= dark_m[i, j]
+            if do_flat:
+                f = flat_i[i, j]
+                b2 = f * f
+                v = (v + (x * x) * flat_v[i, j] / b2) / b2
+                x = x / f
+                m |= flat_m[i, j]
+            image[i, j] = x
+            variance[i, j] = v
+            mask[i, j] = m
