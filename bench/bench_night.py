@@ -325,8 +325,10 @@ def run_leg(args) -> None:
         run_steps = None
     if run_steps is not None and _in_tree("flows.nightly") and hasattr(policy, "parallel_builds"):
         outcome = run_steps(steps, build_one, policy.parallel_builds)
-        failed = {steps[i]["type"]: repr(e) for i, e in outcome.items() if e is not None}
-        assert not failed, failed
+        import traceback
+
+        failed = {_build_label(steps[i]): "".join(traceback.format_exception(e)) for i, e in outcome.items() if e}
+        assert not failed, "\n".join(f"{b}: {tb}" for b, tb in failed.items())
     else:     # one build after another, as the nightly flow ran them; each build's intermediates removed
         for step in steps:
             if step["action"] == "build":

@@ -293,7 +293,8 @@ def _retire_intermediates(registry, ctx: BuildContext, plan, store: Datastore, l
     registered and verified, its intermediates (its exposures and detectors) are removed, unless
     ``CALIBFLOW_INTERMEDIATES=keep`` or another build of the type and filter is running (it may read
     the same files: they are left for ``calibflow prune``; a build of another filter has other
-    exposures). Never fails the build."""
+    exposures, so only the frames, which do not name theirs, are left to the type's last build).
+    Never fails the build."""
     from calib_core.repository import build_files, mark_crashed_runs, remove_files, retention_policy, running_builds
 
     try:
@@ -305,8 +306,12 @@ def _retire_intermediates(registry, ctx: BuildContext, plan, store: Datastore, l
             log.info("%s build: intermediates kept, another %s build is running (calibflow prune frees them)",
                      _build_label(ctx), _build_label(ctx))
             return
+        # a build of the type for another filter (sky z beside sky r) reads none of this build's
+        # exposures' files, but its frames are named by detector and digest only: they are left, and
+        # the last build of the type to end removes every frame of its detectors
+        same_type = any(t == ctx.calib_type for t, _ in others)
         work = store.root / "work" / ctx.camera / ctx.calib_type
-        n, freed = remove_files(build_files(work, plan.exposure_ids, plan.detectors))
+        n, freed = remove_files(build_files(work, plan.exposure_ids, plan.detectors, frames=not same_type))
         if n:
             log.info("%s build: removed %d intermediate files (%.1f MB)", _build_label(ctx), n, freed / 1e6)
     except Exception as exc:        # disk housekeeping must not fail a build whose products are registered

@@ -114,3 +114,21 @@ def test_intermediates_are_kept_only_for_a_running_build_of_the_same_type_and_fi
     for run in (z, b):
         finish_build_run(reg, run, "completed")
     assert running_builds(reg, exclude_run=mine) == set()
+
+
+def test_a_build_leaves_the_frames_of_its_type_to_the_last_build_of_the_type(tmp_path):
+    """Sky r ending while sky z runs: its exposures' files go, the frames (named by detector and digest,
+    not by exposure or filter) stay for sky z, whose end removes every frame of its detectors."""
+    from calib_core.repository import build_files
+
+    work = tmp_path / "work"
+    work.mkdir()
+    names = ["202611200010-det001-abc.fits", "202611200010-det001-abc.json", "202611200020-det001-abc.fits",
+             "pass-frame-det001-3b877c764aa84113.fits", "pass-frame-det002-3b877c764aa84113.fits"]
+    for n in names:
+        (work / n).write_bytes(b"x")
+    mine = {p.name for p in build_files(work, ["202611200010"], [1], frames=False)}
+    assert mine == {"202611200010-det001-abc.fits", "202611200010-det001-abc.json"}
+    last = {p.name for p in build_files(work, ["202611200020"], [1, 2])}
+    assert last == {"202611200020-det001-abc.fits", "pass-frame-det001-3b877c764aa84113.fits",
+                    "pass-frame-det002-3b877c764aa84113.fits"}

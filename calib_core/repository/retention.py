@@ -61,10 +61,10 @@ def retention_policy() -> str:
     return value
 
 
-def build_files(work: str | Path, exposure_ids, detectors) -> list[Path]:
+def build_files(work: str | Path, exposure_ids, detectors, frames: bool = True) -> list[Path]:
     """The intermediates under ``work`` (one camera and type's folder) that belong to the given
-    exposures and detectors: per-(exposure, detector) files, the exposures' surfaces, and the
-    frames of those detectors."""
+    exposures and detectors: per-(exposure, detector) files, the exposures' surfaces, and (with
+    ``frames``) the frames of those detectors, whatever build made them: their names do not say."""
     work = Path(work)
     if not work.is_dir():
         return []
@@ -78,7 +78,7 @@ def build_files(work: str | Path, exposure_ids, detectors) -> list[Path]:
         if m and m["exposure"] in exposures and (m["detector"] is None or int(m["detector"]) in dets):
             out.append(path)
             continue
-        f = _FRAME_FILE.match(path.name)
+        f = _FRAME_FILE.match(path.name) if frames else None
         if f and int(f["detector"]) in dets:
             out.append(path)
     return sorted(out)
