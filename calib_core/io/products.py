@@ -242,11 +242,12 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
     primary = fits.PrimaryHDU(header=_header_with(header_cards))
     plane_cards = _header_with(MASK_PLANES.to_header())
     primary.header.extend(plane_cards, update=True)
-    image = fits.ImageHDU(np.ascontiguousarray(masked_image.image, dtype=np.float32), name="IMAGE")
-    mask_plane = np.ascontiguousarray(masked_image.mask, dtype=np.int32)
-    if compact_mask and mask_plane.size and 0 <= int(mask_plane.min()) and int(mask_plane.max()) < 2**15:
-        mask_plane = mask_plane.astype(np.int16)
-    mask = fits.ImageHDU(mask_plane, name="MASK")
+    # the planes in FITS byte order (big-endian) already: astropy then writes them as they are, where it
+    # would byteswap a native array in place and back (two passes over each plane instead of one)
+    image = fits.ImageHDU(_fits_order(masked_image.image, np.float32), name="IMAGE")
+    mask_plane = np.asarray(masked_image.mask)
+    narrow = compact_mask and mask_plane.size and 0 <= int(mask_plane.min()) and int(mask_plane.max()) < 2**15
+    mask = fits.ImageHDU(_fits_order(mask_plane, np.int16 if narrow else np.int32), name="MASK")
     uncert = variance_hdu(masked_image.variance, unit)
     if unit is not None:
         image.header["BUNIT"] = (unit, _default_comment("BUNIT"))
@@ -257,9 +258,14 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
     return write_hdulist(path, fits.HDUList([primary, image, mask, uncert, *extra_hdus]))
 
 
+def _fits_order(plane: np.ndarray, dtype) -> np.ndarray:
+    """``plane`` as a C-contiguous array of ``dtype`` in FITS (big-endian) byte order: one pass."""
+    return np.ascontiguousarray(plane, dtype=np.dtype(dtype).newbyteorder(">"))
+
+
 def variance_hdu(variance: np.ndarray, unit: str | None = None) -> fits.ImageHDU:
     """The ``UNCERT`` extension of a variance plane (float32), as astropy's CCDData reads it."""
-    hdu = fits.ImageHDU(np.ascontiguousarray(variance, dtype=np.float32), name=UNCERT_EXTNAME)
+    hdu = fits.ImageHDU(_fits_order(variance, np.float32), name=UNCERT_EXTNAME)
     hdu.header["UTYPE"] = ("VarianceUncertainty", "the values are variances (astropy class)")
     if unit is not None:
         hdu.header["BUNIT"] = (squared_unit(unit), "unit of the variance")
