@@ -1,7 +1,8 @@
 """The nightly flow: for one night, find what was ingested, decide what to build, and build it in
 dependency order - bias, then dark, then the defects mask and the photon transfer curve (gains),
 then flat (per filter), then fringe (fringing filters) and sky (per filter) - each build's ISR
-using what was certified before it. Products are certified as they
+using what was certified before it; builds that need nothing of each other run side by side
+(docs/architecture.md#builds-side-by-side). Products are certified as they
 are recorded (validity: calib date -N/+M days). Rerunning a night builds nothing new: each build
 finds its identical earlier products (same inputs, same config) and returns them.
 """
