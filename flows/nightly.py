@@ -102,8 +102,8 @@ def build_dependencies(steps: list[dict]) -> dict[int, set[int]]:
         if s["action"] != "build":
             continue
         need = set(CALIB_TYPES[s["type"]].isr_calibs)
-        deps[i] = {j for j, u in enumerate(steps[:i]) if u["action"] == "build" and u["type"] in need
-                   and (u["filter"] is None or s["filter"] is None or u["filter"] == s["filter"])}
+        deps[i] = {j for j, step in enumerate(steps[:i]) if step["action"] == "build" and step["type"] in need
+                   and (step["filter"] is None or s["filter"] is None or step["filter"] == s["filter"])}
     return deps
 
 
@@ -122,7 +122,7 @@ def run_steps(steps: list[dict], run_one: Callable[[dict, set[str]], object],
     outcome: dict[int, BaseException | None] = {}
 
     def blocked(i):
-        return {steps[j]["type"] for j in deps[i] if outcome[j] is not None}
+        return {step["type"] for j, step in enumerate(steps) if j in deps[i] and outcome[j] is not None}
 
     if parallel <= 1:
         for i in sorted(deps):
