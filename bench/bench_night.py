@@ -319,11 +319,11 @@ def run_leg(args) -> None:
                        "products": len(out["products"]), "created": out["created"]})
 
     c0, t0 = time.process_time(), time.perf_counter()
-    try:   # the tree's own scheduler: builds side by side as its nightly flow runs them
+    try:   # the tree's own scheduler (PYTHONPATH puts the tree first): builds side by side as its flow runs them
         from flows.nightly import run_steps
     except ImportError:
         run_steps = None
-    if run_steps is not None and _in_tree("flows.nightly") and hasattr(policy, "parallel_builds"):
+    if run_steps is not None:
         outcome = run_steps(steps, build_one, policy.parallel_builds)
         import traceback
 

@@ -281,11 +281,11 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
 
 
 def may_share_inputs(running: set[tuple[str, str | None]], calib_type: str, filter: str | None) -> bool:
-    """Whether one of the ``running`` builds (type, filter) may read a build's intermediates: one of
-    the same type whose filter is the same or unknown (an exposure has one filter, so flat z never
-    reads flat r's)."""
+    """Whether one of the ``running`` builds (type, filter, as :func:`running_builds` gives them: None
+    for no or an unknown filter) may read a build's intermediates: one of the same type whose filter is
+    the same or unknown (an exposure has one filter, so flat z never reads flat r's)."""
     mine = None if filter in (None, "", "NONE") else filter
-    return any(t == calib_type and (f in (None, "", "NONE") or mine is None or f == mine) for t, f in running)
+    return any(t == calib_type and (f is None or mine is None or f == mine) for t, f in running)
 
 
 def _retire_intermediates(registry, ctx: BuildContext, plan, store: Datastore, log, run_id: int) -> None:

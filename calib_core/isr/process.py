@@ -363,9 +363,6 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
     bias_mi = _calib_image(bias, shape, "bias", path) if config.do_bias else None
     dark_mi = _calib_image(dark, shape, "dark", path) if config.do_dark else None
     flat_mi = _calib_image(flat, shape, "flat", path) if config.do_flat else None
-    # ip_isr updateVariance: image/gain + (rn/gain)**2 in ADU**2, per amp. The Poisson term uses the
-    # bias-subtracted signal (clipped at 0); the master bias's variance, added by the subtraction, is
-    # kept (ip_isr overwrites it).
     c_dark = darktime / dark_darktime if config.do_dark else 0.0
 
     def defringe():
@@ -376,6 +373,9 @@ def run_isr(raw_detector: RawDetector, config: IsrConfig | None = None, bias=Non
             mi, fr, MASK_PLANES.bits(config.fringe_mask))
         mi.scaled_minus(scale, fr)
 
+    # the variance step is ip_isr's updateVariance: image/gain + (rn/gain)**2 in ADU**2, per amp. The
+    # Poisson term uses the bias-subtracted signal (clipped at 0); the master bias's variance, added by
+    # the subtraction, is kept (ip_isr overwrites it).
     if config.do_fringe and not config.fringe_after_flat:
         calibrate(mi, gain, rn, bias=bias_mi, variance=config.do_variance, dark=dark_mi, dark_scale=c_dark)
         defringe()

@@ -100,23 +100,20 @@ def remove_files(paths) -> tuple[int, int]:
 
 def running_builds(registry, exclude_run: int | None = None) -> set[tuple[str, str | None]]:
     """(calib type, filter) of each build run the registry records as ``running`` (other than
-    ``exclude_run``); the filter is None for an unfiltered type or a run that did not record one."""
+    ``exclude_run``); the filter is None for an unfiltered type (``NONE``) or a run that did not record
+    one. The caller marks the runs of dead processes crashed first (``mark_crashed_runs``)."""
     from calib_core.repository.registry.models import BuildRunRow
 
     with registry.session() as s:
         rows = s.execute(select(BuildRunRow.id, BuildRunRow.calib_type, BuildRunRow.parameters)
                          .where(BuildRunRow.status == "running")).all()
-    return {(t, (p or {}).get("filter") or None) for i, t, p in rows if i != exclude_run}
+    filters = {i: (p or {}).get("filter") for i, _, p in rows}
+    return {(t, None if filters[i] in (None, "", "NONE") else filters[i]) for i, t, _ in rows if i != exclude_run}
 
 
 def running_types(registry, exclude_run: int | None = None) -> set[str]:
-    """Calib types with a build run the registry records as ``running`` (other than ``exclude_run``).
-    The caller marks the runs of dead processes crashed first (``tasks.calib_tasks.mark_crashed_runs``)."""
-    from calib_core.repository.registry.models import BuildRunRow
-
-    with registry.session() as s:
-        rows = s.execute(select(BuildRunRow.id, BuildRunRow.calib_type).where(BuildRunRow.status == "running")).all()
-    return {t for i, t in rows if i != exclude_run}
+    """Calib types with a build run the registry records as ``running`` (other than ``exclude_run``)."""
+    return {t for t, _ in running_builds(registry, exclude_run)}
 
 
 @dataclass(frozen=True)
