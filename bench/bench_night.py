@@ -536,6 +536,10 @@ def _sample_comparison(base: dict, new: dict) -> list[str]:
         if rel > worst_rel:
             worst_rel, where = rel, k
         worst_spread = max(worst_spread, float(np.max(d)) / spread)
+    if worst_rel == 0.0:
+        return ["", f"At ~4096 fixed pixels of each of {len(common)} products the image values are the same in "
+                    "both legs: where the pixel hashes differ, the difference lies elsewhere (other pixels, or "
+                    "a product's other planes and tables)."]
     return ["", f"Where they differ, at ~4096 fixed pixels of each of {len(common)} products: the largest "
                 f"difference is {worst_rel:.1e} of the pixel's value ({where}) and {worst_spread:.1e} of a "
                 "product's pixel-to-pixel spread."]

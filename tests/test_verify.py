@@ -73,6 +73,43 @@ def test_an_overscan_noisier_than_the_read_noise_fails():
     assert [(c.name, c.amp) for c in v.checks if not c.passed] == [("OVERSCAN_NOISE", "B")]
 
 
+def _overscan_noise_by_hand(over, margin, nsigma, niter):
+    """The overscan noise written out: each row's median, a 9-row running median of those with the
+    end rows repeated (np.median over each window), then the clipped standard deviation of what is
+    left (3-sigma clipping about the median, then the mean, niter passes)."""
+    over = np.asarray(over, np.float64)[:, margin:]
+    level = np.array([np.median(row[np.isfinite(row)]) if np.isfinite(row).any() else np.nan for row in over])
+    padded = np.concatenate([[level[0]] * 4, level, [level[-1]] * 4])
+    smooth = np.array([np.median(padded[i:i + 9]) for i in range(level.size)])
+    x = (over - smooth[:, None]).ravel()
+    x = x[np.isfinite(x)]
+    q1, med, q3 = np.percentile(x, [25, 50, 75])
+    keep = np.abs(x - med) <= nsigma * 0.741301109 * (q3 - q1)
+    for _ in range(niter - 1):
+        m, s = x[keep].mean(), x[keep].std(ddof=1)
+        keep = np.abs(x - m) <= nsigma * s
+    return x[keep].std(ddof=1)
+
+
+@pytest.mark.parametrize("nan_row", [False, True])
+def test_overscan_noise_is_the_running_median_written_out(nan_row):
+    from calib_core.quality.verify import _overscan_noise
+
+    raw = _raw()
+    amp = raw.amps[0]
+    rows = np.arange(SHAPE[0])
+    # a row-to-row level pattern (a slow drift and steps) on top of the read noise
+    amp.raw[:, 60:] += (5.0 * np.sin(rows / 15.0) + 3.0 * (rows > 120))[:, None].astype(np.float32)
+    if nan_row:
+        amp.raw[37, 60:] = np.nan
+    cfg = VerifyConfig()
+    margin = min(amp.amp.overscan_margin, 18)
+    want = _overscan_noise_by_hand(amp.overscan, margin, cfg.nsigma, cfg.niter)
+    assert _overscan_noise(amp, cfg) == pytest.approx(want, rel=1e-9)
+    # and the level pattern is gone: what is left is the read noise
+    assert abs(want - SIGMA) < 5 * SIGMA / np.sqrt(2 * SHAPE[0] * (20 - margin))
+
+
 def _flat_frames(n=4, level=20000.0):
     response = 1 + 0.03 * RNG.standard_normal(SHAPE)
     frames = [RNG.poisson(level * GAIN * response) / GAIN for _ in range(n)]

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.ndimage import median_filter
 
 from calib_core.configmodel import ClipConfig
 from calib_core.io.raw import RawDetector
@@ -179,11 +180,17 @@ def _overscan_noise(amp, cfg: VerifyConfig) -> float:
         over = over.T
     margin = min(amp.amp.overscan_margin, max(over.shape[1] - 2, 0))
     over = over[:, margin:]
-    level = np.nanmedian(over, axis=1)
+    level = np.full(over.shape[0], np.nan)
+    rows = np.isfinite(over).any(axis=1)            # a wholly NaN row has no level (and no warning)
+    level[rows] = np.nanmedian(over[rows], axis=1)
     # smooth the level along the readout (9 rows) so it carries ~1/sqrt(9 * ncols) of one pixel's noise
     k = 9
-    pad = np.pad(level, k // 2, mode="edge")
-    smooth = np.array([np.median(pad[i:i + k]) for i in range(level.size)])
+    if np.isfinite(level).all():
+        # the running median with the ends repeated: the window's middle value, as np.median's
+        smooth = median_filter(level, size=k, mode="nearest")
+    else:       # a wholly NaN row: np.median carries it to its neighbours (median_filter's order is undefined)
+        pad = np.pad(level, k // 2, mode="edge")
+        smooth = np.array([np.median(pad[i:i + k]) for i in range(level.size)])
     return _clip(over - smooth[:, None], cfg)[1]
 
 
