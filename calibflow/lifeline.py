@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,12 +98,15 @@ def _watch(parent: int, parent_started: int) -> None:
     _signal_all(known, signal.SIGKILL)
 
 
-_watcher: subprocess.Popen | None = None
+_watcher: int | None = None
 
 
-def start() -> subprocess.Popen | None:
-    """Watch this process (once): its descendants are ended when it ends. Returns the watcher.
+def start() -> int | None:
+    """Watch this process (once): its descendants are ended when it ends. Returns the watcher's pid.
 
+    The watcher outlives this process on purpose, so it is spawned without a ``subprocess.Popen``
+    (whose clean-up at exit would print "ResourceWarning: subprocess ... is still running" at the
+    end of every command where warnings are shown).
     ``CALIBFLOW_NO_LIFELINE=1`` turns it off (the test suite does, for the CLI it runs in-process)."""
     global _watcher
     if not sys.platform.startswith("linux") or os.environ.get("CALIBFLOW_NO_LIFELINE") == "1":
@@ -115,9 +117,11 @@ def start() -> subprocess.Popen | None:
     started = process_start_time(me)
     if started is None:
         return None
-    _watcher = subprocess.Popen([sys.executable, "-m", "calibflow.lifeline", str(me), str(started)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True)
+    # its own session, standard streams on /dev/null; this process's other descriptors are not
+    # inherited (Python opens them non-inheritable)
+    _watcher = os.posix_spawn(sys.executable, [sys.executable, "-m", "calibflow.lifeline", str(me), str(started)],
+                              os.environ, setsid=True,
+                              file_actions=[(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)])
     return _watcher
 
 

@@ -443,6 +443,33 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_lifeline_ends_an_orphan_and_prints_nothing_at_exit(tmp_path):
+    """A process that starts the watcher and a long-lived child, runs 5 s, then exits normally with every
+    warning shown: nothing on stderr (a Popen'd watcher printed "ResourceWarning: subprocess ... is
+    still running" at the end of `calibflow demo`), and the orphaned child is ended by the watcher."""
+    import subprocess
+    import sys
+
+    from calibflow.lifeline import process_start_time
+
+    code = ("import subprocess, sys; from calibflow import lifeline; w = lifeline.start(); "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+            "print(w, c.pid); import time; time.sleep(5); c.returncode = 0")   # 5 s: the watcher has seen the child     # the test's child, not the watcher: keep its own warning out
+    env = {k: v for k, v in os.environ.items() if k != "CALIBFLOW_NO_LIFELINE"}
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    watcher, child = (int(x) for x in out.stdout.split())
+    started = process_start_time(child)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (process_start_time(child) == started or process_start_time(watcher)):
+        time.sleep(0.2)
+    assert process_start_time(child) != started, "the orphan outlived its parent"
+    assert process_start_time(watcher) is None, "the watcher did not exit"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path, raws, prefect_api):
     import signal
     import subprocess
