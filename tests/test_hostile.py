@@ -452,10 +452,11 @@ def test_lifeline_ends_an_orphan_and_prints_nothing_at_exit(tmp_path):
 
     from calibflow.lifeline import process_start_time
 
+    # 5 s: the watcher has seen the child; c.returncode = 0 keeps the test's own child's Popen warning out
     code = ("import subprocess, sys; from calibflow import lifeline; w = lifeline.start(); "
             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
             "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-            "print(w, c.pid); import time; time.sleep(5); c.returncode = 0")   # 5 s: the watcher has seen the child     # the test's child, not the watcher: keep its own warning out
+            "print(w, c.pid); import time; time.sleep(5); c.returncode = 0")
     env = {k: v for k, v in os.environ.items() if k != "CALIBFLOW_NO_LIFELINE"}
     out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
                          timeout=60, cwd=Path(__file__).resolve().parents[1])

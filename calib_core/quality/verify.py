@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.ndimage import median_filter
+from scipy.ndimage import maximum_filter1d, median_filter
 
 from calib_core.configmodel import ClipConfig
 from calib_core.io.raw import RawDetector
@@ -184,13 +184,12 @@ def _overscan_noise(amp, cfg: VerifyConfig) -> float:
     rows = np.isfinite(over).any(axis=1)            # a wholly NaN row has no level (and no warning)
     level[rows] = np.nanmedian(over[rows], axis=1)
     # smooth the level along the readout (9 rows) so it carries ~1/sqrt(9 * ncols) of one pixel's noise
+    # (the running median with the ends repeated; a window holding a wholly NaN row is NaN, as
+    # np.median over the window would give: median_filter's ordering of NaN is undefined)
     k = 9
-    if np.isfinite(level).all():
-        # the running median with the ends repeated: the window's middle value, as np.median's
-        smooth = median_filter(level, size=k, mode="nearest")
-    else:       # a wholly NaN row: np.median carries it to its neighbours (median_filter's order is undefined)
-        pad = np.pad(level, k // 2, mode="edge")
-        smooth = np.array([np.median(pad[i:i + k]) for i in range(level.size)])
+    finite = np.isfinite(level)
+    smooth = median_filter(np.where(finite, level, 0.0), size=k, mode="nearest")
+    smooth[maximum_filter1d((~finite).astype(np.uint8), size=k, mode="nearest") > 0] = np.nan
     return _clip(over - smooth[:, None], cfg)[1]
 
 
