@@ -574,24 +574,61 @@ def _report(ctx: BuildContext, camera: Camera, products: list[BuiltProduct], sto
     return str(png)
 
 
-#: a PNG larger than this is not embedded in an artifact (the path is given instead)
-MAX_INLINE_PNG = 3_000_000
+def artifact_budget() -> int:
+    """Characters an artifact may hold so that the Prefect server still publishes the event it makes
+    of it: the server refuses events above ``PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES`` (default
+    1.5 MB) and prints ``Refusing to publish event of size ...`` on the terminal of the command that
+    started it (docs/prefect.md#artifacts). The setting is read where the artifact is made, which is
+    the server's own for the embedded server; 100 kB are kept for the text and the event's envelope."""
+    try:
+        from prefect.settings import get_current_settings
+
+        limit = int(get_current_settings().server.events.maximum_size_bytes)
+    except Exception:       # an older Prefect without the setting: its default
+        limit = 1_500_000
+    return max(limit - 100_000, 0)
 
 
-def png_data_uri(png) -> str | None:
+def png_data_uri(png, max_chars: int | None = None) -> str | None:
     """The PNG as a ``data:`` URI, which Prefect's UI renders inline in a markdown artifact (a
     ``file://`` link is refused by browsers and meaningless off the machine; docs/prefect.md#artifacts),
-    or None if it is missing or too large."""
+    at most ``max_chars`` long (default :func:`artifact_budget`): a larger picture is shrunk (Lanczos,
+    both axes by the same factor) until it fits. None if the file is missing, not a PNG, or would
+    have to shrink below 64 px to fit."""
     import base64
+    import io
     from pathlib import Path
 
+    prefix = "data:image/png;base64,"
+    budget = (artifact_budget() if max_chars is None else int(max_chars)) - len(prefix)
+    raw_budget = budget // 4 * 3            # base64: 4 characters for 3 bytes
     try:
         data = Path(png).read_bytes()
     except OSError:
         return None
-    if len(data) > MAX_INLINE_PNG or not data.startswith(b"\x89PNG"):
+    if not data.startswith(b"\x89PNG"):
         return None
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    if len(data) > raw_budget:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                full = img.copy()
+        except Exception:
+            return None
+        factor = math.sqrt(max(raw_budget, 1) / len(data))
+        while True:
+            size = (round(full.width * factor), round(full.height * factor))
+            if min(size) < 64:
+                return None
+            out = io.BytesIO()
+            full.resize(size, Image.LANCZOS).save(out, format="PNG", optimize=True)
+            data = out.getvalue()
+            if len(data) <= raw_budget:
+                break
+            factor *= 0.8
+    return prefix + base64.b64encode(data).decode("ascii")
 
 
 def mosaic_markdown(ctx: BuildContext, png, products: list[BuiltProduct]) -> str:

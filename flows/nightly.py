@@ -235,8 +235,11 @@ def _night_report(registry, store, cam, night, summary, policy, log) -> str | No
     return str(path)
 
 
-def _artifact(summary: dict) -> None:
-    from .build import png_data_uri
+def nightly_markdown(summary: dict) -> str:
+    """The nightly artifact: what each build did, where the night report is, and every build's mosaic
+    inline, each shrunk where needed so that all of them together stay within what the Prefect
+    server publishes (:func:`flows.build.artifact_budget`; nine full democam mosaics were 2.9 MB)."""
+    from .build import artifact_budget, png_data_uri
 
     lines = [f"## Nightly calibs, {summary['camera']}, night {summary['night']}: {summary.get('state', '')}", "",
              "| type | filter | inputs | action | new products | note |", "|---|---|---|---|---|---|"]
@@ -251,12 +254,19 @@ def _artifact(summary: dict) -> None:
                      f"{s.get('created', 0)} | {note.replace('|', '/')} |")
     if summary.get("report"):
         lines += ["", f"Night report: `{summary['report']}` (`calibflow report --night {summary['night']}`)"]
-    for s in summary["steps"]:
-        uri = png_data_uri(s["mosaic"]) if s.get("mosaic") else None
-        if uri:
-            lines += ["", f"### {s['type']} {s['filter'] or ''}", "", f"![mosaic]({uri})"]
+    pictures = [s for s in summary["steps"] if s.get("mosaic")]
+    text = "\n".join(lines)
+    share = (artifact_budget() - len(text) - 200 * len(pictures)) // max(len(pictures), 1)
+    for s in pictures:
+        uri = png_data_uri(s["mosaic"], share)
+        lines += ["", f"### {s['type']} {s['filter'] or ''}", "",
+                  f"![mosaic]({uri})" if uri else f"(mosaic: `{s['mosaic']}`)"]
+    return "\n".join(lines)
+
+
+def _artifact(summary: dict) -> None:
     try:
         key = f"nightly-{summary['camera']}-{summary['night']}".lower().replace("_", "-")
-        create_markdown_artifact("\n".join(lines), key=key[:100], description="what the nightly flow built")
+        create_markdown_artifact(nightly_markdown(summary), key=key[:100], description="what the nightly flow built")
     except Exception as exc:  # a convenience; never fail the night on it
         get_run_logger().warning("could not create the nightly artifact: %s", exc)
