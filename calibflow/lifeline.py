@@ -7,6 +7,8 @@ watcher in its own session that notes the parent's descendants every half second
 parent is gone it sends them SIGTERM, then SIGKILL to any still there after a grace period, and
 exits. Processes are recognised by pid *and* start time, so a reused pid is never signalled.
 
+With the watcher in place, Ctrl-C stops the command at once, as SIGKILL would (:func:`_stop_at_ctrl_c`).
+
 Linux only (``/proc``); elsewhere :func:`start` does nothing.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,7 +125,35 @@ def start() -> int | None:
     _watcher = os.posix_spawn(sys.executable, [sys.executable, "-m", "calibflow.lifeline", str(me), str(started)],
                               os.environ, setsid=True,
                               file_actions=[(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)])
+    _stop_at_ctrl_c()
     return _watcher
+
+
+#: the last line of a command stopped by Ctrl-C
+INTERRUPTED = ("interrupted (Ctrl-C): stopped; products registered so far are kept, and running the same "
+               "command again resumes from the intermediates written so far")
+
+
+def _stop_at_ctrl_c() -> None:
+    """Ctrl-C ends the command at once, as SIGKILL would, with one line saying so (exit status 130).
+
+    A terminal's Ctrl-C sends SIGINT to its whole foreground process group, the embedded Prefect
+    server included: the server stopped at once, while the flow's threads went on for minutes, each
+    call to the dead API failing, retrying and logging. Stopping hard is what SIGKILL already does,
+    and it is safe: files are written atomically, a rerun reuses the intermediates, the next build
+    marks the stopped run crashed, and the watcher ends the server and any pool workers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        try:
+            if os.isatty(1):
+                os.write(1, b"\x1b[?25h")          # the progress bars hid the cursor
+            os.write(2, ("\n" + INTERRUPTED + "\n").encode())
+        finally:
+            os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
 
 
 if __name__ == "__main__":  # the watcher

@@ -528,6 +528,65 @@ def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path
         assert str(proc.pid) in runs[0].message
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_ctrl_c_stops_the_build_at_once_and_the_next_build_resumes(tmp_path, raws, prefect_api):
+    """Ctrl-C in a terminal: SIGINT to the whole process group, the embedded server included. The
+    server stopped at once and the build went on for minutes against the dead API (seen with
+    ``calibflow demo``: still running 150 s after Ctrl-C). Now the command ends within seconds with
+    one line and status 130, nothing of it is left running, and the next build completes."""
+    import signal
+    import subprocess
+    import sys
+
+    from calib_core.repository.registry import BuildRunRow
+    from calibflow.lifeline import INTERRUPTED, descendants, process_start_time
+
+    store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
+    env = {k: v for k, v in os.environ.items() if k not in ("CALIBFLOW_NO_LIFELINE", "PREFECT_API_URL")}
+    env.update(CALIBFLOW_REPO=str(store.root), CALIBFLOW_REGISTRY_URL="",
+               PREFECT_HOME=str(tmp_path / "prefect-home"))      # its own embedded server, as a user gets
+    proc = subprocess.Popen([sys.executable, "-m", "calibflow", "build", "bias", "--camera", CAMERA, "--night",
+                             NIGHT], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)             # its own group, as a terminal's job
+    work = store.root / "work" / CAMERA / "bias"
+    children: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while not list(work.glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
+            children.update(descendants(proc.pid))
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build ended before it could be interrupted"
+        children.update(descendants(proc.pid))
+        assert "uvicorn" in " ".join(_cmdline(p) for p in children)
+        os.killpg(proc.pid, signal.SIGINT)                       # what Ctrl-C does
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+        assert proc.returncode == 130, (proc.returncode, err[-2000:])
+        assert took < 15, took
+        assert err.rstrip().splitlines()[-1] == INTERRUPTED, err[-2000:]
+        deadline = time.monotonic() + 30
+        alive = children
+        while time.monotonic() < deadline:
+            alive = {p: s for p, s in children.items() if process_start_time(p) == s}
+            if not alive:
+                break
+            time.sleep(0.2)
+        assert not alive, {p: _cmdline(p) for p in alive}
+    finally:
+        for p, s in children.items():
+            if process_start_time(p) == s:
+                os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    _bias(store, detectors=[0])                    # the next build notices the stopped one
+    with reg.session() as s:
+        runs = s.query(BuildRunRow).order_by(BuildRunRow.id).all()
+        assert [r.status for r in runs] == ["crashed", "completed"], [(r.status, r.message) for r in runs]
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. transient faults: a PostgreSQL restart in the middle of a build
 # --------------------------------------------------------------------------------------------------
