@@ -16,7 +16,6 @@ Pixels never travel through Prefect: tasks exchange paths in the datastore and s
 from __future__ import annotations
 
 import concurrent.futures
-import contextvars
 import hashlib
 import math
 import os
@@ -198,22 +197,6 @@ def build_calib(calib_type: CalibTypeName, camera: str | None = None,
                      log=get_run_logger(), flow_run_id=str(flow_run.get_id() or ""), runner_name=runner)
 
 
-#: set by :func:`flows.nightly.run_steps` in each build's context: the call that tells the scheduler the build's
-#: products are registered and settled (:func:`products_ready`)
-_READY: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("calibflow_build_ready",
-                                                                                   default=None)
-
-
-def products_ready() -> None:
-    """Called by a build once its products are registered and settled (certified or held back): the
-    builds that apply them may start while this one writes its mosaic, artifacts and report and
-    removes its intermediates (docs/architecture.md#builds-side-by-side). Outside :func:`flows.nightly.run_steps`,
-    or called twice, it does nothing."""
-    hook = _READY.get()
-    if hook is not None:
-        hook()
-
-
 def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "", runner_name: str = "",
               artifacts: bool = True) -> dict:
     """The body of :func:`build_calib` for any task runner with Prefect's ``submit(task, parameters)``
@@ -259,7 +242,6 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
         finish_build_run(registry, run_id, "completed", f"0 new products: all {len(done)} already built by an "
                          "identical earlier build")
         products = _settle(registry, ctx, [BuiltProduct.of(done[d], created=False) for d in plan.detectors], log)
-        products_ready()
         # a build killed after registering its products left its intermediates: no resume needs them
         _retire_intermediates(registry, ctx, plan, store, log, run_id)
         png = _mosaic_path(ctx, store)
@@ -289,7 +271,6 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
         raise
     created = sum(p.created for p in products)
     products = _settle(registry, ctx, products, log, residuals)
-    products_ready()
     summary = _report(ctx, cam, products, store, log, artifacts)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
     _retire_intermediates(registry, ctx, plan, store, log, run_id)

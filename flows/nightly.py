@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
-import queue
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Literal
 
 from prefect import flow, get_run_logger
@@ -24,7 +23,7 @@ from calib_core.camera import Camera
 from calib_core.quality.verify import VerifyConfig
 from calib_core.repository import Datastore, Registry, retry_transient
 
-from .build import _READY, build_calib, resolve_registry_url
+from .build import build_calib, resolve_registry_url
 
 __all__ = ["nightly", "NightlyPolicy", "plan_night", "default_night", "build_dependencies", "run_steps"]
 
@@ -111,20 +110,19 @@ def build_dependencies(steps: list[dict]) -> dict[int, set[int]]:
 def run_steps(steps: list[dict], run_one: Callable[[dict, set[str]], object],
               parallel: int = 1) -> dict[int, BaseException | None]:
     """Run every build step of a plan (docs/architecture.md#builds-side-by-side), each once the builds
-    it depends on (:func:`build_dependencies`) have ended or said their products are ready
-    (:func:`flows.build.products_ready`), at most ``parallel`` at a time not counting builds past that point
-    (they only write their pictures and tidy up), the ready ones in plan order.
+    it depends on (:func:`build_dependencies`) have ended, at most ``parallel`` at a time, the ready
+    ones in plan order.
 
     ``run_one(step, blocked)`` builds one step; ``blocked`` names the types it depends on whose build
     failed (it still runs: it may find older certified products). Each call runs in a copy of the
     caller's context (a Prefect subflow sees its parent flow run); with ``parallel`` 1 in the caller's
-    thread, one after another. Returns, per step index, the exception its build raised or None.
+    thread. Returns, per step index, the exception its build raised or None.
     """
     deps = build_dependencies(steps)
     outcome: dict[int, BaseException | None] = {}
 
     def blocked(i):
-        return {step["type"] for j, step in enumerate(steps) if j in deps[i] and outcome.get(j) is not None}
+        return {step["type"] for j, step in enumerate(steps) if j in deps[i] and outcome[j] is not None}
 
     if parallel <= 1:
         for i in sorted(deps):
@@ -134,36 +132,16 @@ def run_steps(steps: list[dict], run_one: Callable[[dict, set[str]], object],
             except Exception as exc:
                 outcome[i] = exc
         return outcome
-    events: queue.SimpleQueue = queue.SimpleQueue()
-
-    def start(i):
-        def body():
-            _READY.set(lambda: events.put(("ready", i, None)))
-            try:
-                run_one(steps[i], blocked(i))
-            except BaseException as exc:        # reported through the queue, as a future would
-                events.put(("done", i, exc))
-            else:
-                events.put(("done", i, None))
-        pool.submit(contextvars.copy_context().run, body)
-
     pending = sorted(deps)
-    ready: set[int] = set()         # ended, or said their products are ready
-    busy: set[int] = set()          # started, not yet ready: these take the ``parallel`` slots
-    running: set[int] = set()       # started, not yet ended
-    with ThreadPoolExecutor(len(deps) or 1, thread_name_prefix="build") as pool:
+    running = {}
+    with ThreadPoolExecutor(parallel, thread_name_prefix="build") as pool:
         while pending or running:
-            for i in [i for i in pending if deps[i] <= ready][: max(parallel - len(busy), 0)]:
+            for i in [i for i in pending if deps[i] <= outcome.keys()][: parallel - len(running)]:
                 pending.remove(i)
-                busy.add(i)
-                running.add(i)
-                start(i)
-            kind, i, exc = events.get()
-            busy.discard(i)
-            ready.add(i)
-            if kind == "done":
-                running.discard(i)
-                outcome[i] = exc
+                running[pool.submit(contextvars.copy_context().run, run_one, steps[i], blocked(i))] = i
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                outcome[running.pop(f)] = f.exception()
     return outcome
 
 

@@ -7,7 +7,7 @@ import time
 
 from calib_core.repository import Registry, running_builds
 from calib_core.repository.buildruns import finish_build_run, start_build_run
-from flows.build import may_share_inputs, products_ready
+from flows.build import may_share_inputs
 from flows.nightly import build_dependencies, run_steps
 
 
@@ -65,70 +65,6 @@ def test_independent_builds_run_at_the_same_time_and_never_before_their_dependen
         started = log.index(("start", name))
         for dep in _labels(steps, d):
             assert log.index(("end", dep)) < started, (name, dep)
-
-
-def _tail_run(steps, wrap=lambda f: f, tail=0.3):
-    """run_steps where each build says its products are ready, then spends ``tail`` s on its tail (the
-    mosaic, artifacts and report); returns the event log."""
-    lock, log = threading.Lock(), []
-
-    def run_one(step, blocked):
-        name = f"{step['type']} {step['filter'] or ''}".strip()
-
-        def body():
-            with lock:
-                log.append(("start", name, time.monotonic()))
-            time.sleep(0.05)
-            products_ready()
-            with lock:
-                log.append(("ready", name, time.monotonic()))
-            time.sleep(tail)
-            with lock:
-                log.append(("end", name, time.monotonic()))
-        wrap(body)()
-
-    assert all(e is None for e in run_steps(steps, run_one, parallel=2).values())
-    return log
-
-
-def _check_tails(steps, log):
-    deps = build_dependencies(steps)
-    at = {(kind, name): t for kind, name, t in log}
-    overlapped = 0
-    for i, d in deps.items():
-        name = f"{steps[i]['type']} {steps[i]['filter'] or ''}".strip()
-        for dep in _labels(steps, d):
-            assert at[("ready", dep)] <= at[("start", name)], (name, dep)     # never before the products
-            overlapped += at[("start", name)] < at[("end", dep)]
-    # the chain bias -> dark -> defects -> ptc -> flats -> fringe z -> sky z ran during its tails:
-    # without the readiness call each start would wait for the tail
-    assert overlapped >= 6, log
-    # builds in their tails take no slot: more than two ran at once, never more than two before ready
-    busy = 0
-    for kind, _, _ in sorted(log, key=lambda e: e[2]):
-        busy += {"start": 1, "ready": -1, "end": 0}[kind]
-        assert busy <= 2
-
-
-def test_dependants_start_once_products_are_ready_not_after_the_tail():
-    steps = _plan()
-    _check_tails(steps, _tail_run(steps))
-
-
-def test_readiness_reaches_the_scheduler_from_inside_a_prefect_subflow(prefect_api):
-    """The build is a subflow in the nightly flow: the readiness call inside it reaches run_steps."""
-    from prefect import flow
-
-    steps = _plan()
-
-    def as_subflow(body):
-        return flow(name="tail-build")(body)
-
-    @flow(name="tail-night")
-    def night():
-        return _tail_run(steps, as_subflow, tail=1.5)     # a subflow takes ~0.2 s to start
-
-    _check_tails(steps, night())
 
 
 def test_a_failed_build_is_reported_and_its_dependants_still_run_told_why():
