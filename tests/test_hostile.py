@@ -6,6 +6,7 @@ The README's "Reliability" table lists these cases and their outcome.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -470,22 +471,23 @@ def test_lifeline_ends_an_orphan_and_prints_nothing_at_exit(tmp_path):
     assert process_start_time(watcher) is None, "the watcher did not exit"
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path, raws, prefect_api):
+@contextlib.contextmanager
+def _running_build(tmp_path, raws, *options, stderr=None):
+    """``calibflow build bias`` in its own process group (as a terminal's job) on its own embedded
+    server, as a user gets; yields (store, registry, process, its descendants {pid: start time}) once
+    its first intermediate exists, and SIGKILLs whatever of it is still there at the end."""
     import signal
     import subprocess
     import sys
 
-    from calib_core.repository.registry import BuildRunRow
     from calibflow.lifeline import descendants, process_start_time
 
     store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
     env = {k: v for k, v in os.environ.items() if k not in ("CALIBFLOW_NO_LIFELINE", "PREFECT_API_URL")}
-    env.update(CALIBFLOW_REPO=str(store.root), CALIBFLOW_REGISTRY_URL="",
-               PREFECT_HOME=str(tmp_path / "prefect-home"))      # its own embedded server, as a user gets
-    proc = subprocess.Popen([sys.executable, "-m", "calibflow", "build", "bias", "--camera", CAMERA, "--night",
-                             NIGHT, "--runner", "processes"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    env.update(CALIBFLOW_REPO=str(store.root), CALIBFLOW_REGISTRY_URL="", PREFECT_HOME=str(tmp_path / "prefect-home"))
+    proc = subprocess.Popen([sys.executable, "-m", "calibflow", "build", "bias", "--camera", CAMERA, "--night", NIGHT,
+                             *options], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL if stderr is None else stderr, text=True, start_new_session=True)
     work = store.root / "work" / CAMERA / "bias"
     children: dict[int, int] = {}
     try:
@@ -493,23 +495,9 @@ def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path
         while not list(work.glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
             children.update(descendants(proc.pid))
             time.sleep(0.05)
-        assert proc.poll() is None, "the build ended before it could be killed"
+        assert proc.poll() is None, "the build ended before it could be stopped"
         children.update(descendants(proc.pid))
-        kinds = " ".join(_cmdline(p) for p in children)
-        assert "uvicorn" in kinds and "multiprocessing" in kinds, kinds   # the server and the pool workers
-        os.kill(proc.pid, signal.SIGKILL)                                  # the build only, not its group
-        proc.wait()
-        deadline = time.monotonic() + 30
-        alive = children
-        while time.monotonic() < deadline:
-            alive = {p: s for p, s in children.items() if process_start_time(p) == s}
-            if not alive:
-                break
-            time.sleep(0.2)
-        assert not alive, {p: _cmdline(p) for p in alive}
-        files = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
-        time.sleep(1.0)
-        assert {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()} == files
+        yield store, reg, proc, children
     finally:
         for p, s in children.items():
             if process_start_time(p) == s:
@@ -517,6 +505,37 @@ def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _assert_all_gone(children: dict[int, int], within: float = 30) -> None:
+    """Every one of ``children`` ({pid: start time}) ends within ``within`` seconds."""
+    from calibflow.lifeline import process_start_time
+
+    deadline = time.monotonic() + within
+    alive = children
+    while time.monotonic() < deadline:
+        alive = {p: s for p, s in children.items() if process_start_time(p) == s}
+        if not alive:
+            break
+        time.sleep(0.2)
+    assert not alive, {p: _cmdline(p) for p in alive}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path, raws, prefect_api):
+    import signal
+
+    from calib_core.repository.registry import BuildRunRow
+
+    with _running_build(tmp_path, raws, "--runner", "processes") as (store, reg, proc, children):
+        kinds = " ".join(_cmdline(p) for p in children)
+        assert "uvicorn" in kinds and "multiprocessing" in kinds, kinds   # the server and the pool workers
+        os.kill(proc.pid, signal.SIGKILL)                                  # the build only, not its group
+        proc.wait()
+        _assert_all_gone(children)
+        files = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
+        time.sleep(1.0)
+        assert {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()} == files
 
     with reg.session() as s:
         (killed,) = s.query(BuildRunRow).all()
@@ -536,27 +555,11 @@ def test_ctrl_c_stops_the_build_at_once_and_the_next_build_resumes(tmp_path, raw
     one line and status 130, nothing of it is left running, and the next build completes."""
     import signal
     import subprocess
-    import sys
 
     from calib_core.repository.registry import BuildRunRow
-    from calibflow.lifeline import INTERRUPTED, descendants, process_start_time
+    from calibflow.lifeline import INTERRUPTED
 
-    store, reg = ingested_repo(tmp_path / "repo", raws, CAMERA, transfer="copy")
-    env = {k: v for k, v in os.environ.items() if k not in ("CALIBFLOW_NO_LIFELINE", "PREFECT_API_URL")}
-    env.update(CALIBFLOW_REPO=str(store.root), CALIBFLOW_REGISTRY_URL="",
-               PREFECT_HOME=str(tmp_path / "prefect-home"))      # its own embedded server, as a user gets
-    proc = subprocess.Popen([sys.executable, "-m", "calibflow", "build", "bias", "--camera", CAMERA, "--night",
-                             NIGHT], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)             # its own group, as a terminal's job
-    work = store.root / "work" / CAMERA / "bias"
-    children: dict[int, int] = {}
-    try:
-        deadline = time.monotonic() + 300
-        while not list(work.glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
-            children.update(descendants(proc.pid))
-            time.sleep(0.05)
-        assert proc.poll() is None, "the build ended before it could be interrupted"
-        children.update(descendants(proc.pid))
+    with _running_build(tmp_path, raws, stderr=subprocess.PIPE) as (store, reg, proc, children):
         assert "uvicorn" in " ".join(_cmdline(p) for p in children)
         os.killpg(proc.pid, signal.SIGINT)                       # what Ctrl-C does
         t0 = time.monotonic()
@@ -565,21 +568,7 @@ def test_ctrl_c_stops_the_build_at_once_and_the_next_build_resumes(tmp_path, raw
         assert proc.returncode == 130, (proc.returncode, err[-2000:])
         assert took < 15, took
         assert err.rstrip().splitlines()[-1] == INTERRUPTED, err[-2000:]
-        deadline = time.monotonic() + 30
-        alive = children
-        while time.monotonic() < deadline:
-            alive = {p: s for p, s in children.items() if process_start_time(p) == s}
-            if not alive:
-                break
-            time.sleep(0.2)
-        assert not alive, {p: _cmdline(p) for p in alive}
-    finally:
-        for p, s in children.items():
-            if process_start_time(p) == s:
-                os.kill(p, signal.SIGKILL)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _assert_all_gone(children)
 
     _bias(store, detectors=[0])                    # the next build notices the stopped one
     with reg.session() as s:
