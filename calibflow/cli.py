@@ -76,7 +76,9 @@ def _main(version: bool = typer.Option(False, "--version", callback=_print_versi
                                        help="print the version and exit")):
     # eager: handled while the options are parsed, before typer asks for a command (without it
     # `calibflow --version` only said "Missing command", and the image's build step failed)
-    pass
+    from tasks.allocator import tune_allocator
+
+    tune_allocator()        # every command: the simulator, ingest and the builds allocate large arrays
 
 
 @app.command()

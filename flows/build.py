@@ -44,6 +44,7 @@ from calib_core.repository import (Datastore, Registry, ValidityRule, check_iden
                                    retry_transient, start_build_run)
 from calib_core.sky.frames import solve_sky_frames
 from calib_core.stats.background import BackgroundModel
+from tasks.allocator import tune_allocator
 from tasks.calib_tasks import (BuildContext, build_camera, combine_detector, existing_products, process_detectors,
                                sky_rebin)
 
@@ -210,6 +211,7 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
     from calib_core.repository import retention_policy
 
     retention_policy()      # a mistyped CALIBFLOW_INTERMEDIATES fails the build before any work
+    tune_allocator()        # the flow's own threads: barriers, verification, the mosaic
     store = Datastore(repo)
     url = resolve_registry_url(registry_url) or store.default_registry_url
     registry = Registry.open(url)

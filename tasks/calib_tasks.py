@@ -41,6 +41,7 @@ from calib_core.repository import (CalibInput, Datastore, Registry, ValidityRule
 from calib_core.science import find_isr_calibs, readout_keys
 from calib_core.sky.frames import bin_detector
 from calib_core.stats.background import BackgroundModel
+from tasks.allocator import tune_allocator
 
 __all__ = ["BuildContext", "process_detectors", "process_exposure_detector", "sky_rebin",
            "combine_detector", "existing_products"]
@@ -182,6 +183,7 @@ def process_detectors(ctx: BuildContext, exposure: Exposure, detectors: list[int
     """:func:`process_exposure_detector` for some detectors of one exposure: the unit of work the flow
     maps. Several detectors per task keep Prefect's per-task cost small beside the pixel work; a
     retry redoes only the detectors whose intermediate is not yet written."""
+    tune_allocator()        # once per worker process (threads, processes, a Dask worker)
     return [process_exposure_detector(ctx, exposure, d) for d in detectors]
 
 
@@ -287,6 +289,7 @@ def sky_rebin(ctx: BuildContext, items: list[ProcessedInput], k: int, model: dic
     ``model`` holds the paths of the previous pass's surface of this exposure (pickled
     :class:`~calib_core.sky.frames.SkySurface`) and frame of each detector, and a digest of both (the
     output name, so a resumed build reuses what it already measured)."""
+    tune_allocator()
     store = Datastore(ctx.repo)
     camera = build_camera(ctx)
     cfg = ctx.cfg().pass_config(k)
@@ -343,6 +346,7 @@ def combine_detector(ctx: BuildContext, detector: int, items: list[ProcessedInpu
 
     ``excluded``: exposures left out as bad input (unreadable or changed raws); they change the
     product's identity, so the product of a repaired set is a different one."""
+    tune_allocator()
     registry = _registry(ctx.registry_url)
     store = Datastore(ctx.repo)
     by_id = {e.exposure_id: e for e in exposures}
