@@ -26,6 +26,7 @@ from .common import fail as _fail
 from .common import load_camera_or_fail as _load_camera
 from .common import open_repo as _open_repo
 from .common import prefect_env as _prefect_env
+from .common import start_embedded_api
 from .common import print_json, quiet_prefect, refuse_inside_checkout
 
 if TYPE_CHECKING:
@@ -981,11 +982,25 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     sim_dir = store.root.parent / f"sim-{camera}-{night}-seed{seed}-n{n_science}"
     if fresh and _may_delete(store.root, force):
         shutil.rmtree(store.root, ignore_errors=True)
+    api_ready = lambda: None  # noqa: E731
+    if build:
+        # the embedded Prefect server starts beside the simulation and ingest, not after them
+        _prefect_env()
+        import flows.nightly  # noqa: F401 - Prefect's logging is set up on import; quiet it after
+
+        lifeline.start()
+        quiet_prefect(verbose)
+        api_ready = start_embedded_api()
     if not sim_dir.exists():
+        # simulated into a folder of its own, renamed when complete: a demo stopped half-way does not
+        # leave half a night that the next demo would take as simulated
+        partial = sim_dir.with_name(sim_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         with _progress() as progress:
             task = progress.add_task(f"simulate {camera} night {night}", total=None)
-            simulate_night(cam, sim_dir, seed=seed, night=night, n_science=n_science,
+            simulate_night(cam, partial, seed=seed, night=night, n_science=n_science,
                            progress=lambda d, t: progress.update(task, completed=d, total=t))
+        partial.rename(sim_dir)
     store.ensure()
     registry = Registry.open(store.default_registry_url)
     registry.upgrade()
@@ -1014,13 +1029,11 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     if not build:
         return
     # the nightly flow on the embedded Prefect API: bias -> dark -> flat -> fringe -> sky
-    _prefect_env()
     from flows.nightly import nightly as nightly_flow
 
-    lifeline.start()
     _quiet_tracebacks()
-    quiet_prefect(verbose)
     t1 = time.perf_counter()
+    api_ready()
     try:
         with _stage_bars(per_build=True):
             summary = nightly_flow(night=night, camera=cam.name, repo=str(store.root))

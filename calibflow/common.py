@@ -79,6 +79,32 @@ def prefect_env() -> None:
         os.environ.setdefault(key, value)
 
 
+
+def start_embedded_api():
+    """Start the embedded Prefect server now, in a thread, and return a function that waits until it
+    is up (call it before the first flow). Its start-up (~7 s: imports, the database, the health
+    check) then overlaps what the command does before its flow, such as the demo's simulation and
+    ingest. Nothing is started where ``PREFECT_API_URL`` names a server. A start that fails here is
+    retried by the flow's own client, which reports the error."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return lambda: None
+
+    def start():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        try:
+            SubprocessASGIServer().start()      # the instance the flow's client uses (one per process)
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=start, name="calibflow-prefect-server", daemon=True)
+    thread.start()
+    return thread.join
+
 # ------------------------------------------------------------------------------------------------
 # help: defaults shown, flags without a type
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,35 @@ def test_demo_force_starts_afresh(tmp_path):
     assert "ingested" in res.output and (repo / "registry.sqlite3").stat().st_size > 1000
 
 
+
+def test_demo_stopped_while_simulating_simulates_again(tmp_path, monkeypatch):
+    """A demo stopped half-way through its simulation (Ctrl-C, a kill) leaves no folder the next demo
+    would take as a simulated night: the next one simulates and ingests the whole night."""
+    import calib_core.simulate.night as night
+
+    real = night.simulate_night
+
+    def stopped(camera, out_dir, *args, progress=None, **kwargs):
+        def stop_after_two(done, total):
+            if done >= 2:
+                raise KeyboardInterrupt
+        return real(camera, out_dir, *args, progress=stop_after_two, **kwargs)
+
+    repo = tmp_path / "demo" / "calibrepo"
+    args = ["demo", "--no-build", "--force", "--repo", str(repo), "--camera", "democam_mini", "--n-science", "1"]
+    monkeypatch.setattr(night, "simulate_night", stopped)
+    res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 130          # click: Aborted
+    written = sorted(p.name for p in repo.parent.iterdir())
+    assert [n for n in written if n.startswith("sim-")] == ["sim-democam_mini-2026-11-20-seed1-n1.partial"]
+    assert len(list((repo.parent / written[-1] / "raw").glob("*.fits*"))) >= 2
+    monkeypatch.setattr(night, "simulate_night", real)
+    res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    # 5 bias, 5 dark, 5 flats in each of r and z, 1 science in each: 22 exposures
+    assert "ingested 22 exposures" in res.output
+    assert sorted(p.name for p in repo.parent.iterdir()) == ["calibrepo", "sim-democam_mini-2026-11-20-seed1-n1"]
+
 # ------------------------------------------------------------------------------------------------
 # prune: reports by default, deletes with --delete, exactly what its policy allows
 # ------------------------------------------------------------------------------------------------
@@ -343,3 +374,41 @@ def test_quiet_prefect_hides_info_keeps_warnings():
         log.removeHandler(handler)
         log.setLevel(old_level)
     assert stream.getvalue().splitlines() == ["excluded exposures", "Beginning flow run"]
+
+
+def test_the_embedded_api_started_early_is_the_one_the_flow_uses():
+    """``calibflow demo`` starts the embedded Prefect server beside its simulation
+    (``calibflow.common.start_embedded_api``); the flow that runs afterwards must use that server,
+    not start a second one. In a fresh process: one server process, the flow run recorded in it."""
+    import sys
+
+    script = """
+import json, os
+from calibflow.common import start_embedded_api
+wait = start_embedded_api()
+wait()
+from prefect.server.api.server import SubprocessASGIServer
+early = SubprocessASGIServer()
+from prefect import flow
+
+@flow
+def hello():
+    from prefect.runtime import flow_run
+    return flow_run.id
+
+run_id = hello()
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    api = str(c.api_url)
+    state = c.read_flow_run(run_id).state.type.value
+children = os.popen(f"ps -o args= --ppid {os.getpid()}").read()
+print(json.dumps({"early": early.api_url, "api": api, "state": state,
+                  "servers": children.count("uvicorn")}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}   # the tests' PREFECT_HOME
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["api"].rstrip("/") == r["early"].rstrip("/"), r
+    assert r["state"] == "COMPLETED" and r["servers"] == 1, r
