@@ -7,7 +7,8 @@ watcher in its own session that notes the parent's descendants every half second
 parent is gone it sends them SIGTERM, then SIGKILL to any still there after a grace period, and
 exits. Processes are recognised by pid *and* start time, so a reused pid is never signalled.
 
-With the watcher in place, Ctrl-C stops the command at once, as SIGKILL would (:func:`_stop_at_ctrl_c`).
+With the watcher in place, Ctrl-C and SIGTERM stop the command at once, as SIGKILL would
+(:func:`_stop_at_ctrl_c`).
 
 Linux only (``/proc``); elsewhere :func:`start` does nothing.
 """
@@ -132,28 +133,50 @@ def start() -> int | None:
 #: the last line of a command stopped by Ctrl-C
 INTERRUPTED = ("interrupted (Ctrl-C): stopped; products registered so far are kept, and running the same "
                "command again resumes from the intermediates written so far")
+#: the last line of a command stopped by SIGTERM (``timeout``, ``kill``, systemd's stop)
+TERMINATED = ("terminated (SIGTERM): stopped; products registered so far are kept, and running the same "
+              "command again resumes from the intermediates written so far")
 
 
 def _stop_at_ctrl_c() -> None:
-    """Ctrl-C ends the command at once, as SIGKILL would, with one line saying so (exit status 130).
+    """Ctrl-C (SIGINT) and SIGTERM end the command at once, as SIGKILL would, with one line saying so
+    (exit status 130 and 143, as a shell reports a process those signals ended).
 
     A terminal's Ctrl-C sends SIGINT to its whole foreground process group, the embedded Prefect
-    server included: the server stopped at once, while the flow's threads went on for minutes, each
-    call to the dead API failing, retrying and logging. Stopping hard is what SIGKILL already does,
-    and it is safe: files are written atomically, a rerun reuses the intermediates, the next build
-    marks the stopped run crashed, and the watcher ends the server and any pool workers."""
+    server included; ``timeout`` and systemd send SIGTERM to the whole group likewise. The server
+    stopped at once, while the flow's threads went on for minutes, each call to the dead API failing,
+    retrying and logging. Stopping hard is what SIGKILL already does, and it is safe: files are
+    written atomically, a rerun reuses the intermediates, the next build marks the stopped run
+    crashed, and the watcher ends the server and any pool workers.
+
+    While a flow runs, Prefect's flow engine puts a SIGTERM handler of its own in place
+    (``prefect.utilities.engine.capture_sigterm``): it raises ``TerminationSignal`` in the main
+    thread, which then waits for every running and queued task before the process can end (a
+    ``timeout 30 calibflow demo`` was still running minutes later). The engine installs whatever
+    that module's ``_prefect_sigterm_handler`` names, so this command's handler is put there; a
+    Prefect without that name keeps its own (``tests/test_hostile.py`` shows which)."""
     if threading.current_thread() is not threading.main_thread():
         return
 
-    def stop(signum, frame):
-        try:
-            if os.isatty(1):
-                os.write(1, b"\x1b[?25h")          # the progress bars hid the cursor
-            os.write(2, ("\n" + INTERRUPTED + "\n").encode())
-        finally:
-            os._exit(130)
+    def stopper(line: str, status: int):
+        def stop(signum, frame):
+            try:
+                if os.isatty(1):
+                    os.write(1, b"\x1b[?25h")          # the progress bars hid the cursor
+                os.write(2, ("\n" + line + "\n").encode())
+            finally:
+                os._exit(status)
+        return stop
 
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGINT, stopper(INTERRUPTED, 130))
+    on_term = stopper(TERMINATED, 143)
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        import prefect.utilities.engine as engine
+    except ImportError:
+        return
+    if callable(getattr(engine, "_prefect_sigterm_handler", None)):
+        engine._prefect_sigterm_handler = on_term
 
 
 if __name__ == "__main__":  # the watcher

@@ -548,26 +548,31 @@ def test_sigkill_leaves_no_process_behind_and_the_run_is_marked_crashed(tmp_path
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_ctrl_c_stops_the_build_at_once_and_the_next_build_resumes(tmp_path, raws, prefect_api):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_the_build_at_once_and_the_next_build_resumes(tmp_path, raws, prefect_api, signame):
     """Ctrl-C in a terminal: SIGINT to the whole process group, the embedded server included. The
     server stopped at once and the build went on for minutes against the dead API (seen with
-    ``calibflow demo``: still running 150 s after Ctrl-C). Now the command ends within seconds with
-    one line and status 130, nothing of it is left running, and the next build completes."""
+    ``calibflow demo``: still running 150 s after Ctrl-C). SIGTERM to the group (``timeout``,
+    systemd's stop) did the same, Prefect's own SIGTERM handler waiting for every queued task (a
+    ``timeout 30 calibflow demo`` was still running minutes later). Now the command ends within
+    seconds with one line and status 130 (SIGINT) or 143 (SIGTERM), nothing of it is left running,
+    and the next build completes."""
     import signal
     import subprocess
 
     from calib_core.repository.registry import BuildRunRow
-    from calibflow.lifeline import INTERRUPTED
+    from calibflow.lifeline import INTERRUPTED, TERMINATED
 
+    line, status = {"SIGINT": (INTERRUPTED, 130), "SIGTERM": (TERMINATED, 143)}[signame]
     with _running_build(tmp_path, raws, stderr=subprocess.PIPE) as (store, reg, proc, children):
         assert "uvicorn" in " ".join(_cmdline(p) for p in children)
-        os.killpg(proc.pid, signal.SIGINT)                       # what Ctrl-C does
+        os.killpg(proc.pid, getattr(signal, signame))          # what Ctrl-C, or timeout, does
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=60)
         took = time.monotonic() - t0
-        assert proc.returncode == 130, (proc.returncode, err[-2000:])
+        assert proc.returncode == status, (proc.returncode, err[-2000:])
         assert took < 15, took
-        assert err.rstrip().splitlines()[-1] == INTERRUPTED, err[-2000:]
+        assert err.rstrip().splitlines()[-1] == line, err[-2000:]
         _assert_all_gone(children)
 
     _bias(store, detectors=[0])                    # the next build notices the stopped one
