@@ -72,3 +72,24 @@ def test_a_setting_from_the_environment_is_left_as_it_is():
     assert r["applied"] == {"MALLOC_TRIM_THRESHOLD_": True, "MALLOC_TOP_PAD_": True}
     r = _run("tuned", GLIBC_TUNABLES="glibc.malloc.top_pad=0")
     assert r["applied"] == {"MALLOC_MMAP_THRESHOLD_": True, "MALLOC_TRIM_THRESHOLD_": True}
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS starts no threads of its own on one core")
+def test_calibflow_runs_blas_on_the_calling_thread_only():
+    """``calibflow`` sets OPENBLAS_NUM_THREADS=1 before NumPy loads its BLAS (calibflow/__init__.py):
+    NumPy alone starts OpenBLAS worker threads (one fewer than the cores), calibflow's process none;
+    a value in the environment is kept."""
+    code = ("import os, sys; exec(sys.argv[1]); import numpy; "
+            "print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+
+    def threads(first: str, **env) -> tuple[int, str]:
+        out = subprocess.run([sys.executable, "-c", code, first], cwd=ROOT, capture_output=True, text=True,
+                             env={**clean, **env, "PYTHONPATH": str(ROOT)}, check=True, timeout=120)
+        n, value = out.stdout.split()
+        return int(n), value
+
+    plain, _ = threads("pass")
+    ours, value = threads("import calibflow")
+    assert value == "1" and ours < plain, (plain, ours)
+    assert threads("import calibflow", OPENBLAS_NUM_THREADS="2") == threads("pass", OPENBLAS_NUM_THREADS="2")
