@@ -79,7 +79,6 @@ def prefect_env() -> None:
         os.environ.setdefault(key, value)
 
 
-
 def start_embedded_api():
     """Start the embedded Prefect server now, in a thread, and return a function that waits until it
     is up (call it before the first flow). Its start-up (~7 s: imports, the database, the health
@@ -104,6 +103,7 @@ def start_embedded_api():
     thread = threading.Thread(target=start, name="calibflow-prefect-server", daemon=True)
     thread.start()
     return thread.join
+
 
 # ------------------------------------------------------------------------------------------------
 # help: defaults shown, flags without a type
