@@ -8,7 +8,7 @@ parent is gone it sends them SIGTERM, then SIGKILL to any still there after a gr
 exits. Processes are recognised by pid *and* start time, so a reused pid is never signalled.
 
 With the watcher in place, Ctrl-C and SIGTERM stop the command at once, as SIGKILL would
-(:func:`_stop_at_ctrl_c`).
+(:func:`_stop_at_signals`).
 
 Linux only (``/proc``); elsewhere :func:`start` does nothing.
 """
@@ -126,7 +126,7 @@ def start() -> int | None:
     _watcher = os.posix_spawn(sys.executable, [sys.executable, "-m", "calibflow.lifeline", str(me), str(started)],
                               os.environ, setsid=True,
                               file_actions=[(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)])
-    _stop_at_ctrl_c()
+    _stop_at_signals()
     return _watcher
 
 
@@ -138,7 +138,7 @@ TERMINATED = ("terminated (SIGTERM): stopped; products registered so far are kep
               "command again resumes from the intermediates written so far")
 
 
-def _stop_at_ctrl_c() -> None:
+def _stop_at_signals() -> None:
     """Ctrl-C (SIGINT) and SIGTERM end the command at once, as SIGKILL would, with one line saying so
     (exit status 130 and 143, as a shell reports a process those signals ended).
 

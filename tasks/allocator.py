@@ -37,7 +37,7 @@ ALLOCATOR_SETTINGS = (
 )
 
 _lock = threading.Lock()
-_done: dict[str, bool] = {}
+_applied: dict[str, bool] | None = None       # what the first call applied
 
 
 def tune_allocator() -> dict[str, bool]:
@@ -45,24 +45,29 @@ def tune_allocator() -> dict[str, bool]:
 
     Returns which settings were applied (name of the environment variable -> True); empty where the
     C library is not glibc. Thread-safe; safe to call from any task."""
+    global _applied
     with _lock:
-        if "_tried" in _done:
-            return {k: v for k, v in _done.items() if not k.startswith("_")}
-        _done["_tried"] = True
-        if not sys.platform.startswith("linux"):
-            return {}
-        try:
-            libc = ctypes.CDLL(None)
-            mallopt = libc.mallopt
-            libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl has a mallopt that ignores everything
-        except (OSError, AttributeError):
-            return {}
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        mallopt.restype = ctypes.c_int
-        tunables = os.environ.get("GLIBC_TUNABLES", "")
-        for param, env, value in ALLOCATOR_SETTINGS:
-            tunable = "glibc.malloc." + env.removeprefix("MALLOC_").rstrip("_").lower()
-            if env in os.environ or tunable in tunables:
-                continue
-            _done[env] = bool(mallopt(param, value))
-        return {k: v for k, v in _done.items() if not k.startswith("_")}
+        if _applied is None:
+            _applied = _apply()
+        return dict(_applied)
+
+
+def _apply() -> dict[str, bool]:
+    if not sys.platform.startswith("linux"):
+        return {}
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl has a mallopt that ignores everything
+    except (OSError, AttributeError):
+        return {}
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    applied = {}
+    for param, env, value in ALLOCATOR_SETTINGS:
+        tunable = "glibc.malloc." + env.removeprefix("MALLOC_").rstrip("_").lower()
+        if env in os.environ or tunable in tunables:
+            continue
+        applied[env] = bool(mallopt(param, value))
+    return applied
