@@ -550,11 +550,13 @@ def build(calib_type: str = typer.Argument(..., help="bias, dark, defects, ptc, 
     except ValueError as exc:
         _fail(str(exc))
     config = _load_config(calib_type, raw_config=raw_config)
+    lifeline.start()      # the embedded server and pool workers end with this process, even on SIGKILL
+    api_ready = start_embedded_api()      # starts while the flows are imported
     from flows.build import build_calib
 
-    lifeline.start()      # the embedded server and pool workers end with this process, even on SIGKILL
     _quiet_tracebacks()
     quiet_prefect(verbose)
+    api_ready()
     try:
         with _registry_by_reference(registry_url) as url_ref, _stage_bars(per_build=False):
             request = BuildRequest(calib_type=calib_type, camera=camera, night=night, exposures=exposure or None,
@@ -671,6 +673,8 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
     if night and not registry.query_exposures(camera=camera, night=night) and not allow_empty:
         _fail(f"night {night}: no exposures of camera {camera} in the registry (see `calibflow exposures`); "
               "nothing to build")
+    lifeline.start()      # the embedded server and pool workers end with this process, even on SIGKILL
+    api_ready = start_embedded_api()      # starts while the flows are imported and the night planned
     from flows.nightly import NightlyPolicy, default_night
     from flows.nightly import nightly as nightly_flow
     from flows.nightly import plan_night
@@ -684,9 +688,9 @@ def nightly(night: Optional[str] = typer.Option(None, "--night", help="YYYY-MM-D
             and not allow_empty:
         _fail(f"night {night or default_night(registry.stored_camera(camera))}: no exposures of camera {camera} "
               "in the registry (see `calibflow exposures`); nothing to build")
-    lifeline.start()
     _quiet_tracebacks()
     quiet_prefect(verbose)
+    api_ready()
     try:
         with _registry_by_reference(registry_url) as url_ref, _stage_bars(per_build=True):
             summary = nightly_flow(night=night, camera=camera, repo=str(store.root), registry_url=url_ref,

@@ -91,10 +91,10 @@ def start_embedded_api():
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return lambda: None
+    # imported here, not in the thread: the caller may import other modules meanwhile
+    from prefect.server.api.server import SubprocessASGIServer
 
     def start():
-        from prefect.server.api.server import SubprocessASGIServer
-
         try:
             SubprocessASGIServer().start()      # the instance the flow's client uses (one per process)
         except Exception:
