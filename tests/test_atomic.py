@@ -143,10 +143,12 @@ def test_read_calib_rereads_a_replaced_product_and_honours_the_budget(tmp_path, 
         products.read_calib(tmp_path / "missing.fits")
 
 
-def test_a_compact_mask_is_int16_on_disk_and_int32_when_read(tmp_path):
-    """The builds' intermediates store MASK in two bytes when every value fits (the default planes
-    do): the file is 2 bytes a pixel smaller and every reader (read_product, RowReader bands,
-    astropy's CCDData) gets the same bits; a mask using bit 15 or above stays int32."""
+@pytest.mark.parametrize("top, bitpix", [(2**8, 8), (2**9, 16)])
+def test_a_compact_mask_is_narrow_on_disk_and_int32_when_read(tmp_path, top, bitpix):
+    """The builds' intermediates store MASK in one byte when every value fits (the planes the builds
+    set, bits 0-7), else in two (bits up to 14): the file is 3 or 2 bytes a pixel smaller and every
+    reader (read_product, RowReader bands, astropy's CCDData) gets the same bits; a mask using bit
+    15 or above stays int32."""
     from astropy.io import fits
     from astropy.nddata import CCDData
 
@@ -154,13 +156,15 @@ def test_a_compact_mask_is_int16_on_disk_and_int32_when_read(tmp_path):
 
     rng = np.random.default_rng(3)
     shape = (50, 70)
-    mask = rng.integers(0, 2**9, shape).astype(np.int32)
+    mask = rng.integers(0, top, shape).astype(np.int32)
+    mask[0, 0] = top - 1
     mi = MaskedImage(rng.normal(0, 1, shape), mask, np.ones(shape))
     wide, narrow = tmp_path / "wide.fits", tmp_path / "narrow.fits"
     write_product(wide, mi)
     write_product(narrow, mi, compact_mask=True)
-    assert fits.getheader(narrow, "MASK")["BITPIX"] == 16 and fits.getheader(wide, "MASK")["BITPIX"] == 32
-    assert wide.stat().st_size - narrow.stat().st_size >= 50 * 70 * 2 - 2880
+    assert fits.getheader(narrow, "MASK")["BITPIX"] == bitpix and fits.getheader(wide, "MASK")["BITPIX"] == 32
+    assert wide.stat().st_size - narrow.stat().st_size >= 50 * 70 * (4 - bitpix // 8) - 2880
+    assert np.array_equal(fits.getdata(narrow, "MASK"), mask)          # as any FITS reader sees it
     back = read_product(narrow)[0]
     assert back.mask.dtype == np.int32 and np.array_equal(back.mask, mask)
     assert np.array_equal(back.image, mi.image) and np.array_equal(back.variance, mi.variance)

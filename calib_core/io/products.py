@@ -2,7 +2,7 @@
 
 Layout: an empty primary HDU holding the header cards (provenance, dates, mask-plane cards), then
 ``IMAGE`` (float32, ``BUNIT`` when the writer knows the unit), ``MASK`` (int32 bit planes, ``MP_*``
-cards; int16 in the builds' intermediates, whose planes fit) and ``UNCERT`` (float32, the variance,
+cards; in the builds' intermediates one byte, or two, when every value fits) and ``UNCERT`` (float32, the variance,
 ``UTYPE = 'VarianceUncertainty'``) image extensions of the same shape. That is the layout astropy's
 ``CCDData.read(path)`` understands with no arguments (first HDU with data, ``MASK``, ``UNCERT``
 with its ``UTYPE``); files written before the variance extension was called ``UNCERT``
@@ -228,8 +228,9 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
     extra_hdus : sequence of HDUs, optional
         Appended after UNCERT (a PTC product's tables).
     compact_mask : bool, default False
-        Write MASK as int16 when every value fits (the nine default planes do): 10 bytes a pixel
-        instead of 12. The build's intermediates are written so; readers widen it to int32.
+        Write MASK in one byte (FITS BITPIX 8, unsigned) when every value fits (the planes the
+        builds set: bits 0-7), else int16 when they fit there: 9 or 10 bytes a pixel instead of 12.
+        The build's intermediates are written so; readers widen it to int32.
 
     Returns
     -------
@@ -246,8 +247,11 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
     # would byteswap a native array in place and back (two passes over each plane instead of one)
     image = fits.ImageHDU(_fits_order(masked_image.image, np.float32), name="IMAGE")
     mask_plane = np.asarray(masked_image.mask)
-    narrow = compact_mask and mask_plane.size and 0 <= int(mask_plane.min()) and int(mask_plane.max()) < 2**15
-    mask = fits.ImageHDU(_fits_order(mask_plane, np.int16 if narrow else np.int32), name="MASK")
+    mask_dtype = np.int32
+    if compact_mask and mask_plane.size and int(mask_plane.min()) >= 0:
+        top = int(mask_plane.max())
+        mask_dtype = np.uint8 if top < 2**8 else np.int16 if top < 2**15 else np.int32
+    mask = fits.ImageHDU(_fits_order(mask_plane, mask_dtype), name="MASK")
     uncert = variance_hdu(masked_image.variance, unit)
     if unit is not None:
         image.header["BUNIT"] = (unit, _default_comment("BUNIT"))
@@ -410,7 +414,7 @@ class RowReader:
     has_mask, has_variance : bool
     """
 
-    _DTYPES = {"IMAGE": (-32,), "MASK": (32, 16), "VARIANCE": (-32,)}
+    _DTYPES = {"IMAGE": (-32,), "MASK": (32, 16, 8), "VARIANCE": (-32,)}
 
     def __init__(self, path):
         self.path = str(path)
@@ -483,18 +487,19 @@ class RowReader:
 
     def read_into(self, plane: str, y0: int, y1: int, out: np.ndarray) -> np.ndarray:
         """Read rows ``y0:y1`` of ``plane`` into ``out`` (4-byte dtype, C-contiguous, (y1-y0)*nx
-        elements), converting from big-endian in place (an int16 MASK is widened). Returns ``out``."""
+        elements), converting from big-endian in place (a one- or two-byte MASK is widened). Returns ``out``."""
         ny, nx = self.shape
         if not (0 <= y0 <= y1 <= ny):
             raise ProductError(self.path, f"row band {y0}:{y1} outside 0:{ny}")
         size = self._itemsize[plane]
         flat = out.reshape(-1)[: (y1 - y0) * nx]
-        into = np.empty(flat.size, ">i2") if size == 2 else flat       # an int16 MASK: read, then widen
+        narrow = {1: np.uint8, 2: ">i2"}.get(size)
+        into = np.empty(flat.size, narrow) if narrow else flat       # a narrow MASK: read, then widen
         nbytes = flat.size * size
         got = os.preadv(self._fd, [memoryview(into.view(np.uint8))], self._loc[plane] + y0 * nx * size)
         if got != nbytes:
             raise ProductError(self.path, f"short read of {plane} rows {y0}:{y1} ({got} of {nbytes} bytes)")
-        if size == 2:
+        if narrow:
             flat[:] = into
             return out
         _to_native(flat)
