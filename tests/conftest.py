@@ -26,6 +26,7 @@ os.environ.update({
     "CALIBFLOW_NO_LIFELINE": "1",       # CLI commands run in-process here; test_hostile runs it in a subprocess
 })
 
+import atexit  # noqa: E402
 import glob  # noqa: E402
 import itertools  # noqa: E402
 import shutil  # noqa: E402
@@ -35,6 +36,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# registered first, so it runs last: after Prefect's own exit handlers have stopped its servers
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REALDATA = REPO_ROOT.parent / "shared" / "realdata"
