@@ -375,12 +375,15 @@ def test_ui_custom_run_with_a_form_parameter(prefect_server, night_repo, cli_bia
     follow the run's page until it shows Completed; then check the run and its products."""
     from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
     assert cli_bias_run.returncode == 0, "the dark build needs the bias built by the CLI test"
     store, reg = night_repo
+    dep_id = prefect_server.deployment("build-calib/dark")["id"]
     driver = _browser()
+    step = "opening the UI"
     try:
         # a click that lands while the page animates (a toast sliding in) is retried; the patience
         # is for a loaded 2-core machine, where the UI's polling can take over a minute to list a run
@@ -391,6 +394,7 @@ def test_ui_custom_run_with_a_form_parameter(prefect_server, night_repo, cli_bia
             wait.until(lambda d: d.find_element(By.XPATH, xpath).click() or True)
 
         driver.get(f"{prefect_server.url}/deployments")
+        step = "Run > Custom run on the dark deployment"
         click("//a[normalize-space()='dark']")
         click("//button[normalize-space()='Run']")
         click("//*[normalize-space()='Custom run']")
@@ -401,25 +405,59 @@ def test_ui_custom_run_with_a_form_parameter(prefect_server, night_repo, cli_bia
             return label.find_element(By.XPATH, "./ancestor::div[contains(concat(' ', normalize-space(@class), ' '),"
                                                 " ' schema-form-property ')][1]")
 
+        def night_input():
+            return night_field().find_element(By.CSS_SELECTOR, "fieldset textarea, fieldset input")
+
+        step = "typing the night into the form"
         wait.until(lambda d: night_field().find_element(By.XPATH, ".//button[normalize-space()='str']").click()
                    or True)                                                                # str | None
         wait.until(lambda d: night_field().find_elements(By.CSS_SELECTOR, "fieldset textarea, fieldset input"))
-        night_field().find_element(By.CSS_SELECTOR, "fieldset textarea, fieldset input").send_keys(NIGHT)
+        # The field is drawn again after the type switch; on a loaded machine that can happen while
+        # the keys go in, leaving part of the date (which the form then refuses). Type until the
+        # field holds the whole night on two reads in a row, half a second apart.
+        seen: list[str] = []
+
+        def night_is_typed(d) -> bool:
+            el = night_input()
+            value = el.get_attribute("value") or ""
+            seen.append(value)
+            if value != NIGHT:
+                el.send_keys(Keys.CONTROL, "a")
+                el.send_keys(NIGHT)            # replaces whatever was selected
+                return False
+            return len(seen) >= 2 and seen[-2] == NIGHT
+
+        wait.until(night_is_typed)
         run_name = driver.find_element(By.CSS_SELECTOR, ".flow-run-name-input input").get_attribute("value")
         assert run_name
+        step = f"submitting the form (run {run_name!r})"
         click("//button[@type='submit' and normalize-space()='Submit']")
-        # back on the deployment's page: the new run is listed under the name the form gave it
-        click(f"//a[normalize-space()='{run_name}']")
-        wait.until(EC.url_matches(rf"/runs/flow-run/{UUID_RE}"))
-        run_id = re.search(UUID_RE, driver.current_url.rsplit("/runs/flow-run/", 1)[1]).group(0)
+        # the run exists on the server under the name the form gave it ...
+        runs = _wait_for(f"the run {run_name!r} the form submitted",
+                         lambda: [r for r in prefect_server.flow_runs(dep_id) if r["name"] == run_name], 120)
+        run_id = runs[0]["id"]
+        # ... and the UI's page of that run follows it until it shows Completed
+        step = f"following the run's page (run {run_name!r}, {run_id})"
+        driver.get(f"{prefect_server.url}/runs/flow-run/{run_id}")
         WebDriverWait(driver, 300, poll_frequency=1).until(EC.presence_of_element_located(
             (By.XPATH, "//*[contains(@class,'state-badge') and normalize-space()='Completed']")))
+        assert run_name in driver.find_element(By.TAG_NAME, "body").text
         driver.save_screenshot(str(tmp_path / "completed.png"))
+    except (Exception, pytest.fail.Exception) as exc:
+        # what the page showed when the step failed: its screenshot, and its text in the report
+        shot = tmp_path / "failed.png"
+        try:
+            driver.save_screenshot(str(shot))
+            text = driver.find_element(By.TAG_NAME, "body").text
+        except Exception as why:                     # noqa: BLE001 - the browser itself is gone
+            text = f"(no page text: {why})"
+        pytest.fail(f"UI step failed while {step}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    f"\nscreenshot {shot}\npage text:\n{text[:2000]}")
     finally:
         driver.quit()
     run = prefect_server.flow_run(run_id)
     assert run["state"]["type"] == "COMPLETED"
-    assert run["deployment_id"] == prefect_server.deployment("build-calib/dark")["id"]
+    assert run["deployment_id"] == dep_id
     assert run["name"] == run_name
     assert run["parameters"]["night"] == NIGHT and run["parameters"]["camera"] == CAMERA
     darks = list_calibs(reg, calib_type="dark")
