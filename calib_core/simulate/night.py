@@ -1588,9 +1588,27 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
     records: list[dict] = []
     workers = max(1, min(len(dets), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="simulate") as pool:
-        for i, p in enumerate(plan):
+        def submit(p: _Planned) -> tuple[_Planned, dict[str, Any], list[Any]]:
             draws = _exposure_draws(inst, p, seed, flat_exptime, science_exptime, gradient_amplitude,
                                     defects.get(p.seq))
+            # the detectors of an exposure on threads (numpy's draws and array arithmetic release the
+            # GIL); each detector's draws come from its own node of the seed tree, so the pixels do not
+            # depend on the order the threads run in
+            return p, draws, [pool.submit(_simulate_detector, inst, det, p, draws, seed, poisson_gaussian_above)
+                              for det in dets]
+
+        def overlaps(a: _Planned, b: _Planned) -> bool:
+            # the instrument keeps one filter's maps: two filters at once would make them over and over
+            return a.filter is None or b.filter is None or a.filter == b.filter
+
+        # the next exposure's detectors are queued before this one is written, so the threads wait
+        # neither for the write nor, at an exposure's end, for one another
+        queued = [submit(plan[0])] if plan else []
+        for i in range(len(plan)):
+            p, draws, futures = queued.pop(0)
+            following = plan[i + 1] if i + 1 < len(plan) else None
+            if following is not None and overlaps(p, following):
+                queued.append(submit(following))
             hdus: list[Any] = [fits.PrimaryHDU(header=_primary_header(camera, p, draws, seed, moon))]
             rec: dict[str, Any] = {"exposure_id": p.exposure_id, "obs_type": p.obs_type, "filter": p.filter,
                                    "date_obs": p.start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], "exptime": p.exptime,
@@ -1601,17 +1619,16 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
                 if key in draws:
                     rec[key] = draws[key]
             objects: list[dict] = []
-            # the detectors of an exposure on threads (numpy's draws and array arithmetic release the GIL);
-            # each detector's draws come from its own node of the seed tree, so the pixels do not depend
-            # on the order the threads run in
-            simulated = pool.map(lambda det: _simulate_detector(inst, det, p, draws, seed, poisson_gaussian_above), dets)
-            for det, (pixels, drec) in zip(dets, simulated):
+            for det, future in zip(dets, futures):
+                pixels, drec = future.result()
                 for hdu, arr in pixels:
                     amps = [lay.amp.name for lay in inst.layouts[det.id] if lay.hdu == hdu]
                     hdus.append(_image_hdu(arr, det, compress, hdu, amps if len(pixels) > 1 else ()))
                 rec["cosmic_rays"][det.name] = drec.get("cosmic_rays", 0)
                 rec["bias_offset"][det.name] = drec["bias_offset"]
                 objects += drec.get("objects", [])
+            if following is not None and not queued:
+                queued.append(submit(following))
             if p.obs_type == "science":
                 rec["objects"] = objects
             path = raw_dir / f"{p.exposure_id}{suffix}"
