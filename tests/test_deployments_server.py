@@ -92,7 +92,9 @@ class Proc:
         self._fh.close()
 
 
-def _wait_for(what: str, check, timeout: float, proc: Proc | None = None, interval: float = 0.5):
+def _poll(check, timeout: float, interval: float = 1.0, proc: Proc | None = None, what: str = ""):
+    """``check()``'s first truthy value within ``timeout`` seconds, else None (an HTTP or OS error
+    counts as not yet); fails the test at once if ``proc`` has exited."""
     t0 = time.monotonic()
     while True:
         try:
@@ -104,27 +106,21 @@ def _wait_for(what: str, check, timeout: float, proc: Proc | None = None, interv
         if proc is not None and not proc.alive():
             pytest.fail(f"{what}: {' '.join(proc.args[:3])} exited with {proc.popen.returncode}:\n{proc.tail()}")
         if time.monotonic() - t0 > timeout:
-            pytest.fail(f"{what}: not within {timeout:.0f} s" + (f"\n{proc.tail()}" if proc else ""))
+            return None
         time.sleep(interval)
 
 
-def _poll(check, timeout: float, interval: float = 1.0):
-    """``check()``'s first truthy value within ``timeout`` seconds, else None."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            value = check()
-        except (httpx.HTTPError, OSError):
-            value = None
-        if value:
-            return value
-        time.sleep(interval)
-    return None
+def _wait_for(what: str, check, timeout: float, proc: Proc | None = None, interval: float = 0.5):
+    """:func:`_poll`, failing the test when nothing came within ``timeout``."""
+    value = _poll(check, timeout, interval, proc, what)
+    if not value:
+        pytest.fail(f"{what}: not within {timeout:.0f} s" + (f"\n{proc.tail()}" if proc else ""))
+    return value
 
 
 class Server:
-    def __init__(self, url: str, env: dict, log: Path | None = None):
-        self.url, self.api, self.env, self.log = url, f"{url}/api", env, log
+    def __init__(self, url: str, env: dict, proc: Proc | None = None):
+        self.url, self.api, self.env, self.proc = url, f"{url}/api", env, proc
         self.http = httpx.Client(base_url=self.api, timeout=30)
 
     def deployment(self, name: str) -> dict:
@@ -146,10 +142,7 @@ class Server:
                 return out
 
     def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:] if self.log else ""
-        except OSError:
-            return ""
+        return self.proc.tail(n) if self.proc else ""
 
     def flow_run(self, run_id: str) -> dict:
         r = self.http.get(f"/flow_runs/{run_id}")
@@ -179,7 +172,7 @@ def prefect_server(tmp_path_factory):
     proc = Proc([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
                 home / "server.log")
     try:
-        server = Server(url, env, home / "server.log")
+        server = Server(url, env, proc)
         _wait_for("prefect server health", lambda: server.http.get("/health").json() is True, 240, proc)
         yield server
     finally:

@@ -1603,12 +1603,13 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
 
         # the next exposure's detectors are queued before this one is written, so the threads wait
         # neither for the write nor, at an exposure's end, for one another
-        queued = [submit(plan[0])] if plan else []
+        queued = submit(plan[0]) if plan else None
         for i in range(len(plan)):
-            p, draws, futures = queued.pop(0)
+            p, draws, futures = queued
             following = plan[i + 1] if i + 1 < len(plan) else None
-            if following is not None and overlaps(p, following):
-                queued.append(submit(following))
+            early = following is not None and overlaps(p, following)
+            if early:
+                queued = submit(following)
             hdus: list[Any] = [fits.PrimaryHDU(header=_primary_header(camera, p, draws, seed, moon))]
             rec: dict[str, Any] = {"exposure_id": p.exposure_id, "obs_type": p.obs_type, "filter": p.filter,
                                    "date_obs": p.start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], "exptime": p.exptime,
@@ -1627,8 +1628,8 @@ def simulate_night(camera: Camera | str, out_dir: str | Path, seed: int = 0, *, 
                 rec["cosmic_rays"][det.name] = drec.get("cosmic_rays", 0)
                 rec["bias_offset"][det.name] = drec["bias_offset"]
                 objects += drec.get("objects", [])
-            if following is not None and not queued:
-                queued.append(submit(following))
+            if following is not None and not early:
+                queued = submit(following)
             if p.obs_type == "science":
                 rec["objects"] = objects
             path = raw_dir / f"{p.exposure_id}{suffix}"
