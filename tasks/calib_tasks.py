@@ -226,7 +226,7 @@ def process_exposure_detector(ctx: BuildContext, exposure: Exposure, detector: i
         raise exc from None
     out.parent.mkdir(parents=True, exist_ok=True)
     write_product(out, mi, {"EXPID": exposure.exposure_id, "DETECTOR": detector, "OBSTYPE": "postisr"},
-                  unit=ctx.spec.intermediate_unit, compact_mask=True)
+                  unit=ctx.spec.intermediate_unit, compact_mask=True, variance=ctx.spec.intermediate_variance)
     store.atomic_write_bytes(meta, result.model_dump_json(exclude={"reused", "screened"}).encode())
     return _screened(ctx, registry, exposure, detector, result, mi)
 

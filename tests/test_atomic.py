@@ -176,3 +176,39 @@ def test_a_compact_mask_is_narrow_on_disk_and_int32_when_read(tmp_path, top, bit
     high[0, 0] = 1 << 16
     write_product(narrow, MaskedImage(mi.image, high, mi.variance), compact_mask=True)
     assert fits.getheader(narrow, "MASK")["BITPIX"] == 32 and np.array_equal(read_product(narrow)[0].mask, high)
+
+
+def test_a_product_without_its_variance_plane_reads_as_zero_variance(tmp_path):
+    """``write_product(variance=False)`` (the defects and PTC builds' intermediates, whose variance no
+    step reads) writes IMAGE and MASK only, 4 bytes a pixel less; read_product gives a zero variance,
+    a RowReader no variance plane, and a stack of such files takes its variance from the inputs'
+    spread whatever their number."""
+    from astropy.io import fits
+
+    from calib_core.io.products import RowReader
+    from calib_core.stats.stack import CombineConfig, stack_files
+
+    rng = np.random.default_rng(5)
+    shape = (60, 80)
+    paths, full = [], []
+    for k in range(3):
+        mi = MaskedImage(rng.normal(10.0, 1.0, shape), np.zeros(shape, np.int32), np.full(shape, 1.0))
+        with_var, without = tmp_path / f"v{k}.fits", tmp_path / f"n{k}.fits"
+        write_product(with_var, mi, compact_mask=True)
+        write_product(without, mi, compact_mask=True, variance=False)
+        paths.append(without)
+        full.append(with_var)
+        with fits.open(without) as hdul:
+            assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "MASK"]
+        assert with_var.stat().st_size - without.stat().st_size >= 60 * 80 * 4
+        back = read_product(without)[0]
+        assert np.array_equal(back.image, mi.image) and np.array_equal(back.mask, mi.mask)
+        assert not back.variance.any()
+        with RowReader(without) as r:
+            assert not r.has_variance and r.rows(0, 5)[2] is None
+    # three inputs, fewer than max_visits_to_calc_error_from_input_variance: with the planes the
+    # output variance is the inputs' propagated (1/3 everywhere), without them the inputs' spread
+    assert np.allclose(stack_files(full, CombineConfig())[0].variance, 1.0 / 3.0, rtol=1e-6)
+    out = stack_files(paths, CombineConfig())[0]
+    data = np.stack([read_product(p)[0].image for p in paths]).astype(np.float64)
+    assert np.allclose(out.variance, data.var(axis=0, ddof=1) / 3, rtol=1e-5)   # the mean's, from the spread

@@ -3,6 +3,7 @@ r and z, a fringe frame in z) under the session's Prefect API: dependency order,
 simulator's truth, provenance, idempotence, ``calibs --json`` and ``apply-sky``."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -57,6 +58,24 @@ def test_nightly_builds_everything_in_dependency_order(night):
     z_sky = [m for m in z_sky if "fringe" in m["isr_calibs"]]
     assert len(z_sky) == 8          # the z exposures were defringed with the night's fringe frame, r ones not
     assert all(m["isr_calibs"]["flat"].startswith("flat-democam_mini-z-") for m in z_sky)
+
+
+def test_intermediates_carry_the_variance_only_where_a_step_reads_it(night):
+    """Defects and PTC never read their inputs' variance (the stacked flat's image; pair statistics of
+    the images): their intermediates hold IMAGE and MASK only. The others keep UNCERT (a stack of
+    fewer than five inputs propagates it; the sky build's masking and the fringe fit weigh by it)."""
+    sim, store, reg, _ = night
+    for calib_type, planes in (("defects", ["PRIMARY", "IMAGE", "MASK"]), ("ptc", ["PRIMARY", "IMAGE", "MASK"]),
+                               ("flat", ["PRIMARY", "IMAGE", "MASK", "UNCERT"]),
+                               ("dark", ["PRIMARY", "IMAGE", "MASK", "UNCERT"]),
+                               ("sky", ["PRIMARY", "IMAGE", "MASK", "UNCERT"])):
+        # the post-ISR images (<exposure>-det004-<key>.fits), not the sky build's binned models beside them
+        files = [p for p in store.root.glob(f"work/{CAMERA}/{calib_type}/*-det004-*.fits")
+                 if re.fullmatch(r"\d+-det004-[0-9a-f]+\.fits", p.name)]
+        assert files, calib_type
+        for path in files:
+            with fits.open(path) as hdul:
+                assert [h.name for h in hdul] == planes, (calib_type, path.name)
 
 
 def test_second_run_builds_nothing(night):

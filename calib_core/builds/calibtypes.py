@@ -24,7 +24,7 @@ from calib_core.builds.fringe import FringeBuildConfig, prepare_fringe, remove_c
 from calib_core.builds.ptc import (PtcConfig, fit_ptc, gain_map, make_pairs, overscan_noise, pair_stats, plot_ptc,
                                    ptc_table_hdus, read_ptc)
 from calib_core.errors import DataError
-from calib_core.io.products import provenance_cards, read_calib, read_product
+from calib_core.io.products import RowReader, provenance_cards, read_calib, read_product
 from calib_core.io.raw import RawDetector
 from calib_core.isr.persistent import clear_persistent_cr
 from calib_core.isr.process import IsrConfig, run_isr
@@ -125,6 +125,10 @@ class CalibType:
     screen_inputs : bool
         Inputs are screened against the last good master before stacking
         (docs/algorithms.md#input-screening).
+    intermediate_variance : bool
+        The intermediates carry the variance plane. False where neither the combine nor anything
+        after it reads the inputs' variance (defects: the stacked flat's image; PTC: pair
+        statistics of the images), so 4 of an intermediate's ~9.6 bytes a pixel are never written.
     """
 
     name: str
@@ -148,6 +152,7 @@ class CalibType:
     skip_reason: Callable[[Sequence[Exposure]], str] | None = None
     verify: Callable[..., Any] | None = None
     screen_inputs: bool = False
+    intermediate_variance: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,7 +287,8 @@ def _combine_ptc(paths: Sequence, cfg: PtcConfig, exp_scales=None, ccd_scale=Non
         noises = [n for n in noises if math.isfinite(n)]
         os_noise = float(sorted(noises)[len(noises) // 2]) if noises else float("nan")
         fits[name] = fit_ptc(pts, os_noise, cfg)
-    shape = read_product(paths[0])[0].shape
+    with RowReader(paths[0]) as reader:      # the shape only, from the header
+        shape = reader.shape
     cards = {}
     for k, (name, f) in enumerate(fits.items()):
         cards[f"HIERARCH PTC GAIN {name}"] = (round(f.gain, 6), f"e-/ADU +- {f.gain_err:.2g}")
@@ -345,12 +351,13 @@ CALIB_TYPES: dict[str, CalibType] = {t.name: t for t in (
                           "cosmic rays masked."),
     CalibType("defects", "flat", ("bias", "dark"), DefectsConfig, 1.0, filtered=False, barrier="none",
               process=_process_defects, combine=_combine_defects, isr_step="do_defect", optional_in_isr=True,
-              unit="1", intermediate_unit="1", combine_context=True,
+              unit="1", intermediate_unit="1", combine_context=True, intermediate_variance=False,
               description="Build defect masks: hot, cold, noisy and dead pixels per amplifier from the certified "
                           "bias and dark and the night's flats; the origin of each defect kept."),
     CalibType("ptc", "flat", ("bias", "defects"), PtcConfig, 1.0, filtered=False, barrier="none",
               process=_process_ptc, combine=_combine_ptc, isr_step="use_ptc_gains", optional_in_isr=True,
               unit="electron/adu", combine_context=True, min_inputs=2, skip_reason=_ptc_skip_reason,
+              intermediate_variance=False,
               description="Measure gains and read noise per amplifier from pairs of flats of the same exposure "
                           "time (photon transfer curve)."),
     CalibType("flat", "flat", ("bias", "dark", "defects", "ptc"), FlatConfig, 1.0, filtered=True, barrier="flat_scales",

@@ -206,7 +206,7 @@ def squared_unit(unit: str) -> str:
 
 
 def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str | None = None,
-                  image_cards=None, extra_hdus=(), compact_mask: bool = False) -> Path:
+                  image_cards=None, extra_hdus=(), compact_mask: bool = False, variance: bool = True) -> Path:
     """Write a masked image as an IMAGE/MASK/UNCERT FITS file, atomically.
 
     Parameters
@@ -231,6 +231,10 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
         Write MASK in one byte (FITS BITPIX 8, unsigned) when every value fits (the planes the
         builds set: bits 0-7), else int16 when they fit there: 9 or 10 bytes a pixel instead of 12.
         The build's intermediates are written so; readers widen it to int32.
+    variance : bool, default True
+        Write the UNCERT extension. The intermediates of builds that never read their inputs'
+        variance (defects, PTC) leave it out (4 of their ~9.6 bytes a pixel); readers then see no
+        variance plane (:func:`read_product` gives zeros, :attr:`RowReader.has_variance` is False).
 
     Returns
     -------
@@ -252,14 +256,14 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
         top = int(mask_plane.max())
         mask_dtype = np.uint8 if top < 2**8 else np.int16 if top < 2**15 else np.int32
     mask = fits.ImageHDU(_fits_order(mask_plane, mask_dtype), name="MASK")
-    uncert = variance_hdu(masked_image.variance, unit)
+    planes = [image, mask] + ([variance_hdu(masked_image.variance, unit)] if variance else [])
     if unit is not None:
         image.header["BUNIT"] = (unit, _default_comment("BUNIT"))
     mask.header.extend(plane_cards, update=True)
     if image_cards:
-        for hdu in (image, mask, uncert):
+        for hdu in planes:
             hdu.header.extend(_header_with(image_cards), update=True)
-    return write_hdulist(path, fits.HDUList([primary, image, mask, uncert, *extra_hdus]))
+    return write_hdulist(path, fits.HDUList([primary, *planes, *extra_hdus]))
 
 
 def _fits_order(plane: np.ndarray, dtype) -> np.ndarray:
