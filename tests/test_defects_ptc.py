@@ -498,3 +498,32 @@ def test_defects_and_ptc_products_open_with_ccddata(built):
         assert ccd.mask is not None and ccd.mask.shape == mi.shape, kind
         np.testing.assert_array_equal(np.asarray(ccd.data), mi.image)
         np.testing.assert_array_equal(np.asarray(ccd.uncertainty.array), mi.variance)
+
+
+def test_read_ptc_parses_a_product_once_and_again_when_it_is_replaced(tmp_path, monkeypatch):
+    """ISR reads the certified PTC's table for every exposure of a detector: the file is parsed once
+    per process; each caller gets its own rows; a product rewritten under the same name is read anew."""
+    from astropy.io import fits
+
+    from calib_core.builds import ptc
+    from calib_core.io.products import write_hdulist
+
+    def amp(name, gain):
+        return ptc.AmpPtc(amp=name, gain=gain, gain_err=0.01, noise_fit=4.0, noise_fit_err=0.1, noise_var_fit=16.0,
+                          noise_var_fit_err=0.5, noise_overscan=4.2, turnoff=4.0e4, a00=0.0, fit_type="LINEAR",
+                          n_points=4, n_used=4, chi2_dof=1.0)
+
+    path = tmp_path / "ptc.fits"
+    write_hdulist(path, fits.HDUList([fits.PrimaryHDU(), *ptc.ptc_table_hdus({"A": amp("A", 1.6), "B": amp("B", 2.3)})]))
+    parsed = []
+    real = ptc._read_ptc_table
+    monkeypatch.setattr(ptc, "_read_ptc_table", lambda p: parsed.append(p) or real(p))
+    monkeypatch.setattr(ptc, "_PTC_TABLES", {})
+    first = ptc.read_ptc(path)
+    assert first["A"]["gain"] == 1.6 and first["B"]["gain"] == 2.3 and first["A"]["read_noise"] == 4.2
+    first["A"]["gain"] = 99.0                      # the caller's copy
+    assert ptc.read_ptc(str(path))["A"]["gain"] == 1.6 and len(parsed) == 1
+    write_hdulist(path, fits.HDUList([fits.PrimaryHDU(), *ptc.ptc_table_hdus({"A": amp("A", 1.7), "B": amp("B", 2.3)})]))
+    assert ptc.read_ptc(path)["A"]["gain"] == 1.7 and len(parsed) == 2
+    with pytest.raises(FileNotFoundError):
+        ptc.read_ptc(tmp_path / "missing.fits")
