@@ -174,3 +174,38 @@ def test_binned_noise_from_the_variance_is_numpys_median(case):
     else:
         d = np.diff(binned, axis=1).ravel()
         assert got == pytest.approx(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("stats_planes", [["BAD", "SAT", "EDGE", "NO_DATA"], ["BAD", "DETECTED"]])
+def test_find_objects_thresholds_every_pass_at_the_unflagged_median_variance(stats_planes, monkeypatch):
+    """Each detection pass of find_objects thresholds at sqrt(median variance over the pixels without
+    the stats planes) / b. The median is measured once when the passes' own planes (DETECTED) are not
+    among the stats planes, and before each pass when they are, since the passes change that set of
+    pixels: checked against numpy's median of the pixels each pass may use."""
+    from calib_core.sky import objectmask
+
+    img, _ = _scene(3)
+    rng = np.random.default_rng(4)
+    var = rng.uniform(0.8, 1.2, img.shape).astype(np.float32) * SKY
+    mask = np.where(rng.random(img.shape) < 0.05, np.int32(mask_bits(["BAD"])), 0).astype(np.int32)
+    mi = MaskedImage(img, mask, var)
+    cfg = MaskObjectsConfig(detection=DetectionConfig(stats_mask_planes=stats_planes))
+    bits = mask_bits(stats_planes)
+    seen = []
+    real = objectmask._binned_noise
+
+    def spy(binned, bmask, variance, m, b_bits, b, variance_median=None):
+        sd = real(binned, bmask, variance, m, b_bits, b, variance_median)
+        v = np.asarray(variance, np.float64)
+        ok = ((m & bits) == 0) & np.isfinite(v) & (v > 0)
+        seen.append((sd, float(np.sqrt(np.median(v[ok])) / b), variance_median is not None))
+        return sd
+
+    monkeypatch.setattr(objectmask, "_binned_noise", spy)
+    find_objects(mi, cfg)
+    assert len(seen) == cfg.n_iter
+    for sd, ref, given in seen:
+        assert sd == ref
+        assert given == ("DETECTED" not in stats_planes)
+    if "DETECTED" in stats_planes:
+        assert len({ref for _, ref, _ in seen}) > 1       # the passes' detections moved the median
