@@ -99,6 +99,9 @@ class ProcessedInput(_Record):
     overscan_noise: dict[str, float] | None = Field(None, description="overscan noise per amplifier, ADU (PTC)")
     bias_path: str | None = Field(None, description="the master bias ISR applied (defects tests it)")
     dark_path: str | None = Field(None, description="the master dark ISR applied (defects tests it)")
+    variance_median: float | None = Field(None, description="sky: the median variance of the object "
+                                                            "masking's noise (detection_variance_median), "
+                                                            "kept instead of the intermediate's variance plane")
     # side products (calib_core.builds.calibtypes: Processed.sidecars)
     bins: str | None = Field(None, description="sky: the binned model of the masked image "
                                                "(a BackgroundModel FITS file) of the latest pass")

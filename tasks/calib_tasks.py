@@ -216,7 +216,7 @@ def process_exposure_detector(ctx: BuildContext, exposure: Exposure, detector: i
         verify_raw(exposure.path, exposure.checksum, exposure.size_bytes, exposure.ingested_at,
                    always=ctx.verify_raws == "always")
         raw = read_raw(exposure.path, camera, [detector]).detectors[detector]
-        mi, result = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out)
+        mi, result, done_variance = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out)
     except (RawReadError, IsrError) as exc:
         if not isinstance(exc, RawReadError):      # bad pixels (no usable overscan, ...): name file and exposure
             exc = RawReadError(exposure.path, f"exposure {exposure.exposure_id} detector {detector}: "
@@ -226,7 +226,7 @@ def process_exposure_detector(ctx: BuildContext, exposure: Exposure, detector: i
         raise exc from None
     out.parent.mkdir(parents=True, exist_ok=True)
     write_product(out, mi, {"EXPID": exposure.exposure_id, "DETECTOR": detector, "OBSTYPE": "postisr"},
-                  unit=ctx.spec.intermediate_unit, compact_mask=True, variance=ctx.spec.intermediate_variance)
+                  unit=ctx.spec.intermediate_unit, compact_mask=True, variance=done_variance)
     store.atomic_write_bytes(meta, result.model_dump_json(exclude={"reused", "screened"}).encode())
     return _screened(ctx, registry, exposure, detector, result, mi)
 
@@ -259,9 +259,10 @@ def _screened(ctx: BuildContext, registry: Registry, exposure: Exposure, detecto
 
 
 def _process_pixels(ctx: BuildContext, camera, raw, exposure: Exposure, detector: int,
-                    calibs: dict[str, CalibProduct], out) -> tuple[MaskedImage, ProcessedInput]:
+                    calibs: dict[str, CalibProduct], out) -> tuple[MaskedImage, ProcessedInput, bool]:
     """The type's processing of one raw detector (:attr:`CalibType.process`): (the image, its
-    record with the type's scalars); its side products are written next to the intermediate
+    record with the type's scalars, whether its intermediate keeps the variance plane:
+    ``Processed.variance``); its side products are written next to the intermediate
     (``<stem>-<suffix>.fits``) and their paths recorded. A scalar or side product the record does
     not know fails here, naming it."""
     done = ctx.spec.process(raw, calibs, exposure, ctx.cfg(), camera, detector)
@@ -277,7 +278,7 @@ def _process_pixels(ctx: BuildContext, camera, raw, exposure: Exposure, detector
                         "(calib_core/records.py) has no field for")
     result = ProcessedInput(exposure_id=exposure.exposure_id, detector=detector, path=str(out),
                             isr_calibs={t: c.calib_id for t, c in calibs.items()}, pid=os.getpid(), **fields)
-    return done.image, result
+    return done.image, result, done.variance
 
 
 @task(name="sky-pass", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
@@ -303,7 +304,8 @@ def sky_rebin(ctx: BuildContext, items: list[ProcessedInput], k: int, model: dic
             mi = read_product(it.path)[0]
             frame = BackgroundModel.from_fits(model["frames"][str(d)])
             pattern = surface.on_detector(camera, camera.detector(d)) * (1.0 + frame.evaluate())
-            write_hdulist(out, bin_detector(camera, d, mi, cfg, pattern).to_hdulist())
+            # the intermediate keeps no variance plane where its median was recorded (Processed.variance)
+            write_hdulist(out, bin_detector(camera, d, mi, cfg, pattern, it.variance_median).to_hdulist())
         out_items.append(it.model_copy(update={"bins": str(out)}))
     return out_items
 

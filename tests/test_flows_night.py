@@ -62,13 +62,16 @@ def test_nightly_builds_everything_in_dependency_order(night):
 
 def test_intermediates_carry_the_variance_only_where_a_step_reads_it(night):
     """Defects and PTC never read their inputs' variance (the stacked flat's image; pair statistics of
-    the images): their intermediates hold IMAGE and MASK only. The others keep UNCERT (a stack of
-    fewer than five inputs propagates it; the sky build's masking and the fringe fit weigh by it)."""
+    the images), and the sky build's later passes read one number of it, the median its object
+    masking thresholds at, which the record carries: their intermediates hold IMAGE and MASK only.
+    The others keep UNCERT (a stack of fewer than five inputs propagates it, the input screening of a
+    resumed build reads it, the fringe combine weighs by it)."""
     sim, store, reg, _ = night
     for calib_type, planes in (("defects", ["PRIMARY", "IMAGE", "MASK"]), ("ptc", ["PRIMARY", "IMAGE", "MASK"]),
+                               ("sky", ["PRIMARY", "IMAGE", "MASK"]),
                                ("flat", ["PRIMARY", "IMAGE", "MASK", "UNCERT"]),
                                ("dark", ["PRIMARY", "IMAGE", "MASK", "UNCERT"]),
-                               ("sky", ["PRIMARY", "IMAGE", "MASK", "UNCERT"])):
+                               ("fringe", ["PRIMARY", "IMAGE", "MASK", "UNCERT"])):
         # the post-ISR images (<exposure>-det004-<key>.fits), not the sky build's binned models beside them
         files = [p for p in store.root.glob(f"work/{CAMERA}/{calib_type}/*-det004-*.fits")
                  if re.fullmatch(r"\d+-det004-[0-9a-f]+\.fits", p.name)]
@@ -76,6 +79,11 @@ def test_intermediates_carry_the_variance_only_where_a_step_reads_it(night):
         for path in files:
             with fits.open(path) as hdul:
                 assert [h.name for h in hdul] == planes, (calib_type, path.name)
+            record = json.loads(path.with_suffix(".json").read_text())
+            if calib_type == "sky":
+                assert record["variance_median"] > 0
+            else:
+                assert record["variance_median"] is None
 
 
 def test_second_run_builds_nothing(night):
@@ -210,20 +218,22 @@ def test_calibs_json_and_apply_sky(night):
 def test_flow_and_notebook_api_give_the_same_sky_frames(night):
     """The flow (tasks per exposure and detector, barriers between passes, files in between) and
     the in-memory :func:`calib_core.sky.frames.build_sky_frames` run the same barrier functions: on the
-    flow's own post-ISR intermediates they give bit-identical frames and pixel counts."""
+    flow's own post-ISR intermediates (no variance plane: their records carry the median the object
+    masking reads) they give bit-identical frames and pixel counts."""
     from calib_core.camera import effective_config
     from calib_core.sky.frames import SkyConfig, build_sky_frames
 
     sim, store, reg, _ = night
     cam = load_camera(CAMERA)
     r_ids = {e.exposure_id for e in sim.select("science", "r")}
-    exposures = {}
+    exposures, medians = {}, {}
     for meta in store.root.glob(f"work/{CAMERA}/sky/*.json"):
         m = json.loads(meta.read_text())
         if m["exposure_id"] in r_ids:
             exposures.setdefault(m["exposure_id"], {})[m["detector"]] = read_product(m["path"])[0]
+            medians.setdefault(m["exposure_id"], {})[m["detector"]] = m["variance_median"]
     assert len(exposures) == 8
-    result = build_sky_frames(cam, exposures, effective_config(SkyConfig, cam, {}))
+    result = build_sky_frames(cam, exposures, effective_config(SkyConfig, cam, {}), medians)
     products = list_calibs(reg, calib_type="sky", filter="r")
     assert len(products) == len(cam.detectors)
     for p in products:

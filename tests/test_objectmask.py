@@ -188,7 +188,7 @@ def test_find_objects_thresholds_every_pass_at_the_unflagged_median_variance(sta
     rng = np.random.default_rng(4)
     var = rng.uniform(0.8, 1.2, img.shape).astype(np.float32) * SKY
     mask = np.where(rng.random(img.shape) < 0.05, np.int32(mask_bits(["BAD"])), 0).astype(np.int32)
-    mi = MaskedImage(img, mask, var)
+    mi = MaskedImage(img, mask.copy(), var)
     cfg = MaskObjectsConfig(detection=DetectionConfig(stats_mask_planes=stats_planes))
     bits = mask_bits(stats_planes)
     seen = []
@@ -209,3 +209,14 @@ def test_find_objects_thresholds_every_pass_at_the_unflagged_median_variance(sta
         assert given == ("DETECTED" not in stats_planes)
     if "DETECTED" in stats_planes:
         assert len({ref for _, ref, _ in seen}) > 1       # the passes' detections moved the median
+        assert objectmask.detection_variance_median(mi, cfg) is None     # so no one number stands for the plane
+        return
+    # the sky build's later passes: the plane is gone (zeros, as read from an intermediate without it)
+    # and the recorded median stands for it; each pass still thresholds at the true variance's median
+    vm = objectmask.detection_variance_median(MaskedImage(img, mask.copy(), var), cfg)
+    refs = [ref for _, ref, _ in seen]
+    seen.clear()
+    bare = MaskedImage(img, mask.copy(), np.zeros(img.shape, np.float32))
+    find_objects(bare, cfg, variance_median=vm)
+    assert [sd for sd, _, _ in seen] == refs
+    assert np.array_equal(bare.mask, mi.mask)

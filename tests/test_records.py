@@ -240,8 +240,9 @@ def test_a_scalar_the_record_lacks_fails_the_process_step(tmp_path):
 
     calibs = {"bias": _product(calib_id="bias-1", path="/c/bias.fits")}
     out = tmp_path / "e1-det000-k.fits"
-    mi, rec = _process_pixels(ctx_returning({"level": 812.0, "npoint": 16}), None, None, exposure, 0, calibs, out)
-    assert mi is image and (rec.level, rec.npoint, rec.isr_calibs, rec.path) == (812.0, 16, {"bias": "bias-1"},
+    mi, rec, variance = _process_pixels(ctx_returning({"level": 812.0, "npoint": 16}), None, None, exposure, 0,
+                                        calibs, out)
+    assert variance and mi is image and (rec.level, rec.npoint, rec.isr_calibs, rec.path) == (812.0, 16, {"bias": "bias-1"},
                                                                                   str(out))
     with pytest.raises(TypeError, match=r"flat processing returned \['levle'\]"):
         _process_pixels(ctx_returning({"levle": 812.0}), None, None, exposure, 0, calibs, out)

@@ -32,6 +32,7 @@ from calib_core.maskedimage import MaskedImage
 from calib_core.quality.verify import against_own_kind, flagged_pixels, sky_bins
 from calib_core.records import CalibProduct, Exposure
 from calib_core.sky.frames import SkyConfig, bin_detector
+from calib_core.sky.objectmask import detection_variance_median
 
 __all__ = ["CalibType", "CALIB_TYPES", "Combined", "Processed", "calib_type", "dependency_order", "isr_with_calibs",
            "ISR_STEP", "OPTIONAL_IN_ISR", "product_cards", "CalibTypeName"]
@@ -45,11 +46,17 @@ class Processed:
     (``level``, ``npoint``), and side products written next to the intermediate: ``{key: (suffix,
     HDUList)}``, written as ``<intermediate>-<suffix>.fits`` whose path the task result carries as ``key``.
     Every scalar and side-product key is a field of :class:`calib_core.records.ProcessedInput`, the
-    task's result (a key it lacks is refused)."""
+    task's result (a key it lacks is refused).
+
+    ``variance``: whether the intermediate keeps its variance plane. False where no later step reads
+    it (defects: the stacked flat's image is tested; PTC: pair statistics of the images; sky: the
+    later passes' masking needs only its median, recorded as ``variance_median``), so 4 of an
+    intermediate's ~9 bytes a pixel are never written (docs/architecture.md#intermediates-and-disk)."""
 
     image: MaskedImage
     scalars: dict[str, Any] = field(default_factory=dict)
     sidecars: dict[str, Any] = field(default_factory=dict)
+    variance: bool = True
 
 
 @dataclass
@@ -125,10 +132,6 @@ class CalibType:
     screen_inputs : bool
         Inputs are screened against the last good master before stacking
         (docs/algorithms.md#input-screening).
-    intermediate_variance : bool
-        The intermediates carry the variance plane. False where neither the combine nor anything
-        after it reads the inputs' variance (defects: the stacked flat's image; PTC: pair
-        statistics of the images), so 4 of an intermediate's ~9.6 bytes a pixel are never written.
     """
 
     name: str
@@ -152,7 +155,6 @@ class CalibType:
     skip_reason: Callable[[Sequence[Exposure]], str] | None = None
     verify: Callable[..., Any] | None = None
     screen_inputs: bool = False
-    intermediate_variance: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,8 +214,14 @@ def _process_sky(raw, calibs, exposure, cfg: SkyConfig, camera=None, detector=No
     # first pass of the sky build: the binned model of the masked image (the intermediate itself
     # stays unmasked, so a later pass can mask it again without the pattern)
     mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
-    model = bin_detector(camera, detector, mi, cfg.pass_config(0))
-    return Processed(mi, sidecars={"bins": ("bins0", model.to_hdulist())})
+    # what the passes' object masking reads of the variance plane: one median, the same in every pass
+    # (None where a config makes it change between detection passes: then the plane is kept)
+    vm = detection_variance_median(mi, cfg.mask)
+    if vm is not None and not math.isfinite(vm):
+        vm = None                       # no positive variance: the masking falls back on the image itself
+    model = bin_detector(camera, detector, mi, cfg.pass_config(0), variance_median=vm)
+    return Processed(mi, {"variance_median": vm}, sidecars={"bins": ("bins0", model.to_hdulist())},
+                     variance=vm is None)
 
 
 def _amp_boxes(raw) -> list[list]:
@@ -237,7 +245,7 @@ def _process_defects(raw, calibs, exposure, cfg: DefectsConfig, camera=None, det
     for t in ("bias", "dark"):
         if t in calibs:
             scalars[f"{t}_path"] = str(calibs[t].path)
-    return Processed(mi, scalars)
+    return Processed(mi, scalars, variance=False)
 
 
 def _process_ptc(raw, calibs, exposure, cfg: PtcConfig, camera=None, detector=None) -> Processed:
@@ -245,7 +253,7 @@ def _process_ptc(raw, calibs, exposure, cfg: PtcConfig, camera=None, detector=No
     noise = {a.name: overscan_noise(a.overscan, a.overscan_axis) if a.overscan is not None else float("nan")
              for a in raw.amps}
     return Processed(mi, {"exptime": exposure.exptime, "filter": exposure.filter,
-                          "amps": _amp_boxes(raw), "overscan_noise": noise})
+                          "amps": _amp_boxes(raw), "overscan_noise": noise}, variance=False)
 
 
 def _combine_defects(paths: Sequence, cfg: DefectsConfig, exp_scales=None, ccd_scale=None, *, items=(),
@@ -351,13 +359,12 @@ CALIB_TYPES: dict[str, CalibType] = {t.name: t for t in (
                           "cosmic rays masked."),
     CalibType("defects", "flat", ("bias", "dark"), DefectsConfig, 1.0, filtered=False, barrier="none",
               process=_process_defects, combine=_combine_defects, isr_step="do_defect", optional_in_isr=True,
-              unit="1", intermediate_unit="1", combine_context=True, intermediate_variance=False,
+              unit="1", intermediate_unit="1", combine_context=True,
               description="Build defect masks: hot, cold, noisy and dead pixels per amplifier from the certified "
                           "bias and dark and the night's flats; the origin of each defect kept."),
     CalibType("ptc", "flat", ("bias", "defects"), PtcConfig, 1.0, filtered=False, barrier="none",
               process=_process_ptc, combine=_combine_ptc, isr_step="use_ptc_gains", optional_in_isr=True,
               unit="electron/adu", combine_context=True, min_inputs=2, skip_reason=_ptc_skip_reason,
-              intermediate_variance=False,
               description="Measure gains and read noise per amplifier from pairs of flats of the same exposure "
                           "time (photon transfer curve)."),
     CalibType("flat", "flat", ("bias", "dark", "defects", "ptc"), FlatConfig, 1.0, filtered=True, barrier="flat_scales",

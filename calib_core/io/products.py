@@ -232,9 +232,10 @@ def write_product(path, masked_image: MaskedImage, header_cards=None, unit: str 
         builds set: bits 0-7), else int16 when they fit there: 9 or 10 bytes a pixel instead of 12.
         The build's intermediates are written so; readers widen it to int32.
     variance : bool, default True
-        Write the UNCERT extension. The intermediates of builds that never read their inputs'
-        variance (defects, PTC) leave it out (4 of their ~9.6 bytes a pixel); readers then see no
-        variance plane (:func:`read_product` gives zeros, :attr:`RowReader.has_variance` is False).
+        Write the UNCERT extension. Intermediates whose variance no later step reads (the defects,
+        PTC and sky builds': ``calib_core.builds.calibtypes.Processed.variance``) leave it out, 4 of
+        their ~9 bytes a pixel; readers then see no variance plane (:func:`read_product` gives
+        zeros, :attr:`RowReader.has_variance` is False).
 
     Returns
     -------

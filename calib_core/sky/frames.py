@@ -402,9 +402,10 @@ def exposure_residuals(camera: Camera, models: Mapping[int, BackgroundModel], su
 # ---------------------------------------------------------------------------------------------------
 
 
-def mask_detector(masked_image: MaskedImage, config: SkyConfig) -> np.ndarray:
-    """Object masking as the sky build does it (in place); returns the detected pixels."""
-    det = mask_objects(masked_image, config.mask)
+def mask_detector(masked_image: MaskedImage, config: SkyConfig, variance_median: float | None = None) -> np.ndarray:
+    """Object masking as the sky build does it (in place); returns the detected pixels.
+    ``variance_median``: see :func:`calib_core.sky.objectmask.find_objects`."""
+    det = mask_objects(masked_image, config.mask, variance_median)
     if config.keep_detected:
         masked_image.mask[det] |= np.int32(mask_bits(["DETECTED"]))
     return det
@@ -662,7 +663,8 @@ def solve_sky_frames(camera: Camera, binned: Mapping[object, Mapping[int, Backgr
 
 
 def build_sky_frames(camera: Camera, exposures: Mapping[object, Mapping[int, MaskedImage]],
-                     config: SkyConfig | None = None) -> SkyBuildResult:
+                     config: SkyConfig | None = None,
+                     variance_medians: Mapping[object, Mapping[int, float | None]] | None = None) -> SkyBuildResult:
     """The whole build in memory (for notebooks, tests and small runs; the flows run the same
     functions per (exposure, detector) and :func:`solve_sky_frames` at their barrier). Inputs are
     not modified.
@@ -671,12 +673,17 @@ def build_sky_frames(camera: Camera, exposures: Mapping[object, Mapping[int, Mas
     ----------
     exposures : {exposure: {detector id: MaskedImage}}
         Post-ISR images of one filter.
+    variance_medians : {exposure: {detector id: float}}, optional
+        Each image's :func:`~calib_core.sky.objectmask.detection_variance_median`, for images without
+        their variance plane (the sky build's intermediates keep the median in their record instead).
     """
     cfg = config or SkyConfig()
+    vms = variance_medians or {}
     result = None
     for k in range(cfg.n_passes):
         pcfg = cfg.pass_config(k)
-        binned = {e: {d: bin_detector(camera, d, mi, pcfg, result and _pass_pattern(camera, result, e, d))
+        binned = {e: {d: bin_detector(camera, d, mi, pcfg, result and _pass_pattern(camera, result, e, d),
+                                      vms.get(e, {}).get(d))
                       for d, mi in dets.items()} for e, dets in exposures.items()}
         result = solve_sky_frames(camera, binned, pcfg, result and result.frames)
     return result
@@ -694,17 +701,19 @@ def _pass_pattern(camera: Camera, result: SkyBuildResult, e, d) -> np.ndarray | 
 
 
 def bin_detector(camera: Camera, d: int, masked_image: MaskedImage, config: SkyConfig,
-                 pattern: np.ndarray | None = None) -> BackgroundModel:
+                 pattern: np.ndarray | None = None, variance_median: float | None = None) -> BackgroundModel:
     """Step 1 of the build for one (exposure, detector), on a copy: objects masked (on the image
-    minus ``pattern`` when given, a previous pass's sky structure), then the binned model."""
+    minus ``pattern`` when given, a previous pass's sky structure), then the binned model.
+    ``variance_median``: the image's :func:`~calib_core.sky.objectmask.detection_variance_median`,
+    when its variance plane is not at hand (the intermediates do not keep it)."""
     mi = masked_image.copy()
     if config.do_mask_objects:
         if pattern is not None:
             mi.image -= pattern
-            mask_detector(mi, config)
+            mask_detector(mi, config, variance_median)
             mi.image += pattern
         else:
-            mask_detector(mi, config)
+            mask_detector(mi, config, variance_median)
     return measure_sky_background(mi, config.sky)
 
 

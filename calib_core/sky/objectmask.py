@@ -336,12 +336,34 @@ def detect_sources(image: np.ndarray, mask: np.ndarray | None = None,
     return out[0] if len(out) == 1 else (out[0], out[1])
 
 
-def find_objects(masked_image: MaskedImage, config: MaskObjectsConfig | None = None) -> np.ndarray:
+def detection_variance_median(masked_image: MaskedImage, config: MaskObjectsConfig | None = None) -> float | None:
+    """The one number :func:`find_objects` reads of the variance plane: the median of the finite,
+    positive variances over the pixels without the detection's ``stats_mask_planes`` (the detection
+    noise is its square root over the binning). None when a pass's result could change it (the
+    stats planes include the DETECTED planes the passes set) or the threshold does not use it.
+
+    A build that records it can drop the variance plane of an image it masks again later (the sky
+    build's intermediates) and pass it back as ``variance_median``."""
+    cfg = config or MaskObjectsConfig()
+    det = cfg.detection
+    stats_bits = mask_bits(det.stats_mask_planes)
+    if det.threshold_type != "noise" or stats_bits & mask_bits(["DETECTED", "DETECTED_NEGATIVE"]):
+        return None
+    if masked_image.variance is None:
+        return None
+    return _variance_median(masked_image.variance, masked_image.mask, stats_bits)
+
+
+def find_objects(masked_image: MaskedImage, config: MaskObjectsConfig | None = None,
+                 variance_median: float | None = None) -> np.ndarray:
     """Iterative detection (MaskObjectsTask.findObjects); sets DETECTED in place.
 
     Each of ``n_iter`` passes fits the 1024-px background ignoring the previous pass's
     detections, detects on the background-subtracted image and replaces the DETECTED plane
     (``clearMask=True``).
+
+    ``variance_median``: :func:`detection_variance_median` of this image, measured before (then the
+    variance plane is not read); by default it is measured here.
 
     Returns
     -------
@@ -353,11 +375,8 @@ def find_objects(masked_image: MaskedImage, config: MaskObjectsConfig | None = N
     mask = masked_image.mask
     # the noise's median variance is the same in every pass when the planes the passes set are not
     # among those it ignores (the default): measured once, not n_iter times (~22 ms a 2-Mpix CCD)
-    stats_bits = mask_bits(cfg.detection.stats_mask_planes)
-    variance_median = None
-    if (cfg.detection.threshold_type == "noise" and masked_image.variance is not None
-            and not stats_bits & (int(bit) | int(nbit))):
-        variance_median = _variance_median(masked_image.variance, mask, stats_bits)
+    if variance_median is None:
+        variance_median = detection_variance_median(masked_image, cfg)
     b, pos = 1, np.zeros((1, 1), bool)
     for _ in range(cfg.n_iter):
         bg = measure_background(masked_image, cfg.subtract_background)
@@ -385,11 +404,12 @@ def remove_objects(masked_image: MaskedImage, config: MaskObjectsConfig | None =
         masked_image.image[bad] = np.median(masked_image.image[good]) if good.any() else np.nan
 
 
-def mask_objects(masked_image: MaskedImage, config: MaskObjectsConfig | None = None) -> np.ndarray:
+def mask_objects(masked_image: MaskedImage, config: MaskObjectsConfig | None = None,
+                 variance_median: float | None = None) -> np.ndarray:
     """MaskObjectsTask.run: :func:`find_objects` then :func:`remove_objects`, in place.
 
     Returns the boolean mask of the detected pixels (before DETECTED is cleared).
     """
-    det = find_objects(masked_image, config)
+    det = find_objects(masked_image, config, variance_median)
     remove_objects(masked_image, config)
     return det
