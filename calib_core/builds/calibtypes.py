@@ -215,10 +215,8 @@ def _process_sky(raw, calibs, exposure, cfg: SkyConfig, camera=None, detector=No
     # stays unmasked, so a later pass can mask it again without the pattern)
     mi = isr_with_calibs(raw, cfg.isr, calibs, exposure.darktime, path=exposure.path)
     # what the passes' object masking reads of the variance plane: one median, the same in every pass
-    # (None where a config makes it change between detection passes: then the plane is kept)
+    # (None where a config makes it change between passes, or none is positive: then the plane is kept)
     vm = detection_variance_median(mi, cfg.mask)
-    if vm is not None and not math.isfinite(vm):
-        vm = None                       # no positive variance: the masking falls back on the image itself
     model = bin_detector(camera, detector, mi, cfg.pass_config(0), variance_median=vm)
     return Processed(mi, {"variance_median": vm}, sidecars={"bins": ("bins0", model.to_hdulist())},
                      variance=vm is None)

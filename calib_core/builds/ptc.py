@@ -22,7 +22,6 @@ turnoff -- where the variance per unit mean collapses (full well, saturation) --
 from __future__ import annotations
 
 import math
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Mapping, Sequence
@@ -32,6 +31,7 @@ from pydantic import ConfigDict, Field
 
 from calib_core.configmodel import ClipConfig
 from calib_core.errors import DataError
+from calib_core.io.products import content_key
 from calib_core.isr.process import IsrConfig
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 from calib_core.stats.binned import image_statistic, meanclip_values
@@ -354,8 +354,8 @@ def ptc_table_hdus(fits_: Mapping[str, AmpPtc]):
     return [h1, h2]
 
 
-#: PTC tables already read, by (path, device, inode, size, mtime): ISR reads the same certified PTC
-#: for every exposure of a detector; a product replaced on disk is read again
+#: PTC tables already read, by content key (``calib_core.io.products.content_key``): ISR reads the same
+#: certified PTC for every exposure of a detector; a product replaced on disk is read again
 _PTC_TABLES: dict[tuple, dict[str, dict]] = {}
 _PTC_LOCK = threading.Lock()
 
@@ -365,8 +365,7 @@ def read_ptc(path) -> dict[str, dict]:
     (``read_noise``: the overscan's, in e-, what ISR uses). Each file is parsed once per process
     (a few hundred bytes a product; ~20 ms of astropy table parsing saved per ISR); the caller gets
     its own copy of the rows."""
-    st = os.stat(path)
-    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = content_key(path)
     with _PTC_LOCK:
         rows = _PTC_TABLES.get(key)
     if rows is None:

@@ -326,6 +326,15 @@ CALIB_CACHE_ENV = "CALIBFLOW_CALIB_CACHE_MB"
 CALIB_CACHE_MB = 1536
 
 
+def content_key(path) -> tuple:
+    """What names a product file's content: its path with the file's device, inode, size and
+    modification time. Products are written once, to a temporary name then renamed, so a product
+    replaced on disk gets a new key (the caches of :func:`read_calib` and
+    :func:`calib_core.builds.ptc.read_ptc`). Raises OSError when the file cannot be stat'ed."""
+    st = os.stat(path)
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class _CalibCache:
     """Calib products already read, least recently used first, up to a byte budget. A product is
     written once (to a temporary name, then renamed), so its path with the file's inode, size and
@@ -347,10 +356,9 @@ class _CalibCache:
 
     def get(self, path) -> MaskedImage:
         try:
-            st = os.stat(path)
+            key = content_key(path)
         except OSError as exc:
             raise ProductError(path, f"cannot read ({exc.strerror or exc})") from None
-        key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:

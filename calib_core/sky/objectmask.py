@@ -340,7 +340,8 @@ def detection_variance_median(masked_image: MaskedImage, config: MaskObjectsConf
     """The one number :func:`find_objects` reads of the variance plane: the median of the finite,
     positive variances over the pixels without the detection's ``stats_mask_planes`` (the detection
     noise is its square root over the binning). None when a pass's result could change it (the
-    stats planes include the DETECTED planes the passes set) or the threshold does not use it.
+    stats planes include the DETECTED planes the passes set), the threshold does not use it, or no
+    variance is positive (the detection then falls back on the binned image itself).
 
     A build that records it can drop the variance plane of an image it masks again later (the sky
     build's intermediates) and pass it back as ``variance_median``."""
@@ -351,7 +352,8 @@ def detection_variance_median(masked_image: MaskedImage, config: MaskObjectsConf
         return None
     if masked_image.variance is None:
         return None
-    return _variance_median(masked_image.variance, masked_image.mask, stats_bits)
+    med = _variance_median(masked_image.variance, masked_image.mask, stats_bits)
+    return med if math.isfinite(med) else None
 
 
 def find_objects(masked_image: MaskedImage, config: MaskObjectsConfig | None = None,
