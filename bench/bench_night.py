@@ -48,6 +48,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -323,8 +324,13 @@ def run_leg(args) -> None:
         from flows.nightly import run_steps
     except ImportError:
         run_steps = None
+    try:   # as the tree's nightly flow does: one pool of retired intermediates for the night's builds
+        from calib_core.io.recycle import recycling
+    except ImportError:
+        recycling = None
     if run_steps is not None:
-        outcome = run_steps(steps, build_one, policy.parallel_builds)
+        with (recycling(store.root / "work") if recycling else contextlib.nullcontext()):
+            outcome = run_steps(steps, build_one, policy.parallel_builds)
         import traceback
 
         failed = {_build_label(steps[i]): "".join(traceback.format_exception(e)) for i, e in outcome.items() if e}

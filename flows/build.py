@@ -44,6 +44,7 @@ from calib_core.repository import (Datastore, Registry, ValidityRule, check_iden
                                    retry_transient, start_build_run)
 from calib_core.sky.frames import solve_sky_frames
 from calib_core.stats.background import BackgroundModel
+from calib_core.io.recycle import recycling
 from tasks.allocator import tune_allocator
 from tasks.calib_tasks import (BuildContext, build_camera, combine_detector, existing_products, process_detectors,
                                sky_rebin)
@@ -201,7 +202,17 @@ def build_calib(calib_type: CalibTypeName, camera: str | None = None,
 def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "", runner_name: str = "",
               artifacts: bool = True) -> dict:
     """The body of :func:`build_calib` for any task runner with Prefect's ``submit(task, parameters)``
-    interface (the overhead benchmark runs it with a plain thread pool, outside Prefect)."""
+    interface (the overhead benchmark runs it with a plain thread pool, outside Prefect).
+
+    Files are written over retired intermediates' cached pages while it runs (a night's builds share
+    the night's pool; docs/architecture.md#recycled-files)."""
+    with recycling(Datastore(request.repo).root / "work"):
+        return _run_build(request, task_runner=task_runner, log=log, flow_run_id=flow_run_id,
+                          runner_name=runner_name, artifacts=artifacts)
+
+
+def _run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str, runner_name: str,
+               artifacts: bool) -> dict:
     r = request
     calib_type, camera, night, exposures, filter = r.calib_type, r.camera, r.night, r.exposures, r.filter
     detectors, repo, registry_url, config, calib_date = r.detectors, r.repo, r.registry_url, r.config, r.calib_date

@@ -21,6 +21,8 @@ from pydantic import BaseModel, Field
 from calib_core.builds.calibtypes import CALIB_TYPES, CalibTypeName, dependency_order
 from calib_core.camera import Camera
 from calib_core.quality.verify import VerifyConfig
+from calib_core.io.recycle import recycling
+from calib_core.io.recycle import stats as recycle_stats
 from calib_core.repository import Datastore, Registry, retry_transient
 
 from .build import build_calib, resolve_registry_url
@@ -206,7 +208,12 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
     # builds side by side on threads, or on a cluster the builds share; a local Dask cluster or
     # process pool per build takes every core already
     local_pools = runner == "processes" or (runner == "dask" and not dask_address)
-    run_steps(steps, build_one, 1 if local_pools else policy.parallel_builds)
+    before = recycle_stats()
+    with recycling(store.root / "work"):      # the builds write over each other's retired intermediates
+        run_steps(steps, build_one, 1 if local_pools else policy.parallel_builds)
+    after = recycle_stats()
+    log.info("%d files (%.2f GB) written over retired intermediates' cached pages",
+             after["claimed"] - before["claimed"], (after["claimed_bytes"] - before["claimed_bytes"]) / 1e9)
     summary = {"night": night, "camera": camera, "steps": steps,
                "created": sum(s.get("created", 0) for s in steps)}
     failed = [s for s in steps if s["action"] == "failed"]

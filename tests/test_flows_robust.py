@@ -83,6 +83,7 @@ def test_corrupt_raw_fails_naming_it_and_registers_nothing(tmp_path, raws, prefe
     # removed them (docs/architecture.md#intermediates-and-disk): nothing is left under work/
     assert {(p["exposure_id"], p["detector"]) for p in result["processed"] if p["reused"]} == kept
     assert [p for p in work.iterdir()] == []
+    assert not (store.root / "work" / ".recycle").exists()     # the pool of retired files ends with the build
     (bad_id,) = result["dropped"]
     assert "unreadable raw" in result["dropped"][bad_id] and bad.name in result["dropped"][bad_id]
     for product in list_calibs(reg):

@@ -32,6 +32,7 @@ import numpy as np
 from astropy.io import fits
 
 from calib_core.errors import InputError
+from calib_core.io import recycle
 from calib_core.io.atomic import create_private
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 
@@ -289,15 +290,49 @@ def write_hdulist(path, hdulist: fits.HDUList, header_cards=None) -> Path:
         raise ProductError(path, "destination folder does not exist")
     if header_cards:
         hdulist[0].header.extend(_header_with(header_cards), update=True)
-    tmp = create_private(path)    # named after this host and process: a killed writer's leftover is swept
+    # over a retired intermediate's cached pages where a pool is open (calib_core.io.recycle), else a
+    # fresh file; either way named after this host and process, so that a killed writer's leftover is swept
+    tmp = recycle.claim(path, _data_bytes(hdulist)) if recycle.active() else None
     try:
-        hdulist.writeto(tmp, overwrite=True)
+        if tmp is None:
+            tmp = create_private(path)
+            hdulist.writeto(tmp, overwrite=True)
+        else:
+            with open(tmp, "r+b") as f:
+                hdulist.writeto(_Overwrite(f))
+                f.truncate()
+            os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _data_bytes(hdulist: fits.HDUList) -> int:
+    """About the size the file will have: its data arrays' bytes (headers, a few kB, left out)."""
+    return sum(int(getattr(hdu.data, "nbytes", 0) or 0) for hdu in hdulist if hdu.data is not None)
+
+
+class _Overwrite:
+    """A file opened ``r+b``, seen by astropy as a plain output stream: astropy would read an existing
+    file it is given in update mode, or delete it to overwrite it."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        return self._f.write(data)
+
+    def tell(self):
+        return self._f.tell()
+
+    def seek(self, *args):
+        return self._f.seek(*args)
+
+    def flush(self):
+        self._f.flush()
 
 
 def read_product(path) -> tuple[MaskedImage, fits.Header]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from calib_core.errors import InputError
+from calib_core.io import recycle
 from calib_core.io.atomic import is_private, sweep_stale
 
 __all__ = ["RETENTION_ENV", "RETENTION_POLICIES", "retention_policy", "build_files", "remove_files",
@@ -85,16 +86,14 @@ def build_files(work: str | Path, exposure_ids, detectors, frames: bool = True) 
 
 
 def remove_files(paths) -> tuple[int, int]:
-    """Delete ``paths`` (missing ones are skipped); returns (files removed, bytes freed)."""
+    """Delete ``paths`` (missing ones are skipped; while this process holds a pool of retired files
+    open, :mod:`calib_core.io.recycle`, they go into it instead); returns (files removed, bytes freed)."""
     n = freed = 0
     for p in paths:
-        try:
-            size = Path(p).stat().st_size
-            Path(p).unlink()
-        except FileNotFoundError:
+        if not Path(p).exists():
             continue
+        freed += recycle.discard(Path(p))     # into this process's pool of retired files, when one is open
         n += 1
-        freed += size
     return n, freed
 
 
@@ -149,7 +148,9 @@ def _inputs_with_products(registry) -> set[tuple[str, str, str]]:
 
 
 def survey(root: str | Path, registry, running: set[str] | None = None, now: float | None = None) -> list[WorkFile]:
-    """Every file under ``<root>/work/<camera>/<type>/``, classified (:data:`PRUNE_CLASSES`).
+    """Every file under ``<root>/work/<camera>/<type>/``, classified (:data:`PRUNE_CLASSES`), and the
+    pools of retired files under ``<root>/work/.recycle`` (type ``recycled``: a live process's are in
+    use, a dead one's stale temporaries).
 
     ``running``: the calib types with a running build (:func:`running_types` by default)."""
     work = Path(root) / "work"
@@ -159,7 +160,18 @@ def survey(root: str | Path, registry, running: set[str] | None = None, now: flo
     done = _inputs_with_products(registry)
     now = time.time() if now is None else now
     out = []
-    for cam_dir in sorted(p for p in work.iterdir() if p.is_dir()):
+    pool = work / recycle.POOL_DIRNAME        # retired files a build keeps to write over (recycle.py)
+    if pool.is_dir():
+        stale = set(sweep_stale(pool, dry_run=True))
+        for path in sorted(pool.iterdir()):
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            if path.is_file():
+                out.append(WorkFile(path, "-", "recycled", st.st_size, (now - st.st_mtime) / 86400.0,
+                                    "stale-temporary" if path in stale else "in-use"))
+    for cam_dir in sorted(p for p in work.iterdir() if p.is_dir() and p.name != recycle.POOL_DIRNAME):
         for type_dir in sorted(p for p in cam_dir.iterdir() if p.is_dir()):
             camera, calib_type = cam_dir.name, type_dir.name
             stale = set(sweep_stale(type_dir, dry_run=True))
