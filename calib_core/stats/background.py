@@ -191,7 +191,7 @@ def _interpolant(x, y, style):
     return f, (lambda xx: f(xx, nu=1)), (lambda xx: f(xx, nu=2))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _fill_ppoly_kernel(image, mask, bits, seg, s, coef, ext):
     """image[y, x] = the x-interpolant of row y at column x, where mask & bits, as
     :func:`interpolate_1d` computes it bit for bit: inside, scipy PPoly's power accumulation
@@ -217,6 +217,29 @@ def _fill_ppoly_kernel(image, mask, bits, seg, s, coef, ext):
                 o = 0 if i == -1 else 3
                 res = (ext[y, o] + ext[y, o + 1] * sv) + ((0.5 * ext[y, o + 2]) * sv) * sv
             image[y, x] = res
+
+
+@numba.njit(cache=True, nogil=True)
+def _eval_ppoly_kernel(out, seg, s, coef, ext):
+    """out[y, x] = the x-interpolant of row y at column x, for every pixel: :func:`_fill_ppoly_kernel`
+    without a mask (the same arithmetic, so the same values bit for bit as :func:`interpolate_1d`)."""
+    ny, nx = out.shape
+    kk = coef.shape[2]
+    for y in range(ny):
+        for x in range(nx):
+            i = seg[x]
+            sv = s[x]
+            if i >= 0:
+                res = 0.0
+                z = 1.0
+                for kp in range(kk):
+                    res = res + coef[y, i, kk - 1 - kp] * z
+                    if kp < kk - 1:
+                        z = z * sv
+            else:
+                o = 0 if i == -1 else 3
+                res = (ext[y, o] + ext[y, o + 1] * sv) + ((0.5 * ext[y, o + 2]) * sv) * sv
+            out[y, x] = res
 
 
 @dataclass
@@ -307,8 +330,35 @@ class BackgroundModel:
         good = np.isfinite(cols).all(axis=0)
         if not good.any():
             return np.full((y.size, x.size), np.nan, np.float32)
-        out = interpolate_1d(xc[good], cols[:, good].T, x, style, self.undersample_style)
-        return np.ascontiguousarray(out.T, dtype=np.float32)
+        parts = self._row_splines(cols, good, style, x)
+        if parts is None:         # CONSTANT or LINEAR along x
+            out = interpolate_1d(xc[good], cols[:, good].T, x, style, self.undersample_style)
+            return np.ascontiguousarray(out.T, dtype=np.float32)
+        out = np.empty((y.size, x.size), np.float32)
+        _eval_ppoly_kernel(out, *parts)      # scipy's PPoly holds the GIL; this kernel does not
+        return out
+
+    def _row_splines(self, cols, good, style, x):
+        """The x-interpolants of every row of ``cols`` (through the bin columns ``good``) as the
+        ppoly kernels take them: (seg, s, coef, ext) for the columns ``x``; None when the style,
+        reduced to the good columns' number, is CONSTANT or LINEAR (no piecewise cubic)."""
+        xk = bin_centres(self.x_edges)[good]
+        style = _reduce(style, int(good.sum()), self.undersample_style)
+        if style in ("CONSTANT", "LINEAR"):
+            return None
+        f, d1, d2 = _interpolant(xk, cols[:, good].T, style)
+        # the interval of each column as scipy's find_interval picks it (closed on the right at
+        # the last knot); columns outside the knots take the Taylor expansion (seg -1 / -2)
+        seg = np.clip(np.searchsorted(xk, x, side="right") - 1, 0, xk.size - 2).astype(np.int64)
+        s = x - xk[seg]
+        seg[x < xk[0]] = -1
+        seg[x > xk[-1]] = -2
+        s = np.where(seg == -1, x - xk[0], np.where(seg == -2, x - xk[-1], s))
+        e = np.array([xk[0], xk[-1]])
+        ext = np.ascontiguousarray(np.concatenate([f(e[:1]), d1(e[:1]), d2(e[:1]), f(e[1:]), d1(e[1:]),
+                                                   d2(e[1:])], axis=0).T)
+        coef = np.ascontiguousarray(np.transpose(f.c, (2, 1, 0)))
+        return seg, s, coef, ext
 
     def _columns(self, y):
         """Pass 1 of the evaluation: every bin column interpolated along y to the rows ``y``;
@@ -347,24 +397,10 @@ class BackgroundModel:
             return self._fill_rows(image, mask, bits)
         cols, style = self._columns(np.arange(self.height, dtype=np.float64))
         good = np.isfinite(cols).all(axis=0)
-        xk = bin_centres(self.x_edges)[good]
-        style = _reduce(style, int(good.sum()), self.undersample_style) if good.any() else style
-        if not good.any() or style in ("CONSTANT", "LINEAR"):
+        parts = self._row_splines(cols, good, style, np.arange(self.width, dtype=np.float64)) if good.any() else None
+        if parts is None:
             return self._fill_rows(image, mask, bits)
-        f, d1, d2 = _interpolant(xk, cols[:, good].T, style)
-        x = np.arange(self.width, dtype=np.float64)
-        # the interval of each column as scipy's find_interval picks it (closed on the right at
-        # the last knot); columns outside the knots take the Taylor expansion (seg -1 / -2)
-        seg = np.clip(np.searchsorted(xk, x, side="right") - 1, 0, xk.size - 2).astype(np.int64)
-        s = x - xk[seg]
-        seg[x < xk[0]] = -1
-        seg[x > xk[-1]] = -2
-        s = np.where(seg == -1, x - xk[0], np.where(seg == -2, x - xk[-1], s))
-        e = np.array([xk[0], xk[-1]])
-        ext = np.ascontiguousarray(np.concatenate([f(e[:1]), d1(e[:1]), d2(e[:1]), f(e[1:]), d1(e[1:]),
-                                                   d2(e[1:])], axis=0).T)
-        coef = np.ascontiguousarray(np.transpose(f.c, (2, 1, 0)))
-        _fill_ppoly_kernel(image, np.asarray(mask, np.int32), bits, seg, s, coef, ext)
+        _fill_ppoly_kernel(image, np.asarray(mask, np.int32), bits, *parts)
 
     def _fill_rows(self, image, mask, bits):
         bad = (mask & bits) != 0
