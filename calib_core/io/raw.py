@@ -432,15 +432,15 @@ def _resolve_amp_value(path, header, value, key, what, table=None) -> float:
 def _read_detector(path: str, hdul: fits.HDUList, camera: Camera, det: Detector) -> RawDetector:
     primary = hdul[0].header
     arrays: dict[Any, tuple[np.ndarray, fits.Header]] = {}
+    merged_of: dict[Any, fits.Header] = {}     # the primary header updated by the HDU's, once per HDU
     placements = []
     for amp in det.amplifiers:
         hdu = amp.hdu if camera.layout == "hdu_per_amplifier" else det.hdu
         if hdu not in arrays:
             arrays[hdu] = _pixels(path, hdul, hdu)
+            merged_of[hdu] = _merged(primary, arrays[hdu][1])
         raw, header = arrays[hdu]
-        merged = primary.copy()
-        if header is not primary:
-            merged.update({k: v for k, v in header.items() if k not in ("", "COMMENT", "HISTORY")})
+        merged = merged_of[hdu]
         if camera.sections_from_header:
             data, over, detsec = _header_sections(path, header, raw.shape, amp, camera, hdu)
         else:
@@ -482,14 +482,19 @@ def _read_detector(path: str, hdul: fits.HDUList, camera: Camera, det: Detector)
                            det_slices=dslices, flip_x=detsec.flip_x != data.flip_x,
                            flip_y=detsec.flip_y != data.flip_y, gain=gain, read_noise=rn,
                            saturation=float(sat)))
-    first_header = next(iter(arrays.values()))[1]
-    merged = primary.copy()
-    if first_header is not primary:
-        merged.update({k: v for k, v in first_header.items() if k not in ("", "COMMENT", "HISTORY")})
+    merged = next(iter(merged_of.values()))    # the detector's header: its first HDU's over the primary
     if det.nx is None or det.ny is None:
         # Header-defined geometry: remember it so downstream code sees the detector's size.
         det.nx, det.ny = nx_det, ny_det
     return RawDetector(detector=det, amps=amps, shape=(ny_det, nx_det), header=merged)
+
+
+def _merged(primary: fits.Header, header: fits.Header) -> fits.Header:
+    """A copy of ``primary`` updated by ``header``'s cards (not its COMMENT and HISTORY)."""
+    merged = primary.copy()
+    if header is not primary:
+        merged.update({k: v for k, v in header.items() if k not in ("", "COMMENT", "HISTORY")})
+    return merged
 
 
 def _check_image_hdu_count(path: str, hdul: fits.HDUList, camera: Camera) -> None:
