@@ -1097,8 +1097,10 @@ def _stage_bars(per_build: bool):
 
 
 def _progress() -> Progress:
+    # redrawn twice a second, not rich's default ten: each redraw holds the GIL the builds' threads
+    # need (rich's refresh thread held it 4.7 s during the demo at ten a second)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err, transient=False)
+                    TimeElapsedColumn(), console=err, transient=False, refresh_per_second=2)
 
 
 def main():  # pragma: no cover

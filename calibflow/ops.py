@@ -398,7 +398,7 @@ def _watch(client, run_id, interval: float, timeout: Optional[float], label: str
     t0 = time.monotonic()
     last = None
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=common.err, transient=False)
+                        TimeElapsedColumn(), console=common.err, transient=False, refresh_per_second=2)
     bars: dict = {}
     with progress:
         while True:
