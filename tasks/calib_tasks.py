@@ -30,7 +30,7 @@ from calib_core.errors import is_retryable
 from calib_core.io.atomic import private_name
 from calib_core.io.productmeta import write_calib_product
 from calib_core.io.products import provenance_cards, read_calib, read_product, write_hdulist, write_product
-from calib_core.io.raw import RawReadError, read_raw
+from calib_core.io.raw import RawFile, RawReadError, read_raw
 from calib_core.isr.process import IsrError
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 from calib_core.quality.verify import ScreenConfig, TestFrame, VerifyConfig, VerifyInputs, screen_input
@@ -184,10 +184,40 @@ def process_detectors(ctx: BuildContext, exposure: Exposure, detectors: list[int
     maps. Several detectors per task keep Prefect's per-task cost small beside the pixel work; a
     retry redoes only the detectors whose intermediate is not yet written."""
     tune_allocator()        # once per worker process (threads, processes, a Dask worker)
-    return [process_exposure_detector(ctx, exposure, d) for d in detectors]
+    with _OneOpen(exposure.path) as raw:
+        return [process_exposure_detector(ctx, exposure, d, raw) for d in detectors]
 
 
-def process_exposure_detector(ctx: BuildContext, exposure: Exposure, detector: int) -> ProcessedInput:
+class _OneOpen:
+    """The task's raw file, opened (headers parsed) at the first detector that needs its pixels and
+    kept for the others: not once per detector. A file that cannot be opened gives each detector
+    that asks the same error."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file: RawFile | None = None
+        self._error: RawReadError | None = None
+
+    def detector(self, camera, detector: int):
+        if self._file is None and self._error is None:
+            try:
+                self._file = RawFile(self.path, camera)
+            except RawReadError as exc:
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+        return self._file.detector(detector)
+
+    def __enter__(self) -> "_OneOpen":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def process_exposure_detector(ctx: BuildContext, exposure: Exposure, detector: int,
+                              raw_file: _OneOpen | None = None) -> ProcessedInput:
     """ISR and the type's preparation of one (exposure, detector); the intermediate goes to the datastore.
 
     Resume: the intermediate is keyed on the raw checksum, the config hash and the ISR calibs used; an
@@ -215,7 +245,8 @@ def process_exposure_detector(ctx: BuildContext, exposure: Exposure, detector: i
         # the registered checksum is the raw's identity: a file changed since ingest is bad input
         verify_raw(exposure.path, exposure.checksum, exposure.size_bytes, exposure.ingested_at,
                    always=ctx.verify_raws == "always")
-        raw = read_raw(exposure.path, camera, [detector]).detectors[detector]
+        raw = (raw_file.detector(camera, detector) if raw_file is not None
+               else read_raw(exposure.path, camera, [detector]).detectors[detector])
         mi, result, done_variance = _process_pixels(ctx, camera, raw, exposure, detector, calibs, out)
     except (RawReadError, IsrError) as exc:
         if not isinstance(exc, RawReadError):      # bad pixels (no usable overscan, ...): name file and exposure

@@ -8,7 +8,7 @@ import pytest
 from astropy.io import fits
 
 from calib_core.camera import load_camera
-from calib_core.io.raw import RawReadError, night_of, read_raw
+from calib_core.io.raw import RawFile, RawReadError, night_of, read_raw
 
 # (camera, folder, expected counts per obs type) for ../shared/realdata (MANIFEST.md)
 REAL = [
@@ -159,13 +159,28 @@ def test_compressed_and_scaled_integers(tmp_path, compress):
     np.testing.assert_array_equal(det.amps[0].raw, expected)       # BZERO=32768 uint16 decoded exactly
     assert det.amps[0].raw.dtype == np.float32
     assert det.shape == (6, 16) and det.amps[1].flip_x and not det.amps[0].flip_x
+    with RawFile(path, cam) as rf:      # opened once for a task's detectors: the same pixels, twice over
+        for _ in range(2):
+            again = rf.detector(0)
+            np.testing.assert_array_equal(again.amps[0].raw, expected)
+            assert again.shape == det.shape and again.amps[1].flip_x
+        assert rf.metadata.exptime == 0.0
 
 
 def test_hdu_per_amplifier(tmp_path):
     cam = _tiny_camera(tmp_path, layout="hdu_per_amplifier")
-    raw = read_raw(_write_tiny(tmp_path / "b.fits", layout="hdu_per_amplifier"), cam)
+    path = _write_tiny(tmp_path / "b.fits", layout="hdu_per_amplifier")
+    raw = read_raw(path, cam)
     det = raw.detectors[0]
     assert det.amps[0].raw is not det.amps[1].raw and det.shape == (6, 16)
+    with fits.open(path) as hdul:
+        written = {name: hdul[name].data.astype(np.float32) for name in ("AMP1", "AMP2")}
+    with RawFile(path, cam) as rf:
+        got = rf.detector(0)
+        for amp, name in zip(got.amps, ("AMP1", "AMP2")):
+            np.testing.assert_array_equal(amp.raw, written[name])
+        # the pixels are the caller's: the open file keeps no decoded copy of them
+        assert not any("data" in h.__dict__ for h in rf._hdul)
 
 
 def test_errors_name_the_file(tmp_path):
@@ -192,5 +207,10 @@ def test_errors_name_the_file(tmp_path):
             read_raw(path, cam)
         assert str(path) in str(info.value), info.value
         assert words in str(info.value), info.value
+        # a file opened once for several detectors fails as clearly: on opening or on the detector
+        with pytest.raises(RawReadError) as info:
+            with RawFile(path, cam) as rf:
+                rf.detector(0)
+        assert str(path) in str(info.value) and words in str(info.value), info.value
     with pytest.raises(RawReadError, match="file not found"):
         read_raw(tmp_path / "missing.fits", cam)

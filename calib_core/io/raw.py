@@ -25,7 +25,7 @@ from astropy.io import fits
 from calib_core.camera import Amplifier, Camera, Detector, KeyRule, Section, ValueSource, parse_section
 from calib_core.errors import InputError
 
-__all__ = ["RawReadError", "ExposureMetadata", "RawAmp", "RawDetector", "RawExposure", "read_raw",
+__all__ = ["RawReadError", "ExposureMetadata", "RawAmp", "RawDetector", "RawExposure", "RawFile", "read_raw",
            "read_metadata", "night_of"]
 
 
@@ -519,6 +519,50 @@ def read_metadata(path: str | Path, camera: Camera) -> ExposureMetadata:
         return _metadata(path, hdul, camera)
     finally:
         hdul.close()
+
+
+class RawFile:
+    """A raw exposure opened once to read several of its detectors, one after another.
+
+    :func:`read_raw` opens the file, parses every HDU's header and closes it on each call; reading a
+    task's detectors of one exposure that way parsed the headers once per detector, most of a
+    detector read's time (16.6 ms of astropy header work against ~6 ms of pixels on democam). The
+    checks are :func:`read_raw`'s: opening raises :class:`RawReadError` for a file that is not a
+    readable FITS file or lacks its metadata, :meth:`detector` for a detector that cannot be read.
+    A context manager; not for sharing between threads.
+    """
+
+    def __init__(self, path: str | Path, camera: Camera):
+        self.path = str(path)
+        self.camera = camera
+        self._hdul = _open(self.path)
+        try:
+            self.metadata = _metadata(self.path, self._hdul, camera)
+        except BaseException:
+            self._hdul.close()
+            raise
+
+    def detector(self, detector: int | str) -> RawDetector:
+        """One detector's pixels and header, as ``read_raw(path, camera, [detector])`` gives them."""
+        det = self.camera.detector(detector)
+        try:
+            return _read_detector(self.path, self._hdul, self.camera, det)
+        finally:
+            for hdu in self._hdul:           # the pixels are the caller's now: the file keeps no copy
+                if "data" in hdu.__dict__:
+                    try:
+                        del hdu.data
+                    except Exception:        # noqa: BLE001 - a copy kept costs memory, not results
+                        pass
+
+    def close(self) -> None:
+        self._hdul.close()
+
+    def __enter__(self) -> "RawFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_raw(path: str | Path, camera: Camera, detectors: list[int] | None = None) -> RawExposure:
