@@ -32,7 +32,7 @@ import numpy as np
 from astropy.io import fits
 
 from calib_core.errors import InputError
-from calib_core.io import recycle
+from calib_core.io import env_megabytes, recycle
 from calib_core.io.atomic import create_private
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 
@@ -382,12 +382,7 @@ class _CalibCache:
 
     @staticmethod
     def budget() -> int:
-        value = os.environ.get(CALIB_CACHE_ENV, "").strip()
-        try:
-            mb = float(value) if value else CALIB_CACHE_MB
-        except ValueError:
-            raise InputError(f"{CALIB_CACHE_ENV}={value!r}: expected a number of megabytes") from None
-        return max(0, int(mb * 2**20))
+        return env_megabytes(CALIB_CACHE_ENV, CALIB_CACHE_MB)
 
     def get(self, path) -> MaskedImage:
         try:

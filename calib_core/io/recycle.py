@@ -26,6 +26,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from calib_core.io import env_megabytes
 from calib_core.io.atomic import private_name, sweep_stale
 
 __all__ = ["recycling", "discard", "claim", "active", "stats", "LIMIT_ENV", "POOL_DIRNAME"]
@@ -50,16 +51,6 @@ def stats() -> dict[str, int]:
         return dict(_stats)
 
 
-def _limit_bytes() -> int:
-    raw = os.environ.get(LIMIT_ENV, "").strip()
-    try:
-        mb = float(raw) if raw else DEFAULT_LIMIT_MB
-    except ValueError:
-        from calib_core.errors import InputError
-        raise InputError(f"{LIMIT_ENV}={raw!r}: expected a number of megabytes") from None
-    return max(0, int(mb * 2 ** 20))
-
-
 @contextmanager
 def recycling(work: str | Path):
     """Keep a pool of retired files in ``work/.recycle`` for this process while the block runs.
@@ -67,7 +58,7 @@ def recycling(work: str | Path):
     Nested blocks (a night's builds) share the outermost block's pool; when it ends the pool's files
     are deleted. A limit of 0 (``CALIBFLOW_RECYCLE_MB=0``) turns recycling off."""
     global _folder, _depth, _limit
-    limit = _limit_bytes()
+    limit = env_megabytes(LIMIT_ENV, DEFAULT_LIMIT_MB)
     with _lock:
         opened = _folder is None and limit > 0
         if opened:

@@ -192,17 +192,18 @@ def _interpolant(x, y, style):
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_ppoly_kernel(image, mask, bits, seg, s, coef, ext):
-    """image[y, x] = the x-interpolant of row y at column x, where mask & bits, as
-    :func:`interpolate_1d` computes it bit for bit: inside, scipy PPoly's power accumulation
-    (``res += c[K-1-kp] * z; z *= s``) on its interval; outside (``seg`` -1: left, -2: right),
-    the Taylor expansion ``y0 + g1*dx + 0.5*g2*dx*dx`` with ``s`` = dx. ``coef``: (ny, nseg, K)
-    with the highest power first; ``ext``: (ny, 6) = y0, g1, g2 at the left end, then the right."""
+def _fill_ppoly_kernel(image, mask, bits, every, seg, s, coef, ext):
+    """image[y, x] = the x-interpolant of row y at column x, where mask & bits (every pixel with
+    ``every``; ``mask`` is then not read), as :func:`interpolate_1d` computes it bit for bit: inside,
+    scipy PPoly's power accumulation (``res += c[K-1-kp] * z; z *= s``) on its interval; outside
+    (``seg`` -1: left, -2: right), the Taylor expansion ``y0 + g1*dx + 0.5*g2*dx*dx`` with ``s`` = dx.
+    ``coef``: (ny, nseg, K) with the highest power first; ``ext``: (ny, 6) = y0, g1, g2 at the left
+    end, then the right. Releases the GIL (scipy's PPoly evaluation holds it)."""
     ny, nx = image.shape
     kk = coef.shape[2]
     for y in range(ny):
         for x in range(nx):
-            if (mask[y, x] & bits) == 0:
+            if not every and (mask[y, x] & bits) == 0:
                 continue
             i = seg[x]
             sv = s[x]
@@ -217,29 +218,6 @@ def _fill_ppoly_kernel(image, mask, bits, seg, s, coef, ext):
                 o = 0 if i == -1 else 3
                 res = (ext[y, o] + ext[y, o + 1] * sv) + ((0.5 * ext[y, o + 2]) * sv) * sv
             image[y, x] = res
-
-
-@numba.njit(cache=True, nogil=True)
-def _eval_ppoly_kernel(out, seg, s, coef, ext):
-    """out[y, x] = the x-interpolant of row y at column x, for every pixel: :func:`_fill_ppoly_kernel`
-    without a mask (the same arithmetic, so the same values bit for bit as :func:`interpolate_1d`)."""
-    ny, nx = out.shape
-    kk = coef.shape[2]
-    for y in range(ny):
-        for x in range(nx):
-            i = seg[x]
-            sv = s[x]
-            if i >= 0:
-                res = 0.0
-                z = 1.0
-                for kp in range(kk):
-                    res = res + coef[y, i, kk - 1 - kp] * z
-                    if kp < kk - 1:
-                        z = z * sv
-            else:
-                o = 0 if i == -1 else 3
-                res = (ext[y, o] + ext[y, o + 1] * sv) + ((0.5 * ext[y, o + 2]) * sv) * sv
-            out[y, x] = res
 
 
 @dataclass
@@ -335,7 +313,7 @@ class BackgroundModel:
             out = interpolate_1d(xc[good], cols[:, good].T, x, style, self.undersample_style)
             return np.ascontiguousarray(out.T, dtype=np.float32)
         out = np.empty((y.size, x.size), np.float32)
-        _eval_ppoly_kernel(out, *parts)      # scipy's PPoly holds the GIL; this kernel does not
+        _fill_ppoly_kernel(out, np.zeros((1, 1), np.int32), np.int32(0), True, *parts)
         return out
 
     def _row_splines(self, cols, good, style, x):
@@ -400,7 +378,7 @@ class BackgroundModel:
         parts = self._row_splines(cols, good, style, np.arange(self.width, dtype=np.float64)) if good.any() else None
         if parts is None:
             return self._fill_rows(image, mask, bits)
-        _fill_ppoly_kernel(image, np.asarray(mask, np.int32), bits, *parts)
+        _fill_ppoly_kernel(image, np.asarray(mask, np.int32), bits, False, *parts)
 
     def _fill_rows(self, image, mask, bits):
         bad = (mask & bits) != 0
