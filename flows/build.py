@@ -21,7 +21,7 @@ import math
 import os
 import pickle
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -37,6 +37,7 @@ from calib_core.builds.calibtypes import calib_type as spec_of
 from calib_core.camera import Camera, effective_config
 from calib_core.io.atomic import sweep_stale
 from calib_core.io.products import write_hdulist
+from calib_core.io.recycle import recycling
 from calib_core.quality.mosaic import write_product_mosaic
 from calib_core.quality.verify import VerifyConfig
 from calib_core.records import BuiltProduct, ProcessedInput, SkyResidual
@@ -44,7 +45,6 @@ from calib_core.repository import (Datastore, Registry, ValidityRule, check_iden
                                    retry_transient, start_build_run)
 from calib_core.sky.frames import solve_sky_frames
 from calib_core.stats.background import BackgroundModel
-from calib_core.io.recycle import recycling
 from tasks.allocator import tune_allocator
 from tasks.calib_tasks import (BuildContext, build_camera, combine_detector, existing_products, process_detectors,
                                sky_rebin)
@@ -204,9 +204,11 @@ def run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str = "",
     """The body of :func:`build_calib` for any task runner with Prefect's ``submit(task, parameters)``
     interface (the overhead benchmark runs it with a plain thread pool, outside Prefect).
 
-    Files are written over retired intermediates' cached pages while it runs (a night's builds share
-    the night's pool; docs/architecture.md#recycled-files)."""
-    with recycling(Datastore(request.repo).root / "work"):
+    On threads, files are written over retired intermediates' cached pages while it runs (a night's
+    builds share the night's pool; docs/architecture.md#recycled-files). Tasks in other processes
+    (``processes``, ``dask``) could not take the pool's files, which would only hold disk."""
+    pool = recycling(Datastore(request.repo).root / "work") if runner_name in ("", "threads") else nullcontext()
+    with pool:
         return _run_build(request, task_runner=task_runner, log=log, flow_run_id=flow_run_id,
                           runner_name=runner_name, artifacts=artifacts)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from typing import Callable, Literal
 
 from prefect import flow, get_run_logger
@@ -209,7 +210,8 @@ def nightly(night: str | None = None, camera: str | None = None, repo: str = "ca
     # process pool per build takes every core already
     local_pools = runner == "processes" or (runner == "dask" and not dask_address)
     before = recycle_stats()
-    with recycling(store.root / "work"):      # the builds write over each other's retired intermediates
+    # on threads the builds write over each other's retired intermediates (docs/architecture.md#recycled-files)
+    with recycling(store.root / "work") if runner == "threads" else nullcontext():
         run_steps(steps, build_one, 1 if local_pools else policy.parallel_builds)
     after = recycle_stats()
     log.info("%d files (%.2f GB) written over retired intermediates' cached pages",

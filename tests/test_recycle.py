@@ -139,3 +139,18 @@ def test_a_killed_process_pool_is_swept_and_prune_sees_it(tmp_path, monkeypatch)
     with recycle.recycling(work):
         assert not dead.exists() and live.exists()
 
+
+
+@pytest.mark.parametrize("runner, pooled", [("threads", True), ("", True), ("processes", False), ("dask", False)])
+def test_only_a_thread_runner_build_holds_a_pool(tmp_path, monkeypatch, runner, pooled):
+    """Tasks of the processes and dask runners run in other processes, which cannot take this
+    process's pool files: there the pool would only hold disk, so a build opens none."""
+    import flows.build as fb
+    from calib_core.buildplan import BuildRequest
+
+    seen = []
+    monkeypatch.setattr(fb, "_run_build", lambda request, **kw: seen.append(recycle.active()))
+    fb.run_build(BuildRequest(calib_type="bias", repo=str(tmp_path / "repo")), task_runner=None, log=None,
+                 runner_name=runner)
+    assert seen == [pooled] and not recycle.active()
+    assert not (tmp_path / "repo").exists()
