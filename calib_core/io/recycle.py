@@ -12,8 +12,8 @@ deleted but renamed into the pool folder (``work/.recycle``), up to :data:`LIMIT
 size it needs (:func:`claim`), writes over it, cuts it to length and renames it into place, as it
 renames a fresh temporary. Writing over a file changes the data under anyone who has it open (where
 deleting it would not): only files nothing reads any more go into the pool, the intermediates that
-retention removes once no build that may read them is running. The pool is emptied when the outermost :func:`recycling` block ends, so a
-night leaves no more on disk than before. Pool files carry :func:`~calib_core.io.atomic.private_name`
+retention removes once no build that may read them is running. The pool is emptied when the
+outermost :func:`recycling` block ends, so a night leaves no more on disk than before. Pool files carry :func:`~calib_core.io.atomic.private_name`
 names: those of a killed process are swept like any other temporary (``calibflow prune``, the next
 build). The pool is per process, so the flows open one only on the ``threads`` runner: tasks in
 other processes (the ``processes`` and ``dask`` runners) could not take its files.
