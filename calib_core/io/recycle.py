@@ -13,9 +13,9 @@ size it needs (:func:`claim`), writes over it, cuts it to length and renames it 
 renames a fresh temporary. Writing over a file changes the data under anyone who has it open (where
 deleting it would not): only files nothing reads any more go into the pool, the intermediates that
 retention removes once no build that may read them is running. The pool is emptied when the
-outermost :func:`recycling` block ends, so a night leaves no more on disk than before. Pool files carry :func:`~calib_core.io.atomic.private_name`
-names: those of a killed process are swept like any other temporary (``calibflow prune``, the next
-build). The pool is per process, so the flows open one only on the ``threads`` runner: tasks in
+outermost :func:`recycling` block ends, so a night leaves no more on disk than before. Pool files
+carry :func:`~calib_core.io.atomic.private_name` names: those of a killed process are swept like any
+other temporary (``calibflow prune``, the next build). The pool is per process, so the flows open one only on the ``threads`` runner: tasks in
 other processes (the ``processes`` and ``dask`` runners) could not take its files.
 """
 
@@ -60,8 +60,7 @@ def recycling(work: str | Path):
     global _folder, _depth, _limit
     limit = env_megabytes(LIMIT_ENV, DEFAULT_LIMIT_MB)
     with _lock:
-        opened = _folder is None and limit > 0
-        if opened:
+        if _folder is None and limit > 0:
             folder = Path(work) / POOL_DIRNAME  # made at the first retired file: a failed build leaves nothing
             if folder.is_dir():
                 sweep_stale(folder)              # the pools of killed processes
@@ -93,14 +92,14 @@ def active() -> bool:
     return _folder is not None
 
 
-def discard(path: Path) -> int:
+def discard(path: Path) -> int | None:
     """Remove ``path`` (a retired intermediate): into the pool while one is open and has room, else
-    deleted. Returns its size in bytes; 0 when it did not exist."""
+    deleted. Returns its size in bytes; None when it did not exist."""
     path = Path(path)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        return 0
+        return None
     with _lock:
         folder = _folder
         room = folder is not None and size > 0 and sum(_files.values()) + size <= _limit
@@ -114,7 +113,7 @@ def discard(path: Path) -> int:
                 try:
                     os.replace(path, target)
                 except FileNotFoundError:
-                    return 0
+                    return None
                 except OSError:                  # another file system: delete instead
                     room = False
                 else:
@@ -125,7 +124,7 @@ def discard(path: Path) -> int:
         try:
             path.unlink()
         except FileNotFoundError:
-            return 0
+            return None
     return size
 
 

@@ -90,10 +90,10 @@ def remove_files(paths) -> tuple[int, int]:
     open, :mod:`calib_core.io.recycle`, they go into it instead); returns (files removed, bytes freed)."""
     n = freed = 0
     for p in paths:
-        if not Path(p).exists():
-            continue
-        freed += recycle.discard(Path(p))     # into this process's pool of retired files, when one is open
-        n += 1
+        size = recycle.discard(Path(p))      # into this process's pool of retired files, when one is open
+        if size is not None:
+            n += 1
+            freed += size
     return n, freed
 
 
