@@ -143,6 +143,29 @@ def test_same_seed_same_pixels_and_subsets_agree(tmp_path):
     assert np.array_equal(a.truth_flat("z", 4), d.truth_flat("z", 4))
 
 
+def test_map_cache_makes_each_filter_map_once_and_never_changes_the_pixels(tmp_path, monkeypatch):
+    """The truth is written filter by filter and the flats and science exposures then go through the
+    filters again: with room for every filter's maps each (filter, detector) Q map is made once; with
+    no room (each insert drops the other filters' maps, the old behaviour) they are made again, and
+    the files written are the same bytes either way."""
+    made = []
+    qe_raw = simulate.InstrumentTruth._qe_raw
+    monkeypatch.setattr(simulate.InstrumentTruth, "_qe_raw",
+                        lambda self, det, filt: made.append((filt, det.id)) or qe_raw(self, det, filt))
+    kw = dict(n_bias=0, n_dark=0, n_flat=1, n_science=1, filters=("r", "z"), detectors=[0, 4])
+    roomy = simulate_night(CAMERA, tmp_path / "roomy", seed=7, **kw)
+    # (the focal-plane means behind the truth's normalisation visit every detector of the camera)
+    assert len(made) == len(set(made)) and {f for f, _ in made} == {"r", "z"} and {("r", 4), ("z", 4)} <= set(made)
+    made.clear()
+    monkeypatch.setattr(simulate, "MAP_CACHE_BYTES", 0)
+    tight = simulate_night(CAMERA, tmp_path / "tight", seed=7, **kw)
+    assert len(made) > len(set(made))
+    names = sorted(p.relative_to(roomy.out_dir) for p in roomy.out_dir.rglob("*.fits"))
+    assert names and names == sorted(p.relative_to(tight.out_dir) for p in tight.out_dir.rglob("*.fits"))
+    for name in names:
+        assert (roomy.out_dir / name).read_bytes() == (tight.out_dir / name).read_bytes(), name
+
+
 def test_compressed_files_read_back_identical(tmp_path):
     kw = dict(n_bias=1, n_dark=1, n_flat=0, n_science=1, filters=("z",), detectors=[1, 7])
     calls = []

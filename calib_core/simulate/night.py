@@ -287,6 +287,7 @@ CR_RATE = 3e-5                 # cosmic rays per pixel per 100 s
 CR_ENERGY_MEDIAN = 2500.0      # e- per track
 READOUT_S = 40.0               # s between the end of one exposure and the start of the next
 POISSON_GAUSSIAN_ABOVE = 1000.0
+MAP_CACHE_BYTES = 1 << 30      # per-filter maps (Q, sky, fringe) the simulator keeps for all filters
 
 _EXP_KEY, _PIX_KEY, _BAD_KEY = 10, 11, 12
 
@@ -432,7 +433,6 @@ class InstrumentTruth:
         self.r_fp = float(max(math.hypot(x, y) for c in corners for x in c[:2] for y in c[2:]))
         self.bbox = _fp_bbox(camera)
         self._cache: dict[tuple, np.ndarray] = {}
-        self._cache_filter: str | None = None
         self._lock = threading.Lock()
         self._norms: dict[tuple, float] = {}
         self._static = {d.id: self._draw_static(d) for d in camera.detectors}
@@ -546,18 +546,21 @@ class InstrumentTruth:
     # -- per-filter maps ----------------------------------------------------------------------------
 
     def _cached(self, key: tuple, make: Callable[[], np.ndarray], filt: str) -> np.ndarray:
-        # detectors are simulated on threads: the check, the clear and the insert under the lock, the
-        # map made outside it (two threads may make the same map; it is the same either way)
+        # the maps of every filter are kept while they fit in MAP_CACHE_BYTES (the truth is written
+        # filter by filter, then the flats and the science exposures go through the filters again:
+        # each map is made once instead of three times); past that, the other filters' maps make room.
+        # Detectors are simulated on threads: lookups and inserts under the lock, the map made outside
+        # it (two threads may make the same map; it is the same either way)
+        key = (*key, filt)
         with self._lock:
-            if filt != self._cache_filter:
-                self._cache.clear()
-                self._cache_filter = filt
             hit = self._cache.get(key)
         if hit is None:
             hit = make()
             with self._lock:
-                if filt == self._cache_filter:
-                    self._cache[key] = hit
+                if sum(a.nbytes for a in self._cache.values()) + hit.nbytes > MAP_CACHE_BYTES:
+                    for k in [k for k in self._cache if k[-1] != filt]:
+                        del self._cache[k]
+                self._cache[key] = hit
         return hit
 
     def _qe_raw(self, det: Detector, filt: str) -> np.ndarray:
