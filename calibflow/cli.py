@@ -986,15 +986,14 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     sim_dir = store.root.parent / f"sim-{camera}-{night}-seed{seed}-n{n_science}"
     if fresh and _may_delete(store.root, force):
         shutil.rmtree(store.root, ignore_errors=True)
-    api_ready = lambda: None  # noqa: E731
+    preparing = None
     if build:
-        # the embedded Prefect server starts beside the simulation and ingest, not after them
+        # Prefect's and the flows' imports (~6 s of one core) and the embedded server's start run on a
+        # thread beside the simulation and ingest, not before them (the watcher installs signal
+        # handlers: this thread)
         _prefect_env()
-        import flows.nightly  # noqa: F401 - Prefect's logging is set up on import; quiet it after
-
         lifeline.start()
-        quiet_prefect(verbose)
-        api_ready = start_embedded_api()
+        preparing = _beside(_prepare_flow, verbose)
     if not sim_dir.exists():
         # simulated into a folder of its own, renamed when complete: a demo stopped half-way does not
         # leave half a night that the next demo would take as simulated
@@ -1035,6 +1034,7 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     if not build:
         return
     # the nightly flow on the embedded Prefect API: bias -> dark -> flat -> fringe -> sky
+    api_ready = preparing()
     from flows.nightly import nightly as nightly_flow
 
     _quiet_tracebacks()
@@ -1048,6 +1048,39 @@ def demo(repo: Path = typer.Option(Path("demo/calibrepo"), "--repo", help="repos
     _print_night(summary)
     console.print(f"nightly flow: {summary['created']} products in {time.perf_counter() - t1:.0f} s; "
                   f"list them with `calibflow calibs --repo {store.root}`; mosaics (PNG) in {store.root / 'calib'}")
+
+
+def _prepare_flow(verbose: bool):
+    """Import the flows (Prefect's logging is set up on import: quieted after) and start the embedded
+    Prefect server; returns the function that waits until the server is up."""
+    import flows.nightly  # noqa: F401
+
+    quiet_prefect(verbose)
+    return start_embedded_api()
+
+
+def _beside(fn, *args):
+    """Run ``fn(*args)`` on a daemon thread (a command that fails meanwhile does not wait for it);
+    returns the function that waits for its result, raising what it raised."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="calibflow-prepare", daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    return result
 
 
 def _interactive() -> bool:
