@@ -34,11 +34,26 @@ WORKLOAD = textwrap.dedent("""
             small = [np.ones(300_000, np.float64) for _ in range(4)]
             del planes, cube, d, small
 
+    def arenas():
+        # glibc's own account of its heaps: malloc_info writes one <heap nr="..."> per arena
+        import ctypes, os, re, tempfile
+        libc = ctypes.CDLL(None)
+        libc.fdopen.restype = ctypes.c_void_p
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        with tempfile.TemporaryFile() as f:
+            fp = libc.fdopen(os.dup(f.fileno()), b"w")
+            libc.malloc_info(0, fp)
+            libc.fclose(fp)
+            f.seek(0)
+            return len(re.findall(rb"<heap nr=", f.read()))
+
     t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     threads = [threading.Thread(target=work) for _ in range(2)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - t0, "applied": applied}))
+    print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - t0, "applied": applied,
+                      "arenas": arenas()}))
 """)
 
 
@@ -59,7 +74,10 @@ glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("C
 def test_tuned_process_reuses_detector_planes_instead_of_faulting_them_in_again():
     plain, tuned = _run("plain"), _run("tuned")
     assert tuned["applied"] == {"MALLOC_MMAP_THRESHOLD_": True, "MALLOC_TRIM_THRESHOLD_": True,
-                                "MALLOC_TOP_PAD_": True}
+                                "MALLOC_TOP_PAD_": True, "MALLOC_ARENA_MAX": True}
+    # untuned, each of the two threads got a heap (arena) of its own beside the main one; tuned, they
+    # share the main heap, where the planes one thread frees are the next ones either allocates
+    assert plain["arenas"] == 3 and tuned["arenas"] == 1, (plain, tuned)
     # 30 rounds x 2 threads of ~100 MB each: untuned, most pages are faulted in anew (90-140
     # thousand faults in ten runs here); tuned, only the 48 MB temporaries are (12-13 thousand)
     assert plain["faults"] > 40_000, plain
@@ -69,9 +87,14 @@ def test_tuned_process_reuses_detector_planes_instead_of_faulting_them_in_again(
 @glibc
 def test_a_setting_from_the_environment_is_left_as_it_is():
     r = _run("tuned", MALLOC_MMAP_THRESHOLD_="131072")
-    assert r["applied"] == {"MALLOC_TRIM_THRESHOLD_": True, "MALLOC_TOP_PAD_": True}
+    assert r["applied"] == {"MALLOC_TRIM_THRESHOLD_": True, "MALLOC_TOP_PAD_": True, "MALLOC_ARENA_MAX": True}
     r = _run("tuned", GLIBC_TUNABLES="glibc.malloc.top_pad=0")
-    assert r["applied"] == {"MALLOC_MMAP_THRESHOLD_": True, "MALLOC_TRIM_THRESHOLD_": True}
+    assert r["applied"] == {"MALLOC_MMAP_THRESHOLD_": True, "MALLOC_TRIM_THRESHOLD_": True,
+                            "MALLOC_ARENA_MAX": True}
+    r = _run("tuned", MALLOC_ARENA_MAX="4")
+    assert r["applied"] == {"MALLOC_MMAP_THRESHOLD_": True, "MALLOC_TRIM_THRESHOLD_": True,
+                            "MALLOC_TOP_PAD_": True}
+    assert r["arenas"] == 3         # glibc's own reading of the variable: the two threads' heaps
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS starts no threads of its own on one core")
