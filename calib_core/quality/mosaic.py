@@ -223,7 +223,9 @@ def mosaic_figure(mosaic: np.ndarray, camera: Camera, binning: int, title: str =
     ax.set_xlabel("focal plane x (mm)")
     ax.set_ylabel("focal plane y (mm)")
     ax.set_title(title or f"{camera.name} (binned {binning})", fontsize=10)
-    fig.canvas.draw()      # the layout is settled: the detectors' size on the page is known
+    # the layout is settled (the detectors' size on the page is then known) by a draw that renders
+    # nothing: the picture is rendered once, by savefig
+    fig.draw_without_rendering()
     bbox = ax.get_window_extent()
     pt_per_mm = min(bbox.width / (extent[1] - extent[0]), bbox.height / (extent[3] - extent[2])) * 72 / fig.dpi
     for d in camera.detectors:
