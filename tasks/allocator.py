@@ -16,9 +16,9 @@ top before giving it back, and grows a heap by 64 MiB at a time. Measured on the
 It also puts every thread on the one main heap (one arena). By default glibc gives threads heaps of
 their own (arenas, up to eight per core, made of 64 MiB mappings): memory that one thread frees is
 not reused by another, so the pool's task threads, new for every build, and the combine and
-simulator threads each grew heaps and faulted their planes in anew. On the ``calibflow demo`` night under ``perf``, the
-kernel's zero-filling of new pages fell from 4.7 % to 2.0 % of the samples, page faults from 0.64 to
-0.42 million, and the peak resident memory from 4.0 to 2.6 GB. The limit counts only where it is set
+simulator threads each grew heaps and faulted their planes in anew. On the ``calibflow demo`` night
+under ``perf``, the kernel's zero-filling of new pages fell from 4.7 % to 2.0 % of the samples, page
+faults from 0.64 to 0.42 million, and the peak resident memory from 4.0 to 2.6 GB. The limit counts only where it is set
 before the process starts its first thread: the ``calibflow`` command sets it first thing, a worker
 process that already has threads keeps the heaps it has.
 

@@ -404,12 +404,12 @@ def test_meanclip_bit_identical_to_reference_on_bias_like_data():
     np.testing.assert_array_equal(out.variance, ref.variance)
 
 
-def test_stack_files_large_outputs_in_anonymous_mappings(tmp_path):
-    """Outputs and band buffers of >= 4 MB come from their own mappings (normal pages): zero-filled,
-    writeable, and the result equals the in-memory engine's."""
-    from calib_core.stats.stack import _fresh
+def test_stack_files_large_outputs_from_the_heap(tmp_path):
+    """Outputs and band buffers of >= 4 MB come from the heap (docs/architecture.md#fresh-memory):
+    zero-filled, writeable, and the result equals the in-memory engine's."""
+    from calib_core.stats.stack import _heap_zeros
 
-    a = _fresh((1100, 1000), np.int32)
+    a = _heap_zeros((1100, 1000), np.int32)
     assert a.shape == (1100, 1000) and a.dtype == np.int32 and a.flags.writeable and not a.any()
     rng = np.random.default_rng(12)
     data = rng.normal(50, 2, (6, 1030, 1024)).astype(np.float32)

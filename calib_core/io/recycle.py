@@ -15,8 +15,9 @@ deleting it would not): only files nothing reads any more go into the pool, the 
 retention removes once no build that may read them is running. The pool is emptied when the
 outermost :func:`recycling` block ends, so a night leaves no more on disk than before. Pool files
 carry :func:`~calib_core.io.atomic.private_name` names: those of a killed process are swept like any
-other temporary (``calibflow prune``, the next build). The pool is per process, so the flows open one only on the ``threads`` runner: tasks in
-other processes (the ``processes`` and ``dask`` runners) could not take its files.
+other temporary (``calibflow prune``, the next build). The pool is per process, so the flows open
+one only on the ``threads`` runner: tasks in other processes (the ``processes`` and ``dask``
+runners) could not take its files.
 """
 
 from __future__ import annotations

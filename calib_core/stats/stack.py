@@ -91,13 +91,13 @@ def _driver():
 BAND_TARGET_BYTES = 32 << 20
 
 
-def _fresh(shape, dtype) -> np.ndarray:
+def _heap_zeros(shape, dtype) -> np.ndarray:
     """A zero-filled array for a large output or band buffer, from the heap.
 
     Memory the process has touched before is reused: with the allocator set for array traffic
     (``tasks.allocator``: blocks up to 32 MB come from the heap, which is kept) a stack's buffers and
     outputs are the pages the previous stack freed, and clearing them is a memset. An anonymous
-    ``mmap`` of its own (as before) was shared memory, fresh pages for every stack: on the benchmark
+    ``mmap`` of their own (as before) was shared memory, new pages for every stack: on the benchmark
     VM the kernel took 90 ms per 2 Mpix stack of five inputs to fault and zero them, 15 ms from the
     heap (``docs/architecture.md#fresh-memory``).
     """
@@ -302,11 +302,12 @@ def stack_files(paths: Sequence, config: CombineConfig | None = None,
         bpp = 4 + (4 if has_mask else 0) + (4 if use_var else 0)
         # two band buffers: the next band is read while the current one is combined
         rows = min(ny, rows_per_block(n, nx, bpp, min(config.memory_budget // 2, BAND_TARGET_BYTES)))
-        buffers = [(_fresh((n, rows, nx), np.float32),
-                    _fresh((n, rows, nx), np.int32) if has_mask else None,
-                    _fresh((n, rows, nx), np.float32) if use_var else None) for _ in range(2)]
-        out = MaskedImage(_fresh(shape, np.float32), _fresh(shape, np.int32), _fresh(shape, np.float32))
-        n_out = _fresh(shape, np.int16)
+        buffers = [(_heap_zeros((n, rows, nx), np.float32),
+                    _heap_zeros((n, rows, nx), np.int32) if has_mask else None,
+                    _heap_zeros((n, rows, nx), np.float32) if use_var else None) for _ in range(2)]
+        out = MaskedImage(_heap_zeros(shape, np.float32), _heap_zeros(shape, np.int32),
+                          _heap_zeros(shape, np.float32))
+        n_out = _heap_zeros(shape, np.int16)
 
         def read_band(k):
             y0, y1 = k * rows, min(ny, (k + 1) * rows)
