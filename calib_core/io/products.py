@@ -23,7 +23,6 @@ import datetime as dt
 import os
 import re
 import threading
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -35,6 +34,7 @@ from calib_core.errors import InputError
 from calib_core.io import env_megabytes, recycle
 from calib_core.io.atomic import create_private
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
+from calib_core.warnfilters import filtered_warnings
 
 __all__ = ["ProductError", "write_product", "write_hdulist", "read_product", "read_calib", "read_rows", "RowReader",
            "provenance_cards", "PLANES", "UNCERT_EXTNAME", "squared_unit"]
@@ -160,8 +160,7 @@ def _default_comment(key: str) -> str | None:
 def _comment_fits(key: str, value, comment: str) -> bool:
     """Whether astropy writes ``comment`` whole on the card (it cuts a comment that does not fit
     beside a one-card value; a value continued with CONTINUE cards keeps it on the last one)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with filtered_warnings(("always", Warning), record=True) as caught:
         str(fits.Card(key, value, comment))
     return not any("comment will be truncated" in str(w.message) for w in caught)
 

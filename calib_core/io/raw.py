@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from astropy.io import fits
 
 from calib_core.camera import Amplifier, Camera, Detector, KeyRule, Section, ValueSource, parse_section
 from calib_core.errors import InputError
+from calib_core.warnfilters import filtered_warnings
 
 __all__ = ["RawReadError", "ExposureMetadata", "RawAmp", "RawDetector", "RawExposure", "RawFile", "read_raw",
            "read_metadata", "night_of"]
@@ -305,9 +305,7 @@ def _open(path: str) -> fits.HDUList:
                     raise RawReadError(path, "not a FITS file (does not start with SIMPLE)")
         else:
             _check_gzip(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", fits.verify.VerifyWarning)
-            warnings.simplefilter("ignore", UserWarning)
+        with filtered_warnings(("error", fits.verify.VerifyWarning), ("ignore", UserWarning)):
             return fits.open(p, memmap=False, lazy_load_hdus=False)
     except RawReadError:
         raise
@@ -340,8 +338,7 @@ def _pixels(path: str, hdul: fits.HDUList, hdu: int | str) -> tuple[np.ndarray, 
         names = [x.name for x in hdul]
         raise RawReadError(path, f"HDU {hdu!r} not found; the file has {len(hdul)} HDUs {names}") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with filtered_warnings(("ignore", Warning)):
             data = h.data
     except Exception as exc:
         raise RawReadError(path, f"HDU {hdu!r}: cannot read pixels ({type(exc).__name__}: {exc}); "

@@ -24,6 +24,7 @@ from calib_core.stats._kernels import (bridge_rows, calibrate_pixels, fringe_fit
                                        subtract_level)
 from calib_core.stats.background import BackgroundConfig, measure_background
 from calib_core.stats.binned import image_statistic
+from calib_core.warnfilters import nanmean_quiet, nanmedian_quiet
 
 __all__ = ["IsrConfig", "IsrError", "run_isr", "interpolate_over", "overscan_correction", "fit_fringe_scale"]
 
@@ -93,12 +94,8 @@ def _overscan_profile(amp: RawAmp, config: IsrConfig, path: str) -> np.ndarray:
                                         niter=config.overscan_niter).mean)
 
     axis = amp.overscan_axis          # 1: overscan columns -> one value per row
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        collapse = np.nanmean if fit == "MEAN_PER_ROW" else np.nanmedian
-        values = collapse(over, axis=axis)
+    collapse = nanmean_quiet if fit == "MEAN_PER_ROW" else nanmedian_quiet
+    values = collapse(over, axis=axis)
     # coordinates of the profile and of the data along the readout, in raw pixels
     os_sl = amp.overscan_slices[0 if axis == 1 else 1]
     d_sl = amp.data_slices[0 if axis == 1 else 1]

@@ -24,6 +24,7 @@ from calib_core.configmodel import ClipConfig
 from calib_core.io.raw import RawDetector
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 from calib_core.stats.binned import image_statistic
+from calib_core.warnfilters import nanmedian_quiet
 
 __all__ = ["VerifyConfig", "ScreenConfig", "Check", "Verification", "verify_product", "screen_input",
            "TestFrame", "VerifyInputs", "against_own_kind", "flagged_pixels", "sky_bins",
@@ -446,12 +447,8 @@ def screen_input(calib_type: str, image: MaskedImage, master: MaskedImage | None
                 f"(limit {100 * cfg.max_bad_fraction:.3g} %)")
     rows = np.where(ok, diff, np.nan)
     with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            row_med = np.nanmedian(rows, axis=1)
-            ncols = np.sum(ok, axis=1)
+        row_med = nanmedian_quiet(rows, axis=1)
+        ncols = np.sum(ok, axis=1)
     sigma = float(np.sqrt(np.nanmedian(var[ok])))
     keep = np.isfinite(row_med) & (ncols > 10)
     if keep.sum() > 10 and sigma > 0:

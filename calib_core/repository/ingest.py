@@ -16,7 +16,6 @@ refused or unreadable file never stops the rest of the batch.
 from __future__ import annotations
 
 import datetime as dt
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -30,6 +29,7 @@ from calib_core.camera import Camera
 from calib_core.io.raw import RawExposure, RawReadError, read_raw
 from calib_core.repository.datastore import Datastore, DatastoreError, check_identifier, sha256_file
 from calib_core.repository.registry import DetectorRow, ExposureRow, RawRow, Registry
+from calib_core.warnfilters import filtered_warnings
 
 __all__ = ["IngestReport", "ingest_files", "find_raw_files", "check_plausible", "RAW_SUFFIXES", "DATE_RANGE",
            "UpdateReport", "update_exposures", "METADATA_FIELDS"]
@@ -62,8 +62,7 @@ def check_plausible(raw: RawExposure, camera: Camera) -> None:
     if not DATE_RANGE[0] <= meta.date_obs < DATE_RANGE[1]:
         raise RawReadError(path, f"{_keys(md.date_obs)} = {meta.date_obs.date().isoformat()} lies outside "
                                  f"{DATE_RANGE[0].year}-{DATE_RANGE[1].year - 1}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with filtered_warnings(("ignore", Warning)):
         with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
             for i, hdu in enumerate(hdul):
                 if hdu.header.get("BSCALE", 1) == 0:

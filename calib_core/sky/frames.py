@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Mapping, Sequence
 
@@ -64,6 +63,7 @@ from calib_core.sky.streaks import StreakConfig, find_streaks, streak_reason
 from calib_core.stats.background import BackgroundConfig, BackgroundModel, bin_centres, measure_background
 from calib_core.stats.binned import box_statistics
 from calib_core.stats.clipped import stack_statistic
+from calib_core.warnfilters import nanmedian_quiet
 
 __all__ = [
     "SkyStatsConfig", "SkyMeasurementConfig", "ExposureRejectionConfig", "LargeScaleConfig", "SkyConfig",
@@ -479,9 +479,7 @@ def exposure_structure(models: Mapping[object, Mapping[object, BackgroundModel]]
     med = {}
     for d in dets:
         stack = np.stack([models[e][d].values.astype(np.float64) for e in exps if d in models[e]])
-        with warnings.catch_warnings():          # a bin empty in every exposure: NaN, left out below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med[d] = np.nanmedian(stack, axis=0)
+        med[d] = nanmedian_quiet(stack, axis=0)     # a bin empty in every exposure: NaN, left out below
     n = len(exps)
     out = {}
     for e in exps:

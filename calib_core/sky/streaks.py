@@ -49,7 +49,6 @@ This module never imports Prefect.
 from __future__ import annotations
 
 import math
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Mapping
@@ -64,6 +63,7 @@ from calib_core.configmodel import ConfigModel
 from calib_core.stats._kernels import refine_scores, strip_scores
 from calib_core.stats.background import BackgroundModel, bin_centres
 from calib_core.stats.stack import worker_threads
+from calib_core.warnfilters import nanmedian_quiet
 
 __all__ = ["StreakConfig", "Streak", "BinnedFocalPlane", "bin_anomalies", "find_line", "find_streaks",
            "streak_reason"]
@@ -275,9 +275,7 @@ def bin_anomalies(camera: Camera, residuals: Mapping[object, Mapping[object, Bac
 
 
 def _nanmedian_quiet(stack: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():         # a bin empty in every exposure: NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(stack, axis=0)
+    return nanmedian_quiet(stack, axis=0)           # a bin empty in every exposure: NaN
 
 
 def find_line(fp: BinnedFocalPlane, config: StreakConfig | None = None) -> Streak:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calib_core.maskedimage import mask_bits
+from calib_core.warnfilters import nanmedian_quiet
 
 __all__ = ["IQR_TO_SIGMA", "STATISTICS", "ClippedStats", "StackResult", "clipped_mean",
            "compute_statistic", "stack_statistic", "admitted", "nanpercentile0"]
@@ -360,11 +361,7 @@ def stack_statistic(name: str, data, masks=None, ignore_bits: int = 0, variances
         used = ok
     elif key == "MEDIAN":
         xn = np.where(ok, x, np.nan)
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            value = np.nanmedian(xn, axis=0)
+        value = nanmedian_quiet(xn, axis=0)
         _, var, n = _masked_mean_var(x, ok)
         var = var * (math.pi / 2)
         used = ok
