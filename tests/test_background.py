@@ -48,8 +48,11 @@ def test_box_statistics_match_reference(stat):
     img[:, 7] = 100.0                                  # ties
     mask = np.where(RNG.random(img.shape) < 0.1, mask_bits(["BAD"]), 0).astype(np.int32)
     ignore = mask_bits(["BAD"])
+    # sizes on both sides of each path's threshold: quickselect below 96 values, histogram from 96
+    # (16-px sky bins: 256), sampled histogram range from 512
     boxes = [(0, 300, 0, 260), (0, 1, 0, 1), (0, 2, 0, 3), (10, 13, 20, 21), (3, 3, 0, 5),
-             (17, 80, 40, 200), (0, 300, 7, 8), (100, 150, 0, 260)]
+             (17, 80, 40, 200), (0, 300, 7, 8), (100, 150, 0, 260), (40, 48, 50, 61), (40, 52, 50, 58),
+             (200, 216, 100, 116), (0, 31, 0, 16), (60, 92, 0, 16)]
     out = box_statistics(img, mask, ignore, boxes, stat)
     for (y0, y1, x0, x1), row in zip(boxes, out):
         ref = compute_statistic(stat, img[y0:y1, x0:x1], mask[y0:y1, x0:x1], ignore)

@@ -71,6 +71,9 @@ def _bucket(v, lo, scale, nb):
 _SAMPLE_MIN_N = 512
 _SAMPLE_SIZE = 1024
 _SAMPLE_MIN_STEP = 8
+#: from this many values the quartiles take the histogram path (a 16-px bin, 256 values: 30 -> 20 ns a
+#: value); below it a quickselect, whose mispredicted branches cost less than the histogram's set-up
+_HIST_MIN_N = 96
 
 
 @numba.njit(cache=True, nogil=True)
@@ -168,9 +171,10 @@ def _quartiles_hist(x, n, tmp):
 
 @numba.njit(cache=True, nogil=True)
 def quartiles(x, n, tmp):
-    """(q1, median, q3) of x[:n] (numpy 'linear'): by histogram-guided selection above 256 values
-    (``tmp``: scratch of n; x is not modified), by selection in x (reordered) up to 256."""
-    if n > 256:
+    """(q1, median, q3) of x[:n] (numpy 'linear'): by histogram-guided selection from
+    :data:`_HIST_MIN_N` values (``tmp``: scratch of n; x is not modified), by selection in x
+    (reordered) below."""
+    if n >= _HIST_MIN_N:
         return _quartiles_hist(x, n, tmp)
     return _quartiles(x, n)
 
