@@ -16,6 +16,8 @@ refused or unreadable file never stops the rest of the batch.
 from __future__ import annotations
 
 import datetime as dt
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -121,11 +123,28 @@ def ingest_files(paths: Iterable[str | Path], camera: Camera, registry: Registry
     registry.check_camera(camera)     # a changed definition goes through update_exposures, not here
     datastore.ensure()
     hints: list[str] = []
-    for path in find_raw_files(paths):
-        outcome = _ingest_one(Path(path), camera, registry, datastore, transfer, report, hints)
-        if progress:
-            progress(str(path), outcome)
+    files = [Path(p) for p in find_raw_files(paths)]
+    # the files are read (checksum, every pixel, plausibility) a few ahead on a small pool, and
+    # registered one by one in their order: reports, hints and the registry's rows come out as from
+    # one loop, while the reads use the cores (docs/architecture.md#warnings-and-threads says why
+    # reading FITS files on threads is safe)
+    workers = max(1, min(READ_AHEAD_WORKERS, os.cpu_count() or 1, len(files)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="ingest-read") as pool:
+        ahead = 2 * workers
+        reads = [pool.submit(_read_one, f, camera) for f in files[:ahead]]
+        for i, path in enumerate(files):
+            got = reads[i].result()
+            reads[i] = None                    # the pixels of a registered file are not kept
+            if i + ahead < len(files):
+                reads.append(pool.submit(_read_one, files[i + ahead], camera))
+            outcome = _ingest_one(path, camera, registry, datastore, transfer, report, hints, got)
+            if progress:
+                progress(str(path), outcome)
     return report
+
+
+#: threads that read files ahead of their registration in :func:`ingest_files`
+READ_AHEAD_WORKERS = 2
 
 
 # read errors that say nothing about the camera: no point trying the file with the others
@@ -159,13 +178,44 @@ def _unreadable(report: "IngestReport", path: Path, exc: Exception) -> str:
     return "failed"
 
 
-def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datastore, transfer: str,
-                report: IngestReport, hints: list[str] | None = None) -> str:
+@dataclass
+class _Read:
+    """What reading one file gave: its checksum, size and contents, or the exception that stopped
+    the read (``read_error``) or the plausibility check (``check_error``)."""
+
+    checksum: str = ""
+    size: int = 0
+    raw: RawExposure | None = None
+    read_error: Exception | None = None
+    check_error: Exception | None = None
+
+
+def _read_one(path: Path, camera: Camera) -> _Read:
+    """The reading half of :func:`_ingest_one` (no registry, no datastore): safe on any thread."""
+    got = _Read()
     try:
         if not path.exists():
             raise RawReadError(path, "file not found")
-        checksum, size = sha256_file(path), path.stat().st_size
-        raw = read_raw(path, camera)      # reads every pixel: truncated or inconsistent files fail here
+        got.checksum, got.size = sha256_file(path), path.stat().st_size
+        got.raw = read_raw(path, camera)      # reads every pixel: truncated or inconsistent files fail here
+    except Exception as exc:
+        got.read_error = exc
+        return got
+    try:
+        check_plausible(got.raw, camera)
+    except Exception as exc:
+        got.check_error = exc
+    return got
+
+
+def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datastore, transfer: str,
+                report: IngestReport, hints: list[str] | None = None, got: _Read | None = None) -> str:
+    """Register one file (read here unless ``got`` holds :func:`_read_one`'s result) and place it."""
+    got = got if got is not None else _read_one(path, camera)
+    try:
+        if got.read_error is not None:
+            raise got.read_error
+        checksum, size, raw = got.checksum, got.size, got.raw
     except RawReadError as exc:
         problem = exc.problem
         if hints is not None and not problem.startswith(_NOT_A_CAMERA_PROBLEM):
@@ -179,7 +229,8 @@ def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datas
     except Exception as exc:
         return _unreadable(report, path, exc)
     try:
-        check_plausible(raw, camera)
+        if got.check_error is not None:
+            raise got.check_error
     except RawReadError as exc:
         report.failed.append((str(path), exc.problem))
         return "failed"
