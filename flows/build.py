@@ -16,6 +16,7 @@ Pixels never travel through Prefect: tasks exchange paths in the datastore and s
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import hashlib
 import math
 import os
@@ -259,6 +260,7 @@ def _run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str, run
         products = _settle(registry, ctx, [BuiltProduct.of(done[d], created=False) for d in plan.detectors], log)
         # a build killed after registering its products left its intermediates: no resume needs them
         _retire_intermediates(registry, ctx, plan, store, log, run_id)
+        _announce_settled()
         png = _mosaic_path(ctx, store)
         if not (png.exists() and png.with_suffix(".fits").exists()):
             # a build killed after registering its products never wrote them: do it now
@@ -286,13 +288,30 @@ def _run_build(request: BuildRequest, *, task_runner, log, flow_run_id: str, run
         raise
     created = sum(p.created for p in products)
     products = _settle(registry, ctx, products, log, residuals)
+    # the products are registered and judged: the intermediates go now (into the recycle pool, for the
+    # next build's writes), and the builds that apply the products may start beside this one's report
+    # (docs/architecture.md#builds-side-by-side)
+    _retire_intermediates(registry, ctx, plan, store, log, run_id)
+    _announce_settled()
     summary = _report(ctx, cam, products, store, log, artifacts)
     finish_build_run(registry, run_id, "completed", f"{created} new products, {len(products) - created} existing")
-    _retire_intermediates(registry, ctx, plan, store, log, run_id)
     return {"calib_type": calib_type, "products": products, "created": created, "calib_date": ctx.calib_date,
             "filter": plan.filter, "dropped": dropped, "mosaic_png": summary,
             "processed": [p.model_dump(mode="json", include={"exposure_id", "detector", "reused", "pid"})
                           for p in processed]}
+
+
+#: set by whoever runs a build to hear when its products are registered, judged and certified (or
+#: held back), before the build's report: :func:`flows.nightly.run_steps` starts the builds whose ISR
+#: applies them then (docs/architecture.md#builds-side-by-side)
+products_settled: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "calibflow_products_settled", default=None)
+
+
+def _announce_settled() -> None:
+    hook = products_settled.get()
+    if hook is not None:
+        hook()
 
 
 def may_share_inputs(running: set[tuple[str, str | None]], calib_type: str, filter: str | None) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Callable, Literal
 
@@ -26,7 +27,7 @@ from calib_core.io.recycle import recycling
 from calib_core.io.recycle import stats as recycle_stats
 from calib_core.repository import Datastore, Registry, retry_transient
 
-from .build import build_calib, resolve_registry_url
+from .build import build_calib, products_settled, resolve_registry_url
 
 __all__ = ["nightly", "NightlyPolicy", "plan_night", "default_night", "build_dependencies", "run_steps"]
 
@@ -113,8 +114,9 @@ def build_dependencies(steps: list[dict]) -> dict[int, set[int]]:
 def run_steps(steps: list[dict], run_one: Callable[[dict, set[str]], object],
               parallel: int = 1) -> dict[int, BaseException | None]:
     """Run every build step of a plan (docs/architecture.md#builds-side-by-side), each once the builds
-    it depends on (:func:`build_dependencies`) have ended, at most ``parallel`` at a time, the ready
-    ones in plan order.
+    it depends on (:func:`build_dependencies`) have ended or announced their products settled (through
+    :data:`flows.build.products_settled`, before their report), at most ``parallel`` at a time, the
+    ready ones in plan order.
 
     ``run_one(step, blocked)`` builds one step; ``blocked`` names the types it depends on whose build
     failed (it still runs: it may find older certified products). Each call runs in a copy of the
@@ -123,9 +125,10 @@ def run_steps(steps: list[dict], run_one: Callable[[dict, set[str]], object],
     """
     deps = build_dependencies(steps)
     outcome: dict[int, BaseException | None] = {}
+    settled: set[int] = set()
 
     def blocked(i):
-        return {step["type"] for j, step in enumerate(steps) if j in deps[i] and outcome[j] is not None}
+        return {step["type"] for j, step in enumerate(steps) if j in deps[i] and outcome.get(j) is not None}
 
     if parallel <= 1:
         for i in sorted(deps):
@@ -137,13 +140,30 @@ def run_steps(steps: list[dict], run_one: Callable[[dict, set[str]], object],
         return outcome
     pending = sorted(deps)
     running = {}
+    wake = threading.Event()        # a build ended, or announced its products settled
+
+    def start(i):
+        def announce():
+            settled.add(i)
+            wake.set()
+
+        ctx = contextvars.copy_context()
+        ctx.run(products_settled.set, announce)
+        future = pool.submit(ctx.run, run_one, steps[i], blocked(i))
+        future.add_done_callback(lambda _: wake.set())
+        running[future] = i
+
     with ThreadPoolExecutor(parallel, thread_name_prefix="build") as pool:
         while pending or running:
-            for i in [i for i in pending if deps[i] <= outcome.keys()][: parallel - len(running)]:
+            # a build's dependents start once its products are settled, while it still writes its report
+            for i in [i for i in pending if deps[i] <= outcome.keys() | settled][: parallel - len(running)]:
                 pending.remove(i)
-                running[pool.submit(contextvars.copy_context().run, run_one, steps[i], blocked(i))] = i
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in done:
+                start(i)
+            if not running:         # dependencies point to earlier steps only: something is ready
+                raise RuntimeError(f"no build step can start: {pending}")
+            wake.wait()
+            wake.clear()
+            for f in [f for f in running if f.done()]:
                 outcome[running.pop(f)] = f.exception()
     return outcome
 

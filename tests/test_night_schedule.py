@@ -7,7 +7,7 @@ import time
 
 from calib_core.repository import Registry, running_builds
 from calib_core.repository.buildruns import finish_build_run, start_build_run
-from flows.build import may_share_inputs
+from flows.build import may_share_inputs, products_settled
 from flows.nightly import build_dependencies, run_steps
 
 
@@ -65,6 +65,40 @@ def test_independent_builds_run_at_the_same_time_and_never_before_their_dependen
         started = log.index(("start", name))
         for dep in _labels(steps, d):
             assert log.index(("end", dep)) < started, (name, dep)
+
+
+def test_dependants_start_once_the_products_are_settled_not_after_the_report():
+    """A build announces its products settled (flows.build.products_settled, before its report): the
+    builds that apply them start then, beside its report, and never before the announcement; one
+    that never announces (an older runner) is waited for to its end."""
+    steps = _plan()
+    deps = build_dependencies(steps)
+    lock, log = threading.Lock(), []
+
+    def run_one(step, blocked):
+        name = f"{step['type']} {step['filter'] or ''}".strip()
+        with lock:
+            log.append(("start", name))
+        time.sleep(0.02)                                    # the build's stages
+        if name != "ptc":                                   # ptc never announces
+            with lock:
+                log.append(("settled", name))
+            products_settled.get()()
+        time.sleep(0.3)                                     # its report
+        with lock:
+            log.append(("end", name))
+
+    outcome = run_steps(steps, run_one, parallel=2)
+    assert all(e is None for e in outcome.values()), outcome
+    for i, d in deps.items():
+        name = f"{steps[i]['type']} {steps[i]['filter'] or ''}".strip()
+        started = log.index(("start", name))
+        for dep in _labels(steps, d):
+            gate = ("end", dep) if dep == "ptc" else ("settled", dep)
+            assert log.index(gate) < started, (name, dep)
+    # the dark build started during the bias build's report, the flats only after the ptc build ended
+    assert log.index(("start", "dark")) < log.index(("end", "bias"))
+    assert log.index(("start", "flat r")) > log.index(("end", "ptc"))
 
 
 def test_a_failed_build_is_reported_and_its_dependants_still_run_told_why():
