@@ -145,21 +145,26 @@ def test_same_seed_same_pixels_and_subsets_agree(tmp_path):
 
 def test_map_cache_makes_each_filter_map_once_and_never_changes_the_pixels(tmp_path, monkeypatch):
     """The truth is written filter by filter and the flats and science exposures then go through the
-    filters again: with room for every filter's maps each (filter, detector) Q map is made once; with
-    no room (each insert drops the other filters' maps, the old behaviour) they are made again, and
-    the files written are the same bytes either way."""
-    made = []
-    qe_raw = simulate.InstrumentTruth._qe_raw
+    filters again: with room for every filter's maps each (filter, detector) Q map is made once, and
+    each sky pattern map once (the focal-plane mean's maps become the normalised ones); with no room
+    (each insert drops the other filters' maps, the old behaviour) they are made again, and the files
+    written are the same bytes either way."""
+    made, skies = [], []
+    qe_raw, sky_raw = simulate.InstrumentTruth._qe_raw, simulate.InstrumentTruth._sky_raw
     monkeypatch.setattr(simulate.InstrumentTruth, "_qe_raw",
                         lambda self, det, filt: made.append((filt, det.id)) or qe_raw(self, det, filt))
+    monkeypatch.setattr(simulate.InstrumentTruth, "_sky_raw",
+                        lambda self, det, filt: skies.append((filt, det.id)) or sky_raw(self, det, filt))
     kw = dict(n_bias=0, n_dark=0, n_flat=1, n_science=1, filters=("r", "z"), detectors=[0, 4])
     roomy = simulate_night(CAMERA, tmp_path / "roomy", seed=7, **kw)
     # (the focal-plane means behind the truth's normalisation visit every detector of the camera)
     assert len(made) == len(set(made)) and {f for f, _ in made} == {"r", "z"} and {("r", 4), ("z", 4)} <= set(made)
+    assert len(skies) == len(set(skies)) and {("r", 4), ("z", 4)} <= set(skies)
     made.clear()
+    skies.clear()
     monkeypatch.setattr(simulate, "MAP_CACHE_BYTES", 0)
     tight = simulate_night(CAMERA, tmp_path / "tight", seed=7, **kw)
-    assert len(made) > len(set(made))
+    assert len(made) > len(set(made)) and len(skies) > len(set(skies))
     names = sorted(p.relative_to(roomy.out_dir) for p in roomy.out_dir.rglob("*.fits"))
     assert names and names == sorted(p.relative_to(tight.out_dir) for p in tight.out_dir.rglob("*.fits"))
     for name in names:

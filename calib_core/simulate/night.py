@@ -575,24 +575,32 @@ class InstrumentTruth:
         """Q_f(x, y): detected per incident electron (not normalised)."""
         return self._cached(("qe", det.id), lambda: self._qe_raw(det, filt), filt)
 
-    def _focal_plane_mean(self, what: str, filt: str, per_det: Callable[[Detector], np.ndarray]) -> float:
+    def _focal_plane_mean(self, what: str, filt: str, per_det: Callable[[Detector], np.ndarray],
+                          pool: ThreadPoolExecutor | None = None) -> float:
         key = (what, filt)
         if key not in self._norms:
-            total, count = 0.0, 0
-            for d in self.camera.detectors:
+            def part(d: Detector) -> tuple[float, int]:
                 arr = per_det(d)
-                total += float(np.sum(arr, dtype=np.float64))
-                count += arr.size
+                return float(np.sum(arr, dtype=np.float64)), arr.size
+
+            # the detectors' maps on the pool's threads when one is given (the truth's writer, before
+            # any detector needs the mean); the sums are added in detector order either way
+            dets = self.camera.detectors
+            parts = list(pool.map(part, dets)) if pool is not None else [part(d) for d in dets]
+            total, count = 0.0, 0
+            for part_sum, size in parts:
+                total += part_sum
+                count += size
             self._norms[key] = total / count
         return self._norms[key]
 
-    def qe_mean(self, filt: str) -> float:
+    def qe_mean(self, filt: str, pool: ThreadPoolExecutor | None = None) -> float:
         """Qbar_f: mean of Q_f over every pixel of the focal plane."""
-        return self._focal_plane_mean("qe", filt, lambda d: self.qe(d, filt))
+        return self._focal_plane_mean("qe", filt, lambda d: self.qe(d, filt), pool)
 
-    def flat_reference(self, filt: str) -> float:
+    def flat_reference(self, filt: str, pool: ThreadPoolExecutor | None = None) -> float:
         """rbar_f [ADU per incident e-]: mean of Q_f / g_a over every pixel of the focal plane."""
-        return self._focal_plane_mean("rbar", filt, lambda d: self.qe(d, filt) / self.gain_map(d))
+        return self._focal_plane_mean("rbar", filt, lambda d: self.qe(d, filt) / self.gain_map(d), pool)
 
     def flat(self, det: Detector, filt: str) -> np.ndarray:
         """R_f(x, y) = (Q_f / g_a) / rbar_f (mean 1 over the focal plane)."""
@@ -672,9 +680,30 @@ class InstrumentTruth:
             out += prof[None, :] if g["edge"][0] == "x" else prof[:, None]
         return out.astype(np.float32)
 
-    def sky_norm(self, filt: str) -> float:
-        """N_P: the focal-plane mean of the unnormalised sky pattern."""
-        return self._focal_plane_mean("sky", filt, lambda d: self._sky_raw(d, filt))
+    def sky_norm(self, filt: str, pool: ThreadPoolExecutor | None = None) -> float:
+        """N_P: the focal-plane mean of the unnormalised sky pattern.
+
+        The unnormalised maps made for it are kept, while they fit in :data:`MAP_CACHE_BYTES`, and
+        become the normalised maps :meth:`sky` returns (divided as it divides them), instead of being
+        made a second time."""
+        if ("sky", filt) in self._norms:
+            return self._norms[("sky", filt)]
+        kept: dict[int, np.ndarray] = {}
+
+        def raw(d: Detector) -> np.ndarray:
+            arr = self._sky_raw(d, filt)
+            with self._lock:
+                if sum(a.nbytes for a in kept.values()) + arr.nbytes <= MAP_CACHE_BYTES:
+                    kept[d.id] = arr
+            return arr
+
+        norm = self._focal_plane_mean("sky", filt, raw, pool)
+        for d in self.camera.detectors:
+            if d.id in kept:
+                arr = kept.pop(d.id)
+                arr /= np.float32(norm)
+                self._cached(("sky", d.id), lambda arr=arr: arr, filt)
+        return norm
 
     def sky(self, det: Detector, filt: str) -> np.ndarray:
         """P_f(x, y): the small-scale sky pattern (mean 1 over the focal plane)."""
@@ -1414,8 +1443,8 @@ def _write_truth(inst: InstrumentTruth, dets: list[Detector], filters: Sequence[
     with ThreadPoolExecutor(max(1, min(len(dets), os.cpu_count() or 1)), thread_name_prefix="truth") as pool:
         list(pool.map(static_maps, dets))
         for f in filters:
-            refs[f], qmeans[f] = inst.flat_reference(f), inst.qe_mean(f)
-            sky_norms[f] = inst.sky_norm(f)
+            refs[f], qmeans[f] = inst.flat_reference(f, pool), inst.qe_mean(f, pool)
+            sky_norms[f] = inst.sky_norm(f, pool)
             list(pool.map(lambda det: filter_maps(det, f), dets))
     static = inst.summary(filters)
     static["flat_reference"] = refs
