@@ -1,4 +1,4 @@
-"""Warning filters under threads (calib_core.warnfilters, docs/architecture.md#warnings-and-threads).
+"""Warning filters under threads (calib_core.stats.warnfilters, docs/architecture.md#warnings-and-threads).
 
 The truth for the quiet reductions is NumPy's own ``nanmedian``/``nanmean`` (their warnings silenced
 in the test); the truth for the thread test is the process's filter list as it was before the threads
@@ -19,7 +19,7 @@ from astropy.io import fits
 
 from calib_core.io import raw as rawio
 from calib_core.io.products import _header_with
-from calib_core.warnfilters import filtered_warnings, nanmean_quiet, nanmedian_quiet
+from calib_core.stats.warnfilters import filtered_warnings, nanmean_quiet, nanmedian_quiet
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -34,7 +34,7 @@ from calib_core.errors import InputError
 from calib_core.io import env_megabytes, recycle
 from calib_core.io.atomic import create_private
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
-from calib_core.warnfilters import filtered_warnings
+from calib_core.stats.warnfilters import filtered_warnings
 
 __all__ = ["ProductError", "write_product", "write_hdulist", "read_product", "read_calib", "read_rows", "RowReader",
            "provenance_cards", "PLANES", "UNCERT_EXTNAME", "squared_unit"]

@@ -23,7 +23,7 @@ from astropy.io import fits
 
 from calib_core.camera import Amplifier, Camera, Detector, KeyRule, Section, ValueSource, parse_section
 from calib_core.errors import InputError
-from calib_core.warnfilters import filtered_warnings
+from calib_core.stats.warnfilters import filtered_warnings
 
 __all__ = ["RawReadError", "ExposureMetadata", "RawAmp", "RawDetector", "RawExposure", "RawFile", "read_raw",
            "read_metadata", "night_of"]

@@ -24,7 +24,7 @@ from calib_core.stats._kernels import (bridge_rows, calibrate_pixels, fringe_fit
                                        subtract_level)
 from calib_core.stats.background import BackgroundConfig, measure_background
 from calib_core.stats.binned import image_statistic
-from calib_core.warnfilters import nanmean_quiet, nanmedian_quiet
+from calib_core.stats.warnfilters import nanmean_quiet, nanmedian_quiet
 
 __all__ = ["IsrConfig", "IsrError", "run_isr", "interpolate_over", "overscan_correction", "fit_fringe_scale"]
 

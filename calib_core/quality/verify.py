@@ -24,7 +24,7 @@ from calib_core.configmodel import ClipConfig
 from calib_core.io.raw import RawDetector
 from calib_core.maskedimage import MASK_PLANES, MaskedImage
 from calib_core.stats.binned import image_statistic
-from calib_core.warnfilters import nanmedian_quiet
+from calib_core.stats.warnfilters import nanmedian_quiet
 
 __all__ = ["VerifyConfig", "ScreenConfig", "Check", "Verification", "verify_product", "screen_input",
            "TestFrame", "VerifyInputs", "against_own_kind", "flagged_pixels", "sky_bins",

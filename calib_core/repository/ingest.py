@@ -31,7 +31,7 @@ from calib_core.camera import Camera
 from calib_core.io.raw import RawExposure, RawReadError, read_raw
 from calib_core.repository.datastore import Datastore, DatastoreError, check_identifier, sha256_file
 from calib_core.repository.registry import DetectorRow, ExposureRow, RawRow, Registry
-from calib_core.warnfilters import filtered_warnings
+from calib_core.stats.warnfilters import filtered_warnings
 
 __all__ = ["IngestReport", "ingest_files", "find_raw_files", "check_plausible", "RAW_SUFFIXES", "DATE_RANGE",
            "UpdateReport", "update_exposures", "METADATA_FIELDS"]

@@ -63,7 +63,7 @@ from calib_core.sky.streaks import StreakConfig, find_streaks, streak_reason
 from calib_core.stats.background import BackgroundConfig, BackgroundModel, bin_centres, measure_background
 from calib_core.stats.binned import box_statistics
 from calib_core.stats.clipped import stack_statistic
-from calib_core.warnfilters import nanmedian_quiet
+from calib_core.stats.warnfilters import nanmedian_quiet
 
 __all__ = [
     "SkyStatsConfig", "SkyMeasurementConfig", "ExposureRejectionConfig", "LargeScaleConfig", "SkyConfig",

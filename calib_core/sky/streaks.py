@@ -63,7 +63,7 @@ from calib_core.configmodel import ConfigModel
 from calib_core.stats._kernels import refine_scores, strip_scores
 from calib_core.stats.background import BackgroundModel, bin_centres
 from calib_core.stats.stack import worker_threads
-from calib_core.warnfilters import nanmedian_quiet
+from calib_core.stats.warnfilters import nanmedian_quiet
 
 __all__ = ["StreakConfig", "Streak", "BinnedFocalPlane", "bin_anomalies", "find_line", "find_streaks",
            "streak_reason"]

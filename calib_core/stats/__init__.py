@@ -8,4 +8,6 @@
   memory budget).
 - :mod:`~calib_core.stats._kernels`: the numba kernels under them, each checked against a NumPy
   reference in the tests.
+- :mod:`~calib_core.stats.warnfilters`: warning filters that threads cannot corrupt, and NumPy's
+  NaN-ignoring reductions without their all-NaN warnings.
 """

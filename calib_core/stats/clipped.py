@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calib_core.maskedimage import mask_bits
-from calib_core.warnfilters import nanmedian_quiet
+from calib_core.stats.warnfilters import nanmedian_quiet
 
 __all__ = ["IQR_TO_SIGMA", "STATISTICS", "ClippedStats", "StackResult", "clipped_mean",
            "compute_statistic", "stack_statistic", "admitted", "nanpercentile0"]
