@@ -137,7 +137,7 @@ def ingest_files(paths: Iterable[str | Path], camera: Camera, registry: Registry
             reads[i] = None                    # the pixels of a registered file are not kept
             if i + ahead < len(files):
                 reads.append(pool.submit(_read_one, files[i + ahead], camera))
-            outcome = _ingest_one(path, camera, registry, datastore, transfer, report, hints, got)
+            outcome = _ingest_one(path, camera, registry, datastore, transfer, got, report, hints)
             if progress:
                 progress(str(path), outcome)
     return report
@@ -209,9 +209,8 @@ def _read_one(path: Path, camera: Camera) -> _Read:
 
 
 def _ingest_one(path: Path, camera: Camera, registry: Registry, datastore: Datastore, transfer: str,
-                report: IngestReport, hints: list[str] | None = None, got: _Read | None = None) -> str:
-    """Register one file (read here unless ``got`` holds :func:`_read_one`'s result) and place it."""
-    got = got if got is not None else _read_one(path, camera)
+                got: _Read, report: IngestReport, hints: list[str] | None = None) -> str:
+    """Register one file, read by :func:`_read_one` into ``got``, and place it."""
     try:
         if got.read_error is not None:
             raise got.read_error

@@ -686,8 +686,6 @@ class InstrumentTruth:
         The unnormalised maps made for it are kept, while they fit in :data:`MAP_CACHE_BYTES`, and
         become the normalised maps :meth:`sky` returns (divided as it divides them), instead of being
         made a second time."""
-        if ("sky", filt) in self._norms:
-            return self._norms[("sky", filt)]
         kept: dict[int, np.ndarray] = {}
 
         def raw(d: Detector) -> np.ndarray:

@@ -231,8 +231,9 @@ def bin_anomalies(camera: Camera, residuals: Mapping[object, Mapping[object, Bac
         area = np.outer(np.diff(ms[0].y_edges), np.diff(ms[0].x_edges)).astype(np.float64)
         geo[d] = (*_coords(camera, d, ms[0]), area)
         f_med[d] = np.median(np.stack([1.0 - m.npoint / area for m in ms]), axis=0)
-        r_med[d] = _nanmedian_quiet(np.stack([np.where(m.npoint > 0, m.values, np.nan).astype(np.float64)
-                                              for m in ms]))
+        # a bin empty in every exposure: NaN
+        r_med[d] = nanmedian_quiet(np.stack([np.where(m.npoint > 0, m.values, np.nan).astype(np.float64)
+                                             for m in ms]), axis=0)
     pitch = float(np.median([g[2] for g in geo.values()]))
     fmaps, rmaps = {}, {}
     for e in exps:
@@ -272,10 +273,6 @@ def bin_anomalies(camera: Camera, residuals: Mapping[object, Mapping[object, Bac
         det = np.concatenate([np.full(geo[d][0].size, i) for i, d in enumerate(ds)])
         out[e] = BinnedFocalPlane(u, v, flat["q"], flat["f"], flat["r"], det, pitch)
     return out
-
-
-def _nanmedian_quiet(stack: np.ndarray) -> np.ndarray:
-    return nanmedian_quiet(stack, axis=0)           # a bin empty in every exposure: NaN
 
 
 def find_line(fp: BinnedFocalPlane, config: StreakConfig | None = None) -> Streak:
