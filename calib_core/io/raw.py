@@ -305,7 +305,9 @@ def _open(path: str) -> fits.HDUList:
                     raise RawReadError(path, "not a FITS file (does not start with SIMPLE)")
         else:
             _check_gzip(path)
-        with filtered_warnings(("error", fits.verify.VerifyWarning), ("ignore", UserWarning)):
+        # astropy's header complaints (VerifyWarning is a UserWarning) are not errors here: what a
+        # reader needs of a header is checked where it is read, naming the file and the keyword
+        with filtered_warnings(("ignore", UserWarning)):
             return fits.open(p, memmap=False, lazy_load_hdus=False)
     except RawReadError:
         raise
